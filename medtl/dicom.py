@@ -1,0 +1,465 @@
+"""DICOM folders: header-only scanning into a series index, and loading one series as a volume.
+
+Scanning reads headers only (no pixel data), groups files by SeriesInstanceUID across folders,
+orders slices geometrically (ImagePositionPatient projected on the slice normal, never by
+InstanceNumber or file name alone) and records what is wrong with each series instead of failing.
+Loading reuses the same geometry code, decodes pixels (compressed transfer syntaxes through the
+pylibjpeg/pyjpegls plugins), applies RescaleSlope/Intercept and returns a canonical RAS volume.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+from tqdm import tqdm
+
+from medtl.errors import DicomError
+from medtl.privacy import pseudonym
+from medtl.volume import Volume, lps_to_ras
+
+SCAN_FORMAT_VERSION = 1
+
+# Storage SOP classes whose instances are not images to classify (reports, plans, segmentations...).
+_NON_IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.1.3.10",  # Media Storage Directory (DICOMDIR)
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports
+    "1.2.840.10008.5.1.4.1.1.481.",  # RT dose/structure/plan
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, spatial registration, segmentation
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated documents
+)
+_DICOMDIR_SOP = "1.2.840.10008.1.3.10"
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
+
+# Problems that make a series impossible to assemble into one 3D volume.
+BLOCKING = {"non_image", "no_pixel_data", "mixed_orientation", "mixed_size", "duplicate_positions", "color", "multi_frame"}
+
+_POS_TOL_MM = 1e-3  # positions closer than this are the same slice
+_SPACING_RTOL = 0.01  # gaps within 1% of the median count as uniform
+_TILT_TOL = 1e-3  # in-plane drift per mm along the normal that counts as gantry tilt
+
+
+@dataclass
+class Header:
+    """The header fields scanning and loading need, read once per file."""
+
+    path: Path
+    sop_class: str
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    transfer_syntax: str
+    rows: int | None
+    cols: int | None
+    pixel_spacing: tuple[float, float] | None
+    orientation: tuple[float, ...] | None
+    position: tuple[float, ...] | None
+    instance_number: int | None
+    frames: int
+    samples_per_pixel: int
+    slice_thickness: float | None
+    spacing_between_slices: float | None
+    has_pixels: bool
+
+
+@dataclass
+class Geometry:
+    """Slice order and spacing of one series, plus what is wrong with it."""
+
+    order: list[int]
+    positions_mm: list[float] | None  # slice positions along the normal, in slice order
+    slice_spacing: float | None
+    slice_step: np.ndarray | None  # LPS vector from one slice to the next, for a uniform grid
+    problems: list[dict[str, Any]] = field(default_factory=list)
+
+
+def problem(code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message, "blocking": code in BLOCKING}
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(np.isfinite(out)) else None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None
+
+
+def _fragments_problem(fh: Any, offset: int, size: int, order: str) -> str | None:
+    """Check that every compressed fragment fits in the file (reads 8 bytes per fragment)."""
+    while True:
+        fh.seek(offset)
+        head = fh.read(8)
+        if len(head) < 8:
+            return "truncated file: compressed pixel data ends without its delimiter"
+        group, elem = (int(v) for v in np.frombuffer(head[:4], dtype=f"{order}u2"))
+        length = int(np.frombuffer(head[4:], dtype=f"{order}u4")[0])
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return None
+        if (group, elem) != (0xFFFE, 0xE000):
+            return f"corrupt compressed pixel data: unexpected tag ({group:04X},{elem:04X}) between fragments"
+        offset += 8 + length
+        if offset > size:
+            return f"truncated file: a compressed fragment needs {offset - size} more bytes"
+
+
+def _pixel_element_problem(fh: Any, ds: pydicom.Dataset, size: int) -> tuple[bool, str | None]:
+    """Peek at the pixel-data element after the header: is it there, and is it complete?"""
+    start = fh.tell()
+    head = fh.read(12)
+    if len(head) < 8:
+        return False, None
+    implicit, little = ds.original_encoding
+    little = True if little is None else little
+    order = "<" if little else ">"
+    group, elem = np.frombuffer(head[:4], dtype=f"{order}u2")
+    tag = (int(group) << 16) | int(elem)
+    if tag not in _PIXEL_TAGS:
+        return False, None
+    if implicit:
+        length, header_len = int(np.frombuffer(head[4:8], dtype=f"{order}u4")[0]), 8
+    else:
+        if len(head) < 12:
+            return True, "truncated file: pixel data element header is cut off"
+        length, header_len = int(np.frombuffer(head[8:12], dtype=f"{order}u4")[0]), 12
+    if length == 0xFFFFFFFF:  # encapsulated (compressed): walk the fragments to the delimiter
+        return True, _fragments_problem(fh, start + header_len, size, order)
+    available = size - (start + header_len)
+    if available < length:
+        return True, f"truncated file: pixel data needs {length} bytes, {available} present"
+    rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
+    bits = _int(ds.get("BitsAllocated")) or 0
+    expected = (rows or 0) * (cols or 0) * (_int(ds.get("NumberOfFrames")) or 1) * (_int(ds.get("SamplesPerPixel")) or 1) * bits // 8
+    if length < expected:
+        return True, f"pixel data holds {length} bytes, Rows×Columns×frames needs {expected}"
+    return True, None
+
+
+def read_header(path: str | Path) -> Header:
+    """Read one file's header without pixel data; raise DicomError saying why it is unusable."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise DicomError("empty file (0 bytes)", path=path)
+        with open(path, "rb") as fh:
+            try:
+                ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            except InvalidDicomError:
+                # Files without the 128-byte preamble exist (old exports); accept them only if
+                # they parse into something with the identifiers an image must carry.
+                fh.seek(0)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
+                if "SOPClassUID" not in ds or "SeriesInstanceUID" not in ds:
+                    raise DicomError("not a DICOM file (no DICM header)", path=path) from None
+            has_pixels, pixel_problem = _pixel_element_problem(fh, ds, size)
+            sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+            if sop_class == _DICOMDIR_SOP or "DirectoryRecordSequence" in ds:
+                raise DicomError("DICOMDIR (a directory of the media, not an image)", path=path)
+            if pixel_problem:
+                raise DicomError(pixel_problem, path=path)
+            header = Header(
+                path=path,
+                sop_class=sop_class,
+                series_uid=str(ds.get("SeriesInstanceUID", "")),
+                study_uid=str(ds.get("StudyInstanceUID", "")),
+                patient_id=str(ds.get("PatientID", "")),
+                modality=str(ds.get("Modality", "") or "OT"),
+                series_number=_int(ds.get("SeriesNumber")),
+                series_description=str(ds.get("SeriesDescription", "")),
+                transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
+                rows=_int(ds.get("Rows")),
+                cols=_int(ds.get("Columns")),
+                pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
+                orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+                position=_floats(ds.get("ImagePositionPatient"), 3),
+                instance_number=_int(ds.get("InstanceNumber")),
+                frames=_int(ds.get("NumberOfFrames")) or 1,
+                samples_per_pixel=_int(ds.get("SamplesPerPixel")) or 1,
+                slice_thickness=_float(ds.get("SliceThickness")),
+                spacing_between_slices=_float(ds.get("SpacingBetweenSlices")),
+                has_pixels=has_pixels,
+            )
+    except DicomError:
+        raise
+    except PermissionError:
+        raise DicomError("permission denied", path=path, hint="check the file's read permissions") from None
+    except (OSError, EOFError) as exc:
+        raise DicomError(f"unreadable or truncated file ({exc.__class__.__name__}: {exc})", path=path) from None
+    except Exception as exc:  # pydicom raises many types on corrupt headers; name the file instead
+        raise DicomError(f"corrupt DICOM header ({exc.__class__.__name__}: {exc})", path=path) from None
+    if not header.series_uid:
+        raise DicomError("no SeriesInstanceUID: cannot tell which series this file belongs to", path=path)
+    return header
+
+
+def _normal(orientation: Sequence[float]) -> np.ndarray:
+    row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    n = np.cross(row, col)
+    norm = np.linalg.norm(n)
+    return n / norm if norm > 0 else np.array([0.0, 0.0, 1.0])
+
+
+def slice_geometry(headers: Sequence[Header]) -> Geometry:
+    """Order slices along the normal and describe spacing problems (shared by scan and load)."""
+    problems: list[dict[str, Any]] = []
+    fallback = sorted(range(len(headers)), key=lambda i: (headers[i].instance_number or 0, str(headers[i].path)))
+    orientations = {h.orientation for h in headers}
+    if None in orientations or any(h.position is None for h in headers):
+        problems.append(problem("no_geometry", "ImagePositionPatient/ImageOrientationPatient missing; ordered by InstanceNumber"))
+        return Geometry(fallback, None, None, None, problems)
+    ref = np.asarray(headers[0].orientation)
+    if any(np.abs(np.asarray(o) - ref).max() > 1e-4 for o in orientations):
+        problems.append(problem("mixed_orientation", f"{len(orientations)} different ImageOrientationPatient values in one series"))
+        return Geometry(fallback, None, None, None, problems)
+    normal = _normal(ref)
+    positions = np.array([h.position for h in headers], dtype=float)
+    proj = positions @ normal
+    order = sorted(range(len(headers)), key=lambda i: (proj[i], headers[i].instance_number or 0))
+    s = proj[order]
+    if len(headers) == 1:
+        thickness = headers[0].spacing_between_slices or headers[0].slice_thickness
+        if thickness is None:
+            problems.append(problem("single_slice", "one slice and no SliceThickness: slice spacing unknown"))
+        step = normal * (thickness or 1.0)
+        return Geometry(order, [float(s[0])], thickness, step, problems)
+    gaps = np.diff(s)
+    dup = int(np.sum(gaps < _POS_TOL_MM))
+    if dup:
+        problems.append(problem("duplicate_positions", f"{dup} slice(s) share a position with another slice"))
+        return Geometry(order, [float(v) for v in s], None, None, problems)
+    spacing = float(np.median(gaps))
+    irregular = np.abs(gaps - spacing) > _SPACING_RTOL * spacing
+    if irregular.any():
+        ratios = gaps[irregular] / spacing
+        if np.all(np.abs(ratios - np.round(ratios)) < 0.05) and np.all(ratios > 1.5):
+            missing = int(np.sum(np.round(ratios) - 1))
+            problems.append(problem("missing_slices", f"{missing} slice(s) missing: gaps of {', '.join(f'{g:.3g}' for g in gaps[irregular])} mm where {spacing:.3g} mm is expected"))
+        else:
+            problems.append(problem("nonuniform_spacing", f"slice gaps range {gaps.min():.3g}-{gaps.max():.3g} mm (median {spacing:.3g})"))
+    # In-plane drift of positions along the stack means a tilted gantry (sheared geometry).
+    span = positions[order[-1]] - positions[order[0]]
+    inplane = span - (s[-1] - s[0]) * normal
+    if np.linalg.norm(inplane) / max(s[-1] - s[0], 1e-6) > _TILT_TOL:
+        angle = float(np.degrees(np.arctan2(np.linalg.norm(inplane), s[-1] - s[0])))
+        problems.append(problem("gantry_tilt", f"slices drift in-plane along the stack (tilt about {angle:.1f} degrees)"))
+    step = span / (s[-1] - s[0]) * spacing
+    return Geometry(order, [float(v) for v in s], spacing, step, problems)
+
+
+def series_problems(headers: Sequence[Header]) -> list[dict[str, Any]]:
+    """Problems of a series that are not about slice geometry."""
+    problems = []
+    sop = headers[0].sop_class
+    if any(sop.startswith(p) for p in _NON_IMAGE_SOP_PREFIXES):
+        problems.append(problem("non_image", f"non-image SOP class {UID(sop).name}"))
+    elif not all(h.has_pixels for h in headers):
+        problems.append(problem("no_pixel_data", f"{sum(not h.has_pixels for h in headers)} file(s) have no pixel data"))
+    if any(h.frames > 1 for h in headers):
+        problems.append(problem("multi_frame", f"multi-frame instances ({max(h.frames for h in headers)} frames); one file per slice is expected"))
+    if any(h.samples_per_pixel != 1 for h in headers):
+        problems.append(problem("color", "colour (RGB) pixels where a grayscale CT/MR image is expected"))
+    sizes = {(h.rows, h.cols) for h in headers}
+    if len(sizes) > 1:
+        problems.append(problem("mixed_size", f"slices of different sizes: {sorted(sizes, key=str)}"))
+    return problems
+
+
+def _orientation_label(orientation: Sequence[float] | None) -> str:
+    if orientation is None:
+        return "unknown"
+    axis = int(np.argmax(np.abs(_normal(orientation))))
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def _rel(path: Path, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _series_record(headers: list[Header], root: Path, salt: str) -> dict[str, Any]:
+    problems = series_problems(headers)
+    geom = slice_geometry(headers)
+    problems += geom.problems
+    ordered = [headers[i] for i in geom.order]
+    first = ordered[0]
+    spacing = None
+    if first.pixel_spacing is not None:
+        slice_sp = geom.slice_spacing
+        spacing = [round(first.pixel_spacing[1], 6), round(first.pixel_spacing[0], 6), None if slice_sp is None else round(slice_sp, 6)]
+    n_slices = len(ordered) if first.frames == 1 else first.frames
+    if geom.positions_mm and len(geom.positions_mm) > 1 and geom.slice_spacing:
+        n_slices = int(round((geom.positions_mm[-1] - geom.positions_mm[0]) / geom.slice_spacing)) + 1
+    return {
+        "series_key": pseudonym(first.series_uid, salt, "ser"),
+        "patient_key": pseudonym(first.patient_id, salt, "pat"),
+        "study_key": pseudonym(first.study_uid, salt, "stu"),
+        "series_number": first.series_number,
+        "modality": first.modality,
+        "sop_class": UID(first.sop_class).name if first.sop_class else "unknown",
+        "num_instances": len(ordered),
+        "shape": [first.cols, first.rows, n_slices],
+        "spacing": spacing,
+        "slice_thickness": first.slice_thickness,
+        "orientation": list(first.orientation) if first.orientation else None,
+        "orientation_label": _orientation_label(first.orientation),
+        "transfer_syntax": sorted({UID(h.transfer_syntax).name if h.transfer_syntax else "unknown" for h in ordered}),
+        "folders": sorted({_rel(h.path.parent, root) for h in ordered}),
+        "files": [_rel(h.path, root) for h in ordered],
+        "problems": problems,
+        "loadable": not any(p["blocking"] for p in problems),
+    }
+
+
+def iter_files(root: Path) -> list[Path]:
+    """All regular files below ``root`` in a stable order, hidden files (e.g. salts) excluded."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return out
+
+
+def scan_dicom(root: str | Path, salt: str, *, progress: bool = True) -> dict[str, Any]:
+    """Build the series index of every DICOM file below ``root``; bad files are skipped and listed.
+
+    Returns ``{"format_version", "series": [...], "skipped": [{"path", "reason"}], "summary"}``.
+    Paths are relative to ``root``; patient/study/series identifiers are salted hashes.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DicomError("not a folder", path=root, hint="pass the folder that holds the DICOM files")
+    files = iter_files(root)
+    groups: dict[str, list[Header]] = defaultdict(list)
+    skipped = []
+    for path in tqdm(files, desc="reading DICOM headers", unit="file", disable=not progress, leave=False):
+        try:
+            header = read_header(path)
+        except DicomError as exc:
+            skipped.append({"path": _rel(path, root), "reason": exc.message})
+            continue
+        groups[header.series_uid].append(header)
+    series = [_series_record(hs, root, salt) for hs in groups.values()]
+    series.sort(key=lambda r: (r["patient_key"], r["folders"][0], r["series_number"] or 0, r["series_key"]))
+    return {
+        "format_version": SCAN_FORMAT_VERSION,
+        "series": series,
+        "skipped": skipped,
+        "summary": {
+            "files": len(files),
+            "series": len(series),
+            "loadable_series": sum(r["loadable"] for r in series),
+            "skipped_files": len(skipped),
+        },
+    }
+
+
+def group_series(files: Iterable[str | Path]) -> dict[str, list[Header]]:
+    """Headers of readable files grouped by SeriesInstanceUID (unreadable files are ignored)."""
+    groups: dict[str, list[Header]] = defaultdict(list)
+    for f in files:
+        try:
+            h = read_header(f)
+        except DicomError:
+            continue
+        groups[h.series_uid].append(h)
+    return dict(groups)
+
+
+def _decode(path: Path) -> tuple[np.ndarray, float, float]:
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        pixels = ds.pixel_array
+    except Exception as exc:
+        name = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).name if "ds" in locals() and hasattr(ds, "file_meta") else "unknown"
+        raise DicomError(
+            f"cannot decode pixel data (transfer syntax {name}): {exc}",
+            path=path,
+            hint="install medtl's decoder plugins (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pyjpegls)",
+        ) from None
+    slope = _float(ds.get("RescaleSlope"))
+    intercept = _float(ds.get("RescaleIntercept"))
+    return pixels, 1.0 if slope is None else slope, 0.0 if intercept is None else intercept
+
+
+def _resample_slices(stack: np.ndarray, positions: Sequence[float], spacing: float) -> np.ndarray:
+    """Linear interpolation along the slice axis onto a uniform grid (fills missing slices)."""
+    s = np.asarray(positions)
+    n = int(round((s[-1] - s[0]) / spacing)) + 1
+    target = s[0] + spacing * np.arange(n)
+    hi = np.clip(np.searchsorted(s, target, side="right"), 1, len(s) - 1)
+    lo = hi - 1
+    w = ((target - s[lo]) / (s[hi] - s[lo])).astype(np.float32)
+    return stack[..., lo] * (1 - w) + stack[..., hi] * w
+
+
+def read_series(files: Sequence[str | Path], *, name: str | None = None) -> Volume:
+    """Assemble the DICOM files of one series into a canonical RAS float32 volume.
+
+    Slices are ordered along the normal; missing slices or uneven gaps are interpolated onto a
+    uniform grid; RescaleSlope/Intercept are applied per slice. Raises DicomError naming the
+    series when it cannot be assembled (several series, mixed sizes, duplicates, ...).
+    """
+    label = name or (str(Path(files[0]).parent) if files else "<no files>")
+    if not files:
+        raise DicomError("no DICOM files given", path=label)
+    headers = [read_header(f) for f in files]
+    uids = {h.series_uid for h in headers}
+    if len(uids) > 1:
+        raise DicomError(f"files belong to {len(uids)} different series", path=label, hint="load one series at a time (see `medtl scan`)")
+    problems = series_problems(headers)
+    geom = slice_geometry(headers)
+    blocking = [p for p in problems + geom.problems if p["blocking"]]
+    if blocking:
+        raise DicomError("; ".join(p["message"] for p in blocking), path=label)
+    if geom.slice_step is None:
+        raise DicomError("series has no usable slice geometry (ImagePositionPatient/ImageOrientationPatient)", path=label)
+    ordered = [headers[i] for i in geom.order]
+    slices = []
+    for h in ordered:
+        pixels, slope, intercept = _decode(h.path)
+        slices.append((pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)).T)  # [col, row]
+    stack = np.stack(slices, axis=-1)
+    if any(p["code"] in ("missing_slices", "nonuniform_spacing") for p in geom.problems):
+        stack = _resample_slices(stack, geom.positions_mm, geom.slice_spacing)
+    first = ordered[0]
+    if first.pixel_spacing is None:
+        raise DicomError("no PixelSpacing: in-plane voxel size unknown", path=first.path)
+    row_sp, col_sp = first.pixel_spacing
+    orient = np.asarray(first.orientation)
+    lps = np.eye(4)
+    lps[:3, 0] = orient[:3] * col_sp  # i runs along a row (next column)
+    lps[:3, 1] = orient[3:] * row_sp  # j runs down a column (next row)
+    lps[:3, 2] = geom.slice_step
+    lps[:3, 3] = first.position
+    return Volume(stack.astype(np.float32, copy=False), lps_to_ras(lps)).canonical()

@@ -1,0 +1,162 @@
+"""Write a volume as a real CT DICOM series (one file per slice).
+
+Used by the demo cohort and by tests that need series with known geometry. Files carry valid UIDs,
+ImagePositionPatient/ImageOrientationPatient, PixelSpacing, RescaleSlope/Intercept and can be
+written compressed (RLE, JPEG-LS, JPEG 2000) through pydicom's encoders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID, generate_uid
+
+from medtl.fileio import atomic_write
+
+# Deterministic UIDs need a root; this is pydicom's documented example root for generated UIDs.
+UID_ROOT = "1.2.826.0.1.3680043.8.498."
+
+
+def make_uid(seed: str) -> str:
+    """A valid UID derived from ``seed`` so a seeded cohort is byte-reproducible."""
+    return generate_uid(prefix=UID_ROOT, entropy_srcs=[seed])
+
+
+@dataclass
+class SeriesInfo:
+    """Identifiers and acquisition values stamped into every slice of a series."""
+
+    patient_id: str
+    patient_name: str
+    study_uid: str
+    series_uid: str
+    series_number: int = 1
+    series_description: str = ""
+    accession: str = ""
+    study_date: str = "20240101"
+    birth_date: str = ""
+    sex: str = "O"
+    manufacturer: str = "medtl"
+    model: str = "synthetic"
+    institution: str = ""
+    kernel: str = "STANDARD"
+    kvp: float = 120.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def write_ct_series(
+    folder: str | Path,
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    info: SeriesInfo,
+    *,
+    origin_lps: Sequence[float] = (0.0, 0.0, 0.0),
+    orientation: Sequence[float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    positions_lps: Sequence[Sequence[float]] | None = None,
+    rescale_slope: float = 1.0,
+    rescale_intercept: float = -1024.0,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    slice_thickness: float | None = None,
+    file_prefix: str = "IM",
+) -> list[Path]:
+    """Write ``hu`` (indexed [column, row, slice], in HU) as one CT Image Storage file per slice.
+
+    ``spacing`` is (column spacing, row spacing, slice spacing) in mm. Slice k sits at
+    ``origin + k * slice_spacing * normal`` unless ``positions_lps`` gives every position
+    (for tilted or irregular test series). Returns the written paths in slice order.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    orient = np.asarray(orientation, dtype=float)
+    normal = np.cross(orient[:3], orient[3:])
+    stored = np.round((np.asarray(hu, dtype=np.float64) - rescale_intercept) / rescale_slope)
+    if stored.min() < 0 or stored.max() > 65535:
+        raise ValueError("HU values do not fit unsigned 16-bit with this slope/intercept")
+    stored = stored.astype(np.uint16)
+    n = stored.shape[2]
+    paths = []
+    for k in range(n):
+        pos = positions_lps[k] if positions_lps is not None else np.asarray(origin_lps) + k * spacing[2] * normal
+        ds = _slice_dataset(stored[:, :, k].T, spacing, info, k, pos, orient, rescale_slope, rescale_intercept, slice_thickness)
+        if transfer_syntax != ExplicitVRLittleEndian:
+            ds.compress(UID(transfer_syntax), generate_instance_uid=False)
+        path = folder / f"{file_prefix}{k + 1:04d}.dcm"
+        atomic_write(path, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+        paths.append(path)
+    return paths
+
+
+def _slice_dataset(
+    pixels: np.ndarray,
+    spacing: Sequence[float],
+    info: SeriesInfo,
+    k: int,
+    position: Sequence[float],
+    orient: np.ndarray,
+    slope: float,
+    intercept: float,
+    thickness: float | None,
+) -> Dataset:
+    sop_uid = make_uid(f"{info.series_uid}/{k}")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = info.study_date
+    ds.StudyTime = ds.SeriesTime = "120000"
+    ds.AccessionNumber = info.accession
+    ds.Modality = "CT"
+    ds.Manufacturer = info.manufacturer
+    ds.ManufacturerModelName = info.model
+    ds.InstitutionName = info.institution
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "CHEST CT"
+    ds.SeriesDescription = info.series_description
+    ds.PatientName = info.patient_name
+    ds.PatientID = info.patient_id
+    ds.PatientBirthDate = info.birth_date
+    ds.PatientSex = info.sex
+    ds.BodyPartExamined = "CHEST"
+    ds.SliceThickness = f"{thickness if thickness is not None else spacing[2]:.4g}"
+    ds.KVP = f"{info.kvp:g}"
+    ds.ConvolutionKernel = info.kernel
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = info.study_uid
+    ds.SeriesInstanceUID = info.series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = info.series_number
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [f"{v:.6g}" for v in position]
+    ds.ImageOrientationPatient = [f"{v:.6g}" for v in orient]
+    ds.FrameOfReferenceUID = make_uid(f"{info.study_uid}/for")
+    ds.PositionReferenceIndicator = ""
+    ds.SliceLocation = f"{float(np.dot(position, np.cross(orient[:3], orient[3:]))):.6g}"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelSpacing = [f"{spacing[1]:.6g}", f"{spacing[0]:.6g}"]  # row spacing, column spacing
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "400"
+    ds.RescaleIntercept = f"{intercept:g}"
+    ds.RescaleSlope = f"{slope:g}"
+    ds.RescaleType = "HU"
+    for keyword, value in info.extra.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    return ds
+

@@ -1,0 +1,30 @@
+"""Errors a user can cause. The CLI prints them as one line, without a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MedtlError(Exception):
+    """A problem with the user's input, named with the file it concerns and a hint to fix it."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None):
+        self.path = None if path is None else str(path)
+        self.hint = hint
+        self.message = message
+        text = f"{self.path}: {message}" if self.path else message
+        if hint:
+            text += f" (hint: {hint})"
+        super().__init__(text)
+
+
+class DicomError(MedtlError):
+    """A DICOM file or series that cannot be read or assembled into a volume."""
+
+
+class ImageError(MedtlError):
+    """An image (NIfTI or assembled series) whose content is unusable, e.g. 4D or non-finite."""
+
+
+class ManifestError(MedtlError):
+    """A manifest or label table that is inconsistent, leaks patients across splits, or is stale."""

@@ -1,0 +1,95 @@
+"""One entry point for images: DICOM series (folder or file list) and NIfTI, as a plain function
+and as a MONAI ``ImageReader`` so bundles load data with MONAI's own ``LoadImaged``::
+
+    {"_target_": "LoadImaged", "keys": "image", "reader": "medtl.reader.VolumeReader",
+     "ensure_channel_first": true}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import ImageReader
+from monai.utils import MetaKeys, SpaceKeys
+
+from medtl.dicom import group_series, iter_files, read_series, series_problems
+from medtl.errors import DicomError, ImageError
+from medtl.nifti import is_nifti, read_nifti
+from medtl.volume import Volume
+
+PathLike = str | Path
+
+
+def _pick_series(folder: Path, series: str | int | None) -> list[Path]:
+    files = iter_files(folder)
+    if not files:
+        raise DicomError("empty folder: no files to load", path=folder)
+    groups = group_series(files)
+    if not groups:
+        raise DicomError(f"none of the {len(files)} file(s) is a readable DICOM image", path=folder, hint="run `medtl scan` to see why each was skipped")
+    if series is not None:
+        wanted = str(series)
+        chosen = [hs for uid, hs in groups.items() if uid == wanted or str(hs[0].series_number) == wanted]
+        if len(chosen) != 1:
+            raise DicomError(f"series {wanted!r} not found (or not unique) in this folder", path=folder)
+        return [h.path for h in chosen[0]]
+    images = {uid: hs for uid, hs in groups.items() if not any(p["code"] == "non_image" for p in series_problems(hs))}
+    if len(images) == 1:
+        return [h.path for h in next(iter(images.values()))]
+    listing = "; ".join(
+        f"series number {hs[0].series_number} ({hs[0].modality}, {len(hs)} files, {hs[0].series_description or 'no description'})"
+        for hs in sorted(images.values() or groups.values(), key=lambda hs: hs[0].series_number or 0)
+    )
+    raise DicomError(
+        f"folder holds {len(images)} image series: {listing}" if images else "folder holds no image series",
+        path=folder,
+        hint="choose one with --series NUMBER (or give the series' own file list)",
+    )
+
+
+def load_volume(source: PathLike | Sequence[PathLike], *, series: str | int | None = None) -> Volume:
+    """Load a NIfTI file, a DICOM file, a list of DICOM files, or a DICOM folder holding one series."""
+    if isinstance(source, (list, tuple)):
+        if len(source) == 1:
+            return load_volume(source[0], series=series)
+        return read_series([Path(p) for p in source])
+    path = Path(source)
+    if is_nifti(path):
+        return read_nifti(path)
+    if path.is_dir():
+        return read_series(_pick_series(path, series), name=str(path))
+    if path.is_file():
+        return read_series([path])
+    raise ImageError("no such file or folder", path=path)
+
+
+class VolumeReader(ImageReader):
+    """MONAI reader for DICOM series and NIfTI with medtl's geometry checks and clear errors."""
+
+    def __init__(self, series: str | int | None = None, **kwargs: Any):
+        super().__init__()
+        self.series = series
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        names = [filename] if isinstance(filename, (str, Path)) else list(filename)
+        return all(is_nifti(n) or Path(n).is_dir() or str(n).lower().endswith(".dcm") or len(names) > 1 for n in names)
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Volume:
+        return load_volume(data if isinstance(data, (str, Path)) else list(data), series=self.series)
+
+    def get_data(self, img: Volume) -> tuple[np.ndarray, dict]:
+        meta = {
+            MetaKeys.AFFINE: img.affine.copy(),
+            MetaKeys.ORIGINAL_AFFINE: img.affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: np.asarray(img.shape),
+            MetaKeys.SPACE: SpaceKeys.RAS,
+            MetaKeys.ORIGINAL_CHANNEL_DIM: "no_channel",
+            "spacing": np.asarray(img.spacing),
+        }
+        return img.array, meta
+
+
+__all__ = ["VolumeReader", "load_volume"]
