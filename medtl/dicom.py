@@ -24,7 +24,8 @@ from pydicom.uid import UID
 from tqdm import tqdm
 
 from medtl.errors import DicomError
-from medtl.privacy import pseudonym
+from medtl.fileio import atomic_write_json
+from medtl.privacy import load_or_create_salt, pseudonym
 from medtl.volume import Volume, lps_to_ras
 
 SCAN_FORMAT_VERSION = 1
@@ -463,3 +464,17 @@ def read_series(files: Sequence[str | Path], *, name: str | None = None) -> Volu
     lps[:3, 2] = geom.slice_step
     lps[:3, 3] = first.position
     return Volume(stack.astype(np.float32, copy=False), lps_to_ras(lps)).canonical()
+
+
+def write_scan_index(root: str | Path, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Scan ``root`` and write the index atomically to ``out``, salted with the project salt.
+
+    The salt lives beside ``out`` (created on first use). ``scan_root`` records where ``root`` is
+    relative to the index file, so the index stays portable and free of absolute paths.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    index = scan_dicom(root, load_or_create_salt(out.parent), progress=progress)
+    index["scan_root"] = Path(os.path.relpath(Path(root).resolve(), out.parent.resolve())).as_posix()
+    atomic_write_json(out, index)
+    return index

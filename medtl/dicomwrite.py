@@ -15,7 +15,6 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID, generate_uid
 
-from medtl.fileio import atomic_write
 
 # Deterministic UIDs need a root; this is pydicom's documented example root for generated UIDs.
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
@@ -77,34 +76,39 @@ def write_ct_series(
     if stored.min() < 0 or stored.max() > 65535:
         raise ValueError("HU values do not fit unsigned 16-bit with this slope/intercept")
     stored = stored.astype(np.uint16)
-    n = stored.shape[2]
+    ds = _series_dataset(info, spacing, orient, rescale_slope, rescale_intercept, slice_thickness, stored.shape)
     paths = []
-    for k in range(n):
+    for k in range(stored.shape[2]):
         pos = positions_lps[k] if positions_lps is not None else np.asarray(origin_lps) + k * spacing[2] * normal
-        ds = _slice_dataset(stored[:, :, k].T, spacing, info, k, pos, orient, rescale_slope, rescale_intercept, slice_thickness)
+        sop_uid = make_uid(f"{info.series_uid}/{k}")
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = sop_uid
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [f"{v:.6g}" for v in pos]
+        ds.SliceLocation = f"{float(np.dot(pos, normal)):.6g}"
+        if "PixelData" in ds:  # a compressed previous slice left an encapsulated element behind
+            del ds.PixelData
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         if transfer_syntax != ExplicitVRLittleEndian:
             ds.compress(UID(transfer_syntax), generate_instance_uid=False)
         path = folder / f"{file_prefix}{k + 1:04d}.dcm"
-        atomic_write(path, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+        ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
 
 
-def _slice_dataset(
-    pixels: np.ndarray,
-    spacing: Sequence[float],
+def _series_dataset(
     info: SeriesInfo,
-    k: int,
-    position: Sequence[float],
+    spacing: Sequence[float],
     orient: np.ndarray,
     slope: float,
     intercept: float,
     thickness: float | None,
+    shape: tuple[int, ...],
 ) -> Dataset:
-    sop_uid = make_uid(f"{info.series_uid}/{k}")
+    """Everything shared by the slices of a series; per-slice values are set by the caller."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
@@ -112,7 +116,6 @@ def _slice_dataset(
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = info.study_date
     ds.StudyTime = ds.SeriesTime = "120000"
     ds.AccessionNumber = info.accession
@@ -136,15 +139,12 @@ def _slice_dataset(
     ds.SeriesInstanceUID = info.series_uid
     ds.StudyID = "1"
     ds.SeriesNumber = info.series_number
-    ds.InstanceNumber = k + 1
-    ds.ImagePositionPatient = [f"{v:.6g}" for v in position]
     ds.ImageOrientationPatient = [f"{v:.6g}" for v in orient]
     ds.FrameOfReferenceUID = make_uid(f"{info.study_uid}/for")
     ds.PositionReferenceIndicator = ""
-    ds.SliceLocation = f"{float(np.dot(position, np.cross(orient[:3], orient[3:]))):.6g}"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
+    ds.Columns, ds.Rows = shape[:2]
     ds.PixelSpacing = [f"{spacing[1]:.6g}", f"{spacing[0]:.6g}"]  # row spacing, column spacing
     ds.BitsAllocated = 16
     ds.BitsStored = 16
@@ -157,6 +157,5 @@ def _slice_dataset(
     ds.RescaleType = "HU"
     for keyword, value in info.extra.items():
         setattr(ds, keyword, value)
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     return ds
 

@@ -1,0 +1,182 @@
+"""``medtl`` command line: parse, call one library function, print. User errors print one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from medtl import __version__
+from medtl.errors import MedtlError
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from medtl.dicom import write_scan_index
+
+    index = write_scan_index(args.dir, args.output, progress=not args.quiet)
+    s = index["summary"]
+    print(f"{s['files']} files: {s['series']} series ({s['loadable_series']} loadable), {s['skipped_files']} skipped -> {args.output}")
+    for series in index["series"]:
+        flags = "; ".join(p["message"] for p in series["problems"]) or "ok"
+        shape = "x".join(str(v) for v in series["shape"])
+        print(f"  {series['series_key']}  {series['modality']:<3} {series['num_instances']:>4} files  {shape:<12} {'' if series['loadable'] else 'NOT LOADABLE: '}{flags}")
+    for item in index["skipped"]:
+        print(f"  skipped {item['path']}: {item['reason']}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from medtl.nifti import write_nifti
+    from medtl.reader import load_volume
+
+    volume = load_volume(args.series_dir, series=args.series)
+    write_nifti(volume, args.output)
+    spacing = ", ".join(f"{v:.3g}" for v in volume.spacing)
+    print(f"wrote {args.output}: shape {volume.shape}, spacing ({spacing}) mm, RAS")
+    return 0
+
+
+def _parse_fractions(text: str) -> dict[str, float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise MedtlError(f"--split takes three fractions train,val,test (e.g. 0.7,0.15,0.15), got {text!r}")
+    return dict(zip(("train", "val", "test"), values))
+
+
+def _manifest_build(args: argparse.Namespace) -> int:
+    from medtl.manifest import build_manifest_file
+
+    manifest = build_manifest_file(
+        labels=args.labels,
+        classes=args.classes.split(","),
+        out=args.output,
+        scan=args.scan,
+        root=args.root,
+        site=args.site,
+        fractions=_parse_fractions(args.split),
+        seed=args.seed,
+        name=args.name,
+        progress=not args.quiet,
+    )
+    counts = manifest["counts"]
+    print(f"{counts['cases']} cases from {counts['patients']} patients -> {args.output}")
+    print(json.dumps(counts["by_site_split_label"], indent=2))
+    return 0
+
+
+def _manifest_check(args: argparse.Namespace) -> int:
+    from medtl.manifest import check_manifest
+
+    report = check_manifest(args.manifest, args.root, progress=not args.quiet)
+    print(f"{report['manifest']}: {report['cases']} cases, {report['files']} files checked")
+    for kind in ("missing", "changed", "leakage"):
+        for item in report[kind]:
+            print(f"  {kind}: {item}")
+    print("OK" if report["ok"] else "FAILED")
+    return 0 if report["ok"] else 1
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from medtl.cohort import generate_cohort
+
+    summary = generate_cohort(args.out, seed=args.seed, scale=args.scale, progress=not args.quiet)
+    for name, site in summary["sites"].items():
+        print(f"site {name}: {site['patients']} patients ({site['malignant']} malignant, {site['benign']} benign, {site['unlabeled']} without label) -> {Path(args.out) / f'site_{name}'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from medtl.demo import run_demo
+
+    run_demo(args.out, seed=args.seed, scale=args.scale, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medtl",
+        description="Adapt a pretrained network to your own DICOM/NIfTI data for tumor classification "
+        "and share it as a MONAI bundle. Data flows: scan -> manifest -> transforms -> adapt -> bundle -> predict.",
+    )
+    parser.add_argument("--version", action="version", version=f"medtl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = verbs.add_parser("scan", help="index a DICOM folder (headers only) into a series index JSON",
+                         description="Walk DIR recursively, read DICOM headers only and write one record per series "
+                         "(geometry, transfer syntax, slice-ordered files, problems). Unreadable files are skipped and listed. "
+                         "Patient/study/series identifiers are replaced by salted hashes; the salt (.medtl-salt) is kept beside the output.")
+    p.add_argument("dir", help="folder to scan (recursively)")
+    p.add_argument("-o", "--output", required=True, help="series index to write, e.g. scan.json")
+    p.set_defaults(func=_scan)
+
+    p = verbs.add_parser("convert", help="write one DICOM series as NIfTI (canonical RAS, HU)",
+                         description="Load one DICOM series (geometric slice order, rescale applied, canonical RAS) and write it as NIfTI.")
+    p.add_argument("series_dir", help="folder holding the series (or a single DICOM file)")
+    p.add_argument("-o", "--output", required=True, help="output file, e.g. out.nii.gz")
+    p.add_argument("--series", help="SeriesNumber or SeriesInstanceUID to pick when the folder holds several series")
+    p.set_defaults(func=_convert)
+
+    p = verbs.add_parser("manifest", help="build or check a data manifest",
+                         description="Data manifests join images with labels, sites and patient-level splits.")
+    msub = p.add_subparsers(dest="manifest_verb", metavar="ACTION", required=True)
+    b = msub.add_parser("build", help="join a scan index and/or NIfTI files with a label table",
+                        description="Join a label table (patient_id,label[,series_uid|image][,site,mask,roi_center_mm,roi_size_mm,split]) "
+                        "with a scan index into a manifest with seeded patient-level splits stratified by site and label. "
+                        "Refuses unknown labels, missing images, duplicate rows and patients in two splits, naming the rows.")
+    b.add_argument("--labels", required=True, help="label table CSV (UTF-8; comma, semicolon or tab separated)")
+    b.add_argument("--classes", required=True, help="comma-separated class names in index order, e.g. benign,malignant")
+    b.add_argument("--scan", help="series index from `medtl scan` (needed for DICOM series)")
+    b.add_argument("--root", help="data root all paths are made relative to (default: common folder of labels and scanned data)")
+    b.add_argument("--site", help="site name for rows without a 'site' column value")
+    b.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    b.add_argument("--name", help="manifest name (default: label table name)")
+    b.add_argument("-o", "--output", required=True, help="manifest JSON to write")
+    b.set_defaults(func=_manifest_build)
+    c = msub.add_parser("check", help="re-verify a manifest: schema, content hash, leakage, file checksums")
+    c.add_argument("manifest", help="manifest JSON")
+    c.add_argument("--root", required=True, help="data root the manifest's paths are relative to")
+    c.set_defaults(func=_manifest_check)
+
+    p = verbs.add_parser("demo-data", help="generate the embedded two-site demo cohort (DICOM + masks + labels)",
+                         description="Write a deterministic two-site chest-CT lesion cohort as real DICOM series, NIfTI lesion masks "
+                         "and labels.csv. Site B differs from site A like another scanner (thick slices, blur, noise, HU offset).")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of the default patient counts (default 1.0)")
+    p.set_defaults(func=_demo_data)
+
+    p = verbs.add_parser("demo", help="run the main job on the embedded demo cohort",
+                         description="Generate the demo cohort if absent, scan both sites, build and check the site manifests "
+                         "and print where every artifact is.")
+    p.add_argument("--out", default="medtl-demo", help="working folder (default ./medtl-demo)")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of the default patient counts (default 1.0)")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MedtlError as exc:
+        if args.debug:
+            raise
+        print(f"medtl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medtl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
