@@ -82,7 +82,7 @@ def _gaussian(vol: np.ndarray, sigma_vox: tuple[float, ...]) -> np.ndarray:
         shape = [1] * padded.ndim
         shape[axis] = kernel.size
         spectrum *= kernel.reshape(shape)
-    out = np.fft.irfftn(spectrum, s=padded.shape)
+    out = np.fft.irfftn(spectrum, s=padded.shape, axes=range(padded.ndim))
     return out[tuple(slice(p[0], p[0] + n) for p, n in zip(pad, vol.shape))]
 
 
@@ -235,7 +235,7 @@ def _site_cases(site: SiteProfile, seed: int) -> list[dict[str, Any]]:
             "patient_id": f"{site.name}{mrns[i]}",
             "label": str(label),
             "unlabeled": bool(unlabeled[i]),
-            "second_series": bool(rng.random() < 0.08),
+            "second_series": i % 12 == 3,  # about 8% of folders hold a second (thick) series
         })
     return cases
 
