@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medtl {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True, help="what to do (`medtl VERB --help` for its options)")
 
     p = verbs.add_parser("scan", help="index a DICOM folder (headers only) into a series index JSON",
                          description="Walk DIR recursively, read DICOM headers only and write one record per series "
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("manifest", help="build or check a data manifest",
                          description="Data manifests join images with labels, sites and patient-level splits.")
-    msub = p.add_subparsers(dest="manifest_verb", metavar="ACTION", required=True)
+    msub = p.add_subparsers(dest="manifest_verb", metavar="ACTION", required=True, help="build: create a manifest; check: re-verify one")
     b = msub.add_parser("build", help="join a scan index and/or NIfTI files with a label table",
                         description="Join a label table (patient_id,label[,series_uid|image][,site,mask,roi_center_mm,roi_size_mm,split]) "
                         "with a scan index into a manifest with seeded patient-level splits stratified by site and label. "

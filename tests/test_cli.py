@@ -1,0 +1,130 @@
+"""The `medtl` command line: help for every verb, scan report, convert, manifest, clean errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from pydicom.data import get_testdata_file
+
+from medtl.cli import build_parser, main
+from medtl.nifti import read_nifti
+from medtl.reader import load_volume
+
+VERBS = ["scan", "convert", "manifest", "demo-data", "demo"]
+
+
+def test_help_describes_every_verb_and_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for verb in VERBS:
+        assert verb in text
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "verb")
+    for verb in VERBS + ["manifest build", "manifest check"]:
+        with pytest.raises(SystemExit):
+            main([*verb.split(), "--help"])
+        help_text = capsys.readouterr().out
+        assert "usage: medtl" in help_text
+        assert len(help_text.splitlines()) > 3
+    for name, subparser in sub.choices.items():
+        for action in subparser._actions:
+            assert action.help, f"option {action.dest} of `medtl {name}` has no help text"
+
+
+def _mixed_folder(root: Path) -> Path:
+    """Real pydicom test files in several transfer syntaxes, plus junk, in nested folders."""
+    (root / "a").mkdir(parents=True)
+    (root / "b" / "c").mkdir(parents=True)
+    shutil.copy(get_testdata_file("CT_small.dcm"), root / "a" / "ct.dcm")
+    shutil.copy(get_testdata_file("MR_small.dcm"), root / "b" / "mr_plain.dcm")
+    shutil.copy(get_testdata_file("MR_small_RLE.dcm"), root / "b" / "mr_rle.dcm")
+    shutil.copy(get_testdata_file("MR_small_jp2klossless.dcm"), root / "b" / "c" / "mr_j2k.dcm")
+    shutil.copy(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"), root / "b" / "c" / "mr_jls.dcm")
+    writer = sitk.ImageFileWriter()
+    writer.SetUseCompression(True)
+    writer.SetCompressor("JPEG")
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(root / "b" / "mr_jpeg_lossless.dcm"))
+    writer.Execute(sitk.ReadImage(get_testdata_file("MR_small.dcm")))
+    (root / "a" / "notes.txt").write_text("scanner export log\n")
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    (root / "a" / "cut.dcm").write_bytes(data[: len(data) // 2])
+    return root
+
+
+def test_scan_mixed_folder_report(tmp_path, capsys):
+    root = _mixed_folder(tmp_path / "in")
+    out = tmp_path / "project" / "scan.json"
+    assert main(["-q", "scan", str(root), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    index = json.loads(out.read_text())
+    assert (out.parent / ".medtl-salt").exists()
+    assert index["scan_root"] == "../in"
+    skipped = {s["path"]: s["reason"] for s in index["skipped"]}
+    assert set(skipped) == {"a/notes.txt", "a/cut.dcm"}
+    assert "not a DICOM file" in skipped["a/notes.txt"] and "truncated" in skipped["a/cut.dcm"]
+    assert "skipped a/cut.dcm: truncated" in printed
+    # the MR files all carry the same SeriesInstanceUID: one series over two folders, 5 instances,
+    # with duplicate positions flagged (they are copies of one slice)
+    mr = next(s for s in index["series"] if s["modality"] == "MR")
+    assert mr["num_instances"] == 5 and mr["folders"] == ["b", "b/c"]
+    assert set(mr["transfer_syntax"]) == {
+        "Explicit VR Little Endian", "RLE Lossless", "JPEG 2000 Image Compression (Lossless Only)",
+        "JPEG-LS Lossless Image Compression", "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])",
+    }
+    assert [p["code"] for p in mr["problems"]] == ["duplicate_positions"] and not mr["loadable"]
+    ct = next(s for s in index["series"] if s["modality"] == "CT")
+    assert ct["shape"] == [128, 128, 1] and ct["loadable"] and ct["files"] == ["a/ct.dcm"]
+
+
+def test_compressed_files_decode_like_uncompressed(tmp_path):
+    root = _mixed_folder(tmp_path / "in")
+    reference = load_volume(root / "b" / "mr_plain.dcm").array
+    for name in ["b/mr_rle.dcm", "b/c/mr_j2k.dcm", "b/c/mr_jls.dcm", "b/mr_jpeg_lossless.dcm"]:
+        np.testing.assert_array_equal(load_volume(root / name).array, reference, err_msg=name)
+
+
+def test_convert_writes_nifti(tmp_path, capsys):
+    out = tmp_path / "ct.nii.gz"
+    assert main(["-q", "convert", get_testdata_file("CT_small.dcm"), "-o", str(out)]) == 0
+    assert "spacing (0.661, 0.661, 5) mm" in capsys.readouterr().out
+    written, direct = read_nifti(out), load_volume(get_testdata_file("CT_small.dcm"))
+    np.testing.assert_array_equal(written.array, direct.array)
+    np.testing.assert_allclose(written.affine, direct.affine, atol=1e-5)
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ["convert", str(tmp_path / "missing"), "-o", str(tmp_path / "x.nii.gz")],
+        ["convert", str(empty), "-o", str(tmp_path / "x.nii.gz")],
+        ["scan", str(tmp_path / "missing"), "-o", str(tmp_path / "s.json")],
+        ["manifest", "build", "--labels", str(tmp_path / "nope.csv"), "--classes", "a,b", "-o", str(tmp_path / "m.json")],
+    ]
+    for args in cases:
+        proc = subprocess.run([sys.executable, "-m", "medtl.cli", "-q", *args], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("medtl: error: ") and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_manifest_build_and_check_via_cli(small_demo, tmp_path, capsys):
+    out = small_demo["out"]
+    manifest = tmp_path / "m.json"
+    args = ["-q", "manifest", "build", "--scan", str(small_demo["sites"]["B"]["scan"]), "--labels", str(out / "site_B" / "labels.csv"),
+            "--classes", "benign,malignant", "--root", str(out), "--split", "0.5,0.25,0.25", "-o", str(manifest)]
+    assert main(args) == 0
+    assert main(["-q", "manifest", "check", str(manifest), "--root", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith("OK")
+    assert main(["-q", "manifest", "check", str(manifest), "--root", str(tmp_path)]) == 1
+    assert "missing:" in capsys.readouterr().out
