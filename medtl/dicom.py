@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from tqdm import tqdm
@@ -41,13 +42,14 @@ _NON_IMAGE_SOP_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated documents
 )
 _DICOMDIR_SOP = "1.2.840.10008.1.3.10"
+_DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"}  # deflated transfer syntaxes
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
 
 # Problems that make a series impossible to assemble into one 3D volume.
-BLOCKING = {"non_image", "no_pixel_data", "mixed_orientation", "mixed_size", "duplicate_positions", "color", "multi_frame"}
+BLOCKING = {"non_image", "no_pixel_data", "no_pixel_spacing", "no_geometry", "mixed_orientation", "mixed_size", "duplicate_positions", "color", "multi_frame"}
 
 _POS_TOL_MM = 1e-3  # positions closer than this are the same slice
-_SPACING_RTOL = 0.01  # gaps within 1% of the median count as uniform
+_SPACING_RTOL = 0.01  # relative tolerance for gaps to count as equal (or as whole multiples)
 _TILT_TOL = 1e-3  # in-plane drift per mm along the normal that counts as gantry tilt
 
 
@@ -133,6 +135,24 @@ def _fragments_problem(fh: Any, offset: int, size: int, order: str) -> str | Non
             return f"truncated file: a compressed fragment needs {offset - size} more bytes"
 
 
+def _header_cut_off(ds: pydicom.Dataset) -> tuple[str | None, int | None]:
+    """pydicom silently accepts a header cut off inside an element: compare each raw element's
+    declared length with the bytes actually read. Returns (problem, end offset of the last element).
+
+    Must run before any element is accessed (access converts raw elements and drops their lengths).
+    """
+    end = None
+    for tag in ds.keys():
+        elem = ds.get_item(tag)
+        if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF or elem.value is None:
+            end = None  # a sequence or converted element: its end is unknown
+            continue
+        if len(elem.value) < elem.length:
+            return f"truncated file: header element {tag} needs {elem.length} bytes, {len(elem.value)} present", None
+        end = elem.value_tell + elem.length
+    return None, end
+
+
 def _pixel_element_problem(fh: Any, ds: pydicom.Dataset, size: int) -> tuple[bool, str | None]:
     """Peek at the pixel-data element after the header: is it there, and is it complete?"""
     start = fh.tell()
@@ -146,6 +166,8 @@ def _pixel_element_problem(fh: Any, ds: pydicom.Dataset, size: int) -> tuple[boo
     tag = (int(group) << 16) | int(elem)
     if tag not in _PIXEL_TAGS:
         return False, None
+    if not implicit and not head[4:6].isalpha():
+        implicit = True  # explicit VR dataset with an implicit VR pixel element (some writers do this)
     if implicit:
         length, header_len = int(np.frombuffer(head[4:8], dtype=f"{order}u4")[0]), 8
     else:
@@ -160,6 +182,8 @@ def _pixel_element_problem(fh: Any, ds: pydicom.Dataset, size: int) -> tuple[boo
     rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
     bits = _int(ds.get("BitsAllocated")) or 0
     expected = (rows or 0) * (cols or 0) * (_int(ds.get("NumberOfFrames")) or 1) * (_int(ds.get("SamplesPerPixel")) or 1) * bits // 8
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        expected = expected * 2 // 3  # two chroma samples shared by each pair of pixels
     if length < expected:
         return True, f"pixel data holds {length} bytes, Rows×Columns×frames needs {expected}"
     return True, None
@@ -184,7 +208,19 @@ def read_header(path: str | Path) -> Header:
                     ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
                 if "SOPClassUID" not in ds or "SeriesInstanceUID" not in ds:
                     raise DicomError("not a DICOM file (no DICM header)", path=path) from None
-            has_pixels, pixel_problem = _pixel_element_problem(fh, ds, size)
+            cut_problem, header_end = _header_cut_off(ds)
+            if cut_problem:
+                raise DicomError(cut_problem, path=path)
+            if str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")) in _DEFLATED:
+                # pydicom inflated the dataset in memory: offsets in the file mean nothing, so look
+                # for pixel data in a full read (rare transfer syntax, small cost)
+                full = pydicom.dcmread(path, force=True)
+                has_pixels, pixel_problem, header_end = any(t in full for t in _PIXEL_TAGS), None, None
+            else:
+                has_pixels, pixel_problem = _pixel_element_problem(fh, ds, size)
+            if not has_pixels and header_end is not None and 0 < size - header_end < 8:
+                # the file ends in a partial element header (tag/VR/length), which pydicom ignores
+                raise DicomError("truncated file: the header ends inside an element", path=path)
             sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
             if sop_class == _DICOMDIR_SOP or "DirectoryRecordSequence" in ds:
                 raise DicomError("DICOMDIR (a directory of the media, not an image)", path=path)
@@ -260,14 +296,18 @@ def slice_geometry(headers: Sequence[Header]) -> Geometry:
     if dup:
         problems.append(problem("duplicate_positions", f"{dup} slice(s) share a position with another slice"))
         return Geometry(order, [float(v) for v in s], None, None, problems)
-    spacing = float(np.median(gaps))
-    irregular = np.abs(gaps - spacing) > _SPACING_RTOL * spacing
-    if irregular.any():
-        ratios = gaps[irregular] / spacing
-        if np.all(np.abs(ratios - np.round(ratios)) < 0.05) and np.all(ratios > 1.5):
-            missing = int(np.sum(np.round(ratios) - 1))
-            problems.append(problem("missing_slices", f"{missing} slice(s) missing: gaps of {', '.join(f'{g:.3g}' for g in gaps[irregular])} mm where {spacing:.3g} mm is expected"))
-        else:
+    # Missing slices leave gaps that are whole multiples of the smallest one; then the smallest gap
+    # is the true spacing (a median would be wrong when few slices remain).
+    ratios = gaps / gaps.min()
+    if np.all(np.abs(ratios - np.round(ratios)) < 2 * _SPACING_RTOL):
+        spacing = float(np.mean(gaps[np.round(ratios) == 1]))
+        missing = int(np.sum(np.round(ratios) - 1))
+        if missing:
+            wide = gaps[np.round(ratios) > 1]
+            problems.append(problem("missing_slices", f"{missing} slice(s) missing: gaps of {', '.join(f'{g:.3g}' for g in wide)} mm where {spacing:.3g} mm is expected"))
+    else:
+        spacing = float(np.median(gaps))
+        if np.any(np.abs(gaps - spacing) > _SPACING_RTOL * spacing):
             problems.append(problem("nonuniform_spacing", f"slice gaps range {gaps.min():.3g}-{gaps.max():.3g} mm (median {spacing:.3g})"))
     # In-plane drift of positions along the stack means a tilted gantry (sheared geometry).
     span = positions[order[-1]] - positions[order[0]]
@@ -287,6 +327,8 @@ def series_problems(headers: Sequence[Header]) -> list[dict[str, Any]]:
         problems.append(problem("non_image", f"non-image SOP class {UID(sop).name}"))
     elif not all(h.has_pixels for h in headers):
         problems.append(problem("no_pixel_data", f"{sum(not h.has_pixels for h in headers)} file(s) have no pixel data"))
+    elif any(h.pixel_spacing is None for h in headers):
+        problems.append(problem("no_pixel_spacing", "PixelSpacing missing: in-plane voxel size unknown"))
     if any(h.frames > 1 for h in headers):
         problems.append(problem("multi_frame", f"multi-frame instances ({max(h.frames for h in headers)} frames); one file per slice is expected"))
     if any(h.samples_per_pixel != 1 for h in headers):
@@ -420,7 +462,8 @@ def _resample_slices(stack: np.ndarray, positions: Sequence[float], spacing: flo
     target = s[0] + spacing * np.arange(n)
     hi = np.clip(np.searchsorted(s, target, side="right"), 1, len(s) - 1)
     lo = hi - 1
-    w = ((target - s[lo]) / (s[hi] - s[lo])).astype(np.float32)
+    # a grid rounded past the last acquired slice must not extrapolate: hold the edge slice's values
+    w = np.clip((target - s[lo]) / (s[hi] - s[lo]), 0.0, 1.0).astype(np.float32)
     return stack[..., lo] * (1 - w) + stack[..., hi] * w
 
 

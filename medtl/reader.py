@@ -1,8 +1,8 @@
 """One entry point for images: DICOM series (folder or file list) and NIfTI, as a plain function
-and as a MONAI ``ImageReader`` so bundles load data with MONAI's own ``LoadImaged``::
+(``load_volume``), as a MONAI ``ImageReader`` (``VolumeReader``) and as the MONAI transform bundles
+use (``LoadVolumed``)::
 
-    {"_target_": "LoadImaged", "keys": "image", "reader": "medtl.reader.VolumeReader",
-     "ensure_channel_first": true}
+    {"_target_": "medtl.reader.LoadVolumed", "keys": ["image", "mask"], "allow_missing_keys": true}
 """
 
 from __future__ import annotations
@@ -11,8 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import warnings
+
 import numpy as np
+from monai.config import KeysCollection
 from monai.data import ImageReader
+from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys
 
 from medtl.dicom import group_series, iter_files, read_series, series_problems
@@ -92,4 +96,22 @@ class VolumeReader(ImageReader):
         return img.array, meta
 
 
-__all__ = ["VolumeReader", "load_volume"]
+class LoadVolumed(LoadImaged):
+    """MONAI's ``LoadImaged`` bound to ``VolumeReader``: channel-first MetaTensors in RAS.
+
+    Given a reader up front, ``LoadImaged`` catches the reader's exception and raises a generic
+    "cannot find a suitable reader" error; passing the reader per call keeps medtl's own error
+    (file name and problem) intact.
+    """
+
+    def __init__(self, keys: KeysCollection, *, series: str | int | None = None, ensure_channel_first: bool = True, **kwargs: Any):
+        with warnings.catch_warnings():  # MONAI probes optional GPU decoders while registering readers
+            warnings.simplefilter("ignore")
+            super().__init__(keys, reader=VolumeReader(series=series), ensure_channel_first=ensure_channel_first, **kwargs)
+        self.volume_reader = self._loader.readers[-1]
+
+    def __call__(self, data: Any, reader: ImageReader | None = None) -> dict:
+        return super().__call__(data, reader=reader or self.volume_reader)
+
+
+__all__ = ["LoadVolumed", "VolumeReader", "load_volume"]

@@ -1,8 +1,104 @@
-"""Shared fixtures."""
+"""Shared fixtures: the small demo cohort, tiny generated CT series with known geometry, and the optional shared data folder."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import pytest
+
+from medtl.dicomwrite import SeriesInfo, make_uid, write_ct_series
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
+
+
+@dataclass
+class GeneratedSeries:
+    """A series written by ``make_series`` and everything needed to predict how it must load."""
+
+    folder: Path
+    files: list[Path]  # in slice order (k = 0, 1, ...)
+    hu: np.ndarray  # [column, row, slice], the values the loader must return
+    info: SeriesInfo
+    spacing: tuple[float, float, float]  # (column, row, slice) mm
+    orientation: tuple[float, ...]  # ImageOrientationPatient (row direction, column direction)
+    positions_lps: np.ndarray  # (slices, 3) ImagePositionPatient of each slice
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.hu.shape)
+
+    def world_ras(self) -> np.ndarray:
+        """RAS world coordinate of every stored voxel, shape hu.shape + (3,), from the DICOM tags' meaning."""
+        cols, rows, _ = self.hu.shape
+        orient = np.asarray(self.orientation, dtype=float)
+        i = np.arange(cols)[:, None, None, None]
+        j = np.arange(rows)[None, :, None, None]
+        pos = np.asarray(self.positions_lps, dtype=float)[None, None, :, :]
+        lps = pos + i * self.spacing[0] * orient[:3] + j * self.spacing[1] * orient[3:]
+        return lps * np.array([-1.0, -1.0, 1.0])
+
+
+def ct_values(shape: Sequence[int], seed: int = 0, *, step: int = 1) -> np.ndarray:
+    """Deterministic HU-like integers (every voxel distinct enough to catch flips and transposes)."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(-1000, 2000 // step, size=tuple(shape)) * step).astype(np.float64)
+
+
+@pytest.fixture
+def make_series(tmp_path):
+    """Factory writing a small CT series into ``tmp_path / name``; returns a GeneratedSeries.
+
+    Geometry defaults: 64 columns x 48 rows x 6 axial slices, spacing (0.7, 0.8, 2.5) mm, origin
+    (10, 20, 30) LPS. ``positions_lps`` overrides slice positions (tilt, gaps, duplicates); other
+    keyword arguments go to ``write_ct_series``.
+    """
+
+    def make(
+        name: str = "series",
+        shape: Sequence[int] = (64, 48, 6),
+        spacing: Sequence[float] = (0.7, 0.8, 2.5),
+        *,
+        seed: int = 0,
+        hu: np.ndarray | None = None,
+        series_number: int = 1,
+        patient_id: str = "PAT-0001",
+        patient_name: str = "Doe^Jane",
+        study_seed: str = "study-1",
+        series_seed: str | None = None,
+        origin_lps: Sequence[float] = (10.0, 20.0, 30.0),
+        orientation: Sequence[float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        positions_lps: Sequence[Sequence[float]] | None = None,
+        folder: Path | None = None,
+        **kwargs,
+    ) -> GeneratedSeries:
+        values = ct_values(shape, seed) if hu is None else np.asarray(hu, dtype=np.float64)
+        info = SeriesInfo(
+            patient_id=patient_id,
+            patient_name=patient_name,
+            study_uid=make_uid(study_seed),
+            series_uid=make_uid(series_seed or f"series-{name}"),
+            series_number=series_number,
+            series_description=f"test series {name}",
+        )
+        orient = np.asarray(orientation, dtype=float)
+        if positions_lps is None:
+            normal = np.cross(orient[:3], orient[3:])
+            positions = np.asarray(origin_lps, dtype=float) + np.arange(values.shape[2])[:, None] * spacing[2] * normal
+        else:
+            positions = np.asarray(positions_lps, dtype=float)
+        # write_ct_series formats positions with 6 significant digits; predict with the same values
+        positions = np.array([[float(f"{v:.6g}") for v in p] for p in positions])
+        out = folder if folder is not None else tmp_path / name
+        files = write_ct_series(
+            out, values, spacing, info, orientation=tuple(orient), positions_lps=positions, **kwargs
+        )
+        return GeneratedSeries(out, files, values, info, tuple(spacing), tuple(float(f"{v:.6g}") for v in orient), positions)
+
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -11,3 +107,11 @@ def small_demo(tmp_path_factory):
     from medtl.demo import prepare_demo_data
 
     return prepare_demo_data(tmp_path_factory.mktemp("demo"), scale=0.06, progress=False)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the repository (public test data); skip when this checkout lacks it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("shared test data not found at <repo>/../shared/data; these tests need it")
+    return SHARED_DATA

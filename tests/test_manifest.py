@@ -156,3 +156,15 @@ def test_check_detects_changed_and_missing_files_and_edits(small_demo, tmp_path)
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match="edited after it was built"):
         load_manifest(manifest_path)
+
+
+@pytest.mark.slow
+def test_committed_demo_manifests_are_reproduced(tmp_path):
+    """data_manifests/ holds exactly what `medtl demo` builds for the seed-0 cohort."""
+    from medtl.demo import prepare_demo_data
+
+    committed = Path(__file__).resolve().parents[1] / "data_manifests"
+    result = prepare_demo_data(tmp_path, seed=0, progress=False)
+    for name, site in result["sites"].items():
+        assert site["manifest"].read_bytes() == (committed / f"demo_site_{name}.json").read_bytes(), name
+        assert check_manifest(committed / f"demo_site_{name}.json", tmp_path, progress=False)["ok"]

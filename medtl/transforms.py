@@ -1,0 +1,424 @@
+"""Named transform presets for 3D lesion classification, built from MONAI's dictionary transforms.
+
+Data flows one way: a deterministic part (load, RAS orientation, resampling, intensity preset,
+lesion-centred crop, resize to the network input) that can be cached, then an optional random
+augmentation part. Every preset is a plain function returning a ``monai.transforms.Compose``, so
+bundles name it the same way Python does::
+
+    {"_target_": "medtl.transforms.train_transforms", "modality": "ct", "level": "light", "seed": 0}
+
+Data dicts look like ``{"image": path or DICOM file list, "label": int, "mask": optional NIfTI path,
+"roi_center_mm": optional [x, y, z] RAS mm, "roi_size_mm": optional}``. The mask and ``roi_center_mm``
+only locate the lesion (``roi_size_mm`` is not used: the crop has one physical size for every case);
+preprocessing drops all three so cases with and without a mask batch together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    BorderPad,
+    Compose,
+    DeleteItemsd,
+    EnsureTyped,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAdjustContrastd,
+    RandFlipd,
+    RandGaussianNoised,
+    RandRotated,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    RandZoomd,
+    Resized,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialCrop,
+    Transform,
+)
+from monai.utils import convert_to_tensor
+
+from medtl.errors import MedtlError
+from medtl.reader import LoadVolumed
+
+MODALITIES = ("ct", "mr")
+LEVELS = ("none", "light", "strong")
+# Lung window: air (-1000 HU) maps to 0, so padding with 0 after scaling is air; solid nodules,
+# ground-glass halos and spiculae stay distinct, calcifications (> 400 HU) saturate at 1.
+CT_WINDOW = (-1000.0, 400.0)
+ROI_CENTER_KEY = "roi_center_mm"
+ROI_SIZE_KEY = "roi_size_mm"
+
+
+def _triple(value: Any, name: str, *, integer: bool = False) -> tuple:
+    """Three positive numbers (a JSON list from a bundle, or a tuple), or a MedtlError saying what was given."""
+    try:
+        if isinstance(value, str):
+            raise TypeError(value)
+        values = tuple(int(v) if integer else float(v) for v in value)
+        ok = len(values) == 3 and all(v > 0 for v in values) and (not integer or all(float(v) == int(v) for v in value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        kind = "integers" if integer else "numbers"
+        raise MedtlError(f"{name} must be three positive {kind} (x, y, z), got {value!r}")
+    return values
+
+
+def _keys(keys: str | Sequence[str]) -> list[str]:
+    names = [keys] if isinstance(keys, str) else list(keys)
+    if not names or not all(isinstance(k, str) and k for k in names):
+        raise MedtlError(f"keys must be one or more non-empty names of image entries, got {keys!r}")
+    return names
+
+
+def _spacing(affine: torch.Tensor) -> np.ndarray:
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+def mask_center_mm(mask: Any) -> np.ndarray:
+    """Centre of mass (RAS mm) of a mask's voxels > 0, through the mask's own affine.
+
+    Going through millimetres means the mask need not share the image's grid, and it is not
+    resampled: nearest-neighbour resampling can erase a lesion only a voxel or two wide.
+    """
+    mask = convert_to_tensor(mask, track_meta=True)
+    spatial = np.asarray(mask.detach().cpu()).reshape(-1, *mask.shape[-3:])
+    voxels = np.argwhere((spatial > 0).any(axis=0))
+    if len(voxels) == 0:
+        raise MedtlError(
+            "lesion mask is empty (no voxel > 0), so there is no lesion to crop around",
+            path=mask.meta.get("filename_or_obj") or None,
+            hint="check that the mask belongs to this image, or give roi_center_mm instead of a mask",
+        )
+    center = np.append(voxels.mean(axis=0), 1.0)
+    return (np.asarray(mask.affine, dtype=np.float64) @ center)[:3]
+
+
+class CropAroundLesion(Transform):
+    """Crop a fixed box around a point given in RAS millimetres, padding where the box leaves the image.
+
+    A fixed physical size keeps lesions at their true scale across scanners; a voxel size is for
+    data already resampled to a known spacing. The box is placed with the image's current affine,
+    so it is right after ``Spacingd``. Without a point, the box is centred on the image.
+
+    Args:
+        size_mm: box size (x, y, z) in millimetres, turned into voxels with the current spacing.
+        size_vox: box size in voxels; give exactly one of ``size_mm`` and ``size_vox``.
+        pad_value: value where the box extends past the image: the background after the
+            intensity preset (0 is air for the CT window and background for MR).
+
+    Examples:
+        A 40 mm cube around a nodule at RAS (-52.0, 14.5, 120.0) mm::
+
+            crop = CropAroundLesion(size_mm=(40, 40, 40))
+            patch = crop(image, center_mm=(-52.0, 14.5, 120.0))
+    """
+
+    def __init__(
+        self,
+        *,
+        size_mm: Sequence[float] | None = None,
+        size_vox: Sequence[int] | None = None,
+        pad_value: float = 0.0,
+    ):
+        if (size_mm is None) == (size_vox is None):
+            raise MedtlError(f"give exactly one of size_mm and size_vox, got size_mm={size_mm!r}, size_vox={size_vox!r}")
+        self.size_mm = None if size_mm is None else _triple(size_mm, "size_mm")
+        self.size_vox = None if size_vox is None else _triple(size_vox, "size_vox", integer=True)
+        self.pad_value = float(pad_value)
+
+    def box(self, img: MetaTensor, center_mm: Sequence[float] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Start and end voxel indices of the box; either may lie outside the image."""
+        shape = np.asarray(img.shape[-3:])
+        affine = np.asarray(img.affine, dtype=np.float64)
+        if self.size_vox is not None:
+            size = np.asarray(self.size_vox)
+        else:
+            size = np.maximum(1, np.round(np.asarray(self.size_mm) / _spacing(affine))).astype(int)
+        if center_mm is None:
+            center = (shape - 1) / 2.0
+        else:
+            center = (np.linalg.inv(affine) @ np.append(np.asarray(center_mm, dtype=np.float64), 1.0))[:3]
+        start = np.floor(center - (size - 1) / 2.0 + 0.5).astype(int)
+        return start, start + size
+
+    def __call__(self, img: Any, center_mm: Sequence[float] | None = None) -> MetaTensor:
+        img = convert_to_tensor(img, track_meta=True)
+        start, end = self.box(img, center_mm)
+        shape = np.asarray(img.shape[-3:])
+        lo, hi = np.maximum(start, 0), np.minimum(end, shape)
+        if np.any(hi <= lo):
+            raise MedtlError(
+                f"the crop box around {np.round(np.asarray(center_mm), 1).tolist()} mm lies outside the image "
+                f"(voxels {start.tolist()}..{end.tolist()}, image shape {shape.tolist()})",
+                path=img.meta.get("filename_or_obj") or None,
+                hint="roi_center_mm must be RAS world coordinates in millimetres inside this image",
+            )
+        cropped = SpatialCrop(roi_start=lo.tolist(), roi_end=hi.tolist())(img)
+        border = np.stack([lo - start, end - hi], axis=1).ravel()
+        if not border.any():
+            return cropped
+        return BorderPad(spatial_border=border.tolist(), mode="constant", constant_values=self.pad_value)(cropped)
+
+
+class CropAroundLesiond(MapTransform):
+    """Dictionary twin of :class:`CropAroundLesion`: the point comes from the case itself.
+
+    The centre is the mask's centre of mass when ``mask_key`` is present, else ``roi_center_mm``
+    (RAS mm), else each image's own centre. An empty mask raises ``MedtlError``.
+
+    Args:
+        keys: image entries to crop (each placed through its own affine).
+        size_mm, size_vox, pad_value: as in :class:`CropAroundLesion`.
+        mask_key: entry holding the lesion mask (a loaded ``MetaTensor`` with its affine).
+        center_key: entry holding the lesion centre in RAS millimetres.
+
+    Examples:
+        In a bundle, after ``Spacingd``::
+
+            {"_target_": "medtl.transforms.CropAroundLesiond", "keys": "image", "size_mm": [40, 40, 40]}
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        *,
+        size_mm: Sequence[float] | None = None,
+        size_vox: Sequence[int] | None = None,
+        pad_value: float = 0.0,
+        mask_key: str = "mask",
+        center_key: str = ROI_CENTER_KEY,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.cropper = CropAroundLesion(size_mm=size_mm, size_vox=size_vox, pad_value=pad_value)
+        self.mask_key = mask_key
+        self.center_key = center_key
+
+    def center_mm(self, data: Mapping[Hashable, Any]) -> np.ndarray | None:
+        """The lesion centre in RAS mm for this case, or None when it names no lesion."""
+        if data.get(self.mask_key) is not None:
+            return mask_center_mm(data[self.mask_key])
+        if data.get(self.center_key) is not None:
+            center = np.asarray(data[self.center_key], dtype=np.float64).ravel()
+            if center.shape != (3,) or not np.isfinite(center).all():
+                raise MedtlError(f"{self.center_key} must be three finite numbers [x, y, z] in RAS mm, got {data[self.center_key]!r}")
+            return center
+        return None
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        center = self.center_mm(d)
+        for key in self.key_iterator(d):
+            d[key] = self.cropper(d[key], center)
+        return d
+
+
+class _Pipeline(Compose):
+    """A Compose that lets medtl's errors through: MONAI wraps every failure in a RuntimeError,
+    which would hide a fixable input problem (an empty mask, an ROI outside the image) behind a traceback."""
+
+    def __call__(self, input_: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except RuntimeError as exc:
+            cause = exc.__cause__
+            while cause is not None and not isinstance(cause, MedtlError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
+
+
+def _intensity(modality: str, keys: list[str], ct_window: tuple[float, float]) -> list[Transform]:
+    """CT: clip to the HU window and scale to [0, 1]. MR has no absolute scale: z-score the nonzero voxels."""
+    if modality == "ct":
+        lo, hi = ct_window
+        return [ScaleIntensityRanged(keys=keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
+    return [NormalizeIntensityd(keys=keys, nonzero=True, channel_wise=True)]
+
+
+def preprocessing(
+    *,
+    modality: str = "ct",
+    spatial_size: Sequence[int] = (32, 32, 32),
+    target_spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    crop_mm: Sequence[float] = (40.0, 40.0, 40.0),
+    ct_window: Sequence[float] = CT_WINDOW,
+    keys: str | Sequence[str] = ("image",),
+    mask_key: str = "mask",
+    load: bool = True,
+) -> Compose:
+    """The deterministic part: load, RAS, resample, intensity preset, lesion crop, resize.
+
+    Nothing here is random, so its output can be cached and augmentation applied on top. The
+    default 40 mm crop at 1 mm holds the largest demo nodules (30 mm) with a margin of context.
+
+    Args:
+        modality: ``"ct"`` (HU window ``ct_window`` to [0, 1]) or ``"mr"`` (z-score of nonzero voxels).
+        spatial_size: network input size in voxels; the crop is resized to it.
+        target_spacing: voxel size (mm) to resample to, so the crop holds the same anatomy everywhere.
+        crop_mm: physical size of the lesion-centred crop.
+        ct_window: (lowest, highest) HU kept for CT; the default is a lung window.
+        keys: image entries (several for multi-sequence MR).
+        mask_key: entry with the lesion mask path; optional per case.
+        load: False when the entries already hold channel-first ``MetaTensor`` images.
+    """
+    modality = str(modality).lower()
+    if modality not in MODALITIES:
+        raise MedtlError(f"unknown modality {modality!r}; allowed: {', '.join(MODALITIES)}")
+    spatial_size = _triple(spatial_size, "spatial_size", integer=True)
+    target_spacing = _triple(target_spacing, "target_spacing")
+    crop_mm = _triple(crop_mm, "crop_mm")
+    window = tuple(float(v) for v in ct_window)
+    if len(window) != 2 or not window[0] < window[1]:
+        raise MedtlError(f"ct_window must be (lowest HU, highest HU) with lowest < highest, got {ct_window!r}")
+    keys = _keys(keys)
+    loading = [
+        LoadVolumed(keys=keys),
+        LoadVolumed(keys=mask_key, allow_missing_keys=True),
+    ]
+    return _Pipeline([
+        *(loading if load else []),
+        Orientationd(keys=keys, axcodes="RAS", labels=None),
+        Spacingd(keys=keys, pixdim=target_spacing, mode="bilinear"),
+        *_intensity(modality, keys, window),
+        CropAroundLesiond(keys=keys, size_mm=crop_mm, pad_value=0.0, mask_key=mask_key),
+        Resized(keys=keys, spatial_size=spatial_size, mode="trilinear", anti_aliasing=True),
+        DeleteItemsd(keys=[mask_key, ROI_CENTER_KEY, ROI_SIZE_KEY]),
+    ])
+
+
+@dataclass(frozen=True)
+class _Strength:
+    """Parameters of one augmentation level; the transforms draw from these ranges."""
+
+    flip_axes: tuple[int, ...]
+    rotate_deg: float
+    rotate_prob: float
+    zoom: tuple[float, float]
+    zoom_prob: float
+    crop_min: float  # smallest random crop as a fraction of spatial_size, resized back
+    noise_std: float
+    noise_prob: float
+    shift: float
+    shift_prob: float
+    gamma: tuple[float, float]
+    contrast_prob: float
+
+
+# Offsets and noise are in output units: [0, 1] for CT (0.01 is 14 HU in the lung window), z for MR.
+_STRENGTHS = {
+    "light": _Strength(
+        flip_axes=(0,), rotate_deg=10.0, rotate_prob=0.3, zoom=(0.9, 1.1), zoom_prob=0.3, crop_min=0.9,
+        noise_std=0.01, noise_prob=0.2, shift=0.05, shift_prob=0.3, gamma=(0.9, 1.1), contrast_prob=0.2,
+    ),
+    "strong": _Strength(
+        flip_axes=(0, 1, 2), rotate_deg=30.0, rotate_prob=0.7, zoom=(0.8, 1.2), zoom_prob=0.5, crop_min=0.8,
+        noise_std=0.03, noise_prob=0.5, shift=0.1, shift_prob=0.5, gamma=(0.7, 1.5), contrast_prob=0.5,
+    ),
+}
+
+
+def augmentation(
+    *,
+    level: str = "light",
+    spatial_size: Sequence[int] = (32, 32, 32),
+    keys: str | Sequence[str] = ("image",),
+    seed: int | None = None,
+) -> Compose:
+    """Random augmentation on preprocessed crops; output keeps ``spatial_size``.
+
+    ``none`` is the identity, ``light`` suits lesions whose orientation carries little meaning
+    (left-right flips, small rotations and zooms), ``strong`` flips every axis and widens each range.
+    A random sub-crop (90-100 % of each side for ``light``, 80-100 % for ``strong``) resized back to
+    ``spatial_size`` jitters position and scale. ``seed`` makes the whole sequence of draws reproducible.
+    """
+    level = str(level).lower()
+    if level not in LEVELS:
+        raise MedtlError(f"unknown augmentation level {level!r}; allowed: {', '.join(LEVELS)}")
+    spatial_size = _triple(spatial_size, "spatial_size", integer=True)
+    keys = _keys(keys)
+    if level == "none":
+        return _Pipeline([])
+    s = _STRENGTHS[level]
+    angle = float(np.deg2rad(s.rotate_deg))
+    min_crop = [max(1, int(np.ceil(s.crop_min * n))) for n in spatial_size]
+    augment = _Pipeline([
+        RandSpatialCropd(keys=keys, roi_size=min_crop, max_roi_size=spatial_size, random_size=True),
+        Resized(keys=keys, spatial_size=spatial_size, mode="trilinear"),
+        *(RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in s.flip_axes),
+        RandRotated(keys=keys, range_x=angle, range_y=angle, range_z=angle, prob=s.rotate_prob, padding_mode="zeros"),
+        RandZoomd(keys=keys, min_zoom=s.zoom[0], max_zoom=s.zoom[1], prob=s.zoom_prob, mode="trilinear", padding_mode="constant"),
+        RandAdjustContrastd(keys=keys, gamma=s.gamma, prob=s.contrast_prob),
+        RandShiftIntensityd(keys=keys, offsets=s.shift, prob=s.shift_prob),
+        RandGaussianNoised(keys=keys, std=s.noise_std, prob=s.noise_prob),
+    ])
+    if seed is not None:
+        augment.set_random_state(seed=seed)
+    return augment
+
+
+def train_transforms(
+    *,
+    modality: str = "ct",
+    level: str = "light",
+    spatial_size: Sequence[int] = (32, 32, 32),
+    target_spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    crop_mm: Sequence[float] = (40.0, 40.0, 40.0),
+    ct_window: Sequence[float] = CT_WINDOW,
+    keys: str | Sequence[str] = ("image",),
+    mask_key: str = "mask",
+    load: bool = True,
+    seed: int | None = None,
+) -> Compose:
+    """Preprocessing, then augmentation, then float32: one flat Compose whose deterministic prefix
+    ``CacheDataset`` can cache (it caches up to the first random transform)."""
+    pre = preprocessing(
+        modality=modality, spatial_size=spatial_size, target_spacing=target_spacing, crop_mm=crop_mm,
+        ct_window=ct_window, keys=keys, mask_key=mask_key, load=load,
+    )
+    aug = augmentation(level=level, spatial_size=spatial_size, keys=keys, seed=seed)
+    return _Pipeline([*pre.transforms, *aug.transforms, EnsureTyped(keys=keys, dtype=torch.float32)])
+
+
+def eval_transforms(
+    *,
+    modality: str = "ct",
+    spatial_size: Sequence[int] = (32, 32, 32),
+    target_spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    crop_mm: Sequence[float] = (40.0, 40.0, 40.0),
+    ct_window: Sequence[float] = CT_WINDOW,
+    keys: str | Sequence[str] = ("image",),
+    mask_key: str = "mask",
+    load: bool = True,
+) -> Compose:
+    """Preprocessing then float32: what validation, testing and inference see."""
+    pre = preprocessing(
+        modality=modality, spatial_size=spatial_size, target_spacing=target_spacing, crop_mm=crop_mm,
+        ct_window=ct_window, keys=keys, mask_key=mask_key, load=load,
+    )
+    return _Pipeline([*pre.transforms, EnsureTyped(keys=keys, dtype=torch.float32)])
+
+
+__all__ = [
+    "CT_WINDOW",
+    "LEVELS",
+    "MODALITIES",
+    "CropAroundLesion",
+    "CropAroundLesiond",
+    "augmentation",
+    "eval_transforms",
+    "mask_center_mm",
+    "preprocessing",
+    "train_transforms",
+]
