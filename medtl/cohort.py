@@ -6,8 +6,10 @@ differences arise the way they do between scanners rather than as a label-depend
 * malignant lesions are larger on average, lobulated, often spiculated and heterogeneous
   (solid texture, necrotic core, ground-glass halo); benign ones are smaller, smoother, more
   homogeneous and sometimes calcified, with overlap in every feature (atypical cases on both sides);
-* site A is a thin-slice sharp-kernel scanner; site B has thick slices, coarser in-plane
-  resolution, a smooth kernel (blur), stronger blotchy noise and a HU calibration offset.
+* site A is a thin-slice sharp-kernel scanner; site B is a low-dose protocol with thick slices,
+  coarser in-plane resolution, a smooth kernel (blur), strong blotchy noise and a HU calibration
+  offset. Lesion size differs only mildly between classes, so a model must read margins and
+  texture, which are exactly what site B's acquisition degrades.
 
 Everything is deterministic given the seed: UIDs, pixel values and file bytes.
 """
@@ -32,6 +34,7 @@ from medtl.volume import Volume, lps_to_ras
 
 COHORT_VERSION = 1
 LABELS = ("benign", "malignant")
+TEXTURE_GRAIN_MM = 1.0  # correlation length of the lesions' internal texture
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,8 @@ SITES: dict[str, SiteProfile] = {
     ),
     "B": SiteProfile(
         name="B", n_patients=160, malignant_fraction=0.35, spacing=(0.9, 0.9, 2.5), shape=(56, 56, 20),
-        psf_mm=0.9, noise_hu=35.0, noise_grain_mm=0.9, hu_offset=30.0, rescale_intercept=-1000.0,
-        kernel="SOFT", manufacturer="medtl-site-B", model="thick-slice smooth", unlabeled_fraction=0.4,
+        psf_mm=1.6, noise_hu=70.0, noise_grain_mm=1.0, hu_offset=60.0, rescale_intercept=-1000.0,
+        kernel="SOFT", manufacturer="medtl-site-B", model="low-dose thick-slice smooth", unlabeled_fraction=0.4,
     ),
 }
 
@@ -98,6 +101,7 @@ class Lesion:
     density: float  # mean HU of solid tissue
     heterogeneity: float  # HU std of internal texture
     necrosis: float  # fraction of radius that is a low-density core (0 = none)
+    cavity: float  # fraction of radius that is an air-filled cavity (0 = none)
     calcification: float  # fraction of radius that is calcified (0 = none)
     halo: float  # ground-glass halo thickness in mm (0 = none)
 
@@ -109,6 +113,7 @@ class Lesion:
             "lobulation": round(sum(a for _, a, _ in self.lobes), 3),
             "calcified": self.calcification > 0,
             "necrotic": self.necrosis > 0,
+            "cavitated": self.cavity > 0,
         }
 
 
@@ -121,12 +126,12 @@ def draw_lesion(rng: np.random.Generator, malignant: bool) -> Lesion:
     """Draw lesion properties; each feature overlaps between classes, ~15% of cases are atypical."""
     atypical = rng.random() < 0.15
     looks_malignant = malignant != atypical
-    diameter = float(np.clip(rng.lognormal(np.log(15.0 if malignant else 9.0), 0.35), 4.0, 30.0))
+    diameter = float(np.clip(rng.lognormal(np.log(13.0 if malignant else 11.5), 0.3), 5.0, 28.0))
     n_lobes = int(rng.integers(2, 5))
-    lobe_amp = (0.06, 0.16) if looks_malignant else (0.0, 0.06)
+    lobe_amp = (0.08, 0.2) if looks_malignant else (0.0, 0.04)
     lobes = [(_unit(rng), float(rng.uniform(*lobe_amp)), float(rng.uniform(2.0, 5.0))) for _ in range(n_lobes)]
-    n_spic = int(rng.integers(3, 11)) if looks_malignant and rng.random() < 0.8 else int(rng.random() < 0.1)
-    spicules = [(_unit(rng), float(rng.uniform(0.4, 1.2) * diameter / 2 + 2.0), float(rng.uniform(0.5, 0.9))) for _ in range(n_spic)]
+    n_spic = int(rng.integers(4, 13)) if looks_malignant and rng.random() < 0.85 else int(rng.random() < 0.08)
+    spicules = [(_unit(rng), float(rng.uniform(0.4, 1.2) * diameter / 2 + 2.0), float(rng.uniform(0.7, 1.3))) for _ in range(n_spic)]
     return Lesion(
         label="malignant" if malignant else "benign",
         center=rng.uniform(-6.0, 6.0, size=3),
@@ -134,8 +139,9 @@ def draw_lesion(rng: np.random.Generator, malignant: bool) -> Lesion:
         lobes=lobes,
         spicules=spicules,
         density=float(rng.normal(35.0, 12.0)),
-        heterogeneity=float(rng.uniform(20.0, 45.0) if looks_malignant else rng.uniform(3.0, 12.0)),
-        necrosis=float(rng.uniform(0.3, 0.55)) if looks_malignant and diameter > 14 and rng.random() < 0.5 else 0.0,
+        heterogeneity=float(rng.uniform(25.0, 50.0) if looks_malignant else rng.uniform(3.0, 10.0)),
+        necrosis=float(rng.uniform(0.3, 0.6)) if looks_malignant and diameter > 11 and rng.random() < 0.7 else 0.0,
+        cavity=float(rng.uniform(0.2, 0.45)) if malignant and diameter > 14 and rng.random() < 0.25 else 0.0,
         calcification=float(rng.uniform(0.2, 0.5)) if not malignant and rng.random() < 0.3 else 0.0,
         halo=float(rng.uniform(1.0, 2.5)) if looks_malignant and rng.random() < 0.3 else 0.0,
     )
@@ -150,8 +156,9 @@ def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.n
     return np.linalg.norm(p - closest, axis=-1), t
 
 
-def render(lesion: Lesion, points: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """HU of lung background plus lesion at ``points`` (..., 3) in mm; also the lesion mask."""
+def render(lesion: Lesion, points: np.ndarray, voxel_mm: tuple[float, float, float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """HU of lung background plus lesion on the grid ``points`` (x, y, z, 3) in mm, whose voxel
+    size is ``voxel_mm``; also the lesion mask."""
     shape = points.shape[:-1]
     # Lung parenchyma with slow density variation and a few vessels crossing the field.
     hu = np.full(shape, -850.0) + 25.0 * np.sin(points @ _unit(rng) / rng.uniform(6.0, 12.0))
@@ -176,11 +183,13 @@ def render(lesion: Lesion, points: np.ndarray, rng: np.random.Generator) -> tupl
             taper = width * (1.0 - 0.7 * t)
             solid_near = np.maximum(solid_near, np.clip((taper - dist) / 0.3 + 0.5, 0.0, 1.0))
         solid[near] = solid_near
-    texture = _gaussian(rng.normal(size=shape), (1.2,) * len(shape))
+    texture = _gaussian(rng.normal(size=shape), tuple(TEXTURE_GRAIN_MM / v for v in voxel_mm))
     texture /= texture.std() + 1e-6
     tissue = lesion.density + lesion.heterogeneity * texture
     if lesion.necrosis:
-        tissue = np.where(r < lesion.necrosis * lesion.radius, tissue - 25.0, tissue)
+        tissue = np.where(r < lesion.necrosis * lesion.radius, tissue - 60.0, tissue)
+    if lesion.cavity:
+        tissue = np.where(np.linalg.norm(rel - lesion.radius * 0.2 * _unit(rng), axis=-1) < lesion.cavity * lesion.radius, -900.0, tissue)
     if lesion.calcification:
         calc_center = lesion.radius * 0.3 * _unit(rng)
         calc = np.linalg.norm(rel - calc_center, axis=-1) < lesion.calcification * lesion.radius
@@ -204,7 +213,7 @@ def acquire(site: SiteProfile, lesion: Lesion, rng: np.random.Generator) -> tupl
     ys = (np.arange(ny) - (ny - 1) / 2) * sy
     zs = (np.arange(nz * sub) - (nz * sub - 1) / 2) * (sz / sub)
     points = np.stack(np.meshgrid(xs, ys, zs, indexing="ij"), axis=-1).astype(np.float32)
-    hu_fine, mask_fine = render(lesion, points, rng)
+    hu_fine, mask_fine = render(lesion, points, (sx, sy, sz / sub), rng)
     hu = hu_fine.reshape(nx, ny, nz, sub).mean(axis=-1)
     mask = mask_fine.reshape(nx, ny, nz, sub).mean(axis=-1) >= 0.5
     hu = _gaussian(hu, (site.psf_mm / sx, site.psf_mm / sy, 0.0))

@@ -54,6 +54,7 @@ LEVELS = ("none", "light", "strong")
 # Lung window: air (-1000 HU) maps to 0, so padding with 0 after scaling is air; solid nodules,
 # ground-glass halos and spiculae stay distinct, calcifications (> 400 HU) saturate at 1.
 CT_WINDOW = (-1000.0, 400.0)
+DEFAULT_SPATIAL_SIZE = (32, 32, 32)
 ROI_CENTER_KEY = "roi_center_mm"
 ROI_SIZE_KEY = "roi_size_mm"
 
@@ -250,9 +251,9 @@ def _intensity(modality: str, keys: list[str], ct_window: tuple[float, float]) -
 def preprocessing(
     *,
     modality: str = "ct",
-    spatial_size: Sequence[int] = (32, 32, 32),
+    spatial_size: Sequence[int] = DEFAULT_SPATIAL_SIZE,
     target_spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    crop_mm: Sequence[float] = (40.0, 40.0, 40.0),
+    crop_mm: Sequence[float] = (32.0, 32.0, 32.0),
     ct_window: Sequence[float] = CT_WINDOW,
     keys: str | Sequence[str] = ("image",),
     mask_key: str = "mask",
@@ -261,7 +262,8 @@ def preprocessing(
     """The deterministic part: load, RAS, resample, intensity preset, lesion crop, resize.
 
     Nothing here is random, so its output can be cached and augmentation applied on top. The
-    default 40 mm crop at 1 mm holds the largest demo nodules (30 mm) with a margin of context.
+    default 32 mm crop at 1 mm holds the largest demo nodules (28 mm); with the default 32-voxel
+    input no detail is lost to resizing.
 
     Args:
         modality: ``"ct"`` (HU window ``ct_window`` to [0, 1]) or ``"mr"`` (z-score of nonzero voxels).
@@ -332,7 +334,7 @@ _STRENGTHS = {
 def augmentation(
     *,
     level: str = "light",
-    spatial_size: Sequence[int] = (32, 32, 32),
+    spatial_size: Sequence[int] = DEFAULT_SPATIAL_SIZE,
     keys: str | Sequence[str] = ("image",),
     seed: int | None = None,
 ) -> Compose:
@@ -368,46 +370,23 @@ def augmentation(
     return augment
 
 
-def train_transforms(
-    *,
-    modality: str = "ct",
-    level: str = "light",
-    spatial_size: Sequence[int] = (32, 32, 32),
-    target_spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    crop_mm: Sequence[float] = (40.0, 40.0, 40.0),
-    ct_window: Sequence[float] = CT_WINDOW,
-    keys: str | Sequence[str] = ("image",),
-    mask_key: str = "mask",
-    load: bool = True,
-    seed: int | None = None,
-) -> Compose:
+def train_transforms(*, level: str = "light", seed: int | None = None, **options: Any) -> Compose:
     """Preprocessing, then augmentation, then float32: one flat Compose whose deterministic prefix
-    ``CacheDataset`` can cache (it caches up to the first random transform)."""
-    pre = preprocessing(
-        modality=modality, spatial_size=spatial_size, target_spacing=target_spacing, crop_mm=crop_mm,
-        ct_window=ct_window, keys=keys, mask_key=mask_key, load=load,
-    )
-    aug = augmentation(level=level, spatial_size=spatial_size, keys=keys, seed=seed)
-    return _Pipeline([*pre.transforms, *aug.transforms, EnsureTyped(keys=keys, dtype=torch.float32)])
+    ``CacheDataset`` can cache (it caches up to the first random transform).
+
+    ``options`` are ``preprocessing``'s arguments (modality, spatial_size, target_spacing, ...).
+    """
+    pre = preprocessing(**options)
+    spatial_size = options.get("spatial_size", DEFAULT_SPATIAL_SIZE)
+    aug = augmentation(level=level, spatial_size=spatial_size, keys=options.get("keys", ("image",)), seed=seed)
+    return _Pipeline([*pre.transforms, *aug.transforms, EnsureTyped(keys=_keys(options.get("keys", ("image",))), dtype=torch.float32)])
 
 
-def eval_transforms(
-    *,
-    modality: str = "ct",
-    spatial_size: Sequence[int] = (32, 32, 32),
-    target_spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    crop_mm: Sequence[float] = (40.0, 40.0, 40.0),
-    ct_window: Sequence[float] = CT_WINDOW,
-    keys: str | Sequence[str] = ("image",),
-    mask_key: str = "mask",
-    load: bool = True,
-) -> Compose:
-    """Preprocessing then float32: what validation, testing and inference see."""
-    pre = preprocessing(
-        modality=modality, spatial_size=spatial_size, target_spacing=target_spacing, crop_mm=crop_mm,
-        ct_window=ct_window, keys=keys, mask_key=mask_key, load=load,
-    )
-    return _Pipeline([*pre.transforms, EnsureTyped(keys=keys, dtype=torch.float32)])
+def eval_transforms(**options: Any) -> Compose:
+    """Preprocessing then float32: what validation, testing and inference see (``options`` as for
+    ``preprocessing``)."""
+    pre = preprocessing(**options)
+    return _Pipeline([*pre.transforms, EnsureTyped(keys=_keys(options.get("keys", ("image",))), dtype=torch.float32)])
 
 
 __all__ = [

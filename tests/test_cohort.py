@@ -67,7 +67,7 @@ def test_masks_cover_lesions_and_sites_differ_like_scanners(small_demo):
             lung_noise.append(np.std(lung))
         stats[site] = (np.median(lung_medians), np.median(lung_noise))
     offset = stats["B"][0] - stats["A"][0]
-    assert 15 < offset < 45, f"site B HU calibration offset should be about +30, got {offset:.1f}"
+    assert 40 < offset < 80, f"site B HU calibration offset should be about +60, got {offset:.1f}"
     assert stats["B"][1] > 1.5 * stats["A"][1], "site B is noisier"
     scans = {s: json.loads(small_demo["sites"][s]["scan"].read_text())["series"] for s in "AB"}
     assert {tuple(r["spacing"]) for r in scans["A"] if r["series_number"] == 2} == {(0.75, 0.75, 1.25)}
@@ -80,8 +80,8 @@ def test_class_features_overlap_but_differ(tmp_path):
     truth = json.loads((tmp_path / "site_A" / "truth.json").read_text())
     size = {lab: np.array([t["diameter_mm"] for t in truth if t["label"] == lab]) for lab in ("benign", "malignant")}
     spic = {lab: np.array([t["spicules"] > 0 for t in truth if t["label"] == lab]) for lab in ("benign", "malignant")}
-    assert size["malignant"].mean() > size["benign"].mean() + 3
-    assert size["benign"].max() > np.percentile(size["malignant"], 25), "sizes overlap: size alone is no trivial rule"
+    assert size["malignant"].mean() > size["benign"].mean() + 0.5
+    assert np.percentile(size["benign"], 75) > np.percentile(size["malignant"], 25), "sizes overlap: size alone is a weak cue"
     assert spic["malignant"].mean() > 0.5 > spic["benign"].mean() > 0.0, "spiculation is typical, not exclusive"
-    calcified = [t["calcified"] for t in truth if t["label"] == "malignant"]
-    assert not any(calcified)
+    assert not any(t["calcified"] for t in truth if t["label"] == "malignant")
+    assert not any(t["cavitated"] for t in truth if t["label"] == "benign")
