@@ -59,7 +59,7 @@ class SiteProfile:
 
 SITES: dict[str, SiteProfile] = {
     "A": SiteProfile(
-        name="A", n_patients=200, malignant_fraction=0.45, spacing=(0.75, 0.75, 1.25), shape=(64, 64, 40),
+        name="A", n_patients=300, malignant_fraction=0.45, spacing=(0.75, 0.75, 1.25), shape=(64, 64, 40),
         psf_mm=0.35, noise_hu=12.0, noise_grain_mm=0.35, hu_offset=0.0, rescale_intercept=-1024.0,
         kernel="B60f", manufacturer="medtl-site-A", model="thin-slice sharp",
     ),
@@ -123,8 +123,8 @@ def _unit(rng: np.random.Generator) -> np.ndarray:
 
 
 def draw_lesion(rng: np.random.Generator, malignant: bool) -> Lesion:
-    """Draw lesion properties; each feature overlaps between classes, ~15% of cases are atypical."""
-    atypical = rng.random() < 0.15
+    """Draw lesion properties; each feature overlaps between classes, ~10% of cases are atypical."""
+    atypical = rng.random() < 0.1
     looks_malignant = malignant != atypical
     diameter = float(np.clip(rng.lognormal(np.log(13.0 if malignant else 11.5), 0.3), 5.0, 28.0))
     n_lobes = int(rng.integers(2, 5))

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import logging
 import warnings
 
 import numpy as np
@@ -25,6 +26,10 @@ from medtl.nifti import is_nifti, read_nifti
 from medtl.volume import Volume
 
 PathLike = str | Path
+
+# LoadImage registers every MONAI reader, and the GPU DICOM decoder warns on each registration that
+# it is absent; medtl decodes with pydicom's own plugins, so that warning is noise.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
 def _pick_series(folder: Path, series: str | int | None) -> list[Path]:
