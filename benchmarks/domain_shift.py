@@ -92,7 +92,7 @@ def main() -> None:
     train_time = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     print(f"\nsource-only ResNet10 (widen {args.widen}, {params / 1e6:.1f}M parameters) trained on {len(train)} site-A cases, {args.epochs} epochs, {train_time:.0f}s")
-    print(f"{'evaluation set':<20}{'n':>5}{'AUC':>8}{'95% CI':>16}{'acc':>7}{'majority acc':>14}{'mean p(mal)':>13}{'size-only AUC':>15}")
+    print(f"{'evaluation set':<20}{'n':>5}{'AUC':>8}{'95% CI':>16}{'acc':>7}{'majority acc':>14}{'sens':>6}{'spec':>6}{'mean p(mal)':>13}{'size-only AUC':>15}")
     results = {}
     for name, data in evals.items():
         y, p = predict(model, data, pre)
@@ -101,8 +101,9 @@ def main() -> None:
         size_auc = bootstrap_auc(y, size)[0]
         acc = float(np.mean((p > 0.5) == y))
         majority = float(max(np.mean(y), 1 - np.mean(y)))
+        sens, spec = float(np.mean(p[y == 1] > 0.5)), float(np.mean(p[y == 0] <= 0.5))
         results[name] = (auc, acc)
-        print(f"{name:<20}{len(y):>5}{auc:>8.3f}{f'[{lo:.3f}, {hi:.3f}]':>16}{acc:>7.3f}{majority:>14.3f}{p.mean():>13.3f}{size_auc:>15.3f}")
+        print(f"{name:<20}{len(y):>5}{auc:>8.3f}{f'[{lo:.3f}, {hi:.3f}]':>16}{acc:>7.3f}{majority:>14.3f}{sens:>6.2f}{spec:>6.2f}{p.mean():>13.3f}{size_auc:>15.3f}")
     for a, b in (("site A test", "site B test"), ("site A val+test", "site B all labeled")):
         print(f"{a} -> {b}: AUC {results[b][0] - results[a][0]:+.3f}, accuracy {results[b][1] - results[a][1]:+.3f}")
 
