@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -316,6 +315,3 @@ def _write_site(root: Path, site: SiteProfile, seed: int, progress: bool) -> dic
         "two_series_folders": sum(c["second_series"] for c in cases),
     }
 
-
-def cohort_summary(out: str | Path) -> dict[str, Any]:
-    return json.loads((Path(out) / "cohort.json").read_text())

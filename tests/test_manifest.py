@@ -69,7 +69,7 @@ def test_split_is_seeded_and_stratified(small_demo, tmp_path):
     scan = small_demo["sites"]["A"]["scan"]
     labels = out / "site_A" / "labels.csv"
     a = build_manifest_file(labels=labels, classes=CLASSES, out=tmp_path / "a.json", scan=scan, root=out, seed=3, progress=False)
-    b = build_manifest_file(labels=labels, classes=CLASSES, out=tmp_path / "b.json", scan=scan, root=out, seed=3, progress=False)
+    build_manifest_file(labels=labels, classes=CLASSES, out=tmp_path / "b.json", scan=scan, root=out, seed=3, progress=False)
     c = build_manifest_file(labels=labels, classes=CLASSES, out=tmp_path / "c.json", scan=scan, root=out, seed=4, progress=False)
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     split_a = {x["patient_key"]: x["split"] for x in a["cases"]}
