@@ -128,3 +128,15 @@ def test_manifest_build_and_check_via_cli(small_demo, tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith("OK")
     assert main(["-q", "manifest", "check", str(manifest), "--root", str(tmp_path)]) == 1
     assert "missing:" in capsys.readouterr().out
+
+
+def test_demo_prints_table_and_artifacts(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--out", str(out), "--scale", "0.03"]) == 0
+    printed = capsys.readouterr().out
+    assert "medtl demo: ingest" in printed
+    rows = [line.split() for line in printed.splitlines() if line[:2] in ("A ", "B ")]
+    assert [r[0] for r in rows] == ["A", "B"] and all(r[-1] == "OK" for r in rows)
+    for name in "AB":
+        assert (out / "manifests" / f"demo_site_{name}.json").is_file()
+        assert f"scans/site_{name}.json" in printed
