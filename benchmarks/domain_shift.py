@@ -19,26 +19,14 @@ from ignite.handlers import ProgressBar
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler, from_engine
-from monai.metrics import compute_roc_auc
 from monai.networks.nets import resnet10
 from monai.utils import set_determinism
 
 from medtl.demo import prepare_demo_data
+from medtl.evaluate import classification_metrics, collect_predictions, roc_auc_ovr
 from medtl.manifest import datalist, load_manifest
 from medtl.nifti import read_nifti
 from medtl.transforms import augmentation, preprocessing
-
-
-def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    auc = float(compute_roc_auc(torch.as_tensor(p), torch.as_tensor(y)))
-    rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[idx])) == 2:
-            samples.append(float(compute_roc_auc(torch.as_tensor(p[idx]), torch.as_tensor(y[idx]))))
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return auc, float(lo), float(hi)
 
 
 def lesion_volume_mm3(mask_path: str) -> float:
@@ -47,14 +35,10 @@ def lesion_volume_mm3(mask_path: str) -> float:
 
 
 def predict(model: torch.nn.Module, data: list[dict], transform) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and P(malignant) for every case."""
     loader = DataLoader(CacheDataset(data, transform, progress=False), batch_size=16)
-    probs, labels = [], []
-    model.eval()
-    with torch.no_grad():
-        for batch in loader:
-            probs.append(torch.softmax(model(batch["image"]), dim=1)[:, 1].numpy())
-            labels.append(batch["label"].numpy())
-    return np.concatenate(labels), np.concatenate(probs)
+    y, probs, _ = collect_predictions(model, loader)
+    return y, probs[:, 1]
 
 
 def main() -> None:
@@ -96,12 +80,12 @@ def main() -> None:
     results = {}
     for name, data in evals.items():
         y, p = predict(model, data, pre)
-        auc, lo, hi = bootstrap_auc(y, p)
+        m = classification_metrics(y, np.stack([1 - p, p], axis=1), class_names=["benign", "malignant"], seed=args.seed)["metrics"]
+        auc, (lo, hi) = m["auc"]["value"], m["auc"]["ci95"]
         size = np.array([lesion_volume_mm3(d["mask"]) for d in data])
-        size_auc = bootstrap_auc(y, size)[0]
-        acc = float(np.mean((p > 0.5) == y))
+        size_auc = roc_auc_ovr(y, np.stack([-size, size], axis=1))
+        acc, sens, spec = (m[k]["value"] for k in ("accuracy", "sensitivity", "specificity"))
         majority = float(max(np.mean(y), 1 - np.mean(y)))
-        sens, spec = float(np.mean(p[y == 1] > 0.5)), float(np.mean(p[y == 0] <= 0.5))
         results[name] = (auc, acc)
         print(f"{name:<20}{len(y):>5}{auc:>8.3f}{f'[{lo:.3f}, {hi:.3f}]':>16}{acc:>7.3f}{majority:>14.3f}{sens:>6.2f}{spec:>6.2f}{p.mean():>13.3f}{size_auc:>15.3f}")
     for a, b in (("site A test", "site B test"), ("site A val+test", "site B all labeled")):
