@@ -97,6 +97,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_inspect(args: argparse.Namespace) -> int:
+    from medtl.weights import inspect_checkpoint
+
+    report = inspect_checkpoint(
+        args.checkpoint,
+        arch=args.arch,
+        spatial_dims=args.spatial_dims,
+        in_channels=args.in_channels,
+        num_classes=args.num_classes,
+        trust=args.trust,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medtl",
@@ -160,6 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the default patient counts (default 1.0)")
     p.set_defaults(func=_demo)
+
+    p = verbs.add_parser("weights", help="inspect how pretrained weights load into a network",
+                         description="Pretrained weights from a MONAI bundle (folder or .zip), a state dict or training checkpoint "
+                         "(.pt/.pth/.ckpt, Lightning, DataParallel), TorchScript or MedicalNet/Med3D, matched onto a registered network.")
+    wsub = p.add_subparsers(dest="weights_verb", metavar="ACTION", required=True, help="inspect: report what would load, adapt or be left out")
+    w = wsub.add_parser("inspect", help="report which tensors of a checkpoint load into a network",
+                        description="Build --arch, load CKPT into it without training and report every tensor: loaded, "
+                        "missing (kept initialisation), unexpected (ignored), mismatched (other shape) and adapted "
+                        "(input channels, 2D->3D inflation). Files needing pickled code are refused unless --trust is given.")
+    w.add_argument("checkpoint", metavar="CKPT", help="weights file (.pt/.pth/.ckpt/.ts) or MONAI bundle folder or .zip")
+    w.add_argument("--arch", required=True, help="network name, e.g. resnet10, resnet50, densenet121, efficientnet-b0")
+    w.add_argument("--spatial-dims", type=int, default=3, help="2 or 3 (default 3)")
+    w.add_argument("--in-channels", type=int, default=1, help="input channels of the network (default 1)")
+    w.add_argument("--num-classes", type=int, default=2, help="classifier outputs of the network (default 2)")
+    w.add_argument("--json", action="store_true", help="print the report as JSON (loaded, missing, unexpected, mismatched, adapted)")
+    w.add_argument("--trust", action="store_true", help="allow pickled code in the checkpoint (can run arbitrary code; only for trusted files)")
+    w.set_defaults(func=_weights_inspect)
     return parser
 
 
