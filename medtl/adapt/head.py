@@ -1,0 +1,104 @@
+"""Swap a network's classifier for the target label space, keeping what carries over.
+
+The new head maps the backbone's feature dimension D to K target classes, optionally through
+dropout and a hidden layer. Target classes whose names also exist in the source label space start
+from the source head's weights for that class (a bare linear head only), so a site that keeps
+"malignant" does not relearn it from scratch; the mapping is returned and stored on the model
+(``model.medtl_head``) so bundles and reports can state it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from medtl.errors import MedtlError
+
+# Where MONAI's classification networks keep their classifier.
+_KNOWN_HEADS = ("fc", "class_layers.out", "_fc")
+
+
+def find_classifier(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The classifier's module path and layer: a known MONAI name, else the last ``nn.Linear``."""
+    modules = dict(model.named_modules())
+    for name in _KNOWN_HEADS:
+        if isinstance(modules.get(name), nn.Linear):
+            return name, modules[name]
+    linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise MedtlError(f"{type(model).__name__} has no nn.Linear classifier to replace", hint="give a network with a linear head")
+    return linears[-1]
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def replace_head(
+    model: nn.Module,
+    num_classes: int,
+    *,
+    target_classes: Sequence[str] | None = None,
+    source_classes: Sequence[str] | None = None,
+    dropout: float = 0.0,
+    hidden: int | None = None,
+) -> dict[str, Any]:
+    """Replace the classifier in place with a head for ``num_classes`` classes; return its record.
+
+    Args:
+        num_classes: K, the number of target classes.
+        target_classes: names of the K target classes (index order), for the recorded mapping.
+        source_classes: names of the source head's classes; shared names copy their weights.
+        dropout: dropout probability before the (first) new linear layer.
+        hidden: width of an optional hidden layer (Linear -> ReLU) before the output layer.
+    """
+    if int(num_classes) < 2:
+        raise MedtlError(f"num_classes must be at least 2, got {num_classes}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise MedtlError(f"dropout must be in [0, 1), got {dropout}")
+    if target_classes is not None and len(target_classes) != num_classes:
+        raise MedtlError(f"{len(target_classes)} target class names given for num_classes={num_classes}")
+    name, old = find_classifier(model)
+    if source_classes is not None and len(source_classes) != old.out_features:
+        raise MedtlError(f"{len(source_classes)} source class names given, but the source head has {old.out_features} outputs")
+    out = nn.Linear(old.in_features if hidden is None else int(hidden), int(num_classes))
+    layers: list[nn.Module] = [nn.Dropout(float(dropout))] if dropout else []
+    if hidden is not None:
+        layers += [nn.Linear(old.in_features, int(hidden)), nn.ReLU(inplace=True)]
+    layers.append(out)
+    mapping = {}
+    if target_classes is not None:
+        source_index = {c: i for i, c in enumerate(source_classes or [])}
+        for k, cls in enumerate(target_classes):
+            mapping[cls] = cls if cls in source_index else None
+            if cls in source_index and hidden is None:
+                with torch.no_grad():
+                    out.weight[k] = old.weight[source_index[cls]]
+                    out.bias[k] = old.bias[source_index[cls]] if old.bias is not None else 0.0
+    head = layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+    _set_module(model, name, head.to(old.weight.device, old.weight.dtype))
+    record = {
+        "module": name,
+        "in_features": old.in_features,
+        "source_outputs": old.out_features,
+        "num_classes": int(num_classes),
+        "hidden": hidden,
+        "dropout": float(dropout),
+        "label_mapping": mapping,  # target class -> source class it started from (None: new)
+    }
+    model.medtl_head = record
+    return record
+
+
+def with_new_head(model: nn.Module, num_classes: int, **options: Any) -> nn.Module:
+    """``replace_head`` returning the model, for bundle configs::
+
+        "network": {"_target_": "medtl.adapt.head.with_new_head", "model": "@network_def", "num_classes": 2}
+    """
+    replace_head(model, num_classes, **options)
+    return model
