@@ -112,6 +112,11 @@ def _weights_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cohort_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the default patient counts (default 1.0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medtl",
@@ -164,16 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Write a deterministic two-site chest-CT lesion cohort as real DICOM series, NIfTI lesion masks "
                          "and labels.csv. Site B differs from site A like another scanner (thick slices, blur, noise, HU offset).")
     p.add_argument("out", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
-    p.add_argument("--scale", type=float, default=1.0, help="fraction of the default patient counts (default 1.0)")
+    _cohort_options(p)
     p.set_defaults(func=_demo_data)
 
     p = verbs.add_parser("demo", help="run the main job on the embedded demo cohort",
                          description="Generate the demo cohort if absent, scan both sites, build and check the site manifests "
                          "and print where every artifact is.")
     p.add_argument("--out", default="medtl-demo", help="working folder (default ./medtl-demo)")
-    p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
-    p.add_argument("--scale", type=float, default=1.0, help="fraction of the default patient counts (default 1.0)")
+    _cohort_options(p)
     p.set_defaults(func=_demo)
 
     p = verbs.add_parser("weights", help="inspect how pretrained weights load into a network",
