@@ -474,10 +474,14 @@ def read_series(files: Sequence[str | Path], *, name: str | None = None) -> Volu
     uniform grid; RescaleSlope/Intercept are applied per slice. Raises DicomError naming the
     series when it cannot be assembled (several series, mixed sizes, duplicates, ...).
     """
-    label = name or (str(Path(files[0]).parent) if files else "<no files>")
     if not files:
-        raise DicomError("no DICOM files given", path=label)
-    headers = [read_header(f) for f in files]
+        raise DicomError("no DICOM files given", path=name or "<no files>")
+    return assemble_series([read_header(f) for f in files], name=name)
+
+
+def assemble_series(headers: Sequence[Header], *, name: str | None = None) -> Volume:
+    """``read_series`` for headers already read (e.g. while picking a series from a folder)."""
+    label = name or str(headers[0].path.parent)
     uids = {h.series_uid for h in headers}
     if len(uids) > 1:
         raise DicomError(f"files belong to {len(uids)} different series", path=label, hint="load one series at a time (see `medtl scan`)")
@@ -518,6 +522,6 @@ def write_scan_index(root: str | Path, out: str | Path, *, progress: bool = True
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     index = scan_dicom(root, load_or_create_salt(out.parent), progress=progress)
-    index["scan_root"] = Path(os.path.relpath(Path(root).resolve(), out.parent.resolve())).as_posix()
+    index["scan_root"] = _rel(Path(root).resolve(), out.parent.resolve())
     atomic_write_json(out, index)
     return index

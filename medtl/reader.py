@@ -20,7 +20,7 @@ from monai.data import ImageReader
 from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys
 
-from medtl.dicom import group_series, iter_files, read_series, series_problems
+from medtl.dicom import Header, assemble_series, group_series, iter_files, read_series, series_problems
 from medtl.errors import DicomError, ImageError
 from medtl.nifti import is_nifti, read_nifti
 from medtl.volume import Volume
@@ -32,7 +32,7 @@ PathLike = str | Path
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
-def _pick_series(folder: Path, series: str | int | None) -> list[Path]:
+def _pick_series(folder: Path, series: str | int | None) -> list[Header]:
     files = iter_files(folder)
     if not files:
         raise DicomError("empty folder: no files to load", path=folder)
@@ -44,10 +44,10 @@ def _pick_series(folder: Path, series: str | int | None) -> list[Path]:
         chosen = [hs for uid, hs in groups.items() if uid == wanted or str(hs[0].series_number) == wanted]
         if len(chosen) != 1:
             raise DicomError(f"series {wanted!r} not found (or not unique) in this folder", path=folder)
-        return [h.path for h in chosen[0]]
+        return chosen[0]
     images = {uid: hs for uid, hs in groups.items() if not any(p["code"] == "non_image" for p in series_problems(hs))}
     if len(images) == 1:
-        return [h.path for h in next(iter(images.values()))]
+        return next(iter(images.values()))
     listing = "; ".join(
         f"series number {hs[0].series_number} ({hs[0].modality}, {len(hs)} files, {hs[0].series_description or 'no description'})"
         for hs in sorted(images.values() or groups.values(), key=lambda hs: hs[0].series_number or 0)
@@ -69,7 +69,7 @@ def load_volume(source: PathLike | Sequence[PathLike], *, series: str | int | No
     if is_nifti(path):
         return read_nifti(path)
     if path.is_dir():
-        return read_series(_pick_series(path, series), name=str(path))
+        return assemble_series(_pick_series(path, series), name=str(path))
     if path.is_file():
         return read_series([path])
     raise ImageError("no such file or folder", path=path)
