@@ -112,6 +112,33 @@ def _weights_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shift(args: argparse.Namespace) -> int:
+    from medtl.adapt.shift import format_shift_report, network_from_checkpoint, shift_report
+
+    if (args.checkpoint is None) != (args.arch is None):
+        raise MedtlError("--checkpoint and --arch go together: the network is built by name, then the weights loaded")
+    models = None
+    if args.checkpoint is not None:
+        options = {} if args.widen_factor is None else {"widen_factor": args.widen_factor}
+        models = {Path(args.checkpoint).name: network_from_checkpoint(args.checkpoint, arch=args.arch, **options)}
+    report = shift_report(
+        args.source,
+        args.target,
+        args.root,
+        target_root=args.target_root,
+        model=models,
+        splits=args.split,
+        modality=args.modality,
+        n_permutations=args.permutations,
+        seed=args.seed,
+        out=args.output,
+        progress=not args.quiet,
+    )
+    print(format_shift_report(report), end="")
+    print(f"-> {args.output}")
+    return 0
+
+
 def _cohort_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the default patient counts (default 1.0)")
@@ -178,6 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="medtl-demo", help="working folder (default ./medtl-demo)")
     _cohort_options(p)
     p.set_defaults(func=_demo)
+
+    p = verbs.add_parser("shift", help="report the domain shift between a source and a target manifest",
+                         description="Compare the cases of two manifests: voxel spacing, image shape, raw intensities (HU for CT) "
+                         "and intensities of the preprocessed lesion crop, case and label counts. With --checkpoint, also the squared MMD "
+                         "between the two sites' penultimate features, with a permutation p-value. Cases whose image cannot be loaded "
+                         "are skipped and listed. The JSON report holds no file paths.")
+    p.add_argument("--source", required=True, help="manifest of the source site (the data the network was trained on)")
+    p.add_argument("--target", required=True, help="manifest of the target site")
+    p.add_argument("--root", required=True, help="data root the manifests' paths are relative to")
+    p.add_argument("--target-root", help="data root of the target manifest (default: --root)")
+    p.add_argument("--checkpoint", metavar="CKPT", help="trained network weights: adds the feature-space distance between the sites")
+    p.add_argument("--arch", help="network name of --checkpoint, e.g. resnet10")
+    p.add_argument("--widen-factor", type=float, help="ResNet width multiplier the checkpoint was trained with (default: the network's)")
+    p.add_argument("--split", nargs="+", default=["train", "val", "test", "unlabeled"],
+                   help="manifest splits to include (default: train val test unlabeled)")
+    p.add_argument("--modality", default="ct", help="ct or mr: crop preprocessing and intensity units (default ct)")
+    p.add_argument("--permutations", type=int, default=500, help="permutations of the MMD test (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the permutation test (default 0)")
+    p.add_argument("-o", "--output", required=True, help="report JSON to write, e.g. shift.json")
+    p.set_defaults(func=_shift)
 
     p = verbs.add_parser("weights", help="inspect how pretrained weights load into a network",
                          description="Pretrained weights from a MONAI bundle (folder or .zip), a state dict or training checkpoint "

@@ -1,0 +1,180 @@
+"""Training runs built from MONAI's engines: validation-driven model selection and L2-SP.
+
+``fit`` is the one training loop medtl uses from Python (benchmarks, ``medtl demo``): a MONAI
+``SupervisedTrainer`` with a ``SupervisedEvaluator`` run on the validation split after every epoch
+(ROC AUC as key metric), optional early stopping, and the weights of the best validation epoch put
+back into the network at the end. The test split never enters it: choices are made on validation
+data only. Bundles compose the same engines and handlers in JSON.
+
+``L2SP`` pulls fine-tuned weights toward the source weights (Li et al., "Explicit Inductive Bias for
+Transfer Learning with Convolutional Networks", 2018): with a few dozen target labels, plain
+fine-tuning drifts from what the source taught and does worse than not adapting at all; a penalty
+``beta/2 * ||w - w_source||^2`` on the backbone keeps what transfers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.handlers import EarlyStopHandler, ROCAUC, ValidationHandler, from_engine
+from monai.transforms import Activationsd, AsDiscreted, Compose
+from monai.utils import CommonKeys
+from torch import nn
+
+from medtl.errors import MedtlError
+
+logger = logging.getLogger(__name__)
+
+
+class L2SP:
+    """Add ``beta/2 * sum ||w - w0||^2`` over the backbone to every training loss (ignite handler).
+
+    ``w0`` is the network's weights when training starts (the source weights after a head swap), or
+    ``reference`` given as a state dict. Parameters whose shape differs from the reference, and the
+    classifier head, are left free. Attach to a ``SupervisedTrainer``: the penalty is added on
+    MONAI's ``LOSS_COMPLETED`` event, before the backward pass.
+    """
+
+    def __init__(self, beta: float = 0.01, *, reference: dict[str, torch.Tensor] | None = None) -> None:
+        if float(beta) < 0:
+            raise MedtlError(f"beta must be >= 0, got {beta}")
+        self.beta = float(beta)
+        self.reference = reference
+        self._pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+
+    def bind(self, network: nn.Module) -> None:
+        """Snapshot the reference weights of ``network`` (called at the start of training)."""
+        from medtl.adapt.schedule import layer_groups
+
+        head = set(layer_groups(network)[-1].params)
+        source = self.reference if self.reference is not None else {k: v.detach().clone() for k, v in network.state_dict().items()}
+        self._pairs = [
+            (p, source[name].to(p.device, p.dtype))
+            for name, p in network.named_parameters()
+            if name not in head and name in source and source[name].shape == p.shape
+        ]
+
+    def penalty(self) -> torch.Tensor:
+        terms = [((p - p0) ** 2).sum() for p, p0 in self._pairs if p.requires_grad]
+        return 0.5 * self.beta * torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda e: self.bind(e.network))
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self._add)
+
+    def _add(self, engine: Any) -> None:
+        if self.beta:
+            engine.state.output[CommonKeys.LOSS] = engine.state.output[CommonKeys.LOSS] + self.penalty()
+
+
+def make_evaluator(network: nn.Module, loader: Iterable[Any], *, num_classes: int, device: torch.device,
+                   handlers: Sequence[Any] = ()) -> SupervisedEvaluator:
+    """A ``SupervisedEvaluator`` computing ROC AUC of softmax outputs (key metric ``val_auc``)."""
+    post = Compose([
+        Activationsd(keys=CommonKeys.PRED, softmax=True),
+        AsDiscreted(keys=CommonKeys.LABEL, to_onehot=num_classes),
+    ])
+    return SupervisedEvaluator(
+        device=device,
+        val_data_loader=loader,
+        network=network,
+        postprocessing=post,
+        key_val_metric={"val_auc": ROCAUC(output_transform=from_engine([CommonKeys.PRED, CommonKeys.LABEL]))},
+        val_handlers=list(handlers),
+    )
+
+
+class _KeepBest:
+    """Copy the network's weights whenever the evaluator's key metric improves."""
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+        self.best = -float("inf")
+        self.state: dict[str, torch.Tensor] | None = None
+        self.epoch = 0
+        self.scores: list[float] = []
+
+    def __call__(self, evaluator: Any, trainer: Any) -> None:
+        score = float(evaluator.state.metrics["val_auc"])
+        self.scores.append(score)
+        if score > self.best:  # NaN (one-class validation set) never counts as better
+            self.best, self.epoch = score, trainer.state.epoch
+            self.state = copy.deepcopy(self.network.state_dict())
+
+
+def fit(
+    network: nn.Module,
+    train_loader: Iterable[Any],
+    *,
+    optimizer: torch.optim.Optimizer,
+    max_epochs: int,
+    val_loader: Iterable[Any] | None = None,
+    num_classes: int = 2,
+    loss_function: Callable[..., torch.Tensor] | None = None,
+    handlers: Sequence[Any] = (),
+    prepare_batch: Callable[..., Any] | None = None,
+    patience: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "train",
+) -> dict[str, Any]:
+    """Train ``network``; with ``val_loader``, validate each epoch and end with the best epoch's weights.
+
+    Args:
+        handlers: extra trainer handlers with ``attach`` (``FineTuneSchedule``, ``L2SP``, ...).
+        patience: stop after this many epochs without a better validation AUC (needs ``val_loader``).
+
+    Returns ``{"epochs_run", "best_epoch", "best_val_auc", "val_auc" (per epoch), "seconds"}``.
+    """
+    if max_epochs < 1:
+        raise MedtlError(f"max_epochs must be >= 1, got {max_epochs}")
+    if patience is not None and val_loader is None:
+        raise MedtlError("early stopping (patience) needs a validation loader")
+    device = torch.device(device)
+    network.to(device)
+    options = {} if prepare_batch is None else {"prepare_batch": prepare_batch}
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=max_epochs, train_data_loader=train_loader, network=network, optimizer=optimizer,
+        loss_function=loss_function or nn.CrossEntropyLoss(), **options,
+    )
+    for handler in handlers:
+        handler.attach(trainer)
+    if progress:
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=False, desc=desc).attach(trainer, output_transform=from_engine([CommonKeys.LOSS], first=True))
+    keep = _KeepBest(network)
+    if val_loader is not None:
+        evaluator = make_evaluator(network, val_loader, num_classes=num_classes, device=device)
+        from ignite.engine import Events
+
+        evaluator.add_event_handler(Events.COMPLETED, keep, trainer)
+        if patience is not None:
+            EarlyStopHandler(patience=int(patience), score_function=lambda e: float(e.state.metrics["val_auc"]),
+                             trainer=trainer).attach(evaluator)
+        ValidationHandler(interval=1, validator=evaluator).attach(trainer)
+    start = time.perf_counter()
+    trainer.run()
+    if keep.state is not None:
+        network.load_state_dict(keep.state)
+    result = {
+        "epochs_run": trainer.state.epoch,
+        "best_epoch": keep.epoch if keep.state is not None else trainer.state.epoch,
+        "best_val_auc": keep.best if keep.state is not None else None,
+        "val_auc": keep.scores,
+        "seconds": time.perf_counter() - start,
+    }
+    logger.info("%s: %d epochs, best validation AUC %s at epoch %d", desc, result["epochs_run"], result["best_val_auc"], result["best_epoch"])
+    return result
+
+
+__all__ = ["L2SP", "fit", "make_evaluator"]
