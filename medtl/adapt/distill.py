@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,7 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {str(c): row for c, row in zip(data["case_ids"], data["logits"])}
-    except (OSError, ValueError, KeyError) as exc:  # a damaged cache is recomputed, never trusted
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # a damaged cache is recomputed, never trusted
         logger.warning("%s: unreadable teacher cache (%s), recomputing", path.name, exc)
         return {}
 
