@@ -390,6 +390,7 @@ def datalist(manifest: dict[str, Any], root: str | Path, splits: str | Sequence[
         image = case["image"]
         item: dict[str, Any] = {
             "case_id": case["case_id"],
+            "patient": case["patient_key"],  # pseudonym: lets the bootstrap resample patients
             "site": case["site"],
             "image": [str(root / f["path"]) for f in image["files"]] if image["type"] == "dicom" else str(root / image["path"]),
             "label": -1 if case["label"] is None else label_map[case["label"]],

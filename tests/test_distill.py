@@ -220,3 +220,10 @@ def test_fit_with_l2sp_stays_closer_to_the_source_weights():
         return sum(float(((p.detach() - s) ** 2).sum()) for p, s in zip(net[0].parameters(), source))
 
     assert run(5.0) < 0.5 * run(0.0)
+
+
+def test_fingerprint_covers_batchnorm_buffers():
+    bn = nn.BatchNorm1d(3)
+    before = model_fingerprint(bn)  # holds a 0-dim num_batches_tracked buffer
+    bn.train()(torch.randn(4, 3))
+    assert model_fingerprint(bn) != before and len(before) == 64

@@ -1,0 +1,183 @@
+"""The adaptation recipe from Python: train a source model, fine-tune it on a few target labels,
+distill a smaller student from the target's unlabeled scans.
+
+Each step composes the engine's pieces (``fit``, ``FineTuneSchedule``, ``L2SP``, ``adabn``,
+``DistillationLoss``) the same way the bundles compose them in JSON, so ``medtl demo``, ``medtl
+adapt`` and the benchmarks share one implementation. Steps take *preprocessed* items (the output of
+``preprocess``): the deterministic part of the transform chain runs once per case, augmentation runs
+per step on top. Model selection uses the validation items only.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import DataLoader, Dataset
+from monai.handlers import LrScheduleHandler
+from torch import nn
+from tqdm import tqdm
+
+from medtl.adapt.adabn import adabn
+from medtl.adapt.distill import DistillationLoss, DistillBatch, label_with_teacher
+from medtl.adapt.head import find_classifier, replace_head
+from medtl.adapt.schedule import FineTuneSchedule, param_groups
+from medtl.adapt.train import L2SP, fit
+from medtl.errors import MedtlError
+from medtl.transforms import augmentation
+
+logger = logging.getLogger(__name__)
+
+Items = Sequence[Mapping[str, Any]]
+
+
+def preprocess(data: Items, transform: Any, *, progress: bool = True, desc: str = "preprocess") -> list[dict[str, Any]]:
+    """Run the deterministic ``transform`` once per case (a list that every later step reuses)."""
+    return [transform(dict(item)) for item in tqdm(data, desc=desc, unit="case", disable=not progress, leave=False)]
+
+
+def loader(items: Items, *, augment: str = "none", batch_size: int = 8, shuffle: bool = False) -> DataLoader:
+    """Batches of preprocessed items, augmented per step at level ``augment`` (none/light/strong)."""
+    if not items:
+        raise MedtlError("no cases to load", hint="check the manifest split is not empty")
+    transform = None if augment == "none" else augmentation(level=augment)
+    return DataLoader(Dataset(list(items), transform), batch_size=batch_size, shuffle=shuffle)
+
+
+def _num_outputs(network: nn.Module) -> int:
+    return find_classifier(network)[1].out_features
+
+
+@dataclass
+class TrainRecipe:
+    """Plain supervised training (a source model, or a target model from scratch): AdamW, cosine decay."""
+
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 16
+    augment: str = "light"
+    patience: int | None = None
+
+
+@dataclass
+class FineTuneRecipe:
+    """Adapting a source model on few target labels without losing what it learned.
+
+    Defaults: AdaBN on the target's scans first, the new head alone for ``head_epochs``, then layer
+    groups unfreezing from the top at ``lr * lr_decay**depth``, L2-SP toward the source weights,
+    the best validation epoch kept. ``naive()`` is the plain full fine-tune it is compared with.
+    """
+
+    epochs: int = 30
+    head_epochs: int = 5
+    head_lr: float = 1e-3
+    lr: float = 1e-4
+    lr_decay: float = 0.5
+    unfreeze: str = "gradual"
+    unfreeze_every: int = 2
+    warmup_epochs: float = 1.0
+    l2sp: float = 0.01
+    adabn: bool = True
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    augment: str = "light"
+    patience: int | None = 10
+
+    @classmethod
+    def naive(cls, **overrides: Any) -> FineTuneRecipe:
+        """Every layer trains from the first step at one rate: the textbook fine-tune."""
+        options = dict(head_epochs=0, lr=1e-3, lr_decay=1.0, unfreeze="all", warmup_epochs=0.0, l2sp=0.0,
+                       adabn=False, weight_decay=1e-4, patience=None)
+        return cls(**{**options, **overrides})
+
+
+@dataclass
+class DistillRecipe:
+    """A student learning from the teacher's soft outputs and confident pseudo-labels."""
+
+    epochs: int = 40
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    alpha: float = 0.5
+    temperature: float = 4.0
+    threshold: float = 0.8
+    keep_uncertain: bool = True
+    batch_size: int = 16
+    augment: str = "light"
+    patience: int | None = 15
+
+
+def train(network: nn.Module, train_items: Items, val_items: Items | None, recipe: TrainRecipe = TrainRecipe(), *,
+          num_classes: int | None = None, device: str | torch.device = "cpu", progress: bool = True,
+          desc: str = "train") -> dict[str, Any]:
+    """Train every layer of ``network`` from its current weights; returns ``fit``'s summary."""
+    optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    schedule = LrScheduleHandler(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs), print_lr=False)
+    return fit(
+        network, loader(train_items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True),
+        optimizer=optimizer, max_epochs=recipe.epochs, handlers=[schedule],
+        val_loader=loader(val_items, batch_size=32) if val_items else None,
+        num_classes=num_classes or _num_outputs(network), patience=recipe.patience if val_items else None,
+        device=device, progress=progress, desc=desc,
+    ) | {"recipe": asdict(recipe)}
+
+
+def finetune(network: nn.Module, train_items: Items, val_items: Items, recipe: FineTuneRecipe = FineTuneRecipe(), *,
+             num_classes: int = 2, unlabeled_items: Items = (), device: str | torch.device = "cpu",
+             progress: bool = True, desc: str = "fine-tune") -> dict[str, Any]:
+    """Adapt ``network`` (in place) to the target: AdaBN, new head if the class count differs, the
+    freeze -> unfreeze schedule with discriminative rates, L2-SP; returns ``fit``'s summary."""
+    summary: dict[str, Any] = {"recipe": asdict(recipe)}
+    if recipe.adabn:
+        target_scans = [*train_items, *unlabeled_items]
+        summary["adabn"] = adabn(network, loader(target_scans, batch_size=16), device=device, progress=progress)
+    if _num_outputs(network) != num_classes:
+        replace_head(network, num_classes)
+        summary["new_head"] = True
+    optimizer = torch.optim.AdamW(param_groups(network, lr=recipe.lr, lr_decay=recipe.lr_decay), weight_decay=recipe.weight_decay)
+    schedule = FineTuneSchedule(head_epochs=recipe.head_epochs, head_lr=recipe.head_lr, unfreeze=recipe.unfreeze,
+                                unfreeze_every=recipe.unfreeze_every, warmup_epochs=recipe.warmup_epochs)
+    handlers: list[Any] = [schedule]
+    if recipe.l2sp:
+        handlers.append(L2SP(recipe.l2sp))
+    result = fit(
+        network, loader(train_items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True),
+        optimizer=optimizer, max_epochs=recipe.epochs, handlers=handlers, val_loader=loader(val_items, batch_size=32),
+        num_classes=num_classes, patience=recipe.patience, device=device, progress=progress, desc=desc,
+    )
+    return summary | result | {"schedule": schedule.history}
+
+
+def distill(teacher: nn.Module, student: nn.Module, labeled_items: Items, unlabeled_items: Items, val_items: Items,
+            recipe: DistillRecipe = DistillRecipe(), *, class_names: Sequence[str] | None = None,
+            cache_dir: str | Path | None = None, device: str | torch.device = "cpu", progress: bool = True,
+            desc: str = "distill") -> dict[str, Any]:
+    """Train ``student`` (in place) on the teacher's outputs for labeled and unlabeled target items.
+
+    Labeled items keep their labels; unlabeled ones get a pseudo-label where the teacher is at least
+    ``recipe.threshold`` sure, and the soft term everywhere. Returns ``fit``'s summary plus the
+    pseudo-label report.
+    """
+    teacher = copy.deepcopy(teacher)  # never trained; its BatchNorm state stays as given
+    data, report = label_with_teacher(
+        teacher, [*labeled_items, *unlabeled_items], None, threshold=recipe.threshold, class_names=class_names,
+        keep_uncertain=recipe.keep_uncertain, cache_dir=cache_dir, device=device, progress=progress,
+    )
+    optimizer = torch.optim.AdamW(student.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    schedule = LrScheduleHandler(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs), print_lr=False)
+    result = fit(
+        student, loader(data, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True),
+        optimizer=optimizer, max_epochs=recipe.epochs, handlers=[schedule], val_loader=loader(val_items, batch_size=32),
+        num_classes=_num_outputs(student), loss_function=DistillationLoss(recipe.alpha, recipe.temperature),
+        prepare_batch=DistillBatch(), patience=recipe.patience, device=device, progress=progress, desc=desc,
+    )
+    return {"recipe": asdict(recipe), "pseudo_labels": report} | result
+
+
+__all__ = ["DistillRecipe", "FineTuneRecipe", "TrainRecipe", "distill", "finetune", "loader", "preprocess", "train"]

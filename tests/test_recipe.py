@@ -1,0 +1,79 @@
+"""The adaptation recipe end to end on tiny volumes: source training, fine-tuning, distillation."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from monai.networks.nets import resnet10
+from monai.utils import set_determinism
+
+from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, preprocess, train
+from medtl.evaluate import collect_predictions
+
+
+def _items(n: int, seed: int, *, labeled: bool = True, shift: float = 0.0) -> list[dict]:
+    """Bright blob = class 1, dark = class 0, plus noise; ``shift`` moves the intensities (another site)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        label = i % 2
+        image = torch.rand(1, 12, 12, 12, generator=g) * 0.5 + shift
+        image[:, 4:8, 4:8, 4:8] += 0.8 * label
+        out.append({"case_id": f"{seed}-{i}", "patient": f"p{seed}-{i}", "image": image, "label": label if labeled else -1})
+    return out
+
+
+def _net(widen: float = 0.125, classes: int = 2) -> torch.nn.Module:
+    return resnet10(spatial_dims=3, n_input_channels=1, num_classes=classes, widen_factor=widen)
+
+
+def test_preprocess_runs_the_transform_once_per_case():
+    calls = []
+    items = preprocess([{"x": 1}, {"x": 2}], lambda d: calls.append(d["x"]) or {**d, "y": d["x"] * 2}, progress=False)
+    assert calls == [1, 2] and items == [{"x": 1, "y": 2}, {"x": 2, "y": 4}]
+
+
+def test_source_then_finetune_then_distill(tmp_path):
+    set_determinism(0)
+    source_train, source_val = _items(24, 0), _items(12, 1)
+    target_train, target_val = _items(8, 2, shift=0.3), _items(8, 3, shift=0.3)
+    unlabeled = _items(12, 4, labeled=False, shift=0.3)
+
+    source = _net()
+    fitted = train(source, source_train, source_val, TrainRecipe(epochs=4, batch_size=8, augment="none"), progress=False)
+    assert len(fitted["val_auc"]) == 4 and fitted["best_val_auc"] == max(fitted["val_auc"])
+
+    # a new label space: three target classes, so the head is replaced; AdaBN sees the target scans
+    model = copy.deepcopy(source)
+    recipe = FineTuneRecipe(epochs=4, head_epochs=2, unfreeze_every=1, patience=None, augment="none", batch_size=4)
+    three = [{**d, "label": i % 3} for i, d in enumerate(target_train)]
+    three_val = [{**d, "label": i % 3} for i, d in enumerate(target_val)]
+    stem_before = model.conv1.weight.detach().clone()
+    result = finetune(model, three, three_val, recipe, num_classes=3, unlabeled_items=unlabeled, progress=False)
+    assert result["new_head"] and model.fc.out_features == 3
+    assert result["adabn"]["images"] == len(three) + len(unlabeled)
+    trainable = [h["trainable"] for h in result["schedule"]]
+    assert trainable[0] == ["head"] and len(trainable[-1]) > len(trainable[0])  # head first, then more groups
+    assert trainable[-1] == ["layer3", "layer4", "head"]  # epoch 4: two groups below the head
+    assert torch.equal(stem_before, model.conv1.weight)  # never unfrozen in 4 epochs (whichever epoch was best)
+    assert 1 <= result["best_epoch"] <= 4 and len(result["val_auc"]) == 4
+    assert result["recipe"]["l2sp"] == recipe.l2sp
+
+    # the same label space keeps the source head; the naive recipe skips AdaBN and the head phase
+    naive = copy.deepcopy(source)
+    result = finetune(naive, target_train, target_val, FineTuneRecipe.naive(epochs=2, augment="none"), progress=False)
+    assert "new_head" not in result and "adabn" not in result
+    assert len(result["schedule"][0]["trainable"]) > 1  # every group trains from the first epoch
+
+    student = _net(widen=0.0625)
+    out = distill(source, student, target_train, unlabeled, target_val,
+                  DistillRecipe(epochs=3, threshold=0.5, patience=None, augment="none", batch_size=8),
+                  class_names=["dark", "bright"], cache_dir=tmp_path, progress=False)
+    report = out["pseudo_labels"]
+    assert report["labeled"] == 8 and report["unlabeled"] == 12
+    assert sum(report["pseudo_labels_kept"].values()) + report["below_threshold"] == 12
+    assert list(tmp_path.glob("teacher-*.npz"))
+    y, probs, ids = collect_predictions(student, loader(target_val, batch_size=4))
+    assert probs.shape == (8, 2) and ids == [d["case_id"] for d in target_val]
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in source.parameters()) / 2
