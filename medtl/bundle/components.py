@@ -1,0 +1,252 @@
+"""What medtl's bundle configs name by ``_target_`` or ``$`` expression beyond MONAI's own parts.
+
+Data from manifests (``datalist``, ``class_names``), series found in a DICOM folder or listed in a
+CSV for inference (``inference_cases``, ``prepare_cases``), an evaluation handler that writes the
+target-domain metrics with confidence intervals (``MetricsReport``) and one that writes predictions
+(``PredictionWriter``). Every file written is written atomically; nothing written names a patient
+or holds an absolute path.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medtl.errors import MedtlError
+from medtl.evaluate import classification_metrics, format_table
+from medtl.fileio import atomic_write_json, atomic_write_text
+from medtl.manifest import datalist as _datalist
+from medtl.manifest import load_manifest
+
+logger = logging.getLogger(__name__)
+
+
+def _required(value: Any, option: str, example: str) -> Path:
+    if value in (None, ""):
+        raise MedtlError(f"no {option} given", hint=f"pass --{option} {example} to python -m monai.bundle run")
+    return Path(value)
+
+
+def datalist(manifest: str | Path, dataset_dir: str | Path, splits: str | Sequence[str]) -> list[dict[str, Any]]:
+    """Data dicts of ``splits`` from a manifest file, paths resolved under ``dataset_dir``."""
+    path = _required(manifest, "manifest", "manifests/site.json")
+    root = _required(dataset_dir, "dataset_dir", "DATA_ROOT")
+    items = _datalist(load_manifest(path), root, splits)
+    if not items:
+        raise MedtlError(f"the manifest has no cases in split(s) {splits!r}", path=path.name)
+    return items
+
+
+def class_names(manifest: str | Path) -> list[str]:
+    """Class names in label-index order, from a manifest's label map."""
+    label_map = load_manifest(_required(manifest, "manifest", "manifests/site.json"))["label_map"]
+    return sorted(label_map, key=label_map.get)
+
+
+# ----------------------------------------------------------------------------------- inference input
+
+
+def inference_cases(input_dir: str | Path | None = None, input_csv: str | Path | None = None,
+                    output_dir: str | Path = "out") -> dict[str, Any]:
+    """Cases to predict: every series in a DICOM folder, or the rows of a CSV (``image`` and an
+    optional ``mask`` or ``roi_center_mm``, paths relative to the CSV).
+
+    Series come from medtl's header scan, so a folder holding several series gives one case each
+    and a stray non-DICOM file is skipped, not fatal. Returns ``{"cases", "skipped"}``; cases carry
+    an ``id`` (relative folder and series number, or the CSV row's image path) and no patient data.
+    Without a mask or ROI centre the crop is centred on the volume.
+    """
+    if (input_dir in (None, "")) == (input_csv in (None, "")):
+        raise MedtlError("give exactly one of input_dir (a DICOM folder) or input_csv (a table of images)",
+                         hint="e.g. --input_dir scans/ or --input_csv cases.csv")
+    if input_csv not in (None, ""):
+        return _csv_cases(Path(input_csv))
+    from medtl.dicom import scan_dicom
+    from medtl.privacy import load_or_create_salt
+
+    root = Path(input_dir)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    index = scan_dicom(root, load_or_create_salt(output_dir), progress=False)
+    cases, skipped = [], [{"id": s["path"], "reason": s["reason"]} for s in index["skipped"]]
+    for series in index["series"]:
+        ident = f"{series['folders'][0]}#{series['series_number'] if series['series_number'] is not None else series['series_key']}"
+        if not series["loadable"]:
+            reasons = "; ".join(p["message"] for p in series["problems"] if p["blocking"])
+            skipped.append({"id": ident, "reason": reasons})
+            continue
+        cases.append({"id": ident, "series": series["series_key"], "image": [str(root / f) for f in series["files"]]})
+    ids = [c["id"] for c in cases]
+    for case in cases:  # two series with one number in one folder: the pseudonymous key tells them apart
+        if ids.count(case["id"]) > 1:
+            case["id"] = f"{case['id']}:{case['series']}"
+    cases.sort(key=lambda c: c["id"])
+    if not cases:
+        raise MedtlError("no loadable image series found", path=root.name,
+                         hint=f"{len(skipped)} files/series skipped; run `medtl scan` on it to see why")
+    return {"cases": cases, "skipped": skipped}
+
+
+def _csv_cases(path: Path) -> dict[str, Any]:
+    try:
+        rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig"))))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MedtlError(f"cannot read the case table ({exc})", path=path.name) from None
+    if not rows or "image" not in rows[0]:
+        raise MedtlError("the case table needs an 'image' column (and optionally 'mask' or 'roi_center_mm')", path=path.name)
+    cases, skipped = [], []
+    for n, row in enumerate(rows, start=2):
+        image = (row.get("image") or "").strip()
+        if not image:
+            skipped.append({"id": f"row {n}", "reason": "empty image path"})
+            continue
+        case: dict[str, Any] = {"id": image, "image": str(path.parent / image)}
+        if (row.get("mask") or "").strip():
+            case["mask"] = str(path.parent / row["mask"].strip())
+        elif (row.get("roi_center_mm") or "").strip():
+            try:
+                case["roi_center_mm"] = [float(v) for v in row["roi_center_mm"].replace(";", " ").split()]
+            except ValueError:
+                skipped.append({"id": image, "reason": f"roi_center_mm is not 3 numbers: {row['roi_center_mm']!r}"})
+                continue
+        cases.append(case)
+    return {"cases": cases, "skipped": skipped}
+
+
+def prepare_cases(found: Mapping[str, Any], transform: Any, *, progress: bool = True) -> dict[str, Any]:
+    """Run the deterministic preprocessing on each case; a case that fails is skipped with its
+    reason and the others go on. Returns ``{"items", "skipped"}`` (skips from scanning included)."""
+    items, skipped = [], list(found.get("skipped", []))
+    for case in tqdm(found["cases"], desc="preprocess", unit="case", disable=not progress, leave=False):
+        try:
+            items.append(transform(dict(case)))
+        except Exception as exc:  # MONAI wraps transform errors; report the medtl message if there is one
+            cause = exc
+            while cause.__cause__ is not None and not isinstance(cause, MedtlError):
+                cause = cause.__cause__
+            reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            logger.warning("skipped %s: %s", case["id"], reason)
+            skipped.append({"id": case["id"], "reason": reason})
+    if not items:
+        raise MedtlError(f"every case failed preprocessing ({len(skipped)} skipped)",
+                         hint="; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3]))
+    return {"items": items, "skipped": skipped}
+
+
+# ----------------------------------------------------------------------------------- ignite handlers
+
+
+def _probabilities(engine: Any) -> np.ndarray:
+    return np.stack([torch.as_tensor(o["pred"]).detach().float().cpu().reshape(-1).numpy() for o in engine.state.output])
+
+
+def _column(batch: Any, key: str, n: int) -> list[Any] | None:
+    """``key`` of every case in the batch, collated (dict of lists) or decollated (list of dicts, MONAI's default)."""
+    if isinstance(batch, Mapping):
+        values = batch.get(key)
+    elif all(isinstance(item, Mapping) and key in item for item in batch):
+        values = [item[key] for item in batch]
+    else:
+        values = None
+    if values is None:
+        return None
+    values = values.tolist() if isinstance(values, torch.Tensor) else [v.item() if isinstance(v, torch.Tensor) else v for v in values]
+    return values if len(values) == n else None
+
+
+class MetricsReport:
+    """Target-domain metrics of an evaluation run, with bootstrap CIs per site, as JSON and a table.
+
+    Attach to a ``SupervisedEvaluator`` whose postprocessing applies softmax to ``pred``. Labels,
+    patients (for patient-level resampling) and sites are read from the batch.
+    """
+
+    def __init__(self, output_dir: str | Path, class_names: Sequence[str], *, filename: str = "metrics",
+                 n_boot: int = 1000, seed: int = 0, enabled: bool = True) -> None:
+        self.output_dir, self.filename = Path(output_dir), filename
+        self.class_names, self.n_boot, self.seed, self.enabled = list(class_names), n_boot, seed, enabled
+        self.result: dict[str, Any] | None = None
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        if self.enabled:
+            engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, _engine: Any) -> None:
+        self._probs, self._labels, self._patients, self._sites = [], [], [], []
+
+    def _collect(self, engine: Any) -> None:
+        probs = _probabilities(engine)
+        batch, n = engine.state.batch, len(probs)
+        self._probs.append(probs)
+        self._labels += _column(batch, "label", n) or []
+        self._patients += _column(batch, "patient", n) or [None] * n
+        self._sites += _column(batch, "site", n) or [None] * n
+
+    def _write(self, _engine: Any) -> None:
+        probs = np.concatenate(self._probs)
+        y = np.asarray(self._labels).reshape(-1).astype(np.int64)
+        patients = None if None in self._patients else self._patients
+        sites = None if None in self._sites else self._sites
+        self.result = classification_metrics(y, probs, class_names=self.class_names, patient_ids=patients, sites=sites,
+                                             n_boot=self.n_boot, seed=self.seed)
+        atomic_write_json(self.output_dir / f"{self.filename}.json", self.result)
+        atomic_write_text(self.output_dir / f"{self.filename}.md", format_table(self.result))
+        logger.info("metrics on %d cases -> %s.json\n%s", len(y), self.filename, format_table(self.result))
+
+
+class PredictionWriter:
+    """One row per case: id, class probabilities, predicted class, model version; CSV and JSON.
+
+    ``skipped`` (from ``prepare_cases``) is written beside the predictions so nothing goes
+    missing silently. Extra columns present in the batch (``columns``) are repeated in each row.
+    """
+
+    def __init__(self, output_dir: str | Path, class_names: Sequence[str], *, skipped: Sequence[Mapping[str, Any]] = (),
+                 model_version: str = "", columns: Sequence[str] = ("id", "series"), filename: str = "predictions") -> None:
+        self.output_dir, self.filename = Path(output_dir), filename
+        self.class_names, self.skipped = list(class_names), list(skipped)
+        self.model_version, self.columns = str(model_version), list(columns)
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _collect(self, engine: Any) -> None:
+        probs = _probabilities(engine)
+        extra = {c: _column(engine.state.batch, c, len(probs)) or [""] * len(probs) for c in self.columns}
+        for i, p in enumerate(probs):
+            row = {c: extra[c][i] for c in self.columns}
+            row.update({f"prob_{name}": round(float(v), 6) for name, v in zip(self.class_names, p)})
+            row["pred"] = self.class_names[int(np.argmax(p))]
+            row["model_version"] = self.model_version
+            self.rows.append(row)
+
+    def _write(self, _engine: Any) -> None:
+        fields = [*self.columns, *(f"prob_{n}" for n in self.class_names), "pred", "model_version"]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.output_dir / f"{self.filename}.csv", buffer.getvalue())
+        atomic_write_json(self.output_dir / f"{self.filename}.json",
+                          {"model_version": self.model_version, "class_names": self.class_names,
+                           "predictions": self.rows, "skipped": self.skipped})
+        logger.info("%d predictions, %d skipped -> %s.csv", len(self.rows), len(self.skipped), self.filename)
+
+
+__all__ = ["MetricsReport", "PredictionWriter", "class_names", "datalist", "inference_cases", "prepare_cases"]

@@ -1,0 +1,448 @@
+"""Public datasets into medtl's own files: NIfTI volumes, label tables and manifests.
+
+Real data must meet the model through the same path as a user's DICOM export (manifest ->
+``datalist`` -> transforms), so each importer writes what ``medtl manifest build`` would read and
+then calls it. Two sources:
+
+* LIDC-IDRI nodule volumes of interest (``import_lidc_vois``): CT in HU with nodule masks, split
+  into two sites by slice spacing (thin-slice source, thick-slice target) for transfer learning;
+* MedMNIST ``.npz`` files (``import_medmnist``): small 2D or 3D uint8 images with the file's own
+  train/val/test split.
+
+Outputs are written atomically; an ``import.json`` beside them records what was converted from
+which source bytes, so a rerun converts only what changed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from medtl.errors import ImageError, MedtlError
+from medtl.fileio import atomic_write_json, atomic_write_text, sha256_file
+from medtl.manifest import SPLITS, build_manifest_file
+from medtl.nifti import read_nifti, write_nifti
+from medtl.privacy import load_or_create_salt, pseudonym, salt_path
+from medtl.volume import Volume
+
+IMPORTER_VERSION = 1  # bump when the conversion changes, so reruns convert again
+STATE_FILE = "import.json"
+
+# LIDC: the label is the consensus diagnosis; class names match the demo cohort's, so a model
+# trained on one reads the other's label_map the same way (benign = 0, malignant = 1).
+LIDC_CLASSES = ("benign", "malignant")
+_LIDC_DIAGNOSES = {"Benign": "benign", "Malign": "malignant"}
+_LIDC_COLUMNS = ("patient_id", "image", "mask", "diagnosis", "diameter_mm")
+# The source site keeps most patients for training; the target site, like the demo's site B,
+# gives adaptation few labeled cases and keeps most for evaluation.
+LIDC_SPLITS = {"thin": {"train": 0.7, "val": 0.15, "test": 0.15}, "thick": {"train": 0.3, "val": 0.2, "test": 0.5}}
+
+# MedMNIST label indices, in the order of each dataset's ``info["label"]``.
+MEDMNIST_CLASSES = {
+    "breastmnist": ("malignant", "normal_or_benign"),
+    "adrenalmnist3d": ("normal", "hyperplasia"),
+}
+
+
+def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _load_state(out: Path) -> dict[str, dict[str, Any]]:
+    """Records of the previous run's conversions, or none when absent, unreadable or outdated."""
+    try:
+        state = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(state, dict) or state.get("importer_version") != IMPORTER_VERSION:
+        return {}
+    return state.get("files", {})
+
+
+def _public_salt(out: Path, dataset: str) -> str:
+    """The salt beside the manifests, fixed by the dataset's name on first use.
+
+    Patient keys order the split draw, so a random salt would give every machine its own split;
+    a public dataset's identifiers are published codes, not hospital records, so a fixed salt
+    costs no privacy and makes its manifests (and benchmark figures) the same everywhere.
+    """
+    path = salt_path(out / "manifests")
+    if not path.exists():
+        atomic_write_text(path, hashlib.sha256(f"medtl-public-{dataset}".encode()).hexdigest() + "\n")
+    return load_or_create_salt(path.parent)
+
+
+def _current(record: Mapping[str, Any] | None, source: Mapping[str, str], out: Path) -> bool:
+    """True when ``record`` converted exactly these source bytes and its outputs are untouched."""
+    if not record or record.get("source") != dict(source):
+        return False
+    return all((out / rel).is_file() and sha256_file(out / rel) == sha for rel, sha in record.get("outputs", {}).items())
+
+
+def _integral_dtype(array: np.ndarray, dtype: type) -> type | None:
+    """``dtype`` when every voxel fits it exactly (HU stored as integers), else None to keep float32."""
+    info = np.iinfo(dtype)
+    if array.size and np.all(np.round(array) == array) and array.min() >= info.min and array.max() <= info.max:
+        return dtype
+    return None
+
+
+# --------------------------------------------------------------------------------------------- LIDC
+
+
+def _lidc_site(z_mm: float, thin_max_mm: float, thick_min_mm: float) -> str | None:
+    """Site of a scan by slice spacing; None for the gap between, which neither domain claims."""
+    if z_mm <= thin_max_mm:
+        return "thin"
+    if z_mm >= thick_min_mm:
+        return "thick"
+    return None
+
+
+def _read_lidc_table(path: Path) -> list[dict[str, str]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise MedtlError("labels.csv not found", path=path, hint="give the lidc_nodule_vois folder holding labels.csv, image/ and nodule_mask/") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MedtlError(f"cannot read the label table ({exc})", path=path) from None
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in _LIDC_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise MedtlError(f"missing column(s) {', '.join(missing)}", path=path, hint=f"an LIDC VOI table has {', '.join(_LIDC_COLUMNS)}, ...")
+    return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+
+
+def _convert_lidc_case(image: Path, mask: Path, out: Path, key: str) -> tuple[float, dict[str, str]]:
+    """Read, check and re-write one VOI and its mask in RAS; return the slice spacing and outputs.
+
+    Re-writing (rather than copying) gives every case the same orientation and dtype and drops
+    whatever text the source header carried. Cases are converted whatever their site, so a rerun
+    with other spacing limits reuses them. Raises ImageError naming the file that is unusable.
+    """
+    volume, lesion = read_nifti(image), read_nifti(mask)
+    if not np.any(lesion.array > 0):
+        raise ImageError("nodule mask is empty (no voxel > 0)", path=mask)
+    outputs = [f"images/{key}.nii.gz", f"masks/{key}.nii.gz"]
+    write_nifti(volume, out / outputs[0], dtype=_integral_dtype(volume.array, np.int16))
+    write_nifti(Volume(lesion.array > 0, lesion.affine), out / outputs[1], dtype=np.uint8)
+    # float32 headers store 1.8 mm as 1.7999999523; millimetre hundredths are what the thresholds mean
+    return round(volume.spacing[2], 2), {rel: sha256_file(out / rel) for rel in outputs}
+
+
+def import_lidc_vois(
+    src: str | Path,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    thin_max_mm: float = 1.3,
+    thick_min_mm: float = 1.8,
+    fractions: Mapping[str, Mapping[str, float]] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Import LIDC-IDRI nodule VOIs as two sites, ``thin`` (z spacing <= ``thin_max_mm``) and
+    ``thick`` (>= ``thick_min_mm``), each with its own patient-level split and manifest.
+
+    Scans between the thresholds are left out and counted. Rows that cannot be used (missing or
+    unreadable file, empty mask, unknown diagnosis, duplicate image) are skipped and listed with
+    the reason and file; the rest is imported. ``diameter_mm`` is a rater measurement that almost
+    decides the label, so it never reaches a label table or manifest: it goes to ``baseline.csv``
+    only, for the size-only baseline an image model must beat.
+
+    Args:
+        src: the ``lidc_nodule_vois`` folder (``labels.csv``, ``image/``, ``nodule_mask/``).
+        out: output folder; see ``Returns`` for its layout.
+        seed: seed of the patient-level split.
+        thin_max_mm, thick_min_mm: slice-spacing limits of the two sites.
+        fractions: train/val/test fractions per site; defaults to ``LIDC_SPLITS``.
+        progress: show progress bars.
+
+    Returns:
+        A summary, also saved in ``out/import.json``: counts per site, split and label, what was
+        left out or skipped and why, and the files written under ``out``::
+
+            images/voi-*.nii.gz, masks/voi-*.nii.gz   CT (int16 HU) and nodule masks, RAS
+            labels_thin.csv, labels_thick.csv         medtl label tables (patient_id,label,site,image,mask)
+            manifests/thin.json, manifests/thick.json  one manifest per site (fixed salt in manifests/.medtl-salt)
+            baseline.csv                               site,case_id,image,diameter_mm (not a model input)
+
+    Examples:
+        Source and target domains of lung-nodule CT, then the source training list::
+
+            summary = import_lidc_vois("shared/data/lidc_nodule_vois", "lidc")
+            items = datalist(load_manifest("lidc/manifests/thin.json"), "lidc", "train")
+    """
+    src, out = Path(src), Path(out)
+    started = time.perf_counter()
+    unknown = set(fractions or {}) - set(LIDC_SPLITS)
+    if unknown:
+        raise MedtlError(f"fractions given for unknown site(s) {', '.join(sorted(unknown))}; the sites are {', '.join(LIDC_SPLITS)}")
+    fractions = {**LIDC_SPLITS, **(fractions or {})}
+    if not thin_max_mm < thick_min_mm:
+        raise MedtlError(f"thin_max_mm must be below thick_min_mm, got {thin_max_mm} and {thick_min_mm}")
+    table = src / "labels.csv"
+    rows = _read_lidc_table(table)
+    salt = _public_salt(out, "lidc_nodule_vois")  # the manifests' salt also names the files
+    previous = _load_state(out)
+    files: dict[str, dict[str, Any]] = {}
+    skipped: list[dict[str, Any]] = []
+    left_out: Counter[float] = Counter()
+    by_site: dict[str, list[dict[str, str]]] = {"thin": [], "thick": []}
+    z_by_site: dict[str, Counter[float]] = {"thin": Counter(), "thick": Counter()}
+    diameters: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    reused = 0
+    for line, row in enumerate(tqdm(rows, desc="importing LIDC VOIs", unit="nodule", disable=not progress), start=2):
+        try:
+            key, record, was_current = _lidc_row(row, line, src, out, salt, seen, previous)
+        except MedtlError as exc:
+            file = Path(exc.path).relative_to(src).as_posix() if exc.path else row.get("image") or row.get("mask") or table.name
+            skipped.append({"row": line, "file": file, "reason": exc.message})
+            continue
+        files[key] = record
+        reused += was_current
+        site = _lidc_site(record["z_mm"], thin_max_mm, thick_min_mm)
+        if site is None:
+            left_out[record["z_mm"]] += 1
+            continue
+        image = f"images/{key}.nii.gz"
+        by_site[site].append({"patient_id": row["patient_id"], "label": _LIDC_DIAGNOSES[row["diagnosis"]], "site": site, "image": image, "mask": f"masks/{key}.nii.gz"})
+        z_by_site[site][record["z_mm"]] += 1
+        diameters[image] = row["diameter_mm"]
+
+    sites: dict[str, Any] = {}
+    baseline: list[dict[str, str]] = []
+    for site, site_rows in by_site.items():
+        labels, manifest_path = out / f"labels_{site}.csv", out / "manifests" / f"{site}.json"
+        if not site_rows:  # nothing of this site in the source: no stale table or manifest stays behind
+            labels.unlink(missing_ok=True)
+            manifest_path.unlink(missing_ok=True)
+            continue
+        atomic_write_text(labels, _table(site_rows, ("patient_id", "label", "site", "image", "mask")))
+        manifest = build_manifest_file(
+            labels=labels, classes=LIDC_CLASSES, out=manifest_path, root=out,
+            fractions=dict(fractions[site]), seed=seed, name=f"lidc_{site}", progress=progress,
+        )
+        baseline += [{"site": site, "case_id": c["case_id"], "image": c["image"]["path"], "diameter_mm": diameters[c["image"]["path"]]} for c in manifest["cases"]]
+        sites[site] = {
+            "rule": f"z spacing <= {thin_max_mm} mm" if site == "thin" else f"z spacing >= {thick_min_mm} mm",
+            "manifest": manifest_path.relative_to(out).as_posix(),
+            "labels": labels.name,
+            "cases": manifest["counts"]["cases"],
+            "patients": manifest["counts"]["patients"],
+            "by_split_label": manifest["counts"]["by_site_split_label"][site],
+            "z_spacing_mm": {str(z): n for z, n in sorted(z_by_site[site].items())},
+        }
+    atomic_write_text(out / "baseline.csv", _table(baseline, ("site", "case_id", "image", "diameter_mm")))
+    patients = {s: {r["patient_id"] for r in rs} for s, rs in by_site.items()}
+    summary = {
+        "dataset": "lidc_nodule_vois",
+        "rows": len(rows),
+        "imported": sum(s["cases"] for s in sites.values()),
+        "converted": len(files) - reused,
+        "reused": reused,
+        "classes": list(LIDC_CLASSES),
+        "label_map": {c: i for i, c in enumerate(LIDC_CLASSES)},
+        "sites": sites,
+        # a patient in both sites would be seen by the source model and tested on in the target
+        "patients_in_both_sites": len(patients["thin"] & patients["thick"]),
+        "left_out": {"count": sum(left_out.values()), "reason": f"z spacing between {thin_max_mm} and {thick_min_mm} mm", "z_spacing_mm": {str(z): n for z, n in sorted(left_out.items())}},
+        "skipped": skipped,
+        "baseline": "baseline.csv",
+        "preprocessing": {"modality": "ct"},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    atomic_write_json(out / STATE_FILE, {"importer_version": IMPORTER_VERSION, "summary": summary, "files": files})
+    return summary
+
+
+def _lidc_row(
+    row: Mapping[str, str], line: int, src: Path, out: Path, salt: str, seen: dict[str, int], previous: Mapping[str, dict[str, Any]]
+) -> tuple[str, dict[str, Any], bool]:
+    """Check one table row and convert its files unless the previous run already did.
+
+    Returns the case key (a salted hash of the source image path, so file names carry no patient
+    ID), its record for ``import.json`` and whether the record was reused. Raises MedtlError with
+    the reason the row is skipped.
+    """
+    if not row.get("patient_id"):
+        raise MedtlError("empty patient_id")
+    if row.get("diagnosis") not in _LIDC_DIAGNOSES:
+        raise MedtlError(f"unknown diagnosis {row.get('diagnosis')!r} (expected {' or '.join(_LIDC_DIAGNOSES)})")
+    for column in ("image", "mask"):
+        if not row.get(column):
+            raise MedtlError(f"no {column} file given")
+        if not (src / row[column]).is_file():
+            raise MedtlError(f"{column} file {row[column]!r} not found")
+    if row["image"] in seen:
+        raise MedtlError(f"image {row['image']!r} is already used by row {seen[row['image']]}")
+    seen[row["image"]] = line
+    key = pseudonym(row["image"], salt, "voi")
+    source = {"image": sha256_file(src / row["image"]), "mask": sha256_file(src / row["mask"])}
+    record = previous.get(key)
+    if _current(record, source, out):
+        return key, record, True
+    z_mm, outputs = _convert_lidc_case(src / row["image"], src / row["mask"], out, key)
+    return key, {"source": source, "z_mm": z_mm, "outputs": outputs}, False
+
+
+# ----------------------------------------------------------------------------------------- MedMNIST
+
+
+def _medmnist_name(stem: str) -> str:
+    """``breastmnist_224`` -> ``breastmnist``: MedMNIST+ files carry the image size in their name."""
+    return re.sub(r"_(28|64|128|224)$", "", stem)
+
+
+def _read_medmnist(npz: Path, n_classes: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(images, labels) per split, checked: one label per image, each an index into the classes."""
+    try:
+        with np.load(npz) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise MedtlError("file not found", path=npz) from None
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise MedtlError(f"not a readable .npz file ({exc})", path=npz) from None
+    splits = {}
+    for split in SPLITS:
+        images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
+        if images is None or labels is None:
+            raise MedtlError(f"no {split}_images / {split}_labels arrays (found {', '.join(sorted(arrays)) or 'none'})", path=npz, hint="a MedMNIST file holds train, val and test images and labels")
+        if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] == 3):
+            raise MedtlError(f"{split}_images has shape {images.shape}; expected grey-level (N, H, W) or (N, D, H, W)", path=npz, hint="colour MedMNIST sets are not supported")
+        labels = labels.reshape(len(labels), -1)
+        if labels.shape[1] != 1 or len(labels) != len(images):
+            raise MedtlError(f"{split}_labels has shape {labels.shape} for {len(images)} images; expected one class index per image", path=npz, hint="multi-label MedMNIST sets are not supported")
+        unknown = sorted(set(labels[:, 0].tolist()) - set(range(n_classes)))
+        if unknown:
+            raise MedtlError(f"{split}_labels holds class indices {unknown} beyond the {n_classes} class names", path=npz, hint="pass one class name per label index")
+        splits[split] = (images, labels[:, 0])
+    if len({images.ndim for images, _ in splits.values()}) > 1:
+        raise MedtlError("the splits mix 2D and 3D images", path=npz)
+    return splits
+
+
+def _medmnist_volume(image: np.ndarray) -> Volume:
+    """One image at a nominal 1 mm spacing (MedMNIST resizes away the true one).
+
+    A 2D image (rows, columns) becomes a single-slice volume with i along the columns and j up the
+    rows, so viewers show it upright; 3D arrays keep the file's axis order.
+    """
+    array = image.T[:, ::-1, None] if image.ndim == 2 else image
+    return Volume(np.ascontiguousarray(array), np.eye(4))
+
+
+def import_medmnist(
+    npz: str | Path,
+    out: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Import a MedMNIST ``.npz`` as NIfTI files and one manifest that keeps the file's own split.
+
+    MedMNIST publishes results on its official train/val/test split, so that split is kept
+    (the label table's ``split`` column) rather than drawn again. Images have no patient IDs;
+    each one is its own patient. Intensities are uint8 0..255, not HU, and some sets are binary
+    masks (adrenalmnist3d), which a z-score of the nonzero voxels would turn to zeros. So the
+    summary's ``preprocessing`` entry (``medtl.transforms.preprocessing`` arguments) scales the
+    file's value range linearly to [0, 1] through the CT preset's window, and crops the whole image.
+
+    Args:
+        npz: a MedMNIST file with ``{train,val,test}_{images,labels}`` arrays, 2D (N, H, W) or
+            3D (N, D, H, W), one class index per image.
+        out: output folder, one dataset per folder; see ``Returns``.
+        classes: class names in label-index order; built in for ``MEDMNIST_CLASSES``.
+        name: dataset name for the site and manifest; defaults to the file's name without size suffix.
+        progress: show a progress bar.
+
+    Returns:
+        A summary, also saved in ``out/import.json``, of the files written under ``out``::
+
+            images/{train,val,test}/<split>-NNNNN.nii.gz   one image each, 1 mm nominal spacing
+            labels.csv                                      patient_id,label,site,image,split
+            manifests/<name>.json                           the manifest (fixed salt in manifests/.medtl-salt)
+
+    Examples:
+        Breast ultrasound, 0 = malignant and 1 = normal or benign::
+
+            summary = import_medmnist("shared/data/medmnist/breastmnist.npz", "breastmnist")
+            pre = preprocessing(**summary["preprocessing"])
+    """
+    npz, out = Path(npz), Path(out)
+    started = time.perf_counter()
+    name = name or _medmnist_name(npz.stem)
+    if classes is None:
+        if name not in MEDMNIST_CLASSES:
+            raise MedtlError(f"no built-in class names for {name!r}", path=npz, hint=f"pass classes (built in: {', '.join(MEDMNIST_CLASSES)})")
+        classes = MEDMNIST_CLASSES[name]
+    classes = tuple(classes)
+    splits = _read_medmnist(npz, len(classes))
+    npz_sha = sha256_file(npz)
+    _public_salt(out, name)
+    previous = _load_state(out)
+    files: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, str]] = []
+    reused = 0
+    total = sum(len(labels) for _, labels in splits.values())
+    with tqdm(total=total, desc=f"importing {name}", unit="image", disable=not progress) as bar:
+        for split, (images, labels) in splits.items():
+            for i, (image, label) in enumerate(zip(images, labels)):
+                key = f"{split}-{i:05d}"
+                rel = f"images/{split}/{key}.nii.gz"
+                source = {"npz": npz_sha, "index": f"{split}/{i}"}
+                if _current(previous.get(key), source, out):
+                    files[key] = previous[key]
+                    reused += 1
+                else:
+                    volume = _medmnist_volume(image)
+                    write_nifti(volume, out / rel, dtype=_integral_dtype(volume.array, np.uint8))
+                    files[key] = {"source": source, "outputs": {rel: sha256_file(out / rel)}}
+                rows.append({"patient_id": key, "label": classes[int(label)], "site": name, "image": rel, "split": split})
+                bar.update()
+    labels_path = out / "labels.csv"
+    atomic_write_text(labels_path, _table(rows, ("patient_id", "label", "site", "image", "split")))
+    sizes = {split: len(labels) for split, (_, labels) in splits.items()}
+    manifest = build_manifest_file(
+        labels=labels_path, classes=classes, out=out / "manifests" / f"{name}.json", root=out,
+        fractions={split: n / total for split, n in sizes.items()}, name=name, progress=progress,
+    )
+    shape = list(_medmnist_volume(splits["train"][0][0]).shape)
+    lo = min(images.min().item() for images, _ in splits.values())
+    hi = max(images.max().item() for images, _ in splits.values())
+    summary = {
+        "dataset": name,
+        "source": npz.name,
+        "spatial_dims": splits["train"][0].ndim - 1,
+        "image_shape": shape,
+        "intensity": f"{splits['train'][0].dtype} {lo}..{hi}, not HU",
+        "classes": list(classes),
+        "label_map": manifest["label_map"],
+        "cases": total,
+        "by_split_label": manifest["counts"]["by_site_split_label"][name],
+        "manifest": f"manifests/{name}.json",
+        "labels": labels_path.name,
+        "converted": total - reused,
+        "reused": reused,
+        "preprocessing": {"modality": "ct", "ct_window": [lo, hi], "target_spacing": [1.0, 1.0, 1.0], "crop_mm": [float(n) for n in shape], "spatial_size": shape},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    atomic_write_json(out / STATE_FILE, {"importer_version": IMPORTER_VERSION, "summary": summary, "files": files})
+    return summary

@@ -1,0 +1,119 @@
+"""The bundles in bundles/ run through MONAI's own bundle CLI: train, evaluate, infer, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+
+from medtl.bundle.components import datalist, inference_cases
+from medtl.errors import MedtlError
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = sorted(p for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
+SCHEMA = REPO / "medtl" / "schemas" / "meta_schema_20240725.json"
+
+
+def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle ARGS`` as a user would type it; fails the test with its output on error."""
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_metadata_validates_against_the_official_schema(bundle):
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
+    assert meta["version"] in meta["changelog"]
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert sorted(pred["channel_def"]) == [str(i) for i in range(pred["num_channels"])]
+    for name in ("train.json", "evaluate.json", "inference.json", "logging.conf"):
+        assert (bundle / "configs" / name).is_file(), name
+    assert (bundle / "LICENSE").is_file() and (bundle / "docs" / "README.md").is_file()
+    text = "".join(p.read_text() for p in (bundle / "configs").iterdir())
+    assert "/work" not in text and "/home" not in text and "C:\\" not in text  # paths stay relative to bundle_root
+
+
+@pytest.fixture(scope="module")
+def trained_source(small_demo, tmp_path_factory):
+    """tumor_cls_source trained for one epoch on the small demo's site A, in a copy of the bundle."""
+    bundle = tmp_path_factory.mktemp("bundles") / "tumor_cls_source"
+    shutil.copytree(REPO / "bundles" / "tumor_cls_source", bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
+    root = Path(small_demo["out"])
+    monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--manifest", small_demo["sites"]["A"]["manifest"],
+                 "--dataset_dir", str(root), "--max_epochs", "1", "--batch_size", "4", cwd=bundle)
+    return bundle, small_demo
+
+
+@pytest.mark.slow
+def test_source_bundle_trains_evaluates_and_exports(trained_source):
+    bundle, demo = trained_source
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert "fc.weight" in state and state["fc.weight"].shape[0] == 2
+    assert list((bundle / "runs").glob("events.out.tfevents.*"))  # TensorBoard logs
+
+    monai_bundle("run", "--config_file", "configs/evaluate.json", "--bundle_root", ".", "--manifest", demo["sites"]["B"]["manifest"],
+                 "--dataset_dir", str(demo["out"]), "--split", "['train', 'val', 'test']", "--n_boot", "50", cwd=bundle)
+    metrics = json.loads((bundle / "eval" / "metrics.json").read_text())
+    assert metrics["class_names"] == ["benign", "malignant"] and set(metrics["per_site"]) == {"B"}
+    assert metrics["n"] == sum(metrics["class_counts"].values()) and metrics["metrics"]["auc"]["ci95"] is not None
+
+    monai_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+                 "--bundle_root", ".", cwd=bundle)
+    monai_bundle("ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
+                 "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--bundle_root", ".", cwd=bundle)
+    scripted = torch.jit.load(str(bundle / "models" / "model.ts"))
+    from monai.networks.nets import resnet10
+
+    eager = resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.5)
+    eager.load_state_dict(state)
+    x = torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert (scripted.eval()(x) - eager.eval()(x)).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_inference_on_a_dicom_folder_gives_one_row_per_series(trained_source, tmp_path):
+    bundle, demo = trained_source
+    site_b = Path(demo["out"]) / "site_B" / "dicom"
+    patients = sorted(p for p in site_b.iterdir() if p.is_dir())[:2]
+    folder = tmp_path / "incoming" / "study"
+    folder.mkdir(parents=True)
+    for i, patient in enumerate(patients):  # two series mixed in one folder
+        for f in sorted(patient.rglob("*.dcm")):
+            shutil.copy(f, folder / f"p{i}_{f.parent.name}_{f.name}")
+    (folder / "notes.txt").write_text("not DICOM")
+    (folder / "broken.dcm").write_bytes(b"\0" * 10)
+    expected_series = len(inference_cases(folder.parent, output_dir=tmp_path / "probe")["cases"])
+    assert expected_series >= 2
+
+    out = tmp_path / "out"
+    monai_bundle("run", "--config_file", "configs/inference.json", "--bundle_root", ".", "--input_dir", str(folder.parent),
+                 "--output_dir", str(out), cwd=bundle)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == expected_series and len({r["id"] for r in rows}) == expected_series
+    for row in rows:
+        assert row["pred"] in ("benign", "malignant") and row["model_version"] == "0.1.0"
+        assert abs(float(row["prob_benign"]) + float(row["prob_malignant"]) - 1) < 1e-4
+    report = json.loads((out / "predictions.json").read_text())
+    assert {s["id"].split("/")[-1] for s in report["skipped"]} == {"notes.txt", "broken.dcm"}
+    assert str(tmp_path) not in (out / "predictions.json").read_text()  # no absolute paths in outputs
+
+
+def test_components_say_which_option_is_missing(tmp_path):
+    with pytest.raises(MedtlError, match="no manifest given.*--manifest"):
+        datalist("", tmp_path, "train")
+    with pytest.raises(MedtlError, match="exactly one of input_dir"):
+        inference_cases()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MedtlError, match="no loadable image series"):
+        inference_cases(empty, output_dir=tmp_path / "o")
