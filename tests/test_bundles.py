@@ -40,11 +40,22 @@ def test_metadata_validates_against_the_official_schema(bundle):
     assert (bundle / "LICENSE").is_file() and (bundle / "docs" / "README.md").is_file()
     text = "".join(p.read_text() for p in (bundle / "configs").iterdir())
     assert "/work" not in text and "/home" not in text and "C:\\" not in text  # paths stay relative to bundle_root
+    monai_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+                 "--bundle_root", ".", cwd=bundle)
 
 
 @pytest.fixture(scope="module")
-def trained_source(small_demo, tmp_path_factory):
-    """tumor_cls_source trained for one epoch on the small demo's site A, in a copy of the bundle."""
+def bundle_demo(tmp_path_factory):
+    """A demo cohort just large enough that site B has train, val, test and unlabeled cases."""
+    from medtl.demo import prepare_demo_data
+
+    return prepare_demo_data(tmp_path_factory.mktemp("demo"), scale=0.1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained_source(bundle_demo, tmp_path_factory):
+    """tumor_cls_source trained for one epoch on the demo's site A, in a copy of the bundle."""
+    small_demo = bundle_demo
     bundle = tmp_path_factory.mktemp("bundles") / "tumor_cls_source"
     shutil.copytree(REPO / "bundles" / "tumor_cls_source", bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
     root = Path(small_demo["out"])
@@ -66,8 +77,6 @@ def test_source_bundle_trains_evaluates_and_exports(trained_source):
     assert metrics["class_names"] == ["benign", "malignant"] and set(metrics["per_site"]) == {"B"}
     assert metrics["n"] == sum(metrics["class_counts"].values()) and metrics["metrics"]["auc"]["ci95"] is not None
 
-    monai_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
-                 "--bundle_root", ".", cwd=bundle)
     monai_bundle("ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
                  "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--bundle_root", ".", cwd=bundle)
     scripted = torch.jit.load(str(bundle / "models" / "model.ts"))
@@ -117,3 +126,36 @@ def test_components_say_which_option_is_missing(tmp_path):
     empty.mkdir()
     with pytest.raises(MedtlError, match="no loadable image series"):
         inference_cases(empty, output_dir=tmp_path / "o")
+
+
+@pytest.mark.slow
+def test_finetune_then_distill_bundles_adapt_the_source_to_site_b(trained_source, tmp_path):
+    source, demo = trained_source
+    data = ["--manifest", demo["sites"]["B"]["manifest"], "--dataset_dir", str(demo["out"])]
+    finetune = tmp_path / "tumor_cls_finetune"
+    shutil.copytree(REPO / "bundles" / "tumor_cls_finetune", finetune)
+    done = monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--source", str(source), *data,
+                        "--max_epochs", "3", "--head_epochs", "1", "--unfreeze_every", "1", cwd=finetune)
+    log = done.stdout + done.stderr
+    assert "Loaded 77 of 77 ResNet tensors" in log and "exact match" in log
+    assert "AdaBN: BatchNorm statistics of 12 layers" in log
+    assert "epoch 1: training head" in log and "epoch 2: training layer4, head" in log
+    assert str(source) not in log.replace(f"> source: '{source}'", "")  # the load report names the bundle, not its path
+    tuned = torch.load(finetune / "models" / "model.pt", weights_only=True)
+    original = torch.load(source / "models" / "model.pt", weights_only=True)
+    assert not torch.equal(tuned["bn1.running_mean"], original["bn1.running_mean"])  # AdaBN
+    assert torch.equal(tuned["conv1.weight"], original["conv1.weight"])  # the stem never unfroze in 3 epochs
+
+    distill = tmp_path / "tumor_cls_distill"
+    shutil.copytree(REPO / "bundles" / "tumor_cls_distill", distill)
+    monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--teacher", str(finetune), *data,
+                 "--max_epochs", "2", "--threshold", "0.5", cwd=distill)
+    report = json.loads((distill / "runs" / "pseudo_labels.json").read_text())
+    n_unlabeled = sum(1 for c in json.loads(Path(demo["sites"]["B"]["manifest"]).read_text())["cases"] if c["split"] == "unlabeled")
+    assert report["unlabeled"] == n_unlabeled and sum(report["pseudo_labels_kept"].values()) == n_unlabeled  # p >= 0.5 always holds
+    assert len(list((distill / "cache").glob("teacher-*.npz"))) == 1
+    student = torch.load(distill / "models" / "model.pt", weights_only=True)
+    assert sum(t.numel() for t in student.values()) < sum(t.numel() for t in tuned.values()) / 3
+
+    monai_bundle("run", "--config_file", "configs/evaluate.json", "--bundle_root", ".", *data, "--n_boot", "20", cwd=distill)
+    assert json.loads((distill / "eval" / "metrics.json").read_text())["n"] > 0

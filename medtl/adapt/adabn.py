@@ -8,6 +8,8 @@ other parameter and buffer is left exactly as it was.
 
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,6 +18,8 @@ from torch import nn
 from tqdm import tqdm
 
 from medtl.errors import MedtlError
+
+logger = logging.getLogger(__name__)
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -68,4 +72,5 @@ def adabn(
             for k, v in buffers.items():
                 getattr(m, k).copy_(v)
         raise MedtlError("AdaBN got no target batches: the loader is empty")
+    logger.info("AdaBN: BatchNorm statistics of %d layers re-estimated from %d target images", len(layers), images)
     return {"bn_layers": len(layers), "batches": batches, "images": images}

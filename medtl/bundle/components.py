@@ -51,6 +51,63 @@ def class_names(manifest: str | Path) -> list[str]:
     return sorted(label_map, key=label_map.get)
 
 
+# ----------------------------------------------------------------------------------- source and teacher
+
+
+def load_source(network: torch.nn.Module, source: str | Path, *, trust: bool = False, min_loaded: float = 0.5) -> dict[str, list[str]]:
+    """Load pretrained weights (bundle folder/zip, state dict, checkpoint, TorchScript) into ``network``.
+
+    A head for another class count is reported as mismatched and starts fresh: that is the head
+    swap. Fewer than ``min_loaded`` of the tensors loading means the source is another network,
+    which is an error rather than a silent near-random start.
+    """
+    from medtl.weights import load_weights
+
+    report = load_weights(network, _required(source, "source", "../tumor_cls_source"), trust=trust)
+    report.source = Path(source).name  # logs name the file, not where it lives
+    logger.info("%s", report.summary())
+    total = len(report.loaded) + len(report.missing) + len(report.mismatched)
+    if len(report.loaded) < min_loaded * total:
+        raise MedtlError(f"the source weights do not fit this network: {report.summary()}", path=Path(source).name,
+                         hint="the bundle's network_def must be the source's architecture (same depth and width)")
+    return report.to_dict()
+
+
+def load_bundle_network(bundle: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A bundle's network with its weights, in eval mode: ``models/model.ts`` when present, else
+    ``network_def`` from its inference config with ``models/model.pt`` (loaded weights-only)."""
+    from monai.bundle import ConfigParser
+
+    root = _required(bundle, "teacher", "../tumor_cls_finetune")
+    if not (root / "configs" / "metadata.json").is_file():
+        raise MedtlError("not a MONAI bundle folder (no configs/metadata.json)", path=root.name)
+    scripted = root / "models" / "model.ts"
+    if scripted.is_file():
+        return torch.jit.load(str(scripted), map_location=device).eval()
+    parser = ConfigParser()
+    parser.read_config(root / "configs" / "inference.json")
+    parser.read_meta(root / "configs" / "metadata.json")
+    parser["bundle_root"] = str(root)
+    network = parser.get_parsed_content("network_def")
+    load_source(network, root, min_loaded=1.0)
+    return network.to(device).eval()
+
+
+def teacher_labeled(teacher: torch.nn.Module, data: Sequence[Mapping[str, Any]], transform: Any, *, class_names: Sequence[str],
+                    threshold: float = 0.9, keep_uncertain: bool = True, cache_dir: str | Path | None = None,
+                    output_dir: str | Path | None = None, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+    """The student's training data: each case with the teacher's logits and, for unlabeled cases
+    the teacher is sure of, a pseudo-label. Writes the pseudo-label counts to
+    ``output_dir/pseudo_labels.json`` (how many were kept per class)."""
+    from medtl.adapt.distill import label_with_teacher
+
+    labeled, report = label_with_teacher(teacher, data, transform, threshold=threshold, class_names=class_names,
+                                         keep_uncertain=keep_uncertain, cache_dir=cache_dir, device=device, progress=True)
+    if output_dir is not None:
+        atomic_write_json(Path(output_dir) / "pseudo_labels.json", report)
+    return labeled
+
+
 # ----------------------------------------------------------------------------------- inference input
 
 
@@ -249,4 +306,14 @@ class PredictionWriter:
         logger.info("%d predictions, %d skipped -> %s.csv", len(self.rows), len(self.skipped), self.filename)
 
 
-__all__ = ["MetricsReport", "PredictionWriter", "class_names", "datalist", "inference_cases", "prepare_cases"]
+__all__ = [
+    "MetricsReport",
+    "PredictionWriter",
+    "class_names",
+    "datalist",
+    "inference_cases",
+    "load_bundle_network",
+    "load_source",
+    "prepare_cases",
+    "teacher_labeled",
+]
