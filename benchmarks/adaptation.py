@@ -6,7 +6,7 @@ Stages: source-only (trained on site A), AdaBN (site B's scans, no labels), naiv
 layers, one learning rate), medtl's fine-tuning recipe (AdaBN, head first, gradual unfreezing with
 discriminative rates, L2-SP, best validation epoch), from scratch on the same few site-B labels,
 and a smaller student distilled from the fine-tuned teacher on site B's labeled and unlabeled
-scans. Model selection uses site B's validation split only; the test split is evaluated once per
+scans plus site A's labeled cases. Model selection uses site B's validation split only; the test split is evaluated once per
 stage. Prints AUC, accuracy, sensitivity, specificity (95% bootstrap CIs over patients), ECE,
 parameters and seconds; writes the figures as JSON with ``--out``.
 """
@@ -28,7 +28,7 @@ from medtl.adapt.adabn import adabn
 from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, preprocess, train
 from medtl.demo import CLASSES, prepare_demo_data
 from medtl.evaluate import classification_metrics, collect_predictions
-from medtl.fileio import atomic_write_json
+from medtl.fileio import atomic_write, atomic_write_json
 from medtl.manifest import datalist, load_manifest
 from medtl.transforms import preprocessing
 
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the demo cohort's patients (smoke runs)")
     parser.add_argument("--widen", type=float, default=0.5, help="ResNet10 width of source, fine-tuned and scratch models")
     parser.add_argument("--student-widen", type=float, default=0.25, help="ResNet10 width of the distilled student")
+    parser.add_argument("--source-weights", help="reuse the site-A model saved here (trained and saved there when absent)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     set_determinism(args.seed)
@@ -76,7 +77,13 @@ def main() -> None:
     n_a, n_b = len(split["A train"]) + len(split["A val"]), len(split["B train"]) + len(split["B val"])
     source = net(args.widen)
     t = time.perf_counter()
-    fitted = train(source, split["A train"], split["A val"], TrainRecipe(epochs=args.source_epochs), desc="source (site A)")
+    if args.source_weights and Path(args.source_weights).is_file():
+        source.load_state_dict(torch.load(args.source_weights, weights_only=True))
+        fitted = {"best_epoch": None}
+    else:
+        fitted = train(source, split["A train"], split["A val"], TrainRecipe(epochs=args.source_epochs), desc="source (site A)")
+        if args.source_weights:
+            atomic_write(args.source_weights, lambda tmp: torch.save(source.state_dict(), tmp))
     record("source-only", source, n_a, time.perf_counter() - t, {"best_epoch": fitted["best_epoch"]})
 
     t = time.perf_counter()
@@ -100,8 +107,9 @@ def main() -> None:
 
     set_determinism(args.seed)
     student, t = net(args.student_widen), time.perf_counter()
-    fitted = distill(teacher, student, split["B train"], split["B unlabeled"], split["B val"], DistillRecipe(), class_names=CLASSES,
-                     desc="distill student")
+    # the student learns the teacher's outputs on site B's scans (labeled and not) and on site A's labeled cases
+    fitted = distill(teacher, student, [*split["B train"], *split["A train"]], split["B unlabeled"], split["B val"], DistillRecipe(),
+                     class_names=CLASSES, desc="distill student")
     record(f"student (widen {args.student_widen})", student, n_a + n_b, time.perf_counter() - t,
            {"best_epoch": fitted["best_epoch"], "pseudo_labels": fitted["pseudo_labels"]})
 

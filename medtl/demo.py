@@ -1,20 +1,31 @@
-"""``medtl demo``: the ingest half of the main job on the embedded two-site cohort.
+"""``medtl demo``: the main job on the embedded two-site cohort, start to end.
 
-cohort (DICOM + masks + labels) -> scan index per site -> manifest per site -> manifest check.
-Every arrow is a file the user can open; the closing table says where each one is.
+cohort (DICOM + masks + labels) -> scan index and manifest per site -> source model trained on
+site A -> evaluated on site A and site B (the domain-shift drop) -> AdaBN -> fine-tuned on a few
+labeled site-B cases (freeze -> unfreeze) -> a smaller student distilled on site B's unlabeled
+scans -> the fine-tuned model exported as a MONAI bundle -> its ``inference.json`` run by
+``python -m monai.bundle run`` on site-B DICOM folders it never saw. Every arrow is a file the
+user can open; the closing tables say what each stage scored and where each file is.
 """
 
 from __future__ import annotations
 
+import copy
+import csv
 import hashlib
 import json
+import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from medtl.cohort import COHORT_VERSION, generate_cohort
 from medtl.dicom import write_scan_index
-from medtl.fileio import atomic_write_text
+from medtl.errors import MedtlError
+from medtl.fileio import atomic_write_json, atomic_write_text
 from medtl.manifest import build_manifest_file, check_manifest
 from medtl.privacy import SALT_FILENAME
 
@@ -69,8 +80,158 @@ def prepare_demo_data(out: str | Path, *, seed: int = 0, scale: float = 1.0, pro
     return result
 
 
-def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, progress: bool = True) -> dict[str, Any]:
-    result = prepare_demo_data(out, seed=seed, scale=scale, progress=progress)
+SPLITS = (("A", "train"), ("A", "val"), ("A", "test"), ("B", "train"), ("B", "val"), ("B", "test"), ("B", "unlabeled"))
+
+
+def demo_splits(demo: Mapping[str, Any], *, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """Every site/split of the demo cohort, preprocessed once: ``{"A train": [...], ...}``."""
+    from medtl.adapt.recipe import preprocess
+    from medtl.manifest import datalist, load_manifest
+    from medtl.transforms import preprocessing
+
+    pre = preprocessing(modality="ct")
+    manifests = {site: load_manifest(info["manifest"]) for site, info in demo["sites"].items()}
+    return {f"{site} {split}": preprocess(datalist(manifests[site], demo["out"], split), pre, progress=progress, desc=f"{site} {split}")
+            for site, split in SPLITS}
+
+
+def evaluate_items(network: Any, items: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[str, Any]:
+    """Target-domain metrics of ``network`` on preprocessed items, CIs resampling patients."""
+    from medtl.adapt.recipe import loader
+    from medtl.evaluate import classification_metrics, collect_predictions
+
+    y, probs, _ = collect_predictions(network, loader(items, batch_size=32))
+    return classification_metrics(y, probs, class_names=list(CLASSES), patient_ids=[i["patient"] for i in items], seed=seed)
+
+
+def _resnet(widen: float) -> Any:
+    from monai.networks.nets import resnet10
+
+    return resnet10(spatial_dims=3, n_input_channels=1, num_classes=len(CLASSES), widen_factor=widen)
+
+
+def _unseen_folders(demo: Mapping[str, Any], out: Path, n: int) -> tuple[Path, dict[str, str]]:
+    """Copies of ``n`` site-B test patients' DICOM folders (never trained or selected on) and their truth."""
+    from medtl.manifest import load_manifest
+
+    manifest = load_manifest(demo["sites"]["B"]["manifest"])
+    folders, truth = [], {}
+    for case in manifest["cases"]:
+        if case["split"] == "test" and case["image"]["type"] == "dicom":
+            folder = Path(case["image"]["files"][0]["path"]).parent
+            if folder not in folders:
+                folders.append(folder)
+                truth[folder.name] = case["label"]
+        if len(folders) == n:
+            break
+    incoming = out / "incoming_site_B"
+    if incoming.exists():
+        shutil.rmtree(incoming)
+    for folder in folders:
+        shutil.copytree(Path(demo["out"]) / folder, incoming / folder.name)
+    return incoming, truth
+
+
+def _run_inference(bundle: Path, input_dir: Path, output_dir: Path) -> list[dict[str, str]]:
+    """The exported bundle's inference.json through MONAI's own CLI, as another site would run it."""
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
+               "--input_dir", str(input_dir.resolve()), "--output_dir", str(output_dir.resolve())]
+    done = subprocess.run(command, cwd=bundle, capture_output=True, text=True, encoding="utf-8", errors="replace")
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
+        raise MedtlError("the exported bundle's inference.json failed under python -m monai.bundle run", path=bundle.name,
+                         hint=" | ".join(tail))
+    return list(csv.DictReader((output_dir / "predictions.csv").open(encoding="utf-8")))
+
+
+def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epochs: int = 20, target_epochs: int = 30,
+             student_epochs: int = 25, unseen: int = 6, progress: bool = True) -> dict[str, Any]:
+    """The whole job on the demo cohort; returns the stage table rows and artifact paths."""
+    import torch
+    from monai.utils import set_determinism
+
+    from medtl.adapt.adabn import adabn
+    from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, train
+    from medtl.bundle.export import export_bundle
+
+    out = Path(out)
+    start = time.perf_counter()
+    demo = prepare_demo_data(out, seed=seed, scale=scale, progress=progress)
+    _print_ingest(demo)
+    set_determinism(seed)
+    t = time.perf_counter()
+    items = demo_splits(demo, progress=progress)
+    timings = {"ingest": time.perf_counter() - start, "preprocess": time.perf_counter() - t}
+    rows: list[dict[str, Any]] = []
+
+    def stage(name: str, network: Any, seconds: float, evaluated: dict[str, str]) -> dict[str, Any]:
+        results = {label: evaluate_items(network, items[split], seed=seed) for label, split in evaluated.items()}
+        params = sum(p.numel() for p in network.parameters())
+        for label, result in results.items():
+            rows.append({"stage": name, "evaluated on": label, "result": result, "params": params, "seconds": seconds})
+        timings[name] = seconds
+        return results
+
+    print("\nmedtl demo: adaptation (every score on held-out test cases)")
+    source, t = _resnet(0.5), time.perf_counter()
+    train(source, items["A train"], items["A val"], TrainRecipe(epochs=source_epochs), progress=progress, desc="source on site A")
+    source_results = stage("source-only", source, time.perf_counter() - t, {"site A test": "A test", "site B test": "B test"})
+
+    adapted, t = copy.deepcopy(source), time.perf_counter()
+    adabn(adapted, loader([*items["B train"], *items["B unlabeled"]], batch_size=16), progress=progress)
+    stage("AdaBN", adapted, time.perf_counter() - t, {"site B test": "B test"})
+
+    set_determinism(seed)
+    tuned, t = copy.deepcopy(source), time.perf_counter()
+    tuned_run = finetune(tuned, items["B train"], items["B val"], FineTuneRecipe(epochs=target_epochs),
+                         unlabeled_items=items["B unlabeled"], progress=progress, desc="fine-tune on site B")
+    tuned_results = stage("fine-tuned", tuned, time.perf_counter() - t, {"site B test": "B test"})
+
+    set_determinism(seed)
+    student, t = _resnet(0.25), time.perf_counter()
+    student_run = distill(tuned, student, [*items["B train"], *items["A train"]], items["B unlabeled"], items["B val"],
+                          DistillRecipe(epochs=student_epochs), class_names=CLASSES, cache_dir=out / "cache", progress=progress,
+                          desc="distill student")
+    stage("student", student, time.perf_counter() - t, {"site B test": "B test"})
+
+    t = time.perf_counter()
+    bundles = out / "bundles"
+    exported = {
+        "tumor_cls_source": export_bundle(source, bundles / "tumor_cls_source", template="tumor_cls_source",
+                                          metrics=source_results, changelog="trained by medtl demo on demo site A"),
+        "tumor_cls_finetune": export_bundle(tuned, bundles / "tumor_cls_finetune", template="tumor_cls_finetune",
+                                            metrics=tuned_results, changelog="adapted by medtl demo from tumor_cls_source to demo site B"),
+    }
+    incoming, truth = _unseen_folders(demo, out, unseen)
+    predictions = _run_inference(exported["tumor_cls_finetune"]["path"], incoming, out / "predictions")
+    timings["export + bundle inference"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - start
+
+    _print_stages(rows)
+    kept = student_run["pseudo_labels"]
+    print(f"fine-tuning kept epoch {tuned_run['best_epoch']} of {tuned_run['epochs_run']} (best validation AUC); "
+          f"student pseudo-labels at p >= {kept['threshold']:g}: {kept['pseudo_labels_kept']}, {kept['below_threshold']} soft-only")
+    print(f"\nbundle inference on {len(truth)} unseen site-B patients ({len(predictions)} series), python -m monai.bundle run:")
+    for row in predictions:
+        folder = row["id"].split("/")[0].split("#")[0]
+        print(f"  {row['id']:<28} p(malignant) {float(row['prob_malignant']):.2f} -> {row['pred']:<10} truth: {truth.get(folder, '?')}")
+    print("\ntimings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    print("\nartifacts:")
+    print(f"  cohort (DICOM, masks, labels.csv): {out}/site_*/")
+    for name, site in demo["sites"].items():
+        print(f"  site {name}: scan index {site['scan']}, manifest {site['manifest']}")
+    for name, info in exported.items():
+        print(f"  bundle {name} {info['version']}: {info['path']} (TorchScript max abs diff {info['torchscript_max_abs_diff']:.1e})")
+    print(f"  predictions: {out / 'predictions'}/predictions.csv, predictions.json")
+    summary = {"stages": [{k: v for k, v in r.items() if k != "result"} | {"metrics": r["result"]["metrics"]} for r in rows],
+               "timings": timings, "bundles": {k: str(v["path"].relative_to(out)) for k, v in exported.items()},
+               "pseudo_labels": kept, "predictions": predictions}
+    atomic_write_json(out / "demo_summary.json", summary)
+    print(f"  summary: {out / 'demo_summary.json'}")
+    return {"demo": demo, "rows": rows, "timings": timings, "bundles": exported, "predictions": predictions}
+
+
+def _print_ingest(result: Mapping[str, Any]) -> None:
     print("\nmedtl demo: ingest")
     print(f"{'site':<5}{'files':>7}{'series':>8}{'loadable':>10}{'skipped':>9}  {'train':>6}{'val':>5}{'test':>6}{'unlab.':>7}  check")
     for name, site in result["sites"].items():
@@ -78,9 +239,16 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, progress: bo
         per_split = site["counts"]["by_site_split_label"].get(name, {})
         n = {k: sum(per_split.get(k, {}).values()) for k in ("train", "val", "test", "unlabeled")}
         print(f"{name:<5}{s['files']:>7}{s['series']:>8}{s['loadable_series']:>10}{s['skipped_files']:>9}  {n['train']:>6}{n['val']:>5}{n['test']:>6}{n['unlabeled']:>7}  {'OK' if site['check_ok'] else 'FAILED'}")
-    print("\ntimings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items()))
-    print("\nartifacts:")
-    print(f"  cohort (DICOM, masks, labels.csv): {result['out']}/site_*/")
-    for name, site in result["sites"].items():
-        print(f"  site {name}: scan index {site['scan']}, manifest {site['manifest']}")
-    return result
+
+
+def _print_stages(rows: Sequence[Mapping[str, Any]]) -> None:
+    print(f"\n{'stage':<14}{'evaluated on':<14}{'n':>4}{'AUC [95% CI]':>24}{'accuracy [95% CI]':>24}{'params':>9}{'time':>7}")
+    for row in rows:
+        m, n = row["result"]["metrics"], row["result"]["n"]
+
+        def cell(key: str) -> str:
+            value, ci = m[key]["value"], m[key]["ci95"]
+            return "n/a" if value is None else f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.3f}"
+
+        print(f"{row['stage']:<14}{row['evaluated on']:<14}{n:>4}{cell('auc'):>24}{cell('accuracy'):>24}"
+              f"{row['params'] / 1e6:>8.2f}M{row['seconds']:>6.0f}s")

@@ -23,7 +23,8 @@ SCHEMA = REPO / "medtl" / "schemas" / "meta_schema_20240725.json"
 
 def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m monai.bundle ARGS`` as a user would type it; fails the test with its output on error."""
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -130,9 +131,11 @@ def test_manifest_build_and_check_via_cli(small_demo, tmp_path, capsys):
     assert "missing:" in capsys.readouterr().out
 
 
-def test_demo_prints_table_and_artifacts(tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["-q", "demo", "--out", str(out), "--scale", "0.03"]) == 0
+    assert main(["-q", "demo", "--out", str(out), "--scale", "0.1", "--source-epochs", "2", "--target-epochs", "3",
+                 "--student-epochs", "2"]) == 0
     printed = capsys.readouterr().out
     assert "medtl demo: ingest" in printed
     rows = [line.split() for line in printed.splitlines() if line[:2] in ("A ", "B ")]
@@ -140,3 +143,19 @@ def test_demo_prints_table_and_artifacts(tmp_path, capsys):
     for name in "AB":
         assert (out / "manifests" / f"demo_site_{name}.json").is_file()
         assert f"scans/site_{name}.json" in printed
+    stages = [line.split()[:4] for line in printed.splitlines() if line.split()[:1] in (["source-only"], ["AdaBN"], ["fine-tuned"], ["student"])]
+    assert [s[0] for s in stages] == ["source-only", "source-only", "AdaBN", "fine-tuned", "student"]
+    assert [" ".join(s[1:3]) for s in stages] == ["site A", "site B"] + ["site B"] * 3
+
+    summary = json.loads((out / "demo_summary.json").read_text())
+    b_test = sum(1 for c in json.loads((out / "manifests" / "demo_site_B.json").read_text())["cases"] if c["split"] == "test")
+    assert len(summary["predictions"]) == min(6, b_test)  # one per unseen series, through python -m monai.bundle run
+    assert (out / "predictions" / "predictions.csv").is_file()
+    schema = json.loads((Path(__file__).resolve().parents[1] / "medtl" / "schemas" / "meta_schema_20240725.json").read_text())
+    for name in ("tumor_cls_source", "tumor_cls_finetune"):
+        bundle = out / "bundles" / name
+        meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+        jsonschema.validate(meta, schema)
+        assert meta["eval_metrics"]["site_B_test_n"] == b_test and "site_B_test_auc_ci95" in meta["eval_metrics"]
+        assert (bundle / "models" / "model.pt").is_file() and (bundle / "models" / "model.ts").is_file()
+        assert str(tmp_path) not in "".join(p.read_text() for p in (bundle / "configs").iterdir())

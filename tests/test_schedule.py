@@ -152,3 +152,19 @@ def test_l2sp_penalty_is_distance_to_the_reference_and_spares_the_head():
     penalty = reg.penalty()
     penalty.backward()
     torch.testing.assert_close(model[0].weight.grad, torch.full_like(model[0].weight, 0.2))
+
+
+def test_schedule_releases_the_network_when_training_ends():
+    from monai.data import DataLoader
+
+    net = create_network("resnet10", num_classes=2, widen_factor=0.125)
+    data = [{"image": torch.rand(1, 8, 8, 8), "label": i % 2} for i in range(4)]
+    schedule = FineTuneSchedule(head_epochs=2)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=DataLoader(data, batch_size=2),
+                                network=net, optimizer=torch.optim.SGD(param_groups(net, lr=0.1), lr=0.1),
+                                loss_function=torch.nn.CrossEntropyLoss())
+    schedule.attach(trainer)
+    trainer.run()  # ends inside the head phase: the backbone is still frozen at that point
+    assert all(p.requires_grad for p in net.parameters())
+    assert not any(m._forward_pre_hooks for m in net.modules())
+    torch.jit.script(net)  # exportable

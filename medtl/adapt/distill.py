@@ -128,6 +128,13 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def case_key(item: Mapping[str, Any]) -> str:
+    """A case's key in teacher outputs: ``site/case_id`` when the item names its site (case ids are
+    unique within one manifest, not across sites), else ``case_id``."""
+    site = item.get("site")
+    return f"{site}/{item['case_id']}" if site not in (None, "") else str(item["case_id"])
+
+
 def _cache_path(cache_dir: str | Path, teacher_hash: str, tag: str) -> Path:
     suffix = f"-{tag}" if tag else ""
     return Path(cache_dir) / f"teacher-{teacher_hash[:16]}{suffix}.npz"
@@ -165,7 +172,7 @@ def teacher_logits(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """The teacher's logits for every case (``case_id`` -> (K,) float32), each computed once.
+    """The teacher's logits for every case (``case_key`` -> (K,) float32), each computed once.
 
     With ``cache_dir``, logits are read from and added to ``teacher-<hash>[-tag].npz`` there: the
     hash is ``model_fingerprint(teacher)``, so changed weights never reuse stale outputs; ``tag``
@@ -174,19 +181,19 @@ def teacher_logits(
     """
     from monai.data import DataLoader, Dataset
 
-    ids = [str(d["case_id"]) for d in data]
+    ids = [case_key(d) for d in data]
     if len(set(ids)) != len(ids):
         raise MedtlError("case ids are not unique, so teacher outputs cannot be keyed by case")
     path = _cache_path(cache_dir, model_fingerprint(teacher), tag) if cache_dir is not None else None
     cache = _read_cache(path) if path is not None else {}
-    todo = [d for d in data if str(d["case_id"]) not in cache]
+    todo = [{**d, "_key": case_key(d)} for d in data if case_key(d) not in cache]
     if todo:
         teacher.to(device).eval()
         loader = DataLoader(Dataset(list(todo), transform), batch_size=batch_size)
         with torch.no_grad():
             for batch in tqdm(loader, desc="teacher", unit="batch", disable=not progress, leave=False):
                 out = teacher(batch["image"].to(device)).float().cpu().numpy()
-                cache.update(zip((str(c) for c in batch["case_id"]), out))
+                cache.update(zip(batch["_key"], out))
         if path is not None:
             _write_cache(path, cache)
     logger.info("teacher logits: %d cases, %d computed, %d from cache", len(ids), len(todo), len(ids) - len(todo))
@@ -212,7 +219,7 @@ def pseudo_label(
         raise MedtlError(f"threshold must be in (0, 1], got {threshold}")
     out, kept, uncertain = [], {}, 0
     for item in data:
-        case = str(item["case_id"])
+        case = case_key(item)
         if case not in logits:
             raise MedtlError(f"no teacher output for case {case}", hint="compute teacher_logits over the same data list")
         z = np.asarray(logits[case], dtype=np.float64)
@@ -262,6 +269,7 @@ def label_with_teacher(
 
 __all__ = [
     "TEACHER_KEY",
+    "case_key",
     "DistillBatch",
     "DistillationLoss",
     "distillation_loss",

@@ -314,11 +314,23 @@ class FineTuneSchedule:
             out[group.name] = owners.pop()
         return {name: optimizer.param_groups[i] for name, i in out.items()}
 
+    def release(self, network: nn.Module) -> None:
+        """End of training: every parameter trainable again and BatchNorm hooks removed, so the
+        network leaves as a plain module (exportable to TorchScript, ready for further training)."""
+        for hooks in self._hooks.values():
+            for hook in hooks:
+                hook.remove()
+        self._hooks.clear()
+        for p in network.parameters():
+            p.requires_grad_(True)
+        self._state = None
+
     # ------------------------------------------------------------------ ignite
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
 
+        engine.add_event_handler(Events.COMPLETED, lambda e: self.release(e.network))
         engine.add_event_handler(Events.EPOCH_STARTED, self._on_epoch)
         if self.warmup_epochs > 0 or self.decay != "none":
             engine.add_event_handler(Events.ITERATION_STARTED, self._on_iteration)
