@@ -21,21 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.networks.nets import resnet10
 from monai.utils import set_determinism
 
 from medtl.adapt.adabn import adabn
-from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, preprocess, train
-from medtl.demo import CLASSES, prepare_demo_data
-from medtl.evaluate import classification_metrics, collect_predictions
+from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, train
+from medtl.demo import CLASSES, demo_splits, evaluate_items, prepare_demo_data, resnet
 from medtl.fileio import atomic_write, atomic_write_json
-from medtl.manifest import datalist, load_manifest
-from medtl.transforms import preprocessing
-
-
-def evaluate(network: torch.nn.Module, items: list[dict], seed: int) -> dict:
-    y, probs, _ = collect_predictions(network, loader(items, batch_size=32))
-    return classification_metrics(y, probs, class_names=list(CLASSES), patient_ids=[i["patient"] for i in items], seed=seed)
 
 
 def main() -> None:
@@ -52,30 +43,20 @@ def main() -> None:
     args = parser.parse_args()
     set_determinism(args.seed)
     demo = prepare_demo_data(args.data, seed=0, scale=args.scale)
-    root = Path(args.data)
-    a, b = (load_manifest(demo["sites"][s]["manifest"]) for s in ("A", "B"))
-    pre = preprocessing(modality="ct")
-    split = {
-        name: preprocess(datalist(manifest, root, part), pre, desc=name)
-        for name, manifest, part in [("A train", a, "train"), ("A val", a, "val"), ("B train", b, "train"),
-                                     ("B val", b, "val"), ("B test", b, "test"), ("B unlabeled", b, "unlabeled")]
-    }
+    split = demo_splits(demo)
     print(", ".join(f"{k}: {len(v)}" for k, v in split.items()))
-
-    def net(widen: float) -> torch.nn.Module:
-        return resnet10(spatial_dims=3, n_input_channels=1, num_classes=len(CLASSES), widen_factor=widen)
 
     rows: dict[str, dict] = {}
 
     def record(stage: str, network: torch.nn.Module, labels: int, seconds: float, extra: dict | None = None) -> None:
-        result = evaluate(network, split["B test"], args.seed)
+        result = evaluate_items(network, split["B test"], seed=args.seed)
         rows[stage] = {"labels_used": labels, "params": sum(p.numel() for p in network.parameters()),
                        "seconds": round(seconds, 1), "test": result, **(extra or {})}
         m = result["metrics"]
         print(f"{stage}: AUC {m['auc']['value']:.3f} {m['auc']['ci95']}, accuracy {m['accuracy']['value']:.3f}")
 
     n_a, n_b = len(split["A train"]) + len(split["A val"]), len(split["B train"]) + len(split["B val"])
-    source = net(args.widen)
+    source = resnet(args.widen)
     t = time.perf_counter()
     if args.source_weights and Path(args.source_weights).is_file():
         source.load_state_dict(torch.load(args.source_weights, weights_only=True))
@@ -101,12 +82,12 @@ def main() -> None:
             teacher = model
 
     set_determinism(args.seed)
-    scratch, t = net(args.widen), time.perf_counter()
+    scratch, t = resnet(args.widen), time.perf_counter()
     fitted = train(scratch, split["B train"], split["B val"], TrainRecipe(epochs=epochs, batch_size=8, patience=10), desc="scratch (site B)")
     record("scratch on B", scratch, n_b, time.perf_counter() - t, {"best_epoch": fitted["best_epoch"]})
 
     set_determinism(args.seed)
-    student, t = net(args.student_widen), time.perf_counter()
+    student, t = resnet(args.student_widen), time.perf_counter()
     # the student learns the teacher's outputs on site B's scans (labeled and not) and on site A's labeled cases
     fitted = distill(teacher, student, [*split["B train"], *split["A train"]], split["B unlabeled"], split["B val"], DistillRecipe(),
                      class_names=CLASSES, desc="distill student")

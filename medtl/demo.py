@@ -104,7 +104,7 @@ def evaluate_items(network: Any, items: Sequence[Mapping[str, Any]], *, seed: in
     return classification_metrics(y, probs, class_names=list(CLASSES), patient_ids=[i["patient"] for i in items], seed=seed)
 
 
-def _resnet(widen: float) -> Any:
+def resnet(widen: float) -> Any:
     from monai.networks.nets import resnet10
 
     return resnet10(spatial_dims=3, n_input_channels=1, num_classes=len(CLASSES), widen_factor=widen)
@@ -173,7 +173,7 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
         return results
 
     print("\nmedtl demo: adaptation (every score on held-out test cases)")
-    source, t = _resnet(0.5), time.perf_counter()
+    source, t = resnet(0.5), time.perf_counter()
     train(source, items["A train"], items["A val"], TrainRecipe(epochs=source_epochs), progress=progress, desc="source on site A")
     source_results = stage("source-only", source, time.perf_counter() - t, {"site A test": "A test", "site B test": "B test"})
 
@@ -188,7 +188,7 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     tuned_results = stage("fine-tuned", tuned, time.perf_counter() - t, {"site B test": "B test"})
 
     set_determinism(seed)
-    student, t = _resnet(0.25), time.perf_counter()
+    student, t = resnet(0.25), time.perf_counter()
     student_run = distill(tuned, student, [*items["B train"], *items["A train"]], items["B unlabeled"], items["B val"],
                           DistillRecipe(epochs=student_epochs), class_names=CLASSES, cache_dir=out / "cache", progress=progress,
                           desc="distill student")
