@@ -140,6 +140,24 @@ def _shift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from medtl.importers import import_lidc_vois, import_medmnist
+
+    if args.dataset == "lidc":
+        summary = import_lidc_vois(args.source, args.output, seed=args.seed, progress=not args.quiet)
+        for name, site in summary["sites"].items():
+            print(f"site {name} ({site['rule']}): {site['cases']} nodules, {site['patients']} patients -> {Path(args.output) / site['manifest']}")
+    else:
+        classes = args.classes.split(",") if args.classes else None
+        summary = import_medmnist(args.source, args.output, classes=classes, progress=not args.quiet)
+        print(f"{summary['dataset']}: {summary['cases']} images {summary['image_shape']} ({summary['intensity']}), "
+              f"per split and label {summary['by_split_label']} -> {Path(args.output) / summary['manifest']}")
+    for item in summary.get("skipped", []):
+        print(f"skipped {item.get('file', item.get('row'))}: {item['reason']}")
+    print(f"-> {Path(args.output) / 'import.json'}")
+    return 0
+
+
 def _cohort_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the default patient counts (default 1.0)")
@@ -232,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the permutation test (default 0)")
     p.add_argument("-o", "--output", required=True, help="report JSON to write, e.g. shift.json")
     p.set_defaults(func=_shift)
+
+    p = verbs.add_parser("import", help="import a public dataset (LIDC-IDRI nodule VOIs, MedMNIST .npz) as NIfTI + manifests",
+                         description="Convert a public dataset into medtl's own files (NIfTI volumes, label tables, manifests) so it flows "
+                         "through the same manifest -> transforms -> bundle path as DICOM. lidc: a lidc_nodule_vois folder, split into a "
+                         "thin-slice site (z spacing <= 1.3 mm) and a thick-slice site (>= 1.8 mm) by patient; the nodule diameter goes only to "
+                         "baseline.csv. medmnist: a MedMNIST .npz, keeping its own train/val/test split. Reruns convert only what changed.")
+    p.add_argument("dataset", choices=["lidc", "medmnist"], help="which importer")
+    p.add_argument("source", help="lidc: the lidc_nodule_vois folder; medmnist: the .npz file")
+    p.add_argument("-o", "--output", required=True, help="folder to write (one dataset per folder)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the lidc patient split (default 0)")
+    p.add_argument("--classes", help="medmnist: comma-separated class names in label order (default: built in for known files)")
+    p.set_defaults(func=_import)
 
     p = verbs.add_parser("weights", help="inspect how pretrained weights load into a network",
                          description="Pretrained weights from a MONAI bundle (folder or .zip), a state dict or training checkpoint "

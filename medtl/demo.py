@@ -95,13 +95,14 @@ def demo_splits(demo: Mapping[str, Any], *, progress: bool = True) -> dict[str, 
             for site, split in SPLITS}
 
 
-def evaluate_items(network: Any, items: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[str, Any]:
+def evaluate_items(network: Any, items: Sequence[Mapping[str, Any]], *, seed: int = 0,
+                   class_names: Sequence[str] = CLASSES) -> dict[str, Any]:
     """Target-domain metrics of ``network`` on preprocessed items, CIs resampling patients."""
     from medtl.adapt.recipe import loader
     from medtl.evaluate import classification_metrics, collect_predictions
 
     y, probs, _ = collect_predictions(network, loader(items, batch_size=32))
-    return classification_metrics(y, probs, class_names=list(CLASSES), patient_ids=[i["patient"] for i in items], seed=seed)
+    return classification_metrics(y, probs, class_names=list(class_names), patient_ids=[i["patient"] for i in items], seed=seed)
 
 
 def resnet(widen: float) -> Any:

@@ -18,7 +18,7 @@ from medtl.cli import build_parser, main
 from medtl.nifti import read_nifti
 from medtl.reader import load_volume
 
-VERBS = ["scan", "convert", "manifest", "demo-data", "demo", "shift"]
+VERBS = ["scan", "convert", "manifest", "demo-data", "demo", "shift", "import"]
 
 
 def test_help_describes_every_verb_and_option(capsys):

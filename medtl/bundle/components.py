@@ -164,9 +164,10 @@ def _csv_cases(path: Path) -> dict[str, Any]:
         if not image:
             skipped.append({"id": f"row {n}", "reason": "empty image path"})
             continue
-        case: dict[str, Any] = {"id": image, "image": str(path.parent / image)}
+        case: dict[str, Any] = {"id": image, "image": str(path.parent / image), "image_path": image, "mask_path": ""}
         if (row.get("mask") or "").strip():
             case["mask"] = str(path.parent / row["mask"].strip())
+            case["mask_path"] = row["mask"].strip()
         elif (row.get("roi_center_mm") or "").strip():
             try:
                 case["roi_center_mm"] = [float(v) for v in row["roi_center_mm"].replace(";", " ").split()]
@@ -263,17 +264,22 @@ class MetricsReport:
 
 
 class PredictionWriter:
-    """One row per case: id, class probabilities, predicted class, model version; CSV and JSON.
+    """One row per case: its identifying columns, class probabilities (``prob_<class>``), predicted
+    class and model version; CSV and JSON.
 
-    ``skipped`` (from ``prepare_cases``) is written beside the predictions so nothing goes
-    missing silently. Extra columns present in the batch (``columns``) are repeated in each row.
+    ``columns`` maps output column names to batch keys (a plain list repeats keys under their own
+    names): ``{"image": "image_path", "mask": "mask_path"}`` repeats a CSV input's paths as given.
+    ``skipped`` (from ``prepare_cases``) is written beside the predictions so nothing goes missing
+    silently.
     """
 
     def __init__(self, output_dir: str | Path, class_names: Sequence[str], *, skipped: Sequence[Mapping[str, Any]] = (),
-                 model_version: str = "", columns: Sequence[str] = ("id", "series"), filename: str = "predictions") -> None:
+                 model_version: str = "", columns: Sequence[str] | Mapping[str, str] = ("id", "series"),
+                 filename: str = "predictions") -> None:
         self.output_dir, self.filename = Path(output_dir), filename
         self.class_names, self.skipped = list(class_names), list(skipped)
-        self.model_version, self.columns = str(model_version), list(columns)
+        self.model_version = str(model_version)
+        self.columns = dict(columns) if isinstance(columns, Mapping) else {c: c for c in columns}
         self.rows: list[dict[str, Any]] = []
 
     def attach(self, engine: Any) -> None:
@@ -285,7 +291,7 @@ class PredictionWriter:
 
     def _collect(self, engine: Any) -> None:
         probs = _probabilities(engine)
-        extra = {c: _column(engine.state.batch, c, len(probs)) or [""] * len(probs) for c in self.columns}
+        extra = {c: _column(engine.state.batch, key, len(probs)) or [""] * len(probs) for c, key in self.columns.items()}
         for i, p in enumerate(probs):
             row = {c: extra[c][i] for c in self.columns}
             row.update({f"prob_{name}": round(float(v), 6) for name, v in zip(self.class_names, p)})
