@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -160,3 +161,29 @@ def test_finetune_then_distill_bundles_adapt_the_source_to_site_b(trained_source
 
     monai_bundle("run", "--config_file", "configs/evaluate.json", "--bundle_root", ".", *data, "--n_boot", "20", cwd=distill)
     assert json.loads((distill / "eval" / "metrics.json").read_text())["n"] > 0
+
+
+@pytest.mark.slow
+def test_lidc_bundle_scores_nodules_listed_in_a_csv(shared_data, tmp_path):
+    bundle = REPO / "bundles" / "lidc_nodule_malignancy"
+    if not (bundle / "models" / "model.pt").is_file():
+        pytest.skip("lidc_nodule_malignancy has no trained weights yet (benchmarks/real_data.py --export)")
+    vois = shared_data / "lidc_nodule_vois"
+    rows = list(csv.DictReader((vois / "labels.csv").open()))[:4]
+    table = tmp_path / "cases.csv"
+    lines = ["image,mask"] + [f"{Path(os.path.relpath(vois / r['image'], tmp_path)).as_posix()},"
+                              f"{Path(os.path.relpath(vois / r['mask'], tmp_path)).as_posix()}" for r in rows]
+    lines.append("missing.nii.gz,missing_mask.nii.gz")  # skipped and reported, the others still scored
+    table.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    monai_bundle("run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+                 "--input_csv", str(table), "--output_dir", str(out), cwd=tmp_path)
+    predictions = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [p["image"] for p in predictions] == [line.split(",")[0] for line in lines[1:5]]
+    assert [p["mask"] for p in predictions] == [line.split(",")[1] for line in lines[1:5]]
+    assert set(predictions[0]) == {"image", "mask", "prob_Benign", "prob_Malign", "pred", "model_version"}
+    assert all(p["pred"] in ("Benign", "Malign") for p in predictions)
+    skipped = json.loads((out / "predictions.json").read_text())["skipped"]
+    assert [s["id"] for s in skipped] == ["missing.nii.gz"]
+    weights = sum(f.stat().st_size for f in (bundle / "models").glob("model.pt"))
+    assert weights <= 10 * 2**20

@@ -77,6 +77,13 @@ def _family_patterns(model: nn.Module) -> dict[str, str] | None:
     return None
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside ``DistributedDataParallel``/``DataParallel`` (multi-GPU bundles wrap it):
+    layer groups, learning rates and freezing are defined on its own parameter names."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
 def layer_groups(model: nn.Module, groups: Mapping[str, str] | None = None) -> list[LayerGroup]:
     """The model's layer groups, input to output, the classifier head last (named ``head``).
 
@@ -137,6 +144,7 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups, one per layer group, each with its discriminative learning rate
     and its ``name`` (which ``FineTuneSchedule`` uses to find it)."""
+    network = unwrap(network)
     layout = layer_groups(network, groups)
     lrs = discriminative_lrs(layout, lr, lr_decay)
     out = generate_param_groups(
@@ -260,6 +268,7 @@ class FineTuneSchedule:
         """Set ``requires_grad``, BatchNorm mode and learning rates for 1-based ``epoch``; ``progress``
         is the epochs done counting the current step (default: ``epoch``, whole-epoch steps). Usable
         from a plain training loop."""
+        network = unwrap(network)
         layout = self._groups_of(network)
         n = len(layout)
         progress = float(epoch) if progress is None else float(progress)
@@ -317,6 +326,7 @@ class FineTuneSchedule:
     def release(self, network: nn.Module) -> None:
         """End of training: every parameter trainable again and BatchNorm hooks removed, so the
         network leaves as a plain module (exportable to TorchScript, ready for further training)."""
+        network = unwrap(network)
         for hooks in self._hooks.values():
             for hook in hooks:
                 hook.remove()
@@ -343,4 +353,4 @@ class FineTuneSchedule:
         self.apply(engine.network, engine.optimizer, engine.state.epoch, progress=done, max_epochs=engine.state.max_epochs)
 
 
-__all__ = ["DECAYS", "UNFREEZE_MODES", "FineTuneSchedule", "LayerGroup", "discriminative_lrs", "layer_groups", "param_groups"]
+__all__ = ["DECAYS", "UNFREEZE_MODES", "FineTuneSchedule", "LayerGroup", "discriminative_lrs", "layer_groups", "param_groups", "unwrap"]

@@ -51,8 +51,9 @@ class L2SP:
 
     def bind(self, network: nn.Module) -> None:
         """Snapshot the reference weights of ``network`` (called at the start of training)."""
-        from medtl.adapt.schedule import layer_groups
+        from medtl.adapt.schedule import layer_groups, unwrap
 
+        network = unwrap(network)
         head = set(layer_groups(network)[-1].params)
         source = self.reference if self.reference is not None else {k: v.detach().clone() for k, v in network.state_dict().items()}
         self._pairs = [
