@@ -187,3 +187,21 @@ def test_lidc_bundle_scores_nodules_listed_in_a_csv(shared_data, tmp_path):
     assert [s["id"] for s in skipped] == ["missing.nii.gz"]
     weights = sum(f.stat().st_size for f in (bundle / "models").glob("model.pt"))
     assert weights <= 10 * 2**20
+
+
+@pytest.mark.slow
+def test_multi_gpu_train_runs_under_torchrun_on_cpu(trained_source, tmp_path):
+    """Two processes (gloo on CPU), DDP and a distributed sampler; only rank 0 saves and logs."""
+    source, demo = trained_source
+    bundle = tmp_path / "tumor_cls_finetune"
+    shutil.copytree(REPO / "bundles" / "tumor_cls_finetune", bundle)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run", "--config_file",
+               "['configs/train.json','configs/multi_gpu_train.json']", "--bundle_root", ".", "--source", str(source),
+               "--manifest", demo["sites"]["B"]["manifest"], "--dataset_dir", str(demo["out"]), "--max_epochs", "2",
+               "--head_epochs", "1", "--batch_size", "2"]
+    done = subprocess.run(command, cwd=bundle, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert log.count("epoch 2: training") == 2  # both ranks followed the schedule
+    writers = list((bundle / "runs").glob("events.out.tfevents.*"))
+    assert (bundle / "models" / "model.pt").is_file() and len(writers) == 2  # rank 0 only: its train and validation writers
