@@ -222,7 +222,9 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     for name, site in demo["sites"].items():
         print(f"  site {name}: scan index {site['scan']}, manifest {site['manifest']}")
     for name, info in exported.items():
-        print(f"  bundle {name} {info['version']}: {info['path']} (TorchScript max abs diff {info['torchscript_max_abs_diff']:.1e})")
+        onnx = "no ONNX (onnxruntime not installed)" if info["onnx_max_abs_diff"] is None else f"ONNX {info['onnx_max_abs_diff']:.1e}"
+        print(f"  bundle {name} {info['version']}: {info['path']} (max abs diff to the network: TorchScript "
+              f"{info['torchscript_max_abs_diff']:.1e}, {onnx})")
     print(f"  predictions: {out / 'predictions'}/predictions.csv, predictions.json")
     summary = {"stages": [{k: v for k, v in r.items() if k != "result"} | {"metrics": r["result"]["metrics"]} for r in rows],
                "timings": timings, "bundles": {k: str(v["path"].relative_to(out)) for k, v in exported.items()},

@@ -60,6 +60,26 @@ def _torchscript_parity(network: nn.Module, scripted: torch.jit.ScriptModule, sh
         return float((scripted(x) - network(x)).abs().max())
 
 
+def _onnx_export(network: nn.Module, path: Path, shape: list[int], seed: int = 0) -> float | None:
+    """``models/model.onnx`` (dynamic batch) checked with ONNX Runtime; None when onnx/onnxruntime
+    are not installed (``pip install onnx onnxruntime``)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        logger.warning("onnxruntime not installed: no ONNX export (pip install onnx onnxruntime)")
+        return None
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(seed))
+
+    def write(tmp: Path) -> None:
+        torch.onnx.export(network, (x,), str(tmp), input_names=["image"], output_names=["pred"],
+                          dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}}, dynamo=False)
+
+    atomic_write(path, write)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        return float(np.abs(session.run(None, {"image": x.numpy()})[0] - network(x).numpy()).max())
+
+
 def export_bundle(
     network: nn.Module,
     dest: str | Path,
@@ -69,13 +89,15 @@ def export_bundle(
     changelog: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     torchscript: bool = True,
+    onnx: bool = True,
 ) -> dict[str, Any]:
     """Write ``network`` as the bundle ``template`` at ``dest`` (replacing what is there).
 
     ``metrics`` (name -> ``classification_metrics`` result) fill ``eval_metrics``; ``changelog`` adds
     an entry for the template's version; ``metadata`` overrides other fields. With ``torchscript``
     the network is scripted to ``models/model.ts`` and must match the eager network's outputs
-    (max abs difference returned). Returns ``{"path", "version", "torchscript_max_abs_diff"}``.
+    (max abs difference returned); with ``onnx`` (and onnxruntime installed) the same for
+    ``models/model.onnx``. Returns ``{"path", "version", "torchscript_max_abs_diff", "onnx_max_abs_diff"}``.
     """
     source = template_dir(template)
     dest = Path(dest)
@@ -87,6 +109,9 @@ def export_bundle(
         models = build / "models"
         models.mkdir()
         torch.save(network.state_dict(), models / "model.pt")
+        from medtl.bundle.components import load_bundle_network
+
+        load_bundle_network(build)  # the template's network_def must take these weights, all of them
 
         meta_path = build / "configs" / "metadata.json"
         meta = json.loads(meta_path.read_text())
@@ -99,20 +124,23 @@ def export_bundle(
         meta.update(metadata or {})
         atomic_write_json(meta_path, meta)
 
-        diff = None
+        diff = onnx_diff = None
+        shape = [meta["network_data_format"]["inputs"]["image"]["num_channels"], *meta["network_data_format"]["inputs"]["image"]["spatial_shape"]]
         if torchscript:
             scripted = convert_to_torchscript(network)
-            shape = [meta["network_data_format"]["inputs"]["image"]["num_channels"],
-                     *meta["network_data_format"]["inputs"]["image"]["spatial_shape"]]
             diff = _torchscript_parity(network, scripted, shape)
             if diff > 1e-4:
                 raise MedtlError(f"TorchScript output differs from the network by {diff:.2e}", path=dest.name)
             atomic_write(models / "model.ts", lambda p: torch.jit.save(scripted, str(p)))
+        if onnx:
+            onnx_diff = _onnx_export(network, models / "model.onnx", shape)
+            if onnx_diff is not None and onnx_diff > 1e-4:
+                raise MedtlError(f"ONNX output differs from the network by {onnx_diff:.2e}", path=dest.name)
         if dest.exists():  # moved into the temporary folder, which removes it on the way out
             dest.rename(Path(tmp) / "previous")
         build.rename(dest)
-    logger.info("bundle %s %s written (TorchScript max abs diff %s)", dest.name, meta["version"], diff)
-    return {"path": dest, "version": meta["version"], "torchscript_max_abs_diff": diff}
+    logger.info("bundle %s %s written (max abs diff to the network: TorchScript %s, ONNX %s)", dest.name, meta["version"], diff, onnx_diff)
+    return {"path": dest, "version": meta["version"], "torchscript_max_abs_diff": diff, "onnx_max_abs_diff": onnx_diff}
 
 
 __all__ = ["eval_metrics", "export_bundle", "template_dir"]
