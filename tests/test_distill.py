@@ -227,3 +227,19 @@ def test_fingerprint_covers_batchnorm_buffers():
     before = model_fingerprint(bn)  # holds a 0-dim num_batches_tracked buffer
     bn.train()(torch.randn(4, 3))
     assert model_fingerprint(bn) != before and len(before) == 64
+
+
+def test_fit_keeps_the_starting_weights_when_training_only_hurts():
+    torch.manual_seed(0)
+    net = nn.Linear(4, 2)
+    with torch.no_grad():  # a good classifier already: feature 0 decides
+        net.weight.copy_(torch.tensor([[-3.0, 0, 0, 0], [3.0, 0, 0, 0]]))
+        net.bias.zero_()
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    flipped = [{**d, "label": 1 - d["label"]} for d in _separable(40, 0)]  # training labels that teach the opposite
+    train = DataLoader(Dataset(flipped, _to_tensor()), batch_size=8)
+    val = DataLoader(Dataset(_separable(20, 1), _to_tensor()), batch_size=20)
+    result = fit(net, train, optimizer=torch.optim.SGD(net.parameters(), lr=1.0), max_epochs=3, val_loader=val,
+                 keep_initial=True, progress=False)
+    assert result["best_epoch"] == 0 and len(result["val_auc"]) == 4 and result["val_auc"][0] > 0.95
+    assert all(torch.equal(start[k], v) for k, v in net.state_dict().items())

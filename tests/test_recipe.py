@@ -57,7 +57,8 @@ def test_source_then_finetune_then_distill(tmp_path):
     assert trainable[0] == ["head"] and len(trainable[-1]) > len(trainable[0])  # head first, then more groups
     assert trainable[-1] == ["layer3", "layer4", "head"]  # epoch 4: two groups below the head
     assert torch.equal(stem_before, model.conv1.weight)  # never unfrozen in 4 epochs (whichever epoch was best)
-    assert 1 <= result["best_epoch"] <= 4 and len(result["val_auc"]) == 4
+    assert 0 <= result["best_epoch"] <= 4 and len(result["val_auc"]) == 5  # epoch 0: the unadapted model, a candidate too
+    assert result["adabn"]["kept"]  # a new head: AdaBN always applies
     assert result["recipe"]["l2sp"] == recipe.l2sp
 
     # the same label space keeps the source head; the naive recipe skips AdaBN and the head phase

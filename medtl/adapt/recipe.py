@@ -29,6 +29,7 @@ from medtl.adapt.head import find_classifier, replace_head
 from medtl.adapt.schedule import FineTuneSchedule, param_groups
 from medtl.adapt.train import L2SP, fit
 from medtl.errors import MedtlError
+from medtl.evaluate import collect_predictions, roc_auc_ovr
 from medtl.transforms import augmentation
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,12 @@ def loader(items: Items, *, augment: str = "none", batch_size: int = 8, shuffle:
         raise MedtlError("no cases to load", hint="check the manifest split is not empty")
     transform = None if augment == "none" else augmentation(level=augment)
     return DataLoader(Dataset(list(items), transform), batch_size=batch_size, shuffle=shuffle)
+
+
+def validation_auc(network: nn.Module, items: Items, device: str | torch.device = "cpu") -> float:
+    """ROC AUC (one-vs-rest for K > 2) of ``network`` on preprocessed labeled items."""
+    y, probs, _ = collect_predictions(network, loader(items, batch_size=32), device)
+    return roc_auc_ovr(y, probs)
 
 
 def _num_outputs(network: nn.Module) -> int:
@@ -69,9 +76,11 @@ class TrainRecipe:
 class FineTuneRecipe:
     """Adapting a source model on few target labels without losing what it learned.
 
-    Defaults: AdaBN on the target's scans first, the new head alone for ``head_epochs``, then layer
-    groups unfreezing from the top at ``lr * lr_decay**depth``, L2-SP toward the source weights,
-    the best validation epoch kept. ``naive()`` is the plain full fine-tune it is compared with.
+    Defaults: AdaBN on the target's scans, kept when it does not lower the validation AUC; the new
+    head alone for ``head_epochs``, then layer groups unfreezing from the top at
+    ``lr * lr_decay**depth``, L2-SP toward the source weights; the best validation epoch kept, the
+    unadapted model included (``keep_source``), so the recipe never ends below where it started on
+    validation data. ``naive()`` is the plain full fine-tune it is compared with.
     """
 
     epochs: int = 30
@@ -84,6 +93,7 @@ class FineTuneRecipe:
     warmup_epochs: float = 1.0
     l2sp: float = 0.01
     adabn: bool = True
+    keep_source: bool = True
     weight_decay: float = 0.0
     batch_size: int = 8
     augment: str = "light"
@@ -93,7 +103,7 @@ class FineTuneRecipe:
     def naive(cls, **overrides: Any) -> FineTuneRecipe:
         """Every layer trains from the first step at one rate: the textbook fine-tune."""
         options = dict(head_epochs=0, lr=1e-3, lr_decay=1.0, unfreeze="all", warmup_epochs=0.0, l2sp=0.0,
-                       adabn=False, weight_decay=1e-4, patience=None)
+                       adabn=False, keep_source=False, weight_decay=1e-4, patience=None)
         return cls(**{**options, **overrides})
 
 
@@ -134,12 +144,18 @@ def finetune(network: nn.Module, train_items: Items, val_items: Items, recipe: F
     """Adapt ``network`` (in place) to the target: AdaBN, new head if the class count differs, the
     freeze -> unfreeze schedule with discriminative rates, L2-SP; returns ``fit``'s summary."""
     summary: dict[str, Any] = {"recipe": asdict(recipe)}
-    if recipe.adabn:
-        target_scans = [*train_items, *unlabeled_items]
-        summary["adabn"] = adabn(network, loader(target_scans, batch_size=16), device=device, progress=progress)
     if _num_outputs(network) != num_classes:
         replace_head(network, num_classes)
         summary["new_head"] = True
+    if recipe.adabn:
+        candidate = copy.deepcopy(network)
+        stats = adabn(candidate, loader([*train_items, *unlabeled_items], batch_size=16), device=device, progress=progress)
+        before, after = (validation_auc(m, val_items, device) for m in (network, candidate))
+        kept = summary.get("new_head", False) or not after < before  # a fresh head has no "before" to keep
+        if kept:
+            network.load_state_dict(candidate.state_dict())
+        summary["adabn"] = stats | {"val_auc_before": before, "val_auc_after": after, "kept": kept}
+        logger.info("AdaBN %s: validation AUC %.3f -> %.3f", "kept" if kept else "discarded", before, after)
     optimizer = torch.optim.AdamW(param_groups(network, lr=recipe.lr, lr_decay=recipe.lr_decay), weight_decay=recipe.weight_decay)
     schedule = FineTuneSchedule(head_epochs=recipe.head_epochs, head_lr=recipe.head_lr, unfreeze=recipe.unfreeze,
                                 unfreeze_every=recipe.unfreeze_every, warmup_epochs=recipe.warmup_epochs)
@@ -149,7 +165,8 @@ def finetune(network: nn.Module, train_items: Items, val_items: Items, recipe: F
     result = fit(
         network, loader(train_items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True),
         optimizer=optimizer, max_epochs=recipe.epochs, handlers=handlers, val_loader=loader(val_items, batch_size=32),
-        num_classes=num_classes, patience=recipe.patience, device=device, progress=progress, desc=desc,
+        num_classes=num_classes, patience=recipe.patience, keep_initial=recipe.keep_source, device=device,
+        progress=progress, desc=desc,
     )
     return summary | result | {"schedule": schedule.history}
 
@@ -180,4 +197,4 @@ def distill(teacher: nn.Module, student: nn.Module, labeled_items: Items, unlabe
     return {"recipe": asdict(recipe), "pseudo_labels": report} | result
 
 
-__all__ = ["DistillRecipe", "FineTuneRecipe", "TrainRecipe", "distill", "finetune", "loader", "preprocess", "train"]
+__all__ = ["DistillRecipe", "FineTuneRecipe", "TrainRecipe", "distill", "finetune", "loader", "preprocess", "train", "validation_auc"]

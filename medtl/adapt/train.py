@@ -124,6 +124,7 @@ def fit(
     handlers: Sequence[Any] = (),
     prepare_batch: Callable[..., Any] | None = None,
     patience: int | None = None,
+    keep_initial: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "train",
@@ -133,13 +134,16 @@ def fit(
     Args:
         handlers: extra trainer handlers with ``attach`` (``FineTuneSchedule``, ``L2SP``, ...).
         patience: stop after this many epochs without a better validation AUC (needs ``val_loader``).
+        keep_initial: validate the starting weights too (epoch 0): when no epoch beats them, the
+            network ends as it started, so adapting never makes it worse on validation data.
 
-    Returns ``{"epochs_run", "best_epoch", "best_val_auc", "val_auc" (per epoch), "seconds"}``.
+    Returns ``{"epochs_run", "best_epoch" (0: the starting weights), "best_val_auc", "val_auc" (per
+    validation, epoch 0 first with ``keep_initial``), "seconds"}``.
     """
     if max_epochs < 1:
         raise MedtlError(f"max_epochs must be >= 1, got {max_epochs}")
-    if patience is not None and val_loader is None:
-        raise MedtlError("early stopping (patience) needs a validation loader")
+    if (patience is not None or keep_initial) and val_loader is None:
+        raise MedtlError("early stopping (patience) and keep_initial need a validation loader")
     device = torch.device(device)
     network.to(device)
     options = {} if prepare_batch is None else {"prepare_batch": prepare_batch}
@@ -163,6 +167,8 @@ def fit(
             EarlyStopHandler(patience=int(patience), score_function=lambda e: float(e.state.metrics["val_auc"]),
                              trainer=trainer).attach(evaluator)
         ValidationHandler(interval=1, validator=evaluator).attach(trainer)
+        if keep_initial:
+            evaluator.run()  # epoch 0: the starting weights are a candidate
     start = time.perf_counter()
     trainer.run()
     if keep.state is not None:
