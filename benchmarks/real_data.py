@@ -1,6 +1,6 @@
 """Real transfer on LIDC-IDRI nodules: source = thin-slice scans, target = thick-slice scans, in one run.
 
-    .venv/bin/python benchmarks/real_data.py [--lidc ../shared/data/lidc_nodule_vois] [--work /tmp/medtl-lidc]
+    .venv/bin/python benchmarks/real_data.py [--lidc ../shared/data/lidc_nodule_vois] [--work medtl-lidc]
         [--draws 3] [--budgets 0.1 0.25 1.0] [--export bundles/lidc_nodule_malignancy]
 
 Imports the nodule VOIs (``medtl.importers.import_lidc_vois``), trains a 0.9M-parameter 3D ResNet10
