@@ -164,10 +164,11 @@ def _csv_cases(path: Path) -> dict[str, Any]:
         if not image:
             skipped.append({"id": f"row {n}", "reason": "empty image path"})
             continue
-        case: dict[str, Any] = {"id": image, "image": str(path.parent / image), "image_path": image, "mask_path": ""}
+        # the paths as written in the table, repeated in the output (keys named apart from MONAI's "<key>_..." ones)
+        case: dict[str, Any] = {"id": image, "image": str(path.parent / image), "csv_image": image, "csv_mask": ""}
         if (row.get("mask") or "").strip():
             case["mask"] = str(path.parent / row["mask"].strip())
-            case["mask_path"] = row["mask"].strip()
+            case["csv_mask"] = row["mask"].strip()
         elif (row.get("roi_center_mm") or "").strip():
             try:
                 case["roi_center_mm"] = [float(v) for v in row["roi_center_mm"].replace(";", " ").split()]
@@ -268,7 +269,7 @@ class PredictionWriter:
     class and model version; CSV and JSON.
 
     ``columns`` maps output column names to batch keys (a plain list repeats keys under their own
-    names): ``{"image": "image_path", "mask": "mask_path"}`` repeats a CSV input's paths as given.
+    names): ``{"image": "csv_image", "mask": "csv_mask"}`` repeats a CSV input's paths as given.
     ``skipped`` (from ``prepare_cases``) is written beside the predictions so nothing goes missing
     silently.
     """
