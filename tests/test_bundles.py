@@ -205,3 +205,17 @@ def test_multi_gpu_train_runs_under_torchrun_on_cpu(trained_source, tmp_path):
     assert log.count("epoch 2: training") == 2  # both ranks followed the schedule
     writers = list((bundle / "runs").glob("events.out.tfevents.*"))
     assert (bundle / "models" / "model.pt").is_file() and len(writers) == 2  # rank 0 only: its train and validation writers
+
+
+def test_csv_cases_take_a_mask_or_an_roi_centre_and_report_bad_rows(tmp_path):
+    table = tmp_path / "cases.csv"
+    table.write_text("image,mask,roi_center_mm\na.nii.gz,a_mask.nii.gz,\nb.nii.gz,,1.5 -2 30\nc.nii.gz,,one two\n,,\nd.nii.gz,,1 2\n")
+    found = inference_cases(input_csv=table)
+    a, b = found["cases"]
+    assert a["mask"] == str(tmp_path / "a_mask.nii.gz") and a["csv_mask"] == "a_mask.nii.gz" and "roi_center_mm" not in a
+    assert b["roi_center_mm"] == [1.5, -2.0, 30.0] and "mask" not in b and b["image"] == str(tmp_path / "b.nii.gz")
+    assert [s["id"] for s in found["skipped"]] == ["c.nii.gz", "row 5", "d.nii.gz"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\nx.nii.gz,1\n")
+    with pytest.raises(MedtlError, match="needs an 'image' column"):
+        inference_cases(input_csv=bad)

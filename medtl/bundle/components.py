@@ -171,10 +171,13 @@ def _csv_cases(path: Path) -> dict[str, Any]:
             case["csv_mask"] = row["mask"].strip()
         elif (row.get("roi_center_mm") or "").strip():
             try:
-                case["roi_center_mm"] = [float(v) for v in row["roi_center_mm"].replace(";", " ").split()]
+                center = [float(v) for v in row["roi_center_mm"].replace(";", " ").split()]
             except ValueError:
-                skipped.append({"id": image, "reason": f"roi_center_mm is not 3 numbers: {row['roi_center_mm']!r}"})
+                center = []
+            if len(center) != 3:
+                skipped.append({"id": image, "reason": f"roi_center_mm is not 3 numbers (x y z, RAS mm): {row['roi_center_mm']!r}"})
                 continue
+            case["roi_center_mm"] = center
         cases.append(case)
     return {"cases": cases, "skipped": skipped}
 
