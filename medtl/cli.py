@@ -140,6 +140,15 @@ def _shift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapt(args: argparse.Namespace) -> int:
+    from medtl.adapt.job import run_adapt
+
+    run_adapt(args.source, args.manifest, args.root, args.out, widen_factor=args.widen_factor, modality=args.modality,
+              epochs=args.epochs, student_widen=args.student_widen, student_epochs=args.student_epochs, trust=args.trust,
+              seed=args.seed, progress=not args.quiet)
+    return 0
+
+
 def _import(args: argparse.Namespace) -> int:
     from medtl.importers import import_lidc_vois, import_medmnist
 
@@ -250,6 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the permutation test (default 0)")
     p.add_argument("-o", "--output", required=True, help="report JSON to write, e.g. shift.json")
     p.set_defaults(func=_shift)
+
+    p = verbs.add_parser("adapt", help="adapt source weights to your own target manifest and export the bundle",
+                         description="The demo's adaptation on your data: load the source weights into a ResNet10 (a new head when the "
+                         "target has other classes), score it on the target's test split, AdaBN, fine-tune on the target's labeled train cases "
+                         "(head first, gradual unfreezing, L2-SP, selection on its val split), optionally distill a smaller student on its "
+                         "unlabeled scans, and export the fine-tuned model as a tumor_cls_finetune bundle with TorchScript and ONNX copies.")
+    p.add_argument("--source", required=True, help="source weights: a bundle folder or zip, a state dict, a checkpoint or TorchScript")
+    p.add_argument("--manifest", required=True, help="the target site's manifest (train, val and test splits; unlabeled optional)")
+    p.add_argument("--root", required=True, help="data root the manifest's paths are relative to")
+    p.add_argument("--out", default="medtl-adapt", help="output folder (default ./medtl-adapt)")
+    p.add_argument("--widen-factor", type=float, default=0.5, help="ResNet10 width of the source weights (default 0.5)")
+    p.add_argument("--modality", default="ct", help="ct or mr (default ct)")
+    p.add_argument("--epochs", type=int, default=30, help="most fine-tuning epochs (default 30; early stopping)")
+    p.add_argument("--student-widen", type=float, help="also distill a student of this ResNet10 width, e.g. 0.25")
+    p.add_argument("--student-epochs", type=int, default=25, help="most student epochs (default 25)")
+    p.add_argument("--trust", action="store_true", help="allow a source checkpoint that needs pickled code (runs code from the file)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.set_defaults(func=_adapt)
 
     p = verbs.add_parser("import", help="import a public dataset (LIDC-IDRI nodule VOIs, MedMNIST .npz) as NIfTI + manifests",
                          description="Convert a public dataset into medtl's own files (NIfTI volumes, label tables, manifests) so it flows "

@@ -105,10 +105,11 @@ def evaluate_items(network: Any, items: Sequence[Mapping[str, Any]], *, seed: in
     return classification_metrics(y, probs, class_names=list(class_names), patient_ids=[i["patient"] for i in items], seed=seed)
 
 
-def resnet(widen: float) -> Any:
+def resnet(widen: float, num_classes: int = len(CLASSES)) -> Any:
+    """The ResNet10 every demo stage and bundle uses, at width ``widen``."""
     from monai.networks.nets import resnet10
 
-    return resnet10(spatial_dims=3, n_input_channels=1, num_classes=len(CLASSES), widen_factor=widen)
+    return resnet10(spatial_dims=3, n_input_channels=1, num_classes=num_classes, widen_factor=widen)
 
 
 def _unseen_folders(demo: Mapping[str, Any], out: Path, n: int) -> tuple[Path, dict[str, str]]:
@@ -245,7 +246,7 @@ def _print_ingest(result: Mapping[str, Any]) -> None:
 
 
 def _print_stages(rows: Sequence[Mapping[str, Any]]) -> None:
-    print(f"\n{'stage':<14}{'evaluated on':<14}{'n':>4}{'AUC [95% CI]':>24}{'accuracy [95% CI]':>24}{'params':>9}{'time':>7}")
+    print(f"\n{'stage':<16}{'evaluated on':<14}{'n':>4}{'AUC [95% CI]':>24}{'accuracy [95% CI]':>24}{'params':>9}{'time':>7}")
     for row in rows:
         m, n = row["result"]["metrics"], row["result"]["n"]
 
@@ -253,5 +254,5 @@ def _print_stages(rows: Sequence[Mapping[str, Any]]) -> None:
             value, ci = m[key]["value"], m[key]["ci95"]
             return "n/a" if value is None else f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.3f}"
 
-        print(f"{row['stage']:<14}{row['evaluated on']:<14}{n:>4}{cell('auc'):>24}{cell('accuracy'):>24}"
+        print(f"{row['stage']:<16}{row['evaluated on']:<14}{n:>4}{cell('auc'):>24}{cell('accuracy'):>24}"
               f"{row['params'] / 1e6:>8.2f}M{row['seconds']:>6.0f}s")

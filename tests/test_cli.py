@@ -18,7 +18,7 @@ from medtl.cli import build_parser, main
 from medtl.nifti import read_nifti
 from medtl.reader import load_volume
 
-VERBS = ["scan", "convert", "manifest", "demo-data", "demo", "shift", "import"]
+VERBS = ["scan", "convert", "manifest", "demo-data", "demo", "shift", "import", "adapt"]
 
 
 def test_help_describes_every_verb_and_option(capsys):
@@ -159,3 +159,26 @@ def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys
         assert meta["eval_metrics"]["site_B_test_n"] == b_test and "site_B_test_auc_ci95" in meta["eval_metrics"]
         assert (bundle / "models" / "model.pt").is_file() and (bundle / "models" / "model.ts").is_file()
         assert str(tmp_path) not in "".join(p.read_text() for p in (bundle / "configs").iterdir())
+
+
+@pytest.mark.slow
+def test_adapt_runs_the_steps_on_a_target_manifest_and_exports_a_bundle(tmp_path, capsys):
+    """medtl adapt: source bundle weights -> scored, AdaBN, fine-tuned on the target -> exported bundle."""
+    from monai.networks.nets import resnet10
+
+    from medtl.bundle.export import export_bundle
+    from medtl.demo import prepare_demo_data
+
+    demo = prepare_demo_data(tmp_path / "demo", scale=0.1, progress=False)
+    source = export_bundle(resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.5), tmp_path / "source",
+                           template="tumor_cls_source", onnx=False)["path"]
+    manifest = json.loads(Path(demo["sites"]["B"]["manifest"]).read_text())
+    out = tmp_path / "adapted"
+    assert main(["-q", "adapt", "--source", str(source), "--manifest", str(demo["sites"]["B"]["manifest"]), "--root", str(demo["out"]),
+                 "--out", str(out), "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert [line.split()[0] for line in printed.splitlines() if "target test" in line] == ["source-only", "AdaBN", "fine-tuned"]
+    meta = json.loads((out / "tumor_cls_finetune" / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "benign", "1": "malignant"}
+    assert meta["eval_metrics"]["target_test_n"] == sum(1 for c in manifest["cases"] if c["split"] == "test")
+    assert json.loads((out / "adapt_summary.json").read_text())["finetune"]["epochs_run"] == 2

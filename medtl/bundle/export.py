@@ -109,9 +109,6 @@ def export_bundle(
         models = build / "models"
         models.mkdir()
         torch.save(network.state_dict(), models / "model.pt")
-        from medtl.bundle.components import load_bundle_network
-
-        load_bundle_network(build)  # the template's network_def must take these weights, all of them
 
         meta_path = build / "configs" / "metadata.json"
         meta = json.loads(meta_path.read_text())
@@ -123,6 +120,9 @@ def export_bundle(
             meta["changelog"] = {meta["version"]: changelog, **{k: v for k, v in meta["changelog"].items() if k != meta["version"]}}
         meta.update(metadata or {})
         atomic_write_json(meta_path, meta)
+        from medtl.bundle.components import load_bundle_network
+
+        load_bundle_network(build)  # the template's network_def must take these weights, all of them
 
         diff = onnx_diff = None
         shape = [meta["network_data_format"]["inputs"]["image"]["num_channels"], *meta["network_data_format"]["inputs"]["image"]["spatial_shape"]]

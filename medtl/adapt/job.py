@@ -1,0 +1,109 @@
+"""``medtl adapt``: the demo's adaptation steps on the user's own target manifest and source weights.
+
+source weights (bundle, state dict, checkpoint, TorchScript) -> evaluated on the target's test split
+-> AdaBN -> fine-tuned on the target's labeled cases (freeze -> unfreeze, L2-SP, validation-selected)
+-> optionally a smaller student distilled on its unlabeled scans -> the fine-tuned model exported as
+a ``tumor_cls_finetune`` bundle. The test split is only scored, never used for a choice.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+from medtl.errors import MedtlError
+from medtl.fileio import atomic_write_json
+
+
+def run_adapt(
+    source: str | Path,
+    manifest: str | Path,
+    root: str | Path,
+    out: str | Path,
+    *,
+    widen_factor: float = 0.5,
+    modality: str = "ct",
+    epochs: int = 30,
+    student_widen: float | None = None,
+    student_epochs: int = 25,
+    trust: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Adapt ResNet10 weights at ``source`` to the target ``manifest``; returns stage rows and the bundle."""
+    from monai.utils import set_determinism
+
+    from medtl.adapt.adabn import adabn
+    from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, distill, finetune, loader, preprocess
+    from medtl.bundle.components import class_names, load_source
+    from medtl.bundle.export import export_bundle
+    from medtl.demo import _print_stages, evaluate_items, resnet
+    from medtl.manifest import datalist, load_manifest
+    from medtl.transforms import preprocessing
+
+    out = Path(out)
+    set_determinism(seed)
+    names = class_names(manifest)
+    data = load_manifest(manifest)
+    pre = preprocessing(modality=modality)
+    items = {split: preprocess(datalist(data, root, split), pre, progress=progress, desc=split)
+             for split in ("train", "val", "test", "unlabeled")}
+    for split in ("train", "val", "test"):
+        if not items[split]:
+            raise MedtlError(f"the target manifest has no {split} cases", path=Path(manifest).name,
+                             hint="adaptation needs labeled train and val cases and a test split to report on")
+    rows: list[dict[str, Any]] = []
+
+    def stage(name: str, network: Any, seconds: float) -> dict[str, Any]:
+        result = evaluate_items(network, items["test"], seed=seed, class_names=names)
+        rows.append({"stage": name, "evaluated on": "target test", "result": result,
+                     "params": sum(p.numel() for p in network.parameters()), "seconds": seconds})
+        return result
+
+    network = resnet(widen_factor, num_classes=len(names))
+    report = load_source(network, source, trust=trust)
+    stage("source-only", network, 0.0)
+    t = time.perf_counter()
+    adapted = copy.deepcopy(network)
+    adabn(adapted, loader([*items["train"], *items["unlabeled"]], batch_size=16), progress=progress)
+    stage("AdaBN", adapted, time.perf_counter() - t)
+    t = time.perf_counter()
+    run = finetune(network, items["train"], items["val"], FineTuneRecipe(epochs=epochs), num_classes=len(names),
+                   unlabeled_items=items["unlabeled"], progress=progress, desc="fine-tune")
+    results = {"target test": stage("fine-tuned", network, time.perf_counter() - t)}
+    if student_widen:
+        student, t = resnet(student_widen, num_classes=len(names)), time.perf_counter()
+        distill(network, student, items["train"], items["unlabeled"], items["val"], DistillRecipe(epochs=student_epochs),
+                class_names=names, cache_dir=out / "cache", progress=progress, desc="distill student")
+        stage(f"student ({student_widen:g})", student, time.perf_counter() - t)
+    bundle = export_bundle(network, out / "tumor_cls_finetune", template="tumor_cls_finetune", metrics=results,
+                           changelog=f"adapted by medtl adapt from {Path(source).name} to {data['name']}",
+                           metadata={"network_data_format": _with_classes(names)})
+    _print_stages(rows)
+    print(f"\nfine-tuning kept epoch {run['best_epoch']} of {run['epochs_run']}; AdaBN "
+          f"{'kept' if run.get('adabn', {}).get('kept') else 'discarded'} on validation; source load: "
+          f"{len(report['loaded'])} tensors loaded, {len(report['mismatched'])} left to a new head")
+    print(f"bundle: {bundle['path']} (TorchScript max abs diff {bundle['torchscript_max_abs_diff']:.1e})")
+    summary = {"stages": [{k: v for k, v in r.items() if k != "result"} | {"metrics": r["result"]["metrics"]} for r in rows],
+               "finetune": {k: run[k] for k in ("best_epoch", "epochs_run", "best_val_auc", "val_auc")},
+               "bundle": "tumor_cls_finetune"}
+    atomic_write_json(out / "adapt_summary.json", summary)
+    return {"rows": rows, "bundle": bundle, "finetune": run}
+
+
+def _with_classes(names: list[str]) -> dict[str, Any]:
+    """The template's network_data_format with the target's classes as output channels."""
+    import json
+
+    from medtl.bundle.export import template_dir
+
+    meta = json.loads((template_dir("tumor_cls_finetune") / "configs" / "metadata.json").read_text())
+    fmt = meta["network_data_format"]
+    pred = fmt["outputs"]["pred"]
+    pred.update(num_channels=len(names), spatial_shape=[1, len(names)], channel_def={str(i): n for i, n in enumerate(names)})
+    return fmt
+
+
+__all__ = ["run_adapt"]
