@@ -195,7 +195,7 @@ def test_multi_gpu_train_runs_under_torchrun_on_cpu(trained_source, tmp_path):
     source, demo = trained_source
     bundle = tmp_path / "tumor_cls_finetune"
     shutil.copytree(REPO / "bundles" / "tumor_cls_finetune", bundle)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run", "--config_file",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "--config_file",
                "['configs/train.json','configs/multi_gpu_train.json']", "--bundle_root", ".", "--source", str(source),
                "--manifest", demo["sites"]["B"]["manifest"], "--dataset_dir", str(demo["out"]), "--max_epochs", "2",
                "--head_epochs", "1", "--batch_size", "2"]
