@@ -209,7 +209,7 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     timings["export + bundle inference"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
 
-    _print_stages(rows)
+    print_stages(rows)
     kept = student_run["pseudo_labels"]
     print(f"fine-tuning kept epoch {tuned_run['best_epoch']} of {tuned_run['epochs_run']} (best validation AUC); "
           f"student pseudo-labels at p >= {kept['threshold']:g}: {kept['pseudo_labels_kept']}, {kept['below_threshold']} soft-only")
@@ -227,8 +227,7 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
         print(f"  bundle {name} {info['version']}: {info['path']} (max abs diff to the network: TorchScript "
               f"{info['torchscript_max_abs_diff']:.1e}, {onnx})")
     print(f"  predictions: {out / 'predictions'}/predictions.csv, predictions.json")
-    summary = {"stages": [{k: v for k, v in r.items() if k != "result"} | {"metrics": r["result"]["metrics"]} for r in rows],
-               "timings": timings, "bundles": {k: str(v["path"].relative_to(out)) for k, v in exported.items()},
+    summary = {"stages": stages_json(rows), "timings": timings, "bundles": {k: str(v["path"].relative_to(out)) for k, v in exported.items()},
                "pseudo_labels": kept, "predictions": predictions}
     atomic_write_json(out / "demo_summary.json", summary)
     print(f"  summary: {out / 'demo_summary.json'}")
@@ -245,7 +244,13 @@ def _print_ingest(result: Mapping[str, Any]) -> None:
         print(f"{name:<5}{s['files']:>7}{s['series']:>8}{s['loadable_series']:>10}{s['skipped_files']:>9}  {n['train']:>6}{n['val']:>5}{n['test']:>6}{n['unlabeled']:>7}  {'OK' if site['check_ok'] else 'FAILED'}")
 
 
-def _print_stages(rows: Sequence[Mapping[str, Any]]) -> None:
+def stages_json(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Stage rows for a summary file: the scalar metrics with CIs, not the full evaluation results."""
+    return [{k: v for k, v in r.items() if k != "result"} | {"metrics": r["result"]["metrics"]} for r in rows]
+
+
+def print_stages(rows: Sequence[Mapping[str, Any]]) -> None:
+    """The stage table: AUC and accuracy with 95% CIs, parameters and seconds per stage."""
     print(f"\n{'stage':<16}{'evaluated on':<14}{'n':>4}{'AUC [95% CI]':>24}{'accuracy [95% CI]':>24}{'params':>9}{'time':>7}")
     for row in rows:
         m, n = row["result"]["metrics"], row["result"]["n"]

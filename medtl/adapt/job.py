@@ -39,7 +39,7 @@ def run_adapt(
     from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, distill, finetune, loader, preprocess
     from medtl.bundle.components import class_names, load_source
     from medtl.bundle.export import export_bundle
-    from medtl.demo import _print_stages, evaluate_items, resnet
+    from medtl.demo import evaluate_items, print_stages, resnet, stages_json
     from medtl.manifest import datalist, load_manifest
     from medtl.transforms import preprocessing
 
@@ -81,12 +81,12 @@ def run_adapt(
     bundle = export_bundle(network, out / "tumor_cls_finetune", template="tumor_cls_finetune", metrics=results,
                            changelog=f"adapted by medtl adapt from {Path(source).name} to {data['name']}",
                            metadata={"network_data_format": _with_classes(names)})
-    _print_stages(rows)
+    print_stages(rows)
     print(f"\nfine-tuning kept epoch {run['best_epoch']} of {run['epochs_run']}; AdaBN "
           f"{'kept' if run.get('adabn', {}).get('kept') else 'discarded'} on validation; source load: "
           f"{len(report['loaded'])} tensors loaded, {len(report['mismatched'])} left to a new head")
     print(f"bundle: {bundle['path']} (TorchScript max abs diff {bundle['torchscript_max_abs_diff']:.1e})")
-    summary = {"stages": [{k: v for k, v in r.items() if k != "result"} | {"metrics": r["result"]["metrics"]} for r in rows],
+    summary = {"stages": stages_json(rows),
                "finetune": {k: run[k] for k in ("best_epoch", "epochs_run", "best_val_auc", "val_auc")},
                "bundle": "tumor_cls_finetune"}
     atomic_write_json(out / "adapt_summary.json", summary)
