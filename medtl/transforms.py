@@ -240,6 +240,26 @@ class _Pipeline(Compose):
             raise cause from None
 
 
+class _NoMetaShadows(Transform):
+    """Refuse data entries named ``<image key>_...`` that are not dicts (e.g. ``image_id``): MONAI's
+    ``Spacingd`` takes every such entry for the image's meta dictionary and fails deep inside with
+    "'str' object has no attribute 'update'"."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        for key in self.keys:
+            for name, value in data.items():
+                if isinstance(name, str) and name.startswith(f"{key}_") and not isinstance(value, Mapping):
+                    raise MedtlError(
+                        f"data entry {name!r} starts with the image key {key!r} + '_', which MONAI's Spacingd reserves for "
+                        "the image's meta dictionary",
+                        hint=f"rename the entry (e.g. without the '{key}_' prefix)",
+                    )
+        return data
+
+
 def _intensity(modality: str, keys: list[str], ct_window: tuple[float, float]) -> list[Transform]:
     """CT: clip to the HU window and scale to [0, 1]. MR has no absolute scale: z-score the nonzero voxels."""
     if modality == "ct":
@@ -290,6 +310,7 @@ def preprocessing(
         LoadVolumed(keys=mask_key, allow_missing_keys=True),
     ]
     return _Pipeline([
+        _NoMetaShadows(keys),
         *(loading if load else []),
         Orientationd(keys=keys, axcodes="RAS", labels=None),
         Spacingd(keys=keys, pixdim=target_spacing, mode="bilinear"),

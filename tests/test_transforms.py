@@ -243,3 +243,11 @@ def test_bundle_config_instantiates_train_transforms(tmp_path):
     assert out["image"].shape == (1, 16, 16, 16) and out["image"].dtype == torch.float32
     assert out["label"] == 1
     assert isinstance(parser.get_parsed_content("crop"), CropAroundLesiond)
+
+
+def test_entries_monai_would_take_for_meta_dicts_get_a_clear_error(tmp_path):
+    case, _ = _case(tmp_path)
+    with pytest.raises(MedtlError, match="'image_id' starts with the image key 'image'"):
+        preprocessing(modality="ct", **SMALL)({**case, "image_id": "scan 7"})
+    out = preprocessing(modality="ct", **SMALL)({**case, "scan_id": "scan 7"})  # any other name passes through
+    assert out["scan_id"] == "scan 7"

@@ -164,7 +164,7 @@ def _csv_cases(path: Path) -> dict[str, Any]:
         if not image:
             skipped.append({"id": f"row {n}", "reason": "empty image path"})
             continue
-        # the paths as written in the table, repeated in the output (keys named apart from MONAI's "<key>_..." ones)
+        # the paths as written in the table, repeated in the output ("image_..." names are the image's meta keys in MONAI)
         case: dict[str, Any] = {"id": image, "image": str(path.parent / image), "csv_image": image, "csv_mask": ""}
         if (row.get("mask") or "").strip():
             case["mask"] = str(path.parent / row["mask"].strip())
