@@ -27,12 +27,12 @@ import torch
 from monai.utils import set_determinism
 
 from medtl.adapt.adabn import adabn
-from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, preprocess, train
+from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, preprocess_splits, train
 from medtl.demo import evaluate_items, resnet
 from medtl.evaluate import classification_metrics
 from medtl.fileio import atomic_write_json
 from medtl.importers import LIDC_CLASSES, import_lidc_vois
-from medtl.manifest import datalist, load_manifest
+from medtl.manifest import load_manifest
 from medtl.transforms import preprocessing
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc_nodule_vois"
@@ -82,9 +82,10 @@ def main() -> None:
     work = Path(args.work)
     summary = import_lidc_vois(args.lidc, work, seed=args.seed)
     pre = preprocessing(modality="ct")
-    manifests = {site: load_manifest(work / info["manifest"]) for site, info in summary["sites"].items()}
-    items = {f"{site} {split}": preprocess(datalist(manifests[site], work, split), pre, desc=f"{site} {split}")
-             for site in ("thin", "thick") for split in ("train", "val", "test")}
+    items = {}
+    for site in ("thin", "thick"):
+        manifest = load_manifest(work / summary["sites"][site]["manifest"])
+        items |= preprocess_splits(manifest, work, ("train", "val", "test"), pre, prefix=f"{site} ")
     print(", ".join(f"{k}: {len(v)}" for k, v in items.items()))
     test = items["thick test"]
     rows: list[dict] = []

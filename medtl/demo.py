@@ -80,19 +80,21 @@ def prepare_demo_data(out: str | Path, *, seed: int = 0, scale: float = 1.0, pro
     return result
 
 
-SPLITS = (("A", "train"), ("A", "val"), ("A", "test"), ("B", "train"), ("B", "val"), ("B", "test"), ("B", "unlabeled"))
+SPLITS = {"A": ("train", "val", "test"), "B": ("train", "val", "test", "unlabeled")}
 
 
 def demo_splits(demo: Mapping[str, Any], *, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
     """Every site/split of the demo cohort, preprocessed once: ``{"A train": [...], ...}``."""
-    from medtl.adapt.recipe import preprocess
-    from medtl.manifest import datalist, load_manifest
+    from medtl.adapt.recipe import preprocess_splits
+    from medtl.manifest import load_manifest
     from medtl.transforms import preprocessing
 
     pre = preprocessing(modality="ct")
-    manifests = {site: load_manifest(info["manifest"]) for site, info in demo["sites"].items()}
-    return {f"{site} {split}": preprocess(datalist(manifests[site], demo["out"], split), pre, progress=progress, desc=f"{site} {split}")
-            for site, split in SPLITS}
+    items: dict[str, list[dict[str, Any]]] = {}
+    for site, splits in SPLITS.items():
+        manifest = load_manifest(demo["sites"][site]["manifest"])
+        items |= preprocess_splits(manifest, demo["out"], splits, pre, prefix=f"{site} ", progress=progress)
+    return items
 
 
 def evaluate_items(network: Any, items: Sequence[Mapping[str, Any]], *, seed: int = 0,

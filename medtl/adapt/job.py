@@ -36,11 +36,11 @@ def run_adapt(
     from monai.utils import set_determinism
 
     from medtl.adapt.adabn import adabn
-    from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, distill, finetune, loader, preprocess
+    from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, distill, finetune, loader, preprocess_splits
     from medtl.bundle.components import class_names, load_source
     from medtl.bundle.export import export_bundle
     from medtl.demo import evaluate_items, print_stages, resnet, stages_json
-    from medtl.manifest import datalist, load_manifest
+    from medtl.manifest import load_manifest
     from medtl.transforms import preprocessing
 
     out = Path(out)
@@ -48,8 +48,7 @@ def run_adapt(
     names = class_names(manifest)
     data = load_manifest(manifest)
     pre = preprocessing(modality=modality)
-    items = {split: preprocess(datalist(data, root, split), pre, progress=progress, desc=split)
-             for split in ("train", "val", "test", "unlabeled")}
+    items = preprocess_splits(data, root, ("train", "val", "test", "unlabeled"), pre, progress=progress)
     for split in ("train", "val", "test"):
         if not items[split]:
             raise MedtlError(f"the target manifest has no {split} cases", path=Path(manifest).name,

@@ -30,6 +30,7 @@ from medtl.adapt.schedule import FineTuneSchedule, param_groups
 from medtl.adapt.train import L2SP, fit
 from medtl.errors import MedtlError
 from medtl.evaluate import collect_predictions, roc_auc_ovr
+from medtl.manifest import datalist
 from medtl.transforms import augmentation
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,13 @@ Items = Sequence[Mapping[str, Any]]
 def preprocess(data: Items, transform: Any, *, progress: bool = True, desc: str = "preprocess") -> list[dict[str, Any]]:
     """Run the deterministic ``transform`` once per case (a list that every later step reuses)."""
     return [transform(dict(item)) for item in tqdm(data, desc=desc, unit="case", disable=not progress, leave=False)]
+
+
+def preprocess_splits(manifest: Mapping[str, Any], root: str | Path, splits: Sequence[str], transform: Any, *,
+                      prefix: str = "", progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """Each split of a loaded manifest, preprocessed once: ``{prefix + split: items}``."""
+    return {f"{prefix}{split}": preprocess(datalist(manifest, root, split), transform, progress=progress, desc=f"{prefix}{split}")
+            for split in splits}
 
 
 def loader(items: Items, *, augment: str = "none", batch_size: int = 8, shuffle: bool = False) -> DataLoader:
@@ -197,4 +205,4 @@ def distill(teacher: nn.Module, student: nn.Module, labeled_items: Items, unlabe
     return {"recipe": asdict(recipe), "pseudo_labels": report} | result
 
 
-__all__ = ["DistillRecipe", "FineTuneRecipe", "TrainRecipe", "distill", "finetune", "loader", "preprocess", "train", "validation_auc"]
+__all__ = ["DistillRecipe", "FineTuneRecipe", "TrainRecipe", "distill", "finetune", "loader", "preprocess", "preprocess_splits", "train", "validation_auc"]
