@@ -545,6 +545,16 @@ def load_weights(
     return report
 
 
+def backbone_not_loaded(model: nn.Module, report: LoadReport) -> list[str]:
+    """Model tensors outside the classifier head that received no checkpoint values (missing or
+    mismatched). A head of another class count is a head swap; anything else left at its
+    initialisation means the checkpoint belongs to another network."""
+    from medtl.adapt.head import find_classifier
+
+    head, _ = find_classifier(model)
+    return [n for n in [*report.missing, *(m.name for m in report.mismatched)] if not n.startswith(f"{head}.")]
+
+
 def inspect_checkpoint(
     path: str | Path,
     *,

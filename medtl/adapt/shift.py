@@ -43,7 +43,7 @@ from medtl.fileio import atomic_write_json
 from medtl.manifest import SPLITS, UNLABELED, datalist, load_manifest
 from medtl.reader import LoadVolumed
 from medtl.transforms import eval_transforms
-from medtl.weights import create_network, load_weights
+from medtl.weights import backbone_not_loaded, create_network, load_weights
 
 __all__ = [
     "ALL_SPLITS",
@@ -221,9 +221,7 @@ def network_from_checkpoint(checkpoint: str | Path, *, arch: str, **network_kwar
     tensor must load: features from a partly random backbone would make any distance meaningless.
     """
     model = create_network(arch, **network_kwargs)
-    report = load_weights(model, checkpoint)
-    head, _ = find_classifier(model)
-    left_out = [n for n in [*report.missing, *(m.name for m in report.mismatched)] if not n.startswith(f"{head}.")]
+    left_out = backbone_not_loaded(model, load_weights(model, checkpoint))
     if left_out:
         shown = ", ".join(left_out[:5]) + (f", ... and {len(left_out) - 5} more" if len(left_out) > 5 else "")
         raise MedtlError(

@@ -54,20 +54,20 @@ def class_names(manifest: str | Path) -> list[str]:
 # ----------------------------------------------------------------------------------- source and teacher
 
 
-def load_source(network: torch.nn.Module, source: str | Path, *, trust: bool = False, min_loaded: float = 0.5) -> dict[str, list[str]]:
+def load_source(network: torch.nn.Module, source: str | Path, *, trust: bool = False, allow_new_head: bool = True) -> dict[str, list[str]]:
     """Load pretrained weights (bundle folder/zip, state dict, checkpoint, TorchScript) into ``network``.
 
     A head for another class count is reported as mismatched and starts fresh: that is the head
-    swap. Fewer than ``min_loaded`` of the tensors loading means the source is another network,
-    which is an error rather than a silent near-random start.
+    swap (``allow_new_head``). Any other tensor left unloaded means the source is another network,
+    which is an error rather than a silent partly random start.
     """
-    from medtl.weights import load_weights
+    from medtl.weights import backbone_not_loaded, load_weights
 
     report = load_weights(network, _required(source, "source", "../tumor_cls_source"), trust=trust)
     report.source = Path(source).name  # logs name the file, not where it lives
     logger.info("%s", report.summary())
-    total = len(report.loaded) + len(report.missing) + len(report.mismatched)
-    if len(report.loaded) < min_loaded * total:
+    left_out = backbone_not_loaded(network, report) if allow_new_head else [*report.missing, *(m.name for m in report.mismatched)]
+    if left_out:
         raise MedtlError(f"the source weights do not fit this network: {report.summary()}", path=Path(source).name,
                          hint="the bundle's network_def must be the source's architecture (same depth and width)")
     return report.to_dict()
@@ -89,7 +89,7 @@ def load_bundle_network(bundle: str | Path, *, device: str | torch.device = "cpu
     parser.read_meta(root / "configs" / "metadata.json")
     parser["bundle_root"] = str(root)
     network = parser.get_parsed_content("network_def")
-    load_source(network, root, min_loaded=1.0)
+    load_source(network, root, allow_new_head=False)
     return network.to(device).eval()
 
 
