@@ -20,6 +20,7 @@ import argparse
 import copy
 import csv
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,10 @@ def main() -> None:
         from medtl.bundle.export import export_bundle
 
         chosen = {"thick test": evaluate_items(best[1], test, seed=args.seed, class_names=LIDC_CLASSES)}
-        info = export_bundle(best[1], args.export, template="lidc_nodule_malignancy", metrics=chosen,
+        manifests = [load_manifest(work / summary["sites"][site]["manifest"]) for site in ("thin", "thick")]
+        recipe = {"source": f"thin-slice training split, {TrainRecipe(epochs=args.source_epochs)}",
+                  "fine-tuning": asdict(FineTuneRecipe(epochs=args.target_epochs)), "thick-slice labels used": f"{best[2]:.0%}"}
+        info = export_bundle(best[1], args.export, template="lidc_nodule_malignancy", metrics=chosen, manifests=manifests, recipe=recipe,
                              changelog=f"adapted from thin- to thick-slice LIDC nodules with {best[2]:.0%} of the thick-slice training labels "
                                        f"(best validation AUC {best[0]:.3f}); benchmarks/real_data.py, seed {args.seed}")
         print(f"exported {info['path']} {info['version']} (TorchScript max abs diff {info['torchscript_max_abs_diff']:.1e})")

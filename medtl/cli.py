@@ -38,6 +38,45 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _identifiers(args: argparse.Namespace) -> set[str]:
+    from medtl.privacy import identifiers_from_dicom
+
+    return identifiers_from_dicom(args.identifiers_from) if args.identifiers_from else set()
+
+
+def _bundle_verify(args: argparse.Namespace) -> int:
+    from medtl.bundle.verify import verify_bundle
+
+    report = verify_bundle(args.path, trust=args.trust, identifiers=_identifiers(args))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0 if report.ok else 1
+
+
+def _bundle_pack(args: argparse.Namespace) -> int:
+    from medtl.bundle.share import pack_bundle
+
+    result = pack_bundle(args.dir, args.output, identifiers=_identifiers(args))
+    print(result["verification"].table())
+    print(f"packed {result['files']} files -> {result['path']}")
+    return 0
+
+
+def _bundle_import(args: argparse.Namespace) -> int:
+    from medtl.bundle.share import import_bundle
+
+    result = import_bundle(args.path, args.to, trust=args.trust, replace=args.replace)
+    print(result["verification"].table())
+    print(f"imported {result['name']} {result['version']} -> {result['path']}")
+    return 0
+
+
+def _bundle_diff(args: argparse.Namespace) -> int:
+    from medtl.bundle.share import diff_bundles, format_diff
+
+    print(format_diff(diff_bundles(args.a, args.b)))
+    return 0
+
+
 def _parse_fractions(text: str) -> dict[str, float]:
     try:
         values = [float(v) for v in text.split(",")]
@@ -289,6 +328,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the lidc patient split (default 0)")
     p.add_argument("--classes", help="medmnist: comma-separated class names in label order (default: built in for known files)")
     p.set_defaults(func=_import)
+
+    p = verbs.add_parser("bundle", help="share bundles between sites: verify, pack, import, diff",
+                         description="Check a bundle before sharing or running it (schema, checksums, configs, portable paths, "
+                         "an audit of every $expression, weights without pickled code, TorchScript/ONNX parity, privacy scan), "
+                         "pack it into a reproducible zip with provenance and checksums, import a received one, compare two versions.")
+    bsub = p.add_subparsers(dest="bundle_verb", metavar="ACTION", required=True)
+    v = bsub.add_parser("verify", help="check a bundle folder or zip and print a pass/fail table (exit 1 on any failure)")
+    v.add_argument("path", help="bundle folder or .zip")
+    v.add_argument("--trust", action="store_true", help="report expressions outside the allow-list and pickled checkpoints as warnings")
+    v.add_argument("--json", action="store_true", help="print the table as JSON")
+    k = bsub.add_parser("pack", help="verify a bundle folder and write NAME_VERSION.zip with SHA256SUMS and provenance.json")
+    k.add_argument("dir", help="bundle folder")
+    k.add_argument("-o", "--output", help="zip to write (default: NAME_VERSION.zip here)")
+    i = bsub.add_parser("import", help="verify a received bundle, then unpack it into a new folder in one step")
+    i.add_argument("path", help="bundle .zip or folder")
+    i.add_argument("--to", required=True, help="folder to create for the bundle")
+    i.add_argument("--trust", action="store_true", help="accept expressions outside the allow-list and pickled checkpoints (trusted senders only)")
+    i.add_argument("--replace", action="store_true", help="replace an existing folder at --to")
+    for sub in (v, k):
+        sub.add_argument("--identifiers-from", metavar="DICOM_DIR",
+                         help="also search for the patient names, IDs, UIDs and dates found in these DICOM headers (the training data)")
+    d = bsub.add_parser("diff", help="config, metadata and metric differences between two bundles (folders or zips)")
+    d.add_argument("a")
+    d.add_argument("b")
+    for sub, func in ((v, _bundle_verify), (k, _bundle_pack), (i, _bundle_import), (d, _bundle_diff)):
+        sub.set_defaults(func=func)
 
     p = verbs.add_parser("weights", help="inspect how pretrained weights load into a network",
                          description="Pretrained weights from a MONAI bundle (folder or .zip), a state dict or training checkpoint "

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,21 @@ def evaluate_items(network: Any, items: Sequence[Mapping[str, Any]], *, seed: in
     return classification_metrics(y, probs, class_names=list(class_names), patient_ids=[i["patient"] for i in items], seed=seed)
 
 
-def resnet(widen: float, num_classes: int = len(CLASSES)) -> Any:
-    """The ResNet10 every demo stage and bundle uses, at width ``widen``."""
-    from monai.networks.nets import resnet10
+def resnet(widen: float, num_classes: int = len(CLASSES), *, spatial_dims: int = 3, depth: int = 10,
+           small_input: bool = False) -> Any:
+    """The ResNet every demo stage and bundle uses (3D ResNet10 at width ``widen``), or its kin.
 
-    return resnet10(spatial_dims=3, n_input_channels=1, num_classes=num_classes, widen_factor=widen)
+    ``spatial_dims=2`` builds the 2D network for images, ``depth`` picks ResNet10 or ResNet18.
+    ``small_input`` swaps the 7x7 stride-2 stem and max-pool for a 3x3 stride-1 stem, as MedMNIST's
+    28-pixel ResNets do: the usual stem leaves a 28x28 image 7x7 before the first residual block.
+    """
+    from monai.networks.nets import resnet10, resnet18
+
+    if spatial_dims not in (2, 3) or depth not in (10, 18):
+        raise MedtlError(f"a ResNet has spatial_dims 2 or 3 and depth 10 or 18, got spatial_dims={spatial_dims!r}, depth={depth!r}")
+    stem = {"conv1_t_size": 3, "conv1_t_stride": 1, "no_max_pool": True} if small_input else {}
+    factory = resnet10 if depth == 10 else resnet18
+    return factory(spatial_dims=spatial_dims, n_input_channels=1, num_classes=num_classes, widen_factor=widen, **stem)
 
 
 def _unseen_folders(demo: Mapping[str, Any], out: Path, n: int) -> tuple[Path, dict[str, str]]:
@@ -136,7 +147,7 @@ def _unseen_folders(demo: Mapping[str, Any], out: Path, n: int) -> tuple[Path, d
     return incoming, truth
 
 
-def _run_inference(bundle: Path, input_dir: Path, output_dir: Path) -> list[dict[str, str]]:
+def run_bundle_inference(bundle: Path, input_dir: Path, output_dir: Path) -> list[dict[str, str]]:
     """The exported bundle's inference.json through MONAI's own CLI, as another site would run it."""
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
                "--input_dir", str(input_dir.resolve()), "--output_dir", str(output_dir.resolve())]
@@ -151,12 +162,12 @@ def _run_inference(bundle: Path, input_dir: Path, output_dir: Path) -> list[dict
 def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epochs: int = 20, target_epochs: int = 30,
              student_epochs: int = 25, unseen: int = 6, progress: bool = True) -> dict[str, Any]:
     """The whole job on the demo cohort; returns the stage table rows and artifact paths."""
-    import torch
     from monai.utils import set_determinism
 
     from medtl.adapt.adabn import adabn
-    from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, train
+    from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, recipe_outcome, train
     from medtl.bundle.export import export_bundle
+    from medtl.manifest import load_manifest
 
     out = Path(out)
     start = time.perf_counter()
@@ -200,14 +211,16 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
 
     t = time.perf_counter()
     bundles = out / "bundles"
-    exported = {
-        "tumor_cls_source": export_bundle(source, bundles / "tumor_cls_source", template="tumor_cls_source",
-                                          metrics=source_results, changelog="trained by medtl demo on demo site A"),
-        "tumor_cls_finetune": export_bundle(tuned, bundles / "tumor_cls_finetune", template="tumor_cls_finetune",
-                                            metrics=tuned_results, changelog="adapted by medtl demo from tumor_cls_source to demo site B"),
-    }
+    manifests = {name: load_manifest(site["manifest"]) for name, site in demo["sites"].items()}
+    exported = {"tumor_cls_source": export_bundle(
+        source, bundles / "tumor_cls_source", template="tumor_cls_source", metrics=source_results, manifests=[manifests["A"]],
+        recipe={"training": asdict(TrainRecipe(epochs=source_epochs))}, changelog="trained by medtl demo on demo site A")}
+    exported["tumor_cls_finetune"] = export_bundle(
+        tuned, bundles / "tumor_cls_finetune", template="tumor_cls_finetune", metrics=tuned_results, source=exported["tumor_cls_source"]["path"],
+        manifests=[manifests["B"]], recipe=recipe_outcome(tuned_run),
+        changelog="adapted by medtl demo from tumor_cls_source to demo site B")
     incoming, truth = _unseen_folders(demo, out, unseen)
-    predictions = _run_inference(exported["tumor_cls_finetune"]["path"], incoming, out / "predictions")
+    predictions = run_bundle_inference(exported["tumor_cls_finetune"]["path"], incoming, out / "predictions")
     timings["export + bundle inference"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
 

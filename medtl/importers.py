@@ -363,7 +363,9 @@ def import_medmnist(
     each one is its own patient. Intensities are uint8 0..255, not HU, and some sets are binary
     masks (adrenalmnist3d), which a z-score of the nonzero voxels would turn to zeros. So the
     summary's ``preprocessing`` entry (``medtl.transforms.preprocessing`` arguments) scales the
-    file's value range linearly to [0, 1] through the CT preset's window, and crops the whole image.
+    file's value range linearly to [0, 1] through the CT preset's window, and crops the whole image;
+    for a 2D set it also says ``spatial_dims=2``, so the single-slice files become (1, H, W) images
+    for a 2D network.
 
     Args:
         npz: a MedMNIST file with ``{train,val,test}_{images,labels}`` arrays, 2D (N, H, W) or
@@ -425,12 +427,14 @@ def import_medmnist(
         fractions={split: n / total for split, n in sizes.items()}, name=name, progress=progress,
     )
     shape = list(_medmnist_volume(splits["train"][0][0]).shape)
+    spatial_dims = splits["train"][0].ndim - 1
+    size = shape[:spatial_dims]  # a 2D image's file keeps a slice axis of 1 that preprocessing drops
     lo = min(images.min().item() for images, _ in splits.values())
     hi = max(images.max().item() for images, _ in splits.values())
     summary = {
         "dataset": name,
         "source": npz.name,
-        "spatial_dims": splits["train"][0].ndim - 1,
+        "spatial_dims": spatial_dims,
         "image_shape": shape,
         "intensity": f"{splits['train'][0].dtype} {lo}..{hi}, not HU",
         "classes": list(classes),
@@ -441,7 +445,8 @@ def import_medmnist(
         "labels": labels_path.name,
         "converted": total - reused,
         "reused": reused,
-        "preprocessing": {"modality": "ct", "ct_window": [lo, hi], "target_spacing": [1.0, 1.0, 1.0], "crop_mm": [float(n) for n in shape], "spatial_size": shape},
+        "preprocessing": {"modality": "ct", "ct_window": [lo, hi], "spatial_dims": spatial_dims, "target_spacing": [1.0] * spatial_dims,
+                          "crop_mm": [float(n) for n in size], "spatial_size": size},
         "seconds": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(out / STATE_FILE, {"importer_version": IMPORTER_VERSION, "summary": summary, "files": files})

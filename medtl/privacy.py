@@ -1,4 +1,4 @@
-"""Pseudonyms for patient, study and series identifiers.
+"""Pseudonyms for patient, study and series identifiers, and a scan for identifiers that leaked.
 
 Identifiers are replaced by salted hashes. The salt is per project and lives beside the scan index
 or manifest (``.medtl-salt``), so the same patient gets the same key in every file of one project,
@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
+
+import pydicom
+import pydicom.errors
 
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_text
@@ -51,3 +56,76 @@ def pseudonym(value: str, salt: str, prefix: str, length: int = 16) -> str:
         return f"{prefix}-unknown"
     digest = hmac.new(salt.encode("utf-8"), value.encode("utf-8"), hashlib.sha256).hexdigest()
     return f"{prefix}-{digest[:length]}"
+
+
+# Finding patient data where it must not be: bundles, reports, logs.
+
+#: DICOM attributes that identify a patient or an examination.
+IDENTIFYING_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "PatientAddress", "AccessionNumber",
+                        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "StudyID", "ReferringPhysicianName",
+                        "InstitutionName")
+_PATTERNS = (
+    ("DICOM person name", re.compile(r"\b[A-Za-z][A-Za-z'\-]+\^[A-Za-z][A-Za-z'\-^]*")),
+    ("DICOM UID", re.compile(r"(?<![\d.])[12]\.\d+(?:\.\d+){4,}(?![\d.])")),
+    ("identifying DICOM attribute with a value", re.compile(
+        r"\b(?:" + "|".join(IDENTIFYING_KEYWORDS) + r")\b[\"']?\s*[:=]\s*[\"']?(?!pat-|null|None|\"|')([^\s\"',}\]]{2,})")),
+    ("birth date", re.compile(r"\b(?:birth\s*date|date\s+of\s+birth|dob|birthdate)\b\W{0,5}\d{4}[-/.]?\d{2}[-/.]?\d{2}", re.IGNORECASE)),
+    ("user home path", re.compile(r"(?:/home/|/Users/|[A-Za-z]:\\{1,2}Users\\{1,2}|/root/)[^/\\\s\"']+")),
+    ("absolute path", re.compile(r"(?<![\w.:/~\\])(?:/(?!home/|Users/|root/)[\w.\-]+){3,}|\b[A-Za-z]:\\(?!Users\\)[\w.\-]+\\[\w.\-]+")),
+)
+#: UIDs of the DICOM standard itself (transfer syntaxes, SOP classes) identify nobody.
+_STANDARD_UID = "1.2.840.10008."
+
+
+def _mask(value: str) -> str:
+    return value[:3] + "*" * min(8, max(3, len(value) - 3))
+
+
+def find_identifiers(text: str, known: Iterable[str] = ()) -> list[str]:
+    """Descriptions (values masked) of what in ``text`` looks like patient data.
+
+    ``known`` are identifiers taken from the training data (``identifiers_from_dicom``), found
+    anywhere in the text whatever their form; the patterns catch the common shapes without them.
+    """
+    found = []
+    for label, pattern in _PATTERNS:
+        for match in pattern.finditer(text):
+            value = match.group(0)
+            if label == "DICOM UID" and (value.startswith(_STANDARD_UID) or len(value) < 16):
+                continue
+            found.append(f"{label} {_mask(value)!r}")
+    lowered = text.lower()
+    for value in known:
+        if value.lower() in lowered:
+            found.append(f"identifier from the training data {_mask(value)!r}")
+    return sorted(set(found))
+
+
+def _name_forms(name: str) -> list[str]:
+    """``DOE^JANE`` as it may appear in free text: ``DOE^JANE``, ``DOE JANE``, ``JANE DOE``, ``DOE, JANE``."""
+    parts = [p for p in name.split("^") if p]
+    if len(parts) < 2:
+        return [name]
+    family, given = parts[0], parts[1]
+    return [name, f"{family} {given}", f"{given} {family}", f"{family}, {given}"]
+
+
+def identifiers_from_dicom(root: str | Path) -> set[str]:
+    """The identifying values in the headers of every DICOM file under ``root`` (unreadable files
+    skipped), to search a bundle for before it leaves the site. Values shorter than 4 characters
+    are dropped: they would match everywhere."""
+    values: set[str] = set()
+    for path in sorted(Path(root).rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(IDENTIFYING_KEYWORDS))
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        for keyword in IDENTIFYING_KEYWORDS:
+            value = str(ds.get(keyword, "") or "").strip()
+            if keyword.endswith("Name") and keyword != "InstitutionName":
+                values.update(_name_forms(value))
+            elif value:
+                values.add(value)
+    return {v for v in values if len(v) >= 4}

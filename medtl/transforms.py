@@ -1,9 +1,11 @@
-"""Named transform presets for 3D lesion classification, built from MONAI's dictionary transforms.
+"""Named transform presets for lesion classification, built from MONAI's dictionary transforms.
 
 Data flows one way: a deterministic part (load, RAS orientation, resampling, intensity preset,
 lesion-centred crop, resize to the network input) that can be cached, then an optional random
-augmentation part. Every preset is a plain function returning a ``monai.transforms.Compose``, so
-bundles name it the same way Python does::
+augmentation part. Volumes are the default; ``spatial_dims=2`` runs the same steps on 2D images
+stored as single-slice volumes (MedMNIST 2D imports, one ultrasound frame). Every preset is a
+plain function returning a ``monai.transforms.Compose``, so bundles name it the same way Python
+does::
 
     {"_target_": "medtl.transforms.train_transforms", "modality": "ct", "level": "light", "seed": 0}
 
@@ -42,6 +44,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
     Spacingd,
     SpatialCrop,
+    SqueezeDimd,
     Transform,
 )
 from monai.utils import convert_to_tensor
@@ -51,6 +54,9 @@ from medtl.reader import LoadVolumed
 
 MODALITIES = ("ct", "mr")
 LEVELS = ("none", "light", "strong")
+SPATIAL_DIMS = (2, 3)
+_AXES = {2: ("two", "x, y"), 3: ("three", "x, y, z")}
+_LINEAR = {2: "bilinear", 3: "trilinear"}  # interpolation mode of resizing and zooming
 # Lung window: air (-1000 HU) maps to 0, so padding with 0 after scaling is air; solid nodules,
 # ground-glass halos and spiculae stay distinct, calcifications (> 400 HU) saturate at 1.
 CT_WINDOW = (-1000.0, 400.0)
@@ -59,19 +65,27 @@ ROI_CENTER_KEY = "roi_center_mm"
 ROI_SIZE_KEY = "roi_size_mm"
 
 
-def _triple(value: Any, name: str, *, integer: bool = False) -> tuple:
-    """Three positive numbers (a JSON list from a bundle, or a tuple), or a MedtlError saying what was given."""
+def _sizes(value: Any, name: str, spatial_dims: int = 3, *, integer: bool = False) -> tuple:
+    """One positive number per spatial axis (a JSON list from a bundle, or a tuple), or a MedtlError
+    saying what was given."""
     try:
         if isinstance(value, str):
             raise TypeError(value)
         values = tuple(int(v) if integer else float(v) for v in value)
-        ok = len(values) == 3 and all(v > 0 for v in values) and (not integer or all(float(v) == int(v) for v in value))
+        ok = len(values) == spatial_dims and all(v > 0 for v in values) and (not integer or all(float(v) == int(v) for v in value))
     except (TypeError, ValueError):
         ok = False
     if not ok:
         kind = "integers" if integer else "numbers"
-        raise MedtlError(f"{name} must be three positive {kind} (x, y, z), got {value!r}")
+        count, axes = _AXES[spatial_dims]
+        raise MedtlError(f"{name} must be {count} positive {kind} ({axes}), got {value!r}")
     return values
+
+
+def _spatial_dims(value: Any) -> int:
+    if value not in SPATIAL_DIMS:
+        raise MedtlError(f"spatial_dims must be 2 (images) or 3 (volumes), got {value!r}")
+    return int(value)
 
 
 def _keys(keys: str | Sequence[str]) -> list[str]:
@@ -82,17 +96,21 @@ def _keys(keys: str | Sequence[str]) -> list[str]:
 
 
 def _spacing(affine: torch.Tensor) -> np.ndarray:
-    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    affine = np.asarray(affine, dtype=np.float64)
+    n = affine.shape[0] - 1
+    return np.linalg.norm(affine[:n, :n], axis=0)
 
 
 def mask_center_mm(mask: Any) -> np.ndarray:
     """Centre of mass (RAS mm) of a mask's voxels > 0, through the mask's own affine.
 
     Going through millimetres means the mask need not share the image's grid, and it is not
-    resampled: nearest-neighbour resampling can erase a lesion only a voxel or two wide.
+    resampled: nearest-neighbour resampling can erase a lesion only a voxel or two wide. A 2D mask
+    (3x3 affine) gives (x, y).
     """
     mask = convert_to_tensor(mask, track_meta=True)
-    spatial = np.asarray(mask.detach().cpu()).reshape(-1, *mask.shape[-3:])
+    n = mask.affine.shape[0] - 1
+    spatial = np.asarray(mask.detach().cpu()).reshape(-1, *mask.shape[-n:])
     voxels = np.argwhere((spatial > 0).any(axis=0))
     if len(voxels) == 0:
         raise MedtlError(
@@ -101,7 +119,7 @@ def mask_center_mm(mask: Any) -> np.ndarray:
             hint="check that the mask belongs to this image, or give roi_center_mm instead of a mask",
         )
     center = np.append(voxels.mean(axis=0), 1.0)
-    return (np.asarray(mask.affine, dtype=np.float64) @ center)[:3]
+    return (np.asarray(mask.affine, dtype=np.float64) @ center)[:n]
 
 
 class CropAroundLesion(Transform):
@@ -116,6 +134,7 @@ class CropAroundLesion(Transform):
         size_vox: box size in voxels; give exactly one of ``size_mm`` and ``size_vox``.
         pad_value: value where the box extends past the image: the background after the
             intensity preset (0 is air for the CT window and background for MR).
+        spatial_dims: 3 for volumes, 2 for images (sizes and centre are then (x, y)).
 
     Examples:
         A 40 mm cube around a nodule at RAS (-52.0, 14.5, 120.0) mm::
@@ -130,16 +149,18 @@ class CropAroundLesion(Transform):
         size_mm: Sequence[float] | None = None,
         size_vox: Sequence[int] | None = None,
         pad_value: float = 0.0,
+        spatial_dims: int = 3,
     ):
         if (size_mm is None) == (size_vox is None):
             raise MedtlError(f"give exactly one of size_mm and size_vox, got size_mm={size_mm!r}, size_vox={size_vox!r}")
-        self.size_mm = None if size_mm is None else _triple(size_mm, "size_mm")
-        self.size_vox = None if size_vox is None else _triple(size_vox, "size_vox", integer=True)
+        self.spatial_dims = _spatial_dims(spatial_dims)
+        self.size_mm = None if size_mm is None else _sizes(size_mm, "size_mm", self.spatial_dims)
+        self.size_vox = None if size_vox is None else _sizes(size_vox, "size_vox", self.spatial_dims, integer=True)
         self.pad_value = float(pad_value)
 
     def box(self, img: MetaTensor, center_mm: Sequence[float] | None) -> tuple[np.ndarray, np.ndarray]:
         """Start and end voxel indices of the box; either may lie outside the image."""
-        shape = np.asarray(img.shape[-3:])
+        shape = np.asarray(img.shape[-self.spatial_dims:])
         affine = np.asarray(img.affine, dtype=np.float64)
         if self.size_vox is not None:
             size = np.asarray(self.size_vox)
@@ -148,14 +169,14 @@ class CropAroundLesion(Transform):
         if center_mm is None:
             center = (shape - 1) / 2.0
         else:
-            center = (np.linalg.inv(affine) @ np.append(np.asarray(center_mm, dtype=np.float64), 1.0))[:3]
+            center = (np.linalg.inv(affine) @ np.append(np.asarray(center_mm, dtype=np.float64), 1.0))[:self.spatial_dims]
         start = np.floor(center - (size - 1) / 2.0 + 0.5).astype(int)
         return start, start + size
 
     def __call__(self, img: Any, center_mm: Sequence[float] | None = None) -> MetaTensor:
         img = convert_to_tensor(img, track_meta=True)
         start, end = self.box(img, center_mm)
-        shape = np.asarray(img.shape[-3:])
+        shape = np.asarray(img.shape[-self.spatial_dims:])
         lo, hi = np.maximum(start, 0), np.minimum(end, shape)
         if np.any(hi <= lo):
             raise MedtlError(
@@ -179,7 +200,7 @@ class CropAroundLesiond(MapTransform):
 
     Args:
         keys: image entries to crop (each placed through its own affine).
-        size_mm, size_vox, pad_value: as in :class:`CropAroundLesion`.
+        size_mm, size_vox, pad_value, spatial_dims: as in :class:`CropAroundLesion`.
         mask_key: entry holding the lesion mask (a loaded ``MetaTensor`` with its affine).
         center_key: entry holding the lesion centre in RAS millimetres.
 
@@ -196,12 +217,13 @@ class CropAroundLesiond(MapTransform):
         size_mm: Sequence[float] | None = None,
         size_vox: Sequence[int] | None = None,
         pad_value: float = 0.0,
+        spatial_dims: int = 3,
         mask_key: str = "mask",
         center_key: str = ROI_CENTER_KEY,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.cropper = CropAroundLesion(size_mm=size_mm, size_vox=size_vox, pad_value=pad_value)
+        self.cropper = CropAroundLesion(size_mm=size_mm, size_vox=size_vox, pad_value=pad_value, spatial_dims=spatial_dims)
         self.mask_key = mask_key
         self.center_key = center_key
 
@@ -211,8 +233,10 @@ class CropAroundLesiond(MapTransform):
             return mask_center_mm(data[self.mask_key])
         if data.get(self.center_key) is not None:
             center = np.asarray(data[self.center_key], dtype=np.float64).ravel()
-            if center.shape != (3,) or not np.isfinite(center).all():
-                raise MedtlError(f"{self.center_key} must be three finite numbers [x, y, z] in RAS mm, got {data[self.center_key]!r}")
+            n = self.cropper.spatial_dims
+            if center.shape != (n,) or not np.isfinite(center).all():
+                count, axes = _AXES[n]
+                raise MedtlError(f"{self.center_key} must be {count} finite numbers [{axes}] in RAS mm, got {data[self.center_key]!r}")
             return center
         return None
 
@@ -260,6 +284,27 @@ class _NoMetaShadows(Transform):
         return data
 
 
+class _SingleSliced(Transform):
+    """Loaded single-slice volumes (C, x, y, 1) as 2D images (C, x, y) with a 3x3 affine; missing
+    entries (a case without a mask) are skipped. A volume of several slices is refused by name:
+    taking one of its slices would be a silent choice the user never made."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        self.squeeze = SqueezeDimd(keys=keys, dim=-1, allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        for key in self.keys:
+            image = data.get(key)
+            if image is not None and image.shape[-1] != 1:
+                raise MedtlError(
+                    f"spatial_dims=2 reads single-slice images, but {key!r} has shape {tuple(image.shape[1:])}",
+                    path=image.meta.get("filename_or_obj") or None,
+                    hint="use spatial_dims=3 for volumes",
+                )
+        return self.squeeze(data)
+
+
 def _intensity(modality: str, keys: list[str], ct_window: tuple[float, float]) -> list[Transform]:
     """CT: clip to the HU window and scale to [0, 1]. MR has no absolute scale: z-score the nonzero voxels."""
     if modality == "ct":
@@ -271,9 +316,10 @@ def _intensity(modality: str, keys: list[str], ct_window: tuple[float, float]) -
 def preprocessing(
     *,
     modality: str = "ct",
-    spatial_size: Sequence[int] = DEFAULT_SPATIAL_SIZE,
-    target_spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    crop_mm: Sequence[float] = (32.0, 32.0, 32.0),
+    spatial_dims: int = 3,
+    spatial_size: Sequence[int] | None = None,
+    target_spacing: Sequence[float] | None = None,
+    crop_mm: Sequence[float] | None = None,
     ct_window: Sequence[float] = CT_WINDOW,
     keys: str | Sequence[str] = ("image",),
     mask_key: str = "mask",
@@ -287,20 +333,26 @@ def preprocessing(
 
     Args:
         modality: ``"ct"`` (HU window ``ct_window`` to [0, 1]) or ``"mr"`` (z-score of nonzero voxels).
-        spatial_size: network input size in voxels; the crop is resized to it.
+        spatial_dims: 3 for volumes; 2 for images, which load as single-slice volumes, lose that
+            slice axis (one that holds more slices is an error), then go through the same steps in
+            (x, y) with the sizes below given as two values.
+        spatial_size: network input size in voxels; the crop is resized to it. Default 32 per axis.
         target_spacing: voxel size (mm) to resample to, so the crop holds the same anatomy everywhere.
-        crop_mm: physical size of the lesion-centred crop.
+            Default 1 mm per axis.
+        crop_mm: physical size of the lesion-centred crop. Default 32 mm per axis.
         ct_window: (lowest, highest) HU kept for CT; the default is a lung window.
         keys: image entries (several for multi-sequence MR).
         mask_key: entry with the lesion mask path; optional per case.
-        load: False when the entries already hold channel-first ``MetaTensor`` images.
+        load: False when the entries already hold channel-first ``MetaTensor`` images (2D ones
+            already without the slice axis).
     """
     modality = str(modality).lower()
     if modality not in MODALITIES:
         raise MedtlError(f"unknown modality {modality!r}; allowed: {', '.join(MODALITIES)}")
-    spatial_size = _triple(spatial_size, "spatial_size", integer=True)
-    target_spacing = _triple(target_spacing, "target_spacing")
-    crop_mm = _triple(crop_mm, "crop_mm")
+    spatial_dims = _spatial_dims(spatial_dims)
+    spatial_size = _sizes(DEFAULT_SPATIAL_SIZE[:spatial_dims] if spatial_size is None else spatial_size, "spatial_size", spatial_dims, integer=True)
+    target_spacing = _sizes((1.0,) * spatial_dims if target_spacing is None else target_spacing, "target_spacing", spatial_dims)
+    crop_mm = _sizes((32.0,) * spatial_dims if crop_mm is None else crop_mm, "crop_mm", spatial_dims)
     window = tuple(float(v) for v in ct_window)
     if len(window) != 2 or not window[0] < window[1]:
         raise MedtlError(f"ct_window must be (lowest HU, highest HU) with lowest < highest, got {ct_window!r}")
@@ -308,15 +360,16 @@ def preprocessing(
     loading = [
         LoadVolumed(keys=keys),
         LoadVolumed(keys=mask_key, allow_missing_keys=True),
+        *([_SingleSliced([*keys, mask_key])] if spatial_dims == 2 else []),
     ]
     return _Pipeline([
         _NoMetaShadows(keys),
         *(loading if load else []),
-        Orientationd(keys=keys, axcodes="RAS", labels=None),
+        Orientationd(keys=keys, axcodes="RAS"[:spatial_dims], labels=None),
         Spacingd(keys=keys, pixdim=target_spacing, mode="bilinear"),
         *_intensity(modality, keys, window),
-        CropAroundLesiond(keys=keys, size_mm=crop_mm, pad_value=0.0, mask_key=mask_key),
-        Resized(keys=keys, spatial_size=spatial_size, mode="trilinear", anti_aliasing=True),
+        CropAroundLesiond(keys=keys, size_mm=crop_mm, pad_value=0.0, spatial_dims=spatial_dims, mask_key=mask_key),
+        Resized(keys=keys, spatial_size=spatial_size, mode=_LINEAR[spatial_dims], anti_aliasing=True),
         DeleteItemsd(keys=[mask_key, ROI_CENTER_KEY, ROI_SIZE_KEY]),
     ])
 
@@ -355,33 +408,38 @@ _STRENGTHS = {
 def augmentation(
     *,
     level: str = "light",
-    spatial_size: Sequence[int] = DEFAULT_SPATIAL_SIZE,
+    spatial_dims: int = 3,
+    spatial_size: Sequence[int] | None = None,
     keys: str | Sequence[str] = ("image",),
     seed: int | None = None,
 ) -> Compose:
-    """Random augmentation on preprocessed crops; output keeps ``spatial_size``.
+    """Random augmentation on preprocessed crops; output keeps ``spatial_size`` (default 32 per axis).
 
     ``none`` is the identity, ``light`` suits lesions whose orientation carries little meaning
     (left-right flips, small rotations and zooms), ``strong`` flips every axis and widens each range.
     A random sub-crop (90-100 % of each side for ``light``, 80-100 % for ``strong``) resized back to
-    ``spatial_size`` jitters position and scale. ``seed`` makes the whole sequence of draws reproducible.
+    ``spatial_size`` jitters position and scale. With ``spatial_dims=2`` the same draws act in
+    the image plane (one rotation angle, flips of x and y). ``seed`` makes the whole sequence of
+    draws reproducible.
     """
     level = str(level).lower()
     if level not in LEVELS:
         raise MedtlError(f"unknown augmentation level {level!r}; allowed: {', '.join(LEVELS)}")
-    spatial_size = _triple(spatial_size, "spatial_size", integer=True)
+    spatial_dims = _spatial_dims(spatial_dims)
+    spatial_size = _sizes(DEFAULT_SPATIAL_SIZE[:spatial_dims] if spatial_size is None else spatial_size, "spatial_size", spatial_dims, integer=True)
     keys = _keys(keys)
     if level == "none":
         return _Pipeline([])
     s = _STRENGTHS[level]
     angle = float(np.deg2rad(s.rotate_deg))
+    angles = {"range_x": angle} if spatial_dims == 2 else {"range_x": angle, "range_y": angle, "range_z": angle}
     min_crop = [max(1, int(np.ceil(s.crop_min * n))) for n in spatial_size]
     augment = _Pipeline([
         RandSpatialCropd(keys=keys, roi_size=min_crop, max_roi_size=spatial_size, random_size=True),
-        Resized(keys=keys, spatial_size=spatial_size, mode="trilinear"),
-        *(RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in s.flip_axes),
-        RandRotated(keys=keys, range_x=angle, range_y=angle, range_z=angle, prob=s.rotate_prob, padding_mode="zeros"),
-        RandZoomd(keys=keys, min_zoom=s.zoom[0], max_zoom=s.zoom[1], prob=s.zoom_prob, mode="trilinear", padding_mode="constant"),
+        Resized(keys=keys, spatial_size=spatial_size, mode=_LINEAR[spatial_dims]),
+        *(RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in s.flip_axes if axis < spatial_dims),
+        RandRotated(keys=keys, **angles, prob=s.rotate_prob, padding_mode="zeros"),
+        RandZoomd(keys=keys, min_zoom=s.zoom[0], max_zoom=s.zoom[1], prob=s.zoom_prob, mode=_LINEAR[spatial_dims], padding_mode="constant"),
         RandAdjustContrastd(keys=keys, gamma=s.gamma, prob=s.contrast_prob),
         RandShiftIntensityd(keys=keys, offsets=s.shift, prob=s.shift_prob),
         RandGaussianNoised(keys=keys, std=s.noise_std, prob=s.noise_prob),
@@ -395,12 +453,12 @@ def train_transforms(*, level: str = "light", seed: int | None = None, **options
     """Preprocessing, then augmentation, then float32: one flat Compose whose deterministic prefix
     ``CacheDataset`` can cache (it caches up to the first random transform).
 
-    ``options`` are ``preprocessing``'s arguments (modality, spatial_size, target_spacing, ...).
+    ``options`` are ``preprocessing``'s arguments (modality, spatial_dims, spatial_size, ...).
     """
     pre = preprocessing(**options)
-    spatial_size = options.get("spatial_size", DEFAULT_SPATIAL_SIZE)
-    aug = augmentation(level=level, spatial_size=spatial_size, keys=options.get("keys", ("image",)), seed=seed)
-    return _Pipeline([*pre.transforms, *aug.transforms, EnsureTyped(keys=_keys(options.get("keys", ("image",))), dtype=torch.float32)])
+    keys = options.get("keys", ("image",))
+    aug = augmentation(level=level, spatial_dims=options.get("spatial_dims", 3), spatial_size=options.get("spatial_size"), keys=keys, seed=seed)
+    return _Pipeline([*pre.transforms, *aug.transforms, EnsureTyped(keys=_keys(keys), dtype=torch.float32)])
 
 
 def eval_transforms(**options: Any) -> Compose:
@@ -414,6 +472,7 @@ __all__ = [
     "CT_WINDOW",
     "LEVELS",
     "MODALITIES",
+    "SPATIAL_DIMS",
     "CropAroundLesion",
     "CropAroundLesiond",
     "augmentation",

@@ -14,11 +14,14 @@ import pytest
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
+from medtl.bundle.share import import_bundle, pack_bundle
+from medtl.bundle.verify import verify_bundle
 from medtl.cli import build_parser, main
+from medtl.demo import run_bundle_inference
 from medtl.nifti import read_nifti
 from medtl.reader import load_volume
 
-VERBS = ["scan", "convert", "manifest", "demo-data", "demo", "shift", "import", "adapt"]
+VERBS = ["scan", "convert", "manifest", "demo-data", "demo", "shift", "import", "adapt", "bundle"]
 
 
 def test_help_describes_every_verb_and_option(capsys):
@@ -30,7 +33,7 @@ def test_help_describes_every_verb_and_option(capsys):
         assert verb in text
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "verb")
-    for verb in VERBS + ["manifest build", "manifest check"]:
+    for verb in VERBS + ["manifest build", "manifest check", "bundle verify", "bundle pack", "bundle import", "bundle diff"]:
         with pytest.raises(SystemExit):
             main([*verb.split(), "--help"])
         help_text = capsys.readouterr().out
@@ -159,6 +162,16 @@ def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys
         assert meta["eval_metrics"]["site_B_test_n"] == b_test and "site_B_test_auc_ci95" in meta["eval_metrics"]
         assert (bundle / "models" / "model.pt").is_file() and (bundle / "models" / "model.ts").is_file()
         assert str(tmp_path) not in "".join(p.read_text() for p in (bundle / "configs").iterdir())
+        assert verify_bundle(bundle).ok
+
+    # another site: the packed fine-tuned bundle passes verification, imports into its own folder and
+    # gives the same predictions there through python -m monai.bundle run
+    packed = pack_bundle(out / "bundles" / "tumor_cls_finetune", tmp_path / "share" / "tumor_cls_finetune.zip")
+    provenance = json.loads((out / "bundles" / "tumor_cls_finetune" / "provenance.json").read_text())
+    assert provenance["adapted_from"]["name"] == "tumor_cls_source" and provenance["data"]["manifests"][0]["name"] == "demo_site_B"
+    site2 = import_bundle(packed["path"], tmp_path / "site2" / "tumor_cls_finetune")["path"]
+    again = run_bundle_inference(site2, out / "incoming_site_B", tmp_path / "site2" / "predictions")
+    assert [(r["id"], r["pred"]) for r in again] == [(r["id"], r["pred"]) for r in summary["predictions"]]
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def run_adapt(
     from monai.utils import set_determinism
 
     from medtl.adapt.adabn import adabn
-    from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, distill, finetune, loader, preprocess_splits
+    from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, distill, finetune, loader, preprocess_splits, recipe_outcome
     from medtl.bundle.components import class_names, load_source
     from medtl.bundle.export import export_bundle
     from medtl.demo import evaluate_items, print_stages, resnet, stages_json
@@ -77,7 +77,8 @@ def run_adapt(
         distill(network, student, items["train"], items["unlabeled"], items["val"], DistillRecipe(epochs=student_epochs),
                 class_names=names, cache_dir=out / "cache", progress=progress, desc="distill student")
         stage(f"student ({student_widen:g})", student, time.perf_counter() - t)
-    bundle = export_bundle(network, out / "tumor_cls_finetune", template="tumor_cls_finetune", metrics=results,
+    bundle = export_bundle(network, out / "tumor_cls_finetune", template="tumor_cls_finetune", metrics=results, source=source,
+                           manifests=[data], recipe=recipe_outcome(run),
                            changelog=f"adapted by medtl adapt from {Path(source).name} to {data['name']}",
                            metadata={"network_data_format": _with_classes(names)})
     print_stages(rows)

@@ -51,10 +51,17 @@ def preprocess_splits(manifest: Mapping[str, Any], root: str | Path, splits: Seq
 
 
 def loader(items: Items, *, augment: str = "none", batch_size: int = 8, shuffle: bool = False) -> DataLoader:
-    """Batches of preprocessed items, augmented per step at level ``augment`` (none/light/strong)."""
+    """Batches of preprocessed items, augmented per step at level ``augment`` (none/light/strong).
+
+    Augmentation works at the items' own size and dimensionality (a 2D image is (C, H, W)), so it
+    needs no preprocessing options repeated here.
+    """
     if not items:
         raise MedtlError("no cases to load", hint="check the manifest split is not empty")
-    transform = None if augment == "none" else augmentation(level=augment)
+    transform = None
+    if augment != "none":
+        size = tuple(items[0]["image"].shape[1:])
+        transform = augmentation(level=augment, spatial_dims=len(size), spatial_size=size)
     return DataLoader(Dataset(list(items), transform), batch_size=batch_size, shuffle=shuffle)
 
 
@@ -133,8 +140,9 @@ class DistillRecipe:
 
 def train(network: nn.Module, train_items: Items, val_items: Items | None, recipe: TrainRecipe = TrainRecipe(), *,
           num_classes: int | None = None, device: str | torch.device = "cpu", progress: bool = True,
-          desc: str = "train") -> dict[str, Any]:
-    """Train every layer of ``network`` from its current weights; returns ``fit``'s summary."""
+          desc: str = "train", checkpoint: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train every layer of ``network`` from its current weights; returns ``fit``'s summary.
+    ``checkpoint``/``resume``: the per-epoch training state, and continuing from it (``fit``)."""
     optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = LrScheduleHandler(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs), print_lr=False)
     return fit(
@@ -142,13 +150,14 @@ def train(network: nn.Module, train_items: Items, val_items: Items | None, recip
         optimizer=optimizer, max_epochs=recipe.epochs, handlers=[schedule],
         val_loader=loader(val_items, batch_size=32) if val_items else None,
         num_classes=num_classes or _num_outputs(network), patience=recipe.patience if val_items else None,
-        device=device, progress=progress, desc=desc,
+        checkpoint=checkpoint, resume=resume, device=device, progress=progress, desc=desc,
     ) | {"recipe": asdict(recipe)}
 
 
 def finetune(network: nn.Module, train_items: Items, val_items: Items, recipe: FineTuneRecipe = FineTuneRecipe(), *,
              num_classes: int = 2, unlabeled_items: Items = (), device: str | torch.device = "cpu",
-             progress: bool = True, desc: str = "fine-tune") -> dict[str, Any]:
+             progress: bool = True, desc: str = "fine-tune", checkpoint: str | Path | None = None,
+             resume: bool = False) -> dict[str, Any]:
     """Adapt ``network`` (in place) to the target: AdaBN, new head if the class count differs, the
     freeze -> unfreeze schedule with discriminative rates, L2-SP; returns ``fit``'s summary."""
     summary: dict[str, Any] = {"recipe": asdict(recipe)}
@@ -174,15 +183,24 @@ def finetune(network: nn.Module, train_items: Items, val_items: Items, recipe: F
         network, loader(train_items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True),
         optimizer=optimizer, max_epochs=recipe.epochs, handlers=handlers, val_loader=loader(val_items, batch_size=32),
         num_classes=num_classes, patience=recipe.patience, keep_initial=recipe.keep_source, device=device,
-        progress=progress, desc=desc,
+        checkpoint=checkpoint, resume=resume, progress=progress, desc=desc,
     )
     return summary | result | {"schedule": schedule.history}
+
+
+def recipe_outcome(run: Mapping[str, Any]) -> dict[str, Any]:
+    """What a ``finetune`` run did, in the form a model card and provenance record state it."""
+    adabn_state = run.get("adabn", {})
+    outcome = f"kept epoch {run['best_epoch']} of {run['epochs_run']} (best validation AUC {run['best_val_auc']:.3f})"
+    if adabn_state:
+        outcome += f"; AdaBN {'kept' if adabn_state['kept'] else 'discarded'} on validation"
+    return {"fine-tuning": run["recipe"], "outcome": outcome}
 
 
 def distill(teacher: nn.Module, student: nn.Module, labeled_items: Items, unlabeled_items: Items, val_items: Items,
             recipe: DistillRecipe = DistillRecipe(), *, class_names: Sequence[str] | None = None,
             cache_dir: str | Path | None = None, device: str | torch.device = "cpu", progress: bool = True,
-            desc: str = "distill") -> dict[str, Any]:
+            desc: str = "distill", checkpoint: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Train ``student`` (in place) on the teacher's outputs for labeled and unlabeled target items.
 
     Labeled items keep their labels; unlabeled ones get a pseudo-label where the teacher is at least
@@ -201,6 +219,7 @@ def distill(teacher: nn.Module, student: nn.Module, labeled_items: Items, unlabe
         optimizer=optimizer, max_epochs=recipe.epochs, handlers=[schedule], val_loader=loader(val_items, batch_size=32),
         num_classes=_num_outputs(student), loss_function=DistillationLoss(recipe.alpha, recipe.temperature),
         prepare_batch=DistillBatch(), patience=recipe.patience, device=device, progress=progress, desc=desc,
+        checkpoint=checkpoint, resume=resume,
     )
     return {"recipe": asdict(recipe), "pseudo_labels": report} | result
 

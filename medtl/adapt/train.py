@@ -18,6 +18,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -111,6 +112,12 @@ class _KeepBest:
             self.best, self.epoch = score, trainer.state.epoch
             self.state = copy.deepcopy(self.network.state_dict())
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "epoch": self.epoch, "scores": list(self.scores), "state": self.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.epoch, self.scores, self.state = state["best"], state["epoch"], list(state["scores"]), state["state"]
+
 
 def fit(
     network: nn.Module,
@@ -125,6 +132,8 @@ def fit(
     prepare_batch: Callable[..., Any] | None = None,
     patience: int | None = None,
     keep_initial: bool = False,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "train",
@@ -136,6 +145,8 @@ def fit(
         patience: stop after this many epochs without a better validation AUC (needs ``val_loader``).
         keep_initial: validate the starting weights too (epoch 0): when no epoch beats them, the
             network ends as it started, so adapting never makes it worse on validation data.
+        checkpoint: file for the whole training state, rewritten after every epoch
+            (``medtl.adapt.resume.TrainingCheckpoint``); with ``resume``, training continues from it.
 
     Returns ``{"epochs_run", "best_epoch" (0: the starting weights), "best_val_auc", "val_auc" (per
     validation, epoch 0 first with ``keep_initial``), "seconds"}``.
@@ -158,17 +169,30 @@ def fit(
 
         ProgressBar(persist=False, desc=desc).attach(trainer, output_transform=from_engine([CommonKeys.LOSS], first=True))
     keep = _KeepBest(network)
+    stateful: dict[str, Any] = {}  # what TrainingCheckpoint saves besides network and optimizer
+    for i, handler in enumerate(handlers):
+        target = getattr(handler, "lr_scheduler", handler)  # MONAI's LrScheduleHandler keeps its state there
+        if hasattr(target, "state_dict"):
+            stateful[f"handler{i}"] = target
     if val_loader is not None:
         evaluator = make_evaluator(network, val_loader, num_classes=num_classes, device=device)
         from ignite.engine import Events
 
         evaluator.add_event_handler(Events.COMPLETED, keep, trainer)
+        stateful["keep_best"] = keep
         if patience is not None:
-            EarlyStopHandler(patience=int(patience), score_function=lambda e: float(e.state.metrics["val_auc"]),
-                             trainer=trainer).attach(evaluator)
+            early = EarlyStopHandler(patience=int(patience), score_function=lambda e: float(e.state.metrics["val_auc"]), trainer=trainer)
+            early.attach(evaluator)
+            stateful["early_stopping"] = early._handler
         ValidationHandler(interval=1, validator=evaluator).attach(trainer)
         if keep_initial:
             evaluator.run()  # epoch 0: the starting weights are a candidate
+    saver = None
+    if checkpoint is not None:
+        from medtl.adapt.resume import TrainingCheckpoint
+
+        saver = TrainingCheckpoint(checkpoint, network=network, optimizer=optimizer, objects=stateful, loaders=[train_loader], resume=resume)
+        saver.attach(trainer)  # after validation: the saved state includes this epoch's
     start = time.perf_counter()
     trainer.run()
     if keep.state is not None:
@@ -179,6 +203,7 @@ def fit(
         "best_val_auc": keep.best if keep.state is not None else None,
         "val_auc": keep.scores,
         "seconds": time.perf_counter() - start,
+        **({"resumed_after_epoch": saver.resumed_from} if saver is not None and saver.resumed_from else {}),
     }
     logger.info("%s: %d epochs, best validation AUC %s at epoch %d", desc, result["epochs_run"], result["best_val_auc"], result["best_epoch"])
     return result

@@ -1,18 +1,22 @@
 """Write a trained network as a MONAI bundle: the template's configs, the weights, metadata filled
-from the actual evaluation, and a TorchScript copy checked against the eager network.
+from the actual evaluation, TorchScript and ONNX copies checked against the eager network, a
+provenance record and a model card.
 
 Templates are the bundles in the repository's ``bundles/`` folder. The bundle is built in a
 temporary folder beside the destination and renamed into place, so an interrupted export leaves
-the previous bundle (or nothing), never half of one.
+the previous bundle (or nothing), never half of one. Exporting over an earlier bundle bumps its
+semantic version and adds a changelog entry.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +26,12 @@ import torch
 from monai.networks import convert_to_torchscript
 from torch import nn
 
+from medtl import __version__ as medtl_version
+from medtl.bundle.card import model_card
+from medtl.bundle.files import PROVENANCE
+from medtl.bundle.provenance import describe_source, manifest_record, provenance
 from medtl.errors import MedtlError
-from medtl.fileio import atomic_write, atomic_write_json
+from medtl.fileio import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +61,54 @@ def eval_metrics(results: Mapping[str, Mapping[str, Any]], keys: tuple[str, ...]
     return out
 
 
-def _torchscript_parity(network: nn.Module, scripted: torch.jit.ScriptModule, shape: list[int], seed: int = 0) -> float:
+DATA_LICENSE = """Terms of use of the data this model was trained on: not stated.
+
+The sending site replaces this text with the licence or data-use agreement that covers the
+training data (e.g. CC BY 4.0 for a public collection, or the institution's agreement), so a
+receiving site knows what the model may be used for.
+"""
+BUMPS = ("major", "minor", "patch")
+
+
+def bump_version(version: str, part: str = "patch") -> str:
+    """``1.2.3`` -> ``1.2.4`` (patch), ``1.3.0`` (minor) or ``2.0.0`` (major)."""
+    if part not in BUMPS:
+        raise MedtlError(f"unknown version part {part!r}; allowed: {', '.join(BUMPS)}")
+    try:
+        numbers = [int(v) for v in version.split(".")]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 3:
+        raise MedtlError(f"version {version!r} is not MAJOR.MINOR.PATCH", path="configs/metadata.json")
+    i = BUMPS.index(part)
+    return ".".join(str(n + 1 if j == i else 0 if j > i else n) for j, n in enumerate(numbers))
+
+
+def torchscript_bytes(scripted: torch.jit.ScriptModule, extra_files: Mapping[str, str] | None = None, name: str = "model") -> bytes:
+    """The saved TorchScript archive without its debug records, which hold the absolute paths of the
+    Python sources on the exporting machine (a user's home folder); the model loads and runs the same.
+
+    ``extra_files`` (name -> text) are embedded the way ``monai.bundle ckpt_export`` does, so a
+    consumer given only ``model.ts`` (a MONAI Deploy application package) finds the bundle's
+    ``metadata.json`` and ``inference.json`` inside it. The archive's top folder is ``name``, as
+    ``torch.jit.save`` to ``<name>.ts`` writes it and as such consumers look for ``<name>/extra/``.
+    """
+    raw = io.BytesIO()
+    torch.jit.save(scripted, raw, _extra_files=dict(extra_files or {}))
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw.getvalue())) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            if not info.filename.endswith(".debug_pkl"):
+                member = f"{name}/{info.filename.split('/', 1)[1]}"
+                dst.writestr(zipfile.ZipInfo(member, date_time=(1980, 1, 1, 0, 0, 0)), src.read(info))
+    return out.getvalue()
+
+
+def _torchscript_parity(network: nn.Module, data: bytes, shape: list[int], seed: int = 0) -> float:
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(seed))
     network.eval()
     with torch.no_grad():
-        return float((scripted(x) - network(x)).abs().max())
+        return float((torch.jit.load(io.BytesIO(data)).eval()(x) - network(x)).abs().max())
 
 
 def _onnx_export(network: nn.Module, path: Path, shape: list[int], seed: int = 0) -> float | None:
@@ -80,6 +131,18 @@ def _onnx_export(network: nn.Module, path: Path, shape: list[int], seed: int = 0
         return float(np.abs(session.run(None, {"image": x.numpy()})[0] - network(x).numpy()).max())
 
 
+def _previous_metadata(dest: Path, name: str | None) -> dict[str, Any] | None:
+    """The metadata of the bundle already at ``dest`` when it is an earlier export of the same bundle."""
+    path = dest / "configs" / "metadata.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta if meta.get("name") == name and isinstance(meta.get("version"), str) else None
+
+
 def export_bundle(
     network: nn.Module,
     dest: str | Path,
@@ -88,24 +151,32 @@ def export_bundle(
     metrics: Mapping[str, Mapping[str, Any]] | None = None,
     changelog: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    source: str | Path | None = None,
+    manifests: Sequence[Mapping[str, Any]] = (),
+    recipe: Mapping[str, Any] | None = None,
+    bump: str = "patch",
     torchscript: bool = True,
     onnx: bool = True,
 ) -> dict[str, Any]:
     """Write ``network`` as the bundle ``template`` at ``dest`` (replacing what is there).
 
-    ``metrics`` (name -> ``classification_metrics`` result) fill ``eval_metrics``; ``changelog`` adds
-    an entry for the template's version; ``metadata`` overrides other fields. With ``torchscript``
-    the network is scripted to ``models/model.ts`` and must match the eager network's outputs
-    (max abs difference returned); with ``onnx`` (and onnxruntime installed) the same for
-    ``models/model.onnx``. Returns ``{"path", "version", "torchscript_max_abs_diff", "onnx_max_abs_diff"}``.
+    ``metrics`` (name -> ``classification_metrics`` result) fill ``eval_metrics``; ``changelog`` is
+    the entry for this version: the template's version on a first export, the previous bundle's
+    version bumped by ``bump`` when ``dest`` already holds one; ``metadata`` overrides other fields.
+    ``source`` (the bundle or weights it was adapted from), ``manifests`` (the loaded training
+    manifests: hashes and counts only) and ``recipe`` (settings worth stating) go into
+    ``provenance.json`` and the model card ``docs/README.md``. With ``torchscript`` the network is
+    scripted to ``models/model.ts`` and must match the eager network's outputs (max abs difference
+    returned); with ``onnx`` (and onnxruntime installed) the same for ``models/model.onnx``.
+    Returns ``{"path", "version", "torchscript_max_abs_diff", "onnx_max_abs_diff"}``.
     """
-    source = template_dir(template)
+    template_root = template_dir(template)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     network = network.cpu().eval()
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
         build = Path(tmp) / dest.name
-        shutil.copytree(source, build, ignore=shutil.ignore_patterns("models", "runs", "eval", "cache", "__pycache__"))
+        shutil.copytree(template_root, build, ignore=shutil.ignore_patterns("models", "runs", "eval", "cache", "__pycache__"))
         models = build / "models"
         models.mkdir()
         torch.save(network.state_dict(), models / "model.pt")
@@ -114,10 +185,15 @@ def export_bundle(
         meta = json.loads(meta_path.read_text())
         meta.update({"monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
                      "numpy_version": np.__version__})
+        meta["required_packages_version"] = {**meta.get("required_packages_version", {}), "medtl": medtl_version}
+        previous = _previous_metadata(dest, meta.get("name"))
+        if previous:
+            meta["version"] = bump_version(previous["version"], bump)
+            meta["changelog"] = {meta["version"]: changelog or "re-exported", **previous.get("changelog", {})}
+        elif changelog:
+            meta["changelog"] = {meta["version"]: changelog, **{k: v for k, v in meta["changelog"].items() if k != meta["version"]}}
         if metrics:
             meta["eval_metrics"] = eval_metrics(metrics)
-        if changelog:
-            meta["changelog"] = {meta["version"]: changelog, **{k: v for k, v in meta["changelog"].items() if k != meta["version"]}}
         meta.update(metadata or {})
         atomic_write_json(meta_path, meta)
         from medtl.bundle.components import load_bundle_network
@@ -127,15 +203,26 @@ def export_bundle(
         diff = onnx_diff = None
         shape = [meta["network_data_format"]["inputs"]["image"]["num_channels"], *meta["network_data_format"]["inputs"]["image"]["spatial_shape"]]
         if torchscript:
-            scripted = convert_to_torchscript(network)
-            diff = _torchscript_parity(network, scripted, shape)
+            configs = build / "configs"
+            data = torchscript_bytes(convert_to_torchscript(network), {name: (configs / name).read_text(encoding="utf-8")
+                                                                       for name in ("metadata.json", "inference.json")})
+            diff = _torchscript_parity(network, data, shape)
             if diff > 1e-4:
                 raise MedtlError(f"TorchScript output differs from the network by {diff:.2e}", path=dest.name)
-            atomic_write(models / "model.ts", lambda p: torch.jit.save(scripted, str(p)))
+            atomic_write_bytes(models / "model.ts", data)
         if onnx:
             onnx_diff = _onnx_export(network, models / "model.onnx", shape)
             if onnx_diff is not None and onnx_diff > 1e-4:
                 raise MedtlError(f"ONNX output differs from the network by {onnx_diff:.2e}", path=dest.name)
+        recorded = {"adapted_from": describe_source(source) if source else None,
+                    "data": {"manifests": [manifest_record(m) for m in manifests]},
+                    "recipe": dict(recipe or {}), "parameters": sum(p.numel() for p in network.parameters())}
+        record = provenance(build, recorded)
+        atomic_write_json(build / PROVENANCE, record)
+        readme = template_root / "docs" / "README.md"
+        atomic_write_text(build / "docs" / "README.md", model_card(meta, record, readme.read_text(encoding="utf-8") if readme.is_file() else ""))
+        if not (build / "docs" / "data_license.txt").is_file():
+            atomic_write_text(build / "docs" / "data_license.txt", DATA_LICENSE)
         if dest.exists():  # moved into the temporary folder, which removes it on the way out
             dest.rename(Path(tmp) / "previous")
         build.rename(dest)
@@ -143,4 +230,4 @@ def export_bundle(
     return {"path": dest, "version": meta["version"], "torchscript_max_abs_diff": diff, "onnx_max_abs_diff": onnx_diff}
 
 
-__all__ = ["eval_metrics", "export_bundle", "template_dir"]
+__all__ = ["bump_version", "eval_metrics", "export_bundle", "template_dir", "torchscript_bytes"]

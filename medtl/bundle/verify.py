@@ -1,0 +1,444 @@
+"""Check a bundle before it is shared or run: a pass/fail table a receiving site can trust.
+
+Every check reads the bundle without running it, except the network checks, which instantiate
+``network_def`` only after the expression audit has passed (or with ``trust``). Weights are always
+loaded with ``weights_only=True``: a checkpoint with pickled code fails instead of running.
+"""
+
+from __future__ import annotations
+
+import json
+import pickletools
+import re
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import jsonschema
+import numpy as np
+import torch
+
+from medtl.bundle.audit import audit_config, audit_logging_conf
+from medtl.bundle.files import CHECKSUMS, PROVENANCE, bundle_files, open_bundle, parse_sha256sums, sha256sums
+from medtl.errors import MedtlError
+from medtl.privacy import find_identifiers
+
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "meta_schema_20240725.json"
+REQUIRED = ("configs/metadata.json", "configs/inference.json", "LICENSE", "models/model.pt")
+TOLERANCE = 1e-4
+_TEXT_SUFFIXES = {".json", ".yaml", ".yml", ".md", ".txt", ".conf", ".csv", ".py", ".cfg", ".ini", ".html", ""}
+_PRINTABLE = re.compile(rb"[\x20-\x7e]{4,}")
+_WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
+# a string literal in an expression holding a path of two or more parts from the root or home
+_ABSOLUTE_LITERAL = re.compile(r"(['\"])((?:/|~/|[A-Za-z]:[\\/])[^'\"/\\]+[/\\][^'\"]*)\1")
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "pass", "fail", "warn" (failed but trusted) or "skip"
+    detail: str = ""
+
+
+@dataclass
+class Verification:
+    """The outcome: one row per check; ``ok`` when nothing failed."""
+
+    bundle: str
+    version: str | None = None
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != "fail" for c in self.checks)
+
+    def add(self, name: str, problems: list[str], *, passed: str = "", trusted: bool = False, limit: int = 8) -> None:
+        if problems:
+            shown = problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
+            self.checks.append(Check(name, "warn" if trusted else "fail", "; ".join(shown)))
+        else:
+            self.checks.append(Check(name, "pass", passed))
+
+    def skip(self, name: str, why: str) -> None:
+        self.checks.append(Check(name, "skip", why))
+
+    def table(self) -> str:
+        width = max(len(c.name) for c in self.checks)
+        lines = [f"bundle {self.bundle} {self.version or '?'}: {'PASS' if self.ok else 'FAIL'}"]
+        lines += [f"  {c.status.upper():<5} {c.name:<{width}}  {c.detail}".rstrip() for c in self.checks]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bundle": self.bundle, "version": self.version, "ok": self.ok, "checks": [asdict(c) for c in self.checks]}
+
+
+def _load_json(path: Path, name: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MedtlError(f"not readable JSON ({exc.__class__.__name__}: {exc})", path=name) from None
+
+
+def _check_metadata(root: Path, report: Verification) -> dict | None:
+    try:
+        meta = _load_json(root / "configs" / "metadata.json", "configs/metadata.json")
+    except MedtlError as exc:
+        report.add("metadata schema", [str(exc)])
+        return None
+    if isinstance(meta, dict):
+        report.version, report.bundle = meta.get("version"), meta.get("name", report.bundle)
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    problems = []
+    for error in sorted(jsonschema.Draft7Validator(schema).iter_errors(meta), key=lambda e: list(e.path)):
+        where = "/".join(str(p) for p in error.path) or "(top level)"
+        problems.append(f"configs/metadata.json {where}: {error.message}")
+    if not problems:
+        if meta["version"] not in meta.get("changelog", {}):
+            problems.append(f"configs/metadata.json: version {meta['version']} has no changelog entry")
+        pred = meta["network_data_format"].get("outputs", {}).get("pred", {})
+        k = pred.get("num_channels")
+        if sorted(pred.get("channel_def", {})) != sorted(str(i) for i in range(k or 0)):
+            problems.append(f"configs/metadata.json: outputs/pred/channel_def keys must be '0'..'{(k or 1) - 1}'")
+    report.add("metadata schema", problems, passed=f"valid against {SCHEMA.name}")
+    return None if problems else meta
+
+
+def _check_checksums(root: Path, report: Verification) -> None:
+    listing = root / CHECKSUMS
+    if not listing.is_file():
+        report.skip("checksums", f"no {CHECKSUMS} (medtl bundle pack writes one)")
+        return
+    try:
+        expected = parse_sha256sums(listing.read_text(encoding="utf-8"))
+    except (MedtlError, UnicodeDecodeError) as exc:
+        report.add("checksums", [str(exc)])
+        return
+    actual = sha256sums(root)
+    problems = [f"{name}: content changed since packing (sha256 mismatch)" for name in sorted(expected)
+                if name in actual and actual[name] != expected[name]]
+    problems += [f"{name}: listed in {CHECKSUMS} but missing" for name in sorted(set(expected) - set(actual))]
+    problems += [f"{name}: not listed in {CHECKSUMS} (added after packing)" for name in sorted(set(actual) - set(expected))]
+    report.add("checksums", problems, passed=f"{len(expected)} files match {CHECKSUMS}")
+
+
+def _config_files(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "configs").glob("*") if p.suffix in (".json", ".yaml", ".yml") and p.name != "metadata.json")
+
+
+def _read_configs(root: Path, report: Verification) -> dict[str, Any]:
+    from monai.bundle import ConfigParser
+
+    configs, problems = {}, []
+    for path in _config_files(root):
+        name = f"configs/{path.name}"
+        try:
+            configs[name] = ConfigParser.load_config_file(path)
+        except Exception as exc:  # noqa: BLE001 - any parse error is the bundle's problem, reported by file
+            problems.append(f"{name}: does not parse ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})")
+    report.add("configs parse", problems, passed=f"{len(configs)} configs read by MONAI's ConfigParser")
+    return configs
+
+
+def _references(config: Any) -> Iterable[str]:
+    if isinstance(config, dict):
+        for value in config.values():
+            yield from _references(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from _references(value)
+    elif isinstance(config, str) and config.startswith(("@", "$", "%")):
+        for ref in re.findall(r"@(\w+(?:(?:#|::)\w+)*)", config):
+            yield ref.replace("::", "#")
+
+
+def _strings(config: Any, where: str = "") -> Iterable[tuple[str, str]]:
+    if isinstance(config, dict):
+        for key, value in config.items():
+            yield from _strings(value, f"{where}#{key}" if where else str(key))
+    elif isinstance(config, list):
+        for i, value in enumerate(config):
+            yield from _strings(value, f"{where}#{i}")
+    elif isinstance(config, str):
+        yield where, config
+
+
+def _overlay(base: dict, config: dict) -> dict:
+    """``config`` over ``base`` the way MONAI merges several config files: ``a#b`` keys set nested ids."""
+    merged = json.loads(json.dumps(base))
+    for key, value in config.items():
+        *parents, last = str(key).replace("::", "#").split("#")
+        node = merged
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else node
+        if isinstance(node, dict):
+            node[last] = value
+    return merged
+
+
+def _lookup(config: dict, meta: dict, ref: str) -> bool:
+    node: Any = {**config, "_meta_": meta}
+    for part in ref.split("#"):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def _check_references(root: Path, configs: dict[str, Any], meta: dict, report: Verification) -> None:
+    """Every ``@id`` resolves (an overlay such as multi_gpu_train.json over train.json) and every
+    bundle file an inference or evaluation config reads is there."""
+    base = configs.get("configs/train.json", {})
+    problems = []
+    for name, config in configs.items():
+        if not isinstance(config, dict):
+            problems.append(f"{name}: top level must be a mapping of ids")
+            continue
+        merged = _overlay(base, config) if name not in ("configs/train.json", "configs/inference.json") else config
+        for ref in sorted(set(_references(config))):
+            if not _lookup(merged, meta, ref):
+                problems.append(f"{name}: @{ref} is not defined")
+        if name in ("configs/train.json", "configs/multi_gpu_train.json"):
+            continue  # training writes models/, it does not read them
+        for where, text in _strings(config):
+            for rel in re.findall(r"@bundle_root\s*\+\s*['\"]/((?:models|configs|docs)/[^'\"]+\.\w+)['\"]", text):
+                if not (root / rel).is_file():
+                    problems.append(f"{name} {where}: reads {rel}, which is not in the bundle")
+    report.add("references and files", problems, passed="every @id resolves; every file read is present")
+
+
+def _check_paths(root: Path, configs: dict[str, Any], report: Verification) -> None:
+    problems = []
+    for name, config in configs.items():
+        for where, text in _strings(config):
+            if text.startswith("$"):
+                absolute = [m.group(2) for m in _ABSOLUTE_LITERAL.finditer(text) if not text[:m.start()].rstrip().endswith("+")]
+            else:
+                absolute = [text] if (PurePosixPath(text).is_absolute() or _WINDOWS_ABSOLUTE.match(text) or text.startswith("~")) else []
+            problems += [f"{name} {where}: absolute path {p!r} (use @bundle_root or a command-line argument)" for p in absolute]
+            if re.search(r"(^|[/\\'\"])\.\.([/\\]|$)", text) and ("/" in text or "\\" in text):
+                problems.append(f"{name} {where}: {text!r} escapes bundle_root with '..'")
+    logging_conf = root / "configs" / "logging.conf"
+    if logging_conf.is_file():
+        for line in logging_conf.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.strip().startswith("args") and re.search(r"['\"](/|[A-Za-z]:[\\/]|~)", line):
+                problems.append(f"configs/logging.conf: absolute path in {line.strip()!r}")
+    report.add("portable paths", problems, passed="no absolute paths, nothing outside bundle_root")
+
+
+def _check_expressions(root: Path, configs: dict[str, Any], trust: bool, report: Verification) -> bool:
+    findings = [f for name, config in configs.items() for f in audit_config(config, name)]
+    if (root / "configs" / "logging.conf").is_file():
+        findings += audit_logging_conf(root / "configs" / "logging.conf")
+    report.add("expression audit", [str(f) for f in findings], trusted=trust,
+               passed="every $expression, _target_ and logging handler is on the allow-list")
+    return not findings
+
+
+def _check_weights(root: Path, trust: bool, report: Verification) -> dict | None:
+    path = root / "models" / "model.pt"
+    if not path.is_file():
+        report.skip("weights load (weights_only)", "no models/model.pt")
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError or EOFError by case
+        text = str(exc)
+        unsafe = re.search(r"(?:Unsupported global|GLOBAL) *:? *(?:GLOBAL )?([\w.]+)", text)
+        why = (f"holds pickled code ({unsafe.group(1)}), which would run on loading; refused"
+               if unsafe or "Weights only load failed" in text else f"not a readable checkpoint ({exc.__class__.__name__})")
+        report.add("weights load (weights_only)", [f"models/model.pt: {why}"], trusted=trust and bool(unsafe or "Weights only" in text))
+        return None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    problems = [] if tensors else ["models/model.pt: holds no weight tensors"]
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    problems += [f"models/model.pt: {k} has NaN or Inf values" for k in bad[:3]]
+    report.add("weights load (weights_only)", problems, passed=f"{len(tensors)} tensors, all finite, no pickled code")
+    return None if problems else tensors
+
+
+def _sample_input(meta: dict) -> torch.Tensor:
+    image = meta["network_data_format"]["inputs"]["image"]
+    low, high = (image.get("value_range") or [0, 1])[:2]
+    x = torch.rand(2, image["num_channels"], *image["spatial_shape"], generator=torch.Generator().manual_seed(0))
+    return low + (high - low) * x
+
+
+def _check_network(root: Path, meta: dict, state: dict, report: Verification) -> tuple[torch.Tensor, torch.Tensor] | None:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(root / "configs" / "inference.json")
+    parser.read_meta(root / "configs" / "metadata.json")
+    parser["bundle_root"] = str(root)
+    try:
+        network = parser.get_parsed_content("network_def")
+    except Exception as exc:  # noqa: BLE001 - a broken network_def is the bundle's problem
+        report.add("network matches metadata", [f"configs/inference.json network_def does not build ({exc.__class__.__name__}: {exc})"])
+        return None
+    result = network.load_state_dict(state, strict=False)
+    problems = [f"models/model.pt: no weights for {', '.join(result.missing_keys[:4])}"] if result.missing_keys else []
+    problems += [f"models/model.pt: weights for no layer: {', '.join(result.unexpected_keys[:4])}"] if result.unexpected_keys else []
+    if problems:
+        report.add("network matches metadata", problems)
+        return None
+    x = _sample_input(meta)
+    with torch.no_grad():
+        y = network.eval()(x)
+    k = meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+    if tuple(y.shape) != (x.shape[0], k) or y.dtype != torch.float32:
+        problems.append(f"network_def gives {tuple(y.shape)} {y.dtype} for input {tuple(x.shape)}; metadata says ({x.shape[0]}, {k}) float32")
+    report.add("network matches metadata", problems, passed=f"{tuple(x.shape[1:])} -> {k} classes")
+    return None if problems else (x, y)
+
+
+def _check_export(name: str, path: Path, run: Callable[[Path, torch.Tensor], np.ndarray], reference: tuple[torch.Tensor, torch.Tensor] | None,
+                  report: Verification) -> None:
+    rel = f"models/{path.name}"
+    if not path.is_file():
+        report.skip(name, f"no {rel}")
+        return
+    if reference is None:
+        report.skip(name, "needs the network check to pass")
+        return
+    x, y = reference
+    try:
+        out = run(path, x)
+    except ImportError as exc:
+        report.skip(name, f"{exc.name} not installed")
+        return
+    except Exception as exc:  # noqa: BLE001 - a file that does not load is the bundle's problem
+        report.add(name, [f"{rel}: does not load or run ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})"])
+        return
+    diff = float(np.abs(out - y.numpy()).max()) if out.shape == tuple(y.shape) else float("inf")
+    report.add(name, [f"{rel}: output differs from models/model.pt by {diff:.2e} (> {TOLERANCE:g})"] if not diff <= TOLERANCE else [],
+               passed=f"max abs difference {diff:.1e}")
+
+
+def _run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return torch.jit.load(str(path), map_location="cpu").eval()(x).numpy()
+
+
+def _run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _printable(data: bytes) -> str:
+    return b"\n".join(_PRINTABLE.findall(data)).decode("ascii")
+
+
+def _pickle_strings(data: bytes) -> str | None:
+    """The strings a pickle holds, read opcode by opcode without unpickling (so nothing runs)."""
+    try:
+        return "\n".join(str(arg) for op, arg, _ in pickletools.genops(data) if isinstance(arg, (str, bytes)) and "UNICODE" in op.name
+                         or op.name in ("GLOBAL", "STRING", "BINSTRING", "SHORT_BINSTRING"))
+    except Exception:  # noqa: BLE001 - not a well-formed pickle: fall back to its printable runs
+        return None
+
+
+def _onnx_text(path: Path) -> str | None:
+    """The free text of an ONNX model (doc strings, metadata), not its layer names, which look like paths."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - onnx missing or the file unreadable: scan its printable runs
+        return None
+    parts = [model.doc_string, model.graph.doc_string, *(f"{p.key}={p.value}" for p in model.metadata_props)]
+    parts += [n.doc_string for n in model.graph.node]
+    return "\n".join(p for p in parts if p)
+
+
+def _texts(path: Path) -> Iterable[tuple[str, str]]:
+    """``(part, text)`` to scan: text files whole; torch zips member names and non-tensor members;
+    ONNX doc strings and metadata; other binaries as their printable runs (like ``strings``)."""
+    data = path.read_bytes()
+    if path.suffix == ".onnx" and (text := _onnx_text(path)) is not None:
+        yield "", text
+        return
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            yield "", "\n".join(zf.namelist())
+            for info in zf.infolist():
+                if "/data/" in f"/{info.filename}" and not info.filename.endswith(".pkl"):
+                    continue  # raw tensor storage
+                member = zf.read(info)
+                text = _pickle_strings(member) if info.filename.endswith(".pkl") else None
+                yield f"#{info.filename.split('/', 1)[-1]}", text if text is not None else _printable(member)
+        return
+    if path.suffix in _TEXT_SUFFIXES or path.name == "LICENSE":
+        try:
+            yield "", data.decode("utf-8")
+            return
+        except UnicodeDecodeError:
+            pass
+    yield "", _printable(data)
+
+
+def _check_privacy(root: Path, identifiers: Iterable[str], report: Verification) -> None:
+    known = sorted(set(identifiers))
+    problems = []
+    files = bundle_files(root)
+    for rel in files:
+        for part, text in _texts(root / rel):
+            problems += [f"{rel}{part}: {f}" for f in find_identifiers(text, known)]
+    source = f", {len(known)} identifiers from the training data" if known else ""
+    report.add("privacy scan", problems, passed=f"{len(files)} files: no names, IDs, UIDs, birth dates or home paths{source}")
+
+
+def verify_bundle(path: str | Path, *, trust: bool = False, identifiers: Iterable[str] = ()) -> Verification:
+    """Run every check on a bundle folder or zip; never raises for a bad bundle, reports it.
+
+    ``trust`` turns expression-audit failures into warnings and lets the network checks run
+    anyway (pickled weights are still never loaded). ``identifiers`` are values from the training
+    data (``medtl.privacy.identifiers_from_dicom``) the privacy scan must not find.
+    """
+    path = Path(path)
+    report = Verification(path.name)
+    try:
+        with open_bundle(path) as root:
+            report.bundle = root.name if root.name != path.name and path.is_dir() else path.name
+            missing = [f for f in REQUIRED if not (root / f).is_file()]
+            report.add("required files", [f"{f} is missing" for f in missing], passed=", ".join(REQUIRED))
+            meta = _check_metadata(root, report) if (root / "configs" / "metadata.json").is_file() else None
+            _check_checksums(root, report)
+            configs = _read_configs(root, report) if (root / "configs").is_dir() else {}
+            if meta is not None:
+                _check_references(root, configs, meta, report)
+            _check_paths(root, configs, report)
+            audited = _check_expressions(root, configs, trust, report)
+            state = _check_weights(root, trust, report)
+            reference = None
+            if meta is None or state is None or "configs/inference.json" not in configs:
+                report.skip("network matches metadata", "needs valid metadata, weights and inference.json")
+            elif not (audited or trust):
+                report.skip("network matches metadata", "not built: the expression audit failed (--trust to build it anyway)")
+            else:
+                reference = _check_network(root, meta, state, report)
+            _check_export("TorchScript parity", root / "models" / "model.ts", _run_torchscript, reference, report)
+            _check_export("ONNX parity", root / "models" / "model.onnx", _run_onnx, reference, report)
+            _check_privacy(root, identifiers, report)
+            if (root / PROVENANCE).is_file():
+                try:
+                    provenance = _load_json(root / PROVENANCE, PROVENANCE)
+                    problems = [] if provenance.get("bundle", {}).get("version") == report.version else \
+                        [f"{PROVENANCE}: version {provenance.get('bundle', {}).get('version')} differs from metadata {report.version}"]
+                except (MedtlError, AttributeError) as exc:
+                    problems = [str(exc)]
+                report.add("provenance", problems, passed="provenance.json matches the metadata version")
+    except MedtlError as exc:
+        report.add("archive", [str(exc)])
+    return report
+
+
+__all__ = ["Check", "Verification", "verify_bundle"]
