@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Check a bundle before sharing or running it (schema, checksums, configs, portable paths, "
                          "an audit of every $expression, weights without pickled code, TorchScript/ONNX parity, privacy scan), "
                          "pack it into a reproducible zip with provenance and checksums, import a received one, compare two versions.")
-    bsub = p.add_subparsers(dest="bundle_verb", metavar="ACTION", required=True)
+    bsub = p.add_subparsers(dest="bundle_verb", metavar="ACTION", required=True,
+                            help="verify: check; pack: zip to send; import: receive; diff: compare versions")
     v = bsub.add_parser("verify", help="check a bundle folder or zip and print a pass/fail table (exit 1 on any failure)")
     v.add_argument("path", help="bundle folder or .zip")
     v.add_argument("--trust", action="store_true", help="report expressions outside the allow-list and pickled checkpoints as warnings")
@@ -350,8 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--identifiers-from", metavar="DICOM_DIR",
                          help="also search for the patient names, IDs, UIDs and dates found in these DICOM headers (the training data)")
     d = bsub.add_parser("diff", help="config, metadata and metric differences between two bundles (folders or zips)")
-    d.add_argument("a")
-    d.add_argument("b")
+    d.add_argument("a", help="the earlier bundle (folder or zip)")
+    d.add_argument("b", help="the later bundle (folder or zip)")
     for sub, func in ((v, _bundle_verify), (k, _bundle_pack), (i, _bundle_import), (d, _bundle_diff)):
         sub.set_defaults(func=func)
 

@@ -9,6 +9,7 @@ pylibjpeg/pyjpegls plugins), applies RescaleSlope/Intercept and returns a canoni
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections import defaultdict
@@ -21,6 +22,7 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 from tqdm import tqdm
 
@@ -46,7 +48,9 @@ _DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"}  # deflated tra
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
 
 # Problems that make a series impossible to assemble into one 3D volume.
-BLOCKING = {"non_image", "no_pixel_data", "no_pixel_spacing", "no_geometry", "mixed_orientation", "mixed_size", "duplicate_positions", "color", "multi_frame"}
+BLOCKING = {"non_image", "no_pixel_data", "no_pixel_spacing", "no_geometry", "mixed_orientation", "mixed_size", "duplicate_positions", "color", "multi_frame", "unsupported_compression"}
+
+_DECODE_HINT = "install medtl's decoder plugins (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pyjpegls)"
 
 _POS_TOL_MM = 1e-3  # positions closer than this are the same slice
 _SPACING_RTOL = 0.01  # relative tolerance for gaps to count as equal (or as whole multiples)
@@ -319,9 +323,27 @@ def slice_geometry(headers: Sequence[Header]) -> Geometry:
     return Geometry(order, [float(v) for v in s], spacing, step, problems)
 
 
+@functools.lru_cache(maxsize=None)
+def decoder_problem(transfer_syntax: str) -> str | None:
+    """Why pixel data in ``transfer_syntax`` cannot be decoded here (None when it can, or is unknown)."""
+    if not transfer_syntax:
+        return None  # no file meta: pydicom guesses the encoding, decoding decides
+    name = UID(transfer_syntax).name
+    try:
+        decoder = get_decoder(transfer_syntax)
+    except NotImplementedError:
+        return f"pixel data encoded as {name}, which medtl has no decoder for"
+    if not decoder.is_available:
+        return f"pixel data encoded as {name}, whose decoder plugin is not installed"
+    return None
+
+
 def series_problems(headers: Sequence[Header]) -> list[dict[str, Any]]:
     """Problems of a series that are not about slice geometry."""
     problems = []
+    undecodable = sorted({why for h in headers if h.has_pixels and (why := decoder_problem(h.transfer_syntax))})
+    if undecodable:
+        problems.append(problem("unsupported_compression", "; ".join(undecodable)))
     sop = headers[0].sop_class
     if any(sop.startswith(p) for p in _NON_IMAGE_SOP_PREFIXES):
         problems.append(problem("non_image", f"non-image SOP class {UID(sop).name}"))
@@ -444,12 +466,15 @@ def _decode(path: Path) -> tuple[np.ndarray, float, float]:
         ds = pydicom.dcmread(path, force=True)
         pixels = ds.pixel_array
     except Exception as exc:
-        name = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).name if "ds" in locals() and hasattr(ds, "file_meta") else "unknown"
-        raise DicomError(
-            f"cannot decode pixel data (transfer syntax {name}): {exc}",
-            path=path,
-            hint="install medtl's decoder plugins (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pyjpegls)",
-        ) from None
+        syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if "ds" in locals() and hasattr(ds, "file_meta") else ""
+        why = decoder_problem(syntax)
+        if why:
+            hint = _DECODE_HINT if "plugin" in why else "convert the series to an uncompressed transfer syntax (e.g. gdcmconv --raw)"
+            raise DicomError(f"cannot decode pixel data: {why}", path=path, hint=hint) from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        detail = " ".join([lines[0], "; ".join(lines[1:])]).strip()  # pydicom lists each plugin's error on its own line
+        raise DicomError(f"cannot decode pixel data ({UID(syntax).name if syntax else 'unknown transfer syntax'}): {detail}", path=path,
+                         hint="the pixel data may be damaged; export the series again from the source") from None
     slope = _float(ds.get("RescaleSlope"))
     intercept = _float(ds.get("RescaleIntercept"))
     return pixels, 1.0 if slope is None else slope, 0.0 if intercept is None else intercept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -9,6 +10,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from medtl.errors import MedtlError
 
 
 def _current_umask() -> int:
@@ -18,24 +21,43 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+_WRITE_HINTS = {
+    errno.ENOSPC: "free disk space and run again",
+    errno.EDQUOT: "free space within your disk quota and run again",
+    errno.EACCES: "check the folder's write permissions",
+    errno.EPERM: "check the folder's write permissions",
+    errno.EROFS: "write to a folder on a writable disk",
+}
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A failing disk (full, read-only, no permission) raises ``MedtlError`` naming ``path``; the
+    previous file, if any, is left as it was and no temporary file stays behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)  # keep .nii.gz so writers that sniff the suffix behave
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(path.suffixes)  # keep .nii.gz so writers that sniff the suffix behave
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise MedtlError(
+            f"cannot write ({exc.strerror or exc}); the previous file, if any, is unchanged",
+            path=path,
+            hint=_WRITE_HINTS.get(exc.errno, "check the folder exists and is writable"),
+        ) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return path
 
 

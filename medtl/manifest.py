@@ -134,7 +134,7 @@ def build_manifest(
     cases: list[dict[str, Any]] = []
     seen: dict[tuple[str, str], int] = {}
     for line, row in enumerate(rows, start=2):
-        where = f"{labels.name} row {line}"
+        where = f"row {line}"  # the error names the table itself
         try:
             case = _case_from_row(row, classes, labels.parent, root, salt, series_by_key, series_by_patient, scan_root, site)
         except ValueError as exc:
@@ -176,8 +176,11 @@ def build_manifest(
 
 
 def _error_list(errors: list[str], limit: int = 20) -> str:
+    """All row problems on one line, so the CLI prints one error line however many rows are bad."""
+    if len(errors) == 1:
+        return errors[0]
     shown = errors[:limit] + ([f"... and {len(errors) - limit} more"] if len(errors) > limit else [])
-    return f"{len(errors)} problem(s):\n  " + "\n  ".join(shown)
+    return f"{len(errors)} problems: " + "; ".join(shown)
 
 
 def _case_from_row(row, classes, table_dir, root, salt, series_by_key, series_by_patient, scan_root, site) -> dict[str, Any]:
@@ -281,7 +284,7 @@ def _assign_splits(cases: list[dict[str, Any]], fractions: dict[str, float], see
                     if c["label"] is not None:
                         c["split"] = split
             start += counts[split]
-    return errors + leakage(cases)
+    return errors or leakage(cases)  # a patient given two fixed splits is one problem, not two
 
 
 def _largest_remainder(n: int, fractions: dict[str, float]) -> dict[str, int]:

@@ -29,7 +29,8 @@ def read_nifti(path: str | Path) -> Volume:
     except PermissionError:
         raise ImageError("permission denied", path=path, hint="check the file's read permissions") from None
     except Exception as exc:  # nibabel/gzip/zlib raise many types on damaged files
-        raise ImageError(f"not a readable NIfTI file ({exc.__class__.__name__}: {exc})", path=path) from None
+        detail = " ".join(str(exc).split())  # nibabel's messages span lines; the CLI prints one
+        raise ImageError(f"not a readable NIfTI file ({exc.__class__.__name__}: {detail})", path=path) from None
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -71,7 +71,7 @@ def load_volume(source: PathLike | Sequence[PathLike], *, series: str | int | No
     if path.is_dir():
         return assemble_series(_pick_series(path, series), name=str(path))
     if path.is_file():
-        return read_series([path])
+        return read_series([path], name=str(path))  # a problem with a lone file names the file, not its folder
     raise ImageError("no such file or folder", path=path)
 
 

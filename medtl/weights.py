@@ -539,6 +539,7 @@ def load_weights(
     if strict and not report.exact:
         raise MedtlError(
             f"weights do not match {report.model} exactly: {report.summary()}",
+            path=label if isinstance(source, (str, Path)) else None,
             hint="load with strict=False to keep what matches, or rename tensors with key_map",
         )
     model.load_state_dict(merged, strict=False)

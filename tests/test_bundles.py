@@ -6,8 +6,10 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -219,3 +221,38 @@ def test_csv_cases_take_a_mask_or_an_roi_centre_and_report_bad_rows(tmp_path):
     bad.write_text("path,label\nx.nii.gz,1\n")
     with pytest.raises(MedtlError, match="needs an 'image' column"):
         inference_cases(input_csv=bad)
+
+
+@pytest.mark.slow
+def test_killed_finetune_bundle_resumes_to_the_same_weights(trained_source, tmp_path):
+    """kill -9 after the first epoch, then `--resume True`: the run ends where an uninterrupted one does."""
+    source, demo = trained_source
+    args = ["run", "--config_file", "configs/train.json", "--bundle_root", ".", "--source", str(source), "--manifest",
+            demo["sites"]["B"]["manifest"], "--dataset_dir", str(demo["out"]), "--max_epochs", "3", "--head_epochs", "1",
+            "--unfreeze_every", "1", "--patience", "50"]
+    runs = {}
+    for name in ("whole", "killed"):
+        runs[name] = tmp_path / name
+        shutil.copytree(REPO / "bundles" / "tumor_cls_finetune", runs[name])
+    monai_bundle(*args, cwd=runs["whole"])
+
+    state = runs["killed"] / "runs" / "training_state.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "monai.bundle", *args], cwd=runs["killed"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while not state.exists():
+        assert proc.poll() is None, "training ended before saving its first state"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(state, weights_only=True)["trainer"]["epoch"]
+    assert killed_at < 3
+    log = monai_bundle(*args, "--resume", "True", cwd=runs["killed"])
+    assert f"resumed from training_state.pt after epoch {killed_at} of 3" in log.stdout + log.stderr
+
+    whole, resumed = (torch.load(r / "runs" / "training_state.pt", weights_only=True) for r in (runs["whole"], runs["killed"]))
+    assert whole["trainer"]["epoch"] == resumed["trainer"]["epoch"] == 3
+    assert all(torch.equal(whole["network"][k], resumed["network"][k]) for k in whole["network"])
+    assert whole["objects"] == resumed["objects"] or all(
+        str(whole["objects"][k]) == str(resumed["objects"][k]) for k in whole["objects"])
+    best = [torch.load(r / "models" / "model.pt", weights_only=True) for r in (runs["whole"], runs["killed"])]
+    assert all(torch.equal(best[0][k], best[1][k]) for k in best[0])

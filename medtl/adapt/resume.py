@@ -41,6 +41,21 @@ def _numpy_tuple(state: list) -> tuple:
     return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with NumPy scalars and arrays turned into Python numbers and tensors, which
+    ``weights_only`` loading accepts (handlers keep scores as NumPy floats)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, Mapping):
+        return type(value)((k, _plain(v)) for k, v in value.items()) if not hasattr(value, "default_factory") else \
+            {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
 def random_transforms(loaders: Iterable[Any]) -> list[Randomizable]:
     """The random transforms, in a fixed order, of the datasets behind ``loaders``, inner ones
     included: MONAI's dictionary transforms draw from the generator of the array transform they wrap."""
@@ -62,6 +77,35 @@ def random_transforms(loaders: Iterable[Any]) -> list[Randomizable]:
     return list(found.values())
 
 
+#: Where MONAI handlers keep state that decides later epochs (scheduler position, early-stopping
+#: counter, the best score a key-metric checkpoint must beat).
+_HANDLER_STATE = ("lr_scheduler", "_handler", "_key_metric_checkpoint", "_final_checkpoint", "_interval_checkpoint")
+
+
+def handler_states(handlers: Iterable[Any]) -> dict[str, Any]:
+    """The parts with ``state_dict``/``load_state_dict`` of MONAI/ignite handlers, by position."""
+    out = {}
+    for i, handler in enumerate(handlers):
+        for attr in _HANDLER_STATE:
+            part = getattr(handler, attr, None)
+            if part is not None and hasattr(part, "state_dict") and hasattr(part, "load_state_dict"):
+                out[f"{i}.{attr}"] = part
+    return out
+
+
+class _BestMetric:
+    """A MONAI engine's best key metric and its epoch, as a state-dict object."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_metric": float(self.engine.state.best_metric), "best_metric_epoch": int(self.engine.state.best_metric_epoch)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.state.best_metric, self.engine.state.best_metric_epoch = state["best_metric"], state["best_metric_epoch"]
+
+
 class TrainingCheckpoint:
     """Save the whole training state each epoch to ``path``; with ``resume``, start from it.
 
@@ -70,21 +114,37 @@ class TrainingCheckpoint:
         network, optimizer: what the trainer trains.
         objects: more state by name, each with ``state_dict``/``load_state_dict`` (an lr scheduler,
             ``medtl.adapt.train`` best-epoch keeper, ignite ``EarlyStopping``).
+        handlers: MONAI handlers whose state is saved too (``handler_states``), looked up when
+            training starts so handlers attached later in ``initialize`` are included.
+        evaluators: MONAI evaluators whose best metric and its epoch are saved.
         loaders: data loaders whose dataset transforms draw random numbers (the training loader).
         resume: load ``path`` when the trainer starts; a missing file starts from scratch.
 
-    Attach it after the validation handler so the saved state includes that epoch's validation.
+    Attach it last, after the validation handler, so the saved state includes that epoch's
+    validation. In a bundle: ``"$@resume_state.attach(@train#trainer)"`` in ``initialize``.
     """
 
     def __init__(self, path: str | Path, *, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 objects: Mapping[str, Any] | None = None, loaders: Iterable[Any] = (), resume: bool = False) -> None:
+                 objects: Mapping[str, Any] | None = None, handlers: Iterable[Any] = (), evaluators: Iterable[Any] = (),
+                 loaders: Iterable[Any] = (), resume: bool = False) -> None:
         self.path = Path(path)
         self.network = network
         self.optimizer = optimizer
         self.objects = dict(objects or {})
+        self.handlers = list(handlers)
+        self.evaluators = list(evaluators)
         self.transforms = random_transforms(loaders)
         self.resume = resume
         self.resumed_from: int | None = None
+
+    @property
+    def resuming(self) -> bool:
+        """Whether this run continues an earlier one (``resume`` and a saved state exists)."""
+        return self.resume and self.path.is_file()
+
+    def _stateful(self) -> dict[str, Any]:
+        found = dict(self.objects) | handler_states(self.handlers)
+        return found | {f"evaluator{i}": _BestMetric(e) for i, e in enumerate(self.evaluators)}
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -100,7 +160,7 @@ class TrainingCheckpoint:
             "trainer": {"epoch": s.epoch, "iteration": s.iteration, "max_epochs": s.max_epochs, "epoch_length": s.epoch_length},
             "network": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "objects": {name: obj.state_dict() for name, obj in self.objects.items()},
+            "objects": {name: _plain(obj.state_dict()) for name, obj in self._stateful().items()},
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": _numpy_state(np.random.get_state()),
@@ -127,7 +187,11 @@ class TrainingCheckpoint:
                              hint="resume with the same recipe and data, or delete it to start over")
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for name, obj in self.objects.items():
+        stateful = self._stateful()
+        if set(stateful) != set(state["objects"]):
+            raise MedtlError("checkpoint was written by a different training setup (other handlers)", path=self.path.name,
+                             hint="resume with the same configs, or delete it to start over")
+        for name, obj in stateful.items():
             obj.load_state_dict(state["objects"][name])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -142,4 +206,4 @@ class TrainingCheckpoint:
         logger.info("resumed from %s after epoch %d of %d", self.path.name, t["epoch"], t["max_epochs"])
 
 
-__all__ = ["TrainingCheckpoint", "random_transforms"]
+__all__ = ["TrainingCheckpoint", "handler_states", "random_transforms"]

@@ -148,7 +148,7 @@ def inference_cases(input_dir: str | Path | None = None, input_csv: str | Path |
     if not cases:
         raise MedtlError("no loadable image series found", path=root.name,
                          hint=f"{len(skipped)} files/series skipped; run `medtl scan` on it to see why")
-    return {"cases": cases, "skipped": skipped}
+    return {"cases": cases, "skipped": skipped, "root": str(root)}
 
 
 def _csv_cases(path: Path) -> dict[str, Any]:
@@ -179,7 +179,18 @@ def _csv_cases(path: Path) -> dict[str, Any]:
                 continue
             case["roi_center_mm"] = center
         cases.append(case)
-    return {"cases": cases, "skipped": skipped}
+    return {"cases": cases, "skipped": skipped, "root": str(path.parent)}
+
+
+def _relative_name(path: str | None, root: str | None) -> str | None:
+    if not path:
+        return None
+    if root and Path(path).is_absolute():
+        try:
+            return Path(path).relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return Path(path).name if Path(path).is_absolute() else path
 
 
 def prepare_cases(found: Mapping[str, Any], transform: Any, *, progress: bool = True) -> dict[str, Any]:
@@ -193,7 +204,11 @@ def prepare_cases(found: Mapping[str, Any], transform: Any, *, progress: bool = 
             cause = exc
             while cause.__cause__ is not None and not isinstance(cause, MedtlError):
                 cause = cause.__cause__
-            reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            if isinstance(cause, MedtlError):  # named relative to the input, never by its absolute path
+                where = _relative_name(cause.path, found.get("root"))
+                reason = (f"{where}: " if where else "") + cause.message + (f" (hint: {cause.hint})" if cause.hint else "")
+            else:
+                reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
             logger.warning("skipped %s: %s", case["id"], reason)
             skipped.append({"id": case["id"], "reason": reason})
     if not items:

@@ -29,8 +29,9 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 def _refusal(report: Verification, action: str) -> MedtlError:
     failed = [c for c in report.checks if c.status == "fail"]
+    hinted = any("(hint:" in c.detail for c in failed)  # the failed check already says what to do
     return MedtlError(f"{action} refused: {len(failed)} check(s) failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
-                      path=report.bundle, hint="`medtl bundle verify` shows the whole table")
+                      path=report.bundle, hint=None if hinted else "`medtl bundle verify` shows the whole table")
 
 
 def _stage(root: Path, stage: Path) -> dict[str, Any]:
