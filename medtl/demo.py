@@ -242,7 +242,8 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
         print(f"  bundle {name} {info['version']}: {info['path']} (max abs diff to the network: TorchScript "
               f"{info['torchscript_max_abs_diff']:.1e}, {onnx})")
     print(f"  predictions: {out / 'predictions'}/predictions.csv, predictions.json")
-    summary = {"stages": stages_json(rows), "timings": timings, "bundles": {k: str(v["path"].relative_to(out)) for k, v in exported.items()},
+    summary = {"run": {"seed": seed, "scale": scale, "manifests": {m["name"]: m["content_sha256"] for m in manifests.values()}},
+               "stages": stages_json(rows), "timings": timings, "bundles": {k: str(v["path"].relative_to(out)) for k, v in exported.items()},
                "pseudo_labels": kept, "predictions": predictions}
     atomic_write_json(out / "demo_summary.json", summary)
     print(f"  summary: {out / 'demo_summary.json'}")

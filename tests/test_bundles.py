@@ -80,6 +80,11 @@ def test_source_bundle_trains_evaluates_and_exports(trained_source):
     metrics = json.loads((bundle / "eval" / "metrics.json").read_text())
     assert metrics["class_names"] == ["benign", "malignant"] and set(metrics["per_site"]) == {"B"}
     assert metrics["n"] == sum(metrics["class_counts"].values()) and metrics["metrics"]["auc"]["ci95"] is not None
+    # every output names its seed, data (manifest content hash) and weights
+    assert metrics["run"]["manifest"]["name"] == "demo_site_B" and len(metrics["run"]["manifest"]["content_sha256"]) == 64
+    assert len(metrics["run"]["weights_sha256"]) == 64
+    trained = json.loads((bundle / "runs" / "run.json").read_text())
+    assert trained["seed"] == 0 and trained["manifest"]["name"] == "demo_site_A" and trained["resume"] is False
 
     monai_bundle("ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
                  "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--bundle_root", ".", cwd=bundle)

@@ -107,3 +107,23 @@ def test_resume_refuses_a_damaged_or_foreign_checkpoint(tmp_path):
     saver.save(Engine)
     state = torch.load(path, weights_only=True)  # plain tensors and numbers: no pickled code needed
     assert state["trainer"]["epoch"] == 2 and set(state["rng"]) == {"torch", "numpy", "python", "transforms"}
+
+
+def test_same_seed_and_data_give_identical_training(tmp_path):
+    """Determinism on CPU: two runs from the same seed and items end with equal weights and metrics."""
+    from monai.utils import set_determinism
+
+    from medtl.adapt.recipe import TrainRecipe, train
+    from medtl.demo import resnet
+
+    g = torch.Generator().manual_seed(3)
+    items = [{"image": torch.rand(1, 16, 16, 16, generator=g) + 0.3 * (i % 2), "label": i % 2, "case_id": f"c{i}", "patient": f"p{i}",
+              "site": "A"} for i in range(16)]
+    runs = []
+    for _ in range(2):
+        set_determinism(0)
+        network = resnet(0.25)
+        result = train(network, items[:12], items[12:], TrainRecipe(epochs=2, batch_size=4, augment="light"), progress=False)
+        runs.append((network.state_dict(), result["val_auc"]))
+    (a, auc_a), (b, auc_b) = runs
+    assert auc_a == auc_b and all(torch.equal(a[k], b[k]) for k in a)

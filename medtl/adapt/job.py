@@ -86,7 +86,8 @@ def run_adapt(
           f"{'kept' if run.get('adabn', {}).get('kept') else 'discarded'} on validation; source load: "
           f"{len(report['loaded'])} tensors loaded, {len(report['mismatched'])} left to a new head")
     print(f"bundle: {bundle['path']} (TorchScript max abs diff {bundle['torchscript_max_abs_diff']:.1e})")
-    summary = {"stages": stages_json(rows),
+    summary = {"run": {"seed": seed, "manifest": {"name": data["name"], "content_sha256": data["content_sha256"]}},
+               "stages": stages_json(rows),
                "finetune": {k: run[k] for k in ("best_epoch", "epochs_run", "best_val_auc", "val_auc")},
                "bundle": "tumor_cls_finetune"}
     atomic_write_json(out / "adapt_summary.json", summary)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from medtl.errors import MedtlError
 from medtl.evaluate import classification_metrics, format_table
-from medtl.fileio import atomic_write_json, atomic_write_text
+from medtl.fileio import atomic_write_json, atomic_write_text, sha256_file
 from medtl.manifest import datalist as _datalist
 from medtl.manifest import load_manifest
 
@@ -49,6 +49,27 @@ def class_names(manifest: str | Path) -> list[str]:
     """Class names in label-index order, from a manifest's label map."""
     label_map = load_manifest(_required(manifest, "manifest", "manifests/site.json"))["label_map"]
     return sorted(label_map, key=label_map.get)
+
+
+def run_record(manifest: str | Path = "", seed: int | None = None, output_dir: str | Path | None = None,
+               weights: str | Path | None = None, **settings: Any) -> dict[str, Any]:
+    """What a run's results depend on: the seed, the data manifest (name and content hash, never
+    its cases or paths), the weights' sha256, settings worth stating and the software versions.
+    Written to ``output_dir/run.json`` when given; ``MetricsReport`` embeds it in every metrics file."""
+    import monai
+
+    from medtl import __version__
+
+    record: dict[str, Any] = {"seed": seed, **settings,
+                              "software": {"medtl": __version__, "monai": monai.__version__, "torch": torch.__version__.split("+")[0]}}
+    if weights not in (None, "") and Path(weights).is_file():
+        record["weights_sha256"] = sha256_file(weights)
+    if manifest not in (None, ""):
+        data = load_manifest(_required(manifest, "manifest", "manifests/site.json"))
+        record["manifest"] = {"name": data["name"], "content_sha256": data["content_sha256"]}
+    if output_dir is not None:
+        atomic_write_json(Path(output_dir) / "run.json", record)
+    return record
 
 
 # ----------------------------------------------------------------------------------- source and teacher
@@ -246,9 +267,10 @@ class MetricsReport:
     """
 
     def __init__(self, output_dir: str | Path, class_names: Sequence[str], *, filename: str = "metrics",
-                 n_boot: int = 1000, seed: int = 0, enabled: bool = True) -> None:
+                 n_boot: int = 1000, seed: int = 0, enabled: bool = True, run: Mapping[str, Any] | None = None) -> None:
         self.output_dir, self.filename = Path(output_dir), filename
         self.class_names, self.n_boot, self.seed, self.enabled = list(class_names), n_boot, seed, enabled
+        self.run = dict(run or {})
         self.result: dict[str, Any] | None = None
 
     def attach(self, engine: Any) -> None:
@@ -277,7 +299,7 @@ class MetricsReport:
         sites = None if None in self._sites else self._sites
         self.result = classification_metrics(y, probs, class_names=self.class_names, patient_ids=patients, sites=sites,
                                              n_boot=self.n_boot, seed=self.seed)
-        atomic_write_json(self.output_dir / f"{self.filename}.json", self.result)
+        atomic_write_json(self.output_dir / f"{self.filename}.json", self.result | ({"run": self.run} if self.run else {}))
         atomic_write_text(self.output_dir / f"{self.filename}.md", format_table(self.result))
         logger.info("metrics on %d cases -> %s.json\n%s", len(y), self.filename, format_table(self.result))
 
