@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from monai.utils import set_determinism
 

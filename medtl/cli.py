@@ -184,7 +184,7 @@ def _adapt(args: argparse.Namespace) -> int:
 
     run_adapt(args.source, args.manifest, args.root, args.out, widen_factor=args.widen_factor, modality=args.modality,
               epochs=args.epochs, student_widen=args.student_widen, student_epochs=args.student_epochs, trust=args.trust,
-              seed=args.seed, progress=not args.quiet)
+              resume=args.resume, seed=args.seed, progress=not args.quiet)
     return 0
 
 
@@ -314,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-widen", type=float, help="also distill a student of this ResNet10 width, e.g. 0.25")
     p.add_argument("--student-epochs", type=int, default=25, help="most student epochs (default 25)")
     p.add_argument("--trust", action="store_true", help="allow a source checkpoint that needs pickled code (runs code from the file)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted fine-tuning from OUT/training_state.pt (saved after every epoch) with the same arguments")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.set_defaults(func=_adapt)
 

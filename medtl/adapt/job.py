@@ -29,6 +29,7 @@ def run_adapt(
     student_widen: float | None = None,
     student_epochs: int = 25,
     trust: bool = False,
+    resume: bool = False,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -70,6 +71,7 @@ def run_adapt(
     stage("AdaBN", adapted, time.perf_counter() - t)
     t = time.perf_counter()
     run = finetune(network, items["train"], items["val"], FineTuneRecipe(epochs=epochs), num_classes=len(names),
+                   checkpoint=out / "training_state.pt", resume=resume,
                    unlabeled_items=items["unlabeled"], progress=progress, desc="fine-tune")
     results = {"target test": stage("fine-tuned", network, time.perf_counter() - t)}
     if student_widen:
