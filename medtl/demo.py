@@ -43,7 +43,7 @@ def demo_salt(seed: int) -> str:
 
 def _cohort_current(out: Path, seed: int, scale: float) -> bool:
     try:
-        info = json.loads((out / "cohort.json").read_text())
+        info = json.loads((out / "cohort.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
     return info.get("seed") == seed and info.get("cohort_version") == COHORT_VERSION and info.get("scale", 1.0) == scale
@@ -62,7 +62,7 @@ def prepare_demo_data(out: str | Path, *, seed: int = 0, scale: float = 1.0, pro
     salt_file = scans_dir / SALT_FILENAME
     if not salt_file.exists():
         atomic_write_text(salt_file, demo_salt(seed) + "\n")
-    sites = json.loads((out / "cohort.json").read_text())["sites"]
+    sites = json.loads((out / "cohort.json").read_text(encoding="utf-8"))["sites"]
     result: dict[str, Any] = {"out": out, "sites": {}, "timings": timings}
     for name in sites:
         t0 = time.perf_counter()

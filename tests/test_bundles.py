@@ -34,15 +34,15 @@ def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
 def test_metadata_validates_against_the_official_schema(bundle):
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
-    jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    jsonschema.validate(meta, json.loads(SCHEMA.read_text(encoding="utf-8")))
     assert meta["version"] in meta["changelog"]
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert sorted(pred["channel_def"]) == [str(i) for i in range(pred["num_channels"])]
     for name in ("train.json", "evaluate.json", "inference.json", "logging.conf"):
         assert (bundle / "configs" / name).is_file(), name
     assert (bundle / "LICENSE").is_file() and (bundle / "docs" / "README.md").is_file()
-    text = "".join(p.read_text() for p in (bundle / "configs").iterdir())
+    text = "".join(p.read_text(encoding="utf-8") for p in (bundle / "configs").iterdir())
     assert "/work" not in text and "/home" not in text and "C:\\" not in text  # paths stay relative to bundle_root
     monai_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
                  "--bundle_root", ".", cwd=bundle)
@@ -77,13 +77,13 @@ def test_source_bundle_trains_evaluates_and_exports(trained_source):
 
     monai_bundle("run", "--config_file", "configs/evaluate.json", "--bundle_root", ".", "--manifest", demo["sites"]["B"]["manifest"],
                  "--dataset_dir", str(demo["out"]), "--split", "['train', 'val', 'test']", "--n_boot", "50", cwd=bundle)
-    metrics = json.loads((bundle / "eval" / "metrics.json").read_text())
+    metrics = json.loads((bundle / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["class_names"] == ["benign", "malignant"] and set(metrics["per_site"]) == {"B"}
     assert metrics["n"] == sum(metrics["class_counts"].values()) and metrics["metrics"]["auc"]["ci95"] is not None
     # every output names its seed, data (manifest content hash) and weights
     assert metrics["run"]["manifest"]["name"] == "demo_site_B" and len(metrics["run"]["manifest"]["content_sha256"]) == 64
     assert len(metrics["run"]["weights_sha256"]) == 64
-    trained = json.loads((bundle / "runs" / "run.json").read_text())
+    trained = json.loads((bundle / "runs" / "run.json").read_text(encoding="utf-8"))
     assert trained["seed"] == 0 and trained["manifest"]["name"] == "demo_site_A" and trained["resume"] is False
 
     monai_bundle("ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
@@ -121,9 +121,9 @@ def test_inference_on_a_dicom_folder_gives_one_row_per_series(trained_source, tm
     for row in rows:
         assert row["pred"] in ("benign", "malignant") and row["model_version"] == "0.1.0"
         assert abs(float(row["prob_benign"]) + float(row["prob_malignant"]) - 1) < 1e-4
-    report = json.loads((out / "predictions.json").read_text())
+    report = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
     assert {s["id"].split("/")[-1] for s in report["skipped"]} == {"notes.txt", "broken.dcm"}
-    assert str(tmp_path) not in (out / "predictions.json").read_text()  # no absolute paths in outputs
+    assert str(tmp_path) not in (out / "predictions.json").read_text(encoding="utf-8")  # no absolute paths in outputs
 
 
 def test_components_say_which_option_is_missing(tmp_path):
@@ -159,15 +159,15 @@ def test_finetune_then_distill_bundles_adapt_the_source_to_site_b(trained_source
     shutil.copytree(REPO / "bundles" / "tumor_cls_distill", distill)
     monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--teacher", str(finetune), *data,
                  "--max_epochs", "2", "--threshold", "0.5", cwd=distill)
-    report = json.loads((distill / "runs" / "pseudo_labels.json").read_text())
-    n_unlabeled = sum(1 for c in json.loads(Path(demo["sites"]["B"]["manifest"]).read_text())["cases"] if c["split"] == "unlabeled")
+    report = json.loads((distill / "runs" / "pseudo_labels.json").read_text(encoding="utf-8"))
+    n_unlabeled = sum(1 for c in json.loads(Path(demo["sites"]["B"]["manifest"]).read_text(encoding="utf-8"))["cases"] if c["split"] == "unlabeled")
     assert report["unlabeled"] == n_unlabeled and sum(report["pseudo_labels_kept"].values()) == n_unlabeled  # p >= 0.5 always holds
     assert len(list((distill / "cache").glob("teacher-*.npz"))) == 1
     student = torch.load(distill / "models" / "model.pt", weights_only=True)
     assert sum(t.numel() for t in student.values()) < sum(t.numel() for t in tuned.values()) / 3
 
     monai_bundle("run", "--config_file", "configs/evaluate.json", "--bundle_root", ".", *data, "--n_boot", "20", cwd=distill)
-    assert json.loads((distill / "eval" / "metrics.json").read_text())["n"] > 0
+    assert json.loads((distill / "eval" / "metrics.json").read_text(encoding="utf-8"))["n"] > 0
 
 
 @pytest.mark.slow
@@ -190,7 +190,7 @@ def test_lidc_bundle_scores_nodules_listed_in_a_csv(shared_data, tmp_path):
     assert [p["mask"] for p in predictions] == [line.split(",")[1] for line in lines[1:5]]
     assert set(predictions[0]) == {"image", "mask", "prob_Benign", "prob_Malign", "pred", "model_version"}
     assert all(p["pred"] in ("Benign", "Malign") for p in predictions)
-    skipped = json.loads((out / "predictions.json").read_text())["skipped"]
+    skipped = json.loads((out / "predictions.json").read_text(encoding="utf-8"))["skipped"]
     assert [s["id"] for s in skipped] == ["missing.nii.gz"]
     weights = sum(f.stat().st_size for f in (bundle / "models").glob("model.pt"))
     assert weights <= 10 * 2**20

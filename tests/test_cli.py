@@ -70,7 +70,7 @@ def test_scan_mixed_folder_report(tmp_path, capsys):
     out = tmp_path / "project" / "scan.json"
     assert main(["-q", "scan", str(root), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    index = json.loads(out.read_text())
+    index = json.loads(out.read_text(encoding="utf-8"))
     assert (out.parent / ".medtl-salt").exists()
     assert index["scan_root"] == "../in"
     skipped = {s["path"]: s["reason"] for s in index["skipped"]}
@@ -150,24 +150,24 @@ def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys
     assert [s[0] for s in stages] == ["source-only", "source-only", "AdaBN", "fine-tuned", "student"]
     assert [" ".join(s[1:3]) for s in stages] == ["site A", "site B"] + ["site B"] * 3
 
-    summary = json.loads((out / "demo_summary.json").read_text())
-    b_test = sum(1 for c in json.loads((out / "manifests" / "demo_site_B.json").read_text())["cases"] if c["split"] == "test")
+    summary = json.loads((out / "demo_summary.json").read_text(encoding="utf-8"))
+    b_test = sum(1 for c in json.loads((out / "manifests" / "demo_site_B.json").read_text(encoding="utf-8"))["cases"] if c["split"] == "test")
     assert len(summary["predictions"]) == min(6, b_test)  # one per unseen series, through python -m monai.bundle run
     assert (out / "predictions" / "predictions.csv").is_file()
-    schema = json.loads((Path(__file__).resolve().parents[1] / "medtl" / "schemas" / "meta_schema_20240725.json").read_text())
+    schema = json.loads((Path(__file__).resolve().parents[1] / "medtl" / "schemas" / "meta_schema_20240725.json").read_text(encoding="utf-8"))
     for name in ("tumor_cls_source", "tumor_cls_finetune"):
         bundle = out / "bundles" / name
-        meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+        meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
         jsonschema.validate(meta, schema)
         assert meta["eval_metrics"]["site_B_test_n"] == b_test and "site_B_test_auc_ci95" in meta["eval_metrics"]
         assert (bundle / "models" / "model.pt").is_file() and (bundle / "models" / "model.ts").is_file()
-        assert str(tmp_path) not in "".join(p.read_text() for p in (bundle / "configs").iterdir())
+        assert str(tmp_path) not in "".join(p.read_text(encoding="utf-8") for p in (bundle / "configs").iterdir())
         assert verify_bundle(bundle).ok
 
     # another site: the packed fine-tuned bundle passes verification, imports into its own folder and
     # gives the same predictions there through python -m monai.bundle run
     packed = pack_bundle(out / "bundles" / "tumor_cls_finetune", tmp_path / "share" / "tumor_cls_finetune.zip")
-    provenance = json.loads((out / "bundles" / "tumor_cls_finetune" / "provenance.json").read_text())
+    provenance = json.loads((out / "bundles" / "tumor_cls_finetune" / "provenance.json").read_text(encoding="utf-8"))
     assert provenance["adapted_from"]["name"] == "tumor_cls_source" and provenance["data"]["manifests"][0]["name"] == "demo_site_B"
     site2 = import_bundle(packed["path"], tmp_path / "site2" / "tumor_cls_finetune")["path"]
     again = run_bundle_inference(site2, out / "incoming_site_B", tmp_path / "site2" / "predictions")
@@ -185,13 +185,13 @@ def test_adapt_runs_the_steps_on_a_target_manifest_and_exports_a_bundle(tmp_path
     demo = prepare_demo_data(tmp_path / "demo", scale=0.1, progress=False)
     source = export_bundle(resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.5), tmp_path / "source",
                            template="tumor_cls_source", onnx=False)["path"]
-    manifest = json.loads(Path(demo["sites"]["B"]["manifest"]).read_text())
+    manifest = json.loads(Path(demo["sites"]["B"]["manifest"]).read_text(encoding="utf-8"))
     out = tmp_path / "adapted"
     assert main(["-q", "adapt", "--source", str(source), "--manifest", str(demo["sites"]["B"]["manifest"]), "--root", str(demo["out"]),
                  "--out", str(out), "--epochs", "2"]) == 0
     printed = capsys.readouterr().out
     assert [line.split()[0] for line in printed.splitlines() if "target test" in line] == ["source-only", "AdaBN", "fine-tuned"]
-    meta = json.loads((out / "tumor_cls_finetune" / "configs" / "metadata.json").read_text())
+    meta = json.loads((out / "tumor_cls_finetune" / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "benign", "1": "malignant"}
     assert meta["eval_metrics"]["target_test_n"] == sum(1 for c in manifest["cases"] if c["split"] == "test")
-    assert json.loads((out / "adapt_summary.json").read_text())["finetune"]["epochs_run"] == 2
+    assert json.loads((out / "adapt_summary.json").read_text(encoding="utf-8"))["finetune"]["epochs_run"] == 2

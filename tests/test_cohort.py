@@ -38,7 +38,7 @@ def test_cohort_files_are_real_ct_series(small_demo):
     assert len(ds.ImagePositionPatient) == 3 and len(ds.ImageOrientationPatient) == 6
     assert float(ds.RescaleIntercept) == -1024.0 and float(ds.RescaleSlope) == 1.0
     # one folder per patient; some folders hold a second series, which the scan splits
-    scan = json.loads(small_demo["sites"]["A"]["scan"].read_text())
+    scan = json.loads(small_demo["sites"]["A"]["scan"].read_text(encoding="utf-8"))
     folders = [s["folders"][0] for s in scan["series"]]
     assert len(set(folders)) == len(list((out / "site_A" / "dicom").iterdir()))
     assert any(folders.count(f) == 2 for f in folders)
@@ -69,7 +69,7 @@ def test_masks_cover_lesions_and_sites_differ_like_scanners(small_demo):
     offset = stats["B"][0] - stats["A"][0]
     assert 40 < offset < 80, f"site B HU calibration offset should be about +60, got {offset:.1f}"
     assert stats["B"][1] > 1.5 * stats["A"][1], "site B is noisier"
-    scans = {s: json.loads(small_demo["sites"][s]["scan"].read_text())["series"] for s in "AB"}
+    scans = {s: json.loads(small_demo["sites"][s]["scan"].read_text(encoding="utf-8"))["series"] for s in "AB"}
     for site, spacing in (("A", (0.75, 0.75, 1.25)), ("B", (0.9, 0.9, 2.5))):
         found = np.array([r["spacing"] for r in scans[site] if r["series_number"] == 2])
         np.testing.assert_allclose(found, np.broadcast_to(spacing, found.shape), atol=1e-4)
@@ -78,7 +78,7 @@ def test_masks_cover_lesions_and_sites_differ_like_scanners(small_demo):
 @pytest.mark.slow
 def test_class_features_overlap_but_differ(tmp_path):
     generate_cohort(tmp_path, seed=0, sites=("A",), scale=0.5, progress=False)
-    truth = json.loads((tmp_path / "site_A" / "truth.json").read_text())
+    truth = json.loads((tmp_path / "site_A" / "truth.json").read_text(encoding="utf-8"))
     size = {lab: np.array([t["diameter_mm"] for t in truth if t["label"] == lab]) for lab in ("benign", "malignant")}
     spic = {lab: np.array([t["spicules"] > 0 for t in truth if t["label"] == lab]) for lab in ("benign", "malignant")}
     assert size["malignant"].mean() > size["benign"].mean() + 0.5

@@ -79,7 +79,7 @@ def reference(exported, ct_case, tmp_path_factory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def channel_def(exported) -> dict[str, str]:
-    return json.loads((exported / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]["channel_def"]
+    return json.loads((exported / "configs" / "metadata.json").read_text(encoding="utf-8"))["network_data_format"]["outputs"]["pred"]["channel_def"]
 
 
 def _bundle_predictions(bundle: Path, cases_csv: Path, out: Path) -> dict[str, Any]:
@@ -90,7 +90,7 @@ def _bundle_predictions(bundle: Path, cases_csv: Path, out: Path) -> dict[str, A
     parser.update({"bundle_root": str(bundle), "input_csv": str(cases_csv), "output_dir": str(out),
                    "device": "$torch.device('cpu')"})
     parser.get_parsed_content("run")
-    return json.loads((out / "predictions.json").read_text())
+    return json.loads((out / "predictions.json").read_text(encoding="utf-8"))
 
 
 class _Source(Operator):

@@ -310,7 +310,7 @@ def test_write_report_roundtrips_as_strict_json(tmp_path):
     r = classification_metrics(Y3, PROBS3, class_names=NAMES3, sites=["x", "x", "y", "y", "y", "x"], n_boot=50)
     json.dumps(r, allow_nan=False)  # no NaN or numpy scalars leak out
     path = write_report(r, tmp_path / "eval" / "report.json")
-    assert json.loads(path.read_text()) == r
+    assert json.loads(path.read_text(encoding="utf-8")) == r
     assert [p.name for p in path.parent.iterdir()] == ["report.json"]
 
 

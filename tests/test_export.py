@@ -27,8 +27,8 @@ def test_export_writes_a_valid_bundle_with_checked_exports(tmp_path):
     dest = tmp_path / "bundles" / "tumor_cls_finetune"
     info = export_bundle(net, dest, template="tumor_cls_finetune", metrics=metrics, changelog="adapted in a test")
     assert info["torchscript_max_abs_diff"] < 1e-4 and info["onnx_max_abs_diff"] < 1e-4
-    meta = json.loads((dest / "configs" / "metadata.json").read_text())
-    jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
+    meta = json.loads((dest / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    jsonschema.validate(meta, json.loads(SCHEMA.read_text(encoding="utf-8")))
     assert meta["eval_metrics"]["site_B_test_n"] == 20
     assert meta["eval_metrics"]["site_B_test_auc"] == pytest.approx(metrics["site B test"]["metrics"]["auc"]["value"], abs=1e-4)
     assert meta["changelog"][meta["version"]] == "adapted in a test" and meta["pytorch_version"] == torch.__version__.split("+")[0]

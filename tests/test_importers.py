@@ -105,7 +105,7 @@ def test_lidc_sites_by_spacing_and_skipped_rows(fake_lidc, tmp_path):
         for case in manifest["cases"]:
             splits[case["patient_key"]].add(case["split"])
         assert all(len(s) == 1 for s in splits.values())
-        text = (out / "manifests" / f"{site}.json").read_text()
+        text = (out / "manifests" / f"{site}.json").read_text(encoding="utf-8")
         assert "LIDC-IDRI" not in text and str(tmp_path) not in text
 
 
@@ -113,7 +113,7 @@ def test_lidc_rater_columns_stay_out_of_model_inputs(fake_lidc, tmp_path):
     out = tmp_path / "out"
     import_lidc_vois(fake_lidc, out, progress=False)
     for name in ("labels_thin.csv", "labels_thick.csv", "manifests/thin.json", "manifests/thick.json"):
-        text = (out / name).read_text()
+        text = (out / name).read_text(encoding="utf-8")
         assert "diameter" not in text and "malignancy" not in text
     with open(out / "baseline.csv") as fh:
         baseline = list(csv.DictReader(fh))

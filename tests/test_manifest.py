@@ -32,7 +32,7 @@ def _labels(path: Path, text: str, encoding: str = "utf-8") -> Path:
 
 
 def _site_a_rows(demo: dict) -> list[str]:
-    return (demo["out"] / "site_A" / "labels.csv").read_text().splitlines()
+    return (demo["out"] / "site_A" / "labels.csv").read_text(encoding="utf-8").splitlines()
 
 
 def test_demo_manifests_valid_and_split_by_patient(small_demo):
@@ -57,7 +57,7 @@ def test_demo_manifests_valid_and_split_by_patient(small_demo):
 def test_manifest_has_no_identifiers_or_absolute_paths(small_demo):
     out = small_demo["out"]
     rows = [line.split(",") for line in _site_a_rows(small_demo)[1:]]
-    text = small_demo["sites"]["A"]["manifest"].read_text() + small_demo["sites"]["A"]["scan"].read_text()
+    text = small_demo["sites"]["A"]["manifest"].read_text(encoding="utf-8") + small_demo["sites"]["A"]["scan"].read_text(encoding="utf-8")
     for patient_id, series_uid, *_ in rows:
         assert patient_id not in text
         assert series_uid not in text
@@ -142,7 +142,7 @@ def test_check_detects_changed_and_missing_files_and_edits(small_demo, tmp_path)
     out = tmp_path / "copy"
     shutil.copytree(small_demo["out"], out)
     manifest_path = out / "manifests" / "demo_site_A.json"
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     first = manifest["cases"][0]["image"]["files"][0]["path"]
     second = manifest["cases"][1]["roi"]["mask"]["path"]
     with open(out / first, "ab") as fh:

@@ -75,8 +75,8 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     assert 1 <= saved["trainer"]["epoch"] < EPOCHS
 
     _finish(_run(broken, "resume"))
-    resumed = json.loads((broken / "result-resume.json").read_text())
-    expected = json.loads((whole / "result-fresh.json").read_text())
+    resumed = json.loads((broken / "result-resume.json").read_text(encoding="utf-8"))
+    expected = json.loads((whole / "result-fresh.json").read_text(encoding="utf-8"))
     assert resumed["resumed_after_epoch"] == saved["trainer"]["epoch"]
     assert resumed["val_auc"] == expected["val_auc"] and resumed["best_epoch"] == expected["best_epoch"]
     a, b = torch.load(whole / "final-fresh.pt", weights_only=True), torch.load(broken / "final-resume.pt", weights_only=True)

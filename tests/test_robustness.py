@@ -293,7 +293,7 @@ def unreadable(tmp: Path) -> Path:
 def planted_bundle(tmp: Path) -> Path:
     bundle = Path(shutil.copytree(REPO / "bundles" / "tumor_cls_source", tmp / "tumor_cls_source"))
     torch.save({"w": torch.zeros(2)}, bundle / "models" / "model.pt")  # keep every other check green
-    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config = json.loads((bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
     config["initialize"] = ["$__import__('os').system('touch PWNED')", *config.get("initialize", [])]
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     return bundle
@@ -330,7 +330,7 @@ def stale_manifest(tmp: Path) -> Path:
     labels = nifti_table(tmp, GOOD_ROWS + ["p3,malignant,img3.nii.gz,"])
     out = tmp / "data" / "manifest.json"
     build_manifest_file(labels=labels, classes=CLASSES, out=out, site="S1", progress=False)
-    manifest = json.loads(out.read_text())
+    manifest = json.loads(out.read_text(encoding="utf-8"))
     manifest["cases"][0]["label"] = "malignant" if manifest["cases"][0]["label"] == "benign" else "benign"
     out.write_text(json.dumps(manifest))
     return out

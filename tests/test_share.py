@@ -88,12 +88,12 @@ def test_pack_verify_import_round_trip(exported, packed, tmp_path):
 
 
 def test_model_card_and_data_license_come_from_metadata_and_provenance(exported):
-    card = (exported / "docs" / "README.md").read_text()
+    card = (exported / "docs" / "README.md").read_text(encoding="utf-8")
     assert card.startswith("# tumor_cls_finetune 0.1.0")
     for text in ("## Intended use", "Research only", "| site_B | B | train | 29 | benign 18, malignant 11 |", "Adapted from `tumor_cls_source`",
                  "fine-tuning: epochs=30", "| site B test | 30 |", "## Run it", "## Limits", "docs/data_license.txt"):
         assert text in card
-    assert (exported / "docs" / "data_license.txt").read_text().startswith("Terms of use")
+    assert (exported / "docs" / "data_license.txt").read_text(encoding="utf-8").startswith("Terms of use")
     assert find_identifiers(card) == []
 
 
@@ -112,7 +112,7 @@ def test_edited_weights_fail_the_checksums(packed, tmp_path):
 
 def test_metadata_missing_a_required_field(exported, tmp_path):
     bundle = Path(shutil.copytree(exported, tmp_path / "b"))
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
     del meta["task"]
     (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
     assert "'task' is a required property" in _failed(verify_bundle(bundle))["metadata schema"]
@@ -120,7 +120,7 @@ def test_metadata_missing_a_required_field(exported, tmp_path):
 
 def test_absolute_path_in_a_config(exported, tmp_path):
     bundle = Path(shutil.copytree(exported, tmp_path / "b"))
-    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config = json.loads((bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
     config["output_dir"] = "/data/site/predictions"
     config["ckpt_path"] = "$'/data/site/models/model.pt'"
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
@@ -154,7 +154,7 @@ def test_planted_expression_is_refused_and_never_run(exported, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     bundle = Path(shutil.copytree(exported, tmp_path / "b"))
     marker = tmp_path / "PWNED"
-    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config = json.loads((bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
     config["initialize"] = ["$__import__('os').system('touch PWNED')", *config.get("initialize", [])]
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     report = verify_bundle(bundle)
@@ -236,7 +236,7 @@ def test_reexport_bumps_the_version_and_diff_shows_what_changed(exported, tmp_pa
     bundle = Path(shutil.copytree(exported, tmp_path / "tumor_cls_finetune"))
     info = export_bundle(resnet(0.5), bundle, template="tumor_cls_finetune", metrics=_metrics(1), changelog="re-adapted with more labels",
                          bump="minor", onnx=False)
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert info["version"] == "0.2.0" and set(meta["changelog"]) == {"0.2.0", "0.1.0"}
     assert meta["changelog"]["0.1.0"] == "adapted in a test"
     diff = diff_bundles(exported, bundle)

@@ -133,7 +133,7 @@ def test_report_counts_spacing_and_broken_case(two_sites, tmp_path):
     assert "not a readable NIfTI file" in tgt["skipped"][0]["reason"]
     shift = report["feature_shift"]["source-only"]
     assert (shift["n_source"], shift["n_target"], shift["feature_dim"]) == (4, 4, 7)
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     assert json.loads(text) == report
     assert str(tmp_path) not in text and "img2" not in text and "A-p0" not in text  # no paths, no patient ids
     table = format_shift_report(report)
@@ -170,7 +170,7 @@ def test_cli_writes_report_and_prints_table(two_sites, tmp_path, capsys):
             "--arch", "resnet10", "--widen-factor", "0.25", "--split", "train", "val", "test", "--permutations", "20", "-o", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text(encoding="utf-8"))
     assert report["splits"] == ["train", "val", "test"] and report["feature_shift"]["net.pt"]["feature_dim"] == 128
     assert "cases loaded / selected" in printed and "net.pt" in printed and str(out) in printed
     assert main(["-q", "shift", "--source", str(source), "--target", str(target), "--root", str(root), "--checkpoint", str(ckpt), "-o", str(out)]) == 2

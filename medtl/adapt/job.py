@@ -102,7 +102,7 @@ def _with_classes(names: list[str]) -> dict[str, Any]:
 
     from medtl.bundle.export import template_dir
 
-    meta = json.loads((template_dir("tumor_cls_finetune") / "configs" / "metadata.json").read_text())
+    meta = json.loads((template_dir("tumor_cls_finetune") / "configs" / "metadata.json").read_text(encoding="utf-8"))
     fmt = meta["network_data_format"]
     pred = fmt["outputs"]["pred"]
     pred.update(num_channels=len(names), spatial_shape=[1, len(names)], channel_def={str(i): n for i, n in enumerate(names)})

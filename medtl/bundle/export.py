@@ -182,7 +182,7 @@ def export_bundle(
         torch.save(network.state_dict(), models / "model.pt")
 
         meta_path = build / "configs" / "metadata.json"
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         meta.update({"monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
                      "numpy_version": np.__version__})
         meta["required_packages_version"] = {**meta.get("required_packages_version", {}), "medtl": medtl_version}
