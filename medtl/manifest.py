@@ -405,6 +405,9 @@ def datalist(manifest: dict[str, Any], root: str | Path, splits: str | Sequence[
             item["roi_center_mm"] = roi["center_mm"]
         if "size_mm" in roi:
             item["roi_size_mm"] = roi["size_mm"]
+        checksums = [e.get("sha256") for e in _file_entries(case)]
+        if all(checksums):  # what the files held when the manifest was built: a cache key for their content
+            item["files_sha256"] = sha256_text("".join(checksums))
         out.append(item)
     return out
 

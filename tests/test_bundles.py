@@ -64,7 +64,7 @@ def trained_source(bundle_demo, tmp_path_factory):
     shutil.copytree(REPO / "bundles" / "tumor_cls_source", bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
     root = Path(small_demo["out"])
     monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--manifest", small_demo["sites"]["A"]["manifest"],
-                 "--dataset_dir", str(root), "--max_epochs", "1", "--batch_size", "4", cwd=bundle)
+                 "--dataset_dir", str(root), "--max_epochs", "1", "--batch_size", "4", "--data_cache", "disk", cwd=bundle)
     return bundle, small_demo
 
 
@@ -83,6 +83,9 @@ def test_source_bundle_trains_evaluates_and_exports(trained_source):
     # every output names its seed, data (manifest content hash) and weights
     assert metrics["run"]["manifest"]["name"] == "demo_site_B" and len(metrics["run"]["manifest"]["content_sha256"]) == 64
     assert len(metrics["run"]["weights_sha256"]) == 64
+    cached = list((bundle / "cache" / "data").glob("*/*.pt"))  # --data_cache disk: each preprocessed case once, by preset
+    cases = json.loads(Path(demo["sites"]["A"]["manifest"]).read_text(encoding="utf-8"))["cases"]
+    assert len(cached) == sum(c["split"] in ("train", "val") for c in cases)
     trained = json.loads((bundle / "runs" / "run.json").read_text(encoding="utf-8"))
     assert trained["seed"] == 0 and trained["manifest"]["name"] == "demo_site_A" and trained["resume"] is False
 
