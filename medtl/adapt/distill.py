@@ -34,6 +34,7 @@ from monai.engines.utils import PrepareBatch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from medtl.adapt.train import as_plain
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write
 
@@ -99,7 +100,7 @@ class DistillBatch(PrepareBatch):
 
     def __call__(self, batchdata: dict[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
                  **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        image = as_plain(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
         label = torch.as_tensor(batchdata[self.label_key]).to(device=device, non_blocking=non_blocking)
         if self.teacher is not None:
             self.teacher.to(device).eval()

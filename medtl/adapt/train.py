@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.engines.utils import IterationEvents
+from monai.data import MetaTensor
+from monai.engines.utils import IterationEvents, PrepareBatch, default_prepare_batch
 from monai.handlers import EarlyStopHandler, ROCAUC, ValidationHandler, from_engine
 from monai.transforms import Activationsd, AsDiscreted, Compose
 from monai.utils import CommonKeys
@@ -78,6 +79,22 @@ class L2SP:
             engine.state.output[CommonKeys.LOSS] = engine.state.output[CommonKeys.LOSS] + self.penalty()
 
 
+class PlainBatch(PrepareBatch):
+    """``prepare_batch`` handing the network plain tensors: a ``MetaTensor`` batch makes every
+    layer's operation go through its metadata bookkeeping (about 13% of a CPU training step for the
+    bundles' ResNet10), which training does not need."""
+
+    def __call__(self, batchdata: dict[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
+                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+        return as_plain(image), label
+
+
+def as_plain(tensor: Any) -> Any:
+    """The tensor without MONAI metadata (unchanged when it has none)."""
+    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
+
+
 def make_evaluator(network: nn.Module, loader: Iterable[Any], *, num_classes: int, device: torch.device,
                    handlers: Sequence[Any] = ()) -> SupervisedEvaluator:
     """A ``SupervisedEvaluator`` computing ROC AUC of softmax outputs (key metric ``val_auc``)."""
@@ -88,6 +105,7 @@ def make_evaluator(network: nn.Module, loader: Iterable[Any], *, num_classes: in
     return SupervisedEvaluator(
         device=device,
         val_data_loader=loader,
+        prepare_batch=PlainBatch(),
         network=network,
         postprocessing=post,
         key_val_metric={"val_auc": ROCAUC(output_transform=from_engine([CommonKeys.PRED, CommonKeys.LABEL]))},
@@ -157,7 +175,7 @@ def fit(
         raise MedtlError("early stopping (patience) and keep_initial need a validation loader")
     device = torch.device(device)
     network.to(device)
-    options = {} if prepare_batch is None else {"prepare_batch": prepare_batch}
+    options = {"prepare_batch": prepare_batch or PlainBatch()}
     trainer = SupervisedTrainer(
         device=device, max_epochs=max_epochs, train_data_loader=train_loader, network=network, optimizer=optimizer,
         loss_function=loss_function or nn.CrossEntropyLoss(), **options,
@@ -209,4 +227,4 @@ def fit(
     return result
 
 
-__all__ = ["L2SP", "fit", "make_evaluator"]
+__all__ = ["L2SP", "PlainBatch", "as_plain", "fit", "make_evaluator"]
