@@ -8,7 +8,7 @@ Without ``--bundle``, ``resnet(0.5)`` with random weights is exported with the
 ``tumor_cls_source`` template into a temporary folder (throughput does not depend on the weights).
 Eager: ``network_def`` from ``configs/inference.json`` with ``models/model.pt``; TorchScript:
 ``models/model.ts``; ONNX: ``models/model.onnx`` on ``CPUExecutionProvider`` with as many intra-op
-threads as torch. Outputs are checked to agree (max abs difference) before timing; each figure is
+threads as torch, not spinning when idle. Outputs are checked to agree (max abs difference) before timing; each figure is
 the median time per batch over ``--iters`` batches after warm-up, under ``torch.inference_mode``;
 the runtimes take turns batch by batch.
 Target: TorchScript ÷ eager and ONNX ÷ eager throughput >= 1.0.
@@ -55,6 +55,7 @@ def runners(bundle: Path, threads: int) -> dict[str, Callable[[np.ndarray], np.n
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal the next runtime's cores
     session = onnxruntime.InferenceSession(str(bundle / "models" / "model.onnx"), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 

@@ -778,3 +778,16 @@ def test_pydicom_dicomdir_tree(shared_data):
         else:
             with pytest.raises(DicomError):
                 load_volume([root / f for f in r["files"]])
+
+
+def test_parallel_header_scan_gives_the_same_index(make_series, monkeypatch):
+    """Worker processes read the headers of large folders; the index must not depend on it."""
+    import medtl.dicom
+
+    a = make_series("a", shape=(16, 12, 6), series_number=3, seed=1)
+    make_series("b", shape=(10, 14, 5), series_number=7, seed=2, folder=a.folder, file_prefix="SE7_")
+    (a.folder / "junk.dcm").write_bytes(b"not dicom")
+    sequential = scan_dicom(a.folder, "s" * 32, progress=False, workers=1)
+    monkeypatch.setattr(medtl.dicom, "PARALLEL_MIN_FILES", 1)
+    parallel = scan_dicom(a.folder, "s" * 32, progress=False, workers=2)
+    assert parallel == sequential and parallel["summary"]["files"] == 12 and len(parallel["skipped"]) == 1
