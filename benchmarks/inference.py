@@ -8,10 +8,10 @@ Without ``--bundle``, ``resnet(0.5)`` with random weights is exported with the
 ``tumor_cls_source`` template into a temporary folder (throughput does not depend on the weights).
 Eager: ``network_def`` from ``configs/inference.json`` with ``models/model.pt``; TorchScript:
 ``models/model.ts``; ONNX: ``models/model.onnx`` on ``CPUExecutionProvider`` with as many intra-op
-threads as torch, not spinning when idle. Outputs are checked to agree (max abs difference) before timing; each figure is
-the median time per batch over ``--iters`` batches after warm-up, under ``torch.inference_mode``;
-the runtimes take turns batch by batch.
-Target: TorchScript ÷ eager and ONNX ÷ eager throughput >= 1.0.
+threads as torch, not spinning when idle. Outputs are checked to agree (max abs difference) before
+timing; each figure is the median time per batch over ``--iters`` batches after warm-up, under
+``torch.inference_mode``; the runtimes take turns batch by batch. Target: TorchScript ÷ eager and
+ONNX ÷ eager throughput >= 1.0.
 """
 
 from __future__ import annotations

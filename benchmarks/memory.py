@@ -6,9 +6,10 @@ training hold the items and nothing more, epoch after epoch?
 
 Scan: folders of small DICOM files (32x32 pixels, 20-slice series, four per patient folder) are
 written once under ``--work`` (default: a temporary folder) with ``write_ct_series``; each
-folder is scanned with ``scan_dicom`` in a fresh child process, which reports its RSS after imports
-and its peak RSS (``ru_maxrss``). Reported: peak RSS per folder, the growth in MB per 1,000 files
-and the ratio of the peaks. Training: ``medtl.adapt.recipe.train`` (ResNet10 width 0.5, batch 16,
+folder is scanned with ``scan_dicom`` in a fresh child process, which reports its RSS after imports,
+its peak RSS (``ru_maxrss``) and the largest peak of the header-reading worker processes a large
+scan starts. Reported: peak RSS per folder, the growth in MB per 1,000 files and the ratio of the
+peaks of the scanning process, which holds the index. Training: ``medtl.adapt.recipe.train`` (ResNet10 width 0.5, batch 16,
 light augmentation, no validation) on random preprocessed items (1x32x32x32), for 1 epoch and for
 ``--epochs`` epochs, each in its own child process: the same peak after 1 and N epochs means
 nothing accumulates per epoch; the step between dataset sizes is what the items cost.
@@ -38,8 +39,8 @@ import resource
 def rss_mb():
     with open('/proc/self/status') as f:
         return next(int(l.split()[1]) for l in f if l.startswith('VmRSS')) / 1024
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb(who=resource.RUSAGE_SELF):
+    return resource.getrusage(who).ru_maxrss / 1024
 """
 
 _SCAN = _RSS + """
@@ -47,7 +48,8 @@ import json, sys
 from medtl.dicom import scan_dicom
 base = rss_mb()
 index = scan_dicom(sys.argv[1], 'salt', progress=False)
-print(json.dumps({'base_mb': base, 'peak_mb': peak_mb(), 'files': index['summary']['files'], 'series': index['summary']['series']}))
+print(json.dumps({'base_mb': base, 'peak_mb': peak_mb(), 'worker_peak_mb': peak_mb(resource.RUSAGE_CHILDREN),
+                  'files': index['summary']['files'], 'series': index['summary']['series']}))
 """
 
 _TRAIN = _RSS + """
@@ -112,9 +114,10 @@ def main() -> None:
     (small, large) = scans
     per_1000 = (large["peak_mb"] - small["peak_mb"]) / (large["files"] - small["files"]) * 1000
     print("\nscan_dicom peak RSS (child process per folder; MB)")
-    print(f"{'files':>7}{'series':>8}{'after imports':>15}{'peak':>8}{'peak - imports':>16}{'seconds':>9}")
+    print(f"{'files':>7}{'series':>8}{'after imports':>15}{'peak':>8}{'peak - imports':>16}{'worker peak':>13}{'seconds':>9}")
     for r in scans:
-        print(f"{r['files']:>7}{r['series']:>8}{r['base_mb']:>15.0f}{r['peak_mb']:>8.0f}{r['peak_mb'] - r['base_mb']:>16.1f}{r['seconds']:>9.1f}")
+        workers = f"{r['worker_peak_mb']:.0f}" if r["worker_peak_mb"] else "-"
+        print(f"{r['files']:>7}{r['series']:>8}{r['base_mb']:>15.0f}{r['peak_mb']:>8.0f}{r['peak_mb'] - r['base_mb']:>16.1f}{workers:>13}{r['seconds']:>9.1f}")
     print(f"growth: {per_1000:.2f} MB per 1,000 files; peak {large['files']} / {small['files']} files: "
           f"{large['peak_mb'] / small['peak_mb']:.2f}x (above imports: {(large['peak_mb'] - large['base_mb']) / max(small['peak_mb'] - small['base_mb'], 1e-9):.1f}x)")
     print("\nrecipe.train peak RSS (child process per run; MB)")
