@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from medtl.errors import DicomError
 from medtl.fileio import atomic_write_json
 from medtl.privacy import load_or_create_salt, pseudonym
-from medtl.volume import Volume, lps_to_ras
+from medtl.volume import Volume, canonical_transform, lps_to_ras
 
 SCAN_FORMAT_VERSION = 1
 
@@ -542,13 +543,6 @@ def assemble_series(headers: Sequence[Header], *, name: str | None = None) -> Vo
     if geom.slice_step is None:
         raise DicomError("series has no usable slice geometry (ImagePositionPatient/ImageOrientationPatient)", path=label)
     ordered = [headers[i] for i in geom.order]
-    slices = []
-    for h in ordered:
-        pixels, slope, intercept = _decode(h.path)
-        slices.append((pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)).T)  # [col, row]
-    stack = np.stack(slices, axis=-1)
-    if any(p["code"] in ("missing_slices", "nonuniform_spacing") for p in geom.problems):
-        stack = _resample_slices(stack, geom.positions_mm, geom.slice_spacing)
     first = ordered[0]
     if first.pixel_spacing is None:
         raise DicomError("no PixelSpacing: in-plane voxel size unknown", path=first.path)
@@ -559,7 +553,36 @@ def assemble_series(headers: Sequence[Header], *, name: str | None = None) -> Vo
     lps[:3, 1] = orient[3:] * row_sp  # j runs down a column (next row)
     lps[:3, 2] = geom.slice_step
     lps[:3, 3] = first.position
-    return Volume(stack.astype(np.float32, copy=False), lps_to_ras(lps)).canonical()
+    affine = lps_to_ras(lps)
+    transform = canonical_transform(affine)
+    if any(p["code"] in ("missing_slices", "nonuniform_spacing") for p in geom.problems):
+        stack = _resample_slices(_stack_slices(ordered), geom.positions_mm, geom.slice_spacing)
+        return Volume(stack.astype(np.float32, copy=False), affine).canonical()
+    if not np.array_equal(transform[:, 0], [0, 1, 2]):  # axes to permute (a sagittal or coronal stack): the general path
+        return Volume(_stack_slices(ordered), affine).canonical()
+    flips = tuple(bool(f < 0) for f in transform[:, 1])
+    stack = _stack_slices(ordered, flips)
+    return Volume(stack, affine @ nib.orientations.inv_ornt_aff(transform, stack.shape))
+
+
+def _stack_slices(headers: Sequence[Header], flips: tuple[bool, bool, bool] = (False, False, False)) -> np.ndarray:
+    """The series as a [col, row, slice] float32 array with rescale applied and ``flips`` done.
+
+    Each slice is written, already flipped, into its own contiguous block of one buffer and the
+    result is a view of it: stacking along the last axis and copying again into RAS order took
+    about seven times longer on a 512x512x100 series.
+    """
+    n, (flip_i, flip_j, flip_k) = len(headers), flips
+    buffer = np.empty((n, headers[0].cols, headers[0].rows), np.float32)
+    for k, h in enumerate(headers):
+        pixels, slope, intercept = _decode(h.path)
+        if pixels.shape != (h.rows, h.cols):
+            raise DicomError(f"pixel data is {pixels.shape}, the header says {h.rows} rows x {h.cols} columns of one sample", path=h.path)
+        plane = pixels.T[::-1 if flip_i else 1, ::-1 if flip_j else 1]  # [col, row]
+        target = buffer[n - 1 - k if flip_k else k]
+        np.multiply(plane, np.float32(slope), out=target)
+        target += np.float32(intercept)
+    return buffer.transpose(1, 2, 0)
 
 
 def write_scan_index(root: str | Path, out: str | Path, *, progress: bool = True) -> dict[str, Any]:

@@ -15,6 +15,11 @@ def lps_to_ras(affine: np.ndarray) -> np.ndarray:
     return _LPS_TO_RAS @ affine
 
 
+def canonical_transform(affine: np.ndarray) -> np.ndarray:
+    """nibabel's orientation transform taking an array with this affine to RAS axis order."""
+    return nib.orientations.ornt_transform(nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(("R", "A", "S")))
+
+
 @dataclass
 class Volume:
     """Voxel array indexed [i, j, k] and the 4x4 RAS affine mapping indices to millimetres."""
@@ -32,9 +37,7 @@ class Volume:
 
     def canonical(self) -> Volume:
         """Reorder/flip axes so i, j, k run closest to R, A, S (no resampling)."""
-        ornt = nib.orientations.io_orientation(self.affine)
-        target = nib.orientations.axcodes2ornt(("R", "A", "S"))
-        transform = nib.orientations.ornt_transform(ornt, target)
+        transform = canonical_transform(self.affine)
         if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
             return self
         array = nib.orientations.apply_orientation(self.array, transform)

@@ -292,6 +292,7 @@ def unreadable(tmp: Path) -> Path:
 
 def planted_bundle(tmp: Path) -> Path:
     bundle = Path(shutil.copytree(REPO / "bundles" / "tumor_cls_source", tmp / "tumor_cls_source"))
+    (bundle / "models").mkdir(exist_ok=True)
     torch.save({"w": torch.zeros(2)}, bundle / "models" / "model.pt")  # keep every other check green
     config = json.loads((bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
     config["initialize"] = ["$__import__('os').system('touch PWNED')", *config.get("initialize", [])]
