@@ -137,6 +137,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from medtl.report import render_report
+
+    written = render_report(args.run_dir, args.output)
+    print(f"report: {written['html']}")
+    print(f"markdown: {written['markdown']} ({len(written['figures'])} figures in {written['markdown'].parent / 'figures'})")
+    return 0
+
+
 def _weights_inspect(args: argparse.Namespace) -> int:
     from medtl.weights import inspect_checkpoint
 
@@ -203,6 +212,18 @@ def _import(args: argparse.Namespace) -> int:
     for item in summary.get("skipped", []):
         print(f"skipped {item.get('file', item.get('row'))}: {item['reason']}")
     print(f"-> {Path(args.output) / 'import.json'}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from medtl.predict import format_predictions, predict
+
+    result = predict(args.dicom_dir, args.bundle, args.output, confidence=args.confidence, sr=args.sr,
+                     secondary_capture=args.secondary_capture, trust=args.trust, progress=not args.quiet)
+    print(format_predictions(result))
+    if result["dicom"]:
+        print(f"{len(result['dicom'])} DICOM objects -> {Path(args.output) / 'dicom'}")
+    print(f"-> {Path(args.output) / 'predictions.csv'}, {Path(args.output) / 'predictions.json'}")
     return 0
 
 
@@ -358,6 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     for sub, func in ((v, _bundle_verify), (k, _bundle_pack), (i, _bundle_import), (d, _bundle_diff)):
         sub.set_defaults(func=func)
 
+    p = verbs.add_parser("report", help="write an HTML report (and Markdown twin) of a run: metrics, ROC, calibration, Grad-CAM",
+                         description="Render the records a medtl demo or medtl adapt run keeps in RUN_DIR/run/ as a self-contained "
+                         "HTML page (images embedded), a Markdown twin and PNG figures: the metric table with 95%% CIs, ROC curves "
+                         "of every stage on one plot, confusion matrices, a reliability diagram, learning curves, the domain-shift "
+                         "figures and Grad-CAM overlays of correct and wrong cases.")
+    p.add_argument("run_dir", help="the run's output folder (holding run/), or its run/ folder")
+    p.add_argument("-o", "--output", default=None, help="report folder (default RUN_DIR/report)")
+    p.set_defaults(func=_report)
+
     p = verbs.add_parser("weights", help="inspect how pretrained weights load into a network",
                          description="Pretrained weights from a MONAI bundle (folder or .zip), a state dict or training checkpoint "
                          "(.pt/.pth/.ckpt, Lightning, DataParallel), TorchScript or MedicalNet/Med3D, matched onto a registered network.")
@@ -374,6 +404,28 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--json", action="store_true", help="print the report as JSON (loaded, missing, unexpected, mismatched, adapted)")
     w.add_argument("--trust", action="store_true", help="allow pickled code in the checkpoint (can run arbitrary code; only for trusted files)")
     w.set_defaults(func=_weights_inspect)
+
+    p = verbs.add_parser("predict", help="classify every series in a DICOM folder with a bundle; flag uncertain ones; DICOM SR/SC",
+                         description="Run a bundle's own configs/inference.json in this process, as python -m monai.bundle run would, "
+                         "on every series in DICOM_DIR, after the expression audit that medtl bundle import runs. Prints one line per "
+                         "series (its pseudonymous key, the predicted class, that class's probability and a confidence flag) and the "
+                         "series skipped with their reason; writes OUT/predictions.csv and OUT/predictions.json (the bundle's columns "
+                         "plus the flag). Optionally writes, per series, DICOM objects that file with the source study in a PACS: a "
+                         "Structured Report and a Grad-CAM Secondary Capture (pip install medtl[dicom-out]).")
+    p.add_argument("dicom_dir", help="folder with the DICOM series to classify (searched recursively; several series per folder allowed)")
+    p.add_argument("--bundle", required=True, help="bundle folder (configs/, models/model.pt), e.g. one unpacked by `medtl bundle import`")
+    p.add_argument("-o", "--output", default="medtl-predictions", help="output folder (default ./medtl-predictions)")
+    p.add_argument("--confidence", type=float, default=0.8,
+                   help="confidence flag threshold (default 0.8): 'ok' when the predicted class's probability reaches it, 'review' "
+                   "when it is lower, meaning the model is unsure and a person should look at the series")
+    p.add_argument("--sr", action="store_true", help="also write a DICOM Comprehensive 3D SR per series (OUT/dicom/): the predicted "
+                   "class and its probability, the bundle's name and version as the algorithm, the source instances as evidence")
+    p.add_argument("--secondary-capture", action="store_true", help="also write a DICOM Secondary Capture per series (OUT/dicom/): "
+                   "the Grad-CAM overlay on the central axial slice of the crop the network saw, in the source study")
+    p.add_argument("--trust", action="store_true",
+                   help="run a bundle whose configs hold expressions outside the allow-list (runs their code; trusted senders only)")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars (same as medtl -q)")
+    p.set_defaults(func=_predict)
     return parser
 
 

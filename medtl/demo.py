@@ -99,13 +99,20 @@ def demo_splits(demo: Mapping[str, Any], *, progress: bool = True) -> dict[str, 
 
 
 def evaluate_items(network: Any, items: Sequence[Mapping[str, Any]], *, seed: int = 0,
-                   class_names: Sequence[str] = CLASSES) -> dict[str, Any]:
-    """Target-domain metrics of ``network`` on preprocessed items, CIs resampling patients."""
+                   class_names: Sequence[str] = CLASSES, record: tuple[Path, str, str] | None = None) -> dict[str, Any]:
+    """Target-domain metrics of ``network`` on preprocessed items, CIs resampling patients.
+    ``record=(run folder, stage, set name)`` also keeps the per-case predictions for the report."""
     from medtl.adapt.recipe import loader
     from medtl.evaluate import classification_metrics, collect_predictions
+    from medtl.runlog import record_evaluation
 
     y, probs, _ = collect_predictions(network, loader(items, batch_size=32))
-    return classification_metrics(y, probs, class_names=list(class_names), patient_ids=[i["patient"] for i in items], seed=seed)
+    result = classification_metrics(y, probs, class_names=list(class_names), patient_ids=[i["patient"] for i in items], seed=seed)
+    if record is not None:
+        run, stage, evaluated_on = record
+        record_evaluation(run, stage, evaluated_on, y_true=y, probs=probs, class_names=class_names,
+                          case_ids=[i["case_id"] for i in items], result=result)
+    return result
 
 
 def resnet(widen: float, num_classes: int = len(CLASSES), *, spatial_dims: int = 3, depth: int = 10,
@@ -168,6 +175,8 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, recipe_outcome, train
     from medtl.bundle.export import export_bundle
     from medtl.manifest import load_manifest
+    from medtl.report import render_report
+    from medtl.runlog import record_curve, record_explanations, record_features, record_intensities, run_folder
 
     out = Path(out)
     start = time.perf_counter()
@@ -178,9 +187,15 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     items = demo_splits(demo, progress=progress)
     timings = {"ingest": time.perf_counter() - start, "preprocess": time.perf_counter() - t}
     rows: list[dict[str, Any]] = []
+    records = run_folder(out)
+    shutil.rmtree(records, ignore_errors=True)  # a report shows this run only
+    test_sets = {"site A test": items["A test"], "site B test": items["B test"]}
+    record_intensities(records, test_sets)
 
-    def stage(name: str, network: Any, seconds: float, evaluated: dict[str, str]) -> dict[str, Any]:
-        results = {label: evaluate_items(network, items[split], seed=seed) for label, split in evaluated.items()}
+    def stage(name: str, network: Any, seconds: float, evaluated: dict[str, str], fitted: dict[str, Any] | None = None) -> dict[str, Any]:
+        results = {label: evaluate_items(network, items[split], seed=seed, record=(records, name, label)) for label, split in evaluated.items()}
+        if fitted is not None:
+            record_curve(records, name, fitted)
         params = sum(p.numel() for p in network.parameters())
         for label, result in results.items():
             rows.append({"stage": name, "evaluated on": label, "result": result, "params": params, "seconds": seconds})
@@ -189,8 +204,8 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
 
     print("\nmedtl demo: adaptation (every score on held-out test cases)")
     source, t = resnet(0.5), time.perf_counter()
-    train(source, items["A train"], items["A val"], TrainRecipe(epochs=source_epochs), progress=progress, desc="source on site A")
-    source_results = stage("source-only", source, time.perf_counter() - t, {"site A test": "A test", "site B test": "B test"})
+    source_run = train(source, items["A train"], items["A val"], TrainRecipe(epochs=source_epochs), progress=progress, desc="source on site A")
+    source_results = stage("source-only", source, time.perf_counter() - t, {"site A test": "A test", "site B test": "B test"}, source_run)
 
     adapted, t = copy.deepcopy(source), time.perf_counter()
     adabn(adapted, loader([*items["B train"], *items["B unlabeled"]], batch_size=16), progress=progress)
@@ -200,14 +215,21 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     tuned, t = copy.deepcopy(source), time.perf_counter()
     tuned_run = finetune(tuned, items["B train"], items["B val"], FineTuneRecipe(epochs=target_epochs),
                          unlabeled_items=items["B unlabeled"], progress=progress, desc="fine-tune on site B")
-    tuned_results = stage("fine-tuned", tuned, time.perf_counter() - t, {"site B test": "B test"})
+    tuned_results = stage("fine-tuned", tuned, time.perf_counter() - t, {"site B test": "B test"}, tuned_run)
 
     set_determinism(seed)
     student, t = resnet(0.25), time.perf_counter()
     student_run = distill(tuned, student, [*items["B train"], *items["A train"]], items["B unlabeled"], items["B val"],
                           DistillRecipe(epochs=student_epochs), class_names=CLASSES, cache_dir=out / "cache", progress=progress,
                           desc="distill student")
-    stage("student", student, time.perf_counter() - t, {"site B test": "B test"})
+    stage("student", student, time.perf_counter() - t, {"site B test": "B test"}, student_run)
+
+    t = time.perf_counter()
+    for name, network in (("source-only", source), ("AdaBN", adapted), ("fine-tuned", tuned)):
+        record_features(records, name, network, test_sets, seed=seed)
+    for name, network in (("source-only", source), ("fine-tuned", tuned)):
+        record_explanations(records, f"{name} on site B", network, items["B test"], CLASSES)
+    timings["explain"] = time.perf_counter() - t
 
     t = time.perf_counter()
     bundles = out / "bundles"
@@ -245,9 +267,12 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     summary = {"run": {"seed": seed, "scale": scale, "manifests": {m["name"]: m["content_sha256"] for m in manifests.values()}},
                "stages": stages_json(rows), "timings": timings, "bundles": {k: str(v["path"].relative_to(out)) for k, v in exported.items()},
                "pseudo_labels": kept, "predictions": predictions}
-    atomic_write_json(out / "demo_summary.json", summary)
+    atomic_write_json(records / "run.json", summary["run"])
+    report = render_report(out, title="medtl demo: adapting a tumor classifier from site A to site B")
+    atomic_write_json(out / "demo_summary.json", summary | {"report": str(report["html"].relative_to(out))})
     print(f"  summary: {out / 'demo_summary.json'}")
-    return {"demo": demo, "rows": rows, "timings": timings, "bundles": exported, "predictions": predictions}
+    print(f"  report: {report['html']} (Markdown twin {report['markdown'].name}, {len(report['figures'])} figures)")
+    return {"demo": demo, "rows": rows, "timings": timings, "bundles": exported, "predictions": predictions, "report": report}
 
 
 def _print_ingest(result: Mapping[str, Any]) -> None:

@@ -151,6 +151,12 @@ def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys
     assert [" ".join(s[1:3]) for s in stages] == ["site A", "site B"] + ["site B"] * 3
 
     summary = json.loads((out / "demo_summary.json").read_text(encoding="utf-8"))
+    # the report is rendered at the end and its path printed
+    assert f"report: {out / 'report' / 'report.html'}" in printed and summary["report"] == "report/report.html"
+    figures = {p.name for p in (out / "report" / "figures").glob("*.png")}
+    assert {"roc.png", "calibration.png", "learning_curves.png", "features.png", "gradcam_fine-tuned-on-site-b.png"} <= figures
+    report_text = (out / "report" / "report.html").read_text(encoding="utf-8")
+    assert report_text.count("data:image/png;base64,") == len(figures) and str(tmp_path) not in report_text
     b_test = sum(1 for c in json.loads((out / "manifests" / "demo_site_B.json").read_text(encoding="utf-8"))["cases"] if c["split"] == "test")
     assert len(summary["predictions"]) == min(6, b_test)  # one per unseen series, through python -m monai.bundle run
     assert (out / "predictions" / "predictions.csv").is_file()

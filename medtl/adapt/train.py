@@ -113,6 +113,34 @@ def make_evaluator(network: nn.Module, loader: Iterable[Any], *, num_classes: in
     )
 
 
+class _LossHistory:
+    """Mean training loss of each epoch, for learning curves."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self._sum, self._n = 0.0, 0
+
+    def attach(self, trainer: Any) -> None:
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._add)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._close)
+
+    def _add(self, engine: Any) -> None:
+        self._sum += float(from_engine([CommonKeys.LOSS], first=True)(engine.state.output))
+        self._n += 1
+
+    def _close(self, _engine: Any) -> None:
+        self.losses.append(self._sum / max(self._n, 1))
+        self._sum, self._n = 0.0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses = list(state["losses"])
+
+
 class _KeepBest:
     """Copy the network's weights whenever the evaluator's key metric improves."""
 
@@ -167,7 +195,7 @@ def fit(
             (``medtl.adapt.resume.TrainingCheckpoint``); with ``resume``, training continues from it.
 
     Returns ``{"epochs_run", "best_epoch" (0: the starting weights), "best_val_auc", "val_auc" (per
-    validation, epoch 0 first with ``keep_initial``), "seconds"}``.
+    validation, epoch 0 first with ``keep_initial``), "train_loss" (mean per epoch), "seconds"}``.
     """
     if max_epochs < 1:
         raise MedtlError(f"max_epochs must be >= 1, got {max_epochs}")
@@ -186,8 +214,9 @@ def fit(
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=False, desc=desc).attach(trainer, output_transform=from_engine([CommonKeys.LOSS], first=True))
-    keep = _KeepBest(network)
-    stateful: dict[str, Any] = {}  # what TrainingCheckpoint saves besides network and optimizer
+    keep, history = _KeepBest(network), _LossHistory()
+    history.attach(trainer)
+    stateful: dict[str, Any] = {"loss_history": history}  # what TrainingCheckpoint saves besides network and optimizer
     for i, handler in enumerate(handlers):
         target = getattr(handler, "lr_scheduler", handler)  # MONAI's LrScheduleHandler keeps its state there
         if hasattr(target, "state_dict"):
@@ -220,6 +249,7 @@ def fit(
         "best_epoch": keep.epoch if keep.state is not None else trainer.state.epoch,
         "best_val_auc": keep.best if keep.state is not None else None,
         "val_auc": keep.scores,
+        "train_loss": history.losses,
         "seconds": time.perf_counter() - start,
         **({"resumed_after_epoch": saver.resumed_from} if saver is not None and saver.resumed_from else {}),
     }
