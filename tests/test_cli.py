@@ -200,4 +200,8 @@ def test_adapt_runs_the_steps_on_a_target_manifest_and_exports_a_bundle(tmp_path
     meta = json.loads((out / "tumor_cls_finetune" / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "benign", "1": "malignant"}
     assert meta["eval_metrics"]["target_test_n"] == sum(1 for c in manifest["cases"] if c["split"] == "test")
-    assert json.loads((out / "adapt_summary.json").read_text(encoding="utf-8"))["finetune"]["epochs_run"] == 2
+    summary = json.loads((out / "adapt_summary.json").read_text(encoding="utf-8"))
+    assert summary["finetune"]["epochs_run"] == 2 and summary["report"] == "report/report.html"
+    assert f"report: {out / 'report' / 'report.html'}" in printed
+    figures = {p.name for p in (out / "report" / "figures").glob("*.png")}
+    assert {"roc.png", "learning_curves.png", "gradcam_fine-tuned-on-the-target.png", "gradcam_source-only-on-the-target.png"} <= figures

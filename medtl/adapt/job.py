@@ -9,6 +9,7 @@ a ``tumor_cls_finetune`` bundle. The test split is only scored, never used for a
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,12 @@ def run_adapt(
     from medtl.bundle.export import export_bundle
     from medtl.demo import evaluate_items, print_stages, resnet, stages_json
     from medtl.manifest import load_manifest
+    from medtl.report import render_report
+    from medtl.runlog import record_curve, record_explanations, run_folder
     from medtl.transforms import preprocessing
 
     out = Path(out)
+    records = run_folder(out)
     set_determinism(seed)
     names = class_names(manifest)
     data = load_manifest(manifest)
@@ -55,9 +59,10 @@ def run_adapt(
             raise MedtlError(f"the target manifest has no {split} cases", path=Path(manifest).name,
                              hint="adaptation needs labeled train and val cases and a test split to report on")
     rows: list[dict[str, Any]] = []
+    shutil.rmtree(records, ignore_errors=True)  # a report shows this run only
 
     def stage(name: str, network: Any, seconds: float) -> dict[str, Any]:
-        result = evaluate_items(network, items["test"], seed=seed, class_names=names)
+        result = evaluate_items(network, items["test"], seed=seed, class_names=names, record=(records, name, "target test"))
         rows.append({"stage": name, "evaluated on": "target test", "result": result,
                      "params": sum(p.numel() for p in network.parameters()), "seconds": seconds})
         return result
@@ -65,6 +70,7 @@ def run_adapt(
     network = resnet(widen_factor, num_classes=len(names))
     report = load_source(network, source, trust=trust)
     stage("source-only", network, 0.0)
+    source_network = copy.deepcopy(network)
     t = time.perf_counter()
     adapted = copy.deepcopy(network)
     adabn(adapted, loader([*items["train"], *items["unlabeled"]], batch_size=16), progress=progress)
@@ -74,11 +80,15 @@ def run_adapt(
                    checkpoint=out / "training_state.pt", resume=resume,
                    unlabeled_items=items["unlabeled"], progress=progress, desc="fine-tune")
     results = {"target test": stage("fine-tuned", network, time.perf_counter() - t)}
+    record_curve(records, "fine-tuned", run)
     if student_widen:
         student, t = resnet(student_widen, num_classes=len(names)), time.perf_counter()
-        distill(network, student, items["train"], items["unlabeled"], items["val"], DistillRecipe(epochs=student_epochs),
-                class_names=names, cache_dir=out / "cache", progress=progress, desc="distill student")
+        distilled = distill(network, student, items["train"], items["unlabeled"], items["val"], DistillRecipe(epochs=student_epochs),
+                            class_names=names, cache_dir=out / "cache", progress=progress, desc="distill student")
         stage(f"student ({student_widen:g})", student, time.perf_counter() - t)
+        record_curve(records, f"student ({student_widen:g})", distilled)
+    for name, explained in (("source-only", source_network), ("fine-tuned", network)):
+        record_explanations(records, f"{name} on the target", explained, items["test"], names)
     bundle = export_bundle(network, out / "tumor_cls_finetune", template="tumor_cls_finetune", metrics=results, source=source,
                            manifests=[data], recipe=recipe_outcome(run),
                            changelog=f"adapted by medtl adapt from {Path(source).name} to {data['name']}",
@@ -92,8 +102,11 @@ def run_adapt(
                "stages": stages_json(rows),
                "finetune": {k: run[k] for k in ("best_epoch", "epochs_run", "best_val_auc", "val_auc")},
                "bundle": "tumor_cls_finetune"}
-    atomic_write_json(out / "adapt_summary.json", summary)
-    return {"rows": rows, "bundle": bundle, "finetune": run}
+    atomic_write_json(records / "run.json", {"seed": seed, "manifests": {data["name"]: data["content_sha256"]}})
+    rendered = render_report(out, title=f"medtl adapt: {Path(source).name} to {data['name']}")
+    atomic_write_json(out / "adapt_summary.json", summary | {"report": str(rendered["html"].relative_to(out))})
+    print(f"report: {rendered['html']}")
+    return {"rows": rows, "bundle": bundle, "finetune": run, "report": rendered}
 
 
 def _with_classes(names: list[str]) -> dict[str, Any]:
