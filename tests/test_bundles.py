@@ -140,6 +140,13 @@ def test_components_say_which_option_is_missing(tmp_path):
         inference_cases(empty, output_dir=tmp_path / "o")
 
 
+def _mlflow_runs(store: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    return [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
+
+
 @pytest.mark.slow
 def test_finetune_then_distill_bundles_adapt_the_source_to_site_b(trained_source, tmp_path):
     source, demo = trained_source
@@ -161,7 +168,11 @@ def test_finetune_then_distill_bundles_adapt_the_source_to_site_b(trained_source
     distill = tmp_path / "tumor_cls_distill"
     shutil.copytree(REPO / "bundles" / "tumor_cls_distill", distill)
     monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--teacher", str(finetune), *data,
-                 "--max_epochs", "2", "--threshold", "0.5", cwd=distill)
+                 "--max_epochs", "2", "--threshold", "0.5", "--tracking", "mlflow", cwd=distill)
+    assert list((distill / "runs").glob("events.out.tfevents.*"))  # TensorBoard, always
+    runs = _mlflow_runs(distill / "runs" / "mlruns.db")  # MLflow, asked for with --tracking mlflow: a local store
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert {"train_loss", "val_auc"} <= set(runs[0].data.metrics)
     report = json.loads((distill / "runs" / "pseudo_labels.json").read_text(encoding="utf-8"))
     n_unlabeled = sum(1 for c in json.loads(Path(demo["sites"]["B"]["manifest"]).read_text(encoding="utf-8"))["cases"] if c["split"] == "unlabeled")
     assert report["unlabeled"] == n_unlabeled and sum(report["pseudo_labels_kept"].values()) == n_unlabeled  # p >= 0.5 always holds
