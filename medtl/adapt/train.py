@@ -210,10 +210,13 @@ def fit(
     )
     for handler in handlers:
         handler.attach(trainer)
+    bar = None
     if progress:
         from ignite.handlers import ProgressBar
 
-        ProgressBar(persist=False, desc=desc).attach(trainer, output_transform=from_engine([CommonKeys.LOSS], first=True))
+        bar = ProgressBar(persist=False, desc=desc)
+        loss_of = from_engine([CommonKeys.LOSS], first=True)
+        bar.attach(trainer, output_transform=lambda output: {"loss": loss_of(output)})
     keep, history = _KeepBest(network), _LossHistory()
     history.attach(trainer)
     stateful: dict[str, Any] = {"loss_history": history}  # what TrainingCheckpoint saves besides network and optimizer
@@ -226,6 +229,10 @@ def fit(
         from ignite.engine import Events
 
         evaluator.add_event_handler(Events.COMPLETED, keep, trainer)
+        if bar is not None:  # one line per epoch stays on screen: loss and metric, best so far
+            evaluator.add_event_handler(Events.COMPLETED, lambda _e: bar.log_message(
+                f"{desc} epoch {trainer.state.epoch}/{max_epochs}: loss {history.losses[-1] if history.losses else float('nan'):.4f}, "
+                f"validation AUC {keep.scores[-1]:.3f} (best {keep.best:.3f} at epoch {keep.epoch})"))
         stateful["keep_best"] = keep
         if patience is not None:
             early = EarlyStopHandler(patience=int(patience), score_function=lambda e: float(e.state.metrics["val_auc"]), trainer=trainer)
