@@ -434,14 +434,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except MedtlError as exc:
-        if args.debug:
-            raise
-        print(f"medtl: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("medtl: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # one line for people, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"medtl: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: Exception) -> str:
+    """A MedtlError as it is; a file-system error with its file; anything else as an internal error."""
+    if isinstance(exc, MedtlError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{Path(exc.filename).name if exc.filename else 'file system'}: {exc.strerror}"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"unexpected {type(exc).__name__}: {first} (run again with --debug for the traceback, and please report it)"
 
 
 if __name__ == "__main__":

@@ -205,3 +205,23 @@ def test_adapt_runs_the_steps_on_a_target_manifest_and_exports_a_bundle(tmp_path
     assert f"report: {out / 'report' / 'report.html'}" in printed
     figures = {p.name for p in (out / "report" / "figures").glob("*.png")}
     assert {"roc.png", "learning_curves.png", "gradcam_fine-tuned-on-the-target.png", "gradcam_source-only-on-the-target.png"} <= figures
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x", encoding="utf-8")
+    assert main(["scan", str(tmp_path), "-o", str(blocker / "index.json")]) == 2  # a file where a folder must be
+    error = capsys.readouterr().err
+    assert error.startswith("medtl: error:") and error.count("\n") == 1 and "Traceback" not in error
+
+    import medtl.report
+
+    def broken(*_args, **_kwargs):
+        raise ValueError("something inside went wrong\nsecond line")
+
+    monkeypatch.setattr(medtl.report, "render_report", broken)
+    assert main(["report", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error == "medtl: error: unexpected ValueError: something inside went wrong (run again with --debug for the traceback, and please report it)\n"
+    with pytest.raises(ValueError):
+        main(["--debug", "report", str(tmp_path)])
