@@ -275,3 +275,22 @@ def test_killed_finetune_bundle_resumes_to_the_same_weights(trained_source, tmp_
         str(whole["objects"][k]) == str(resumed["objects"][k]) for k in whole["objects"])
     best = [torch.load(r / "models" / "model.pt", weights_only=True) for r in (runs["whole"], runs["killed"])]
     assert all(torch.equal(best[0][k], best[1][k]) for k in best[0])
+
+
+def test_configure_torch_chooses_cudnn_autotuning_or_repeatable_kernels():
+    from medtl.bundle.components import configure_torch
+
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        configure_torch(3, deterministic=False)
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        first = torch.rand(3)
+        configure_torch(3, deterministic=True)
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.equal(torch.rand(3), first)  # seeded either way
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+    for name in ("tumor_cls_source", "tumor_cls_finetune", "tumor_cls_distill"):
+        config = json.loads((REPO / "bundles" / name / "configs" / "train.json").read_text(encoding="utf-8"))
+        assert config["deterministic"] == "$not torch.cuda.is_available()"  # cudnn.benchmark on GPUs, repeatable on CPUs
+        assert config["determinism"]["_target_"] == "medtl.bundle.components.configure_torch"

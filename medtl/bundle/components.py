@@ -51,6 +51,20 @@ def class_names(manifest: str | Path) -> list[str]:
     return sorted(label_map, key=label_map.get)
 
 
+def configure_torch(seed: int | None = 0, deterministic: bool = True) -> None:
+    """Seed every generator; then either repeatable kernels or, on CUDA, cuDNN's autotuner.
+
+    ``set_determinism`` also turns cuDNN's benchmark mode off. Crops have one fixed shape, which is
+    where ``cudnn.benchmark`` pays: the bundles ask for it on CUDA (``deterministic`` defaults to
+    "no GPU") and keep bitwise repeatability on the CPU, where these flags change nothing.
+    """
+    from monai.utils import set_determinism
+
+    set_determinism(seed=seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
 def run_record(manifest: str | Path = "", seed: int | None = None, output_dir: str | Path | None = None,
                weights: str | Path | None = None, **settings: Any) -> dict[str, Any]:
     """What a run's results depend on: the seed, the data manifest (name and content hash, never
@@ -356,6 +370,7 @@ class PredictionWriter:
 __all__ = [
     "MetricsReport",
     "PredictionWriter",
+    "configure_torch",
     "class_names",
     "datalist",
     "inference_cases",
