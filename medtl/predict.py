@@ -179,6 +179,10 @@ def _run_inference(root: Path, input_dir: Path, out: Path, *, progress: bool) ->
         parser["prepared#progress"] = False
     parser.parse(reset=True)
     try:
+        if progress and "evaluator" in parser:
+            from ignite.handlers import ProgressBar
+
+            ProgressBar(persist=False, desc="inference").attach(parser.get_parsed_content("evaluator"))
         for stage in ("initialize", "run", "finalize"):
             _run_stage(parser, stage)
     except Exception as exc:  # noqa: BLE001 - a user's input error is reported as such, anything else as the bundle's
