@@ -197,6 +197,18 @@ def _adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fl(args: argparse.Namespace) -> int:
+    from medtl.fl.job import run_federated
+    from medtl.fl.recipe import FederatedRecipe
+
+    recipe = FederatedRecipe(rounds=args.rounds, local_epochs=args.local_epochs, head_rounds=args.head_rounds, unfreeze=args.unfreeze,
+                             unfreeze_every=args.unfreeze_every, lr=args.lr, head_lr=args.head_lr, fedprox_mu=args.fedprox_mu,
+                             batch_size=args.batch_size)
+    run_federated(args.source, args.manifest, args.root, args.out, recipe=recipe, widen_factor=args.widen_factor,
+                  modality=args.modality, threads=args.threads, trust=args.trust, seed=args.seed)
+    return 0
+
+
 def _import(args: argparse.Namespace) -> int:
     from medtl.importers import import_lidc_vois, import_medmnist
 
@@ -339,6 +351,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted fine-tuning from OUT/training_state.pt (saved after every epoch) with the same arguments")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.set_defaults(func=_adapt)
+
+    p = verbs.add_parser("fl", help="federated fine-tuning of source weights across sites with NVIDIA FLARE (simulator)",
+                         description="Fine-tune source weights across several sites whose scans never leave them, with NVIDIA FLARE "
+                         "(pip install medtl[fl]): the server runs FedAvg (FedProx with --fedprox-mu) from the source weights; each site, "
+                         "named site-1, site-2, ... in --manifest order, trains on its own manifest with the freeze->unfreeze schedule "
+                         "keyed on the round (the head alone for --head-rounds, then layer groups unfrozen from the top) and returns only "
+                         "weights and metrics. Runs the job in NVFlare's simulator on this machine, has every site evaluate the source and "
+                         "the final global model on its own val/test splits (95% CIs), prints per-round and per-site tables, and exports the "
+                         "global model as a tumor_cls_finetune bundle naming the sites by pseudonym. OUT/job/medtl_fl is the NVFlare job folder.")
+    p.add_argument("--source", required=True, help="source weights: a bundle folder or zip, a state dict, a checkpoint or TorchScript")
+    p.add_argument("--manifest", required=True, nargs="+", help="one manifest per site, e.g. --manifest site_A.json site_B.json")
+    p.add_argument("--root", required=True, nargs="+", help="data root of the manifests' paths: one for all, or one per --manifest")
+    p.add_argument("--out", default="medtl-fl", help="output folder (default ./medtl-fl)")
+    p.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
+    p.add_argument("--local-epochs", type=int, default=2, help="epochs each site trains per round (default 2)")
+    p.add_argument("--head-rounds", type=int, default=1, help="rounds in which only the classifier head trains (default 1)")
+    p.add_argument("--unfreeze", choices=["gradual", "all"], default="gradual",
+                   help="after the head rounds, one layer group more per --unfreeze-every rounds, or all at once (default gradual)")
+    p.add_argument("--unfreeze-every", type=int, default=1, help="rounds between gradual unfreezing steps (default 1)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the head after the head rounds; lower layers get lr * 0.5^depth (default 1e-4)")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the head in the head rounds (default 1e-3)")
+    p.add_argument("--fedprox-mu", type=float, default=0.0, help="FedProx proximal weight mu (default 0: plain FedAvg)")
+    p.add_argument("--batch-size", type=int, default=8, help="local batch size (default 8)")
+    p.add_argument("--widen-factor", type=float, default=0.5, help="ResNet10 width of the source weights (default 0.5)")
+    p.add_argument("--modality", default="ct", help="ct or mr (default ct)")
+    p.add_argument("--threads", type=int, help="sites the simulator trains at once (default: all of them)")
+    p.add_argument("--trust", action="store_true", help="allow a source checkpoint that needs pickled code (runs code from the file)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.set_defaults(func=_fl)
 
     p = verbs.add_parser("import", help="import a public dataset (LIDC-IDRI nodule VOIs, MedMNIST .npz) as NIfTI + manifests",
                          description="Convert a public dataset into medtl's own files (NIfTI volumes, label tables, manifests) so it flows "

@@ -92,7 +92,7 @@ def run_adapt(
     bundle = export_bundle(network, out / "tumor_cls_finetune", template="tumor_cls_finetune", metrics=results, source=source,
                            manifests=[data], recipe=recipe_outcome(run),
                            changelog=f"adapted by medtl adapt from {Path(source).name} to {data['name']}",
-                           metadata={"network_data_format": _with_classes(names)})
+                           metadata={"network_data_format": network_data_format_with_classes(names)})
     print_stages(rows)
     print(f"\nfine-tuning kept epoch {run['best_epoch']} of {run['epochs_run']}; AdaBN "
           f"{'kept' if run.get('adabn', {}).get('kept') else 'discarded'} on validation; source load: "
@@ -109,7 +109,7 @@ def run_adapt(
     return {"rows": rows, "bundle": bundle, "finetune": run, "report": rendered}
 
 
-def _with_classes(names: list[str]) -> dict[str, Any]:
+def network_data_format_with_classes(names: list[str]) -> dict[str, Any]:
     """The template's network_data_format with the target's classes as output channels."""
     import json
 
