@@ -7,9 +7,15 @@ and from SimpleITK, never from medtl's own geometry code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import pickle
+import re
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -17,8 +23,12 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -26,7 +36,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from medtl.dicom import read_header, read_series, scan_dicom, slice_geometry
+from medtl.dicom import assemble_series, read_header, read_series, scan_dicom, slice_geometry
 from medtl.errors import DicomError, ImageError, MedtlError
 from medtl.reader import load_volume
 from medtl.volume import Volume
@@ -640,6 +650,199 @@ def test_keys_are_stable_per_salt_and_differ_across_salts(make_series, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
+# uncompressed pixels read at the offset the header scan recorded (no second parse)
+
+
+def write_slices(folder: Path, stored: np.ndarray, *, syntax: str = ExplicitVRLittleEndian, bits_stored: int | None = None,
+                 rescale: tuple[float, float] | None = None, trailing: bytes = b"", photometric: str = "MONOCHROME2") -> list[Path]:
+    """One axial file per slice of ``stored`` ([row, column, slice], written byte for byte in the
+    transfer syntax's byte order, so bits above ``bits_stored`` keep whatever they hold)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, cols, n = stored.shape
+    bits = stored.dtype.itemsize * 8
+    big = syntax == ExplicitVRBigEndian
+    series, files = generate_uid(), []
+    for k in range(n):
+        meta = FileMetaDataset()
+        meta.TransferSyntaxUID, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = syntax, CTImageStorage, generate_uid()
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = "1.2.826.0.1.3680043.8.498.1", series, "CT", "PAT-N"
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = list(AXIAL), [0.0, 0.0, 2.0 * k]
+        ds.PixelSpacing, ds.InstanceNumber = [0.5, 0.75], k + 1
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, photometric
+        ds.BitsAllocated, ds.BitsStored = bits, bits_stored or bits
+        ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, int(stored.dtype.kind == "i")
+        if rescale is not None:
+            ds.RescaleSlope, ds.RescaleIntercept = f"{rescale[0]:.10g}", f"{rescale[1]:.10g}"
+        ds.PixelData = stored[:, :, k].astype(stored.dtype.newbyteorder(">" if big else "<")).tobytes() + trailing
+        ds["PixelData"].VR = "OB" if bits == 8 else "OW"
+        files.append(folder / f"IM{k:03d}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    return files
+
+
+def expected_from_pydicom(files: list[Path]) -> np.ndarray:
+    """[column, row, slice] in RAS order from pydicom's own pixel_array and rescale tags (axial: i and j flip)."""
+    planes = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
+        planes.append(ds.pixel_array.T[::-1, ::-1] * slope + intercept)
+    return np.stack(planes, axis=-1)
+
+
+def assert_bit_identical(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype == np.float32
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))  # also tells -0.0 from 0.0
+
+
+def through_pydicom(headers: list) -> list:
+    """The same headers with the recorded pixel layout dropped: every slice is decoded by pydicom."""
+    return [dataclasses.replace(h, native=None) for h in headers]
+
+
+def no_second_parse(path: Path):
+    raise AssertionError(f"{path} was parsed again although its pixel layout was recorded")
+
+
+def _random(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    info = np.iinfo(dtype)
+    return np.random.default_rng(seed).integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype)
+
+
+NATIVE_CASES = {
+    # name: (stored values [row, col, slice], write_slices keyword arguments)
+    "int16-signed-ct": (lambda: _random("int16", (6, 5, 3)) // 16, {"syntax": ExplicitVRLittleEndian, "rescale": (1.0, -1024.0)}),
+    "int16-12-bits-stored-garbage-above": (lambda: _random("int16", (6, 5, 3), 1), {"bits_stored": 12, "rescale": (1.0, 0.0)}),
+    "uint16-12-bits-stored-garbage-above": (lambda: _random("uint16", (6, 5, 3), 2), {"bits_stored": 12, "rescale": (2.0, -1000.0)}),
+    "uint16-implicit-vr": (lambda: _random("uint16", (8, 4, 3), 3), {"syntax": ImplicitVRLittleEndian, "rescale": (1.0, -1024.0)}),
+    "uint8-odd-length": (lambda: _random("uint8", (5, 7, 3), 4), {"rescale": (1.0, 0.0)}),
+    "int8-implicit-vr": (lambda: _random("int8", (5, 7, 3), 5), {"syntax": ImplicitVRLittleEndian, "rescale": (2.0, -3.0)}),
+    "uint32-fractional-rescale": (lambda: _random("uint32", (4, 6, 3), 6), {"rescale": (0.5, -10.25)}),
+    "int16-inexact-rescale": (lambda: _random("int16", (6, 5, 3), 7), {"rescale": (0.3333333, -1000.7)}),
+    "uint16-no-rescale-tags": (lambda: _random("uint16", (6, 5, 3), 8), {}),
+    "uint16-trailing-bytes": (lambda: _random("uint16", (6, 5, 3), 9), {"trailing": b"\x01\x02\x03\x04\x05\x06"}),
+    "uint8-odd-length-trailing-byte": (lambda: _random("uint8", (5, 7, 3), 10), {"trailing": b"\xff"}),
+    "monochrome1": (lambda: _random("uint16", (6, 5, 3), 11), {"photometric": "MONOCHROME1", "rescale": (1.0, -1024.0)}),
+}
+
+
+@pytest.mark.filterwarnings("ignore:The pixel data is:UserWarning")  # pydicom's note on excess padding
+@pytest.mark.parametrize("case", list(NATIVE_CASES))
+def test_uncompressed_pixels_read_directly_are_bit_identical_to_pydicom(tmp_path, monkeypatch, case):
+    import medtl.dicom
+
+    make, options = NATIVE_CASES[case]
+    files = write_slices(tmp_path / case, make(), **options)
+    headers = [read_header(f) for f in files]
+    assert all(h.native is not None for h in headers)
+    reference = assemble_series(through_pydicom(headers))
+    monkeypatch.setattr(medtl.dicom, "_decode", no_second_parse)
+    direct = assemble_series(headers)
+    assert_bit_identical(direct.array, reference.array)
+    np.testing.assert_array_equal(direct.affine, reference.affine)
+    np.testing.assert_allclose(direct.array, expected_from_pydicom(files), rtol=1e-6)
+
+
+def test_load_volume_reads_each_uncompressed_file_once(make_series, monkeypatch):
+    import medtl.dicom
+
+    s = make_series("ct", shape=(16, 12, 4))
+    reference = load_volume(s.folder)
+    monkeypatch.setattr(medtl.dicom, "_decode", no_second_parse)
+    assert_bit_identical(load_volume(s.folder).array, reference.array)
+    np.testing.assert_array_equal(reference.array, s.hu[::-1, ::-1, :].astype(np.float32))
+
+
+def _implicit_pixel_element(files: list[Path]) -> None:
+    """Rewrite each file's explicit VR PixelData element header as implicit VR (a writer quirk)."""
+    for f in files:
+        data = bytearray(f.read_bytes())
+        at = data.rfind(b"\xe0\x7f\x10\x00OW\x00\x00")
+        data[at + 4 : at + 12] = data[at + 8 : at + 12]  # tag, VR, reserved, length -> tag, length
+        f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", ["big-endian", "implicit-vr-pixel-element-in-explicit-dataset", "rle"])
+def test_other_encodings_fall_back_to_pydicom(tmp_path, case):
+    stored = _random("int16", (6, 5, 3), 12)
+    if case == "big-endian":
+        files = write_slices(tmp_path / case, stored, syntax=ExplicitVRBigEndian, rescale=(1.0, -1024.0))
+    else:
+        files = write_slices(tmp_path / case, stored, rescale=(1.0, -1024.0))
+        if case == "rle":
+            for f in files:
+                ds = pydicom.dcmread(f)
+                ds.compress(RLELossless)
+                ds.save_as(f, enforce_file_format=True)
+        else:
+            _implicit_pixel_element(files)
+    headers = [read_header(f) for f in files]
+    assert all(h.has_pixels and h.native is None for h in headers)
+    vol = assemble_series(headers)
+    np.testing.assert_array_equal(vol.array, stored.transpose(1, 0, 2)[::-1, ::-1, :].astype(np.float32) - 1024)
+    np.testing.assert_array_equal(vol.array, expected_from_pydicom(files))
+
+
+@pytest.mark.filterwarnings("ignore:The number of bytes of pixel data is sufficient:UserWarning")
+@pytest.mark.parametrize("case, message", [("bits-allocated-12", "Bits Allocated"), ("a-whole-extra-frame", "the header says 6 rows x 5 columns")])
+def test_pixel_data_pydicom_refuses_gives_the_same_error(tmp_path, case, message):
+    stored = _random("uint16", (6, 5, 2), 13)
+    files = write_slices(tmp_path / case, stored, trailing=stored[:, :, 0].tobytes() if case == "a-whole-extra-frame" else b"")
+    if case == "bits-allocated-12":
+        for f in files:
+            rewrite(f, BitsAllocated=12, BitsStored=12, HighBit=11)
+    headers = [read_header(f) for f in files]
+    assert all(h.native is None for h in headers)
+    with pytest.raises(DicomError, match=message) as exc:
+        assemble_series(headers)
+    assert str(exc.value).startswith(str(files[0]))
+
+
+def test_file_changed_after_its_header_was_read_is_parsed_again(tmp_path):
+    stored = _random("uint16", (6, 5, 3), 14)
+    files = write_slices(tmp_path / "ct", stored)
+    headers = [read_header(f) for f in files]
+    # a longer header moves the pixel data: the recorded offset now points elsewhere
+    ds = pydicom.dcmread(files[1])
+    ds.SeriesDescription = "rewritten by another tool, with a longer header than before"
+    ds.PixelData = (stored[:, :, 1] // 2).astype("<u2").tobytes()
+    ds.save_as(files[1], enforce_file_format=True)
+    assert read_header(files[1]).native.offset != headers[1].native.offset
+    vol = assemble_series(headers)
+    np.testing.assert_array_equal(vol.array[:, :, 1], (stored[:, :, 1] // 2).T[::-1, ::-1].astype(np.float32))
+    np.testing.assert_array_equal(vol.array, assemble_series([read_header(f) for f in files]).array)
+
+
+def test_file_truncated_after_its_header_was_read_names_the_file(tmp_path):
+    files = write_slices(tmp_path / "ct", _random("uint16", (6, 5, 3), 15))
+    headers = [read_header(f) for f in files]
+    files[2].write_bytes(files[2].read_bytes()[:-20])
+    with pytest.raises(DicomError) as exc:
+        assemble_series(headers)  # the size changed: pydicom parses it and finds the pixels short
+    assert str(exc.value).startswith(str(files[2]))
+    # cut between checking the file and reading it (size and time as recorded): the short read is caught
+    stat = files[2].stat()
+    layout = dataclasses.replace(headers[2].native, size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    headers[2] = dataclasses.replace(headers[2], native=layout)
+    with pytest.raises(DicomError, match="truncated file: pixel data needs 60 bytes, 40 present") as exc:
+        assemble_series(headers)
+    assert str(exc.value).startswith(str(files[2]))
+
+
+def test_headers_with_pixel_layout_pickle_and_leave_the_index_unchanged(make_series):
+    s = make_series("ct", shape=(16, 12, 3))
+    h = read_header(s.files[0])
+    assert h.native is not None and pickle.loads(pickle.dumps(h)) == h
+    record = only_series(scan(s.folder))
+    assert set(record) == {"series_key", "patient_key", "study_key", "series_number", "modality", "sop_class", "num_instances", "shape",
+                           "spacing", "slice_thickness", "orientation", "orientation_label", "transfer_syntax", "folders", "files",
+                           "problems", "loadable"}
+
+
+# ---------------------------------------------------------------------------------------------
 # compressed transfer syntaxes
 
 PYDICOM_VARIANTS = [
@@ -715,6 +918,105 @@ def test_generated_compressed_series_loads_identical(tmp_path, ct_uncompressed, 
     np.testing.assert_array_equal(vol.array, reference.array)
     np.testing.assert_array_equal(vol.affine, reference.affine)
     np.testing.assert_array_equal(reference.array, hu[::-1, ::-1, :].astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed slices decoded in worker processes
+
+
+@pytest.fixture
+def j2k_series(make_series):
+    return make_series("j2k", shape=(64, 48, 5), transfer_syntax=JPEG2000Lossless)
+
+
+@pytest.fixture
+def pools(monkeypatch) -> list:
+    """Worker counts of the decoder pools started, with every JPEG 2000 series big enough for one on a 2-CPU machine."""
+    import medtl.dicom
+
+    started = []
+
+    class Recording(ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            started.append(kwargs["max_workers"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(medtl.dicom, "ProcessPoolExecutor", Recording)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    return started
+
+
+def corrupt_codestream(path: Path) -> None:
+    """Break the JPEG 2000 start-of-codestream marker: the header still reads, decoding fails."""
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\xff\x4f\xff\x51")
+    data[at : at + 4] = bytes(4)
+    path.write_bytes(bytes(data))
+
+
+def _exit_abruptly(path: Path) -> None:
+    """Stands in for the decoder in a worker process that dies (defined at module level so the worker finds it)."""
+    os._exit(3)
+
+
+def test_compressed_slices_decoded_in_worker_processes_match_serial(j2k_series, pools, monkeypatch):
+    import medtl.dicom
+
+    serial = load_volume(j2k_series.folder)
+    assert pools == []  # 64x48x5 pixels: too few to start workers
+    monkeypatch.setattr(medtl.dicom, "PARALLEL_DECODE_MIN_PIXELS", 1)
+    parallel = load_volume(j2k_series.folder)
+    assert pools == [2]
+    assert_bit_identical(parallel.array, serial.array)
+    np.testing.assert_array_equal(parallel.affine, serial.affine)
+    np.testing.assert_array_equal(serial.array, j2k_series.hu[::-1, ::-1, :].astype(np.float32))
+
+
+def test_uncompressed_and_rle_series_are_not_decoded_in_workers(make_series, pools, monkeypatch):
+    import medtl.dicom
+
+    monkeypatch.setattr(medtl.dicom, "PARALLEL_DECODE_MIN_PIXELS", 1)
+    for name, options in [("plain", {}), ("rle", {"transfer_syntax": RLELossless})]:
+        s = make_series(name, shape=(32, 24, 6), **options)
+        np.testing.assert_array_equal(load_volume(s.folder).array, s.hu[::-1, ::-1, :].astype(np.float32))
+    assert pools == []
+
+
+def test_worker_decoding_raises_the_serial_error_of_the_first_bad_slice(j2k_series, pools, monkeypatch):
+    import medtl.dicom
+
+    for k in (4, 2):
+        corrupt_codestream(j2k_series.files[k])
+    with pytest.raises(DicomError) as serial:
+        load_volume(j2k_series.folder)
+    monkeypatch.setattr(medtl.dicom, "PARALLEL_DECODE_MIN_PIXELS", 1)
+    with pytest.raises(DicomError) as parallel:
+        load_volume(j2k_series.folder)
+    assert pools == [2]
+    assert parallel.value.path == serial.value.path == str(j2k_series.files[2])
+    assert parallel.value.hint == serial.value.hint and "cannot decode pixel data" in serial.value.message
+    # pillow's part of the message names a BytesIO object by its memory address
+    assert re.sub(r"0x[0-9a-f]+", "0x…", str(parallel.value)) == re.sub(r"0x[0-9a-f]+", "0x…", str(serial.value))
+
+
+def test_decoder_process_that_dies_gives_a_dicom_error(j2k_series, pools, monkeypatch):
+    import medtl.dicom
+
+    monkeypatch.setattr(medtl.dicom, "PARALLEL_DECODE_MIN_PIXELS", 1)
+    monkeypatch.setattr(medtl.dicom, "_decode", _exit_abruptly)
+    with pytest.raises(DicomError, match="decoder process died") as exc:
+        load_volume(j2k_series.folder)
+    assert str(exc.value).startswith(str(j2k_series.files[0]))
+
+
+def test_no_worker_processes_inside_a_daemonic_process(j2k_series, pools, monkeypatch):
+    """DataLoader workers are daemonic and may not start processes: decode in place."""
+    import medtl.dicom
+
+    monkeypatch.setattr(medtl.dicom, "PARALLEL_DECODE_MIN_PIXELS", 1)
+    monkeypatch.setattr(medtl.dicom.multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
+    np.testing.assert_array_equal(load_volume(j2k_series.folder).array, j2k_series.hu[::-1, ::-1, :].astype(np.float32))
+    assert pools == []
 
 
 # ---------------------------------------------------------------------------------------------
