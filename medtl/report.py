@@ -99,7 +99,7 @@ def roc_figure(evaluations: Sequence[Mapping[str, Any]]) -> bytes:
         positive, scores, note = _positive(evaluation)
         fpr, tpr = roc_curve(positive, scores)
         auc = evaluation["metrics"]["auc"]["value"]
-        ax.step(fpr, tpr, where="post", linewidth=1.6, label=f"{_label(evaluation)} (AUC {auc:.3f})" if auc is not None else _label(evaluation))
+        ax.plot(fpr, tpr, linewidth=1.6, label=f"{_label(evaluation)} (AUC {auc:.3f})" if auc is not None else _label(evaluation))
     ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)", xlim=(0, 1), ylim=(0, 1.01),
            title=f"ROC curves ({note})")
     ax.legend(loc="lower right", fontsize=8)
