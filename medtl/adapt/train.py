@@ -40,15 +40,16 @@ class L2SP:
 
     ``w0`` is the network's weights when training starts (the source weights after a head swap), or
     ``reference`` given as a state dict. Parameters whose shape differs from the reference, and the
-    classifier head, are left free. Attach to a ``SupervisedTrainer``: the penalty is added on
+    classifier head (unless ``anchor_head``), are left free. Attach to a ``SupervisedTrainer``: the penalty is added on
     MONAI's ``LOSS_COMPLETED`` event, before the backward pass.
     """
 
-    def __init__(self, beta: float = 0.01, *, reference: dict[str, torch.Tensor] | None = None) -> None:
-        if float(beta) < 0:
+    def __init__(self, beta: float = 0.01, *, reference: dict[str, torch.Tensor] | None = None, anchor_head: bool = False) -> None:
+        if not float(beta) >= 0:
             raise MedtlError(f"beta must be >= 0, got {beta}")
         self.beta = float(beta)
         self.reference = reference
+        self.anchor_head = anchor_head
         self._pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     def bind(self, network: nn.Module) -> None:
@@ -56,7 +57,7 @@ class L2SP:
         from medtl.adapt.schedule import layer_groups, unwrap
 
         network = unwrap(network)
-        head = set(layer_groups(network)[-1].params)
+        head = set() if self.anchor_head else set(layer_groups(network)[-1].params)
         source = self.reference if self.reference is not None else {k: v.detach().clone() for k, v in network.state_dict().items()}
         self._pairs = [
             (p, source[name].to(p.device, p.dtype))
