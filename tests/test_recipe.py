@@ -78,3 +78,39 @@ def test_source_then_finetune_then_distill(tmp_path):
     y, probs, ids = collect_predictions(student, loader(target_val, batch_size=4))
     assert probs.shape == (8, 2) and ids == [d["case_id"] for d in target_val]
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in source.parameters()) / 2
+
+
+def _trained(recipe: TrainRecipe) -> torch.nn.Module:
+    set_determinism(0)
+    network = _net()
+    train(network, _items(8, 0), _items(4, 1), recipe, progress=False)
+    return network
+
+
+def test_channels_last_trains_the_same_weights_and_hands_back_the_default_layout():
+    plain = _trained(TrainRecipe(epochs=2, batch_size=4))
+    fast = _trained(TrainRecipe(epochs=2, batch_size=4, channels_last=True))
+    x = torch.stack([i["image"] for i in _items(6, 2)])
+    with torch.no_grad():
+        difference = (torch.softmax(plain.eval()(x), 1) - torch.softmax(fast.eval()(x), 1)).abs().max()
+    # same arithmetic in another summation order; Adam turns the rounding noise on gradients that are
+    # ~0 (a convolution bias before BatchNorm) into steps of its learning rate, so weights differ by
+    # up to lr * steps while the predictions agree
+    assert difference < 5e-3
+    assert all(p.is_contiguous() for p in fast.parameters())  # exports and callers see the usual layout
+
+
+def test_bf16_autocast_trains_and_the_schedule_sees_through_the_wrapper():
+    from medtl.adapt.schedule import unwrap
+    from medtl.adapt.train import FastForward
+
+    source = _net()
+    tuned = copy.deepcopy(source)
+    recipe = FineTuneRecipe(epochs=1, head_epochs=1, batch_size=4, adabn=False, keep_source=False, l2sp=0.01,
+                            channels_last=True, bf16=True, patience=None)
+    run = finetune(tuned, _items(8, 0), _items(4, 1), recipe, progress=False)
+    assert run["epochs_run"] == 1 and run["train_loss"][0] == run["train_loss"][0]  # a finite float32 loss
+    assert torch.equal(tuned.conv1.weight, source.conv1.weight)  # head epoch: the frozen backbone did not move
+    assert not torch.equal(tuned.fc.weight, source.fc.weight)
+    wrapped = FastForward(tuned, bf16=True)
+    assert unwrap(wrapped) is tuned and wrapped(torch.rand(2, 1, 12, 12, 12)).dtype == torch.float32

@@ -85,6 +85,8 @@ class TrainRecipe:
     batch_size: int = 16
     augment: str = "light"
     patience: int | None = None
+    channels_last: bool = False  # faster convolutions on CPUs, same arithmetic (FastForward)
+    bf16: bool = False  # bfloat16 autocast: faster still, lower precision; see benchmarks/precision.py
 
 
 @dataclass
@@ -113,6 +115,8 @@ class FineTuneRecipe:
     batch_size: int = 8
     augment: str = "light"
     patience: int | None = 10
+    channels_last: bool = False  # faster convolutions on CPUs, same arithmetic (FastForward)
+    bf16: bool = False  # bfloat16 autocast: faster still, lower precision; see benchmarks/precision.py
 
     @classmethod
     def naive(cls, **overrides: Any) -> FineTuneRecipe:
@@ -136,6 +140,8 @@ class DistillRecipe:
     batch_size: int = 16
     augment: str = "light"
     patience: int | None = 15
+    channels_last: bool = False  # faster convolutions on CPUs, same arithmetic (FastForward)
+    bf16: bool = False  # bfloat16 autocast: faster still, lower precision; see benchmarks/precision.py
 
 
 def train(network: nn.Module, train_items: Items, val_items: Items | None, recipe: TrainRecipe = TrainRecipe(), *,
@@ -151,6 +157,7 @@ def train(network: nn.Module, train_items: Items, val_items: Items | None, recip
         val_loader=loader(val_items, batch_size=32) if val_items else None,
         num_classes=num_classes or _num_outputs(network), patience=recipe.patience if val_items else None,
         checkpoint=checkpoint, resume=resume, device=device, progress=progress, desc=desc,
+        channels_last=recipe.channels_last, bf16=recipe.bf16,
     ) | {"recipe": asdict(recipe)}
 
 
@@ -184,6 +191,7 @@ def finetune(network: nn.Module, train_items: Items, val_items: Items, recipe: F
         optimizer=optimizer, max_epochs=recipe.epochs, handlers=handlers, val_loader=loader(val_items, batch_size=32),
         num_classes=num_classes, patience=recipe.patience, keep_initial=recipe.keep_source, device=device,
         checkpoint=checkpoint, resume=resume, progress=progress, desc=desc,
+        channels_last=recipe.channels_last, bf16=recipe.bf16,
     )
     return summary | result | {"schedule": schedule.history}
 
@@ -219,6 +227,7 @@ def distill(teacher: nn.Module, student: nn.Module, labeled_items: Items, unlabe
         optimizer=optimizer, max_epochs=recipe.epochs, handlers=[schedule], val_loader=loader(val_items, batch_size=32),
         num_classes=_num_outputs(student), loss_function=DistillationLoss(recipe.alpha, recipe.temperature),
         prepare_batch=DistillBatch(), patience=recipe.patience, device=device, progress=progress, desc=desc,
+        channels_last=recipe.channels_last, bf16=recipe.bf16,
         checkpoint=checkpoint, resume=resume,
     )
     return {"recipe": asdict(recipe), "pseudo_labels": report} | result

@@ -78,10 +78,15 @@ def _family_patterns(model: nn.Module) -> dict[str, str] | None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside ``DistributedDataParallel``/``DataParallel`` (multi-GPU bundles wrap it):
-    layer groups, learning rates and freezing are defined on its own parameter names."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    return model.module if isinstance(model, wrappers) else model
+    """The network inside ``DistributedDataParallel``/``DataParallel`` (multi-GPU bundles wrap it) or
+    ``medtl.adapt.train.FastForward``: layer groups, learning rates and freezing are defined on its
+    own parameter names."""
+    from medtl.adapt.train import FastForward
+
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel, FastForward)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
 
 
 def layer_groups(model: nn.Module, groups: Mapping[str, str] | None = None) -> list[LayerGroup]:

@@ -166,6 +166,36 @@ class _KeepBest:
         self.best, self.epoch, self.scores, self.state = state["best"], state["epoch"], list(state["scores"]), state["state"]
 
 
+class FastForward(nn.Module):
+    """``module`` run in channels-last layout and/or under bfloat16 autocast, returning float32 outputs.
+
+    On CPUs, 3D convolutions in channels-last layout were about 1.3x faster per training step, and
+    bfloat16 autocast on top about 1.6-1.8x (``benchmarks/precision.py``). Wrapping instead of
+    converting keeps the caller's module, its parameter names and its checkpoints as they are;
+    ``medtl.adapt.schedule.unwrap`` sees through it like through ``DistributedDataParallel``.
+    """
+
+    def __init__(self, module: nn.Module, *, channels_last: bool = False, bf16: bool = False, device_type: str = "cpu") -> None:
+        super().__init__()
+        self.module, self.channels_last, self.bf16, self.device_type = module, channels_last, bf16, device_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() in (4, 5):
+            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        if not self.bf16:
+            return self.module(x)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.module(x).float()
+
+
+def _memory_format(network: nn.Module, channels_last: bool) -> torch.memory_format:
+    """The layout for the network's weights: channels-last of its convolutions' rank, or the default."""
+    if not channels_last:
+        return torch.contiguous_format
+    ranks = {m.weight.dim() for m in network.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))}
+    return torch.channels_last_3d if 5 in ranks else torch.channels_last
+
+
 def fit(
     network: nn.Module,
     train_loader: Iterable[Any],
@@ -184,6 +214,8 @@ def fit(
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "train",
+    channels_last: bool = False,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Train ``network``; with ``val_loader``, validate each epoch and end with the best epoch's weights.
 
@@ -194,6 +226,8 @@ def fit(
             network ends as it started, so adapting never makes it worse on validation data.
         checkpoint: file for the whole training state, rewritten after every epoch
             (``medtl.adapt.resume.TrainingCheckpoint``); with ``resume``, training continues from it.
+        channels_last, bf16: run the network in channels-last layout and/or bfloat16 autocast
+            (``FastForward``); its weights return to the default layout when training ends.
 
     Returns ``{"epochs_run", "best_epoch" (0: the starting weights), "best_val_auc", "val_auc" (per
     validation, epoch 0 first with ``keep_initial``), "train_loss" (mean per epoch), "seconds"}``.
@@ -203,10 +237,11 @@ def fit(
     if (patience is not None or keep_initial) and val_loader is None:
         raise MedtlError("early stopping (patience) and keep_initial need a validation loader")
     device = torch.device(device)
-    network.to(device)
+    network.to(device, memory_format=_memory_format(network, channels_last))
+    runner = FastForward(network, channels_last=channels_last, bf16=bf16, device_type=device.type) if channels_last or bf16 else network
     options = {"prepare_batch": prepare_batch or PlainBatch()}
     trainer = SupervisedTrainer(
-        device=device, max_epochs=max_epochs, train_data_loader=train_loader, network=network, optimizer=optimizer,
+        device=device, max_epochs=max_epochs, train_data_loader=train_loader, network=runner, optimizer=optimizer,
         loss_function=loss_function or nn.CrossEntropyLoss(), **options,
     )
     for handler in handlers:
@@ -226,7 +261,7 @@ def fit(
         if hasattr(target, "state_dict"):
             stateful[f"handler{i}"] = target
     if val_loader is not None:
-        evaluator = make_evaluator(network, val_loader, num_classes=num_classes, device=device)
+        evaluator = make_evaluator(runner, val_loader, num_classes=num_classes, device=device)
         from ignite.engine import Events
 
         evaluator.add_event_handler(Events.COMPLETED, keep, trainer)
@@ -249,7 +284,10 @@ def fit(
         saver = TrainingCheckpoint(checkpoint, network=network, optimizer=optimizer, objects=stateful, loaders=[train_loader], resume=resume)
         saver.attach(trainer)  # after validation: the saved state includes this epoch's
     start = time.perf_counter()
-    trainer.run()
+    try:
+        trainer.run()
+    finally:
+        network.to(memory_format=torch.contiguous_format)  # exports and callers expect the default layout
     if keep.state is not None:
         network.load_state_dict(keep.state)
     result = {
@@ -265,4 +303,4 @@ def fit(
     return result
 
 
-__all__ = ["L2SP", "PlainBatch", "as_plain", "fit", "make_evaluator"]
+__all__ = ["FastForward", "L2SP", "PlainBatch", "as_plain", "fit", "make_evaluator"]
