@@ -28,3 +28,17 @@ class ImageError(MedtlError):
 
 class ManifestError(MedtlError):
     """A manifest or label table that is inconsistent, leaks patients across splits, or is stale."""
+
+
+def cause_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what raised it, outermost first: MONAI wraps a failing transform's or component's
+    error in ``RuntimeError``s, so the user's problem is further down."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def medtl_cause(exc: BaseException) -> MedtlError | None:
+    """The first ``MedtlError`` in ``exc``'s cause chain: an input problem to report as such."""
+    return next((c for c in cause_chain(exc) if isinstance(c, MedtlError)), None)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, cause_chain, medtl_cause
 from medtl.fileio import atomic_write, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -157,14 +157,6 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    """``exc`` and what raised it, outermost first: MONAI wraps a failing component's error in ``RuntimeError``s."""
-    chain = [exc]
-    while chain[-1].__cause__ is not None:
-        chain.append(chain[-1].__cause__)
-    return chain
-
-
 def _run_inference(root: Path, input_dir: Path, out: Path, *, progress: bool) -> Any:
     """Parse and run ``inference.json`` as ``monai.bundle run`` does (initialize, run, finalize);
     returns the parser, whose resolved parts (network, cases) explain the predictions."""
@@ -186,11 +178,10 @@ def _run_inference(root: Path, input_dir: Path, out: Path, *, progress: bool) ->
         for stage in ("initialize", "run", "finalize"):
             _run_stage(parser, stage)
     except Exception as exc:  # noqa: BLE001 - a user's input error is reported as such, anything else as the bundle's
-        causes = _causes(exc)
-        user_error = next((c for c in causes if isinstance(c, MedtlError)), None)
+        user_error = medtl_cause(exc)
         if user_error is not None:
             raise user_error from exc
-        raise MedtlError(f"the bundle's inference.json failed ({_first_line(causes[-1])})", path=root,
+        raise MedtlError(f"the bundle's inference.json failed ({_first_line(cause_chain(exc)[-1])})", path=root,
                          hint="--debug shows the traceback") from exc
     return parser
 

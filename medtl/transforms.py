@@ -49,7 +49,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, medtl_cause
 from medtl.reader import LoadVolumed
 
 MODALITIES = ("ct", "mr")
@@ -256,9 +256,7 @@ class _Pipeline(Compose):
         try:
             return super().__call__(input_, *args, **kwargs)
         except RuntimeError as exc:
-            cause = exc.__cause__
-            while cause is not None and not isinstance(cause, MedtlError):
-                cause = cause.__cause__
+            cause = medtl_cause(exc)
             if cause is None:
                 raise
             raise cause from None

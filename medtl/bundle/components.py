@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, cause_chain, medtl_cause
 from medtl.evaluate import classification_metrics, format_table
 from medtl.fileio import atomic_write_json, atomic_write_text, sha256_file
 from medtl.manifest import datalist as _datalist
@@ -236,14 +236,13 @@ def prepare_cases(found: Mapping[str, Any], transform: Any, *, progress: bool = 
         try:
             items.append(transform(dict(case)))
         except Exception as exc:  # MONAI wraps transform errors; report the medtl message if there is one
-            cause = exc
-            while cause.__cause__ is not None and not isinstance(cause, MedtlError):
-                cause = cause.__cause__
-            if isinstance(cause, MedtlError):  # named relative to the input, never by its absolute path
+            cause = medtl_cause(exc)
+            if cause is not None:  # named relative to the input, never by its absolute path
                 where = _relative_name(cause.path, found.get("root"))
                 reason = (f"{where}: " if where else "") + cause.message + (f" (hint: {cause.hint})" if cause.hint else "")
             else:
-                reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+                innermost = cause_chain(exc)[-1]
+                reason = str(innermost).splitlines()[0] if str(innermost) else type(innermost).__name__
             logger.warning("skipped %s: %s", case["id"], reason)
             skipped.append({"id": case["id"], "reason": reason})
     if not items:
