@@ -44,6 +44,8 @@ def _describe(value: Any, depth: int, seen: set[int]) -> Any:
         return [_describe(v, depth + 1, seen) for v in items]
     if isinstance(value, dict):
         return {str(k): _describe(v, depth + 1, seen) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, torch.device):  # the device a cached tensor lives on
+        return str(value)
     if isinstance(value, np.random.RandomState):
         return "RandomState"
     if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from medtl.bundle.components import datalist, inference_cases
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, medtl_cause
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
@@ -154,7 +154,8 @@ def test_finetune_then_distill_bundles_adapt_the_source_to_site_b(trained_source
     finetune = tmp_path / "tumor_cls_finetune"
     shutil.copytree(REPO / "bundles" / "tumor_cls_finetune", finetune)
     done = monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--source", str(source), *data,
-                        "--max_epochs", "3", "--head_epochs", "1", "--unfreeze_every", "1", cwd=finetune)
+                        "--max_epochs", "3", "--head_epochs", "1", "--unfreeze_every", "1",
+                        "--loader", "process", "--num_workers", "1", cwd=finetune)  # augmentation in a worker process
     log = done.stdout + done.stderr
     assert "Loaded 77 of 77 ResNet tensors" in log and "exact match" in log
     assert "AdaBN: BatchNorm statistics of 12 layers" in log
@@ -168,7 +169,8 @@ def test_finetune_then_distill_bundles_adapt_the_source_to_site_b(trained_source
     distill = tmp_path / "tumor_cls_distill"
     shutil.copytree(REPO / "bundles" / "tumor_cls_distill", distill)
     monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--teacher", str(finetune), *data,
-                 "--max_epochs", "2", "--threshold", "0.5", "--tracking", "mlflow", cwd=distill)
+                 "--max_epochs", "2", "--threshold", "0.5", "--tracking", "mlflow",
+                 "--augment_on_device", "True", cwd=distill)  # the device is the CPU here: the same path as on a GPU
     assert list((distill / "runs").glob("events.out.tfevents.*"))  # TensorBoard, always
     runs = _mlflow_runs(distill / "runs" / "mlruns.db")  # MLflow, asked for with --tracking mlflow: a local store
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -294,3 +296,33 @@ def test_configure_torch_chooses_cudnn_autotuning_or_repeatable_kernels():
         config = json.loads((REPO / "bundles" / name / "configs" / "train.json").read_text(encoding="utf-8"))
         assert config["deterministic"] == "$not torch.cuda.is_available()"  # cudnn.benchmark on GPUs, repeatable on CPUs
         assert config["determinism"]["_target_"] == "medtl.bundle.components.configure_torch"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_loader_and_augmentation_device_are_settings(bundle, tmp_path):
+    """``--loader``, ``--num_workers`` and ``--augment_on_device`` reach the training loader and
+    pipeline (the demo data stand in for a manifest's cases; the CPU for the GPU)."""
+    from monai.bundle import ConfigParser
+    from monai.data import DataLoader, ThreadDataLoader
+
+    def parsed(**overrides):
+        parser = ConfigParser()
+        parser.read_config(bundle / "configs" / "train.json")
+        parser.update({"bundle_root": str(tmp_path), "train#dataset#data": [{"image": "case.nii.gz", "label": 0}] * 4,
+                       "train#dataset#cache": "none", **overrides})
+        return parser
+
+    def moves(parser):
+        return [t.converter.device.type for t in parser.get_parsed_content("train#preprocessing").transforms
+                if getattr(getattr(t, "converter", None), "device", None) is not None]
+
+    default = parsed()
+    assert type(default.get_parsed_content("train#dataloader")) is ThreadDataLoader and not moves(default)
+    process = parsed(loader="process", num_workers=1).get_parsed_content("train#dataloader")
+    assert type(process) is DataLoader and process.num_workers == 1
+    on_device = parsed(augment_on_device=True)
+    assert moves(on_device) == ["cpu"]  # @device: the GPU when there is one
+    assert not on_device.get_parsed_content("train#dataloader").pin_memory
+    with pytest.raises(RuntimeError) as failed:  # MONAI wraps a component's error
+        parsed(augment_on_device=True, num_workers=2).get_parsed_content("train#dataloader")
+    assert "augmentation on the device runs in the loading thread" in str(medtl_cause(failed.value))

@@ -205,6 +205,25 @@ def test_randomness_only_after_the_deterministic_prefix():
     assert train.get_index_of_first(lambda t: isinstance(t, RandomizableTrait)) == len(pre.transforms)
 
 
+def test_augmentation_on_a_device_draws_the_same_and_caches_after_the_move(tmp_path):
+    """``device`` moves crops before augmentation: the same seed gives the same crops (here the CPU
+    stands in for the GPU), and the cacheable prefix now ends with the move."""
+    from medtl.cache import cached_dataset, deterministic_prefix, transform_fingerprint
+
+    case, _ = _case(tmp_path)
+    assert torch.equal(*(train_transforms(level="strong", seed=3, **SMALL)(dict(case))["image"] for _ in range(2)))
+    on_host = train_transforms(level="strong", seed=3, **SMALL)
+    on_device = train_transforms(level="strong", seed=3, device="cpu", **SMALL)
+    for _ in range(3):
+        assert torch.equal(on_host(dict(case))["image"], on_device(dict(case))["image"])
+    prefix = deterministic_prefix(on_device)
+    assert len(prefix) == len(preprocessing(**SMALL).transforms) + 1
+    assert prefix[-1].converter.device == torch.device("cpu")
+    assert transform_fingerprint(on_device) != transform_fingerprint(on_host)  # a disk cache keeps them apart
+    item = cached_dataset([case], on_device, progress=False)[0]
+    assert item["image"].device.type == "cpu" and item["image"].dtype == torch.float32
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

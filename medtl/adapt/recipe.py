@@ -30,6 +30,7 @@ from medtl.adapt.schedule import FineTuneSchedule, param_groups
 from medtl.adapt.train import L2SP, fit
 from medtl.errors import MedtlError
 from medtl.evaluate import collect_predictions, roc_auc_ovr
+from medtl.loading import data_loader
 from medtl.manifest import datalist
 from medtl.transforms import augmentation
 
@@ -62,7 +63,7 @@ def loader(items: Items, *, augment: str = "none", batch_size: int = 8, shuffle:
     if augment != "none":
         size = tuple(items[0]["image"].shape[1:])
         transform = augmentation(level=augment, spatial_dims=len(size), spatial_size=size)
-    return DataLoader(Dataset(list(items), transform), batch_size=batch_size, shuffle=shuffle)
+    return data_loader(Dataset(list(items), transform), batch_size=batch_size, shuffle=shuffle)  # augments in a background thread
 
 
 def validation_auc(network: nn.Module, items: Items, device: str | torch.device = "cpu") -> float:

@@ -1,0 +1,64 @@
+"""Batches for training and evaluation: which loader runs the per-step transforms.
+
+With the deterministic part of a pipeline cached (``medtl.cache``), the work left per step is
+augmentation, about 3 ms per 32³ crop. Two loaders, picked by one setting (a bundle's ``loader``):
+
+- ``"thread"`` (default): MONAI's ``ThreadDataLoader`` prepares the next batch in a background
+  thread while the network works on the current one (P1 in docs/benchmarks.md: 1.01× the model-only
+  step). It is the loader for data already on the GPU (``medtl.transforms.train_transforms(device=)``),
+  because worker processes cannot share CUDA tensors.
+- ``"process"``: PyTorch's ``DataLoader`` with ``num_workers`` worker processes, for pipelines whose
+  per-step work outweighs the network step (no cache, heavy augmentation, many cores).
+
+On CUDA, batches that come from host memory are pinned, so their copy to the GPU can overlap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.data import DataLoader, ThreadDataLoader
+from torch.utils.data import Dataset
+
+from medtl.errors import MedtlError
+
+LOADERS = ("thread", "process")
+
+
+def data_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int = 1,
+    shuffle: bool = False,
+    loader: str = "thread",
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    on_device: bool = False,
+    **options: Any,
+) -> DataLoader:
+    """Batches of ``dataset`` from the loader named by ``loader`` (see the module docstring).
+
+    Args:
+        num_workers: worker processes (0: none; ``"thread"`` still overlaps in its thread).
+        device: where the batches go; pinned memory is used when it is a CUDA device.
+        on_device: the dataset's items are already on ``device`` (augmentation on the GPU): no
+            pinning, and no worker processes.
+        options: passed on to the loader (``sampler``, ``collate_fn``, ...).
+    """
+    if loader not in LOADERS:
+        raise MedtlError(f"unknown loader {loader!r}; allowed: {', '.join(LOADERS)}")
+    if int(num_workers) < 0:
+        raise MedtlError(f"num_workers must be >= 0, got {num_workers}")
+    if on_device and int(num_workers) > 0:
+        raise MedtlError(f"augmentation on the device runs in the loading thread, but num_workers is {num_workers}",
+                         hint="set num_workers 0 with augment_on_device, or augment on the CPU")
+    cuda = device is not None and torch.device(device).type == "cuda"
+    settings = {"batch_size": int(batch_size), "shuffle": bool(shuffle), "num_workers": int(num_workers),
+                "pin_memory": cuda and not on_device, **options}
+    if loader == "thread":
+        return ThreadDataLoader(dataset, **settings)
+    return DataLoader(dataset, **settings)
+
+
+__all__ = ["LOADERS", "data_loader"]
