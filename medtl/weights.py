@@ -23,6 +23,7 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import re
@@ -187,6 +188,17 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Tenso
             if not _is_torch_zip(names):
                 return _read_bundle_zip(path, archive, names, trust=trust)
     return _state_of(_torch_load(path, path, trust=trust), path)
+
+
+def state_sha256(state: Mapping[str, Tensor]) -> str:
+    """sha256 over a state dict's names, shapes, dtypes and values: equal for equal weights, however
+    the file holding them was written (``torch.save`` output differs between saves)."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def _read_bundle_dir(path: Path, *, trust: bool) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ import torch
 from pydicom.data import get_testdata_file
 
 from medtl.bundle.audit import audit_expression, audit_logging_conf
+from medtl.bundle.components import load_bundle_network
 from medtl.bundle.export import bump_version, export_bundle
 from medtl.bundle.files import extract_zip
 from medtl.bundle.share import diff_bundles, format_diff, import_bundle, pack_bundle
@@ -249,6 +250,16 @@ def test_reexport_bumps_the_version_and_diff_shows_what_changed(exported, tmp_pa
     assert bump_version("1.2.3") == "1.2.4" and bump_version("1.2.3", "major") == "2.0.0"
     with pytest.raises(MedtlError, match="MAJOR.MINOR.PATCH"):
         bump_version("v1")
+
+
+def test_reexporting_the_same_weights_reads_as_identical_weights(exported, tmp_path):
+    """torch.save writes different bytes for equal tensors; diff compares the tensors."""
+    bundle = Path(shutil.copytree(exported, tmp_path / "tumor_cls_finetune"))
+    export_bundle(load_bundle_network(exported), bundle, template="tumor_cls_finetune", changelog="configs only", onnx=False)
+    assert (bundle / "models" / "model.pt").read_bytes() != (exported / "models" / "model.pt").read_bytes()
+    diff = diff_bundles(exported, bundle)
+    assert not diff["weights_changed"] and diff["changelog_added"] == {"0.1.1": "configs only"}
+    assert "weights: identical" in format_diff(diff)
 
 
 def test_cli_verify_pack_import_diff(exported, tmp_path, capsys):

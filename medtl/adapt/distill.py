@@ -20,7 +20,6 @@ In bundle JSON the pieces are a loss and a ``prepare_batch``::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -37,6 +36,7 @@ from tqdm import tqdm
 from medtl.adapt.train import as_plain
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write
+from medtl.weights import state_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -121,12 +121,7 @@ class DistillBatch(PrepareBatch):
 
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over the model's state (names, shapes, dtypes, values): the cache key of its outputs."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+    return state_sha256(model.state_dict())
 
 
 def case_key(item: Mapping[str, Any]) -> str:

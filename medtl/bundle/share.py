@@ -23,6 +23,7 @@ from medtl.bundle.provenance import provenance
 from medtl.bundle.verify import Verification, verify_bundle
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write, canonical_json
+from medtl.weights import read_checkpoint, state_sha256
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
@@ -122,6 +123,18 @@ def _changes(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
     return [(k, fa.get(k, "<absent>"), fb.get(k, "<absent>")) for k in sorted(set(fa) | set(fb)) if fa.get(k, "<absent>") != fb.get(k, "<absent>")]
 
 
+def _weights_digest(root: Path) -> str | None:
+    """The weights' content hash (``state_sha256``), so a re-export of the same weights reads as
+    identical; a file that cannot be read without unpickling code falls back to its file hash."""
+    weights = root / "models" / "model.pt"
+    if not weights.is_file():
+        return None
+    try:
+        return state_sha256(read_checkpoint(weights))
+    except MedtlError:
+        return sha256sums(root).get("models/model.pt")
+
+
 def _read_bundle(path: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {"configs": {}}
     with open_bundle(path) as root:
@@ -134,7 +147,7 @@ def _read_bundle(path: str | Path) -> dict[str, Any]:
                 out["metadata"] = data
             else:
                 out["configs"][file.name] = data
-        out["weights"] = sha256sums(root).get("models/model.pt")
+        out["weights"] = _weights_digest(root)
     if "metadata" not in out:
         raise MedtlError("not a bundle (no configs/metadata.json)", path=Path(path).name)
     return out
