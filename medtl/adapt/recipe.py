@@ -51,8 +51,10 @@ def preprocess_splits(manifest: Mapping[str, Any], root: str | Path, splits: Seq
             for split in splits}
 
 
-def loader(items: Items, *, augment: str = "none", batch_size: int = 8, shuffle: bool = False) -> DataLoader:
-    """Batches of preprocessed items, augmented per step at level ``augment`` (none/light/strong).
+def loader(items: Items, *, augment: str = "none", batch_size: int = 8, shuffle: bool = False,
+           device: str | torch.device | None = None) -> DataLoader:
+    """Batches of preprocessed items, augmented per step at level ``augment`` (none/light/strong),
+    in pinned memory when ``device`` is a GPU.
 
     Augmentation works at the items' own size and dimensionality (a 2D image is (C, H, W)), so it
     needs no preprocessing options repeated here.
@@ -63,12 +65,12 @@ def loader(items: Items, *, augment: str = "none", batch_size: int = 8, shuffle:
     if augment != "none":
         size = tuple(items[0]["image"].shape[1:])
         transform = augmentation(level=augment, spatial_dims=len(size), spatial_size=size)
-    return data_loader(Dataset(list(items), transform), batch_size=batch_size, shuffle=shuffle)  # augments in a background thread
+    return data_loader(Dataset(list(items), transform), batch_size=batch_size, shuffle=shuffle, device=device)  # augments in a thread
 
 
 def validation_auc(network: nn.Module, items: Items, device: str | torch.device = "cpu") -> float:
     """ROC AUC (one-vs-rest for K > 2) of ``network`` on preprocessed labeled items."""
-    y, probs, _ = collect_predictions(network, loader(items, batch_size=32), device)
+    y, probs, _ = collect_predictions(network, loader(items, batch_size=32, device=device), device)
     return roc_auc_ovr(y, probs)
 
 
@@ -153,9 +155,9 @@ def train(network: nn.Module, train_items: Items, val_items: Items | None, recip
     optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = LrScheduleHandler(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs), print_lr=False)
     return fit(
-        network, loader(train_items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True),
+        network, loader(train_items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True, device=device),
         optimizer=optimizer, max_epochs=recipe.epochs, handlers=[schedule],
-        val_loader=loader(val_items, batch_size=32) if val_items else None,
+        val_loader=loader(val_items, batch_size=32, device=device) if val_items else None,
         num_classes=num_classes or _num_outputs(network), patience=recipe.patience if val_items else None,
         checkpoint=checkpoint, resume=resume, device=device, progress=progress, desc=desc,
         channels_last=recipe.channels_last, bf16=recipe.bf16,
@@ -174,7 +176,7 @@ def finetune(network: nn.Module, train_items: Items, val_items: Items, recipe: F
         summary["new_head"] = True
     if recipe.adabn:
         candidate = copy.deepcopy(network)
-        stats = adabn(candidate, loader([*train_items, *unlabeled_items], batch_size=16), device=device, progress=progress)
+        stats = adabn(candidate, loader([*train_items, *unlabeled_items], batch_size=16, device=device), device=device, progress=progress)
         before, after = (validation_auc(m, val_items, device) for m in (network, candidate))
         kept = summary.get("new_head", False) or not after < before  # a fresh head has no "before" to keep
         if kept:
@@ -188,8 +190,8 @@ def finetune(network: nn.Module, train_items: Items, val_items: Items, recipe: F
     if recipe.l2sp:
         handlers.append(L2SP(recipe.l2sp))
     result = fit(
-        network, loader(train_items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True),
-        optimizer=optimizer, max_epochs=recipe.epochs, handlers=handlers, val_loader=loader(val_items, batch_size=32),
+        network, loader(train_items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True, device=device),
+        optimizer=optimizer, max_epochs=recipe.epochs, handlers=handlers, val_loader=loader(val_items, batch_size=32, device=device),
         num_classes=num_classes, patience=recipe.patience, keep_initial=recipe.keep_source, device=device,
         checkpoint=checkpoint, resume=resume, progress=progress, desc=desc,
         channels_last=recipe.channels_last, bf16=recipe.bf16,
@@ -224,8 +226,8 @@ def distill(teacher: nn.Module, student: nn.Module, labeled_items: Items, unlabe
     optimizer = torch.optim.AdamW(student.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = LrScheduleHandler(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs), print_lr=False)
     result = fit(
-        student, loader(data, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True),
-        optimizer=optimizer, max_epochs=recipe.epochs, handlers=[schedule], val_loader=loader(val_items, batch_size=32),
+        student, loader(data, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True, device=device),
+        optimizer=optimizer, max_epochs=recipe.epochs, handlers=[schedule], val_loader=loader(val_items, batch_size=32, device=device),
         num_classes=_num_outputs(student), loss_function=DistillationLoss(recipe.alpha, recipe.temperature),
         prepare_batch=DistillBatch(), patience=recipe.patience, device=device, progress=progress, desc=desc,
         channels_last=recipe.channels_last, bf16=recipe.bf16,

@@ -97,8 +97,9 @@ def as_plain(tensor: Any) -> Any:
 
 
 def make_evaluator(network: nn.Module, loader: Iterable[Any], *, num_classes: int, device: torch.device,
-                   handlers: Sequence[Any] = ()) -> SupervisedEvaluator:
-    """A ``SupervisedEvaluator`` computing ROC AUC of softmax outputs (key metric ``val_auc``)."""
+                   handlers: Sequence[Any] = (), amp: bool = False) -> SupervisedEvaluator:
+    """A ``SupervisedEvaluator`` computing ROC AUC of softmax outputs (key metric ``val_auc``);
+    ``amp``: fp16 autocast on CUDA."""
     post = Compose([
         Activationsd(keys=CommonKeys.PRED, softmax=True),
         AsDiscreted(keys=CommonKeys.LABEL, to_onehot=num_classes),
@@ -111,6 +112,7 @@ def make_evaluator(network: nn.Module, loader: Iterable[Any], *, num_classes: in
         postprocessing=post,
         key_val_metric={"val_auc": ROCAUC(output_transform=from_engine([CommonKeys.PRED, CommonKeys.LABEL]))},
         val_handlers=list(handlers),
+        amp=amp,
     )
 
 
@@ -216,6 +218,7 @@ def fit(
     desc: str = "train",
     channels_last: bool = False,
     bf16: bool = False,
+    amp: bool | None = None,
 ) -> dict[str, Any]:
     """Train ``network``; with ``val_loader``, validate each epoch and end with the best epoch's weights.
 
@@ -228,6 +231,8 @@ def fit(
             (``medtl.adapt.resume.TrainingCheckpoint``); with ``resume``, training continues from it.
         channels_last, bf16: run the network in channels-last layout and/or bfloat16 autocast
             (``FastForward``); its weights return to the default layout when training ends.
+        amp: MONAI's automatic mixed precision (fp16 autocast, gradient scaling); ``None`` turns it
+            on for CUDA devices, as the bundles' ``amp`` does.
 
     Returns ``{"epochs_run", "best_epoch" (0: the starting weights), "best_val_auc", "val_auc" (per
     validation, epoch 0 first with ``keep_initial``), "train_loss" (mean per epoch), "seconds"}``.
@@ -239,10 +244,10 @@ def fit(
     device = torch.device(device)
     network.to(device, memory_format=_memory_format(network, channels_last))
     runner = FastForward(network, channels_last=channels_last, bf16=bf16, device_type=device.type) if channels_last or bf16 else network
-    options = {"prepare_batch": prepare_batch or PlainBatch()}
+    amp = device.type == "cuda" if amp is None else bool(amp)
     trainer = SupervisedTrainer(
         device=device, max_epochs=max_epochs, train_data_loader=train_loader, network=runner, optimizer=optimizer,
-        loss_function=loss_function or nn.CrossEntropyLoss(), **options,
+        loss_function=loss_function or nn.CrossEntropyLoss(), prepare_batch=prepare_batch or PlainBatch(), amp=amp,
     )
     for handler in handlers:
         handler.attach(trainer)
@@ -261,7 +266,7 @@ def fit(
         if hasattr(target, "state_dict"):
             stateful[f"handler{i}"] = target
     if val_loader is not None:
-        evaluator = make_evaluator(runner, val_loader, num_classes=num_classes, device=device)
+        evaluator = make_evaluator(runner, val_loader, num_classes=num_classes, device=device, amp=amp)
         from ignite.engine import Events
 
         evaluator.add_event_handler(Events.COMPLETED, keep, trainer)
