@@ -6,8 +6,9 @@ collation, forward, backward, update) against the model-only step on tensors alr
 
 Uses the demo cohort's site A training cases (generated if absent) through the bundles' own
 ``train_transforms`` with the deterministic part cached in memory, and the bundles' ResNet10
-(width 0.5). Loader settings compared: MONAI ``DataLoader`` in the main process, and
-``ThreadDataLoader`` (augmentation in a background thread, overlapping the model step). Target:
+(width 0.5). Loader settings compared (``medtl.loading.data_loader``, the bundles' ``--loader``): MONAI
+``DataLoader`` in the main process, and ``ThreadDataLoader`` (augmentation in a background thread,
+overlapping the model step). Target:
 full ÷ model-only ≤ 1.10. One run; medians of ``--steps`` steps after warm-up.
 """
 
@@ -20,13 +21,14 @@ from itertools import cycle, islice
 from pathlib import Path
 
 import torch
-from monai.data import DataLoader, ThreadDataLoader
+from monai.data import DataLoader
 from monai.utils import set_determinism
 
 from medtl.adapt.train import PlainBatch
 from medtl.cache import cached_dataset
 from medtl.demo import prepare_demo_data, resnet
 from medtl.fileio import atomic_write_json
+from medtl.loading import data_loader
 from medtl.manifest import datalist, load_manifest
 from medtl.transforms import train_transforms
 
@@ -75,10 +77,9 @@ def main() -> None:
     fixed = {"image": fixed["image"].as_tensor().contiguous(), "label": torch.as_tensor(fixed["label"])}
     model_only = statistics.median(_timed_steps(network, optimizer, cycle([fixed]), args.steps))
     rows = [("model only (tensors in memory)", model_only)]
-    loaders = {
-        "DataLoader, main process": DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=0),
-        "ThreadDataLoader (background thread)": ThreadDataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=0,
-                                                                 buffer_size=2),
+    loaders = {  # the bundles' two --loader settings, with no worker processes
+        "DataLoader, main process": data_loader(dataset, batch_size=args.batch_size, shuffle=True, loader="process"),
+        "ThreadDataLoader (background thread)": data_loader(dataset, batch_size=args.batch_size, shuffle=True, loader="thread"),
     }
     for name, loader in loaders.items():
         rows.append((name, statistics.median(_timed_steps(network, optimizer, islice(endless(loader), None), args.steps))))
