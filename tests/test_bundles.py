@@ -64,7 +64,8 @@ def trained_source(bundle_demo, tmp_path_factory):
     shutil.copytree(REPO / "bundles" / "tumor_cls_source", bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
     root = Path(small_demo["out"])
     monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--manifest", small_demo["sites"]["A"]["manifest"],
-                 "--dataset_dir", str(root), "--max_epochs", "1", "--batch_size", "4", "--data_cache", "disk", cwd=bundle)
+                 "--dataset_dir", str(root), "--max_epochs", "1", "--batch_size", "4", "--data_cache", "disk",
+                 "--channels_last", "True", cwd=bundle)  # checkpoints keep their usual names and layout-free values
     return bundle, small_demo
 
 
@@ -299,9 +300,10 @@ def test_configure_torch_chooses_cudnn_autotuning_or_repeatable_kernels():
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
-def test_loader_and_augmentation_device_are_settings(bundle, tmp_path):
-    """``--loader``, ``--num_workers`` and ``--augment_on_device`` reach the training loader and
-    pipeline (the demo data stand in for a manifest's cases; the CPU for the GPU)."""
+def test_loader_augmentation_device_and_layout_are_settings(bundle, tmp_path):
+    """``--loader``, ``--num_workers``, ``--augment_on_device`` and ``--channels_last`` reach the
+    training loader, pipeline and network (a few entries stand in for a manifest's cases; the CPU
+    for the GPU)."""
     from monai.bundle import ConfigParser
     from monai.data import DataLoader, ThreadDataLoader
 
@@ -309,7 +311,7 @@ def test_loader_and_augmentation_device_are_settings(bundle, tmp_path):
         parser = ConfigParser()
         parser.read_config(bundle / "configs" / "train.json")
         parser.update({"bundle_root": str(tmp_path), "train#dataset#data": [{"image": "case.nii.gz", "label": 0}] * 4,
-                       "train#dataset#cache": "none", **overrides})
+                       "train#dataset#cache": "none", "num_classes": 2, **overrides})
         return parser
 
     def moves(parser):
@@ -323,6 +325,12 @@ def test_loader_and_augmentation_device_are_settings(bundle, tmp_path):
     on_device = parsed(augment_on_device=True)
     assert moves(on_device) == ["cpu"]  # @device: the GPU when there is one
     assert not on_device.get_parsed_content("train#dataloader").pin_memory
+    def channels_last(network):  # a convolution with several input channels: one channel fits either layout
+        weight = next(m.weight for m in network.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
+        return weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+    assert not channels_last(default.get_parsed_content("network"))
+    assert channels_last(parsed(channels_last=True).get_parsed_content("network"))
     with pytest.raises(RuntimeError) as failed:  # MONAI wraps a component's error
         parsed(augment_on_device=True, num_workers=2).get_parsed_content("train#dataloader")
     assert "augmentation on the device runs in the loading thread" in str(medtl_cause(failed.value))

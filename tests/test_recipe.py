@@ -114,3 +114,24 @@ def test_bf16_autocast_trains_and_the_schedule_sees_through_the_wrapper():
     assert not torch.equal(tuned.fc.weight, source.fc.weight)
     wrapped = FastForward(tuned, bf16=True)
     assert unwrap(wrapped) is tuned and wrapped(torch.rand(2, 1, 12, 12, 12)).dtype == torch.float32
+
+
+def test_place_network_keeps_the_names_and_outputs_in_channels_last_layout():
+    """The bundles' ``--channels_last``: weights and inputs change layout, parameter names do not."""
+    from medtl.adapt.train import place_network
+
+    plain = _net().eval()
+    placed = place_network(copy.deepcopy(plain), "cpu", channels_last=True)
+    assert list(placed.state_dict()) == list(plain.state_dict())
+
+    def weight(network):  # a convolution with several input channels: one channel fits either layout
+        return next(m.weight for m in network.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
+
+    assert weight(placed).is_contiguous(memory_format=torch.channels_last_3d)
+    x = torch.rand(3, 1, 12, 12, 12)  # a contiguous batch, as a loader gives it
+    with torch.no_grad():
+        assert torch.allclose(placed(x), plain(x), atol=1e-5)
+    (hook,) = placed._forward_pre_hooks.values()  # inputs are converted on their way in
+    (converted,) = hook(placed, (torch.rand(2, 3, 4, 4, 4),))
+    assert converted.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not weight(place_network(_net(), "cpu")).is_contiguous(memory_format=torch.channels_last_3d)  # the default
