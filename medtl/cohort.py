@@ -17,8 +17,11 @@ Everything is deterministic given the seed: UIDs, pixel values and file bytes.
 from __future__ import annotations
 
 import csv
+import functools
 import io
+import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -248,13 +251,16 @@ def _site_cases(site: SiteProfile, seed: int) -> list[dict[str, Any]]:
     return cases
 
 
-def generate_cohort(out: str | Path, *, seed: int = 0, sites: tuple[str, ...] = ("A", "B"), scale: float = 1.0, progress: bool = True) -> dict[str, Any]:
+def generate_cohort(out: str | Path, *, seed: int = 0, sites: tuple[str, ...] = ("A", "B"), scale: float = 1.0, progress: bool = True,
+                    workers: int | None = None) -> dict[str, Any]:
     """Write the demo cohort under ``out`` and return its description (also saved as cohort.json).
 
     Layout: ``site_X/dicom/subject_NNNN/`` (one folder per patient, some holding a second, thick
     series), ``site_X/masks/subject_NNNN.nii.gz`` and ``site_X/labels.csv``. ``scale`` shrinks the
-    number of patients for tests.
+    number of patients for tests. Patients are rendered in ``workers`` processes (default: one per
+    CPU); the files are the same for any number.
     """
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)
     out = Path(out)
     summary: dict[str, Any] = {"cohort_version": COHORT_VERSION, "seed": seed, "scale": scale, "sites": {}}
     for name in sites:
@@ -264,41 +270,52 @@ def generate_cohort(out: str | Path, *, seed: int = 0, sites: tuple[str, ...] = 
         # Written aside and renamed whole, so an interrupted run never leaves half a site behind.
         final, partial = out / f"site_{name}", out / f".site_{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        summary["sites"][name] = _write_site(partial, profile, seed, progress)
+        summary["sites"][name] = _write_site(partial, profile, seed, progress, workers)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
     atomic_write_json(out / "cohort.json", summary)
     return summary
 
 
-def _write_site(root: Path, site: SiteProfile, seed: int, progress: bool) -> dict[str, Any]:
-    rows = []
-    truth = []
+def _write_case(root: Path, site: SiteProfile, seed: int, case: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One patient's series (and thick series), mask and label row; its own generator makes the
+    files the same whichever process writes them."""
+    pid, folder_name = case["patient_id"], case["folder"]
+    rng = np.random.default_rng([seed, ord(site.name), case["index"]])
+    lesion = draw_lesion(rng, case["label"] == "malignant")
+    hu, mask, lps = acquire(site, lesion, rng)
+    study_uid = make_uid(f"{seed}/{pid}/study")
+    info = SeriesInfo(
+        patient_id=pid, patient_name=f"DEMO^{site.name}{case['index']:04d}", study_uid=study_uid, series_uid=make_uid(f"{seed}/{pid}/series/2"),
+        series_number=2, series_description=f"CHEST {site.spacing[2]:g}mm {site.kernel}", birth_date="19600101",
+        accession=f"X{pid}", manufacturer=site.manufacturer, model=site.model, kernel=site.kernel,
+    )
+    folder = root / "dicom" / folder_name
+    write_ct_series(folder, hu, site.spacing, info, origin_lps=lps[:3, 3], rescale_intercept=site.rescale_intercept)
+    if case["second_series"]:  # a thick 5 mm reconstruction of the same scan in the same folder
+        factor = max(1, int(round(5.0 / site.spacing[2])))
+        nz = hu.shape[2] // factor * factor
+        thick = np.round(hu[:, :, :nz].reshape(hu.shape[0], hu.shape[1], -1, factor).mean(axis=-1))
+        thick_info = SeriesInfo(**{**asdict(info), "series_uid": make_uid(f"{seed}/{pid}/series/3"), "series_number": 3, "series_description": "CHEST 5mm THICK"})
+        origin = lps[:3, 3] + np.array([0, 0, (factor - 1) / 2 * site.spacing[2]])
+        write_ct_series(folder, thick, (*site.spacing[:2], site.spacing[2] * factor), thick_info, origin_lps=origin, rescale_intercept=site.rescale_intercept, file_prefix="TH")
+    mask_rel = f"masks/{folder_name}.nii.gz"
+    write_nifti(Volume(mask.astype(np.uint8), lps_to_ras(lps)).canonical(), root / mask_rel, dtype=np.uint8)
+    row = {"patient_id": pid, "series_uid": info.series_uid, "label": "" if case["unlabeled"] else case["label"], "site": site.name, "mask": mask_rel}
+    return row, {"subject": folder_name, **lesion.describe()}
+
+
+def _write_site(root: Path, site: SiteProfile, seed: int, progress: bool, workers: int) -> dict[str, Any]:
     cases = _site_cases(site, seed)
-    for case in tqdm(cases, desc=f"site {site.name}", unit="patient", disable=not progress):
-        pid, folder_name = case["patient_id"], case["folder"]
-        rng = np.random.default_rng([seed, ord(site.name), case["index"]])
-        lesion = draw_lesion(rng, case["label"] == "malignant")
-        hu, mask, lps = acquire(site, lesion, rng)
-        study_uid = make_uid(f"{seed}/{pid}/study")
-        info = SeriesInfo(
-            patient_id=pid, patient_name=f"DEMO^{site.name}{case['index']:04d}", study_uid=study_uid, series_uid=make_uid(f"{seed}/{pid}/series/2"),
-            series_number=2, series_description=f"CHEST {site.spacing[2]:g}mm {site.kernel}", birth_date="19600101",
-            accession=f"X{pid}", manufacturer=site.manufacturer, model=site.model, kernel=site.kernel,
-        )
-        folder = root / "dicom" / folder_name
-        write_ct_series(folder, hu, site.spacing, info, origin_lps=lps[:3, 3], rescale_intercept=site.rescale_intercept)
-        if case["second_series"]:  # a thick 5 mm reconstruction of the same scan in the same folder
-            factor = max(1, int(round(5.0 / site.spacing[2])))
-            nz = hu.shape[2] // factor * factor
-            thick = np.round(hu[:, :, :nz].reshape(hu.shape[0], hu.shape[1], -1, factor).mean(axis=-1))
-            thick_info = SeriesInfo(**{**asdict(info), "series_uid": make_uid(f"{seed}/{pid}/series/3"), "series_number": 3, "series_description": "CHEST 5mm THICK"})
-            origin = lps[:3, 3] + np.array([0, 0, (factor - 1) / 2 * site.spacing[2]])
-            write_ct_series(folder, thick, (*site.spacing[:2], site.spacing[2] * factor), thick_info, origin_lps=origin, rescale_intercept=site.rescale_intercept, file_prefix="TH")
-        mask_rel = f"masks/{folder_name}.nii.gz"
-        write_nifti(Volume(mask.astype(np.uint8), lps_to_ras(lps)).canonical(), root / mask_rel, dtype=np.uint8)
-        rows.append({"patient_id": pid, "series_uid": info.series_uid, "label": "" if case["unlabeled"] else case["label"], "site": site.name, "mask": mask_rel})
-        truth.append({"subject": folder_name, **lesion.describe()})
+    write = functools.partial(_write_case, root, site, seed)
+    bar = {"desc": f"site {site.name}", "unit": "patient", "disable": not progress, "total": len(cases)}
+    if workers <= 1:
+        written = list(tqdm(map(write, cases), **bar))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:  # rendering is numpy-bound, one case per core
+            written = list(tqdm(pool.map(write, cases), **bar))
+    rows = [row for row, _ in written]
+    truth = [entry for _, entry in written]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()

@@ -19,9 +19,9 @@ def _tree_hash(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_cohort_is_deterministic(tmp_path):
-    generate_cohort(tmp_path / "a", seed=5, sites=("B",), scale=0.03, progress=False)
-    generate_cohort(tmp_path / "b", seed=5, sites=("B",), scale=0.03, progress=False)
+def test_cohort_is_deterministic_for_any_number_of_worker_processes(tmp_path):
+    generate_cohort(tmp_path / "a", seed=5, sites=("B",), scale=0.03, progress=False, workers=2)
+    generate_cohort(tmp_path / "b", seed=5, sites=("B",), scale=0.03, progress=False, workers=1)  # in this process
     generate_cohort(tmp_path / "c", seed=6, sites=("B",), scale=0.03, progress=False)
     a, b, c = (_tree_hash(tmp_path / x) for x in "abc")
     assert a == b
