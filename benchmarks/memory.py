@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from medtl.dicomwrite import SeriesInfo, make_uid, write_ct_series
-from medtl.fileio import atomic_write_json
+from medtl.fileio import atomic_write_json, utf8_child_env
 
 SLICES = 20  # files per series in the generated folders
 
@@ -73,7 +73,8 @@ print(json.dumps({'base_mb': base, 'items_mb': with_items, 'peak_mb': peak_mb(),
 
 def child(program: str, *args: Any) -> dict[str, Any]:
     """Run ``program`` in a fresh interpreter (its own peak RSS) and return the JSON it prints."""
-    done = subprocess.run([sys.executable, "-c", program, *map(str, args)], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", program, *map(str, args)], capture_output=True, encoding="utf-8",
+                          errors="replace", env=utf8_child_env(), check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -133,7 +133,7 @@ def _demo(args: argparse.Namespace) -> int:
     from medtl.demo import run_demo
 
     run_demo(args.out, seed=args.seed, scale=args.scale, source_epochs=args.source_epochs, target_epochs=args.target_epochs,
-             student_epochs=args.student_epochs, progress=not args.quiet)
+             student_epochs=args.student_epochs, progress=not args.quiet, device=args.device)
     return 0
 
 
@@ -193,7 +193,7 @@ def _adapt(args: argparse.Namespace) -> int:
 
     run_adapt(args.source, args.manifest, args.root, args.out, widen_factor=args.widen_factor, modality=args.modality,
               epochs=args.epochs, student_widen=args.student_widen, student_epochs=args.student_epochs, trust=args.trust,
-              resume=args.resume, seed=args.seed, progress=not args.quiet)
+              resume=args.resume, seed=args.seed, progress=not args.quiet, device=args.device)
     return 0
 
 
@@ -205,7 +205,7 @@ def _fl(args: argparse.Namespace) -> int:
                              unfreeze_every=args.unfreeze_every, lr=args.lr, head_lr=args.head_lr, fedprox_mu=args.fedprox_mu,
                              batch_size=args.batch_size)
     run_federated(args.source, args.manifest, args.root, args.out, recipe=recipe, widen_factor=args.widen_factor,
-                  modality=args.modality, threads=args.threads, trust=args.trust, seed=args.seed)
+                  modality=args.modality, threads=args.threads, trust=args.trust, seed=args.seed, device=args.device)
     return 0
 
 
@@ -242,6 +242,12 @@ def _predict(args: argparse.Namespace) -> int:
 def _cohort_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the default patient counts (default 1.0)")
+
+
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="auto, cpu, cuda or cuda:N (default auto: the first GPU when CUDA is present, with mixed precision "
+                        "and pinned memory; else the CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-epochs", type=int, default=20, help="epochs of source training on site A (default 20)")
     p.add_argument("--target-epochs", type=int, default=30, help="most epochs of fine-tuning on site B (default 30; early stopping)")
     p.add_argument("--student-epochs", type=int, default=25, help="most epochs of student distillation (default 25; early stopping)")
+    _device_option(p)
     p.set_defaults(func=_demo)
 
     p = verbs.add_parser("shift", help="report the domain shift between a source and a target manifest",
@@ -350,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted fine-tuning from OUT/training_state.pt (saved after every epoch) with the same arguments")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    _device_option(p)
     p.set_defaults(func=_adapt)
 
     p = verbs.add_parser("fl", help="federated fine-tuning of source weights across sites with NVIDIA FLARE (simulator)",
@@ -379,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="sites the simulator trains at once (default: all of them)")
     p.add_argument("--trust", action="store_true", help="allow a source checkpoint that needs pickled code (runs code from the file)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    _device_option(p)
     p.set_defaults(func=_fl)
 
     p = verbs.add_parser("import", help="import a public dataset (LIDC-IDRI nodule VOIs, MedMNIST .npz) as NIfTI + manifests",
@@ -470,7 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _never_fail_on_text() -> None:
+    """Under a C/POSIX locale without Python's UTF-8 mode, stdout is ASCII and printing "±" or a
+    progress bar would crash the run; characters the terminal cannot show are replaced instead."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _never_fail_on_text()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

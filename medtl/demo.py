@@ -26,7 +26,8 @@ from typing import Any
 from medtl.cohort import COHORT_VERSION, generate_cohort
 from medtl.dicom import write_scan_index
 from medtl.errors import MedtlError
-from medtl.fileio import atomic_write_json, atomic_write_text
+from medtl.fileio import atomic_write_json, atomic_write_text, utf8_child_env
+from medtl.loading import resolve_device
 from medtl.manifest import build_manifest_file, check_manifest
 from medtl.privacy import SALT_FILENAME
 
@@ -98,15 +99,15 @@ def demo_splits(demo: Mapping[str, Any], *, progress: bool = True) -> dict[str, 
     return items
 
 
-def evaluate_items(network: Any, items: Sequence[Mapping[str, Any]], *, seed: int = 0,
-                   class_names: Sequence[str] = CLASSES, record: tuple[Path, str, str] | None = None) -> dict[str, Any]:
+def evaluate_items(network: Any, items: Sequence[Mapping[str, Any]], *, seed: int = 0, class_names: Sequence[str] = CLASSES,
+                   record: tuple[Path, str, str] | None = None, device: Any = "cpu") -> dict[str, Any]:
     """Target-domain metrics of ``network`` on preprocessed items, CIs resampling patients.
     ``record=(run folder, stage, set name)`` also keeps the per-case predictions for the report."""
     from medtl.adapt.recipe import loader
     from medtl.evaluate import classification_metrics, collect_predictions
     from medtl.runlog import record_evaluation
 
-    y, probs, _ = collect_predictions(network, loader(items, batch_size=32))
+    y, probs, _ = collect_predictions(network, loader(items, batch_size=32, device=device), device)
     result = classification_metrics(y, probs, class_names=list(class_names), patient_ids=[i["patient"] for i in items], seed=seed)
     if record is not None:
         run, stage, evaluated_on = record
@@ -116,12 +117,13 @@ def evaluate_items(network: Any, items: Sequence[Mapping[str, Any]], *, seed: in
 
 
 def resnet(widen: float, num_classes: int = len(CLASSES), *, spatial_dims: int = 3, depth: int = 10,
-           small_input: bool = False) -> Any:
+           small_input: bool = False, in_channels: int = 1) -> Any:
     """The ResNet every demo stage and bundle uses (3D ResNet10 at width ``widen``), or its kin.
 
     ``spatial_dims=2`` builds the 2D network for images, ``depth`` picks ResNet10 or ResNet18.
     ``small_input`` swaps the 7x7 stride-2 stem and max-pool for a 3x3 stride-1 stem, as MedMNIST's
     28-pixel ResNets do: the usual stem leaves a 28x28 image 7x7 before the first residual block.
+    ``in_channels=2`` takes the lesion mask as a second channel (``preprocessing(mask_channel=True)``).
     """
     from monai.networks.nets import resnet10, resnet18
 
@@ -129,7 +131,7 @@ def resnet(widen: float, num_classes: int = len(CLASSES), *, spatial_dims: int =
         raise MedtlError(f"a ResNet has spatial_dims 2 or 3 and depth 10 or 18, got spatial_dims={spatial_dims!r}, depth={depth!r}")
     stem = {"conv1_t_size": 3, "conv1_t_stride": 1, "no_max_pool": True} if small_input else {}
     factory = resnet10 if depth == 10 else resnet18
-    return factory(spatial_dims=spatial_dims, n_input_channels=1, num_classes=num_classes, widen_factor=widen, **stem)
+    return factory(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes, widen_factor=widen, **stem)
 
 
 def _unseen_folders(demo: Mapping[str, Any], out: Path, n: int) -> tuple[Path, dict[str, str]]:
@@ -158,7 +160,7 @@ def run_bundle_inference(bundle: Path, input_dir: Path, output_dir: Path) -> lis
     """The exported bundle's inference.json through MONAI's own CLI, as another site would run it."""
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
                "--input_dir", str(input_dir.resolve()), "--output_dir", str(output_dir.resolve())]
-    done = subprocess.run(command, cwd=bundle, capture_output=True, text=True, encoding="utf-8", errors="replace")
+    done = subprocess.run(command, cwd=bundle, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env())
     if done.returncode != 0:
         tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
         raise MedtlError("the exported bundle's inference.json failed under python -m monai.bundle run", path=bundle.name,
@@ -167,8 +169,9 @@ def run_bundle_inference(bundle: Path, input_dir: Path, output_dir: Path) -> lis
 
 
 def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epochs: int = 20, target_epochs: int = 30,
-             student_epochs: int = 25, unseen: int = 6, progress: bool = True) -> dict[str, Any]:
-    """The whole job on the demo cohort; returns the stage table rows and artifact paths."""
+             student_epochs: int = 25, unseen: int = 6, progress: bool = True, device: str = "auto") -> dict[str, Any]:
+    """The whole job on the demo cohort on ``device`` (``medtl.loading.resolve_device``); returns the
+    stage table rows and artifact paths."""
     from monai.utils import set_determinism
 
     from medtl.adapt.adabn import adabn
@@ -179,6 +182,7 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     from medtl.runlog import record_curve, record_explanations, record_features, record_intensities, run_folder
 
     out = Path(out)
+    device = resolve_device(device)
     start = time.perf_counter()
     demo = prepare_demo_data(out, seed=seed, scale=scale, progress=progress)
     _print_ingest(demo)
@@ -193,7 +197,8 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     record_intensities(records, test_sets)
 
     def stage(name: str, network: Any, seconds: float, evaluated: dict[str, str], fitted: dict[str, Any] | None = None) -> dict[str, Any]:
-        results = {label: evaluate_items(network, items[split], seed=seed, record=(records, name, label)) for label, split in evaluated.items()}
+        results = {label: evaluate_items(network, items[split], seed=seed, record=(records, name, label), device=device)
+                   for label, split in evaluated.items()}
         if fitted is not None:
             record_curve(records, name, fitted)
         params = sum(p.numel() for p in network.parameters())
@@ -202,33 +207,34 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
         timings[name] = seconds
         return results
 
-    print("\nmedtl demo: adaptation (every score on held-out test cases)")
+    print(f"\nmedtl demo: adaptation on {device} (every score on held-out test cases)")
     source, t = resnet(0.5), time.perf_counter()
-    source_run = train(source, items["A train"], items["A val"], TrainRecipe(epochs=source_epochs), progress=progress, desc="source on site A")
+    source_run = train(source, items["A train"], items["A val"], TrainRecipe(epochs=source_epochs), progress=progress,
+                       desc="source on site A", device=device)
     source_results = stage("source-only", source, time.perf_counter() - t, {"site A test": "A test", "site B test": "B test"}, source_run)
 
     adapted, t = copy.deepcopy(source), time.perf_counter()
-    adabn(adapted, loader([*items["B train"], *items["B unlabeled"]], batch_size=16), progress=progress)
+    adabn(adapted, loader([*items["B train"], *items["B unlabeled"]], batch_size=16, device=device), progress=progress, device=device)
     stage("AdaBN", adapted, time.perf_counter() - t, {"site B test": "B test"})
 
     set_determinism(seed)
     tuned, t = copy.deepcopy(source), time.perf_counter()
     tuned_run = finetune(tuned, items["B train"], items["B val"], FineTuneRecipe(epochs=target_epochs),
-                         unlabeled_items=items["B unlabeled"], progress=progress, desc="fine-tune on site B")
+                         unlabeled_items=items["B unlabeled"], progress=progress, desc="fine-tune on site B", device=device, seed=seed)
     tuned_results = stage("fine-tuned", tuned, time.perf_counter() - t, {"site B test": "B test"}, tuned_run)
 
     set_determinism(seed)
     student, t = resnet(0.25), time.perf_counter()
     student_run = distill(tuned, student, [*items["B train"], *items["A train"]], items["B unlabeled"], items["B val"],
                           DistillRecipe(epochs=student_epochs), class_names=CLASSES, cache_dir=out / "cache", progress=progress,
-                          desc="distill student")
+                          desc="distill student", device=device)
     stage("student", student, time.perf_counter() - t, {"site B test": "B test"}, student_run)
 
     t = time.perf_counter()
     for name, network in (("source-only", source), ("AdaBN", adapted), ("fine-tuned", tuned)):
-        record_features(records, name, network, test_sets, seed=seed)
+        record_features(records, name, network, test_sets, seed=seed, device=device)
     for name, network in (("source-only", source), ("fine-tuned", tuned)):
-        record_explanations(records, f"{name} on site B", network, items["B test"], CLASSES)
+        record_explanations(records, f"{name} on site B", network, items["B test"], CLASSES, device=device)
     timings["explain"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -247,9 +253,11 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     timings["total"] = time.perf_counter() - start
 
     print_stages(rows)
+    finding = adaptation_finding(source, tuned, items["B test"], seed=seed, device=device)
+    print(finding["text"])
     kept = student_run["pseudo_labels"]
-    print(f"fine-tuning kept epoch {tuned_run['best_epoch']} of {tuned_run['epochs_run']} (best validation AUC); "
-          f"student pseudo-labels at p >= {kept['threshold']:g}: {kept['pseudo_labels_kept']}, {kept['below_threshold']} soft-only")
+    print(f"fine-tuning: {recipe_outcome(tuned_run)['outcome']}\n"
+          f"pseudo-labels for the student at p >= {kept['threshold']:g}: {kept['pseudo_labels_kept']}, {kept['below_threshold']} soft-only")
     print(f"\nbundle inference on {len(truth)} unseen site-B patients ({len(predictions)} series), python -m monai.bundle run:")
     for row in predictions:
         folder = row["id"].split("/")[0].split("#")[0]
@@ -266,13 +274,34 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     print(f"  predictions: {out / 'predictions'}/predictions.csv, predictions.json")
     summary = {"run": {"seed": seed, "scale": scale, "manifests": {m["name"]: m["content_sha256"] for m in manifests.values()}},
                "stages": stages_json(rows), "timings": timings, "bundles": {k: str(v["path"].relative_to(out)) for k, v in exported.items()},
-               "pseudo_labels": kept, "predictions": predictions}
-    atomic_write_json(records / "run.json", summary["run"])
+               "pseudo_labels": kept, "predictions": predictions, "finding": finding}
+    atomic_write_json(records / "run.json", summary["run"] | {"findings": [finding["text"]]})
     report = render_report(out, title="medtl demo: adapting a tumor classifier from site A to site B")
     atomic_write_json(out / "demo_summary.json", summary | {"report": str(report["html"].relative_to(out))})
     print(f"  summary: {out / 'demo_summary.json'}")
     print(f"  report: {report['html']} (Markdown twin {report['markdown'].name}, {len(report['figures'])} figures)")
     return {"demo": demo, "rows": rows, "timings": timings, "bundles": exported, "predictions": predictions, "report": report}
+
+
+def adaptation_finding(source: Any, tuned: Any, items: Sequence[Mapping[str, Any]], *, seed: int = 0, device: Any = "cpu",
+                       names: tuple[str, str] = ("fine-tuned", "source-only"), where: str = "site B test") -> dict[str, Any]:
+    """Whether adaptation helped, said plainly: the paired AUC difference on the same test cases
+    with its patient-bootstrap 95% CI, and a sentence that does not claim more than the CI shows."""
+    from medtl.adapt.recipe import loader
+    from medtl.evaluate import collect_predictions, paired_auc_difference
+
+    y, before, _ = collect_predictions(source, loader(items, batch_size=32, device=device), device)
+    _, after, _ = collect_predictions(tuned, loader(items, batch_size=32, device=device), device)
+    d = paired_auc_difference(y, before, after, patient_ids=[i["patient"] for i in items], seed=seed)
+    ci = "no CI" if d["ci95"] is None else f"95% CI {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}"
+    change = f"AUC {d['auc_b']:.3f} vs {d['auc_a']:.3f}, difference {d['difference']:+.3f} ({ci}, paired over patients)"
+    if d["difference"] <= 0:
+        verdict = f"{names[0]} did NOT beat {names[1]} on {where} in this run (seed {seed})"
+    elif d["ci95"] is not None and d["ci95"][0] > 0:
+        verdict = f"{names[0]} beats {names[1]} on {where}"
+    else:
+        verdict = f"{names[0]} scores above {names[1]} on {where}, but the CI still includes no gain ({len(items)} cases)"
+    return d | {"text": f"result: {verdict}: {change}; benchmarks/adaptation.py gives the mean over seeds."}
 
 
 def _print_ingest(result: Mapping[str, Any]) -> None:

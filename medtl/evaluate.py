@@ -205,6 +205,22 @@ def _percentile_ci(values: np.ndarray) -> tuple[list[float] | None, int]:
     return [float(lo), float(hi)], int(values.size)
 
 
+def paired_auc_difference(y_true: Sequence[int], probs_a: np.ndarray, probs_b: np.ndarray, *, patient_ids: Sequence[Any] | None = None,
+                          n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """AUC of ``probs_b`` minus AUC of ``probs_a`` on the same cases, with a 95% CI from bootstrap
+    replicates that resample the same patients for both, so what the two models share cancels out.
+    Returns ``{"auc_a", "auc_b", "difference", "ci95"}`` (``ci95`` None when no replicate has both classes)."""
+    y = np.asarray(y_true)
+    a, b = np.asarray(probs_a, dtype=float), np.asarray(probs_b, dtype=float)
+    if not len(y) == len(a) == len(b):
+        raise MedtlError(f"paired comparison needs one prediction per case from each model, got {len(y)}, {len(a)} and {len(b)}")
+    auc_a, auc_b = roc_auc_ovr(y, a), roc_auc_ovr(y, b)
+    diffs = np.array([roc_auc_ovr(y[r], b[r]) - roc_auc_ovr(y[r], a[r])
+                      for r in bootstrap_indices(len(y), patient_ids=patient_ids, n_boot=n_boot, seed=seed)])
+    ci, _ = _percentile_ci(diffs)
+    return {"auc_a": auc_a, "auc_b": auc_b, "difference": auc_b - auc_a, "ci95": ci}
+
+
 # --------------------------------------------------------------------------- validation
 
 

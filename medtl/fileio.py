@@ -61,6 +61,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def utf8_child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a Python child process that reads and writes UTF-8 whatever the locale (a C
+    or POSIX locale would otherwise give it ASCII stdio); decode its output as UTF-8 too."""
+    return {**(os.environ if env is None else env), "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"}
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 

@@ -24,6 +24,33 @@ from torch.utils.data import Dataset
 from medtl.errors import MedtlError
 
 LOADERS = ("thread", "process")
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """The device a run trains on: ``"auto"`` is the first GPU when CUDA is present, else the CPU;
+    ``"cuda[:N]"`` must name a GPU this machine has (a clear error, not a failure mid-training)."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise MedtlError(f"unknown device {spec!r}; use {DEVICE_CHOICES}") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise MedtlError(f"unsupported device {spec!r}; use {DEVICE_CHOICES}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise MedtlError(f"device {spec!r} asked for, but this machine has no CUDA GPU (torch {torch.__version__})",
+                         hint="use --device cpu, or install a CUDA build of torch into the environment")
+    if device.index is not None and device.index >= count:
+        raise MedtlError(f"device {spec!r} asked for, but this machine has {count} CUDA GPU(s): cuda:0..cuda:{count - 1}")
+    return device
+
 
 
 def data_loader(
@@ -61,4 +88,4 @@ def data_loader(
     return DataLoader(dataset, **settings)
 
 
-__all__ = ["LOADERS", "data_loader"]
+__all__ = ["DEVICE_CHOICES", "resolve_device", "LOADERS", "data_loader"]

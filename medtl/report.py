@@ -334,6 +334,9 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, *, title: 
             "<h2>Metrics</h2><p class='note'>95% CIs are patient-level bootstrap intervals.</p>", _html_table(header, rows)]
     markdown = [f"# {title}", "", "; ".join(run_lines), "", "## Metrics", "", "95% CIs are patient-level bootstrap intervals.", "",
                 _md_table(header, rows), ""]
+    for finding in run["info"].get("findings", []):  # what the run concludes, as the run itself worded it
+        page.append(f"<p><strong>{html.escape(finding)}</strong></p>")
+        markdown += [f"**{finding}**", ""]
     written = []
     for heading, note, figures in _sections(run):
         page.append(f"<h2>{html.escape(heading)}</h2><p class='note'>{html.escape(note)}</p>")

@@ -88,7 +88,8 @@ def record_curve(run: str | Path, stage: str, fitted: Mapping[str, Any]) -> Path
     """Learning curve of one ``fit`` summary; validation AUC of epoch 0 is the starting weights' when
     ``keep_initial`` validated them."""
     losses, aucs = list(fitted.get("train_loss", [])), list(fitted.get("val_auc", []))
-    offset = len(aucs) - len(losses)  # 1 when the starting weights were validated first
+    # 1 when the starting weights were validated first; k-fold selection states it (its curve is the folds')
+    offset = 1 - fitted["val_first_epoch"] if "val_first_epoch" in fitted else len(aucs) - len(losses)
     record = {
         "stage": stage,
         "sequence": _sequence(Path(run) / "curves"),

@@ -28,6 +28,7 @@ from monai.data import MetaTensor
 from monai.transforms import (
     BorderPad,
     Compose,
+    ConcatItemsd,
     DeleteItemsd,
     EnsureTyped,
     MapTransform,
@@ -36,10 +37,12 @@ from monai.transforms import (
     RandAdjustContrastd,
     RandFlipd,
     RandGaussianNoised,
+    RandRotate90d,
     RandRotated,
     RandShiftIntensityd,
     RandSpatialCropd,
     RandZoomd,
+    ResampleToMatchd,
     Resized,
     ScaleIntensityRanged,
     Spacingd,
@@ -282,6 +285,23 @@ class _NoMetaShadows(Transform):
         return data
 
 
+class _RequireMask(Transform):
+    """Refuse a case without a lesion mask by name, when the network takes the mask as a channel."""
+
+    def __init__(self, mask_key: str) -> None:
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        if data.get(self.mask_key) is None:
+            image = next((v for v in data.values() if isinstance(v, MetaTensor)), None)
+            raise MedtlError(
+                f"this model takes the lesion mask as an input channel, but the case has no {self.mask_key!r}",
+                path=None if image is None else image.meta.get("filename_or_obj") or None,
+                hint=f"give a mask for every case (a {self.mask_key!r} column or manifest entry)",
+            )
+        return data
+
+
 class _SingleSliced(Transform):
     """Loaded single-slice volumes (C, x, y, 1) as 2D images (C, x, y) with a 3x3 affine; missing
     entries (a case without a mask) are skipped. A volume of several slices is refused by name:
@@ -321,6 +341,7 @@ def preprocessing(
     ct_window: Sequence[float] = CT_WINDOW,
     keys: str | Sequence[str] = ("image",),
     mask_key: str = "mask",
+    mask_channel: bool = False,
     load: bool = True,
 ) -> Compose:
     """The deterministic part: load, RAS, resample, intensity preset, lesion crop, resize.
@@ -340,7 +361,12 @@ def preprocessing(
         crop_mm: physical size of the lesion-centred crop. Default 32 mm per axis.
         ct_window: (lowest, highest) HU kept for CT; the default is a lung window.
         keys: image entries (several for multi-sequence MR).
-        mask_key: entry with the lesion mask path; optional per case.
+        mask_key: entry with the lesion mask path; optional per case unless ``mask_channel``.
+        mask_channel: add the lesion mask, resampled onto the image's crop (linear interpolation,
+            so a lesion thinner than a voxel keeps a partial value), as the last input channel. The
+            mask is the ROI a clinician gives; as a channel it tells the network the lesion's
+            extent and shape, which the grey values alone blur on thick slices. Every case then
+            needs a mask.
         load: False when the entries already hold channel-first ``MetaTensor`` images (2D ones
             already without the slice axis).
     """
@@ -355,19 +381,25 @@ def preprocessing(
     if len(window) != 2 or not window[0] < window[1]:
         raise MedtlError(f"ct_window must be (lowest HU, highest HU) with lowest < highest, got {ct_window!r}")
     keys = _keys(keys)
+    if mask_channel and len(keys) != 1:
+        raise MedtlError(f"mask_channel adds the mask to one image entry, got keys={keys!r}")
     loading = [
         LoadVolumed(keys=keys),
         LoadVolumed(keys=mask_key, allow_missing_keys=True),
         *([_SingleSliced([*keys, mask_key])] if spatial_dims == 2 else []),
     ]
+    spatial = [*keys, mask_key] if mask_channel else keys
     return _Pipeline([
         _NoMetaShadows(keys),
         *(loading if load else []),
+        *([_RequireMask(mask_key)] if mask_channel else []),
         Orientationd(keys=keys, axcodes="RAS"[:spatial_dims], labels=None),
         Spacingd(keys=keys, pixdim=target_spacing, mode="bilinear"),
+        *([ResampleToMatchd(keys=mask_key, key_dst=keys[0], mode="bilinear", dtype=torch.float32)] if mask_channel else []),
         *_intensity(modality, keys, window),
-        CropAroundLesiond(keys=keys, size_mm=crop_mm, pad_value=0.0, spatial_dims=spatial_dims, mask_key=mask_key),
-        Resized(keys=keys, spatial_size=spatial_size, mode=_LINEAR[spatial_dims], anti_aliasing=True),
+        CropAroundLesiond(keys=spatial, size_mm=crop_mm, pad_value=0.0, spatial_dims=spatial_dims, mask_key=mask_key),
+        Resized(keys=spatial, spatial_size=spatial_size, mode=_LINEAR[spatial_dims], anti_aliasing=True),
+        *([ConcatItemsd(keys=spatial, name=keys[0])] if mask_channel else []),
         DeleteItemsd(keys=[mask_key, ROI_CENTER_KEY, ROI_SIZE_KEY]),
     ])
 
@@ -379,6 +411,7 @@ class _Strength:
     flip_axes: tuple[int, ...]
     rotate_deg: float
     rotate_prob: float
+    rot90_prob: float  # quarter turns in the (x, y) plane, where a lesion has no preferred direction
     zoom: tuple[float, float]
     zoom_prob: float
     crop_min: float  # smallest random crop as a fraction of spatial_size, resized back
@@ -393,11 +426,11 @@ class _Strength:
 # Offsets and noise are in output units: [0, 1] for CT (0.01 is 14 HU in the lung window), z for MR.
 _STRENGTHS = {
     "light": _Strength(
-        flip_axes=(0,), rotate_deg=10.0, rotate_prob=0.3, zoom=(0.9, 1.1), zoom_prob=0.3, crop_min=0.9,
+        flip_axes=(0,), rotate_deg=10.0, rotate_prob=0.3, rot90_prob=0.0, zoom=(0.9, 1.1), zoom_prob=0.3, crop_min=0.9,
         noise_std=0.01, noise_prob=0.2, shift=0.05, shift_prob=0.3, gamma=(0.9, 1.1), contrast_prob=0.2,
     ),
     "strong": _Strength(
-        flip_axes=(0, 1, 2), rotate_deg=30.0, rotate_prob=0.7, zoom=(0.8, 1.2), zoom_prob=0.5, crop_min=0.8,
+        flip_axes=(0, 1, 2), rotate_deg=30.0, rotate_prob=0.7, rot90_prob=0.5, zoom=(0.8, 1.2), zoom_prob=0.5, crop_min=0.8,
         noise_std=0.03, noise_prob=0.5, shift=0.1, shift_prob=0.5, gamma=(0.7, 1.5), contrast_prob=0.5,
     ),
 }
@@ -414,7 +447,8 @@ def augmentation(
     """Random augmentation on preprocessed crops; output keeps ``spatial_size`` (default 32 per axis).
 
     ``none`` is the identity, ``light`` suits lesions whose orientation carries little meaning
-    (left-right flips, small rotations and zooms), ``strong`` flips every axis and widens each range.
+    (left-right flips, small rotations and zooms), ``strong`` flips every axis, adds quarter turns in
+    the axial plane and widens each range.
     A random sub-crop (90-100 % of each side for ``light``, 80-100 % for ``strong``) resized back to
     ``spatial_size`` jitters position and scale. With ``spatial_dims=2`` the same draws act in
     the image plane (one rotation angle, flips of x and y). ``seed`` makes the whole sequence of
@@ -436,6 +470,7 @@ def augmentation(
         RandSpatialCropd(keys=keys, roi_size=min_crop, max_roi_size=spatial_size, random_size=True),
         Resized(keys=keys, spatial_size=spatial_size, mode=_LINEAR[spatial_dims]),
         *(RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in s.flip_axes if axis < spatial_dims),
+        *([RandRotate90d(keys=keys, prob=s.rot90_prob, max_k=3, spatial_axes=(0, 1))] if s.rot90_prob else []),
         RandRotated(keys=keys, **angles, prob=s.rotate_prob, padding_mode="zeros"),
         RandZoomd(keys=keys, min_zoom=s.zoom[0], max_zoom=s.zoom[1], prob=s.zoom_prob, mode=_LINEAR[spatial_dims], padding_mode="constant"),
         RandAdjustContrastd(keys=keys, gamma=s.gamma, prob=s.contrast_prob),

@@ -115,3 +115,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("shared test data not found at <repo>/../shared/data; these tests need it")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _locale_unchanged(request):
+    """Fail the test that changes the process locale: a locale switched mid-session (a library calling
+    ``setlocale``) turns later subprocess output and text files into ASCII decode errors."""
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
+    yield
+    after = locale.setlocale(locale.LC_ALL)
+    if after != before:
+        locale.setlocale(locale.LC_ALL, before)
+        pytest.fail(f"{request.node.nodeid} changed the process locale from {before!r} to {after!r}")

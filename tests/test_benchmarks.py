@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from medtl.fileio import utf8_child_env
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -14,7 +16,7 @@ def test_device_benchmark_measures_every_row_on_the_cpu(tmp_path):
     out = tmp_path / "device.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "device.py"), "--device", "cpu", "--steps", "1", "--cases", "4",
                            "--batch-size", "2", "--widen", "0.125", "--out", str(out)],
-                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
+                          capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text(encoding="utf-8"))
     rows = {(r["group"], r["row"]): r for r in result["rows"]}

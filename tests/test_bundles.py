@@ -14,6 +14,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+
+from medtl.fileio import utf8_child_env
 import torch
 
 from medtl.bundle.components import datalist, inference_cases
@@ -26,7 +28,7 @@ SCHEMA = REPO / "medtl" / "schemas" / "meta_schema_20240725.json"
 
 def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m monai.bundle ARGS`` as a user would type it; fails the test with its output on error."""
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(),
                           encoding="utf-8", errors="replace", timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -120,7 +122,7 @@ def test_inference_on_a_dicom_folder_gives_one_row_per_series(trained_source, tm
     out = tmp_path / "out"
     monai_bundle("run", "--config_file", "configs/inference.json", "--bundle_root", ".", "--input_dir", str(folder.parent),
                  "--output_dir", str(out), cwd=bundle)
-    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    rows = list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))
     assert len(rows) == expected_series and len({r["id"] for r in rows}) == expected_series
     for row in rows:
         assert row["pred"] in ("benign", "malignant") and row["model_version"] == "0.1.0"
@@ -193,7 +195,7 @@ def test_lidc_bundle_scores_nodules_listed_in_a_csv(shared_data, tmp_path):
     if not (bundle / "models" / "model.pt").is_file():
         pytest.skip("lidc_nodule_malignancy has no trained weights yet (benchmarks/real_data.py --export)")
     vois = shared_data / "lidc_nodule_vois"
-    rows = list(csv.DictReader((vois / "labels.csv").open()))[:4]
+    rows = list(csv.DictReader((vois / "labels.csv").open(encoding="utf-8")))[:4]
     table = tmp_path / "cases.csv"
     lines = ["image,mask"] + [f"{Path(os.path.relpath(vois / r['image'], tmp_path)).as_posix()},"
                               f"{Path(os.path.relpath(vois / r['mask'], tmp_path)).as_posix()}" for r in rows]
@@ -202,7 +204,7 @@ def test_lidc_bundle_scores_nodules_listed_in_a_csv(shared_data, tmp_path):
     out = tmp_path / "out"
     monai_bundle("run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
                  "--input_csv", str(table), "--output_dir", str(out), cwd=tmp_path)
-    predictions = list(csv.DictReader((out / "predictions.csv").open()))
+    predictions = list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))
     assert [p["image"] for p in predictions] == [line.split(",")[0] for line in lines[1:5]]
     assert [p["mask"] for p in predictions] == [line.split(",")[1] for line in lines[1:5]]
     assert set(predictions[0]) == {"image", "mask", "prob_Benign", "prob_Malign", "pred", "model_version"}
@@ -223,7 +225,7 @@ def test_multi_gpu_train_runs_under_torchrun_on_cpu(trained_source, tmp_path):
                "['configs/train.json','configs/multi_gpu_train.json']", "--bundle_root", ".", "--source", str(source),
                "--manifest", demo["sites"]["B"]["manifest"], "--dataset_dir", str(demo["out"]), "--max_epochs", "2",
                "--head_epochs", "1", "--batch_size", "2"]
-    done = subprocess.run(command, cwd=bundle, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+    done = subprocess.run(command, cwd=bundle, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(), timeout=600)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     assert log.count("epoch 2: training") == 2  # both ranks followed the schedule

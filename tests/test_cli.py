@@ -11,6 +11,8 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+
+from medtl.fileio import utf8_child_env
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
@@ -116,7 +118,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         ["manifest", "build", "--labels", str(tmp_path / "nope.csv"), "--classes", "a,b", "-o", str(tmp_path / "m.json")],
     ]
     for args in cases:
-        proc = subprocess.run([sys.executable, "-m", "medtl.cli", "-q", *args], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "medtl.cli", "-q", *args], capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env())
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("medtl: error: ") and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
@@ -147,7 +149,7 @@ def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys
         assert (out / "manifests" / f"demo_site_{name}.json").is_file()
         assert f"scans/site_{name}.json" in printed
     stages = [line.split()[:4] for line in printed.splitlines() if line.split()[:1] in (["source-only"], ["AdaBN"], ["fine-tuned"], ["student"])]
-    assert [s[0] for s in stages] == ["source-only", "source-only", "AdaBN", "fine-tuned", "student"]
+    assert [s[0] for s in stages] == ["source-only", "source-only", "AdaBN", "fine-tuned", "student"], printed
     assert [" ".join(s[1:3]) for s in stages] == ["site A", "site B"] + ["site B"] * 3
 
     summary = json.loads((out / "demo_summary.json").read_text(encoding="utf-8"))
@@ -157,6 +159,11 @@ def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys
     assert {"roc.png", "calibration.png", "learning_curves.png", "features.png", "gradcam_fine-tuned-on-site-b.png"} <= figures
     report_text = (out / "report" / "report.html").read_text(encoding="utf-8")
     assert report_text.count("data:image/png;base64,") == len(figures) and str(tmp_path) not in report_text
+    # whether adaptation helped is said plainly, with the paired CI, in the printed table's wake and in the report
+    finding = summary["finding"]
+    assert finding["text"] in printed and finding["text"] in report_text
+    said = "beats" if finding["difference"] > 0 and finding["ci95"][0] > 0 else "scores above" if finding["difference"] > 0 else "did NOT beat"
+    assert finding["text"].startswith(f"result: fine-tuned {said} source-only on site B test")
     b_test = sum(1 for c in json.loads((out / "manifests" / "demo_site_B.json").read_text(encoding="utf-8"))["cases"] if c["split"] == "test")
     assert len(summary["predictions"]) == min(6, b_test)  # one per unseen series, through python -m monai.bundle run
     assert (out / "predictions" / "predictions.csv").is_file()

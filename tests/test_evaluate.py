@@ -339,3 +339,17 @@ def test_boolean_labels_and_float_whole_labels_are_accepted():
     a = classification_metrics(Y6.astype(bool), PROBS6, class_names=NAMES2, n_boot=0)
     b = classification_metrics(Y6.astype(float), PROBS6.astype(np.float32), class_names=NAMES2, n_boot=0)
     assert a["confusion_matrix"] == b["confusion_matrix"] == [[1, 1], [1, 3]]
+
+
+def test_paired_auc_difference_resamples_the_same_patients_for_both_models():
+    from medtl.evaluate import paired_auc_difference
+
+    y = np.array([0, 1] * 10)
+    ranked = np.stack([1 - np.linspace(0, 1, 20), np.linspace(0, 1, 20)], axis=1)
+    perfect = np.stack([1.0 - y, y.astype(float)], axis=1)
+    same = paired_auc_difference(y, ranked, ranked, patient_ids=[f"p{i // 2}" for i in range(20)], n_boot=200)
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0]  # one model against itself: no spread at all
+    better = paired_auc_difference(y, ranked, perfect, n_boot=200, seed=1)
+    assert better["auc_b"] == 1.0 and better["difference"] == pytest.approx(1.0 - better["auc_a"]) and better["ci95"][0] > 0
+    with pytest.raises(MedtlError, match="one prediction per case"):
+        paired_auc_difference(y, ranked, ranked[:5])

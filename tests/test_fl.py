@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from medtl.fileio import utf8_child_env
 import torch
 from torch import nn
 
@@ -157,7 +159,7 @@ def test_cli_bad_manifest_is_one_line(tmp_path, capsys):
 def test_core_never_imports_nvflare():
     code = ("import sys, medtl.cli, medtl.demo, medtl.adapt.recipe, medtl.fl.job, medtl.fl.client, medtl.fl.schedule; "
             "assert 'nvflare' not in sys.modules, 'nvflare imported'")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env())
     assert done.returncode == 0, done.stderr
 
 
@@ -198,7 +200,7 @@ def test_two_sites_two_rounds_in_the_simulator(small_demo, tmp_path):
         federated = summary["evaluation"][site]["federated"]
         assert federated["test"]["n"] == sum(small_demo["sites"][name]["counts"]["by_site_split_label"][name]["test"].values())
         assert "value" in federated["test"]["metrics"]["auc"] and "ci95" in federated["test"]["metrics"]["auc"]
-        assert summary["sites"][site]["manifest_sha256"] == json.loads(Path(small_demo["sites"][name]["manifest"]).read_text())["content_sha256"]
+        assert summary["sites"][site]["manifest_sha256"] == json.loads(Path(small_demo["sites"][name]["manifest"]).read_text(encoding="utf-8"))["content_sha256"]
     assert "val" in summary["evaluation"]["site-1"]["federated"]  # site B of the small cohort has no val split
 
     bundle = out / "tumor_cls_finetune"

@@ -57,3 +57,31 @@ def test_options_reach_the_loader_as_in_multi_gpu_configs():
 def test_bad_settings_raise_one_clear_error(options, message):
     with pytest.raises(MedtlError, match=message):
         data_loader(Dataset(DATA), **options)
+
+
+def test_resolve_device_picks_cuda_only_when_present_and_names_a_missing_gpu(monkeypatch):
+    from medtl.loading import resolve_device
+
+    assert resolve_device("CPU") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(MedtlError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    for bad in ("tpu", "cuda:x", ""):
+        with pytest.raises(MedtlError, match="device"):
+            resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(MedtlError, match=r"has 2 CUDA GPU\(s\): cuda:0..cuda:1"):
+        resolve_device("cuda:2")
+
+
+def test_demo_adapt_and_fl_refuse_a_missing_gpu_before_any_work(tmp_path, capsys):
+    from medtl.cli import main
+
+    for verb in (["demo", "--out", str(tmp_path / "demo")],
+                 ["adapt", "--source", "s.pt", "--manifest", "m.json", "--root", ".", "--out", str(tmp_path / "adapt")]):
+        assert main(["-q", *verb, "--device", "cuda:9"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

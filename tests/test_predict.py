@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+
+from medtl.fileio import utf8_child_env
 import torch
 from pydicom.uid import SecondaryCaptureImageStorage
 
@@ -89,7 +91,7 @@ def test_predictions_are_the_bundles_own_with_a_confidence_flag(bundle, incoming
     shutil.copy(out / ".medtl-salt", reference / ".medtl-salt")
     done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
                            "--input_dir", str(incoming["root"]), "--output_dir", str(reference)],
-                          cwd=bundle, capture_output=True, text=True, timeout=600)
+                          cwd=bundle, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     own = json.loads((reference / "predictions.json").read_text(encoding="utf-8"))
     assert [{k: v for k, v in r.items() if k != "confidence"} for r in report["predictions"]] == own["predictions"]
@@ -202,7 +204,7 @@ def test_user_errors_are_one_line_messages(bundle, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = subprocess.run([sys.executable, "-m", "medtl.cli", "predict", str(empty), "--bundle", str(tmp_path / "nothing")],
-                          capture_output=True, text=True)
+                          capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env())
     assert proc.returncode == 2 and proc.stderr.startswith("medtl: error: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "configs/inference.json" in proc.stderr
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from monai.networks.nets import resnet10
 from monai.utils import set_determinism
 
-from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, preprocess, train
+from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, preprocess, recipe_outcome, train
+from medtl.errors import MedtlError
 from medtl.evaluate import collect_predictions
 
 
@@ -46,7 +48,7 @@ def test_source_then_finetune_then_distill(tmp_path):
 
     # a new label space: three target classes, so the head is replaced; AdaBN sees the target scans
     model = copy.deepcopy(source)
-    recipe = FineTuneRecipe(epochs=4, head_epochs=2, unfreeze_every=1, patience=None, augment="none", batch_size=4)
+    recipe = FineTuneRecipe(epochs=4, head_epochs=2, unfreeze_every=1, patience=None, augment="none", batch_size=4, selection="val")
     three = [{**d, "label": i % 3} for i, d in enumerate(target_train)]
     three_val = [{**d, "label": i % 3} for i, d in enumerate(target_val)]
     stem_before = model.conv1.weight.detach().clone()
@@ -107,7 +109,7 @@ def test_bf16_autocast_trains_and_the_schedule_sees_through_the_wrapper():
     source = _net()
     tuned = copy.deepcopy(source)
     recipe = FineTuneRecipe(epochs=1, head_epochs=1, batch_size=4, adabn=False, keep_source=False, l2sp=0.01,
-                            channels_last=True, bf16=True, patience=None)
+                            channels_last=True, bf16=True, patience=None, selection="val")
     run = finetune(tuned, _items(8, 0), _items(4, 1), recipe, progress=False)
     assert run["epochs_run"] == 1 and run["train_loss"][0] == run["train_loss"][0]  # a finite float32 loss
     assert torch.equal(tuned.conv1.weight, source.conv1.weight)  # head epoch: the frozen backbone did not move
@@ -135,3 +137,53 @@ def test_place_network_keeps_the_names_and_outputs_in_channels_last_layout():
     (converted,) = hook(placed, (torch.rand(2, 3, 4, 4, 4),))
     assert converted.is_contiguous(memory_format=torch.channels_last_3d)
     assert not weight(place_network(_net(), "cpu")).is_contiguous(memory_format=torch.channels_last_3d)  # the default
+
+
+def test_patient_folds_keep_patients_together_and_spread_each_class():
+    from medtl.adapt.selection import patient_folds
+
+    items = [{"patient": f"p{i // 2}", "label": (i // 2) % 3 == 0} for i in range(30)]  # 15 patients, 2 cases each
+    folds = patient_folds(items, 3, seed=1)
+    assert sorted(i for f in folds for i in f) == list(range(30))
+    for fold in folds:
+        patients = {items[i]["patient"] for i in fold}
+        assert all(items[i]["patient"] not in patients for other in folds if other is not fold for i in other)
+        assert sum(items[i]["label"] for i in fold) in (2 * 1, 2 * 2)  # 5 positive patients over 3 folds: 1 or 2 each
+    assert folds == patient_folds(items, 3, seed=1) and folds != patient_folds(items, 3, seed=2)
+    with pytest.raises(MedtlError, match="at least 4 labeled patients"):
+        patient_folds(items[:6], 4)
+
+
+def test_kfold_selection_chooses_the_epoch_on_every_labeled_case_then_trains_on_all():
+    set_determinism(0)
+    source = _net()
+    train(source, _items(24, 0), _items(12, 1), TrainRecipe(epochs=3, batch_size=8, augment="none"), progress=False)
+    target_train, target_val = _items(10, 2, shift=0.3), _items(6, 3, shift=0.3)
+    recipe = FineTuneRecipe(epochs=3, head_epochs=1, unfreeze_every=1, augment="none", batch_size=4, folds=3)
+    tuned = copy.deepcopy(source)
+    run = finetune(tuned, target_train, target_val, recipe, unlabeled_items=_items(6, 4, labeled=False, shift=0.3),
+                   progress=False, seed=0)
+    assert run["adabn"]["judged_on"] == 16 and run["adabn"]["images"] == 22  # AdaBN judged on all 16 labeled cases
+    assert len(run["fold_val_auc"]) == 3 and all(len(c) == 4 for c in run["fold_val_auc"])  # epoch 0 (unadapted) first
+    mean = [sum(c[e] for c in run["fold_val_auc"]) / 3 for e in range(4)]
+    assert run["best_epoch"] == mean.index(max(mean)) and run["val_auc"] == pytest.approx(mean)
+    assert run["epochs_run"] == run["best_epoch"] == len(run["train_loss"])  # the final run: exactly the chosen epochs
+    start = copy.deepcopy(source)
+    if run["adabn"]["kept"]:
+        from medtl.adapt.adabn import adabn
+
+        adabn(start, loader([*target_train, *_items(6, 4, labeled=False, shift=0.3), *target_val], batch_size=16))
+    same = all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), tuned.state_dict().values()))
+    assert same == (run["best_epoch"] == 0)
+    assert "3-fold selection on 16 labeled cases" in recipe_outcome(run)["outcome"]
+
+
+def test_training_from_scratch_can_choose_its_epochs_by_kfold_too():
+    set_determinism(0)
+    network = _net()
+    run = train(network, _items(12, 0), _items(6, 1), TrainRecipe(epochs=2, batch_size=4, augment="none", selection="kfold", folds=2),
+                progress=False, seed=3)
+    assert [c[0] for c in run["fold_val_auc"]] == [None, None]  # no "as it started" candidate for a random network
+    assert 1 <= run["best_epoch"] == run["epochs_run"] <= 2 and run["selected_on"] == 18
+    with pytest.raises(MedtlError, match="unknown selection"):
+        train(_net(), _items(4, 0), _items(4, 1), TrainRecipe(epochs=1, selection="test"), progress=False)

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from medtl.fileio import utf8_child_env
 import torch
 
 from medtl.adapt.resume import TrainingCheckpoint
@@ -48,7 +50,8 @@ def _run(out: Path, mode: str) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.py").write_text(SCRIPT)
     return subprocess.Popen([sys.executable, str(out / "train.py"), str(out), mode, str(EPOCHS)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace",
+                            env=utf8_child_env())
 
 
 def _finish(proc: subprocess.Popen) -> None:

@@ -132,7 +132,7 @@ def test_absolute_path_in_a_config(exported, tmp_path):
 
 def test_patient_identifiers_planted_in_docs(exported, tmp_path):
     bundle = Path(shutil.copytree(exported, tmp_path / "b"))
-    with (bundle / "docs" / "README.md").open("a") as fh:
+    with (bundle / "docs" / "README.md").open("a", encoding="utf-8") as fh:
         fh.write("\nReviewed with the scan of DOE^JANE (PatientID: 0042-17), born 1951-02-03; files in /home/jdoe/scans.\n")
     failed = _failed(verify_bundle(bundle))["privacy scan"]
     for label in ("DICOM person name 'DOE", "identifying DICOM attribute with a value", "user home path"):

@@ -33,21 +33,24 @@ def run_adapt(
     resume: bool = False,
     seed: int = 0,
     progress: bool = True,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Adapt ResNet10 weights at ``source`` to the target ``manifest``; returns stage rows and the bundle."""
+    """Adapt ResNet10 weights at ``source`` to the target ``manifest`` on ``device``; returns stage rows and the bundle."""
     from monai.utils import set_determinism
 
     from medtl.adapt.adabn import adabn
     from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, distill, finetune, loader, preprocess_splits, recipe_outcome
     from medtl.bundle.components import class_names, load_source
     from medtl.bundle.export import export_bundle
-    from medtl.demo import evaluate_items, print_stages, resnet, stages_json
+    from medtl.demo import adaptation_finding, evaluate_items, print_stages, resnet, stages_json
+    from medtl.loading import resolve_device
     from medtl.manifest import load_manifest
     from medtl.report import render_report
     from medtl.runlog import record_curve, record_explanations, run_folder
     from medtl.transforms import preprocessing
 
     out = Path(out)
+    device = resolve_device(device)
     records = run_folder(out)
     set_determinism(seed)
     names = class_names(manifest)
@@ -62,7 +65,7 @@ def run_adapt(
     shutil.rmtree(records, ignore_errors=True)  # a report shows this run only
 
     def stage(name: str, network: Any, seconds: float) -> dict[str, Any]:
-        result = evaluate_items(network, items["test"], seed=seed, class_names=names, record=(records, name, "target test"))
+        result = evaluate_items(network, items["test"], seed=seed, class_names=names, record=(records, name, "target test"), device=device)
         rows.append({"stage": name, "evaluated on": "target test", "result": result,
                      "params": sum(p.numel() for p in network.parameters()), "seconds": seconds})
         return result
@@ -73,36 +76,37 @@ def run_adapt(
     source_network = copy.deepcopy(network)
     t = time.perf_counter()
     adapted = copy.deepcopy(network)
-    adabn(adapted, loader([*items["train"], *items["unlabeled"]], batch_size=16), progress=progress)
+    adabn(adapted, loader([*items["train"], *items["unlabeled"]], batch_size=16, device=device), progress=progress, device=device)
     stage("AdaBN", adapted, time.perf_counter() - t)
     t = time.perf_counter()
     run = finetune(network, items["train"], items["val"], FineTuneRecipe(epochs=epochs), num_classes=len(names),
                    checkpoint=out / "training_state.pt", resume=resume,
-                   unlabeled_items=items["unlabeled"], progress=progress, desc="fine-tune")
+                   unlabeled_items=items["unlabeled"], progress=progress, desc="fine-tune", device=device, seed=seed)
     results = {"target test": stage("fine-tuned", network, time.perf_counter() - t)}
     record_curve(records, "fine-tuned", run)
     if student_widen:
         student, t = resnet(student_widen, num_classes=len(names)), time.perf_counter()
         distilled = distill(network, student, items["train"], items["unlabeled"], items["val"], DistillRecipe(epochs=student_epochs),
-                            class_names=names, cache_dir=out / "cache", progress=progress, desc="distill student")
+                            class_names=names, cache_dir=out / "cache", progress=progress, desc="distill student", device=device)
         stage(f"student ({student_widen:g})", student, time.perf_counter() - t)
         record_curve(records, f"student ({student_widen:g})", distilled)
     for name, explained in (("source-only", source_network), ("fine-tuned", network)):
-        record_explanations(records, f"{name} on the target", explained, items["test"], names)
+        record_explanations(records, f"{name} on the target", explained, items["test"], names, device=device)
     bundle = export_bundle(network, out / "tumor_cls_finetune", template="tumor_cls_finetune", metrics=results, source=source,
                            manifests=[data], recipe=recipe_outcome(run),
                            changelog=f"adapted by medtl adapt from {Path(source).name} to {data['name']}",
                            metadata={"network_data_format": network_data_format_with_classes(names)})
     print_stages(rows)
-    print(f"\nfine-tuning kept epoch {run['best_epoch']} of {run['epochs_run']}; AdaBN "
-          f"{'kept' if run.get('adabn', {}).get('kept') else 'discarded'} on validation; source load: "
+    finding = adaptation_finding(source_network, network, items["test"], seed=seed, device=device, where="the target's test split")
+    print(finding["text"])
+    print(f"\nfine-tuning: {recipe_outcome(run)['outcome']}; source load: "
           f"{len(report['loaded'])} tensors loaded, {len(report['mismatched'])} left to a new head")
     print(f"bundle: {bundle['path']} (TorchScript max abs diff {bundle['torchscript_max_abs_diff']:.1e})")
     summary = {"run": {"seed": seed, "manifest": {"name": data["name"], "content_sha256": data["content_sha256"]}},
                "stages": stages_json(rows),
                "finetune": {k: run[k] for k in ("best_epoch", "epochs_run", "best_val_auc", "val_auc")},
-               "bundle": "tumor_cls_finetune"}
-    atomic_write_json(records / "run.json", {"seed": seed, "manifests": {data["name"]: data["content_sha256"]}})
+               "bundle": "tumor_cls_finetune", "finding": finding}
+    atomic_write_json(records / "run.json", {"seed": seed, "manifests": {data["name"]: data["content_sha256"]}, "findings": [finding["text"]]})
     rendered = render_report(out, title=f"medtl adapt: {Path(source).name} to {data['name']}")
     atomic_write_json(out / "adapt_summary.json", summary | {"report": str(rendered["html"].relative_to(out))})
     print(f"report: {rendered['html']}")

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
 from monai.handlers import LrScheduleHandler
@@ -27,6 +28,7 @@ from medtl.adapt.adabn import adabn
 from medtl.adapt.distill import DistillationLoss, DistillBatch, label_with_teacher
 from medtl.adapt.head import find_classifier, replace_head
 from medtl.adapt.schedule import FineTuneSchedule, param_groups
+from medtl.adapt.selection import mean_curve, patient_folds
 from medtl.adapt.train import L2SP, fit
 from medtl.errors import MedtlError
 from medtl.evaluate import collect_predictions, roc_auc_ovr
@@ -37,6 +39,7 @@ from medtl.transforms import augmentation
 logger = logging.getLogger(__name__)
 
 Items = Sequence[Mapping[str, Any]]
+SELECTIONS = ("kfold", "val")
 
 
 def preprocess(data: Items, transform: Any, *, progress: bool = True, desc: str = "preprocess") -> list[dict[str, Any]]:
@@ -65,7 +68,10 @@ def loader(items: Items, *, augment: str = "none", batch_size: int = 8, shuffle:
     if augment != "none":
         size = tuple(items[0]["image"].shape[1:])
         transform = augmentation(level=augment, spatial_dims=len(size), spatial_size=size)
-    return data_loader(Dataset(list(items), transform), batch_size=batch_size, shuffle=shuffle, device=device)  # augments in a thread
+    # a training batch of one case breaks BatchNorm (one value per channel): with shuffling, that odd case waits for the next epoch
+    drop_last = shuffle and len(items) % batch_size == 1 and len(items) > 1
+    return data_loader(Dataset(list(items), transform), batch_size=batch_size, shuffle=shuffle, device=device,  # augments in a thread
+                       drop_last=drop_last)
 
 
 def validation_auc(network: nn.Module, items: Items, device: str | torch.device = "cpu") -> float:
@@ -88,6 +94,8 @@ class TrainRecipe:
     batch_size: int = 16
     augment: str = "light"
     patience: int | None = None
+    selection: str = "val"  # "kfold": the epoch count chosen on folds of train+val, then trained on both (FineTuneRecipe)
+    folds: int = 4
     channels_last: bool = False  # faster convolutions on CPUs, same arithmetic (FastForward)
     bf16: bool = False  # bfloat16 autocast: faster still, lower precision; see benchmarks/precision.py
 
@@ -96,11 +104,16 @@ class TrainRecipe:
 class FineTuneRecipe:
     """Adapting a source model on few target labels without losing what it learned.
 
-    Defaults: AdaBN on the target's scans, kept when it does not lower the validation AUC; the new
-    head alone for ``head_epochs``, then layer groups unfreezing from the top at
-    ``lr * lr_decay**depth``, L2-SP toward the source weights; the best validation epoch kept, the
-    unadapted model included (``keep_source``), so the recipe never ends below where it started on
-    validation data. ``naive()`` is the plain full fine-tune it is compared with.
+    Defaults: AdaBN on the target's scans; the new head alone for ``head_epochs``, then layer
+    groups unfreezing from the top at ``lr * lr_decay**depth``, L2-SP toward the source weights.
+
+    ``selection`` says what the recipe's choices are made on. ``"kfold"`` (default) pools the
+    target's labeled train and val cases: AdaBN is kept when it does not lower the AUC on all of
+    them, the number of epochs is the one whose mean validation AUC over ``folds`` patient-level
+    folds is highest (0, the unadapted model, included when ``keep_source``), and the model is then
+    trained on every labeled case for that many epochs. ``"val"`` makes the same choices on the val
+    split alone (best epoch, early stopping after ``patience``), as a bundle's ``train.json`` does.
+    ``naive()`` is the plain full fine-tune it is compared with.
     """
 
     epochs: int = 30
@@ -114,10 +127,12 @@ class FineTuneRecipe:
     l2sp: float = 0.01
     adabn: bool = True
     keep_source: bool = True
+    selection: str = "kfold"
+    folds: int = 4
     weight_decay: float = 0.0
     batch_size: int = 8
     augment: str = "light"
-    patience: int | None = 10
+    patience: int | None = 10  # early stopping with selection="val"
     channels_last: bool = False  # faster convolutions on CPUs, same arithmetic (FastForward)
     bf16: bool = False  # bfloat16 autocast: faster still, lower precision; see benchmarks/precision.py
 
@@ -125,7 +140,7 @@ class FineTuneRecipe:
     def naive(cls, **overrides: Any) -> FineTuneRecipe:
         """Every layer trains from the first step at one rate: the textbook fine-tune."""
         options = dict(head_epochs=0, lr=1e-3, lr_decay=1.0, unfreeze="all", warmup_epochs=0.0, l2sp=0.0,
-                       adabn=False, keep_source=False, weight_decay=1e-4, patience=None)
+                       adabn=False, keep_source=False, selection="val", weight_decay=1e-4, patience=None)
         return cls(**{**options, **overrides})
 
 
@@ -149,62 +164,134 @@ class DistillRecipe:
 
 def train(network: nn.Module, train_items: Items, val_items: Items | None, recipe: TrainRecipe = TrainRecipe(), *,
           num_classes: int | None = None, device: str | torch.device = "cpu", progress: bool = True,
-          desc: str = "train", checkpoint: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+          desc: str = "train", checkpoint: str | Path | None = None, resume: bool = False, seed: int = 0) -> dict[str, Any]:
     """Train every layer of ``network`` from its current weights; returns ``fit``'s summary.
-    ``checkpoint``/``resume``: the per-epoch training state, and continuing from it (``fit``)."""
-    optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    schedule = LrScheduleHandler(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs), print_lr=False)
-    return fit(
-        network, loader(train_items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True, device=device),
-        optimizer=optimizer, max_epochs=recipe.epochs, handlers=[schedule],
-        val_loader=loader(val_items, batch_size=32, device=device) if val_items else None,
-        num_classes=num_classes or _num_outputs(network), patience=recipe.patience if val_items else None,
-        checkpoint=checkpoint, resume=resume, device=device, progress=progress, desc=desc,
-        channels_last=recipe.channels_last, bf16=recipe.bf16,
-    ) | {"recipe": asdict(recipe)}
+    ``checkpoint``/``resume``: the per-epoch training state, and continuing from it (``fit``).
+    ``recipe.selection="kfold"`` chooses the epoch count on folds of train+val (``seed`` draws
+    them), then trains on both, as ``finetune`` does."""
+    _check_selection(recipe.selection)
+    num_classes = num_classes or _num_outputs(network)
+
+    def run(net: nn.Module, fit_items: Items, held_out: Items | None, epochs: int, name: str, **saving: Any) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        schedule = LrScheduleHandler(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs), print_lr=False)
+        return fit(
+            net, loader(fit_items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True, device=device),
+            optimizer=optimizer, max_epochs=epochs, handlers=[schedule],
+            val_loader=loader(held_out, batch_size=32, device=device) if held_out else None, num_classes=num_classes,
+            patience=recipe.patience if held_out and recipe.selection == "val" else None, device=device, progress=progress,
+            desc=name, channels_last=recipe.channels_last, bf16=recipe.bf16, **saving,
+        )
+
+    if recipe.selection == "val":
+        return run(network, train_items, val_items, recipe.epochs, desc, checkpoint=checkpoint, resume=resume) | {"recipe": asdict(recipe)}
+    labeled = [*train_items, *(val_items or [])]
+    selected = _kfold_select(network, labeled, folds=recipe.folds, epochs=recipe.epochs, seed=seed, keep_initial=False, desc=desc, run=run)
+    final = run(network, labeled, None, selected["best_epoch"], f"{desc} on all {len(labeled)} labeled", checkpoint=checkpoint,
+                resume=resume)
+    return final | selected | {"recipe": asdict(recipe)}
+
+
+def _check_selection(selection: str) -> None:
+    if selection not in SELECTIONS:
+        raise MedtlError(f"unknown selection {selection!r}; allowed: {', '.join(SELECTIONS)}")
+
+
+def _kfold_select(network: nn.Module, labeled: Items, *, folds: int, epochs: int, seed: int, keep_initial: bool, desc: str,
+                  run: Any) -> dict[str, Any]:
+    """The epoch count (0: ``network`` as it is, when ``keep_initial``) with the best mean validation
+    AUC over ``folds`` patient-level folds of ``labeled``; ``run(net, train, val, epochs, desc)``
+    trains a copy on each fold and returns ``fit``'s summary."""
+    curves = []
+    for k, held_out in enumerate(patient_folds(labeled, folds, seed=seed)):
+        inside = set(held_out)
+        fold = run(copy.deepcopy(network), [c for i, c in enumerate(labeled) if i not in inside], [labeled[i] for i in held_out],
+                   epochs, f"{desc} fold {k + 1}/{folds}")
+        curves.append(fold["val_auc"] if keep_initial else [None, *fold["val_auc"]])
+    curve = mean_curve(curves)
+    best = int(np.nanargmax(curve)) if np.isfinite(curve).any() else epochs  # the earliest of equal scores
+    logger.info("%s: %d-fold mean validation AUC %.3f at epoch %d (epoch 0 = as it started)", desc, folds, curve[best], best)
+    return {"best_epoch": best, "best_val_auc": float(curve[best]), "val_auc": [None if v != v else float(v) for v in curve],
+            "fold_val_auc": curves, "val_first_epoch": 0, "selected_on": len(labeled)}
 
 
 def finetune(network: nn.Module, train_items: Items, val_items: Items, recipe: FineTuneRecipe = FineTuneRecipe(), *,
              num_classes: int = 2, unlabeled_items: Items = (), device: str | torch.device = "cpu",
              progress: bool = True, desc: str = "fine-tune", checkpoint: str | Path | None = None,
-             resume: bool = False) -> dict[str, Any]:
+             resume: bool = False, seed: int = 0) -> dict[str, Any]:
     """Adapt ``network`` (in place) to the target: AdaBN, new head if the class count differs, the
-    freeze -> unfreeze schedule with discriminative rates, L2-SP; returns ``fit``'s summary."""
+    freeze -> unfreeze schedule with discriminative rates, L2-SP; choices made as ``recipe.selection``
+    says (``seed`` draws the folds). Returns ``fit``'s summary (with k-fold selection: the folds' mean validation curve as
+    ``val_auc``, epoch 0 first, and the final run's ``train_loss``)."""
+    _check_selection(recipe.selection)
     summary: dict[str, Any] = {"recipe": asdict(recipe)}
     if _num_outputs(network) != num_classes:
         replace_head(network, num_classes)
         summary["new_head"] = True
+    judged = [*train_items, *val_items] if recipe.selection == "kfold" else list(val_items)
     if recipe.adabn:
         candidate = copy.deepcopy(network)
-        stats = adabn(candidate, loader([*train_items, *unlabeled_items], batch_size=16, device=device), device=device, progress=progress)
-        before, after = (validation_auc(m, val_items, device) for m in (network, candidate))
+        scans = [*train_items, *unlabeled_items, *(val_items if recipe.selection == "kfold" else [])]  # k-fold: val cases train too
+        stats = adabn(candidate, loader(scans, batch_size=16, device=device), device=device, progress=progress)
+        before, after = (validation_auc(m, judged, device) for m in (network, candidate))
         kept = summary.get("new_head", False) or not after < before  # a fresh head has no "before" to keep
         if kept:
             network.load_state_dict(candidate.state_dict())
-        summary["adabn"] = stats | {"val_auc_before": before, "val_auc_after": after, "kept": kept}
-        logger.info("AdaBN %s: validation AUC %.3f -> %.3f", "kept" if kept else "discarded", before, after)
+        summary["adabn"] = stats | {"val_auc_before": before, "val_auc_after": after, "kept": kept, "judged_on": len(judged)}
+        logger.info("AdaBN %s: AUC on %d labeled cases %.3f -> %.3f", "kept" if kept else "discarded", len(judged), before, after)
+    if recipe.selection == "val":
+        result, history = _schedule_fit(network, train_items, val_items, recipe, epochs=recipe.epochs, num_classes=num_classes,
+                                        device=device, progress=progress, desc=desc, checkpoint=checkpoint, resume=resume)
+        return summary | result | {"schedule": history}
+    selected = _kfold_select(
+        network, judged, folds=recipe.folds, epochs=recipe.epochs, seed=seed, keep_initial=recipe.keep_source, desc=desc,
+        run=lambda net, fit_items, held_out, epochs, name: _schedule_fit(
+            net, fit_items, held_out, recipe, epochs=epochs, num_classes=num_classes, device=device, progress=progress, desc=name,
+            patience=None)[0])
+    best = selected["best_epoch"]
+    if best == 0:
+        return summary | selected | {"epochs_run": 0, "train_loss": [], "seconds": 0.0, "schedule": []}
+    result, history = _schedule_fit(network, judged, None, recipe, epochs=best, num_classes=num_classes, device=device,
+                                    progress=progress, desc=f"{desc} on all {len(judged)} labeled", checkpoint=checkpoint,
+                                    resume=resume)
+    return summary | result | selected | {"schedule": history}
+
+
+def _schedule_fit(network: nn.Module, train_items: Items, val_items: Items | None, recipe: FineTuneRecipe, *, epochs: int,
+                  num_classes: int, device: str | torch.device, progress: bool, desc: str, patience: int | None = -1,
+                  checkpoint: str | Path | None = None, resume: bool = False) -> tuple[dict[str, Any], list[Any]]:
+    """One run of the fine-tuning schedule for ``epochs`` epochs; with ``val_items``, the best
+    validation epoch (``recipe.keep_source``: the starting weights too) is kept."""
     optimizer = torch.optim.AdamW(param_groups(network, lr=recipe.lr, lr_decay=recipe.lr_decay), weight_decay=recipe.weight_decay)
     schedule = FineTuneSchedule(head_epochs=recipe.head_epochs, head_lr=recipe.head_lr, unfreeze=recipe.unfreeze,
                                 unfreeze_every=recipe.unfreeze_every, warmup_epochs=recipe.warmup_epochs)
     handlers: list[Any] = [schedule]
     if recipe.l2sp:
         handlers.append(L2SP(recipe.l2sp))
+    validated = bool(val_items)
     result = fit(
         network, loader(train_items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True, device=device),
-        optimizer=optimizer, max_epochs=recipe.epochs, handlers=handlers, val_loader=loader(val_items, batch_size=32, device=device),
-        num_classes=num_classes, patience=recipe.patience, keep_initial=recipe.keep_source, device=device,
-        checkpoint=checkpoint, resume=resume, progress=progress, desc=desc,
-        channels_last=recipe.channels_last, bf16=recipe.bf16,
+        optimizer=optimizer, max_epochs=epochs, handlers=handlers,
+        val_loader=loader(val_items, batch_size=32, device=device) if validated else None,
+        num_classes=num_classes, patience=(recipe.patience if patience == -1 else patience) if validated else None,
+        keep_initial=recipe.keep_source and validated, device=device, checkpoint=checkpoint, resume=resume, progress=progress,
+        desc=desc, channels_last=recipe.channels_last, bf16=recipe.bf16,
     )
-    return summary | result | {"schedule": schedule.history}
+    return result, schedule.history
 
 
 def recipe_outcome(run: Mapping[str, Any]) -> dict[str, Any]:
     """What a ``finetune`` run did, in the form a model card and provenance record state it."""
     adabn_state = run.get("adabn", {})
-    outcome = f"kept epoch {run['best_epoch']} of {run['epochs_run']} (best validation AUC {run['best_val_auc']:.3f})"
+    if "fold_val_auc" in run:
+        chose = (f"{run['best_epoch']} epochs, then trained on all of them" if run["best_epoch"]
+                 else "0 epochs: no epoch beat the unadapted model, which is kept")
+        outcome = (f"{len(run['fold_val_auc'])}-fold selection on {run['selected_on']} labeled cases chose {chose} "
+                   f"(mean validation AUC {run['best_val_auc']:.3f})")
+    else:
+        outcome = f"kept epoch {run['best_epoch']} of {run['epochs_run']} (best validation AUC {run['best_val_auc']:.3f})"
     if adabn_state:
-        outcome += f"; AdaBN {'kept' if adabn_state['kept'] else 'discarded'} on validation"
+        outcome += f"; AdaBN {'kept' if adabn_state['kept'] else 'discarded'} on {adabn_state.get('judged_on', 'the validation')} labeled cases"
     return {"fine-tuning": run["recipe"], "outcome": outcome}
 
 

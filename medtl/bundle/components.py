@@ -35,20 +35,37 @@ def _required(value: Any, option: str, example: str) -> Path:
     return Path(value)
 
 
-def datalist(manifest: str | Path, dataset_dir: str | Path, splits: str | Sequence[str]) -> list[dict[str, Any]]:
-    """Data dicts of ``splits`` from a manifest file, paths resolved under ``dataset_dir``."""
-    path = _required(manifest, "manifest", "manifests/site.json")
+Manifests = str | Path | Sequence[str | Path]
+
+
+def _manifest_paths(manifest: Manifests) -> list[Path]:
+    """One manifest file, or several sites' files to pool (``--manifest "['a.json', 'b.json']"``)."""
+    many = manifest if isinstance(manifest, Sequence) and not isinstance(manifest, str) else [manifest]
+    if not many:
+        raise MedtlError("no manifest given", hint="pass --manifest manifests/site.json to python -m monai.bundle run")
+    return [_required(m, "manifest", "manifests/site.json") for m in many]
+
+
+def datalist(manifest: Manifests, dataset_dir: str | Path, splits: str | Sequence[str]) -> list[dict[str, Any]]:
+    """Data dicts of ``splits`` from one manifest file or several (pooled, in the order given),
+    paths resolved under ``dataset_dir``."""
+    paths = _manifest_paths(manifest)
+    class_names(paths)  # pooled sites must mean the same by each label index
     root = _required(dataset_dir, "dataset_dir", "DATA_ROOT")
-    items = _datalist(load_manifest(path), root, splits)
+    items = [item for path in paths for item in _datalist(load_manifest(path), root, splits)]
     if not items:
-        raise MedtlError(f"the manifest has no cases in split(s) {splits!r}", path=path.name)
+        raise MedtlError(f"the manifest has no cases in split(s) {splits!r}", path=", ".join(p.name for p in paths))
     return items
 
 
-def class_names(manifest: str | Path) -> list[str]:
-    """Class names in label-index order, from a manifest's label map."""
-    label_map = load_manifest(_required(manifest, "manifest", "manifests/site.json"))["label_map"]
-    return sorted(label_map, key=label_map.get)
+def class_names(manifest: Manifests) -> list[str]:
+    """Class names in label-index order, from the manifests' label map (pooled ones must agree)."""
+    maps = {path.name: load_manifest(path)["label_map"] for path in _manifest_paths(manifest)}
+    first = next(iter(maps.values()))
+    for name, label_map in maps.items():
+        if label_map != first:
+            raise MedtlError(f"the manifests' label maps differ ({label_map} vs {first}), so their cases cannot be pooled", path=name)
+    return sorted(first, key=first.get)
 
 
 def configure_torch(seed: int | None = 0, deterministic: bool = True) -> None:
@@ -65,7 +82,7 @@ def configure_torch(seed: int | None = 0, deterministic: bool = True) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def run_record(manifest: str | Path = "", seed: int | None = None, output_dir: str | Path | None = None,
+def run_record(manifest: Manifests = "", seed: int | None = None, output_dir: str | Path | None = None,
                weights: str | Path | None = None, **settings: Any) -> dict[str, Any]:
     """What a run's results depend on: the seed, the data manifest (name and content hash, never
     its cases or paths), the weights' sha256, settings worth stating and the software versions.
@@ -78,9 +95,10 @@ def run_record(manifest: str | Path = "", seed: int | None = None, output_dir: s
                               "software": {"medtl": __version__, "monai": monai.__version__, "torch": torch.__version__.split("+")[0]}}
     if weights not in (None, "") and Path(weights).is_file():
         record["weights_sha256"] = sha256_file(weights)
-    if manifest not in (None, ""):
-        data = load_manifest(_required(manifest, "manifest", "manifests/site.json"))
-        record["manifest"] = {"name": data["name"], "content_sha256": data["content_sha256"]}
+    if manifest not in (None, "", []):
+        data = [load_manifest(path) for path in _manifest_paths(manifest)]
+        named = [{"name": d["name"], "content_sha256": d["content_sha256"]} for d in data]
+        record["manifest"] = named[0] if len(named) == 1 else named
     if output_dir is not None:
         atomic_write_json(Path(output_dir) / "run.json", record)
     return record

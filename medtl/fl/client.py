@@ -35,6 +35,7 @@ from medtl.demo import evaluate_items, resnet
 from medtl.fl.fedprox import FedProx
 from medtl.fl.recipe import FederatedRecipe
 from medtl.fl.schedule import RoundSchedule
+from medtl.loading import resolve_device
 from medtl.manifest import load_manifest
 from medtl.transforms import preprocessing
 
@@ -49,6 +50,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--widen-factor", type=float, default=0.5, help="ResNet10 width of the global model")
     parser.add_argument("--modality", default="ct", help="ct or mr")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     return parser.parse_args(argv)
 
 
@@ -64,7 +66,8 @@ def split_counts(manifest: Mapping[str, Any]) -> dict[str, dict[str, int]]:
 
 
 def train_round(network: nn.Module, items: Sequence[Mapping[str, Any]], recipe: FederatedRecipe, schedule: RoundSchedule,
-                round_: int, *, num_classes: int, fedprox_mu: float | None = None) -> dict[str, float]:
+                round_: int, *, num_classes: int, fedprox_mu: float | None = None,
+                device: str | torch.device = "cpu") -> dict[str, float]:
     """``recipe.local_epochs`` of fine-tuning in place, in round ``round_``'s place of the schedule.
     Returns the scalars the server records: loss, optimizer steps, cases, trainable parameters and
     the FedProx mu applied (0: none)."""
@@ -72,17 +75,17 @@ def train_round(network: nn.Module, items: Sequence[Mapping[str, Any]], recipe: 
     handlers: list[Any] = [schedule.for_round(round_)]
     if fedprox_mu:
         handlers.append(FedProx(fedprox_mu))
-    batches = loader(items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True)
+    batches = loader(items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True, device=device)
     run = fit(network, batches, optimizer=optimizer, max_epochs=recipe.local_epochs, handlers=handlers,
-              num_classes=num_classes, progress=False, desc=f"round {round_}")
+              num_classes=num_classes, progress=False, desc=f"round {round_}", device=device)
     return {"train_loss": float(run["train_loss"][-1]), "train_steps": len(batches) * run["epochs_run"],
             "train_cases": len(items), "trainable_params": schedule.history[-1]["trainable_params"], "fedprox_mu": fedprox_mu or 0.0}
 
 
 def evaluate_model(network: nn.Module, items: Mapping[str, Sequence[Mapping[str, Any]]], class_names: Sequence[str],
-                   seed: int) -> dict[str, Any]:
+                   seed: int, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Metrics with patient-level 95% CIs of ``network`` on this site's val and test splits (the ones it has)."""
-    return {split: evaluate_items(network, items[split], seed=seed, class_names=class_names)
+    return {split: evaluate_items(network, items[split], seed=seed, class_names=class_names, device=device)
             for split in ("val", "test") if items[split]}
 
 
@@ -102,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     names = class_names(args.manifest)
     items = preprocess_splits(manifest, args.root, SPLITS, preprocessing(modality=args.modality), progress=False)
     data = {"manifest_sha256": manifest["content_sha256"], "counts": split_counts(manifest)}
-    network = resnet(args.widen_factor, len(names))
+    device = resolve_device(args.device)
+    network = resnet(args.widen_factor, len(names)).to(device)
 
     flare.init()
     while flare.is_running():
@@ -111,15 +115,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             break
         network.load_state_dict(received.params)
         if flare.is_evaluate():
-            flare.send(FLModel(metrics={**evaluate_model(network, items, names, args.seed), "data": data}))
+            flare.send(FLModel(metrics={**evaluate_model(network, items, names, args.seed, device), "data": data}))
             continue
         metrics: dict[str, float] = {}
         if items["val"]:
-            auc = validation_auc(network, items["val"])
+            auc = validation_auc(network, items["val"], device)
             if math.isfinite(auc):
                 metrics["val_auc"] = auc
         metrics |= train_round(network, items["train"], recipe, schedule, received.current_round, num_classes=len(names),
-                               fedprox_mu=(received.meta or {}).get(AlgorithmConstants.FEDPROX_MU))
+                               fedprox_mu=(received.meta or {}).get(AlgorithmConstants.FEDPROX_MU), device=device)
         flare.send(FLModel(params={k: v.cpu() for k, v in network.state_dict().items()}, metrics=metrics,
                            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: metrics["train_steps"]}))
 

@@ -35,6 +35,7 @@ from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_json
 from medtl.fl import require_nvflare
 from medtl.fl.recipe import FederatedRecipe
+from medtl.loading import resolve_device
 
 CLIENT_SCRIPT = Path(__file__).with_name("client.py")
 JOB_NAME = "medtl_fl"
@@ -98,7 +99,7 @@ def network_config(widen_factor: float, num_classes: int) -> dict[str, Any]:
                      "n_input_channels": 1, "num_classes": num_classes, "widen_factor": widen_factor}}
 
 
-def site_args(site: Site, recipe: FederatedRecipe, *, widen_factor: float, modality: str, seed: int) -> str:
+def site_args(site: Site, recipe: FederatedRecipe, *, widen_factor: float, modality: str, seed: int, device: str = "cpu") -> str:
     """The client script's arguments for ``site``. NVFlare splits them at whitespace (quotes are not
     honoured), so the recipe goes as compact JSON and a path with spaces is refused here."""
     paths = [str(site.manifest.resolve()), str(site.root.resolve())]
@@ -107,11 +108,11 @@ def site_args(site: Site, recipe: FederatedRecipe, *, widen_factor: float, modal
         raise MedtlError("NVIDIA FLARE hands a site its script arguments split at whitespace, so this path cannot be passed",
                          path=spaced[0], hint="move or link the manifest and data to a path without spaces")
     return " ".join(["--manifest", paths[0], "--root", paths[1], "--recipe", recipe.to_json(), "--widen-factor", str(widen_factor),
-                     "--modality", modality, "--seed", str(seed)])
+                     "--modality", modality, "--seed", str(seed), "--device", device])
 
 
 def build_job(sites: Sequence[Site], recipe: FederatedRecipe, source_file: Path, *, num_classes: int, widen_factor: float = 0.5,
-              modality: str = "ct", seed: int = 0) -> Any:
+              modality: str = "ct", seed: int = 0, device: str = "cpu") -> Any:
     """The NVFlare job: the server's global model, FedAvg and final evaluation; the client script per site.
 
     Each site gets what ``ScriptRunner`` would give it (a ``ClientAPIExecutor`` running the script in
@@ -135,7 +136,7 @@ def build_job(sites: Sequence[Site], recipe: FederatedRecipe, source_file: Path,
     job.to_server(GlobalModelEval(model_locator_id=ids["locator_id"]))
     for site in sites:
         executor = ClientAPIExecutor(execution_mode=ExecutionMode.IN_PROCESS, task_script_path=CLIENT_SCRIPT.name,
-                                     task_script_args=site_args(site, recipe, widen_factor=widen_factor, modality=modality, seed=seed),
+                                     task_script_args=site_args(site, recipe, widen_factor=widen_factor, modality=modality, seed=seed, device=device),
                                      params_exchange_format=ExchangeFormat.PYTORCH)
         job.to(executor, site.name)
         job.to(FileSource(str(CLIENT_SCRIPT)), site.name)
@@ -201,6 +202,7 @@ def run_federated(
     threads: int | None = None,
     trust: bool = False,
     seed: int = 0,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Federated fine-tuning of ``source`` across one site per manifest in NVFlare's simulator.
 
@@ -221,7 +223,9 @@ def run_federated(
     load_source(network, source, trust=trust)
     source_file = out / SOURCE_FILE
     torch.save(network.state_dict(), source_file)
-    job = build_job(sites, recipe, source_file, num_classes=len(names), widen_factor=widen_factor, modality=modality, seed=seed)
+    device = str(resolve_device(device))  # checked here, once, before any site starts
+    job = build_job(sites, recipe, source_file, num_classes=len(names), widen_factor=widen_factor, modality=modality, seed=seed,
+                    device=device)
     for folder in (out / "job", out / "workspace"):
         shutil.rmtree(folder, ignore_errors=True)
     job.export_job(str(out / "job"))
