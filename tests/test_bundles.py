@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
-
-from medtl.fileio import utf8_child_env
 import torch
 
 from medtl.bundle.components import datalist, inference_cases
 from medtl.errors import MedtlError, medtl_cause
+from medtl.fileio import utf8_child_env
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
@@ -28,8 +28,8 @@ SCHEMA = REPO / "medtl" / "schemas" / "meta_schema_20240725.json"
 
 def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m monai.bundle ARGS`` as a user would type it; fails the test with its output on error."""
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(),
-                          encoding="utf-8", errors="replace", timeout=600)
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, encoding="utf-8",
+                          errors="replace", env=utf8_child_env(), timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -200,6 +200,7 @@ def test_lidc_bundle_scores_nodules_listed_in_a_csv(shared_data, tmp_path):
     lines = ["image,mask"] + [f"{Path(os.path.relpath(vois / r['image'], tmp_path)).as_posix()},"
                               f"{Path(os.path.relpath(vois / r['mask'], tmp_path)).as_posix()}" for r in rows]
     lines.append("missing.nii.gz,missing_mask.nii.gz")  # skipped and reported, the others still scored
+    lines.append(lines[1].split(",")[0] + ",")  # no mask: this model takes it as a channel, so the row is skipped with that reason
     table.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     monai_bundle("run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
@@ -210,9 +211,57 @@ def test_lidc_bundle_scores_nodules_listed_in_a_csv(shared_data, tmp_path):
     assert set(predictions[0]) == {"image", "mask", "prob_Benign", "prob_Malign", "pred", "model_version"}
     assert all(p["pred"] in ("Benign", "Malign") for p in predictions)
     skipped = json.loads((out / "predictions.json").read_text(encoding="utf-8"))["skipped"]
-    assert [s["id"] for s in skipped] == ["missing.nii.gz"]
+    assert [s["id"] for s in skipped] == ["missing.nii.gz", lines[1].split(",")[0]]
+    assert "takes the lesion mask as an input channel" in skipped[1]["reason"]
+
+    # MONAI's run equals medtl's Python path: the same two-channel preprocessing, flip TTA over the same weights
+    from medtl.bundle.components import load_bundle_network
+    from medtl.inferers import FlipAveraged
+    from medtl.transforms import eval_transforms
+
+    config = json.loads((bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
+    pre = eval_transforms(modality="ct", mask_channel=config["mask_channel"], crop_mm=config["crop_mm"])
+    x = torch.stack([pre({"image": str(vois / r["image"]), "mask": str(vois / r["mask"])})["image"] for r in rows])
+    assert x.shape[1] == 2
+    with torch.no_grad():
+        malign = torch.softmax(FlipAveraged(load_bundle_network(bundle))(x), 1)[:, 1].numpy()
+    assert np.allclose([float(p["prob_Malign"]) for p in predictions], malign, atol=1e-4)
     weights = sum(f.stat().st_size for f in (bundle / "models").glob("model.pt"))
     assert weights <= 10 * 2**20
+
+
+@pytest.mark.slow
+def test_lidc_bundle_configs_train_on_pooled_sites_and_infer_with_the_mask_channel(bundle_demo, tmp_path):
+    """The shipped LIDC configs through MONAI's CLI on generated data: train.json pools two sites'
+    manifests into one two-channel training run, evaluate.json and inference.json score with flip TTA."""
+    bundle = tmp_path / "lidc_nodule_malignancy"
+    shutil.copytree(REPO / "bundles" / "lidc_nodule_malignancy", bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
+    (bundle / "models").mkdir()
+    sites, root = bundle_demo["sites"], str(bundle_demo["out"])
+    pooled = f"['{sites['A']['manifest']}', '{sites['B']['manifest']}']"
+    monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--manifest", pooled, "--dataset_dir", root,
+                 "--max_epochs", "1", "--batch_size", "4", cwd=bundle)
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert state["conv1.weight"].shape[1] == 2  # CT crop and lesion mask
+    trained = json.loads((bundle / "runs" / "run.json").read_text(encoding="utf-8"))
+    assert [m["name"] for m in trained["manifest"]] == ["demo_site_A", "demo_site_B"]
+
+    monai_bundle("run", "--config_file", "configs/evaluate.json", "--bundle_root", ".", "--manifest", sites["B"]["manifest"],
+                 "--dataset_dir", root, "--n_boot", "20", cwd=bundle)
+    assert json.loads((bundle / "eval" / "metrics.json").read_text(encoding="utf-8"))["n"] > 0
+
+    from medtl.nifti import write_nifti
+    from medtl.reader import load_volume
+
+    rows = []
+    for n, case in enumerate(datalist(sites["B"]["manifest"], root, "test")[:2]):  # a CT as NIfTI and its mask, as a site lists them
+        write_nifti(load_volume(case["image"]), tmp_path / f"ct{n}.nii.gz")
+        rows.append(f"ct{n}.nii.gz,{os.path.relpath(case['mask'], tmp_path)}\n")
+    table = tmp_path / "cases.csv"
+    table.write_text("image,mask\n" + "".join(rows), encoding="utf-8")
+    monai_bundle("run", "--config_file", "configs/inference.json", "--bundle_root", ".", "--input_csv", str(table),
+                 "--output_dir", str(tmp_path / "out"), cwd=bundle)
+    assert len(list(csv.DictReader((tmp_path / "out" / "predictions.csv").open(encoding="utf-8")))) == 2
 
 
 @pytest.mark.slow

@@ -11,8 +11,6 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
-
-from medtl.fileio import utf8_child_env
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
@@ -20,6 +18,7 @@ from medtl.bundle.share import import_bundle, pack_bundle
 from medtl.bundle.verify import verify_bundle
 from medtl.cli import build_parser, main
 from medtl.demo import run_bundle_inference
+from medtl.fileio import utf8_child_env
 from medtl.nifti import read_nifti
 from medtl.reader import load_volume
 

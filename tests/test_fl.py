@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from medtl.fileio import utf8_child_env
 import torch
 from torch import nn
 
@@ -20,6 +18,7 @@ from medtl.adapt.train import fit
 from medtl.cli import main
 from medtl.demo import resnet
 from medtl.errors import MedtlError
+from medtl.fileio import utf8_child_env
 from medtl.fl.fedprox import FedProx
 from medtl.fl.recipe import FederatedRecipe
 from medtl.fl.schedule import RoundSchedule

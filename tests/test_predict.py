@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
-from medtl.fileio import utf8_child_env
 import torch
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from medtl.cli import main
 from medtl.dicomwrite import SeriesInfo, make_uid, write_ct_series
 from medtl.errors import MedtlError
+from medtl.fileio import utf8_child_env
 from medtl.predict import confidence_flag, format_predictions, predict, top_probability
 
 PLANTED = ("Zzplanted^Secretname", "PLANTED-PID-778899")  # PatientName, PatientID of every generated series

@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from medtl.fileio import utf8_child_env
 import torch
 
 from medtl.adapt.resume import TrainingCheckpoint
 from medtl.errors import MedtlError
+from medtl.fileio import utf8_child_env
 
 SCRIPT = r'''
 import json, sys

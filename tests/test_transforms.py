@@ -270,3 +270,42 @@ def test_entries_monai_would_take_for_meta_dicts_get_a_clear_error(tmp_path):
         preprocessing(modality="ct", **SMALL)({**case, "image_id": "scan 7"})
     out = preprocessing(modality="ct", **SMALL)({**case, "scan_id": "scan 7"})  # any other name passes through
     assert out["scan_id"] == "scan 7"
+
+
+def test_mask_channel_follows_the_image_crop_even_from_another_grid(tmp_path):
+    """The mask becomes channel 1 on the image's own crop: aligned with the nodule in channel 0, its
+    volume kept (a 3 mm ball is ~113 mm³), whatever grid the mask file was stored on."""
+    case, _ = _case(tmp_path, spacing=(0.8, 0.8, 2.5), center_vox=(24, 30, 9))
+    coarse = tmp_path / "coarse"  # the same ball stored at 1.6 mm in-plane: a mask from another tool
+    coarse.mkdir()
+    case_coarse, _ = _case(coarse, shape=(24, 24, 48), spacing=(1.6, 1.6, 2.5), center_vox=(12, 15, 9))
+    for mask in (case["mask"], case_coarse["mask"]):
+        out = eval_transforms(modality="ct", mask_channel=True, crop_mm=(32, 32, 32))({**case, "mask": mask})
+        image = out["image"]
+        assert image.shape == (2, 32, 32, 32) and "mask" not in out
+        lesion = image[1].numpy()
+        assert 0 <= lesion.min() and lesion.max() <= 1 and 60 < lesion.sum() < 180  # 1 mm voxels: about the ball's volume
+        assert np.abs(np.argwhere(lesion > 0.5).mean(axis=0) - _bright_center(image)).max() < 1.5  # on the nodule of channel 0
+    wide = eval_transforms(modality="ct", mask_channel=True, crop_mm=(64, 64, 64))(dict(case))
+    assert wide["image"][1].sum() < lesion.sum() / 4  # 64 mm into 32 voxels: each voxel is 8 mm³
+
+
+def test_mask_channel_refuses_a_case_without_a_mask_by_name(tmp_path):
+    case, _ = _case(tmp_path, mask=False)
+    with pytest.raises(MedtlError, match="takes the lesion mask as an input channel") as caught:
+        eval_transforms(modality="ct", mask_channel=True)(case)
+    assert "ct.nii.gz" in str(caught.value)
+    with pytest.raises(MedtlError, match="one image entry"):
+        preprocessing(modality="mr", keys=["t1", "t2"], mask_channel=True)
+
+
+def test_strong_augmentation_turns_in_the_axial_plane_and_keeps_both_channels():
+    crop = torch.zeros(2, 32, 32, 32)
+    crop[0, 4:8, 10:12, 10:22] = 1.0
+    crop[1] = crop[0]
+    aug = augmentation(level="strong", seed=0)
+    assert any(type(t).__name__ == "RandRotate90d" for t in aug.transforms)
+    for _ in range(3):
+        out = aug({"image": crop.clone()})["image"]
+        assert out.shape == (2, 32, 32, 32)
+    assert not any(type(t).__name__ == "RandRotate90d" for t in augmentation(level="light").transforms)
