@@ -99,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="medtl-demo", help="demo folder (generated if absent)")
     parser.add_argument("--source-epochs", type=int, default=20, help="epochs of source training on site A (the demo's)")
-    parser.add_argument("--target-epochs", type=int, default=30, help="epochs of every site-B training stage")
+    parser.add_argument("--target-epochs", type=int, default=15, help="epochs of every site-B training stage (the demo's)")
     parser.add_argument("--student-epochs", type=int, default=25)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each a full run of every stage")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the demo cohort's patients (smoke runs)")

@@ -89,7 +89,7 @@ def _trained(recipe: TrainRecipe) -> torch.nn.Module:
     return network
 
 
-def test_channels_last_trains_the_same_weights_and_hands_back_the_default_layout():
+def test_channels_last_training_predicts_the_same_and_hands_back_the_default_layout():
     plain = _trained(TrainRecipe(epochs=2, batch_size=4))
     fast = _trained(TrainRecipe(epochs=2, batch_size=4, channels_last=True))
     x = torch.stack([i["image"] for i in _items(6, 2)])

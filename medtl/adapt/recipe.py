@@ -95,7 +95,7 @@ class TrainRecipe:
     augment: str = "light"
     patience: int | None = None
     selection: str = "val"  # "kfold": the epoch count chosen on folds of train+val, then trained on both (FineTuneRecipe)
-    folds: int = 4
+    folds: int = 3
     channels_last: bool = False  # faster convolutions on CPUs, same arithmetic (FastForward)
     bf16: bool = False  # bfloat16 autocast: faster still, lower precision; see benchmarks/precision.py
 
@@ -128,7 +128,7 @@ class FineTuneRecipe:
     adabn: bool = True
     keep_source: bool = True
     selection: str = "kfold"
-    folds: int = 4
+    folds: int = 3
     weight_decay: float = 0.0
     batch_size: int = 8
     augment: str = "light"

@@ -27,12 +27,12 @@ def _metric(metrics: Mapping[str, Any], key: str) -> str:
 
 def evaluation_table(metrics: Mapping[str, Any]) -> list[str]:
     """Markdown rows per evaluation set from metadata ``eval_metrics`` (``<set>_n``, ``<set>_auc`` ...)."""
-    sets = [k[:-2] for k in metrics if k.endswith("_n")]
+    sets = [k[:-4] for k in metrics if k.endswith("_auc")]  # a set may state its AUC alone (a baseline score on the same cases)
     if not sets:
         return ["No evaluation recorded: run `configs/evaluate.json` on held-out data of the site that will use the model."]
     rows = ["| evaluation set | cases | AUC [95% CI] | accuracy [95% CI] | sensitivity | specificity |", "|---|---|---|---|---|---|"]
     for s in sets:
-        rows.append(f"| {s.replace('_', ' ')} | {metrics[f'{s}_n']} | {_metric(metrics, f'{s}_auc')} | {_metric(metrics, f'{s}_accuracy')} "
+        rows.append(f"| {s.replace('_', ' ')} | {metrics.get(f'{s}_n', '–')} | {_metric(metrics, f'{s}_auc')} | {_metric(metrics, f'{s}_accuracy')} "
                     f"| {_metric(metrics, f'{s}_sensitivity')} | {_metric(metrics, f'{s}_specificity')} |")
     return rows
 
