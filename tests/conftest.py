@@ -42,6 +42,30 @@ class GeneratedSeries:
         return lps * np.array([-1.0, -1.0, 1.0])
 
 
+def write_jpeg_lossless(source: str | Path, dest: Path) -> Path:
+    """A JPEG-lossless DICOM copy of ``source`` written by SimpleITK (pydicom cannot encode that syntax).
+
+    SimpleITK's DICOM writer (GDCM) sets the C library's whole locale to "C" and leaves it there:
+    LC_CTYPE drops from C.UTF-8 to ASCII, and later subprocess output and text files decode as
+    ASCII in this process. The locale is put back as it was.
+    """
+    import locale
+
+    import SimpleITK as sitk
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.SetUseCompression(True)
+        writer.SetCompressor("JPEG")
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(dest))
+        writer.Execute(sitk.ReadImage(str(source)))
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    return dest
+
+
 def ct_values(shape: Sequence[int], seed: int = 0, *, step: int = 1) -> np.ndarray:
     """Deterministic HU-like integers (every voxel distinct enough to catch flips and transposes)."""
     rng = np.random.default_rng(seed)

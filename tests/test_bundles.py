@@ -253,15 +253,18 @@ def test_lidc_bundle_configs_train_on_pooled_sites_and_infer_with_the_mask_chann
     from medtl.nifti import write_nifti
     from medtl.reader import load_volume
 
-    rows = []
-    for n, case in enumerate(datalist(sites["B"]["manifest"], root, "test")[:2]):  # a CT as NIfTI and its mask, as a site lists them
-        write_nifti(load_volume(case["image"]), tmp_path / f"ct{n}.nii.gz")
-        rows.append(f"ct{n}.nii.gz,{os.path.relpath(case['mask'], tmp_path)}\n")
+    # a site lists its cases as a CT in NIfTI or as the folder of one DICOM series, each with its nodule mask
+    cases = datalist(sites["B"]["manifest"], root, "test")
+    single = next(c for c in cases if {p.name for p in Path(c["image"][0]).parent.iterdir()} == {Path(f).name for f in c["image"]})
+    write_nifti(load_volume(cases[0]["image"]), tmp_path / "ct0.nii.gz")
+    rows = [f"ct0.nii.gz,{os.path.relpath(cases[0]['mask'], tmp_path)}",
+            f"{os.path.relpath(Path(single['image'][0]).parent, tmp_path)},{os.path.relpath(single['mask'], tmp_path)}"]
     table = tmp_path / "cases.csv"
-    table.write_text("image,mask\n" + "".join(rows), encoding="utf-8")
+    table.write_text("image,mask\n" + "\n".join(rows) + "\n", encoding="utf-8")
     monai_bundle("run", "--config_file", "configs/inference.json", "--bundle_root", ".", "--input_csv", str(table),
                  "--output_dir", str(tmp_path / "out"), cwd=bundle)
-    assert len(list(csv.DictReader((tmp_path / "out" / "predictions.csv").open(encoding="utf-8")))) == 2
+    predicted = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open(encoding="utf-8")))
+    assert [p["image"] for p in predicted] == [r.split(",")[0] for r in rows]
 
 
 @pytest.mark.slow

@@ -11,9 +11,9 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
-import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
+from conftest import write_jpeg_lossless
 from medtl.bundle.share import import_bundle, pack_bundle
 from medtl.bundle.verify import verify_bundle
 from medtl.cli import build_parser, main
@@ -54,12 +54,7 @@ def _mixed_folder(root: Path) -> Path:
     shutil.copy(get_testdata_file("MR_small_RLE.dcm"), root / "b" / "mr_rle.dcm")
     shutil.copy(get_testdata_file("MR_small_jp2klossless.dcm"), root / "b" / "c" / "mr_j2k.dcm")
     shutil.copy(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"), root / "b" / "c" / "mr_jls.dcm")
-    writer = sitk.ImageFileWriter()
-    writer.SetUseCompression(True)
-    writer.SetCompressor("JPEG")
-    writer.KeepOriginalImageUIDOn()
-    writer.SetFileName(str(root / "b" / "mr_jpeg_lossless.dcm"))
-    writer.Execute(sitk.ReadImage(get_testdata_file("MR_small.dcm")))
+    write_jpeg_lossless(get_testdata_file("MR_small.dcm"), root / "b" / "mr_jpeg_lossless.dcm")
     (root / "a" / "notes.txt").write_text("scanner export log\n")
     data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     (root / "a" / "cut.dcm").write_bytes(data[: len(data) // 2])

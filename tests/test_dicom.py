@@ -36,6 +36,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from conftest import write_jpeg_lossless
 from medtl.dicom import assemble_series, read_header, read_series, scan_dicom, slice_geometry
 from medtl.errors import DicomError, ImageError, MedtlError
 from medtl.reader import load_volume
@@ -864,12 +865,7 @@ def test_compressed_reference_files_decode_like_uncompressed(tmp_path, mr_refere
     folder.mkdir()
     path = folder / "image.dcm"
     if name == "sitk-jpeg":
-        writer = sitk.ImageFileWriter()
-        writer.SetUseCompression(True)
-        writer.SetCompressor("JPEG")
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(path))
-        writer.Execute(sitk.ReadImage(str(pydicom_file("MR_small.dcm"))))
+        write_jpeg_lossless(pydicom_file("MR_small.dcm"), path)
     else:
         shutil.copy(pydicom_file(name), path)
     assert read_header(path).transfer_syntax == syntax
