@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 import medtl
-from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_bytes, atomic_write_text
 from medtl.runlog import load_run, run_folder
 

@@ -84,7 +84,7 @@ def _num_outputs(network: nn.Module) -> int:
     return find_classifier(network)[1].out_features
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainRecipe:
     """Plain supervised training (a source model, or a target model from scratch): AdamW, cosine decay."""
 
@@ -100,7 +100,7 @@ class TrainRecipe:
     bf16: bool = False  # bfloat16 autocast: faster still, lower precision; see benchmarks/precision.py
 
 
-@dataclass
+@dataclass(frozen=True)
 class FineTuneRecipe:
     """Adapting a source model on few target labels without losing what it learned.
 
@@ -144,7 +144,7 @@ class FineTuneRecipe:
         return cls(**{**options, **overrides})
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillRecipe:
     """A student learning from the teacher's soft outputs and confident pseudo-labels."""
 
