@@ -193,7 +193,7 @@ def test_finetune_then_distill_bundles_adapt_the_source_to_site_b(trained_source
 def test_lidc_bundle_scores_nodules_listed_in_a_csv(shared_data, tmp_path):
     bundle = REPO / "bundles" / "lidc_nodule_malignancy"
     if not (bundle / "models" / "model.pt").is_file():
-        pytest.skip("lidc_nodule_malignancy has no trained weights yet (benchmarks/real_data.py --export)")
+        pytest.skip("lidc_nodule_malignancy has no trained weights yet (benchmarks/lidc_model.py --export)")
     vois = shared_data / "lidc_nodule_vois"
     rows = list(csv.DictReader((vois / "labels.csv").open(encoding="utf-8")))[:4]
     table = tmp_path / "cases.csv"
