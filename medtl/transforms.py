@@ -11,8 +11,9 @@ does::
 
 Data dicts look like ``{"image": path or DICOM file list, "label": int, "mask": optional NIfTI path,
 "roi_center_mm": optional [x, y, z] RAS mm, "roi_size_mm": optional}``. The mask and ``roi_center_mm``
-only locate the lesion (``roi_size_mm`` is not used: the crop has one physical size for every case);
-preprocessing drops all three so cases with and without a mask batch together.
+locate the lesion (``roi_size_mm`` is not used: the crop has one physical size for every case);
+preprocessing drops all three so cases with and without a mask batch together. With
+``mask_channel=True`` the mask also becomes the image's last channel, and every case needs one.
 """
 
 from __future__ import annotations
@@ -366,7 +367,9 @@ def preprocessing(
             so a lesion thinner than a voxel keeps a partial value), as the last input channel. The
             mask is the ROI a clinician gives; as a channel it tells the network the lesion's
             extent and shape, which the grey values alone blur on thick slices. Every case then
-            needs a mask.
+            needs a mask. Augmentation moves it with the CT; its intensity changes touch it too
+            (for ``strong``: up to 0.1 shift, 0.03 noise, gamma on partial values), a mild blur of
+            the ROI's edge rather than a change of its meaning.
         load: False when the entries already hold channel-first ``MetaTensor`` images (2D ones
             already without the slice axis).
     """
