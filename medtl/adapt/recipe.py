@@ -241,7 +241,8 @@ def finetune(network: nn.Module, train_items: Items, val_items: Items, recipe: F
         logger.info("AdaBN %s: AUC on %d labeled cases %.3f -> %.3f", "kept" if kept else "discarded", len(judged), before, after)
     if recipe.selection == "val":
         result, history = _schedule_fit(network, train_items, val_items, recipe, epochs=recipe.epochs, num_classes=num_classes,
-                                        device=device, progress=progress, desc=desc, checkpoint=checkpoint, resume=resume)
+                                        device=device, progress=progress, desc=desc, patience=recipe.patience,
+                                        checkpoint=checkpoint, resume=resume)
         return summary | result | {"schedule": history}
     selected = _kfold_select(
         network, judged, folds=recipe.folds, epochs=recipe.epochs, seed=seed, keep_initial=recipe.keep_source, desc=desc,
@@ -252,13 +253,13 @@ def finetune(network: nn.Module, train_items: Items, val_items: Items, recipe: F
     if best == 0:
         return summary | selected | {"epochs_run": 0, "train_loss": [], "seconds": 0.0, "schedule": []}
     result, history = _schedule_fit(network, judged, None, recipe, epochs=best, num_classes=num_classes, device=device,
-                                    progress=progress, desc=f"{desc} on all {len(judged)} labeled", checkpoint=checkpoint,
-                                    resume=resume)
+                                    progress=progress, desc=f"{desc} on all {len(judged)} labeled", patience=None,
+                                    checkpoint=checkpoint, resume=resume)
     return summary | result | selected | {"schedule": history}
 
 
 def _schedule_fit(network: nn.Module, train_items: Items, val_items: Items | None, recipe: FineTuneRecipe, *, epochs: int,
-                  num_classes: int, device: str | torch.device, progress: bool, desc: str, patience: int | None = -1,
+                  num_classes: int, device: str | torch.device, progress: bool, desc: str, patience: int | None,
                   checkpoint: str | Path | None = None, resume: bool = False) -> tuple[dict[str, Any], list[Any]]:
     """One run of the fine-tuning schedule for ``epochs`` epochs; with ``val_items``, the best
     validation epoch (``recipe.keep_source``: the starting weights too) is kept."""
@@ -273,7 +274,7 @@ def _schedule_fit(network: nn.Module, train_items: Items, val_items: Items | Non
         network, loader(train_items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True, device=device),
         optimizer=optimizer, max_epochs=epochs, handlers=handlers,
         val_loader=loader(val_items, batch_size=32, device=device) if validated else None,
-        num_classes=num_classes, patience=(recipe.patience if patience == -1 else patience) if validated else None,
+        num_classes=num_classes, patience=patience if validated else None,
         keep_initial=recipe.keep_source and validated, device=device, checkpoint=checkpoint, resume=resume, progress=progress,
         desc=desc, channels_last=recipe.channels_last, bf16=recipe.bf16,
     )
