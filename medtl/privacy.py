@@ -64,34 +64,79 @@ def pseudonym(value: str, salt: str, prefix: str, length: int = 16) -> str:
 IDENTIFYING_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "PatientAddress", "AccessionNumber",
                         "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "StudyID", "ReferringPhysicianName",
                         "InstitutionName")
+_NAME_AFTER_PATIENT_WORD = "person name after a patient word"
 _PATTERNS = (
     ("DICOM person name", re.compile(r"\b[A-Za-z][A-Za-z'\-]+\^[A-Za-z][A-Za-z'\-^]*")),
     ("DICOM UID", re.compile(r"(?<![\d.])[12]\.\d+(?:\.\d+){4,}(?![\d.])")),
     ("identifying DICOM attribute with a value", re.compile(
         r"\b(?:" + "|".join(IDENTIFYING_KEYWORDS) + r")\b[\"']?\s*[:=]\s*[\"']?(?!pat-|null|None|\"|')([^\s\"',}\]]{2,})")),
-    ("birth date", re.compile(r"\b(?:birth\s*date|date\s+of\s+birth|dob|birthdate)\b\W{0,5}\d{4}[-/.]?\d{2}[-/.]?\d{2}", re.IGNORECASE)),
+    # a date only next to a birth word: the dates a bundle holds (changelogs, releases) identify nobody
+    ("birth date", re.compile(r"(?:\b(?:birth\s*date|date\s+of\s+birth|dob|birthdate|born(?:\s+on)?)\b|\bd\.o\.b\.)\W{0,5}"
+                              r"(?:\d{4}[-/.]?\d{2}[-/.]?\d{2}"  # ISO or DICOM
+                              r"|(?:[012]?\d|3[01])[-/.](?:[012]?\d|3[01])[-/.](?:19|20)\d{2}(?!\d))",  # US (or day first)
+                              re.IGNORECASE)),
+    ("medical record number", re.compile(
+        r"\b(?:mrn|medical\s+record\s+(?:number|no\b\.?))[ \t]*(?:[:#=\-]|no\b\.?)?[ \t]*[A-Za-z]{0,3}\d{3,}\b", re.IGNORECASE)),
+    (_NAME_AFTER_PATIENT_WORD, re.compile(
+        r"(?i:\bpatient(?:'s)?(?:[ \t]+name)?[\"']?|(?<!\d[ \t])\bpt\b\.?|\bname(?=[ \t]*:))[ \t]*[:=#]?[ \t]*[\"']?[ \t]*"
+        r"(?=(?P<name>[^\W\d_][\w'.\-]*(?:[ \t]+[^\W\d_][\w'.\-]*){1,3}))")),  # a look-ahead: a rejected name consumes nothing
     ("user home path", re.compile(r"(?:/home/|/Users/|[A-Za-z]:\\{1,2}Users\\{1,2}|/root/)[^/\\\s\"']+")),
     ("absolute path", re.compile(r"(?<![\w.:/~\\])(?:/(?!home/|Users/|root/)[\w.\-]+){3,}|\b[A-Za-z]:\\(?!Users\\)[\w.\-]+\\[\w.\-]+")),
 )
 #: UIDs of the DICOM standard itself (transfer syntaxes, SOP classes) identify nobody.
 _STANDARD_UID = "1.2.840.10008."
+#: Capitalised words that follow "patient" or "name:" in headings and configs, not in a person's name.
+_NOT_NAMES = frozenset({
+    "a", "an", "and", "all", "any", "each", "every", "for", "in", "is", "no", "not", "of", "on", "one", "or", "the", "to", "two",
+    "was", "with", "access", "age", "anonymisation", "anonymization", "background", "benign", "care", "case", "cases",
+    "characteristics", "class", "classes", "classifier", "classification", "cohort", "cohorts", "comments", "consent", "count",
+    "counts", "criteria", "data", "dataset", "datasets", "demographics", "details", "detection", "directory", "distribution",
+    "exclusion", "file", "files", "folder", "gender", "group", "groups", "hash", "history", "id", "ids", "identifier",
+    "identifiers", "identity", "image", "images", "imaging", "inclusion", "info", "information", "key", "keys", "label", "labels",
+    "lesion", "level", "levels", "list", "lung", "malignancy", "malignant", "management", "model", "network", "nodule", "notes",
+    "number", "numbers", "outcome", "outcomes", "population", "position", "positioning", "preparation", "preprocessing",
+    "privacy", "pseudonym", "pseudonyms", "record", "records", "report", "reports", "safety", "sample", "samples", "scan",
+    "scans", "segmentation", "selection", "series", "set", "sets", "setup", "sex", "site", "sites", "size", "split", "splits",
+    "studies", "study", "summary", "table", "tables", "test", "train", "training", "tumor", "tumour", "validation", "weight",
+    "workflow"
+})
 
 
 def _mask(value: str) -> str:
     return value[:3] + "*" * min(8, max(3, len(value) - 3))
 
 
+def _person_name(words: str) -> bool:
+    """Whether ``words`` start with a name: two or more capitalised words (initials such as ``A.``
+    count, one real word at least), the first two real words not common ones ("Patient Data Sheet")."""
+    taken = []
+    for word in words.split():
+        word = word.strip(".'-")
+        initial = len(word) == 1 and word.isupper()
+        if not (initial or word[:1].isupper() and any(c.islower() for c in word)):
+            break
+        taken.append((word, initial))
+    full = [word.lower() for word, initial in taken if not initial]
+    return len(taken) >= 2 and bool(full) and not any(word in _NOT_NAMES for word in full[:2])
+
+
 def find_identifiers(text: str, known: Iterable[str] = ()) -> list[str]:
     """Descriptions (values masked) of what in ``text`` looks like patient data.
 
     ``known`` are identifiers taken from the training data (``identifiers_from_dicom``), found
-    anywhere in the text whatever their form; the patterns catch the common shapes without them.
+    anywhere in the text whatever their form; the patterns catch the common shapes without them:
+    DICOM names and UIDs, identifying DICOM attributes with a value, dates next to a birth word (ISO,
+    DICOM or US form; a date alone is not reported), medical record numbers, two capitalised words
+    after "patient", "pt." or "name:" (common words such as "Patient Data" excepted), home and
+    absolute paths.
     """
     found = []
     for label, pattern in _PATTERNS:
         for match in pattern.finditer(text):
             value = match.group(0)
             if label == "DICOM UID" and (value.startswith(_STANDARD_UID) or len(value) < 16):
+                continue
+            if label == _NAME_AFTER_PATIENT_WORD and not _person_name(match.group("name")):
                 continue
             found.append(f"{label} {_mask(value)!r}")
     lowered = text.lower()

@@ -8,9 +8,7 @@ loaded with ``weights_only=True``: a checkpoint with pickled code fails instead 
 from __future__ import annotations
 
 import json
-import pickletools
 import re
-import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -22,14 +20,13 @@ import torch
 
 from medtl.bundle.audit import audit_config, audit_logging_conf
 from medtl.bundle.files import CHECKSUMS, PROVENANCE, bundle_files, open_bundle, parse_sha256sums, sha256sums
+from medtl.bundle.textscan import file_texts
 from medtl.errors import MedtlError
 from medtl.privacy import find_identifiers
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "meta_schema_20240725.json"
 REQUIRED = ("configs/metadata.json", "configs/inference.json", "LICENSE", "models/model.pt")
 TOLERANCE = 1e-4
-_TEXT_SUFFIXES = {".json", ".yaml", ".yml", ".md", ".txt", ".conf", ".csv", ".py", ".cfg", ".ini", ".html", ""}
-_PRINTABLE = re.compile(rb"[\x20-\x7e]{4,}")
 _WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
 # a string literal in an expression holding a path of two or more parts from the root or home
 _ABSOLUTE_LITERAL = re.compile(r"(['\"])((?:/|~/|[A-Za-z]:[\\/])[^'\"/\\]+[/\\][^'\"]*)\1")
@@ -333,67 +330,17 @@ def _run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
-def _printable(data: bytes) -> str:
-    return b"\n".join(_PRINTABLE.findall(data)).decode("ascii")
-
-
-def _pickle_strings(data: bytes) -> str | None:
-    """The strings a pickle holds, read opcode by opcode without unpickling (so nothing runs)."""
-    try:
-        return "\n".join(str(arg) for op, arg, _ in pickletools.genops(data) if isinstance(arg, (str, bytes)) and "UNICODE" in op.name
-                         or op.name in ("GLOBAL", "STRING", "BINSTRING", "SHORT_BINSTRING"))
-    except Exception:  # noqa: BLE001 - not a well-formed pickle: fall back to its printable runs
-        return None
-
-
-def _onnx_text(path: Path) -> str | None:
-    """The free text of an ONNX model (doc strings, metadata), not its layer names, which look like paths."""
-    try:
-        import onnx
-
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - onnx missing or the file unreadable: scan its printable runs
-        return None
-    parts = [model.doc_string, model.graph.doc_string, *(f"{p.key}={p.value}" for p in model.metadata_props)]
-    parts += [n.doc_string for n in model.graph.node]
-    return "\n".join(p for p in parts if p)
-
-
-def _texts(path: Path) -> Iterable[tuple[str, str]]:
-    """``(part, text)`` to scan: text files whole; torch zips member names and non-tensor members;
-    ONNX doc strings and metadata; other binaries as their printable runs (like ``strings``)."""
-    data = path.read_bytes()
-    if path.suffix == ".onnx" and (text := _onnx_text(path)) is not None:
-        yield "", text
-        return
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            yield "", "\n".join(zf.namelist())
-            for info in zf.infolist():
-                if "/data/" in f"/{info.filename}" and not info.filename.endswith(".pkl"):
-                    continue  # raw tensor storage
-                member = zf.read(info)
-                text = _pickle_strings(member) if info.filename.endswith(".pkl") else None
-                yield f"#{info.filename.split('/', 1)[-1]}", text if text is not None else _printable(member)
-        return
-    if path.suffix in _TEXT_SUFFIXES or path.name == "LICENSE":
-        try:
-            yield "", data.decode("utf-8")
-            return
-        except UnicodeDecodeError:
-            pass
-    yield "", _printable(data)
-
-
 def _check_privacy(root: Path, identifiers: Iterable[str], report: Verification) -> None:
     known = sorted(set(identifiers))
     problems = []
     files = bundle_files(root)
     for rel in files:
-        for part, text in _texts(root / rel):
-            problems += [f"{rel}{part}: {f}" for f in find_identifiers(text, known)]
+        for scanned in file_texts(root / rel):
+            if scanned.problem:  # not read (a zip bomb, an encrypted member): what was not seen cannot pass
+                problems.append(f"{rel}{scanned.part}: {scanned.problem}")
+            problems += [f"{rel}{scanned.part}: {f}" for f in find_identifiers(scanned.text, known)]
     source = f", {len(known)} identifiers from the training data" if known else ""
-    report.add("privacy scan", problems, passed=f"{len(files)} files: no names, IDs, UIDs, birth dates or home paths{source}")
+    report.add("privacy scan", problems, passed=f"{len(files)} files: no names, IDs, MRNs, UIDs, birth dates or home paths{source}")
 
 
 def verify_bundle(path: str | Path, *, trust: bool = False, identifiers: Iterable[str] = ()) -> Verification:
