@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -57,6 +58,24 @@ def subset(items: list[dict], fraction: float, seed: int) -> list[dict]:
     return [i for i in items if i["patient"] in chosen]
 
 
+RUN_SETTINGS = ("variant", "source_epochs", "target_epochs", "folds", "budgets", "widen")
+
+
+def completed_draws(path: str, settings: dict) -> tuple[list[dict], set[int]]:
+    """The rows of the draws a previous run with the same settings finished (every stage, every budget)."""
+    previous = json.loads(Path(path).read_text(encoding="utf-8"))
+    changed = [k for k in RUN_SETTINGS if previous["args"].get(k) != settings[k]]
+    if changed:
+        raise SystemExit(f"{path} was run with other settings ({', '.join(changed)}): cannot resume from it")
+    per_draw = 2 + 3 * len(settings["budgets"])  # source-only, AdaBN, then three stages per budget
+    counts: dict[int, int] = {}
+    for row in previous["rows"]:
+        if row["budget"] is not None:
+            counts[row["draw"]] = counts.get(row["draw"], 0) + 1
+    done = {d for d, n in counts.items() if n == per_draw}
+    return [r for r in previous["rows"] if r["budget"] is None or r["draw"] in done], done
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lidc", default=str(SHARED), help="the lidc_nodule_vois folder")
@@ -70,6 +89,7 @@ def main() -> None:
     parser.add_argument("--widen", type=float, default=0.25, help="ResNet10 width (0.25: 0.9M parameters)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--resume", action="store_true", help="keep the draws already complete in --out and run only the rest")
     args = parser.parse_args()
     if not Path(args.lidc).is_dir():
         raise SystemExit(f"LIDC VOIs not found at {args.lidc}: pass --lidc (see ../shared/data/README.md)")
@@ -86,6 +106,10 @@ def main() -> None:
     print(", ".join(f"{k}: {len(v)}" for k, v in items.items()))
     test = items["thick test"]
     rows: list[dict] = []
+    done: set[int] = set()
+    if args.resume and args.out and Path(args.out).is_file():
+        rows, done = completed_draws(args.out, vars(args))
+        print(f"resuming: draws {sorted(done)} already complete in {args.out}")
 
     def record(stage: str, budget: float | None, draw: int, network: torch.nn.Module | None, seconds: float, labels: int,
                result: dict | None = None, **extra: object) -> None:
@@ -101,9 +125,12 @@ def main() -> None:
     y = np.array([i["label"] for i in test])
     diameter = classification_metrics(y, diameter_scores(work, test), class_names=list(LIDC_CLASSES),
                                       patient_ids=[i["patient"] for i in test], seed=0)
-    record("diameter only", None, 0, None, 0.0, 0, result=diameter)
+    if not any(r["stage"] == "diameter only" for r in rows):
+        record("diameter only", None, 0, None, 0.0, 0, result=diameter)
     n_thin = len(items["thin train"]) + len(items["thin val"])
     for draw in range(args.draws):
+        if draw in done:
+            continue
         set_determinism(draw)
         source, t = resnet(args.widen, in_channels=in_channels), time.perf_counter()
         train(source, items["thin train"], items["thin val"], TrainRecipe(epochs=args.source_epochs, augment=variant["augment"]),

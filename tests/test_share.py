@@ -106,6 +106,8 @@ def test_edited_weights_fail_the_checksums(packed, tmp_path):
     torch.save(state, weights)
     failed = _failed(verify_bundle(bundle))
     assert "models/model.pt: content changed since packing" in failed["checksums"]
+    assert "TorchScript parity" not in failed  # model.ts is a program: not run before trust
+    failed = _failed(verify_bundle(bundle, trust=True))
     assert "TorchScript parity" in failed and "differs from models/model.pt" in failed["TorchScript parity"]
     (bundle / "docs" / "extra.txt").write_text("added later\n")
     assert "docs/extra.txt: not listed" in _failed(verify_bundle(bundle))["checksums"]
@@ -201,27 +203,28 @@ def test_zip_slip_and_logging_conf_code_are_refused(tmp_path):
     conf = tmp_path / "logging.conf"
     conf.write_text("[loggers]\nkeys=root\n[handlers]\nkeys=h\n[formatters]\nkeys=\n[logger_root]\nlevel=INFO\nhandlers=h\n"
                     "[handler_h]\nclass=StreamHandler\nargs=(__import__('os').system('id'),)\n")
-    assert "arguments may only be literals" in str(audit_logging_conf(conf)[0])
+    assert "handler args must be (sys.stdout,), (sys.stderr,) or ()" in str(audit_logging_conf(conf)[0])
 
 
 @pytest.mark.parametrize("expression", [
     "__import__('os').system('id')", "open('/etc/passwd').read()", "eval('1+1')", "getattr(torch, 'load')(@p)", "torch.load(@p)",
     "@network.__class__.__init__.__globals__", "monai.utils.instantiate('os.system', 'id')", "import subprocess", "from os import system",
     "[c for c in ().__class__.__base__.__subclasses__()]", "os.system('id')", "numpy.load(@p, allow_pickle=True)",
+    "import torch.distributed as dist", "lambda engine: float(engine.state.metrics['val_auc'])", "os.environ['LOCAL_RANK']",
+    "[h for h in @handlers if type(h).__name__ == 'EarlyStopHandler']",
 ])
 def test_audit_refuses_code_outside_the_allow_list(expression):
-    assert audit_expression(expression, {"os": "os"})
+    assert audit_expression(expression)
 
 
 @pytest.mark.parametrize("expression", [
-    "@bundle_root + '/models/model.pt'", "torch.device('cuda' if torch.cuda.is_available() else 'cpu')", "import torch.distributed as dist",
-    "[@_meta_#network_data_format#outputs#pred#channel_def[str(i)] for i in range(len(@labels))]", "lambda engine: float(engine.state.metrics['val_auc'])",
-    "f\"{@name}-{@value:.2f}\"", "monai.handlers.from_engine(['pred', 'label'])",
-    "[h for h in @handlers if type(h).__name__ == 'EarlyStopHandler']",
-    "os.environ['LOCAL_RANK']",
+    "@bundle_root + '/models/model.pt'", "torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+    "f\"{@name}-{@value:.2f}\"", "monai.handlers.from_engine(['pred', 'label'])", "monai.handlers.stopping_fn_from_metric('val_auc')",
+    "@train#handlers[: -2 if torch.distributed.get_rank() > 0 else None]", "None if @resume_state.resuming else @validate#evaluator.run()",
+    "{'image': 'csv_image', 'mask': 'csv_mask'} if @input_csv else ['id', 'series']", "len(@class_names)",
 ])
 def test_audit_accepts_what_bundles_need(expression):
-    assert audit_expression(expression, {"os": "os"}) == []
+    assert audit_expression(expression) == []
 
 
 def test_every_shipped_bundle_passes_the_audit_and_path_checks():

@@ -1,56 +1,55 @@
-"""Audit what a bundle would execute before anyone runs it.
+"""Read a received bundle's configs as data: accept only a small, declared subset of MONAI's syntax.
 
 MONAI evaluates ``$`` expressions with Python's ``eval``, imports any ``_target_`` by its dotted
-name and hands ``logging.conf`` to ``logging.config.fileConfig``, which evaluates its ``args``. A
-received bundle can therefore run arbitrary code (MONAI advisory GHSA-873f-pvrv-4x83). This module
-reads configs without evaluating them and lists every construct outside an allow-list: names from
-medtl, MONAI, ignite and torch, config references, arithmetic, comparisons, comprehensions, string
-formatting and method calls on config values. Anything else (``__import__``, ``eval``, ``open``,
-``os.system``, ``subprocess``, dunder attributes, ``torch.load``) is reported with the expression.
+name, expands ``%`` macros from other files and hands ``logging.conf`` to ``fileConfig``, which
+evaluates parts of it. Listing what is dangerous in arbitrary Python cannot be complete, so this
+module does the opposite: it parses every value with ``ast`` and accepts only
+
+- literals, ``@`` references inside the bundle and ``%`` macros without a file part;
+- in ``$`` expressions: arithmetic, comparison, boolean logic, conditional expressions, f-strings,
+  lists, tuples, dicts, indexing and slicing; calls only to the exact dotted names of
+  ``allowlist.CALLS``; module attributes only from ``allowlist.VALUES``; on references, only the
+  methods and fields of ``allowlist.METHODS``/``FIELDS``;
+- ``_target_`` only from ``allowlist.TARGETS`` (a bare MONAI name only when MONAI resolves it to
+  the same object), ``_mode_`` only ``default`` or ``callable``;
+- arguments that switch safe loading off (``weights_only``, ``allow_pickle``, ``reader``,
+  ``trust``) refused wherever they appear;
+- ``metadata.json``: plain values only; ``logging.conf``: a fixed handler set, no interpolation.
+
+Everything else (imports, lambdas, comprehensions, names, dunder or other attributes, starred
+arguments, walrus) is refused with the file, the key and the reason. See ``docs/bundle-safety.md``.
 """
 
 from __future__ import annotations
 
 import ast
 import configparser
+import functools
+import importlib
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: Modules a config may import and name; their sub-modules are allowed unless denied below.
-ALLOWED_ROOTS = frozenset({"medtl", "monai", "ignite", "torch", "numpy", "math"})
-#: Callables inside allowed modules that load pickles, run code or reach the network/filesystem.
-DENIED = (
-    "torch.load", "torch.hub", "torch.package", "torch.utils.cpp_extension", "torch.ops.load_library",
-    "torch.classes.load_library", "torch.compile", "torch.utils.data.datapipes", "torch.jit.load",
-    "numpy.load", "numpy.ctypeslib", "numpy.distutils", "monai.utils.optional_import", "monai.utils.module.optional_import",
-    "torch.serialization", "torch.utils.model_zoo", "torch.save", "numpy.save", "numpy.savez", "numpy.savetxt",
-    "monai.bundle", "monai.apps.download_url", "monai.apps.download_and_extract", "monai.apps.extractall", "monai.apps.utils",
-    "monai.utils.instantiate", "monai.utils.module", "monai.utils.locate", "monai.utils.run_cmd", "monai.utils.misc.run_cmd",
-)
-#: Standard-library names allowed as bare calls or imports in expressions.
-ALLOWED_BUILTINS = frozenset({
-    "len", "range", "min", "max", "sum", "abs", "round", "int", "float", "str", "bool", "list", "dict", "tuple", "set",
-    "sorted", "reversed", "enumerate", "zip", "any", "all", "isinstance", "type", "None", "True", "False",
-})
-#: ``os`` is allowed for reading the environment only (``os.environ[...]``, torchrun's LOCAL_RANK).
-ALLOWED_ATTRIBUTE_CHAINS = frozenset({"os.environ", "os.environ.get", "os.path.join", "os.path.basename", "os.path.dirname",
-                                      "os.path.splitext", "os.sep"})
-#: Dunder attributes that only read a name.
-SAFE_DUNDERS = frozenset({"__name__", "__qualname__"})
+from medtl.bundle.allowlist import ARGUMENT_RULES, CALLS, DENIED_KEYWORDS, FIELDS, METHODS, TARGETS, VALUES
 
-_REFERENCE = re.compile(r"@(\w+(?:(?:#|::)\w+)*)")
-_LOGGING_CLASSES = frozenset({"StreamHandler", "FileHandler", "NullHandler", "logging.StreamHandler", "logging.FileHandler",
-                              "logging.NullHandler", "handlers.RotatingFileHandler", "logging.handlers.RotatingFileHandler",
-                              "Formatter", "logging.Formatter"})
-_LOGGING_STREAMS = frozenset({"sys.stdout", "sys.stderr"})
+#: MONAI's reference syntax (``ReferenceResolver.id_matcher``): ``@`` then ids joined by ``#`` or ``::``.
+_REFERENCE = re.compile(r"@(?:\w*)(?:(?:#|::)\w*)*")
+_CLEAN_REFERENCE = re.compile(r"@\w+(?:(?:#|::)\w+)*")
+_CLEAN_MACRO = re.compile(r"%\w+(?:(?:#|::)\w+)*")
+_REF_PREFIX = "_medtl_ref_"
+_MAX_EXPRESSION = 2000
+_MODES = frozenset({"default", "callable"})
+_SPECIAL_KEYS = frozenset({"_target_", "_mode_", "_requires_", "_disabled_", "_desc_"})
+_OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.USub, ast.UAdd, ast.Not, ast.And, ast.Or,
+              ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Is, ast.IsNot, ast.In, ast.NotIn)
+_STRUCTURE = (ast.Expression, ast.Constant, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp, ast.Subscript,
+              ast.Slice, ast.List, ast.Tuple, ast.Dict, ast.JoinedStr, ast.FormattedValue, ast.Load, ast.keyword)
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One construct outside the allow-list: where it is, the text, and why it is refused."""
+    """One value outside the accepted subset: where it is, its text, and why it is refused."""
 
     file: str
     where: str
@@ -60,19 +59,6 @@ class Finding:
     def __str__(self) -> str:
         text = self.text if len(self.text) <= 120 else self.text[:117] + "..."
         return f"{self.file} {self.where}: {text!r}: {self.reason}"
-
-
-def _allowed_dotted(name: str) -> str | None:
-    """None when a dotted name may be imported or called, else the reason it may not."""
-    if name in ALLOWED_ATTRIBUTE_CHAINS:
-        return None
-    root = name.split(".")[0]
-    if root not in ALLOWED_ROOTS:
-        return f"{name} is outside the allowed modules ({', '.join(sorted(ALLOWED_ROOTS))})"
-    for denied in DENIED:
-        if name == denied or name.startswith(denied + "."):
-            return f"{name} can load pickled code or run programs"
-    return None
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -85,194 +71,265 @@ def _dotted(node: ast.AST) -> str | None:
     return None
 
 
-class _ExpressionAudit(ast.NodeVisitor):
-    """Walks one expression; config references were replaced by names in ``refs``."""
+def _on_reference(node: ast.AST) -> bool:
+    """A reference, or an index into one (``@prepared['items']``)."""
+    while isinstance(node, ast.Subscript):
+        node = node.value
+    return isinstance(node, ast.Name) and node.id.startswith(_REF_PREFIX)
 
-    _PLAIN = (ast.Expression, ast.Constant, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp, ast.operator,
-              ast.unaryop, ast.boolop, ast.cmpop, ast.expr_context, ast.Subscript, ast.Slice, ast.List, ast.Tuple, ast.Dict,
-              ast.Set, ast.JoinedStr, ast.FormattedValue, ast.keyword, ast.ListComp, ast.SetComp, ast.DictComp,
-              ast.GeneratorExp, ast.comprehension, ast.Lambda, ast.arguments, ast.arg, ast.Starred)
 
-    def __init__(self, refs: set[str], aliases: dict[str, str]):
-        self.refs = refs
-        self.aliases = aliases
-        self.local: set[str] = set()
+class _Expression:
+    """Checks one parsed expression node by node; collects the reasons it is refused."""
+
+    def __init__(self) -> None:
         self.problems: list[str] = []
 
-    def generic_visit(self, node: ast.AST) -> None:
-        if not isinstance(node, (*self._PLAIN, ast.Name, ast.Attribute, ast.Call)):
-            self.problems.append(f"{type(node).__name__} is not allowed in a config expression")
+    def refuse(self, reason: str) -> None:
+        self.problems.append(reason)
+
+    def check(self, node: ast.AST) -> None:
+        if isinstance(node, ast.Call):
+            self._call(node)
+        elif isinstance(node, ast.Attribute):
+            self._attribute(node)
+        elif isinstance(node, ast.Name):
+            if not node.id.startswith(_REF_PREFIX):
+                self.refuse(f"name {node.id!r} is not allowed (only @references, and allow-listed calls)")
+        elif isinstance(node, ast.BinOp | ast.UnaryOp | ast.BoolOp | ast.Compare):
+            ops = node.ops if isinstance(node, ast.Compare) else [node.op]
+            bad = [type(op).__name__ for op in ops if not isinstance(op, _OPERATORS)]
+            if bad:
+                self.refuse(f"operator {bad[0]} is not allowed")
+            self._children(node, skip=ops)
+        elif isinstance(node, ast.FormattedValue) and node.conversion not in (-1, ord("s"), ord("r")):
+            self.refuse("f-string conversion is not allowed")
+        elif isinstance(node, _STRUCTURE):
+            self._children(node)
+        else:
+            self.refuse(f"{type(node).__name__} is not allowed in a config expression")
+
+    def _children(self, node: ast.AST, skip: list[ast.AST] = ()) -> None:
+        for child in ast.iter_child_nodes(node):
+            if child not in skip and not isinstance(child, ast.expr_context | ast.operator | ast.unaryop | ast.boolop | ast.cmpop):
+                self.check(child)
+
+    def _attribute(self, node: ast.Attribute) -> None:
+        if _on_reference(node.value):
+            if node.attr not in FIELDS:
+                self.refuse(f"field {node.attr!r} of a reference is not allowed (allowed: {', '.join(sorted(FIELDS))})")
+            self.check(node.value)
             return
-        if isinstance(node, ast.Lambda):  # bind locals before the body that uses them is visited
-            self.local.update(a.arg for a in node.args.args)
-        elif isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
-            self.local.update(n.id for g in node.generators for n in ast.walk(g.target) if isinstance(n, ast.Name))
-        super().generic_visit(node)
+        name = _dotted(node)
+        if name not in VALUES:
+            self.refuse(f"{name or node.attr!r} is not an allowed value (attribute access is limited to an exact list)")
 
-    def _known(self, name: str) -> bool:
-        return name in self.refs or name in self.local or name in ALLOWED_BUILTINS
-
-    def visit_Name(self, node: ast.Name) -> None:
-        if self._known(node.id):
-            return
-        if node.id in self.aliases or node.id in ALLOWED_ROOTS:
-            return
-        self.problems.append(f"name {node.id!r} is not allowed (only medtl/MONAI/torch names, config references and basic builtins)")
-
-    def visit_Attribute(self, node: ast.Attribute) -> None:
-        if node.attr.startswith("__") and node.attr not in SAFE_DUNDERS:
-            self.problems.append(f"attribute {node.attr!r} reaches Python internals")
-            return
-        dotted = _dotted(node)
-        root = dotted.split(".")[0] if dotted else None
-        if dotted and not self._known(root):  # a module path: torch.cuda.is_available, os.environ
-            reason = _allowed_dotted(self._module_path(dotted))
-            if reason:
-                self.problems.append(reason)
-            return
-        self.visit(node.value)  # a method or field of a config value or a local
-
-    def _module_path(self, dotted: str) -> str:
-        """``dist.get_rank`` -> ``torch.distributed.get_rank`` through the config's imports."""
-        root, _, rest = dotted.partition(".")
-        full = self.aliases.get(root, root)
-        return f"{full}.{rest}" if rest else full
-
-    def visit_Call(self, node: ast.Call) -> None:
-        self.visit(node.func)
-        for arg in (*node.args, *node.keywords):
-            self.visit(arg)
+    def _call(self, node: ast.Call) -> None:
+        func = node.func
+        if isinstance(func, ast.Attribute) and _on_reference(func.value):
+            if func.attr not in METHODS:
+                self.refuse(f"method {func.attr!r} of a reference is not allowed (allowed: {', '.join(sorted(METHODS))})")
+            self.check(func.value)
+        else:
+            name = _dotted(func)
+            if name not in CALLS:
+                self.refuse(f"call to {name or type(func).__name__!r} is not allowed (only the exact callables in "
+                            "medtl.bundle.allowlist.CALLS)")
+        for arg in node.args:
+            if isinstance(arg, ast.Starred):
+                self.refuse("starred arguments are not allowed")
+            else:
+                self.check(arg)
+        for keyword in node.keywords:
+            if keyword.arg is None:
+                self.refuse("** arguments are not allowed")
+            elif keyword.arg in DENIED_KEYWORDS:
+                self.refuse(f"keyword {keyword.arg}= switches a safety check off")
+            elif keyword.arg in ARGUMENT_RULES and (reason := ARGUMENT_RULES[keyword.arg](_literal(keyword.value))):
+                self.refuse(reason)
+            self.check(keyword.value)
 
 
-def _prepare(expression: str) -> tuple[str, set[str]]:
-    """The expression with ``@id`` references as plain names (MONAI does the same before eval)."""
-    refs: set[str] = set()
-
-    def name(match: re.Match) -> str:
-        ref = "__ref_" + re.sub(r"\W", "_", match.group(1))
-        refs.add(ref)
-        return ref
-
-    return _REFERENCE.sub(name, expression), refs
+def _literal(node: ast.AST) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return node  # not a literal: the argument rules refuse anything but their literal
 
 
-def audit_expression(expression: str, aliases: dict[str, str] | None = None) -> list[str]:
-    """Reasons why the ``$`` expression (without its ``$``) is outside the allow-list; empty if allowed."""
-    text, refs = _prepare(expression.strip())
-    if text.startswith(("import ", "from ")):
-        try:
-            tree = ast.parse(text)
-        except SyntaxError as exc:
-            return [f"not valid Python ({exc.msg})"]
-        problems = []
-        for node in tree.body:
-            if not isinstance(node, (ast.Import, ast.ImportFrom)):
-                return ["only one import statement is allowed per expression"]
-            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [f"{node.module}.{a.name}" for a in node.names]
-            problems += [r for m in modules if (r := _allowed_dotted(m)) and m != "os"]
-        return problems
+def audit_expression(expression: str) -> list[str]:
+    """Reasons why the ``$`` expression (without its ``$``) is outside the accepted subset; empty if accepted."""
+    if len(expression) > _MAX_EXPRESSION:
+        return [f"longer than {_MAX_EXPRESSION} characters"]
+    refs = _REFERENCE.findall(expression)
+    if any(not _CLEAN_REFERENCE.fullmatch(r) for r in refs):
+        return ["a relative or empty @reference (only @id#id... within the bundle)"]
+    text = _REFERENCE.sub(lambda m: _REF_PREFIX + re.sub(r"\W", "_", m.group(0)[1:]), expression.strip())
     try:
         tree = ast.parse(text, mode="eval")
-    except SyntaxError as exc:
-        return [f"not valid Python ({exc.msg})"]
-    visitor = _ExpressionAudit(refs, aliases or {})
-    visitor.visit(tree)
-    return visitor.problems
-
-
-def import_aliases(expression: str) -> dict[str, str]:
-    """Names an allowed ``$import`` expression binds: ``{"dist": "torch.distributed", "bn_adapt": "medtl.adapt.adabn.adabn"}``."""
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, SyntaxError) else exc.__class__.__name__
+        statement = text.lstrip().startswith(("import ", "from "))
+        return ["import statements are not allowed" if statement else f"not a Python expression ({reason})"]
+    checker = _Expression()
     try:
-        tree = ast.parse(expression.strip())
-    except SyntaxError:
-        return {}
-    out = {}
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            out |= {(a.asname or a.name.split(".")[0]): (a.name if a.asname else a.name.split(".")[0]) for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            out |= {(a.asname or a.name): f"{node.module}.{a.name}" for a in node.names}
-    return out
+        checker.check(tree)
+    except RecursionError:
+        return ["nested too deeply"]
+    return list(dict.fromkeys(checker.problems))
 
 
-def _walk(config: Any, where: str = "") -> Iterator[tuple[str, str, Any]]:
-    """``(where, key, value)`` for every leaf and ``_target_`` in a parsed config."""
-    if isinstance(config, dict):
-        for key, value in config.items():
-            here = f"{where}#{key}" if where else str(key)
-            if isinstance(value, (dict, list)):
-                yield from _walk(value, here)
-            else:
-                yield here, str(key), value
-    elif isinstance(config, list):
+@functools.lru_cache(maxsize=None)
+def _bare_target(name: str) -> str | None:
+    """The allow-listed component MONAI's ``ComponentLocator`` resolves a bare ``_target_`` to, or None."""
+    candidates = [t for t in TARGETS if t.startswith("monai.") and t.rsplit(".", 1)[1] == name]
+    if not candidates:
+        return None  # MONAI would fall back to importing it by name (builtins included)
+    from monai.bundle.config_item import ComponentLocator
+
+    module = ComponentLocator().get_component_module_name(name)
+    if not isinstance(module, str):
+        return None
+    found = getattr(importlib.import_module(module), name, None)
+    for full in candidates:
+        owner, _, attr = full.rpartition(".")
+        if getattr(importlib.import_module(owner), attr, None) is found:
+            return full
+    return None
+
+
+def _audit_target(value: Any) -> str | None:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", value):
+        return "_target_ must be a plain dotted name (no expression, reference or macro)"
+    if value in TARGETS:
+        return None
+    if "." not in value and _bare_target(value):
+        return None
+    return f"{value} is not an allowed component (only the exact names in medtl.bundle.allowlist.TARGETS)"
+
+
+def _audit_string(value: str) -> list[str]:
+    if value.startswith("$"):
+        return audit_expression(value[1:])
+    if value.startswith("%") and not _CLEAN_MACRO.fullmatch(value):
+        return ["a % macro may only copy another id of the same config (%id#key), not read a file"]
+    return []
+
+
+def _audit(config: Any, file: str, where: str, findings: list[Finding], off: frozenset[str]) -> None:
+    if isinstance(config, list):
         for i, value in enumerate(config):
-            here = f"{where}#{i}" if where else str(i)
-            if isinstance(value, (dict, list)):
-                yield from _walk(value, here)
-            else:
-                yield here, str(i), value
+            _audit(value, file, f"{where}#{i}" if where else str(i), findings, off)
+        return
+    if isinstance(config, str):
+        findings += [Finding(file, where, config, r) for r in _audit_string(config)]
+        return
+    if not isinstance(config, dict):
+        return
+    for key, value in config.items():
+        here = f"{where}#{key}" if where else str(key)
+        key = str(key)
+        if key == "_target_":
+            if reason := _audit_target(value):
+                findings.append(Finding(file, here, str(value), reason))
+            continue
+        if key == "_mode_" and value not in _MODES:
+            findings.append(Finding(file, here, str(value), "_mode_ may only be 'default' or 'callable'"))
+            continue
+        if key.startswith("_") and key.endswith("_") and key not in _SPECIAL_KEYS:
+            findings.append(Finding(file, here, key, "not a MONAI config keyword"))
+        rule = ARGUMENT_RULES.get(key.rsplit("#", 1)[-1])
+        if key in DENIED_KEYWORDS and value is not False and value not in off:
+            findings.append(Finding(file, here, f"{key}: {value}", "switches a safety check off (only false, or a reference "
+                                    "to a top-level false the receiving site may override, is accepted)"))
+        elif rule and (reason := rule(value)):
+            findings.append(Finding(file, here, f"{key}: {value}", reason))
+        _audit(value, file, here, findings, off)
 
 
 def audit_config(config: Any, file: str) -> list[Finding]:
-    """Every ``$`` expression and ``_target_`` of one parsed config file that is outside the allow-list."""
-    leaves = list(_walk(config))
-    aliases: dict[str, str] = {}
-    for _, _, value in leaves:
-        if isinstance(value, str) and value.startswith("$") and value[1:].strip().startswith(("import ", "from ")):
-            aliases |= import_aliases(value[1:])
-    findings = []
-    for where, key, value in leaves:
-        if value is True and re.search(r"trust|unsafe", key, re.IGNORECASE) or key == "weights_only" and value is False:
-            findings.append(Finding(file, where, f"{key}: {value}", "turns on loading pickled code, which can run programs"))
-        if not isinstance(value, str):
-            continue
-        if key == "_target_":
-            target = value.lstrip("$")
-            if "." in target:
-                reason = _allowed_dotted(target)
-            else:  # MONAI resolves bare names among its own components only
-                reason = None if re.fullmatch(r"[A-Za-z_]\w*", target) else "not a component name"
-            if reason:
-                findings.append(Finding(file, where, value, reason))
-        elif value.startswith("$"):
-            findings += [Finding(file, where, value, r) for r in audit_expression(value[1:], aliases)]
+    """Every value of one parsed config file outside the accepted subset."""
+    findings: list[Finding] = []
+    off = frozenset(f"@{k}" for k, v in config.items() if v is False) if isinstance(config, dict) else frozenset()
+    _audit(config, file, "", findings, off)
     return findings
 
 
-def _literal_arguments(text: str) -> bool:
-    try:
-        tree = ast.parse(text, mode="eval").body
-    except SyntaxError:
-        return False
-    for node in tree.elts if isinstance(tree, ast.Tuple) else [tree]:
-        if _dotted(node) in _LOGGING_STREAMS:
-            continue
-        try:
-            ast.literal_eval(node)
-        except ValueError:
-            return False
-    return True
+def _plain(value: Any, file: str, where: str, findings: list[Finding]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{where}#{key}" if where else str(key)
+            if str(key) in _SPECIAL_KEYS:
+                findings.append(Finding(file, here, str(key), "metadata holds plain values, not components"))
+            _plain(item, file, here, findings)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _plain(item, file, f"{where}#{i}", findings)
+    elif isinstance(value, str) and value[:1] in ("$", "@", "%"):
+        findings.append(Finding(file, where, value, "metadata holds plain values: MONAI would evaluate this through @_meta_"))
+
+
+def audit_metadata(meta: Any, file: str = "configs/metadata.json") -> list[Finding]:
+    """``metadata.json`` is read into every workflow as ``_meta_``: it may hold no expression,
+    reference, macro or component."""
+    findings: list[Finding] = []
+    _plain(meta, file, "", findings)
+    return findings
+
+
+_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "NOTSET"})
+_HANDLER_CLASSES = frozenset({"StreamHandler", "logging.StreamHandler", "NullHandler", "logging.NullHandler"})
+_HANDLER_ARGS = frozenset({"()", "(sys.stdout,)", "(sys.stderr,)"})
+_SECTION_KEYS = {"logger": {"level", "handlers", "propagate", "qualname"},
+                 "handler": {"class", "level", "formatter", "args"},
+                 "formatter": {"format", "datefmt", "style", "class"}}
+
+
+def _logging_problem(section: str, key: str, value: str) -> str | None:
+    kind = section.split("_", 1)[0] if "_" in section else None
+    text = re.sub(r"\s+", "", value)
+    if section in ("loggers", "handlers", "formatters"):
+        return None if key == "keys" and re.fullmatch(r"(\w+(,\w+)*)?", text) else "lists may only name sections"
+    if kind not in _SECTION_KEYS:
+        return f"section [{section}] is not a logger, handler or formatter"
+    if key not in _SECTION_KEYS[kind]:
+        return f"{key} is not allowed here (fileConfig evaluates some keys)"
+    if kind != "formatter" and "%" in value:
+        return "% interpolation is not allowed (it builds code from harmless-looking parts)"
+    if key == "level" and text not in _LEVELS:
+        return "level must be a standard level name"
+    if key == "class" and kind == "handler" and text not in _HANDLER_CLASSES:
+        return "handler class must be StreamHandler or NullHandler"
+    if key == "class" and kind == "formatter" and text not in ("Formatter", "logging.Formatter"):
+        return "formatter class must be logging.Formatter"
+    if key == "args" and text not in _HANDLER_ARGS:
+        return "handler args must be (sys.stdout,), (sys.stderr,) or ()"
+    if key in ("handlers", "formatter", "qualname") and text and not re.fullmatch(r"\w+([,.]\w+)*", text):
+        return "must name sections or loggers"
+    if key == "propagate" and text not in ("0", "1"):
+        return "propagate must be 0 or 1"
+    if key == "style" and text not in ("%", "{", "$"):
+        return "style must be %, { or $"
+    return None
 
 
 def audit_logging_conf(path: str | Path, file: str = "configs/logging.conf") -> list[Finding]:
-    """``logging.config.fileConfig`` evaluates ``class`` and ``args``: only plain handlers with
-    literal arguments (or sys.stdout/sys.stderr) pass."""
+    """MONAI hands ``configs/logging.conf`` to ``logging.config.fileConfig``, which imports
+    ``class`` and evaluates ``args``, ``kwargs`` and formatter ``defaults`` after ``%``
+    interpolation. Only stream handlers to stdout/stderr, standard levels and plain formatters pass."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
         parser.read(path, encoding="utf-8")
     except (configparser.Error, UnicodeDecodeError) as exc:
         return [Finding(file, "", "", f"not a readable logging config ({exc.__class__.__name__})")]
-    findings = []
+    findings = [Finding(file, "[DEFAULT]", f"{k}={v}", "[DEFAULT] values are interpolated into every section")
+                for k, v in parser.defaults().items()]
     for section in parser.sections():
-        for key, value in parser.items(section):
-            if key == "class" and value.strip() not in _LOGGING_CLASSES:
-                findings.append(Finding(file, f"[{section}]", f"class={value}", "handler/formatter class outside the standard logging ones"))
-            elif key in ("()",):
-                findings.append(Finding(file, f"[{section}]", f"{key}={value}", "a factory call is evaluated by fileConfig"))
-            elif key in ("args", "kwargs") and not _literal_arguments(value):
-                findings.append(Finding(file, f"[{section}]", f"{key}={value}", "arguments may only be literals or sys.stdout/sys.stderr"))
+        for key, value in parser.items(section, raw=True):
+            if key in parser.defaults():
+                continue
+            if reason := _logging_problem(section, key, value):
+                findings.append(Finding(file, f"[{section}]", f"{key}={value}", reason))
     return findings
 
 
-__all__ = ["Finding", "audit_config", "audit_expression", "audit_logging_conf", "import_aliases"]
+__all__ = ["Finding", "audit_config", "audit_expression", "audit_logging_conf", "audit_metadata"]

@@ -68,6 +68,16 @@ def class_names(manifest: Manifests) -> list[str]:
     return sorted(first, key=first.get)
 
 
+def channel_names(channel_def: Mapping[str, str]) -> list[str]:
+    """Class names in output-channel order from the metadata's ``outputs/pred/channel_def``
+    (``{"0": "benign", "1": "malignant"}``), the one place a bundle keeps them."""
+    try:
+        return [str(channel_def[str(i)]) for i in range(len(channel_def))]
+    except KeyError as exc:
+        raise MedtlError(f"channel_def must number the classes 0..{len(channel_def) - 1}; {exc} is missing",
+                         path="configs/metadata.json") from None
+
+
 def configure_torch(seed: int | None = 0, deterministic: bool = True) -> None:
     """Seed every generator; then either repeatable kernels or, on CUDA, cuDNN's autotuner.
 

@@ -2,13 +2,16 @@
 
 Shared by pack, verify, import and diff, so each sees the same file list and the same digest.
 A zip is extracted into a temporary folder with every entry checked first: no absolute names, no
-``..``, no links, no more than ``MAX_UNPACKED_BYTES`` in all (zip-slip and zip bombs).
+``..``, no links or special files, no name twice (tools disagree on which copy wins), no more than
+``MAX_UNPACKED_BYTES`` in all (zip-slip and zip bombs). A folder is checked the same way: only
+plain files and folders, no links that would copy files from outside it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import stat
 import tempfile
 import zipfile
@@ -19,8 +22,11 @@ from medtl.errors import MedtlError
 from medtl.fileio import sha256_file
 
 CHECKSUMS = "SHA256SUMS"
+#: The sender's signature over ``SHA256SUMS`` (``medtl.bundle.signing``); not listed in it.
+SIGNATURE = "SHA256SUMS.sig"
 PROVENANCE = "provenance.json"
-MAX_UNPACKED_BYTES = 4 << 30
+#: Default cap on a bundle's unpacked size; a classification bundle is a few MB to a few hundred.
+MAX_UNPACKED_BYTES = 2 << 30
 #: Produced by running a bundle, never shared: training logs may name local files.
 RUN_OUTPUTS = ("runs", "eval", "cache", "__pycache__")
 
@@ -38,9 +44,9 @@ def bundle_files(root: str | Path) -> list[str]:
 
 
 def sha256sums(root: str | Path, files: list[str] | None = None) -> dict[str, str]:
-    """``{path: sha256}`` of the bundle's files (``SHA256SUMS`` itself excluded)."""
+    """``{path: sha256}`` of the bundle's files (``SHA256SUMS`` and its signature excluded)."""
     root = Path(root)
-    return {f: sha256_file(root / f) for f in (files or bundle_files(root)) if f != CHECKSUMS}
+    return {f: sha256_file(root / f) for f in (files or bundle_files(root)) if f not in (CHECKSUMS, SIGNATURE)}
 
 
 def format_sha256sums(sums: dict[str, str]) -> str:
@@ -69,25 +75,40 @@ def bundle_digest(root: str | Path) -> str:
 
 def _check_entry(info: zipfile.ZipInfo, archive: str) -> None:
     name = PurePosixPath(info.filename)
+    mode = info.external_attr >> 16
     if info.filename.startswith(("/", "\\")) or ":" in name.parts[0] or ".." in name.parts or "\\" in info.filename:
         raise MedtlError(f"entry {info.filename!r} would be written outside the bundle folder", path=archive,
                          hint="the archive is damaged or was built to overwrite files; do not unpack it")
-    if stat.S_ISLNK(info.external_attr >> 16):
+    if stat.S_ISLNK(mode):
         raise MedtlError(f"entry {info.filename!r} is a symbolic link", path=archive, hint="bundles hold plain files only")
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: the archiver stored permissions only
+        raise MedtlError(f"entry {info.filename!r} is not a plain file (mode {mode:o})", path=archive, hint="bundles hold plain files only")
 
 
-def extract_zip(archive: str | Path, dest: str | Path) -> Path:
+def _size_text(n: int) -> str:
+    return f"{n / (1 << 30):.3g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.3g} MiB"
+
+
+def extract_zip(archive: str | Path, dest: str | Path, *, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
     """Extract a bundle zip into ``dest`` after checking every entry; returns the bundle root
     (the single top-level folder holding ``configs/``, or ``dest`` itself)."""
     archive, dest = Path(archive), Path(dest)
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
+            seen: set[str] = set()
             for info in infos:
                 _check_entry(info, archive.name)
-            if sum(i.file_size for i in infos) > MAX_UNPACKED_BYTES:
-                raise MedtlError(f"unpacks to more than {MAX_UNPACKED_BYTES >> 30} GiB", path=archive.name)
-            zf.extractall(dest)
+                key = info.filename.rstrip("/").casefold()  # one file on case-insensitive disks too
+                if key in seen:
+                    raise MedtlError(f"entry {info.filename!r} appears twice", path=archive.name,
+                                     hint="tools disagree on which copy wins; the archive was built to show different files to different readers")
+                seen.add(key)
+            total = sum(i.file_size for i in infos)
+            if total > max_bytes:
+                raise MedtlError(f"unpacks to {_size_text(total)}, above the {_size_text(max_bytes)} cap", path=archive.name,
+                                 hint="raise the cap (--max-size) only for a sender you trust")
+            zf.extractall(dest)  # each member is read up to its declared size; a lying header fails its CRC
     except zipfile.BadZipFile as exc:
         raise MedtlError(f"not a readable zip archive ({exc})", path=archive.name) from None
     tops = [p for p in dest.iterdir()]
@@ -96,18 +117,42 @@ def extract_zip(archive: str | Path, dest: str | Path) -> Path:
     return dest
 
 
+def check_plain_tree(root: str | Path, name: str | None = None, *, max_bytes: int = MAX_UNPACKED_BYTES) -> None:
+    """Refuse a bundle folder holding anything but plain files and folders: a link would make
+    pack or import copy a file from outside it, a FIFO would hang a reader."""
+    root = Path(root)
+    total = 0
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        if Path(folder) == root:  # what bundle_files leaves out is never shared
+            dirs[:] = [d for d in dirs if d not in RUN_OUTPUTS and not d.startswith(".")]
+            files = [f for f in files if not f.startswith(".")]
+        for entry in (*dirs, *files):
+            path = Path(folder) / entry
+            rel = path.relative_to(root).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise MedtlError(f"{rel} is a symbolic link", path=name or root.name, hint="bundles hold plain files only")
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise MedtlError(f"{rel} is not a plain file", path=name or root.name, hint="bundles hold plain files only")
+            total += path.lstat().st_size if stat.S_ISREG(mode) else 0
+    if total > max_bytes:
+        raise MedtlError(f"holds {_size_text(total)}, above the {_size_text(max_bytes)} cap", path=name or root.name)
+
+
 @contextlib.contextmanager
-def open_bundle(path: str | Path) -> Iterator[Path]:
-    """The bundle folder for ``path``: the folder itself, or a zip extracted to a temporary folder."""
+def open_bundle(path: str | Path, *, max_bytes: int = MAX_UNPACKED_BYTES) -> Iterator[Path]:
+    """The bundle folder for ``path``: the folder itself (checked to hold plain files only), or a
+    zip extracted to a private temporary folder that is removed afterwards."""
     path = Path(path)
     if path.is_dir():
+        check_plain_tree(path, max_bytes=max_bytes)
         yield path
         return
     if not path.is_file():
         raise MedtlError("no such bundle folder or zip", path=path.name)
     with tempfile.TemporaryDirectory(prefix="medtl-bundle-") as tmp:
-        yield extract_zip(path, tmp)
+        yield extract_zip(path, tmp, max_bytes=max_bytes)
 
 
-__all__ = ["CHECKSUMS", "PROVENANCE", "bundle_digest", "bundle_files", "extract_zip", "format_sha256sums", "open_bundle",
+__all__ = ["CHECKSUMS", "MAX_UNPACKED_BYTES", "PROVENANCE", "SIGNATURE", "bundle_digest", "bundle_files", "check_plain_tree", "extract_zip", "format_sha256sums", "open_bundle",
            "parse_sha256sums", "sha256sums"]

@@ -1,11 +1,12 @@
 """Sending and receiving bundles: ``pack`` into a reproducible zip, ``import`` after verification,
 ``diff`` two versions.
 
-A packed zip holds one folder named after the bundle with its files, ``provenance.json`` and
-``SHA256SUMS``. Entries are sorted and carry fixed timestamps and permissions, so the same bundle
-always packs to the same bytes and its hash can be published. The packed content is verified
-before the zip is written; an import verifies before anything reaches the destination and moves
-the bundle into place in one rename.
+A packed zip holds one folder named after the bundle with its files, ``provenance.json``,
+``SHA256SUMS`` and, when signed, ``SHA256SUMS.sig``. Entries are sorted and carry fixed timestamps
+and permissions, so the same bundle always packs to the same bytes and its hash can be published.
+The packed content is verified before the zip is written. An import unpacks the archive once into a
+private folder beside the destination, verifies that copy, and renames that same copy into place:
+the file is never read twice, so it cannot change between the check and the use.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from medtl.bundle.files import CHECKSUMS, PROVENANCE, bundle_files, format_sha256sums, open_bundle, sha256sums
+from medtl.bundle import signing
+from medtl.bundle.files import (CHECKSUMS, MAX_UNPACKED_BYTES, PROVENANCE, SIGNATURE, bundle_files, check_plain_tree, extract_zip,
+                                format_sha256sums, open_bundle, sha256sums)
 from medtl.bundle.provenance import provenance
 from medtl.bundle.verify import Verification, verify_bundle
 from medtl.errors import MedtlError
@@ -35,34 +38,43 @@ def _refusal(report: Verification, action: str) -> MedtlError:
                       path=report.bundle, hint=None if hinted else "`medtl bundle verify` shows the whole table")
 
 
+def _copy_files(root: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy the shareable files; a link is copied as a link (and then refused), never followed."""
+    for rel in bundle_files(root):
+        if rel not in skip:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, dest / rel, follow_symlinks=False)
+
+
 def _stage(root: Path, stage: Path) -> dict[str, Any]:
     """Copy the shareable files of ``root`` to ``stage`` with a fresh provenance record and checksum list."""
-    for rel in bundle_files(root):
-        if rel in (CHECKSUMS, PROVENANCE):
-            continue
-        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / rel, stage / rel)
+    _copy_files(root, stage, skip=(CHECKSUMS, SIGNATURE, PROVENANCE))
     record = provenance(root)
     (stage / PROVENANCE).write_text(canonical_json(record), encoding="utf-8")
     (stage / CHECKSUMS).write_text(format_sha256sums(sha256sums(stage)), encoding="utf-8")
     return record
 
 
-def pack_bundle(bundle: str | Path, out: str | Path | None = None, *, identifiers: Iterable[str] = ()) -> dict[str, Any]:
-    """Verify ``bundle`` (a folder) as it will be shipped and write ``NAME_VERSION.zip``.
+def pack_bundle(bundle: str | Path, out: str | Path | None = None, *, identifiers: Iterable[str] = (),
+                sign_key: str | Path | None = None, signer: str | None = None) -> dict[str, Any]:
+    """Verify ``bundle`` (a folder) as it will be shipped and write ``NAME_VERSION.zip``, signed
+    with the Ed25519 key file ``sign_key`` (``medtl bundle keygen``) when given.
 
-    Returns ``{"path", "name", "version", "files", "verification"}``. Raises ``MedtlError`` listing
-    the failed checks when the bundle does not pass verification (nothing is written then).
+    Returns ``{"path", "name", "version", "files", "verification", "signature"}``. Raises
+    ``MedtlError`` listing the failed checks when the bundle does not pass verification (nothing
+    is written then).
     """
     root = Path(bundle)
     if not (root / "configs" / "metadata.json").is_file():
         raise MedtlError("not a bundle folder (no configs/metadata.json)", path=root.name)
+    check_plain_tree(root)
     with tempfile.TemporaryDirectory(prefix="medtl-pack-") as tmp:
         stage = Path(tmp) / root.name
         stage.mkdir()
         record = _stage(root, stage)
         name, version = record["bundle"]["name"], record["bundle"]["version"]
-        report = verify_bundle(stage, identifiers=identifiers)
+        signature = signing.sign(stage, sign_key, signer or Path(sign_key).stem) if sign_key else None
+        report = verify_bundle(stage, identifiers=identifiers, packed=True)
         report.bundle = name
         if not report.ok:
             raise _refusal(report, "packing")
@@ -79,30 +91,42 @@ def pack_bundle(bundle: str | Path, out: str | Path | None = None, *, identifier
                     zf.writestr(info, (stage / rel).read_bytes(), compresslevel=9)
 
         atomic_write(out, write)
-    return {"path": out, "name": name, "version": version, "files": len(files), "verification": report}
+    return {"path": out, "name": name, "version": version, "files": len(files), "verification": report, "signature": signature}
 
 
 def import_bundle(archive: str | Path, to: str | Path, *, trust: bool = False, identifiers: Iterable[str] = (),
-                  replace: bool = False) -> dict[str, Any]:
+                  replace: bool = False, trusted_keys: Iterable[str | Path] | None = None,
+                  max_bytes: int = MAX_UNPACKED_BYTES) -> dict[str, Any]:
     """Verify a received bundle (zip or folder) and place it at ``to`` in one rename.
 
-    Refused (``MedtlError``, nothing written) when any check fails; ``trust`` accepts expressions
-    outside the allow-list and checkpoints with pickled code from a sender you trust. An existing
-    ``to`` is only replaced with ``replace``.
+    The archive is unpacked once into a private folder beside ``to``; that copy is verified and
+    renamed into place. Refused (``MedtlError``, nothing written) when any check fails; ``trust``
+    accepts configs outside the allow-list and checkpoints with pickled code from a sender you
+    trust; ``trusted_keys`` requires a signature by one of those keys. An existing ``to`` is only
+    replaced with ``replace``.
     """
-    to = Path(to)
+    source, to = Path(archive), Path(to)
     if to.exists() and not replace:
         raise MedtlError("destination exists", path=to.name, hint="choose a new folder, or --replace to swap it for the imported bundle")
-    report = verify_bundle(archive, trust=trust, identifiers=identifiers)
-    if not report.ok:
-        raise _refusal(report, "import")
+    if not source.exists():
+        raise MedtlError("no such bundle folder or zip", path=source.name)
     to.parent.mkdir(parents=True, exist_ok=True)
-    with open_bundle(archive) as root, tempfile.TemporaryDirectory(dir=to.parent, prefix=f".{to.name}-") as tmp:
+    with tempfile.TemporaryDirectory(dir=to.parent, prefix=f".{to.name}-") as tmp:
         build = Path(tmp) / to.name
         build.mkdir()
-        for rel in bundle_files(root):
-            (build / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / rel, build / rel)
+        try:
+            if source.is_file():
+                _copy_files(extract_zip(source, Path(tmp) / "unpacked", max_bytes=max_bytes), build)
+            else:
+                check_plain_tree(source, max_bytes=max_bytes)
+                _copy_files(source, build)
+            check_plain_tree(build, max_bytes=max_bytes)
+        except MedtlError as exc:
+            raise MedtlError(f"import refused: {exc}") from None
+        report = verify_bundle(build, trust=trust, identifiers=identifiers, trusted_keys=trusted_keys, max_bytes=max_bytes,
+                               packed=source.is_file())
+        if not report.ok:
+            raise _refusal(report, "import")
         if to.exists():
             to.rename(Path(tmp) / "previous")  # removed with the temporary folder
         build.rename(to)

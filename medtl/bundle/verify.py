@@ -1,8 +1,12 @@
 """Check a bundle before it is shared or run: a pass/fail table a receiving site can trust.
 
-Every check reads the bundle without running it, except the network checks, which instantiate
-``network_def`` only after the expression audit has passed (or with ``trust``). Weights are always
-loaded with ``weights_only=True``: a checkpoint with pickled code fails instead of running.
+A received bundle is data, not code. Every check reads it without running anything from it: the
+configs, ``metadata.json`` and ``logging.conf`` are audited against an allow-list
+(``medtl.bundle.audit``), and ``network_def`` is built only when that audit passed (or with
+``trust``). Weights are always loaded with ``weights_only=True``. ``model.ts`` is a program
+(TorchScript runs its own code on load and forward): its parity is checked only with ``trust``,
+in a child process with a time limit. A packed bundle must list every file in ``SHA256SUMS``; a
+signature over that list names the sender when its key is one the site trusts.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import jsonschema
 import numpy as np
 import torch
 
-from medtl.bundle.audit import audit_config, audit_logging_conf
-from medtl.bundle.files import CHECKSUMS, PROVENANCE, bundle_files, open_bundle, parse_sha256sums, sha256sums
+from medtl.bundle import signing
+from medtl.bundle.audit import audit_config, audit_logging_conf, audit_metadata
+from medtl.bundle.files import (CHECKSUMS, MAX_UNPACKED_BYTES, PROVENANCE, SIGNATURE, bundle_files, open_bundle, parse_sha256sums,
+                                sha256sums)
 from medtl.bundle.textscan import file_texts
 from medtl.errors import MedtlError
 from medtl.privacy import find_identifiers
@@ -27,6 +33,10 @@ from medtl.privacy import find_identifiers
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "meta_schema_20240725.json"
 REQUIRED = ("configs/metadata.json", "configs/inference.json", "LICENSE", "models/model.pt")
 TOLERANCE = 1e-4
+#: Seconds a trusted TorchScript parity check may run before it is stopped.
+TORCHSCRIPT_SECONDS = 60
+#: Files that hold code Python or the system would run: a bundle is configs, weights and documents.
+CODE_SUFFIXES = frozenset({".py", ".pyc", ".pyo", ".pyd", ".pth", ".so", ".dll", ".dylib", ".exe", ".sh", ".bat", ".whl", ".egg"})
 _WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
 # a string literal in an expression holding a path of two or more parts from the root or home
 _ABSOLUTE_LITERAL = re.compile(r"(['\"])((?:/|~/|[A-Za-z]:[\\/])[^'\"/\\]+[/\\][^'\"]*)\1")
@@ -102,22 +112,54 @@ def _check_metadata(root: Path, report: Verification) -> dict | None:
     return None if problems else meta
 
 
-def _check_checksums(root: Path, report: Verification) -> None:
+def _check_checksums(root: Path, report: Verification, required: bool) -> bool:
+    """True when ``SHA256SUMS`` lists exactly the bundle's files with their digests."""
     listing = root / CHECKSUMS
     if not listing.is_file():
-        report.skip("checksums", f"no {CHECKSUMS} (medtl bundle pack writes one)")
-        return
+        if required:
+            report.add("checksums", [f"a packed bundle must hold {CHECKSUMS} (medtl bundle pack writes one); without it any file could be swapped"])
+        else:
+            report.skip("checksums", f"no {CHECKSUMS} (a working folder; medtl bundle pack writes one)")
+        return False
     try:
         expected = parse_sha256sums(listing.read_text(encoding="utf-8"))
     except (MedtlError, UnicodeDecodeError) as exc:
         report.add("checksums", [str(exc)])
-        return
+        return False
     actual = sha256sums(root)
     problems = [f"{name}: content changed since packing (sha256 mismatch)" for name in sorted(expected)
                 if name in actual and actual[name] != expected[name]]
     problems += [f"{name}: listed in {CHECKSUMS} but missing" for name in sorted(set(expected) - set(actual))]
     problems += [f"{name}: not listed in {CHECKSUMS} (added after packing)" for name in sorted(set(actual) - set(expected))]
     report.add("checksums", problems, passed=f"{len(expected)} files match {CHECKSUMS}")
+    return not problems
+
+
+def _check_signature(root: Path, trusted: set[str] | None, checksums_ok: bool, report: Verification) -> None:
+    if not (root / SIGNATURE).is_file():
+        if trusted is not None:
+            report.add("signature", [f"unsigned (no {SIGNATURE}); --trusted-keys asks for a signer you know"])
+        else:
+            report.skip("signature", "unsigned")
+        return
+    try:
+        sig = signing.check(root, trusted)
+    except MedtlError as exc:
+        report.add("signature", [str(exc)])
+        return
+    who = f"signed by {sig.signer!r} (key {sig.fingerprint})"
+    if not checksums_ok:
+        report.add("signature", [f"{who}, but the files do not match the signed {CHECKSUMS}"])
+    elif sig.trusted is None:
+        report.skip("signature", f"{who}; signature valid, key not checked (pass --trusted-keys to require a known signer)")
+    else:
+        report.add("signature", [] if sig.trusted else [f"{who}: the key is not among --trusted-keys"], passed=f"{who}, a trusted key")
+
+
+def _check_code_files(root: Path, report: Verification) -> None:
+    code = [f for f in bundle_files(root) if Path(f).suffix.lower() in CODE_SUFFIXES]
+    report.add("no code files", [f"{f}: a code file (a bundle ships configs, weights and documents)" for f in code],
+               passed="configs, weights and documents only")
 
 
 def _config_files(root: Path) -> list[Path]:
@@ -229,10 +271,14 @@ def _check_paths(root: Path, configs: dict[str, Any], report: Verification) -> N
 
 def _check_expressions(root: Path, configs: dict[str, Any], trust: bool, report: Verification) -> bool:
     findings = [f for name, config in configs.items() for f in audit_config(config, name)]
+    try:
+        findings += audit_metadata(_load_json(root / "configs" / "metadata.json", "configs/metadata.json"))
+    except MedtlError:
+        pass  # reported by the metadata check; without metadata nothing is built
     if (root / "configs" / "logging.conf").is_file():
         findings += audit_logging_conf(root / "configs" / "logging.conf")
     report.add("expression audit", [str(f) for f in findings], trusted=trust,
-               passed="every $expression, _target_ and logging handler is on the allow-list")
+               passed="configs, metadata and logging.conf hold only the accepted subset (docs/bundle-safety.md)")
     return not findings
 
 
@@ -318,13 +364,47 @@ def _check_export(name: str, path: Path, run: Callable[[Path, torch.Tensor], np.
                passed=f"max abs difference {diff:.1e}")
 
 
+_TORCHSCRIPT_CHILD = """
+import sys, numpy as np, torch
+x = torch.from_numpy(np.load(sys.argv[2]))
+with torch.no_grad():
+    np.save(sys.argv[3], torch.jit.load(sys.argv[1], map_location="cpu").eval()(x).numpy())
+"""
+
+
 def _run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        return torch.jit.load(str(path), map_location="cpu").eval()(x).numpy()
+    """Run a trusted ``model.ts`` in a child process in an empty folder, stopped after
+    ``TORCHSCRIPT_SECONDS``: a TorchScript program that loops forever cannot hang verification."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from medtl.fileio import utf8_child_env
+
+    with tempfile.TemporaryDirectory(prefix="medtl-ts-") as tmp:
+        np.save(Path(tmp) / "x.npy", x.numpy())
+        try:
+            done = subprocess.run([sys.executable, "-c", _TORCHSCRIPT_CHILD, str(path.resolve()), "x.npy", "y.npy"], cwd=tmp,
+                                  capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(),
+                                  timeout=TORCHSCRIPT_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"still running after {TORCHSCRIPT_SECONDS} s; stopped") from None
+        if done.returncode:
+            raise RuntimeError((done.stderr.strip().splitlines() or ["failed"])[-1])
+        return np.load(Path(tmp) / "y.npy")
 
 
 def _run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
+    import onnx
     import onnxruntime
+
+    model = onnx.load(str(path), load_external_data=False)
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise ValueError(f"weights stored outside the file ({external[0]}): ONNX would read them from any path")
+    custom = sorted({o.domain for o in model.opset_import} - {"", "ai.onnx", "ai.onnx.ml"})
+    if custom:
+        raise ValueError(f"operators from custom domain {custom[0]!r}")
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
@@ -343,48 +423,67 @@ def _check_privacy(root: Path, identifiers: Iterable[str], report: Verification)
     report.add("privacy scan", problems, passed=f"{len(files)} files: no names, IDs, MRNs, UIDs, birth dates or home paths{source}")
 
 
-def verify_bundle(path: str | Path, *, trust: bool = False, identifiers: Iterable[str] = ()) -> Verification:
+def verify_bundle(path: str | Path, *, trust: bool = False, identifiers: Iterable[str] = (),
+                  trusted_keys: Iterable[str | Path] | None = None, max_bytes: int = MAX_UNPACKED_BYTES,
+                  packed: bool | None = None) -> Verification:
     """Run every check on a bundle folder or zip; never raises for a bad bundle, reports it.
 
-    ``trust`` turns expression-audit failures into warnings and lets the network checks run
-    anyway (pickled weights are still never loaded). ``identifiers`` are values from the training
-    data (``medtl.privacy.identifiers_from_dicom``) the privacy scan must not find.
+    ``trust`` turns audit failures into warnings, lets the network checks run anyway and runs
+    ``model.ts`` (in a time-limited child process); pickled weights are still never loaded.
+    ``identifiers`` are values from the training data (``medtl.privacy.identifiers_from_dicom``)
+    the privacy scan must not find. ``trusted_keys`` (``.pub`` files or folders) makes a signature
+    by one of them required. A zip may unpack to at most ``max_bytes``. ``packed`` (default: ``path``
+    is a zip) requires ``SHA256SUMS``, as a bundle that arrived from elsewhere must carry one.
     """
     path = Path(path)
     report = Verification(path.name)
     try:
-        with open_bundle(path) as root:
-            report.bundle = root.name if root.name != path.name and path.is_dir() else path.name
-            missing = [f for f in REQUIRED if not (root / f).is_file()]
-            report.add("required files", [f"{f} is missing" for f in missing], passed=", ".join(REQUIRED))
-            meta = _check_metadata(root, report) if (root / "configs" / "metadata.json").is_file() else None
-            _check_checksums(root, report)
-            configs = _read_configs(root, report) if (root / "configs").is_dir() else {}
-            if meta is not None:
-                _check_references(root, configs, meta, report)
-            _check_paths(root, configs, report)
-            audited = _check_expressions(root, configs, trust, report)
-            state = _check_weights(root, trust, report)
-            reference = None
-            if meta is None or state is None or "configs/inference.json" not in configs:
-                report.skip("network matches metadata", "needs valid metadata, weights and inference.json")
-            elif not (audited or trust):
-                report.skip("network matches metadata", "not built: the expression audit failed (--trust to build it anyway)")
-            else:
-                reference = _check_network(root, meta, state, report)
-            _check_export("TorchScript parity", root / "models" / "model.ts", _run_torchscript, reference, report)
-            _check_export("ONNX parity", root / "models" / "model.onnx", _run_onnx, reference, report)
-            _check_privacy(root, identifiers, report)
-            if (root / PROVENANCE).is_file():
-                try:
-                    provenance = _load_json(root / PROVENANCE, PROVENANCE)
-                    problems = [] if provenance.get("bundle", {}).get("version") == report.version else \
-                        [f"{PROVENANCE}: version {provenance.get('bundle', {}).get('version')} differs from metadata {report.version}"]
-                except (MedtlError, AttributeError) as exc:
-                    problems = [str(exc)]
-                report.add("provenance", problems, passed="provenance.json matches the metadata version")
+        trusted = signing.trusted_fingerprints(trusted_keys) if trusted_keys is not None else None
+        with open_bundle(path, max_bytes=max_bytes) as root:
+            return _verify_root(root, report, packed=path.is_file() if packed is None else packed, trust=trust, identifiers=identifiers, trusted=trusted)
     except MedtlError as exc:
         report.add("archive", [str(exc)])
+    return report
+
+
+def _verify_root(root: Path, report: Verification, *, packed: bool, trust: bool, identifiers: Iterable[str],
+                 trusted: set[str] | None) -> Verification:
+    """The checks on an unpacked bundle folder, in the order a reader would ask them."""
+    if not packed:
+        report.bundle = root.name
+    missing = [f for f in REQUIRED if not (root / f).is_file()]
+    report.add("required files", [f"{f} is missing" for f in missing], passed=", ".join(REQUIRED))
+    _check_code_files(root, report)
+    meta = _check_metadata(root, report) if (root / "configs" / "metadata.json").is_file() else None
+    checksums_ok = _check_checksums(root, report, required=packed)
+    _check_signature(root, trusted, checksums_ok, report)
+    configs = _read_configs(root, report) if (root / "configs").is_dir() else {}
+    if meta is not None:
+        _check_references(root, configs, meta, report)
+    _check_paths(root, configs, report)
+    audited = _check_expressions(root, configs, trust, report)
+    state = _check_weights(root, trust, report)
+    reference = None
+    if meta is None or state is None or "configs/inference.json" not in configs:
+        report.skip("network matches metadata", "needs valid metadata, weights and inference.json")
+    elif not (audited or trust):
+        report.skip("network matches metadata", "not built: the expression audit failed (--trust to build it anyway)")
+    else:
+        reference = _check_network(root, meta, state, report)
+    if trust or not (root / "models" / "model.ts").is_file():
+        _check_export("TorchScript parity", root / "models" / "model.ts", _run_torchscript, reference, report)
+    else:
+        report.skip("TorchScript parity", "not run: model.ts is a program (--trust runs it in a time-limited child process)")
+    _check_export("ONNX parity", root / "models" / "model.onnx", _run_onnx, reference, report)
+    _check_privacy(root, identifiers, report)
+    if (root / PROVENANCE).is_file():
+        try:
+            provenance = _load_json(root / PROVENANCE, PROVENANCE)
+            problems = [] if provenance.get("bundle", {}).get("version") == report.version else \
+                [f"{PROVENANCE}: version {provenance.get('bundle', {}).get('version')} differs from metadata {report.version}"]
+        except (MedtlError, AttributeError) as exc:
+            problems = [str(exc)]
+        report.add("provenance", problems, passed="provenance.json matches the metadata version")
     return report
 
 
