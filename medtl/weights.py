@@ -173,7 +173,8 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Tenso
     and removed by ``match_keys``.
 
     Loading is ``torch.load(weights_only=True)``: tensors and plain containers only. A file that
-    needs pickled code is refused unless ``trust=True`` (which warns: unpickling can run code).
+    needs pickled code, and any TorchScript file, is refused unless ``trust=True`` (which warns:
+    unpickling and TorchScript can run code).
     """
     path = Path(path)
     if not path.exists():
@@ -184,7 +185,7 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Tenso
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             if _is_torchscript(names):
-                return _state_of(_jit_load(path, path), path)
+                return _state_of(_jit_load(path, path, trust=trust), path)
             if not _is_torch_zip(names):
                 return _read_bundle_zip(path, archive, names, trust=trust)
     return _state_of(_torch_load(path, path, trust=trust), path)
@@ -227,7 +228,7 @@ def _read_bundle_zip(path: Path, archive: zipfile.ZipFile, names: list[str], *, 
                     scripted = _is_torchscript(inner.namelist())
                 data.seek(0)
                 if scripted:
-                    return _state_of(_jit_load(data, label), label)
+                    return _state_of(_jit_load(data, label, trust=trust), label)
             data.seek(0)
             return _state_of(_torch_load(data, label, trust=trust), label)
     raise MedtlError(
@@ -244,7 +245,12 @@ def _is_torchscript(names: list[str]) -> bool:
     return _is_torch_zip(names) and any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in names)
 
 
-def _jit_load(source: Path | io.BytesIO, label: str | Path) -> Any:
+def _jit_load(source: Path | io.BytesIO, label: str | Path, *, trust: bool) -> Any:
+    """TorchScript is a program: loading runs its ``__setstate__`` and using it runs its code, so
+    it is read only with ``trust`` (a bundle's weights-only ``models/model.pt`` is preferred)."""
+    if not trust:
+        raise MedtlError("TorchScript is a program that runs its own code when loaded; refused without --trust", path=label,
+                         hint="pass the weights-only model.pt (or the bundle folder holding it), or --trust for a file you trust")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.x deprecates TorchScript; bundles still ship it

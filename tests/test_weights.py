@@ -122,8 +122,10 @@ def test_torchscript_file(tmp_path, source):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.trace(source, torch.zeros(1, 1, 16, 16, 16)), path)
+    with pytest.raises(MedtlError, match="TorchScript is a program .* refused without --trust"):
+        load_weights(tiny(), path)
     model = tiny()
-    assert_exact(load_weights(model, path, strict=True), model)
+    assert_exact(load_weights(model, path, strict=True, trust=True), model)
     assert_same_weights(model, source)
 
 
@@ -143,13 +145,17 @@ def _bundle(root: Path, source: nn.Module, name: str = "model.pt") -> Path:
 @pytest.mark.parametrize("name", ["model.pt", "model.ts"])
 def test_monai_bundle_folder_and_zip(tmp_path, source, name):
     bundle = _bundle(tmp_path / "tumor_cls", source, name)
+    trust = name == "model.ts"  # TorchScript alone is a program: read only with trust
     model = tiny()
-    assert_exact(load_weights(model, bundle, strict=True), model)
+    assert_exact(load_weights(model, bundle, strict=True, trust=trust), model)
     assert_same_weights(model, source)
     archive = Path(shutil.make_archive(str(tmp_path / "tumor_cls"), "zip", tmp_path, "tumor_cls"))
     assert any(n.endswith(f"tumor_cls/models/{name}") for n in zipfile.ZipFile(archive).namelist())
+    if trust:
+        with pytest.raises(MedtlError, match="refused without --trust"):
+            load_weights(tiny(), archive)
     model = tiny()
-    assert_exact(load_weights(model, archive, strict=True), model)
+    assert_exact(load_weights(model, archive, strict=True, trust=trust), model)
     assert_same_weights(model, source)
 
 

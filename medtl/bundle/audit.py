@@ -332,4 +332,24 @@ def audit_logging_conf(path: str | Path, file: str = "configs/logging.conf") -> 
     return findings
 
 
-__all__ = ["Finding", "audit_config", "audit_expression", "audit_logging_conf", "audit_metadata"]
+def audit_bundle(root: str | Path, configs: tuple[str, ...] = ("configs/inference.json",)) -> list[Finding]:
+    """Findings in the configs a caller is about to parse with MONAI, plus ``metadata.json``
+    (read into every workflow as ``@_meta_``); a file that does not parse is a finding too."""
+    import json
+
+    import yaml
+
+    root = Path(root)
+    findings = []
+    for name in (*configs, "configs/metadata.json"):
+        try:
+            text = (root / name).read_text(encoding="utf-8")
+            config = yaml.safe_load(text) if name.endswith((".yaml", ".yml")) else json.loads(text)
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+            findings.append(Finding(name, "", "", f"not readable ({exc.__class__.__name__})"))
+            continue
+        findings += audit_metadata(config, name) if name.endswith("metadata.json") else audit_config(config, name)
+    return findings
+
+
+__all__ = ["Finding", "audit_bundle", "audit_config", "audit_expression", "audit_logging_conf", "audit_metadata"]

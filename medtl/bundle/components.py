@@ -136,17 +136,21 @@ def load_source(network: torch.nn.Module, source: str | Path, *, trust: bool = F
     return report.to_dict()
 
 
-def load_bundle_network(bundle: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A bundle's network with its weights, in eval mode: ``models/model.ts`` when present, else
-    ``network_def`` from its inference config with ``models/model.pt`` (loaded weights-only)."""
+def load_bundle_network(bundle: str | Path, *, device: str | torch.device = "cpu", trust: bool = False) -> torch.nn.Module:
+    """A bundle's network with its weights, in eval mode: ``network_def`` from its inference config
+    with ``models/model.pt`` (loaded weights-only), after the audit a received bundle gets
+    (``medtl.bundle.audit``); ``trust`` builds it anyway. Its TorchScript copy is never run."""
     from monai.bundle import ConfigParser
+
+    from medtl.bundle.audit import audit_bundle
 
     root = _required(bundle, "teacher", "../tumor_cls_finetune")
     if not (root / "configs" / "metadata.json").is_file():
         raise MedtlError("not a MONAI bundle folder (no configs/metadata.json)", path=root.name)
-    scripted = root / "models" / "model.ts"
-    if scripted.is_file():
-        return torch.jit.load(str(scripted), map_location=device).eval()
+    findings = audit_bundle(root)
+    if findings and not trust:
+        raise MedtlError(f"refusing to build its network: {len(findings)} config value(s) outside the allow-list: {findings[0]}",
+                         path=root.name, hint="review them with `medtl bundle verify`; trust it only if you know its sender")
     parser = ConfigParser()
     parser.read_config(root / "configs" / "inference.json")
     parser.read_meta(root / "configs" / "metadata.json")
