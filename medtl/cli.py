@@ -15,7 +15,7 @@ from medtl.errors import MedtlError
 def _scan(args: argparse.Namespace) -> int:
     from medtl.dicom import write_scan_index
 
-    index = write_scan_index(args.dir, args.output, progress=not args.quiet)
+    index = write_scan_index(args.dir, args.output, real_ids=args.real_ids, progress=not args.quiet)
     s = index["summary"]
     print(f"{s['files']} files: {s['series']} series ({s['loadable_series']} loadable), {s['skipped_files']} skipped -> {args.output}")
     for series in index["series"]:
@@ -24,6 +24,8 @@ def _scan(args: argparse.Namespace) -> int:
         print(f"  {series['series_key']}  {series['modality']:<3} {series['num_instances']:>4} files  {shape:<12} {'' if series['loadable'] else 'NOT LOADABLE: '}{flags}")
     for item in index["skipped"]:
         print(f"  skipped {item['path']}: {item['reason']}")
+    if index["skipped"] and not args.real_ids:
+        print("  (folders are named by salted keys, dir-...; `medtl scan --real-ids` names them as they are on disk)")
     return 0
 
 
@@ -231,7 +233,7 @@ def _predict(args: argparse.Namespace) -> int:
     from medtl.predict import format_predictions, predict
 
     result = predict(args.dicom_dir, args.bundle, args.output, confidence=args.confidence, sr=args.sr,
-                     secondary_capture=args.secondary_capture, trust=args.trust, progress=not args.quiet)
+                     secondary_capture=args.secondary_capture, real_ids=args.real_ids, trust=args.trust, progress=not args.quiet)
     print(format_predictions(result))
     if result["dicom"]:
         print(f"{len(result['dicom'])} DICOM objects -> {Path(args.output) / 'dicom'}")
@@ -264,9 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("scan", help="index a DICOM folder (headers only) into a series index JSON",
                          description="Walk DIR recursively, read DICOM headers only and write one record per series "
                          "(geometry, transfer syntax, slice-ordered files, problems). Unreadable files are skipped and listed. "
-                         "Patient/study/series identifiers are replaced by salted hashes; the salt (.medtl-salt) is kept beside the output.")
+                         "Patient/study/series identifiers and folder names are replaced by salted hashes; the salt (.medtl-salt) is kept beside the output.")
     p.add_argument("dir", help="folder to scan (recursively)")
     p.add_argument("-o", "--output", required=True, help="series index to write, e.g. scan.json")
+    p.add_argument("--real-ids", action="store_true",
+                   help="write folder names as they are on disk; by default they are salted keys (dir-...), because export "
+                   "folders are often named after the patient (`medtl manifest build` finds the folders either way)")
     p.set_defaults(func=_scan)
 
     p = verbs.add_parser("convert", help="write one DICOM series as NIfTI (canonical RAS, HU)",
@@ -460,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "on every series in DICOM_DIR, after the expression audit that medtl bundle import runs. Prints one line per "
                          "series (its pseudonymous key, the predicted class, that class's probability and a confidence flag) and the "
                          "series skipped with their reason; writes OUT/predictions.csv and OUT/predictions.json (the bundle's columns "
-                         "plus the flag). Optionally writes, per series, DICOM objects that file with the source study in a PACS: a "
+                         "plus the flag; folders named by salted keys unless --real-ids). Optionally writes, per series, DICOM objects that file with the source study in a PACS: a "
                          "Structured Report and a Grad-CAM Secondary Capture (pip install medtl[dicom-out]).")
     p.add_argument("dicom_dir", help="folder with the DICOM series to classify (searched recursively; several series per folder allowed)")
     p.add_argument("--bundle", required=True, help="bundle folder (configs/, models/model.pt), e.g. one unpacked by `medtl bundle import`")
@@ -472,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "class and its probability, the bundle's name and version as the algorithm, the source instances as evidence")
     p.add_argument("--secondary-capture", action="store_true", help="also write a DICOM Secondary Capture per series (OUT/dicom/): "
                    "the Grad-CAM overlay on the central axial slice of the crop the network saw, in the source study")
+    p.add_argument("--real-ids", action="store_true",
+                   help="name series by their folder as it is on disk in the id column and the skipped list; by default the folder "
+                   "is a salted key (dir-...#SERIES_NUMBER, salt in OUT/.medtl-salt), because export folders are often named after the patient")
     p.add_argument("--trust", action="store_true",
                    help="run a bundle whose configs hold expressions outside the allow-list (runs their code; trusted senders only)")
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars (same as medtl -q)")

@@ -16,9 +16,7 @@ Everything is deterministic given the seed: UIDs, pixel values and file bytes.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medtl.dicomwrite import SeriesInfo, make_uid, write_ct_series
-from medtl.fileio import atomic_write_json, atomic_write_text
+from medtl.fileio import atomic_write_csv, atomic_write_json
 from medtl.nifti import write_nifti
 from medtl.volume import Volume, lps_to_ras
 
@@ -316,11 +314,7 @@ def _write_site(root: Path, site: SiteProfile, seed: int, progress: bool, worker
             written = list(tqdm(pool.map(write, cases), **bar))
     rows = [row for row, _ in written]
     truth = [entry for _, entry in written]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(root / "labels.csv", buf.getvalue())
+    atomic_write_csv(root / "labels.csv", rows, list(rows[0]))
     atomic_write_json(root / "truth.json", truth)
     labels = [t["label"] for t in truth]
     return {

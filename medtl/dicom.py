@@ -11,6 +11,7 @@ are applied and a canonical RAS volume is returned.
 
 from __future__ import annotations
 
+import filecmp
 import functools
 import multiprocessing
 import os
@@ -55,13 +56,16 @@ _NATIVE_LITTLE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # Implicit and Ex
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
 
 # Problems that make a series impossible to assemble into one 3D volume.
-BLOCKING = {"non_image", "no_pixel_data", "no_pixel_spacing", "no_geometry", "mixed_orientation", "mixed_size", "duplicate_positions", "color", "multi_frame", "unsupported_compression"}
+BLOCKING = {"non_image", "no_pixel_data", "no_pixel_spacing", "bad_pixel_spacing", "no_geometry", "bad_orientation", "mixed_orientation",
+            "mixed_size", "duplicate_positions", "duplicate_instances", "color", "multi_frame", "unsupported_compression", "folder_missing"}
 
 _DECODE_HINT = "install medtl's decoder plugins (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pyjpegls)"
 
 _POS_TOL_MM = 1e-3  # positions closer than this are the same slice
 _SPACING_RTOL = 0.01  # relative tolerance for gaps to count as equal (or as whole multiples)
 _TILT_TOL = 1e-3  # in-plane drift per mm along the normal that counts as gantry tilt
+_ORTHO_TOL = 1e-3  # |row . column| above this is a sheared grid (0.06 degrees off square), not rounding
+_UNIT_TOL = 1e-2  # a direction cosine whose length is further than this from 1 is not a direction
 
 
 @dataclass(frozen=True, slots=True)  # slots: one per file in a scan, pickled back from worker processes
@@ -108,6 +112,7 @@ class Header:
     spacing_between_slices: float | None
     has_pixels: bool
     native: NativePixels | None = None  # set when loading may read the pixels without parsing again
+    sop_instance_uid: str = ""
 
 
 @dataclass
@@ -336,6 +341,7 @@ def read_header(path: str | Path) -> Header:
                 spacing_between_slices=_float(ds.get("SpacingBetweenSlices")),
                 has_pixels=pixel.present,
                 native=_native_pixels(ds, image, pixel.value, stat),
+                sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
             )
     except DicomError:
         raise
@@ -423,9 +429,56 @@ def decoder_problem(transfer_syntax: str) -> str | None:
     return None
 
 
-def series_problems(headers: Sequence[Header]) -> list[dict[str, Any]]:
-    """Problems of a series that are not about slice geometry."""
+def _numbers(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def orientation_problem(orientation: Sequence[float]) -> str | None:
+    """Why ``orientation`` (ImageOrientationPatient) cannot place a voxel grid, or None when it can.
+
+    Its two direction cosines must each have length 1 (within ``_UNIT_TOL``) and be perpendicular
+    (|cos| of their angle at most ``_ORTHO_TOL``: writers round the values, so exact zero is not
+    required). A zero vector or parallel directions give no slice normal; a skewed pair would give
+    a sheared affine that no resampler reads back as the scanner meant.
+    """
+    row, col = np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:], dtype=float)
+    for name, vector in (("row", row), ("column", col)):
+        length = float(np.linalg.norm(vector))
+        if length == 0.0:
+            return f"its {name} direction is a zero vector"
+        if abs(length - 1.0) > _UNIT_TOL:
+            return f"its {name} direction has length {length:.3g}, where a direction cosine has length 1"
+    cosine = float(row @ col / (np.linalg.norm(row) * np.linalg.norm(col)))
+    if abs(cosine) <= _ORTHO_TOL:
+        return None
+    angle = float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+    if abs(cosine) > 1.0 - 1e-9:
+        return "its row and column directions are parallel (no slice normal)"
+    return f"its row and column directions are {angle:.2f} degrees apart, not 90 (a sheared grid; tolerance |cos| <= {_ORTHO_TOL:g})"
+
+
+def _geometry_tag_problems(headers: Sequence[Header]) -> list[dict[str, Any]]:
+    """PixelSpacing that is not positive and ImageOrientationPatient that is not two perpendicular
+    unit vectors, each named with the first file that has it: such a series would load mirrored,
+    sheared or not at all."""
     problems = []
+    bad_spacing = [h for h in headers if h.pixel_spacing is not None and min(h.pixel_spacing) <= 0]
+    if bad_spacing:
+        first = bad_spacing[0]
+        more = f" (and {len(bad_spacing) - 1} more file(s))" if len(bad_spacing) > 1 else ""
+        problems.append(problem("bad_pixel_spacing", f"PixelSpacing must be positive: {first.path.name} has ({_numbers(first.pixel_spacing)}){more}"))
+    for orientation in dict.fromkeys(h.orientation for h in headers if h.orientation is not None):
+        why = orientation_problem(orientation)
+        if why:
+            first = next(h for h in headers if h.orientation == orientation)
+            problems.append(problem("bad_orientation", f"ImageOrientationPatient ({_numbers(orientation)}) of {first.path.name}: {why}"))
+            break
+    return problems
+
+
+def series_problems(headers: Sequence[Header]) -> list[dict[str, Any]]:
+    """Problems of a series that are not about slice order and spacing along the normal."""
+    problems = _geometry_tag_problems(headers)
     undecodable = sorted({why for h in headers if h.has_pixels and (why := decoder_problem(h.transfer_syntax))})
     if undecodable:
         problems.append(problem("unsupported_compression", "; ".join(undecodable)))
@@ -457,8 +510,58 @@ def _rel(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
-def _series_record(headers: list[Header], root: Path, salt: str) -> dict[str, Any]:
-    problems = series_problems(headers)
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+def _listed(paths: Sequence[Path], limit: int = 4) -> str:
+    names = [p.name for p in paths[:limit]]
+    return ", ".join(names) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def unique_instances(headers: Sequence[Header]) -> tuple[list[Header], list[Header], list[dict[str, Any]]]:
+    """The headers with each instance once, the byte-identical copies left out, and the problems.
+
+    Files that share a SOPInstanceUID hold one instance. When they are byte-identical (the same
+    export copied twice, a folder merged into another) nothing is lost by reading one: the first in
+    path order is kept, the others are returned as dropped and the non-blocking ``duplicate_files``
+    problem says so. When they differ, nothing says which one is the instance (a re-export after
+    an edit, or a writer that reuses UIDs), so the series gets the blocking ``duplicate_instances``
+    problem naming them and is refused. Files without a SOPInstanceUID are kept as they are.
+    Returns ``(kept, dropped, problems)``.
+    """
+    by_uid: dict[str, list[Header]] = defaultdict(list)
+    for h in headers:
+        if h.sop_instance_uid:
+            by_uid[h.sop_instance_uid].append(h)
+    dropped: list[Header] = []
+    differing: list[Path] = []
+    for group in by_uid.values():
+        if len(group) < 2:
+            continue
+        first, *others = sorted(group, key=lambda h: str(h.path))
+        copies = [h for h in others if _same_bytes(first.path, h.path)]
+        dropped += copies
+        if len(copies) < len(others):
+            copied = {id(h) for h in copies}
+            differing += [h.path for h in sorted(group, key=lambda h: str(h.path)) if id(h) not in copied]
+    problems = []
+    if dropped:
+        copies = "copy" if len(dropped) == 1 else "copies"
+        problems.append(problem("duplicate_files", f"{len(dropped)} byte-identical {copies} of an instance read once: "
+                                f"{_listed([h.path for h in dropped])}"))
+    if differing:
+        problems.append(problem("duplicate_instances", f"{len(differing)} files share a SOPInstanceUID but differ, so which one "
+                                f"is the instance is unknown: {_listed(differing)}"))
+    left_out = {id(h) for h in dropped}
+    return [h for h in headers if id(h) not in left_out], dropped, problems
+
+
+def _series_record(headers: list[Header], root: Path, salt: str, problems: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    problems = [*problems, *series_problems(headers)]
     geom = slice_geometry(headers)
     problems += geom.problems
     ordered = [headers[i] for i in geom.order]
@@ -500,6 +603,24 @@ def iter_files(root: Path) -> list[Path]:
     return out
 
 
+_NOT_UTF8 = "file or folder name is not valid UTF-8; rename it (the scan index and manifests are UTF-8 text)"
+_COPY = "byte-identical copy of another file of its series (same SOPInstanceUID): read once"
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """``name`` with the bytes that are not UTF-8 written as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
+
+
 #: Below this many files a scan reads headers in this process: starting workers costs more.
 PARALLEL_MIN_FILES = 2000
 
@@ -529,20 +650,29 @@ def scan_dicom(root: str | Path, salt: str, *, progress: bool = True, workers: i
     ``PARALLEL_MIN_FILES`` files; the index is the same either way.
 
     Returns ``{"format_version", "series": [...], "skipped": [{"path", "reason"}], "summary"}``.
-    Paths are relative to ``root``; patient/study/series identifiers are salted hashes.
+    Paths are relative to ``root``; patient/study/series identifiers are salted hashes. A file whose
+    path is not valid UTF-8 is skipped (its name shown with ``\\xNN`` escapes): the index is UTF-8
+    JSON. Byte-identical copies of an instance are read once (``unique_instances``) and listed as
+    skipped.
     """
     root = Path(root)
     if not root.is_dir():
         raise DicomError("not a folder", path=root, hint="pass the folder that holds the DICOM files")
     files = iter_files(root)
+    not_utf8 = {path for path in files if not _is_utf8(str(path)) and not _is_utf8(_rel(path, root))}  # the root's own name may be anything
+    skipped = [{"path": _printable(_rel(path, root)), "reason": _NOT_UTF8} for path in files if path in not_utf8]
+    readable = [path for path in files if path not in not_utf8]
     groups: dict[str, list[Header]] = defaultdict(list)
-    skipped = []
-    for path, header in zip(files, _headers(files, (os.cpu_count() or 1) if workers is None else workers, progress)):
+    for path, header in zip(readable, _headers(readable, (os.cpu_count() or 1) if workers is None else workers, progress)):
         if isinstance(header, str):
             skipped.append({"path": _rel(path, root), "reason": header})
             continue
         groups[header.series_uid].append(header)
-    series = [_series_record(hs, root, salt) for hs in groups.values()]
+    series = []
+    for headers in groups.values():
+        kept, dropped, problems = unique_instances(headers)
+        skipped += [{"path": _rel(h.path, root), "reason": _COPY} for h in dropped]
+        series.append(_series_record(kept, root, salt, problems))
     series.sort(key=lambda r: (r["patient_key"], r["folders"][0], r["series_number"] or 0, r["series_key"]))
     return {
         "format_version": SCAN_FORMAT_VERSION,
@@ -627,8 +757,11 @@ def read_series(files: Sequence[str | Path], *, name: str | None = None) -> Volu
     """Assemble the DICOM files of one series into a canonical RAS float32 volume.
 
     Slices are ordered along the normal; missing slices or uneven gaps are interpolated onto a
-    uniform grid; RescaleSlope/Intercept are applied per slice. Raises DicomError naming the
-    series when it cannot be assembled (several series, mixed sizes, duplicates, ...).
+    uniform grid; RescaleSlope/Intercept are applied per slice; byte-identical copies of an
+    instance are read once. Raises DicomError naming the series (and the file, where one is to
+    blame) when it cannot be assembled: several series, mixed sizes, duplicate positions, files
+    that share a SOPInstanceUID but differ, PixelSpacing that is not positive, an
+    ImageOrientationPatient that is not two perpendicular unit vectors, ...
     """
     if not files:
         raise DicomError("no DICOM files given", path=name or "<no files>")
@@ -641,7 +774,8 @@ def assemble_series(headers: Sequence[Header], *, name: str | None = None) -> Vo
     uids = {h.series_uid for h in headers}
     if len(uids) > 1:
         raise DicomError(f"files belong to {len(uids)} different series", path=label, hint="load one series at a time (see `medtl scan`)")
-    problems = series_problems(headers)
+    headers, _, problems = unique_instances(headers)
+    problems += series_problems(headers)
     geom = slice_geometry(headers)
     blocking = [p for p in problems + geom.problems if p["blocking"]]
     if blocking:
@@ -734,15 +868,75 @@ def _next_decoded(decoded: Iterator[tuple[np.ndarray, float, float]], path: Path
                          path=path, hint="load the series again; if it keeps failing, convert it to an uncompressed transfer syntax") from None
 
 
-def write_scan_index(root: str | Path, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+def folder_key(folder: str, salt: str) -> str:
+    """The pseudonym of a folder path relative to the scanned root (``dir-...``); ``.`` (the root
+    itself) stays ``.``. Export folders are often named after the patient."""
+    return folder if folder in ("", ".") else pseudonym(folder, salt, "dir")
+
+
+def pseudonymous_path(path: str, salt: str) -> str:
+    """A relative POSIX file path with its folder replaced by ``folder_key``; the file name is kept."""
+    folder, _, name = path.rpartition("/")
+    return f"{folder_key(folder, salt)}/{name}" if folder else name
+
+
+def pseudonymous_index(index: dict[str, Any], salt: str) -> dict[str, Any]:
+    """``index`` with every folder name replaced by its salted key (files keep their names), as
+    ``medtl scan`` writes it by default; ``index_with_folder_names`` turns it back, given the data."""
+    series = [{**s, "folders": [folder_key(f, salt) for f in s["folders"]], "files": [pseudonymous_path(f, salt) for f in s["files"]]}
+              for s in index["series"]]
+    skipped = [{**item, "path": pseudonymous_path(item["path"], salt)} for item in index["skipped"]]
+    return {**index, "series": series, "skipped": skipped, "folder_names": "pseudonymous"}
+
+
+def index_with_folder_names(index: dict[str, Any], root: str | Path, salt: str) -> dict[str, Any]:
+    """A scan index written with folder keys, its paths put back by walking ``root`` (the folder it
+    indexed) and keying every folder there with the same salt. A series whose folder is no longer
+    there (moved or renamed since the scan) gets the blocking ``folder_missing`` problem."""
+    if index.get("folder_names") != "pseudonymous":
+        return index
+    root = Path(root)
+    names = {".": "."}
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for d in dirnames:
+            rel = _rel(Path(dirpath) / d, root)
+            names[folder_key(rel, salt)] = rel
+    series = []
+    for record in index["series"]:
+        missing = [f for f in record["folders"] if f not in names]
+        if missing:
+            lost = problem("folder_missing", f"folder {missing[0]} of the scan index is not in {root.name} any more (moved or renamed since the scan?)")
+            series.append({**record, "problems": [*record["problems"], lost], "loadable": False})
+            continue
+        files = [_on_disk(f, names) for f in record["files"]]
+        series.append({**record, "folders": [names[f] for f in record["folders"]], "files": files})
+    return {**index, "series": series, "folder_names": "real"}
+
+
+def _on_disk(path: str, names: dict[str, str]) -> str:
+    """A ``pseudonymous_path`` with its folder key replaced by the folder it keys in ``names``."""
+    key, _, name = path.rpartition("/")
+    return f"{names[key]}/{name}" if key and names[key] != "." else name
+
+
+def write_scan_index(root: str | Path, out: str | Path, *, real_ids: bool = False, progress: bool = True) -> dict[str, Any]:
     """Scan ``root`` and write the index atomically to ``out``, salted with the project salt.
 
     The salt lives beside ``out`` (created on first use). ``scan_root`` records where ``root`` is
-    relative to the index file, so the index stays portable and free of absolute paths.
+    relative to the index file, so the index stays portable and free of absolute paths. Folder
+    names, which PACS exports often make from patient names, are written as salted keys
+    (``dir-...``) unless ``real_ids``; ``medtl manifest build`` finds the folders again with the
+    same salt. Returns the index as written.
     """
     out = Path(out)
+    scan_root = _rel(Path(root).resolve(), out.parent.resolve())
+    if not _is_utf8(scan_root):
+        raise DicomError("the scanned folder's path is not valid UTF-8", path=_printable(str(root)), hint="rename it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    index = scan_dicom(root, load_or_create_salt(out.parent), progress=progress)
-    index["scan_root"] = _rel(Path(root).resolve(), out.parent.resolve())
+    salt = load_or_create_salt(out.parent)
+    index = scan_dicom(root, salt, progress=progress)
+    index = {**index, "folder_names": "real"} if real_ids else pseudonymous_index(index, salt)
+    index["scan_root"] = scan_root
     atomic_write_json(out, index)
     return index

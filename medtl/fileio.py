@@ -1,13 +1,20 @@
-"""Atomic writes and checksums: an interrupted run leaves the old file or the new one, never half."""
+"""Atomic writes and checksums: an interrupted run leaves the old file or the new one, never half.
+
+Every CSV table medtl writes goes through ``csv_text``, which keeps a spreadsheet from reading a
+cell as a formula.
+"""
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
+import io
 import json
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +89,51 @@ def canonical_json(obj: Any) -> str:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, canonical_json(obj))
+
+
+#: First characters that make a spreadsheet read a cell as a formula (OWASP "CSV injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` as a CSV cell a spreadsheet shows and never runs: text starting with ``= + - @``,
+    a tab or a carriage return gets a leading ``'`` (a folder named ``=cmd|' /C calc'!A0`` is
+    written ``'=cmd|' /C calc'!A0``); numbers, however written (``-0.5``, ``+3``, ``-1e-3``), stay
+    numbers. ``csv_value`` undoes it when medtl reads its own tables back.
+    """
+    text = "" if value is None else str(value)
+    if text.startswith(FORMULA_START) and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return value
+
+
+def csv_value(text: str) -> str:
+    """The value ``csv_cell`` wrote as ``text``: one leading ``'`` before a formula character removed."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_START) else text
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A CSV table (header, then one line per row, ``\\n`` line ends) with every cell, header
+    included, passed through ``csv_cell``. A row key outside ``columns`` raises ValueError."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writerow({c: csv_cell(c) for c in columns})
+    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
+    return buffer.getvalue()
+
+
+def atomic_write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    return atomic_write_text(path, csv_text(rows, columns))
+
+
+def csv_problem(exc: csv.Error, line: int) -> str:
+    """A ``csv`` module error while reading a table, said for people: where, and what to look for."""
+    detail = str(exc)
+    if "field larger than field limit" in detail:
+        return (f"line {line}: a field is longer than {csv.field_size_limit():,} characters, the most a cell may hold "
+                "(often a quote that is never closed, which makes the rest of the file one field)")
+    return f"line {line}: not a readable CSV table ({detail})"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medtl.errors import ImageError, MedtlError
-from medtl.fileio import atomic_write_json, atomic_write_text, sha256_file
+from medtl.fileio import atomic_write_csv, atomic_write_json, atomic_write_text, csv_problem, sha256_file
 from medtl.manifest import SPLITS, build_manifest_file
 from medtl.nifti import read_nifti, write_nifti
 from medtl.privacy import load_or_create_salt, pseudonym, salt_path
@@ -54,14 +54,6 @@ MEDMNIST_CLASSES = {
     "breastmnist": ("malignant", "normal_or_benign"),
     "adrenalmnist3d": ("normal", "hyperplasia"),
 }
-
-
-def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def _load_state(out: Path) -> dict[str, dict[str, Any]]:
@@ -123,10 +115,13 @@ def _read_lidc_table(path: Path) -> list[dict[str, str]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise MedtlError(f"cannot read the label table ({exc})", path=path) from None
     reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in _LIDC_COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-        raise MedtlError(f"missing column(s) {', '.join(missing)}", path=path, hint=f"an LIDC VOI table has {', '.join(_LIDC_COLUMNS)}, ...")
-    return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    try:
+        missing = [c for c in _LIDC_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise MedtlError(f"missing column(s) {', '.join(missing)}", path=path, hint=f"an LIDC VOI table has {', '.join(_LIDC_COLUMNS)}, ...")
+        return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except csv.Error as exc:
+        raise MedtlError(csv_problem(exc, reader.reader.line_num), path=path) from None
 
 
 def _convert_lidc_case(image: Path, mask: Path, out: Path, key: str) -> tuple[float, dict[str, str]]:
@@ -234,7 +229,7 @@ def import_lidc_vois(
             labels.unlink(missing_ok=True)
             manifest_path.unlink(missing_ok=True)
             continue
-        atomic_write_text(labels, _table(site_rows, ("patient_id", "label", "site", "image", "mask")))
+        atomic_write_csv(labels, site_rows, ("patient_id", "label", "site", "image", "mask"))
         manifest = build_manifest_file(
             labels=labels, classes=LIDC_CLASSES, out=manifest_path, root=out,
             fractions=dict(fractions[site]), seed=seed, name=f"lidc_{site}", progress=progress,
@@ -249,7 +244,7 @@ def import_lidc_vois(
             "by_split_label": manifest["counts"]["by_site_split_label"][site],
             "z_spacing_mm": {str(z): n for z, n in sorted(z_by_site[site].items())},
         }
-    atomic_write_text(out / "baseline.csv", _table(baseline, ("site", "case_id", "image", "diameter_mm")))
+    atomic_write_csv(out / "baseline.csv", baseline, ("site", "case_id", "image", "diameter_mm"))
     patients = {s: {r["patient_id"] for r in rs} for s, rs in by_site.items()}
     summary = {
         "dataset": "lidc_nodule_vois",
@@ -420,7 +415,7 @@ def import_medmnist(
                 rows.append({"patient_id": key, "label": classes[int(label)], "site": name, "image": rel, "split": split})
                 bar.update()
     labels_path = out / "labels.csv"
-    atomic_write_text(labels_path, _table(rows, ("patient_id", "label", "site", "image", "split")))
+    atomic_write_csv(labels_path, rows, ("patient_id", "label", "site", "image", "split"))
     sizes = {split: len(labels) for split, (_, labels) in splits.items()}
     manifest = build_manifest_file(
         labels=labels_path, classes=classes, out=out / "manifests" / f"{name}.json", root=out,

@@ -24,8 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 import medtl
+from medtl.dicom import index_with_folder_names
 from medtl.errors import ManifestError
-from medtl.fileio import atomic_write_json, canonical_json, sha256_file, sha256_text
+from medtl.fileio import atomic_write_json, canonical_json, csv_problem, csv_value, sha256_file, sha256_text
 from medtl.nifti import is_nifti
 from medtl.privacy import load_or_create_salt, load_salt, pseudonym
 
@@ -41,7 +42,12 @@ def manifest_schema() -> dict[str, Any]:
 
 
 def read_label_table(path: str | Path) -> list[dict[str, str]]:
-    """Read a labels CSV (comma, semicolon or tab separated, UTF-8) into rows keyed by column."""
+    """Read a labels CSV (comma, semicolon or tab separated, UTF-8) into rows keyed by column.
+
+    A cell medtl wrote with a leading ``'`` against spreadsheet formulas (``fileio.csv_cell``) is
+    read back as it was. A table the ``csv`` module cannot read (a field longer than its limit, a
+    NUL byte) raises ManifestError naming the line.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -58,6 +64,13 @@ def read_label_table(path: str | Path) -> list[dict[str, str]]:
         raise ManifestError("empty label table", path=path)
     delimiter = max(",;\t", key=lines[0].count)
     reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    try:
+        return _label_rows(reader, path)
+    except csv.Error as exc:
+        raise ManifestError(csv_problem(exc, reader.reader.line_num), path=path) from None
+
+
+def _label_rows(reader: csv.DictReader, path: Path) -> list[dict[str, str]]:
     columns = [c.strip() for c in reader.fieldnames or []]
     missing = [c for c in _REQUIRED_COLUMNS if c not in columns]
     if missing:
@@ -73,10 +86,15 @@ def read_label_table(path: str | Path) -> list[dict[str, str]]:
     for row in reader:
         if None in row:
             raise ManifestError(f"row {reader.line_num} has more fields than the header", path=path)
-        rows.append({k.strip(): (v or "").strip() for k, v in row.items()})
+        rows.append({k.strip(): csv_value((v or "").strip()) for k, v in row.items()})
     if not rows:
         raise ManifestError("label table has a header but no rows", path=path)
     return rows
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """``repr(value)`` for an error message, cut short when a cell is long (a message stays one readable line)."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value):,} characters)"
 
 
 def _vector(text: str, what: str) -> list[float]:
@@ -86,7 +104,7 @@ def _vector(text: str, what: str) -> list[float]:
     except ValueError:
         values = []
     if len(values) != 3:
-        raise ValueError(f"{what} must be three numbers 'x y z' in mm, got {text!r}")
+        raise ValueError(f"{what} must be three numbers 'x y z' in mm, got {_shown(text)}")
     return values
 
 
@@ -113,7 +131,9 @@ def build_manifest(
 ) -> dict[str, Any]:
     """Join a label table with a scan index and/or NIfTI files into a manifest (see module doc).
 
-    All row problems are collected and raised together in one ManifestError naming each row.
+    A scan index that names folders by salted keys (``medtl scan``'s default) finds them again
+    under ``scan_root`` with ``salt``, the salt it was written with. All row problems are collected
+    and raised together in one ManifestError naming each row.
     """
     labels, root = Path(labels), Path(root)
     classes = [c.strip() for c in classes if c.strip()]
@@ -123,12 +143,13 @@ def build_manifest(
     if set(fractions) - set(SPLITS) or abs(sum(fractions.values()) - 1.0) > 1e-6 or min(fractions.values()) < 0:
         raise ManifestError(f"split fractions must be train/val/test summing to 1, got {fractions}")
     rows = read_label_table(labels)
-    series_by_key = {s["series_key"]: s for s in (scan or {}).get("series", [])}
+    if scan is not None and scan_root is None:
+        raise ManifestError("a scan index needs the folder it was scanned from", hint="pass --scan-root")
+    indexed = index_with_folder_names(scan, scan_root, salt) if scan is not None else {}  # folder keys back to the folders
+    series_by_key = {s["series_key"]: s for s in indexed.get("series", [])}
     series_by_patient: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in series_by_key.values():
         series_by_patient[s["patient_key"]].append(s)
-    if scan is not None and scan_root is None:
-        raise ManifestError("a scan index needs the folder it was scanned from", hint="pass --scan-root")
 
     errors: list[str] = []
     cases: list[dict[str, Any]] = []
@@ -188,7 +209,7 @@ def _case_from_row(row, classes, table_dir, root, salt, series_by_key, series_by
         raise ValueError("empty patient_id")
     label = row.get("label") or None
     if label is not None and label not in classes:
-        raise ValueError(f"unknown label {label!r} (allowed: {', '.join(classes)}; leave empty for unlabeled)")
+        raise ValueError(f"unknown label {_shown(label)} (allowed: {', '.join(classes)}; leave empty for unlabeled)")
     patient_key = pseudonym(row["patient_id"], salt, "pat")
     case_site = row.get("site") or site
     if not case_site:
@@ -196,9 +217,9 @@ def _case_from_row(row, classes, table_dir, root, salt, series_by_key, series_by
     if row.get("image"):
         image_path = table_dir / row["image"]
         if not is_nifti(image_path):
-            raise ValueError(f"image {row['image']!r} is not a .nii/.nii.gz file (DICOM series are given by series_uid)")
+            raise ValueError(f"image {_shown(row['image'])} is not a .nii/.nii.gz file (DICOM series are given by series_uid)")
         if not image_path.is_file():
-            raise ValueError(f"image file {row['image']!r} not found")
+            raise ValueError(f"image file {_shown(row['image'])} not found")
         image = {"type": "nifti", "path": _relative(image_path, root, "image")}
     else:
         image = _series_image(row, patient_key, salt, series_by_key, series_by_patient, scan_root, root)
@@ -207,7 +228,7 @@ def _case_from_row(row, classes, table_dir, root, salt, series_by_key, series_by
     if row.get("mask"):
         mask_path = table_dir / row["mask"]
         if not mask_path.is_file():
-            raise ValueError(f"mask file {row['mask']!r} not found")
+            raise ValueError(f"mask file {_shown(row['mask'])} not found")
         roi["mask"] = {"path": _relative(mask_path, root, "mask")}
     if row.get("roi_center_mm"):
         roi["center_mm"] = _vector(row["roi_center_mm"], "roi_center_mm")
@@ -218,9 +239,9 @@ def _case_from_row(row, classes, table_dir, root, salt, series_by_key, series_by
     if row.get("split"):
         fixed = row["split"]
         if fixed not in SPLITS:
-            raise ValueError(f"split {fixed!r} is not one of {', '.join(SPLITS)}")
+            raise ValueError(f"split {_shown(fixed)} is not one of {', '.join(SPLITS)}")
         if label is None:
-            raise ValueError(f"split {fixed!r} given for an unlabeled row")
+            raise ValueError(f"split {_shown(fixed)} given for an unlabeled row")
         case["split"] = fixed
     return case
 
@@ -235,7 +256,11 @@ def _series_image(row, patient_key, salt, series_by_key, series_by_patient, scan
         if series["patient_key"] != patient_key:
             raise ValueError("series_uid belongs to another patient in the scan index")
     else:
-        candidates = [s for s in series_by_patient.get(patient_key, []) if s["loadable"]]
+        found = series_by_patient.get(patient_key, [])
+        candidates = [s for s in found if s["loadable"]]
+        if not candidates and found:
+            blocking = "; ".join(p["message"] for p in found[0]["problems"] if p["blocking"])
+            raise ValueError(f"the patient's series in the scan index cannot be loaded: {blocking}")
         if not candidates:
             raise ValueError("no loadable series for this patient in the scan index (missing image)")
         if len(candidates) > 1:

@@ -14,7 +14,12 @@ look. With highdicom (``pip install medtl[dicom-out]``) each predicted series ca
 - a Comprehensive 3D SR (TID 1500) holding the predicted class, its probability and the bundle's
   name and version as the algorithm, with the source series' instances as evidence.
 
-Both join the source study (its StudyInstanceUID and patient module) in new series. Example::
+Both join the source study (its StudyInstanceUID and patient module) in new series.
+
+The bundle names each series by its folder (``DOE_JANE/CT#2``), and export folders are often named
+after the patient, so the ``id`` column and the skipped items name folders by salted keys
+(``dir-3f2a...#2``, salt in ``output_dir/.medtl-salt``) unless ``real_ids``. Cells a spreadsheet
+would read as a formula are written as text (``fileio.csv_cell``). Example::
 
     result = predict("incoming/", "bundles/tumor_cls_finetune", "out", sr=True)
     print(format_predictions(result))
@@ -33,12 +38,14 @@ from typing import Any
 
 import numpy as np
 
+from medtl.dicom import folder_key, pseudonymous_path
 from medtl.errors import MedtlError, cause_chain, medtl_cause
-from medtl.fileio import atomic_write, atomic_write_json, atomic_write_text
+from medtl.fileio import atomic_write, atomic_write_csv, atomic_write_json
+from medtl.privacy import load_or_create_salt
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONFIDENCE", "confidence_flag", "format_predictions", "predict", "top_probability"]
+__all__ = ["CONFIDENCE", "confidence_flag", "format_predictions", "predict", "pseudonymous_id", "top_probability"]
 
 #: Default probability of the predicted class below which a series is flagged for review.
 CONFIDENCE = 0.8
@@ -62,11 +69,13 @@ def confidence_flag(probability: float, threshold: float) -> str:
 
 
 def predict(input_dir: str | Path, bundle: str | Path, output_dir: str | Path, *, confidence: float = CONFIDENCE,
-            sr: bool = False, secondary_capture: bool = False, trust: bool = False, progress: bool = True) -> dict[str, Any]:
+            sr: bool = False, secondary_capture: bool = False, real_ids: bool = False, trust: bool = False,
+            progress: bool = True) -> dict[str, Any]:
     """Run ``bundle``'s inference on every series in ``input_dir``; write the flagged predictions
     (and, when asked, DICOM SR/SC under ``output_dir/dicom``).
 
-    Series the bundle cannot read are skipped with their reason and the others go on. Raises
+    Series the bundle cannot read are skipped with their reason and the others go on. Folders are
+    named by salted keys in ids and skipped items (``pseudonymous_id``) unless ``real_ids``. Raises
     ``MedtlError`` for a bundle missing files or failing the expression audit (``trust`` runs it
     anyway), an input that is not a folder or holds no loadable series, and a threshold outside [0, 1].
     Returns the content of ``predictions.json``.
@@ -88,18 +97,22 @@ def predict(input_dir: str | Path, bundle: str | Path, output_dir: str | Path, *
 
     parser = _run_inference(root, input_dir, out, progress=progress)
     result, columns = _flagged(out, confidence, model)
+    network, predicted = _predicted_cases(parser, result["predictions"]) if hd is not None else (None, [])  # by the bundle's ids
+    if not real_ids:
+        _pseudonymous_ids(result, input_dir, load_or_create_salt(out))
+    result["dicom"] = []
+    _write_predictions(out, result, columns)  # at once: the bundle's own files name the folders and hold raw cells
     written: list[str] = []
-    if hd is not None:
-        network, predicted = _predicted_cases(parser, result["predictions"])
-        for row, case, item in predicted:
-            sources = _source_headers(case["image"])
-            if secondary_capture:
-                picture = _gradcam_picture(item, network, result["class_names"].index(row["pred"]))
-                written.append(_write_secondary_capture(hd, out, row, picture, sources, model))
-            if sr:
-                written.append(_write_sr(hd, out, row, sources, result["class_names"], model))
-    result["dicom"] = sorted(written)
-    _write_predictions(out, result, columns)
+    for row, case, item in predicted:
+        sources = _source_headers(case["image"])
+        if secondary_capture:
+            picture = _gradcam_picture(item, network, result["class_names"].index(row["pred"]))
+            written.append(_write_secondary_capture(hd, out, row, picture, sources, model))
+        if sr:
+            written.append(_write_sr(hd, out, row, sources, result["class_names"], model))
+    if written:
+        result["dicom"] = sorted(written)
+        _write_predictions(out, result, columns)
     return result
 
 
@@ -212,12 +225,33 @@ def _flagged(out: Path, threshold: float, model: Mapping[str, str]) -> tuple[dic
 
 
 def _write_predictions(out: Path, result: Mapping[str, Any], columns: Sequence[str]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(result["predictions"])
-    atomic_write_text(out / "predictions.csv", buffer.getvalue())
+    atomic_write_csv(out / "predictions.csv", result["predictions"], columns)
     atomic_write_json(out / "predictions.json", result)
+
+
+def pseudonymous_id(ident: str, salt: str) -> str:
+    """A prediction's or skipped item's id with its folder replaced by the folder's salted key
+    (``dicom.folder_key``): ``DOE_JANE/CT#2`` becomes ``dir-3f2a...#2`` (the series number kept),
+    a skipped file ``DOE_JANE/notes.txt`` becomes ``dir-3f2a.../notes.txt``."""
+    folder, sep, series = ident.rpartition("#")
+    if sep and "/" not in series:
+        return f"{folder_key(folder, salt)}#{series}"
+    return pseudonymous_path(ident, salt)
+
+
+def _pseudonymous_reason(reason: str, root: Path, salt: str) -> str:
+    """A skip reason that starts with a path below ``root`` (``DOE_JANE/x.dcm: cannot decode ...``) with its folder keyed."""
+    where, sep, rest = reason.partition(": ")
+    if not sep or not where or not (root / where).exists():
+        return reason
+    return f"{folder_key(where, salt) if (root / where).is_dir() else pseudonymous_path(where, salt)}: {rest}"
+
+
+def _pseudonymous_ids(result: dict[str, Any], root: Path, salt: str) -> None:
+    for row in result["predictions"]:
+        row["id"] = pseudonymous_id(str(row["id"]), salt)
+    result["skipped"] = [{**item, "id": pseudonymous_id(str(item["id"]), salt),
+                          "reason": _pseudonymous_reason(str(item.get("reason", "")), root, salt)} for item in result["skipped"]]
 
 
 def _predicted_cases(parser: Any, rows: Sequence[Mapping[str, Any]]) -> tuple[Any, list[tuple[Mapping, Mapping, Mapping]]]:

@@ -19,6 +19,8 @@ BEHAVIOUR = {
     "error": "refused: one-line error",
     "skipped": "skipped and listed; the rest processed",
     "flagged": "loaded; problem listed in the scan index",
+    "escaped": "written as text, with a leading ' (numbers stay numbers)",
+    "pseudonymized": "written as a salted key (`--real-ids` keeps the name)",
 }
 INTRO = """# Robustness: what medtl does with bad input
 
@@ -30,7 +32,9 @@ problem and, where there is one, the fix; the CLI prints it without a traceback 
 it), and nothing half-written is left behind. Batch operations (scanning a folder, inference over a
 folder) never stop for one bad item: it is skipped, listed with its reason in the output, and every
 other item is still processed. A manifest is the record of a dataset, so it is all or nothing: every
-bad row is named in one error and nothing is written, rather than rows silently dropped.
+bad row is named in one error and nothing is written, rather than rows silently dropped. Folder
+names, which exports often make from patient names, leave as salted keys unless `--real-ids` is
+given, and no CSV cell medtl writes can start a spreadsheet formula.
 
 """
 

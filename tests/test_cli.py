@@ -20,6 +20,7 @@ from medtl.cli import build_parser, main
 from medtl.demo import run_bundle_inference
 from medtl.fileio import utf8_child_env
 from medtl.nifti import read_nifti
+from medtl.privacy import pseudonym
 from medtl.reader import load_volume
 
 VERBS = ["scan", "convert", "manifest", "demo-data", "demo", "shift", "import", "adapt", "bundle"]
@@ -68,22 +69,32 @@ def test_scan_mixed_folder_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     index = json.loads(out.read_text(encoding="utf-8"))
     assert (out.parent / ".medtl-salt").exists()
-    assert index["scan_root"] == "../in"
+    assert index["scan_root"] == "../in" and index["folder_names"] == "pseudonymous"
+    salt = (out.parent / ".medtl-salt").read_text(encoding="utf-8").strip()
+    a, b, c = (pseudonym(folder, salt, "dir") for folder in ("a", "b", "b/c"))  # folders named by salted keys, files by name
     skipped = {s["path"]: s["reason"] for s in index["skipped"]}
-    assert set(skipped) == {"a/notes.txt", "a/cut.dcm"}
-    assert "not a DICOM file" in skipped["a/notes.txt"] and "truncated" in skipped["a/cut.dcm"]
-    assert "skipped a/cut.dcm: truncated" in printed
+    assert set(skipped) == {f"{a}/notes.txt", f"{a}/cut.dcm"}
+    assert "not a DICOM file" in skipped[f"{a}/notes.txt"] and "truncated" in skipped[f"{a}/cut.dcm"]
+    assert f"skipped {a}/cut.dcm: truncated" in printed and "--real-ids" in printed
     # the MR files all carry the same SeriesInstanceUID: one series over two folders, 5 instances,
-    # with duplicate positions flagged (they are copies of one slice)
+    # with duplicate instances and positions flagged (they are one slice in five encodings)
     mr = next(s for s in index["series"] if s["modality"] == "MR")
-    assert mr["num_instances"] == 5 and mr["folders"] == ["b", "b/c"]
+    assert mr["num_instances"] == 5 and mr["folders"] == [b, c]
     assert set(mr["transfer_syntax"]) == {
         "Explicit VR Little Endian", "RLE Lossless", "JPEG 2000 Image Compression (Lossless Only)",
         "JPEG-LS Lossless Image Compression", "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])",
     }
-    assert [p["code"] for p in mr["problems"]] == ["duplicate_positions"] and not mr["loadable"]
+    assert [p["code"] for p in mr["problems"]] == ["duplicate_instances", "duplicate_positions"] and not mr["loadable"]
     ct = next(s for s in index["series"] if s["modality"] == "CT")
-    assert ct["shape"] == [128, 128, 1] and ct["loadable"] and ct["files"] == ["a/ct.dcm"]
+    assert ct["shape"] == [128, 128, 1] and ct["loadable"] and ct["files"] == [f"{a}/ct.dcm"]
+
+    # the site's own folder names, when asked for
+    assert main(["-q", "scan", str(root), "-o", str(out), "--real-ids"]) == 0
+    printed = capsys.readouterr().out
+    index = json.loads(out.read_text(encoding="utf-8"))
+    assert index["folder_names"] == "real" and {s["path"] for s in index["skipped"]} == {"a/notes.txt", "a/cut.dcm"}
+    assert "skipped a/cut.dcm: truncated" in printed and "--real-ids" not in printed
+    assert next(s for s in index["series"] if s["modality"] == "MR")["folders"] == ["b", "b/c"]
 
 
 def test_compressed_files_decode_like_uncompressed(tmp_path):

@@ -20,7 +20,7 @@ from medtl.cli import main
 from medtl.dicomwrite import SeriesInfo, make_uid, write_ct_series
 from medtl.errors import MedtlError
 from medtl.fileio import utf8_child_env
-from medtl.predict import confidence_flag, format_predictions, predict, top_probability
+from medtl.predict import confidence_flag, format_predictions, predict, pseudonymous_id, top_probability
 
 PLANTED = ("Zzplanted^Secretname", "PLANTED-PID-778899")  # PatientName, PatientID of every generated series
 
@@ -67,16 +67,21 @@ def predicted(bundle, incoming, tmp_path_factory) -> dict[str, object]:
     return {"out": out, "result": result}
 
 
-def _source(incoming, row) -> list[pydicom.Dataset]:
-    """The source slices of a prediction row (its id is the series' relative folder and number)."""
-    folder = row["id"].split("#")[0]
+def _salt(out: Path) -> str:
+    return (out / ".medtl-salt").read_text(encoding="utf-8").strip()
+
+
+def _source(incoming, row, salt: str) -> list[pydicom.Dataset]:
+    """The source slices of a prediction row (its id is the key of the series' relative folder, and its number)."""
+    folder = next(f for f in ("a", "b/ct") if pseudonymous_id(f"{f}#2", salt) == row["id"])
     return [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted((incoming["root"] / folder).glob("*.dcm"))]
 
 
 def test_predictions_are_the_bundles_own_with_a_confidence_flag(bundle, incoming, predicted, tmp_path):
     out = predicted["out"]
     rows = list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))
-    assert [r["id"] for r in rows] == ["a#2", "b/ct#2"]
+    assert [r["id"] for r in rows] == [pseudonymous_id(i, _salt(out)) for i in ("a#2", "b/ct#2")]  # the bundle's order
+    assert all(r["id"].startswith("dir-") and r["id"].endswith("#2") for r in rows)
     assert list(rows[0]) == ["id", "series", "prob_benign", "prob_malignant", "pred", "model_version", "confidence"]
     report = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
     assert report["model"] == {"name": "tumor_cls_finetune", "version": "0.1.0"} and report["confidence_threshold"] == 0.8
@@ -93,17 +98,20 @@ def test_predictions_are_the_bundles_own_with_a_confidence_flag(bundle, incoming
                           cwd=bundle, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     own = json.loads((reference / "predictions.json").read_text(encoding="utf-8"))
-    assert [{k: v for k, v in r.items() if k != "confidence"} for r in report["predictions"]] == own["predictions"]
-    assert report["skipped"] == own["skipped"]
+    keyed = {pseudonymous_id(r["id"], _salt(out)): {**r, "id": pseudonymous_id(r["id"], _salt(out))} for r in own["predictions"]}
+    assert [{k: v for k, v in r.items() if k != "confidence"} for r in report["predictions"]] == [keyed[r["id"]] for r in report["predictions"]]
+    assert [s["id"] for s in report["skipped"]] == [pseudonymous_id(s["id"], _salt(out)) for s in own["skipped"]]
+    assert [s["reason"] for s in report["skipped"]] == [s["reason"] for s in own["skipped"]]
 
 
 def test_skipped_series_are_listed_and_the_good_ones_predicted(predicted):
     result = predicted["result"]
     skipped = {s["id"]: s["reason"] for s in result["skipped"]}
-    assert set(skipped) == {"broken#2", "notes.txt"}
-    assert "share a position" in skipped["broken#2"] and "not a DICOM file" in skipped["notes.txt"]
+    broken = pseudonymous_id("broken#2", _salt(predicted["out"]))
+    assert set(skipped) == {broken, "notes.txt"}  # a file in the input folder itself has no folder to key
+    assert "share a position" in skipped[broken] and "not a DICOM file" in skipped["notes.txt"]
     table = format_predictions(result)
-    assert "skipped broken#2: " in table and "skipped notes.txt: " in table
+    assert f"skipped {broken}: " in table and "skipped notes.txt: " in table
     assert table.splitlines()[-1].startswith("2 series predicted (") and table.splitlines()[-1].endswith(", 2 skipped")
 
 
@@ -129,7 +137,7 @@ def test_secondary_capture_files_with_the_source_study(incoming, predicted):
     for row in result["predictions"]:
         path = out / "dicom" / f"{row['series']}_gradcam_sc.dcm"
         assert f"dicom/{path.name}" in result["dicom"]
-        sc, source = pydicom.dcmread(path), _source(incoming, row)[0]
+        sc, source = pydicom.dcmread(path), _source(incoming, row, _salt(out))[0]
         assert sc.SOPClassUID == SecondaryCaptureImageStorage and sc.Modality == "OT"
         assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.PatientID == source.PatientID
         assert sc.PatientName == source.PatientName
@@ -138,7 +146,7 @@ def test_secondary_capture_files_with_the_source_study(incoming, predicted):
         pixels = sc.pixel_array
         assert pixels.shape == (256, 256, 3) and pixels.dtype == np.uint8  # the 32-voxel crop, upscaled 8x
         assert pixels.std() > 0
-        assert {r.ReferencedSOPInstanceUID for r in sc.SourceImageSequence} == {s.SOPInstanceUID for s in _source(incoming, row)}
+        assert {r.ReferencedSOPInstanceUID for r in sc.SourceImageSequence} == {s.SOPInstanceUID for s in _source(incoming, row, _salt(out))}
         assert str(incoming["root"].parent).encode() not in path.read_bytes() and str(out).encode() not in path.read_bytes()
 
 
@@ -156,7 +164,7 @@ def _item(dataset: pydicom.Dataset, code: str) -> pydicom.Dataset:
 def test_sr_holds_the_class_probability_model_and_evidence(incoming, predicted):
     out, result = predicted["out"], predicted["result"]
     for row in result["predictions"]:
-        sr, sources = pydicom.dcmread(out / "dicom" / f"{row['series']}_sr.dcm"), _source(incoming, row)
+        sr, sources = pydicom.dcmread(out / "dicom" / f"{row['series']}_sr.dcm"), _source(incoming, row, _salt(out))
         assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage and sr.Modality == "SR"
         assert sr.StudyInstanceUID == sources[0].StudyInstanceUID and sr.PatientID == PLANTED[1]
         assert sr.SeriesInstanceUID != sources[0].SeriesInstanceUID
@@ -169,6 +177,23 @@ def test_sr_holds_the_class_probability_model_and_evidence(incoming, predicted):
         assert evidence.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
         assert {r.ReferencedSOPInstanceUID for r in evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence} == \
             {s.SOPInstanceUID for s in sources}
+
+
+def test_real_ids_name_the_folders_and_spreadsheet_formulas_stay_text(bundle, incoming, tmp_path, capsys):
+    formula = tmp_path / "formula"
+    shutil.copytree(incoming["root"] / "a", formula / "=cmd|' /C calc'!A0")  # relative folder a spreadsheet would run
+    out = tmp_path / "out"
+    assert main(["-q", "predict", str(formula), "--bundle", str(bundle), "-o", str(out), "--real-ids"]) == 0
+    capsys.readouterr()
+    text = (out / "predictions.csv").read_text(encoding="utf-8")
+    rows = list(csv.DictReader(text.splitlines()))
+    assert [r["id"] for r in rows] == ["'=cmd|' /C calc'!A0#2"] and text.splitlines()[1].startswith("'=cmd")
+    assert 0.0 <= float(rows[0]["prob_benign"]) <= 1.0  # numbers stay numbers
+    assert json.loads((out / "predictions.json").read_text(encoding="utf-8"))["predictions"][0]["id"] == "=cmd|' /C calc'!A0#2"
+
+    result = predict(incoming["root"], bundle, tmp_path / "real", real_ids=True, progress=False)
+    assert [r["id"] for r in result["predictions"]] == ["a#2", "b/ct#2"]
+    assert {s["id"] for s in result["skipped"]} == {"broken#2", "notes.txt"}
 
 
 def test_predictions_and_logs_name_no_patient_and_no_path(bundle, incoming, tmp_path, caplog):

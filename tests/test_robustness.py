@@ -7,7 +7,9 @@ runs the medtl function a user would run on it. The behaviour is one of:
   traceback from a library);
 * ``skipped``: a batch operation (folder scan, inference over a folder) listed the bad item with
   its reason and still processed everything else;
-* ``flagged``: the input is usable, and the scan index says what is unusual about it.
+* ``flagged``: the input is usable, and the scan index says what is unusual about it;
+* ``escaped``: a value a spreadsheet would run as a formula is written as text;
+* ``pseudonymized``: a folder name (often the patient's) is written as a salted key.
 
 ``scripts/robustness_table.py`` runs the same table to write ``docs/robustness.md``. The
 hypothesis tests at the end feed random bytes, headers and label tables to the same entry points.
@@ -48,6 +50,7 @@ from medtl.errors import MedtlError
 from medtl.manifest import build_manifest, build_manifest_file, load_manifest, read_label_table
 from medtl.nifti import read_nifti
 from medtl.reader import LoadVolumed, load_volume
+from medtl.privacy import pseudonym
 from medtl.weights import create_network, load_weights, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -363,6 +366,122 @@ def dicomdir(path: Path) -> None:
     shutil.rmtree(path.parent / "media")
 
 
+def mixed_sizes(tmp: Path) -> Path:
+    """One series whose last two slices have fewer rows (each slice its own SOPInstanceUID)."""
+    ct_series(tmp / "ct", n=2)
+    for f in ct_series(tmp / "ct", n=2, shape=(8, 10), prefix="B", positions=z_positions([5.0, 7.5])):
+        edited_dicom(f, f, SOPInstanceUID=make_uid(f.name))
+    return tmp / "ct"
+
+
+def edited_series(tmp: Path, **tags: Any) -> Path:
+    """A 4-slice series in ``tmp/ct`` with ``tags`` changed in every file."""
+    for f in ct_series(tmp / "ct"):
+        edited_dicom(f, f, **tags)
+    return tmp / "ct"
+
+
+def beside_good(tmp: Path, **tags: Any) -> Path:
+    """``scans/good`` holds a good series, ``scans/bad`` one with ``tags`` changed in every file."""
+    ct_series(tmp / "scans" / "good")
+    for f in ct_series(tmp / "scans" / "bad", series="s2"):
+        edited_dicom(f, f, **tags)
+    return tmp / "scans"
+
+
+def reused_uid(tmp: Path) -> Path:
+    """Slices 2 and 3 carry one SOPInstanceUID (a writer reusing UIDs): same instance, other content."""
+    files = ct_series(tmp / "ct")
+    edited_dicom(files[2], files[2], SOPInstanceUID=pydicom.dcmread(files[1]).SOPInstanceUID)
+    return tmp / "ct"
+
+
+def copied_slice(tmp: Path) -> Path:
+    """Slice 2 exported twice: a second, byte-identical file."""
+    files = ct_series(tmp / "ct")
+    shutil.copy(files[1], files[1].with_name("IM0002_copy.dcm"))
+    return tmp / "ct"
+
+
+def latin1_name(tmp: Path) -> Path:
+    """A good series and a file named ``Müller.dcm`` in Latin-1 bytes (not UTF-8), as old Windows tools write it."""
+    folder = tmp / "scans"
+    ct_series(folder)
+    (Path(os.fsdecode(os.fsencode(folder) + b"/M\xfcller.dcm"))).write_text("export log\n")
+    return folder
+
+
+def infer_skips(bad: str) -> Callable[[Path], Behaviour]:
+    """Bundle inference over a folder: the series ``bad`` is skipped with its reason, ``good#1`` kept."""
+
+    def run(folder: Path) -> Behaviour:
+        from medtl.bundle.components import inference_cases
+
+        found = inference_cases(folder, output_dir=folder.parent / "out")
+        assert [c["id"] for c in found["cases"]] == ["good#1"], found
+        reasons = {s["id"]: s["reason"] for s in found["skipped"]}
+        assert list(reasons) == [bad], reasons
+        return Behaviour("skipped", f"{bad}: {reasons[bad]}")
+
+    return run
+
+
+FORMULA_FOLDER = "=cmd|' /C calc'!A0"  # run by a spreadsheet that opens the CSV, if written as is
+PATIENT_FOLDER = "DOE^JANE"
+
+
+def named_folders(tmp: Path) -> tuple[Path, Path, Path]:
+    """Two series in folders named like a formula and like a patient, a tiny bundle, and an output folder with a fixed salt."""
+    from monai.networks.nets import resnet10
+
+    from medtl.bundle.export import export_bundle
+
+    ct_series(tmp / "scans" / FORMULA_FOLDER)
+    ct_series(tmp / "scans" / PATIENT_FOLDER, series="s2", number=2)
+    torch.manual_seed(0)
+    network = resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.5)
+    bundle = export_bundle(network, tmp / "tumor_cls_finetune", template="tumor_cls_finetune", torchscript=False, onnx=False)["path"]
+    (tmp / "out").mkdir()
+    (tmp / "out" / ".medtl-salt").write_text(SALT + "\n")  # fixed keys, so the table in the docs stays the same
+    return tmp / "scans", bundle, tmp / "out"
+
+
+def predicted_with_real_ids(built: tuple[Path, Path, Path]) -> Behaviour:
+    """``medtl predict --real-ids``: the formula folder's id is text in predictions.csv, the probabilities numbers."""
+    from medtl.predict import predict
+
+    scans, bundle, out = built
+    predict(scans, bundle, out, real_ids=True, progress=False)
+    lines = (out / "predictions.csv").read_text(encoding="utf-8").splitlines()
+    (line,) = [line for line in lines if "cmd" in line]
+    assert line.startswith("'=cmd") and all(not cell.startswith("'") for line in lines for cell in line.split(",")[2:])
+    return Behaviour("escaped", f"predictions.csv: {line}")
+
+
+def predicted_by_default(built: tuple[Path, Path, Path]) -> Behaviour:
+    """``medtl predict``: neither folder name is in its outputs, the ids are the folders' keys."""
+    from medtl.predict import predict
+
+    scans, bundle, out = built
+    result = predict(scans, bundle, out, progress=False)
+    for name in ("predictions.csv", "predictions.json"):
+        text = (out / name).read_text(encoding="utf-8")
+        assert "cmd" not in text and "JANE" not in text, text
+    return Behaviour("pseudonymized", "predictions.csv id column: " + ", ".join(row["id"] for row in result["predictions"]))
+
+
+def scanned_by_default(tmp: Path) -> Behaviour:
+    """``medtl scan``: the folder's name is not in scan.json, and a manifest built from it finds the folder."""
+    ct_series(tmp / "scans" / PATIENT_FOLDER)
+    (tmp / ".medtl-salt").write_text(SALT + "\n")
+    index = write_scan_index(tmp / "scans", tmp / "scan.json", progress=False)
+    assert "JANE" not in (tmp / "scan.json").read_text(encoding="utf-8")
+    (tmp / "labels.csv").write_text("patient_id,label\nP1,benign\n", encoding="utf-8")
+    manifest = build_manifest_file(labels=tmp / "labels.csv", classes=CLASSES, out=tmp / "m.json", scan=tmp / "scan.json", site="S", progress=False)
+    assert manifest["cases"][0]["image"]["files"][0]["path"] == f"scans/{PATIENT_FOLDER}/IM0001.dcm"
+    return Behaviour("pseudonymized", f"scan.json folders: {index['series'][0]['folders'][0]}")
+
+
 def z_positions(z: Sequence[float], drift: float = 0.0) -> list[tuple[float, float, float]]:
     return [(0.0, drift * v, v) for v in z]
 
@@ -421,8 +540,7 @@ CASES: list[Case] = [
     Case("duplicate-positions", "ingest", "two slices at the same position",
          lambda t: _series_folder(t, positions=z_positions([0.0, 2.5, 2.5, 5.0])),
          load_volume, "error", "ct", "1 slice(s) share a position with another slice"),
-    Case("mixed-size", "ingest", "slices of different rows/columns in one series",
-         lambda t: (ct_series(t / "ct", n=2), ct_series(t / "ct", n=2, shape=(8, 10), prefix="B", positions=z_positions([5.0, 7.5])))[0][0].parent,
+    Case("mixed-size", "ingest", "slices of different rows/columns in one series", mixed_sizes,
          load_volume, "error", "ct", "slices of different sizes"),
     Case("mixed-orientation", "ingest", "one slice with another ImageOrientationPatient",
          lambda t: edited_dicom(ct_series(t / "ct")[1], t / "ct" / "IM0002.dcm", ImageOrientationPatient=[1, 0, 0, 0, 0, -1]).parent,
@@ -446,6 +564,32 @@ CASES: list[Case] = [
     Case("gantry-tilt", "ingest", "gantry tilt (positions drift in-plane)",
          lambda t: _series_folder(t, n=4, positions=z_positions([0.0, 2.5, 5.0, 7.5], drift=np.tan(np.radians(15)))),
          scan_flags("gantry_tilt", (12, 10, 4)), "flagged", "ct", "tilt about 15.0 degrees"),
+    Case("identical-copy", "ingest", "one slice exported twice (byte-identical file, same SOPInstanceUID)", copied_slice,
+         scan_flags("duplicate_files", (12, 10, 4)), "flagged", "ct", "1 byte-identical copy of an instance read once: IM0002_copy.dcm"),
+    # --- ingest: header values that would place the voxels wrongly (refused, naming the file)
+    Case("negative-pixel-spacing", "ingest", "negative PixelSpacing (would load mirrored)",
+         lambda t: edited_series(t, PixelSpacing=[-0.7, 0.8]), load_volume, "error", "ct",
+         "PixelSpacing must be positive: IM0001.dcm has (-0.7, 0.8)"),
+    Case("zero-pixel-spacing", "ingest", "zero PixelSpacing", lambda t: edited_series(t, PixelSpacing=[0, 0.8]),
+         load_volume, "error", "ct", "PixelSpacing must be positive: IM0001.dcm has (0, 0.8)"),
+    Case("zero-orientation", "ingest", "ImageOrientationPatient with a zero row vector",
+         lambda t: edited_series(t, ImageOrientationPatient=[0, 0, 0, 0, 1, 0]), load_volume, "error", "ct",
+         "ImageOrientationPatient (0, 0, 0, 0, 1, 0) of IM0001.dcm: its row direction is a zero vector"),
+    Case("parallel-orientation", "ingest", "ImageOrientationPatient with parallel row and column vectors",
+         lambda t: edited_series(t, ImageOrientationPatient=[1, 0, 0, 1, 0, 0]), load_volume, "error", "ct",
+         "ImageOrientationPatient (1, 0, 0, 1, 0, 0) of IM0001.dcm: its row and column directions are parallel"),
+    Case("sheared-orientation", "ingest", "non-orthogonal ImageOrientationPatient (row . column = 0.1)",
+         lambda t: edited_series(t, ImageOrientationPatient=[1, 0, 0, 0.0998, 0.995, 0]), load_volume, "error", "ct",
+         "of IM0001.dcm: its row and column directions are 84.27 degrees apart, not 90"),
+    Case("reused-sop-uid", "ingest", "two different slices with one SOPInstanceUID", reused_uid, load_volume, "error", "ct",
+         "2 files share a SOPInstanceUID but differ, so which one is the instance is unknown: IM0002.dcm, IM0003.dcm"),
+    Case("sheared-beside-good", "ingest", "inference over a folder: a sheared series beside a good one",
+         lambda t: beside_good(t, ImageOrientationPatient=[1, 0, 0, 0.0998, 0.995, 0]), infer_skips("bad#1"), "skipped",
+         "bad#1", "of IM0001.dcm: its row and column directions are 84.27 degrees apart"),
+    Case("non-utf8-name", "ingest", "file name that is not UTF-8 (Latin-1 bytes)", latin1_name,
+         scan_skips("M\\xfcller.dcm"), "skipped", "M\\xfcller.dcm", "file or folder name is not valid UTF-8"),
+    Case("patient-named-folder", "ingest", f"folder named after the patient ({PATIENT_FOLDER}) scanned into scan.json", lambda t: t,
+         scanned_by_default, "pseudonymized", "scan.json", f"folders: {pseudonym(PATIENT_FOLDER, SALT, 'dir')}"),
     # --- ingest: NIfTI
     Case("nifti-nan", "ingest", "NIfTI with NaN and Inf voxels",
          non_finite, read_nifti, "error", "ct.nii.gz", "3 voxel(s) are NaN or infinite"),
@@ -479,6 +623,9 @@ CASES: list[Case] = [
          read_label_table, "error", "labels.csv", "row 2 has more fields than the header"),
     Case("labels-empty", "manifest", "empty label table", file_with("labels.csv", b""),
          read_label_table, "error", "labels.csv", "empty label table"),
+    Case("labels-huge-field", "manifest", "label table with a 131,073-character label",
+         file_with("labels.csv", "patient_id,label\np1," + "x" * 131_073 + "\n"),
+         read_label_table, "error", "labels.csv", "line 2: a field is longer than 131,072 characters"),
     Case("manifest-edited", "manifest", "manifest edited by hand after it was built", stale_manifest,
          load_manifest, "error", "data/manifest.json", "content hash does not match: the manifest was edited after it was built"),
     Case("manifest-not-json", "manifest", "manifest that is not JSON",
@@ -502,12 +649,17 @@ CASES: list[Case] = [
          import_refused, "error", "evil.zip", "entry '../../outside.txt' would be written outside the bundle folder"),
     Case("planted-expression", "bundle", "bundle config with a planted $__import__('os') expression", planted_bundle,
          import_refused, "error", "tumor_cls_source", "import refused: 1 check(s) failed: expression audit: configs/inference.json "
-         "initialize#0: \"$__import__('os').system('touch PWNED')\": name '__import__' is not allowed"),
+         "initialize#0: \"$__import__('os').system('touch PWNED')\": "),
     Case("not-a-zip", "bundle", "bundle zip that is not a zip",
          file_with("bundle.zip", b"PK\x03\x04 broken"),
          import_refused, "error", "bundle.zip", "not a readable zip archive"),
     Case("inference-folder", "bundle", "inference over a DICOM folder with a junk file and a damaged series", damaged_jpeg_ls,
          infer_folder, "skipped", "damaged/x.dcm: cannot decode pixel data (JPEG-LS", "cannot decode pixel data (JPEG-LS"),
+    Case("formula-folder", "bundle", f"folder named {FORMULA_FOLDER} predicted with `medtl predict --real-ids`", named_folders,
+         predicted_with_real_ids, "escaped", "predictions.csv", f"'{FORMULA_FOLDER}#1,ser-"),
+    Case("patient-named-prediction", "bundle", f"folders named {FORMULA_FOLDER} and {PATIENT_FOLDER} predicted with `medtl predict`",
+         named_folders, predicted_by_default, "pseudonymized", "predictions.csv",
+         f"{pseudonym(FORMULA_FOLDER, SALT, 'dir')}#1, {pseudonym(PATIENT_FOLDER, SALT, 'dir')}#2"),
 ]
 
 
