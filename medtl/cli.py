@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medtl import __version__
+from medtl.bundle.files import MAX_UNPACKED_BYTES
 from medtl.errors import MedtlError
 
 
@@ -49,7 +50,8 @@ def _identifiers(args: argparse.Namespace) -> set[str]:
 def _bundle_verify(args: argparse.Namespace) -> int:
     from medtl.bundle.verify import verify_bundle
 
-    report = verify_bundle(args.path, trust=args.trust, identifiers=_identifiers(args))
+    report = verify_bundle(args.path, trust=args.trust, identifiers=_identifiers(args), trusted_keys=args.trusted_keys,
+                           max_bytes=_mib(args.max_size))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0 if report.ok else 1
 
@@ -57,16 +59,31 @@ def _bundle_verify(args: argparse.Namespace) -> int:
 def _bundle_pack(args: argparse.Namespace) -> int:
     from medtl.bundle.share import pack_bundle
 
-    result = pack_bundle(args.dir, args.output, identifiers=_identifiers(args))
+    result = pack_bundle(args.dir, args.output, identifiers=_identifiers(args), sign_key=args.sign_key, signer=args.signer)
     print(result["verification"].table())
-    print(f"packed {result['files']} files -> {result['path']}")
+    signed = f", signed by {result['signature'].signer!r} (key {result['signature'].fingerprint})" if result["signature"] else ""
+    print(f"packed {result['files']} files{signed} -> {result['path']}")
     return 0
+
+
+def _bundle_keygen(args: argparse.Namespace) -> int:
+    from medtl.bundle.signing import generate_key
+
+    private, public = generate_key(args.out, args.name)
+    print(f"private key (keep it at your site; pack --sign-key) -> {private}")
+    print(f"public key (give it to the sites that receive your bundles; --trusted-keys) -> {public}")
+    return 0
+
+
+def _mib(value: float) -> int:
+    return int(value * (1 << 20))
 
 
 def _bundle_import(args: argparse.Namespace) -> int:
     from medtl.bundle.share import import_bundle
 
-    result = import_bundle(args.path, args.to, trust=args.trust, replace=args.replace)
+    result = import_bundle(args.path, args.to, trust=args.trust, replace=args.replace, trusted_keys=args.trusted_keys,
+                           max_bytes=_mib(args.max_size))
     print(result["verification"].table())
     print(f"imported {result['name']} {result['version']} -> {result['path']}")
     return 0
@@ -412,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "an audit of every $expression, weights without pickled code, TorchScript/ONNX parity, privacy scan), "
                          "pack it into a reproducible zip with provenance and checksums, import a received one, compare two versions.")
     bsub = p.add_subparsers(dest="bundle_verb", metavar="ACTION", required=True,
-                            help="verify: check; pack: zip to send; import: receive; diff: compare versions")
+                            help="verify: check; pack: zip to send; import: receive; diff: compare versions; keygen: a signing key")
     v = bsub.add_parser("verify", help="check a bundle folder or zip and print a pass/fail table (exit 1 on any failure)")
     v.add_argument("path", help="bundle folder or .zip")
     v.add_argument("--trust", action="store_true", help="report expressions outside the allow-list and pickled checkpoints as warnings")
@@ -425,13 +442,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--to", required=True, help="folder to create for the bundle")
     i.add_argument("--trust", action="store_true", help="accept expressions outside the allow-list and pickled checkpoints (trusted senders only)")
     i.add_argument("--replace", action="store_true", help="replace an existing folder at --to")
+    for sub in (v, i):
+        sub.add_argument("--trusted-keys", nargs="+", metavar="PUB",
+                         help="public keys (.pub files or folders of them) of senders you trust: the bundle must be signed by one")
+        sub.add_argument("--max-size", type=float, default=MAX_UNPACKED_BYTES / (1 << 20), metavar="MIB",
+                         help=f"refuse a bundle that unpacks to more than this many MiB (default {MAX_UNPACKED_BYTES >> 20})")
+    k.add_argument("--sign-key", metavar="KEY", help="sign SHA256SUMS with this Ed25519 private key (medtl bundle keygen)")
+    k.add_argument("--signer", help="the name the signature shows (default: the key file's name)")
+    g = bsub.add_parser("keygen", help="make an Ed25519 key pair for signing the bundles this site sends")
+    g.add_argument("name", help="a name for the key, e.g. the site's (shown to receivers with the signature)")
+    g.add_argument("--out", default=".", help="folder for NAME.key and NAME.pub (default: here)")
     for sub in (v, k):
         sub.add_argument("--identifiers-from", metavar="DICOM_DIR",
                          help="also search for the patient names, IDs, UIDs and dates found in these DICOM headers (the training data)")
     d = bsub.add_parser("diff", help="config, metadata and metric differences between two bundles (folders or zips)")
     d.add_argument("a", help="the earlier bundle (folder or zip)")
     d.add_argument("b", help="the later bundle (folder or zip)")
-    for sub, func in ((v, _bundle_verify), (k, _bundle_pack), (i, _bundle_import), (d, _bundle_diff)):
+    for sub, func in ((v, _bundle_verify), (k, _bundle_pack), (i, _bundle_import), (d, _bundle_diff), (g, _bundle_keygen)):
         sub.set_defaults(func=func)
 
     p = verbs.add_parser("report", help="write an HTML report (and Markdown twin) of a run: metrics, ROC, calibration, Grad-CAM",

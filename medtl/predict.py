@@ -145,25 +145,22 @@ def _highdicom() -> ModuleType:
 
 
 def _audited_meta(root: Path, trust: bool) -> dict[str, Any]:
-    """The bundle's metadata, after ``medtl bundle import``'s expression audit of the two configs
-    predict parses (``logging.conf`` is never applied here, so it is not run either)."""
+    """The bundle's metadata, after ``medtl bundle import``'s audit of the two files predict
+    parses (``logging.conf`` is never applied here, so it is not run either)."""
     from monai.bundle import ConfigParser
 
-    from medtl.bundle.audit import audit_config
+    from medtl.bundle.audit import audit_bundle
 
-    configs = {}
-    for name in ("configs/metadata.json", "configs/inference.json"):
-        try:
-            configs[name] = ConfigParser.load_config_file(root / name)
-        except Exception as exc:  # noqa: BLE001 - any parse error is the bundle's, reported by file
-            raise MedtlError(f"{name} does not parse ({_first_line(exc)})", path=root) from exc
-    findings = [str(f) for name, config in configs.items() for f in audit_config(config, name)]
+    findings = [str(f) for f in audit_bundle(root)]
     if findings and not trust:
         raise MedtlError(f"refusing to run: {len(findings)} config value(s) outside the allow-list: " + "; ".join(findings[:3]),
                          path=root, hint="review them with `medtl bundle verify`; --trust runs them anyway (trusted senders only)")
     for finding in findings:
         logger.warning("running with --trust: %s", finding)
-    return configs["configs/metadata.json"]
+    try:
+        return ConfigParser.load_config_file(root / "configs" / "metadata.json")
+    except Exception as exc:  # noqa: BLE001 - any parse error is the bundle's, reported by file
+        raise MedtlError(f"configs/metadata.json does not parse ({_first_line(exc)})", path=root) from exc
 
 
 def _first_line(exc: BaseException) -> str:
