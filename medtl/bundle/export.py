@@ -2,7 +2,8 @@
 from the actual evaluation, TorchScript and ONNX copies checked against the eager network, a
 provenance record and a model card.
 
-Templates are the bundles in the repository's ``bundles/`` folder. The bundle is built in a
+Templates are the bundles in the repository's ``bundles/`` folder (``medtl.bundle.templates``; a wheel
+carries them as package data). The bundle is built in a
 temporary folder beside the destination and renamed into place, so an interrupted export leaves
 the previous bundle (or nothing), never half of one. Exporting over an earlier bundle bumps its
 semantic version and adds a changelog entry.
@@ -30,21 +31,11 @@ from medtl import __version__ as medtl_version
 from medtl.bundle.card import model_card
 from medtl.bundle.files import PROVENANCE
 from medtl.bundle.provenance import describe_source, manifest_record, provenance
+from medtl.bundle.templates import RUN_OUTPUTS, template_dir
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-TEMPLATES = Path(__file__).resolve().parents[2] / "bundles"
-
-
-def template_dir(name: str) -> Path:
-    """The bundle template ``name`` (e.g. ``tumor_cls_finetune``) from the repository's ``bundles/``."""
-    path = TEMPLATES / name
-    if not (path / "configs" / "metadata.json").is_file():
-        raise MedtlError(f"bundle template {name!r} not found", path=path.name,
-                         hint="medtl exports bundles from its source checkout's bundles/ folder (pip install -e .)")
-    return path
 
 
 def eval_metrics(results: Mapping[str, Mapping[str, Any]], keys: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity")) -> dict[str, Any]:
@@ -176,7 +167,7 @@ def export_bundle(
     network = network.cpu().eval()
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
         build = Path(tmp) / dest.name
-        shutil.copytree(template_root, build, ignore=shutil.ignore_patterns("models", "runs", "eval", "cache", "__pycache__"))
+        shutil.copytree(template_root, build, ignore=shutil.ignore_patterns(*RUN_OUTPUTS))
         models = build / "models"
         models.mkdir()
         torch.save(network.state_dict(), models / "model.pt")
