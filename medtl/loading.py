@@ -72,6 +72,9 @@ def data_loader(
         on_device: the dataset's items are already on ``device`` (augmentation on the GPU): no
             pinning, and no worker processes.
         options: passed on to the loader (``sampler``, ``collate_fn``, ...).
+
+    An empty dataset (a bundle built before its data is given) gets an unshuffled loader: there is
+    nothing to shuffle, and PyTorch's random sampler refuses zero samples.
     """
     if loader not in LOADERS:
         raise MedtlError(f"unknown loader {loader!r}; allowed: {', '.join(LOADERS)}")
@@ -81,7 +84,8 @@ def data_loader(
         raise MedtlError(f"augmentation on the device runs in the loading thread, but num_workers is {num_workers}",
                          hint="set num_workers 0 with augment_on_device, or augment on the CPU")
     cuda = device is not None and torch.device(device).type == "cuda"
-    settings = {"batch_size": int(batch_size), "shuffle": bool(shuffle), "num_workers": int(num_workers),
+    shuffle = bool(shuffle) and len(dataset) > 0
+    settings = {"batch_size": int(batch_size), "shuffle": shuffle, "num_workers": int(num_workers),
                 "pin_memory": cuda and not on_device, **options}
     if loader == "thread":
         return ThreadDataLoader(dataset, **settings)

@@ -7,7 +7,7 @@ use (``LoadVolumed``)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import logging
 import warnings
 
 import numpy as np
+import torch
 from monai.config import KeysCollection
 from monai.data import ImageReader
 from monai.transforms import LoadImaged
@@ -107,6 +108,11 @@ class LoadVolumed(LoadImaged):
     Given a reader up front, ``LoadImaged`` catches the reader's exception and raises a generic
     "cannot find a suitable reader" error; passing the reader per call keeps medtl's own error
     (file name and problem) intact.
+
+    An entry that already holds an image (an array or tensor, as an application that loaded the
+    series itself passes it: MONAI Deploy's bundle operator keeps this loader, whose name is not
+    one it strips) is left as it is, so a bundle's ``preprocessing`` can start with the loader, as
+    MONAI Label expects, and still take in-memory images.
     """
 
     def __init__(self, keys: KeysCollection, *, series: str | int | None = None, ensure_channel_first: bool = True, **kwargs: Any):
@@ -117,6 +123,13 @@ class LoadVolumed(LoadImaged):
 
     def __call__(self, data: Any, reader: ImageReader | None = None) -> dict:
         return super().__call__(data, reader=reader or self.volume_reader)
+
+    def key_iterator(self, data: Mapping[Any, Any], *extra_iterables: Any) -> Generator:
+        """The keys to load: those present (as ``LoadImaged`` iterates them) whose value is not an image already."""
+        for item in super().key_iterator(data, *extra_iterables):
+            key = item[0] if extra_iterables else item
+            if not isinstance(data[key], (np.ndarray, torch.Tensor)):
+                yield item
 
 
 __all__ = ["LoadVolumed", "VolumeReader", "load_volume"]

@@ -53,6 +53,7 @@ TARGETS: frozenset[str] = frozenset({
     "medtl.bundle.components.inference_cases", "medtl.bundle.components.load_bundle_network",
     "medtl.bundle.components.load_source", "medtl.bundle.components.prepare_cases",
     "medtl.bundle.components.run_record", "medtl.bundle.components.teacher_labeled",
+    "medtl.bundle.components.require_cases",
     "medtl.bundle.distributed.device", "medtl.bundle.distributed.start", "medtl.bundle.distributed.finish",
     "medtl.bundle.distributed.rank_handlers",
     "medtl.cache.cached_dataset",

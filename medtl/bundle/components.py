@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +46,29 @@ def _manifest_paths(manifest: Manifests) -> list[Path]:
     return [_required(m, "manifest", "manifests/site.json") for m in many]
 
 
-def datalist(manifest: Manifests, dataset_dir: str | Path, splits: str | Sequence[str]) -> list[dict[str, Any]]:
+def _no_manifest(manifest: Manifests) -> bool:
+    return manifest in (None, "") or (isinstance(manifest, Sequence) and not isinstance(manifest, str) and not manifest)
+
+
+def datalist(manifest: Manifests, dataset_dir: str | Path, splits: str | Sequence[str], *, num_classes: int | None = None,
+             missing_ok: bool = False) -> list[dict[str, Any]]:
     """Data dicts of ``splits`` from one manifest file or several (pooled, in the order given),
-    paths resolved under ``dataset_dir``."""
+    paths resolved under ``dataset_dir``.
+
+    ``num_classes`` (the bundle's literal class count, which its ``network_def`` is built with)
+    must be the manifests' class count. ``missing_ok`` gives no cases while no manifest is given,
+    so a workflow can be built and inspected without data (MONAI's ``create_workflow``,
+    ``check_properties``, ``monai.bundle.load``); its ``run`` then stops at ``require_cases``.
+    """
+    if missing_ok and _no_manifest(manifest):
+        return []
     paths = _manifest_paths(manifest)
-    class_names(paths)  # pooled sites must mean the same by each label index
+    names = class_names(paths)  # pooled sites must mean the same by each label index
+    if num_classes is not None and len(names) != int(num_classes):
+        raise MedtlError(f"the manifest has {len(names)} classes ({', '.join(names)}) but the bundle's network is built "
+                         f"for num_classes={num_classes}", path=", ".join(p.name for p in paths),
+                         hint=f"train with --num_classes {len(names)}, or give a manifest labelled with the bundle's "
+                              f"{num_classes} classes")
     root = _required(dataset_dir, "dataset_dir", "DATA_ROOT")
     items = [item for path in paths for item in _datalist(load_manifest(path), root, splits)]
     if not items:
@@ -179,15 +197,18 @@ def teacher_labeled(teacher: torch.nn.Module, data: Sequence[Mapping[str, Any]],
 
 
 def inference_cases(input_dir: str | Path | None = None, input_csv: str | Path | None = None,
-                    output_dir: str | Path = "out") -> dict[str, Any]:
+                    output_dir: str | Path = "out", *, missing_ok: bool = False) -> dict[str, Any]:
     """Cases to predict: every series in a DICOM folder, or the rows of a CSV (``image`` and an
     optional ``mask`` or ``roi_center_mm``, paths relative to the CSV).
 
     Series come from medtl's header scan, so a folder holding several series gives one case each
-    and a stray non-DICOM file is skipped, not fatal. Returns ``{"cases", "skipped"}``; cases carry
-    an ``id`` (relative folder and series number, or the CSV row's image path) and no patient data.
-    Without a mask or ROI centre the crop is centred on the volume.
+    and a stray non-DICOM file is skipped, not fatal. Returns ``{"cases", "skipped", "root"}``;
+    cases carry an ``id`` (relative folder and series number, or the CSV row's image path) and no
+    patient data. Without a mask or ROI centre the crop is centred on the volume. ``missing_ok``
+    gives no cases when neither input is given (the workflow is being built or inspected, not run).
     """
+    if missing_ok and input_dir in (None, "") and input_csv in (None, ""):
+        return {"cases": [], "skipped": [], "root": ""}
     if (input_dir in (None, "")) == (input_csv in (None, "")):
         raise MedtlError("give exactly one of input_dir (a DICOM folder) or input_csv (a table of images)",
                          hint="e.g. --input_dir scans/ or --input_csv cases.csv")
@@ -262,7 +283,8 @@ def _relative_name(path: str | None, root: str | None) -> str | None:
 
 def prepare_cases(found: Mapping[str, Any], transform: Any, *, progress: bool = True) -> dict[str, Any]:
     """Run the deterministic preprocessing on each case; a case that fails is skipped with its
-    reason and the others go on. Returns ``{"items", "skipped"}`` (skips from scanning included)."""
+    reason and the others go on. Returns ``{"items", "skipped"}`` (skips from scanning included).
+    No cases at all (no input given yet) gives no items; cases that all fail are an error."""
     items, skipped = [], list(found.get("skipped", []))
     for case in tqdm(found["cases"], desc="preprocess", unit="case", disable=not progress, leave=False):
         try:
@@ -277,10 +299,20 @@ def prepare_cases(found: Mapping[str, Any], transform: Any, *, progress: bool = 
                 reason = str(innermost).splitlines()[0] if str(innermost) else type(innermost).__name__
             logger.warning("skipped %s: %s", case["id"], reason)
             skipped.append({"id": case["id"], "reason": reason})
-    if not items:
+    if not items and skipped:
         raise MedtlError(f"every case failed preprocessing ({len(skipped)} skipped)",
                          hint="; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3]))
     return {"items": items, "skipped": skipped}
+
+
+def require_cases(data: Sized, *, give: str) -> int:
+    """The first step of a bundle's ``run``: stop with a clear error when the workflow was built
+    without input (its data components take ``missing_ok``), rather than let MONAI skip an empty
+    run with a warning. ``give`` says what to pass, e.g. ``"--manifest manifests/site.json"``.
+    Returns the number of cases."""
+    if len(data) == 0:
+        raise MedtlError("no cases to run on: the bundle was given no input", hint=f"pass {give} to python -m monai.bundle run")
+    return len(data)
 
 
 # ----------------------------------------------------------------------------------- ignite handlers
@@ -408,5 +440,6 @@ __all__ = [
     "load_bundle_network",
     "load_source",
     "prepare_cases",
+    "require_cases",
     "teacher_labeled",
 ]

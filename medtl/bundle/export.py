@@ -122,6 +122,37 @@ def _onnx_export(network: nn.Module, path: Path, shape: list[int], seed: int = 0
         return float(np.abs(session.run(None, {"image": x.numpy()})[0] - network(x).numpy()).max())
 
 
+def output_classes(network: nn.Module, shape: Sequence[int], meta: Mapping[str, Any]) -> int:
+    """The network's class count (the channels of its output for one input of ``shape``), which
+    must be the number of classes the metadata's ``outputs/pred`` names: the bundle's only list of them."""
+    with torch.no_grad():
+        k = int(network.eval()(torch.zeros(1, *shape)).shape[1])
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    named = len(pred.get("channel_def", {}))
+    if k != named or k != pred.get("num_channels"):
+        raise MedtlError(f"the network gives {k} classes but the metadata's outputs/pred has num_channels "
+                         f"{pred.get('num_channels')} and names {named} in channel_def", path="configs/metadata.json",
+                         hint="pass metadata={'network_data_format': ...} with the network's classes "
+                              "(medtl.adapt.job.network_data_format_with_classes)")
+    return k
+
+
+def write_num_classes(configs: Path, k: int) -> list[str]:
+    """Set the literal ``num_classes`` of every config that declares one (``network_def`` reads
+    it, so MONAI's tools and consumers that never read the metadata build the right head).
+    Returns the files changed."""
+    changed = []
+    for path in sorted(configs.glob("*.json")):
+        if path.name == "metadata.json":
+            continue
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(config, dict) and "num_classes" in config and config["num_classes"] != k:
+            config["num_classes"] = k
+            atomic_write_text(path, json.dumps(config, indent=4, ensure_ascii=False) + "\n")
+            changed.append(path.name)
+    return changed
+
+
 def _previous_metadata(dest: Path, name: str | None) -> dict[str, Any] | None:
     """The metadata of the bundle already at ``dest`` when it is an earlier export of the same bundle."""
     path = dest / "configs" / "metadata.json"
@@ -154,6 +185,8 @@ def export_bundle(
     ``metrics`` (name -> ``classification_metrics`` result) fill ``eval_metrics``; ``changelog`` is
     the entry for this version: the template's version on a first export, the previous bundle's
     version bumped by ``bump`` when ``dest`` already holds one; ``metadata`` overrides other fields.
+    The configs' literal ``num_classes`` becomes the network's class count, which must be the
+    number of classes the metadata's ``outputs/pred`` names.
     ``source`` (the bundle or weights it was adapted from), ``manifests`` (the loaded training
     manifests: hashes and counts only) and ``recipe`` (settings worth stating) go into
     ``provenance.json`` and the model card ``docs/README.md``. With ``torchscript`` the network is
@@ -187,12 +220,13 @@ def export_bundle(
             meta["eval_metrics"] = eval_metrics(metrics)
         meta.update(metadata or {})
         atomic_write_json(meta_path, meta)
+        shape = [meta["network_data_format"]["inputs"]["image"]["num_channels"], *meta["network_data_format"]["inputs"]["image"]["spatial_shape"]]
+        write_num_classes(build / "configs", output_classes(network, shape, meta))
         from medtl.bundle.components import load_bundle_network
 
         load_bundle_network(build)  # the template's network_def must take these weights, all of them
 
         diff = onnx_diff = None
-        shape = [meta["network_data_format"]["inputs"]["image"]["num_channels"], *meta["network_data_format"]["inputs"]["image"]["spatial_shape"]]
         if torchscript:
             configs = build / "configs"
             data = torchscript_bytes(convert_to_torchscript(network), {name: (configs / name).read_text(encoding="utf-8")
@@ -221,4 +255,5 @@ def export_bundle(
     return {"path": dest, "version": meta["version"], "torchscript_max_abs_diff": diff, "onnx_max_abs_diff": onnx_diff}
 
 
-__all__ = ["bump_version", "eval_metrics", "export_bundle", "template_dir", "torchscript_bytes"]
+__all__ = ["bump_version", "eval_metrics", "export_bundle", "output_classes", "template_dir", "torchscript_bytes",
+           "write_num_classes"]
