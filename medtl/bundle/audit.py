@@ -11,10 +11,12 @@ module does the opposite: it parses every value with ``ast`` and accepts only
   ``allowlist.CALLS``; module attributes only from ``allowlist.VALUES``; on references, only the
   methods and fields of ``allowlist.METHODS``/``FIELDS``;
 - ``_target_`` only from ``allowlist.TARGETS`` (a bare MONAI name only when MONAI resolves it to
-  the same object), ``_mode_`` only ``default`` or ``callable``;
+  the same object), ``_mode_`` only ``default`` or ``callable``; a key ``a#_target_`` (MONAI sets
+  it at that id) or ``+a`` (merged into ``a``) is judged by its last part;
 - arguments that switch safe loading off (``weights_only``, ``allow_pickle``, ``reader``,
   ``trust``) refused wherever they appear;
-- ``metadata.json``: plain values only; ``logging.conf``: a fixed handler set, no interpolation.
+- ``metadata.json``: plain values only; ``logging.conf``: a fixed handler set, no interpolation;
+- at most ``MAX_VALUES`` values in one config (a YAML alias bomb is refused before it is walked).
 
 Everything else (imports, lambdas, comprehensions, names, dunder or other attributes, starred
 arguments, walrus) is refused with the file, the key and the reason. See ``docs/bundle-safety.md``.
@@ -39,6 +41,8 @@ _CLEAN_REFERENCE = re.compile(r"@\w+(?:(?:#|::)\w+)*")
 _CLEAN_MACRO = re.compile(r"%\w+(?:(?:#|::)\w+)*")
 _REF_PREFIX = "_medtl_ref_"
 _MAX_EXPRESSION = 2000
+#: Values (mapping entries and list items, nested) a config may hold before it is refused unread.
+MAX_VALUES = 100_000
 _MODES = frozenset({"default", "callable"})
 _SPECIAL_KEYS = frozenset({"_target_", "_mode_", "_requires_", "_disabled_", "_desc_"})
 _OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.USub, ast.UAdd, ast.Not, ast.And, ast.Or,
@@ -227,7 +231,8 @@ def _audit(config: Any, file: str, where: str, findings: list[Finding], off: fro
         return
     for key, value in config.items():
         here = f"{where}#{key}" if where else str(key)
-        key = str(key)
+        # MONAI sets a key "a#b" (or "a::b") at the id a#b and merges "+a" into a: judge the last part
+        key = str(key).lstrip("+").replace("::", "#").rsplit("#", 1)[-1]
         if key == "_target_":
             if reason := _audit_target(value):
                 findings.append(Finding(file, here, str(value), reason))
@@ -237,7 +242,7 @@ def _audit(config: Any, file: str, where: str, findings: list[Finding], off: fro
             continue
         if key.startswith("_") and key.endswith("_") and key not in _SPECIAL_KEYS:
             findings.append(Finding(file, here, key, "not a MONAI config keyword"))
-        rule = ARGUMENT_RULES.get(key.rsplit("#", 1)[-1])
+        rule = ARGUMENT_RULES.get(key)
         if key in DENIED_KEYWORDS and value is not False and value not in off:
             findings.append(Finding(file, here, f"{key}: {value}", "switches a safety check off (only false, or a reference "
                                     "to a top-level false the receiving site may override, is accepted)"))
@@ -246,8 +251,26 @@ def _audit(config: Any, file: str, where: str, findings: list[Finding], off: fro
         _audit(value, file, here, findings, off)
 
 
+def size_problem(config: Any) -> str | None:
+    """Why a parsed config is too large to walk, or None: YAML aliases let a file of a few lines
+    repeat a part billions of times without copying it."""
+    stack, count = [config], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            return f"holds more than {MAX_VALUES} values (YAML aliases repeating a part?); a bundle config holds a few hundred"
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
 def audit_config(config: Any, file: str) -> list[Finding]:
     """Every value of one parsed config file outside the accepted subset."""
+    if reason := size_problem(config):
+        return [Finding(file, "", "", reason)]
     findings: list[Finding] = []
     off = frozenset(f"@{k}" for k, v in config.items() if v is False) if isinstance(config, dict) else frozenset()
     _audit(config, file, "", findings, off)

@@ -14,6 +14,7 @@ import hashlib
 import os
 import stat
 import tempfile
+import unicodedata
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -76,6 +77,8 @@ def bundle_digest(root: str | Path) -> str:
 def _check_entry(info: zipfile.ZipInfo, archive: str) -> None:
     name = PurePosixPath(info.filename)
     mode = info.external_attr >> 16
+    if not name.parts:
+        raise MedtlError(f"entry {info.filename!r} names no file", path=archive, hint="the archive is damaged; do not unpack it")
     if info.filename.startswith(("/", "\\")) or ":" in name.parts[0] or ".." in name.parts or "\\" in info.filename:
         raise MedtlError(f"entry {info.filename!r} would be written outside the bundle folder", path=archive,
                          hint="the archive is damaged or was built to overwrite files; do not unpack it")
@@ -99,7 +102,7 @@ def extract_zip(archive: str | Path, dest: str | Path, *, max_bytes: int = MAX_U
             seen: set[str] = set()
             for info in infos:
                 _check_entry(info, archive.name)
-                key = info.filename.rstrip("/").casefold()  # one file on case-insensitive disks too
+                key = unicodedata.normalize("NFC", info.filename.rstrip("/")).casefold()  # one file on case-insensitive disks, macOS too
                 if key in seen:
                     raise MedtlError(f"entry {info.filename!r} appears twice", path=archive.name,
                                      hint="tools disagree on which copy wins; the archive was built to show different files to different readers")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from medtl.bundle import signing
-from medtl.bundle.audit import audit_config, audit_logging_conf, audit_metadata
+from medtl.bundle.audit import audit_config, audit_logging_conf, audit_metadata, size_problem
 from medtl.bundle.files import (CHECKSUMS, MAX_UNPACKED_BYTES, PROVENANCE, SIGNATURE, bundle_files, open_bundle, parse_sha256sums,
                                 sha256sums)
 from medtl.bundle.textscan import file_texts
@@ -36,7 +36,8 @@ TOLERANCE = 1e-4
 #: Seconds a trusted TorchScript parity check may run before it is stopped.
 TORCHSCRIPT_SECONDS = 60
 #: Files that hold code Python or the system would run: a bundle is configs, weights and documents.
-CODE_SUFFIXES = frozenset({".py", ".pyc", ".pyo", ".pyd", ".pth", ".so", ".dll", ".dylib", ".exe", ".sh", ".bat", ".whl", ".egg"})
+CODE_SUFFIXES = frozenset({".py", ".pyw", ".pyc", ".pyo", ".pyd", ".pth", ".so", ".dll", ".dylib", ".exe", ".sh", ".bat", ".whl",
+                           ".egg"})
 _WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
 # a string literal in an expression holding a path of two or more parts from the root or home
 _ABSOLUTE_LITERAL = re.compile(r"(['\"])((?:/|~/|[A-Za-z]:[\\/])[^'\"/\\]+[/\\][^'\"]*)\1")
@@ -157,13 +158,16 @@ def _check_signature(root: Path, trusted: set[str] | None, checksums_ok: bool, r
 
 
 def _check_code_files(root: Path, report: Verification) -> None:
-    code = [f for f in bundle_files(root) if Path(f).suffix.lower() in CODE_SUFFIXES]
+    # Windows drops trailing dots and spaces from names: "evil.py." is written as evil.py
+    code = [f for f in bundle_files(root) if Path(f.rstrip(". ")).suffix.lower() in CODE_SUFFIXES]
     report.add("no code files", [f"{f}: a code file (a bundle ships configs, weights and documents)" for f in code],
                passed="configs, weights and documents only")
 
 
 def _config_files(root: Path) -> list[Path]:
-    return sorted(p for p in (root / "configs").glob("*") if p.suffix in (".json", ".yaml", ".yml") and p.name != "metadata.json")
+    """Every file under ``configs/`` MONAI would read as a config (it matches suffixes in any case)."""
+    return sorted(p for p in (root / "configs").rglob("*")
+                  if p.suffix.lower() in (".json", ".yaml", ".yml") and p.is_file() and p != root / "configs" / "metadata.json")
 
 
 def _read_configs(root: Path, report: Verification) -> dict[str, Any]:
@@ -171,11 +175,16 @@ def _read_configs(root: Path, report: Verification) -> dict[str, Any]:
 
     configs, problems = {}, []
     for path in _config_files(root):
-        name = f"configs/{path.name}"
+        name = path.relative_to(root).as_posix()
         try:
-            configs[name] = ConfigParser.load_config_file(path)
+            config = ConfigParser.load_config_file(path)
         except Exception as exc:  # noqa: BLE001 - any parse error is the bundle's problem, reported by file
             problems.append(f"{name}: does not parse ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})")
+            continue
+        if reason := size_problem(config):  # not walked by the checks below
+            problems.append(f"{name}: {reason}")
+        else:
+            configs[name] = config
     report.add("configs parse", problems, passed=f"{len(configs)} configs read by MONAI's ConfigParser")
     return configs
 
@@ -292,7 +301,8 @@ def _check_weights(root: Path, trust: bool, report: Verification) -> dict | None
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError or EOFError by case
         text = str(exc)
         unsafe = re.search(r"(?:Unsupported global|GLOBAL) *:? *(?:GLOBAL )?([\w.]+)", text)
-        why = (f"holds pickled code ({unsafe.group(1)}), which would run on loading; refused"
+        what = unsafe.group(1) if unsafe else "pickle opcodes weights-only loading refuses"
+        why = (f"holds pickled code ({what}), which would run on loading; refused"
                if unsafe or "Weights only load failed" in text else f"not a readable checkpoint ({exc.__class__.__name__})")
         report.add("weights load (weights_only)", [f"models/model.pt: {why}"], trusted=trust and bool(unsafe or "Weights only" in text))
         return None
