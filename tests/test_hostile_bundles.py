@@ -587,6 +587,16 @@ CASES: dict[str, Case] = {
                                         "operators from custom domain 'com.evil'"),
     "ONNX weights read from outside": Case("onnx", _write("models/model.onnx", lambda kit: _onnx(kit, external=_secret(kit))),
                                            "weights stored outside the file"),
+    # -- writes outside the bundle by allow-listed savers, once the bundle runs
+    "saver path built from the root": Case("write outside", _initialize(lambda m: {
+        "_target_": "monai.handlers.MetricsSaver", "save_dir": f"$'/' + {m[1:]!r}"}), "starts a path outside the bundle",
+        predict=True),
+    "saver path climbing out of bundle_root": Case("write outside", _initialize(lambda m: {
+        "_target_": "monai.handlers.MetricsSaver", "save_dir": "$@bundle_root + '/../..'"}), "climbs out of the bundle with '..'"),
+    "bundle_root pointing outside": Case("write outside", _edit("configs/inference.json", lambda c, m: c.__setitem__("bundle_root", "..")),
+                                         "bundle_root must be '.'", predict=True),
+    "literal absolute output_dir": Case("write outside", _edit("configs/inference.json", lambda c, m: c.__setitem__("output_dir", m)),
+                                        "a path outside the bundle", predict=True),
     # -- pickled code in the weights
     "model.pt with a __reduce__ payload": Case("pickle", _write("models/model.pt", _pickled_weights),
                                                "models/model.pt: holds pickled code", pack=True),
@@ -634,7 +644,7 @@ def test_the_corpus_covers_every_class():
     assert len(CASES) >= 60 and min(classes.values()) >= 2, classes
     assert set(classes) == {"allowed-module attribute", "non-dotted receiver", "rebinding", "target", "safety switch", "macro",
                             "metadata", "component", "logging.conf", "config file", "files", "signing", "code file", "onnx",
-                            "pickle"}
+                            "pickle", "write outside"}
 
 
 # ------------------------------------------------------------------------------------------- medtl predict

@@ -177,9 +177,42 @@ def audit_expression(expression: str) -> list[str]:
     checker = _Expression()
     try:
         checker.check(tree)
+        checker.problems += _path_problems(tree)
     except RecursionError:
         return ["nested too deeply"]
     return list(dict.fromkeys(checker.problems))
+
+
+#: Text that starts a path at the root, a drive or home, or climbs with ``..``.
+_ROOTED = re.compile(r"^(?:[/\\~]|[A-Za-z]:[/\\])")
+_CLIMBS = re.compile(r"(?:^|[/\\])\.\.(?:[/\\]|$)")
+
+
+def _sum_operands(node: ast.AST) -> list[ast.AST]:
+    """``a + b + c`` (parsed as ``(a + b) + c``) as ``[a, b, c]``."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return [*_sum_operands(node.left), node.right]
+    return [node]
+
+
+def _path_problems(tree: ast.AST) -> list[str]:
+    """Allow-listed savers write where their path arguments say, so an expression may build a path
+    only under the bundle: text starting at the root or home counts only after ``@bundle_root +``,
+    and ``..`` never."""
+    anchored: set[int] = set()
+    for node in ast.walk(tree):
+        operands = _sum_operands(node)
+        first = operands[0]
+        if len(operands) > 1 and isinstance(first, ast.Name) and first.id == _REF_PREFIX + "bundle_root":
+            anchored.update(id(n) for op in operands[1:] for n in ast.walk(op))
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if _CLIMBS.search(node.value):
+                problems.append(f"{node.value!r} climbs out of the bundle with '..'")
+            elif _ROOTED.match(node.value) and id(node) not in anchored:
+                problems.append(f"{node.value!r} starts a path outside the bundle (only @bundle_root + '/...' builds paths)")
+    return problems
 
 
 @functools.lru_cache(maxsize=None)
@@ -216,6 +249,8 @@ def _audit_string(value: str) -> list[str]:
         return audit_expression(value[1:])
     if value.startswith("%") and not _CLEAN_MACRO.fullmatch(value):
         return ["a % macro may only copy another id of the same config (%id#key), not read a file"]
+    if _CLIMBS.search(value) or _ROOTED.match(value):
+        return ["a path outside the bundle (use @bundle_root + '/...', or a command-line argument)"]
     return []
 
 
@@ -273,6 +308,9 @@ def audit_config(config: Any, file: str) -> list[Finding]:
         return [Finding(file, "", "", reason)]
     findings: list[Finding] = []
     off = frozenset(f"@{k}" for k, v in config.items() if v is False) if isinstance(config, dict) else frozenset()
+    if isinstance(config, dict) and config.get("bundle_root", ".") not in (".", ""):
+        findings.append(Finding(file, "bundle_root", str(config["bundle_root"]),
+                                "bundle_root must be '.': the site running the bundle sets it (--bundle_root)"))
     _audit(config, file, "", findings, off)
     return findings
 
