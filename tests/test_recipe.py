@@ -187,3 +187,28 @@ def test_training_from_scratch_can_choose_its_epochs_by_kfold_too():
     assert 1 <= run["best_epoch"] == run["epochs_run"] <= 2 and run["selected_on"] == 18
     with pytest.raises(MedtlError, match="unknown selection"):
         train(_net(), _items(4, 0), _items(4, 1), TrainRecipe(epochs=1, selection="test"), progress=False)
+
+
+def test_fine_tuned_weights_are_averaged_with_the_adabn_start_point():
+    """WiSE-FT: the default recipe returns halfway between the (AdaBN) start and the fine-tuned weights."""
+    set_determinism(0)
+    source = _net()
+    train(source, _items(16, 0), _items(8, 1), TrainRecipe(epochs=2, batch_size=8, augment="none"), progress=False)
+    target_train, target_val, unlabeled = _items(8, 2, shift=0.3), _items(6, 3, shift=0.3), _items(6, 4, labeled=False, shift=0.3)
+    runs = {}
+    for wise in (1.0, 0.5):
+        set_determinism(1)
+        runs[wise] = copy.deepcopy(source)
+        result = finetune(runs[wise], target_train, target_val, FineTuneRecipe(
+            epochs=2, head_epochs=1, augment="none", batch_size=4, selection="val", keep_source=False, patience=None, wise=wise),
+            unlabeled_items=unlabeled, progress=False)
+        assert result["adabn"]["kept"]  # not judged by default: AdaBN is applied, as the bundles apply it
+    start = copy.deepcopy(source)
+    from medtl.adapt.adabn import adabn
+
+    adabn(start, loader([*target_train, *unlabeled], batch_size=16), progress=False)
+    tuned, averaged = runs[1.0].state_dict(), runs[0.5].state_dict()
+    for name, value in averaged.items():
+        expected = (start.state_dict()[name] + tuned[name]) / 2 if value.is_floating_point() else tuned[name]
+        assert torch.allclose(value, expected, atol=1e-6), name
+    assert not torch.equal(averaged["fc.weight"], tuned["fc.weight"])
