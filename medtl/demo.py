@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from medtl.cohort import COHORT_VERSION, generate_cohort
-from medtl.dicom import write_scan_index
+from medtl.dicom import folder_key, write_scan_index
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_json, atomic_write_text, utf8_child_env
 from medtl.loading import resolve_device
 from medtl.manifest import build_manifest_file, check_manifest
-from medtl.privacy import SALT_FILENAME
+from medtl.privacy import SALT_FILENAME, load_salt
 
 # Site B mimics a new hospital: few labeled cases to adapt with, most held out for evaluation.
 DEMO_SPLITS = {"A": {"train": 0.7, "val": 0.15, "test": 0.15}, "B": {"train": 0.3, "val": 0.2, "test": 0.5}}
@@ -135,7 +135,8 @@ def resnet(widen: float, num_classes: int = len(CLASSES), *, spatial_dims: int =
 
 
 def _unseen_folders(demo: Mapping[str, Any], out: Path, n: int) -> tuple[Path, dict[str, str]]:
-    """Copies of ``n`` site-B test patients' DICOM folders (never trained or selected on) and their truth."""
+    """Copies of ``n`` site-B test patients' DICOM folders (never trained or selected on) and their
+    truth, by folder name (one level below the copy, as ``truth_by_key`` expects)."""
     from medtl.manifest import load_manifest
 
     manifest = load_manifest(demo["sites"]["B"]["manifest"])
@@ -156,8 +157,17 @@ def _unseen_folders(demo: Mapping[str, Any], out: Path, n: int) -> tuple[Path, d
     return incoming, truth
 
 
+def truth_by_key(truth: Mapping[str, str], output_dir: Path) -> dict[str, str]:
+    """``truth`` (label by patient folder) by the salted key the bundle's predictions name each
+    folder with: the site holds the salt (``output_dir/.medtl-salt``) and so can link its
+    pseudonymous predictions back to its folders; a reader of the predictions alone cannot."""
+    salt = load_salt(output_dir)
+    return {folder_key(folder, salt): label for folder, label in truth.items()}
+
+
 def run_bundle_inference(bundle: Path, input_dir: Path, output_dir: Path) -> list[dict[str, str]]:
-    """The exported bundle's inference.json through MONAI's own CLI, as another site would run it."""
+    """The exported bundle's inference.json through MONAI's own CLI, as another site would run it
+    (folders named by salted keys, its default)."""
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
                "--input_dir", str(input_dir.resolve()), "--output_dir", str(output_dir.resolve())]
     done = subprocess.run(command, cwd=bundle, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env())
@@ -259,9 +269,10 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     print(f"fine-tuning: {recipe_outcome(tuned_run)['outcome']}\n"
           f"pseudo-labels for the student at p >= {kept['threshold']:g}: {kept['pseudo_labels_kept']}, {kept['below_threshold']} soft-only")
     print(f"\nbundle inference on {len(truth)} unseen site-B patients ({len(predictions)} series), python -m monai.bundle run:")
+    keyed_truth = truth_by_key(truth, out / "predictions")
     for row in predictions:
-        folder = row["id"].split("/")[0].split("#")[0]
-        print(f"  {row['id']:<28} p(malignant) {float(row['prob_malignant']):.2f} -> {row['pred']:<10} truth: {truth.get(folder, '?')}")
+        folder = row["id"].split("#")[0]  # the series folder's key (dir-3f2a...#2)
+        print(f"  {row['id']:<28} p(malignant) {float(row['prob_malignant']):.2f} -> {row['pred']:<10} truth: {keyed_truth.get(folder, '?')}")
     print("\ntimings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("\nartifacts:")
     print(f"  cohort (DICOM, masks, labels.csv): {out}/site_*/")

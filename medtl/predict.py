@@ -16,10 +16,12 @@ look. With highdicom (``pip install medtl[dicom-out]``) each predicted series ca
 
 Both join the source study (its StudyInstanceUID and patient module) in new series.
 
-The bundle names each series by its folder (``DOE_JANE/CT#2``), and export folders are often named
-after the patient, so the ``id`` column and the skipped items name folders by salted keys
-(``dir-3f2a...#2``, salt in ``output_dir/.medtl-salt``) unless ``real_ids``. Cells a spreadsheet
-would read as a formula are written as text (``fileio.csv_cell``). Example::
+The bundle names each series by its folder, and export folders are often named after the patient,
+so the ``id`` column and the skipped items name folders by salted keys (``dir-3f2a...#2`` for
+``DOE_JANE/CT#2``, salt in ``output_dir/.medtl-salt``) unless ``real_ids``. The bundle's
+``inference_cases`` does the keying, so ``python -m monai.bundle run`` with the same output folder
+gives the same ids. Cells a spreadsheet would read as a formula are written as text
+(``fileio.csv_cell``). Example::
 
     result = predict("incoming/", "bundles/tumor_cls_finetune", "out", sr=True)
     print(format_predictions(result))
@@ -38,14 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from medtl.dicom import folder_key, pseudonymous_path
 from medtl.errors import MedtlError, cause_chain, medtl_cause
 from medtl.fileio import atomic_write, atomic_write_csv, atomic_write_json
-from medtl.privacy import load_or_create_salt
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONFIDENCE", "confidence_flag", "format_predictions", "predict", "pseudonymous_id", "top_probability"]
+__all__ = ["CONFIDENCE", "confidence_flag", "format_predictions", "predict", "top_probability"]
 
 #: Default probability of the predicted class below which a series is flagged for review.
 CONFIDENCE = 0.8
@@ -75,8 +75,9 @@ def predict(input_dir: str | Path, bundle: str | Path, output_dir: str | Path, *
     (and, when asked, DICOM SR/SC under ``output_dir/dicom``).
 
     Series the bundle cannot read are skipped with their reason and the others go on. Folders are
-    named by salted keys in ids and skipped items (``pseudonymous_id``) unless ``real_ids``. Raises
-    ``MedtlError`` for a bundle missing files or failing the expression audit (``trust`` runs it
+    named by salted keys in ids and skipped items unless ``real_ids`` (the bundle's
+    ``inference_cases`` option of that name). Raises ``MedtlError`` for a bundle missing files, not
+    listing its cases with ``inference_cases`` or failing the expression audit (``trust`` runs it
     anyway), an input that is not a folder or holds no loadable series, and a threshold outside [0, 1].
     Returns the content of ``predictions.json``.
     """
@@ -95,13 +96,11 @@ def predict(input_dir: str | Path, bundle: str | Path, output_dir: str | Path, *
     logger.info("predict: %s %s, confidence threshold %.2f, SR %s, Secondary Capture %s", model["name"], model["version"],
                 confidence, "yes" if sr else "no", "yes" if secondary_capture else "no")
 
-    parser = _run_inference(root, input_dir, out, progress=progress)
+    parser = _run_inference(root, input_dir, out, real_ids=real_ids, progress=progress)
     result, columns = _flagged(out, confidence, model)
     network, predicted = _predicted_cases(parser, result["predictions"]) if hd is not None else (None, [])  # by the bundle's ids
-    if not real_ids:
-        _pseudonymous_ids(result, input_dir, load_or_create_salt(out))
     result["dicom"] = []
-    _write_predictions(out, result, columns)  # at once: the bundle's own files name the folders and hold raw cells
+    _write_predictions(out, result, columns)  # at once, with the confidence flag
     written: list[str] = []
     for row, case, item in predicted:
         sources = _source_headers(case["image"])
@@ -167,15 +166,24 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
 
 
-def _run_inference(root: Path, input_dir: Path, out: Path, *, progress: bool) -> Any:
+def _run_inference(root: Path, input_dir: Path, out: Path, *, real_ids: bool, progress: bool) -> Any:
     """Parse and run ``inference.json`` as ``monai.bundle run`` does (initialize, run, finalize);
-    returns the parser, whose resolved parts (network, cases) explain the predictions."""
+    returns the parser, whose resolved parts (network, cases) explain the predictions.
+
+    ``real_ids`` goes to its ``cases`` (``inference_cases``), the one place folders are keyed,
+    also in a bundle exported before ``real_ids`` was a top-level option of its own."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(root / "configs" / "inference.json")
     parser.read_meta(root / "configs" / "metadata.json")
     parser.update({"bundle_root": str(root), "input_dir": str(input_dir), "output_dir": str(out)})
+    cases = parser.get("cases")
+    if not (isinstance(cases, dict) and str(cases.get("_target_", "")).endswith("inference_cases")):
+        raise MedtlError("its inference.json does not list its cases with medtl.bundle.components.inference_cases, "
+                         "which names the input folders by salted keys", path=root / "configs" / "inference.json",
+                         hint="give a bundle exported by medtl, or run this one with python -m monai.bundle run")
+    parser["cases#real_ids"] = real_ids
     prepared = parser.get("prepared")
     if not progress and isinstance(prepared, dict) and str(prepared.get("_target_", "")).endswith("prepare_cases"):
         parser["prepared#progress"] = False
@@ -224,31 +232,6 @@ def _flagged(out: Path, threshold: float, model: Mapping[str, str]) -> tuple[dic
 def _write_predictions(out: Path, result: Mapping[str, Any], columns: Sequence[str]) -> None:
     atomic_write_csv(out / "predictions.csv", result["predictions"], columns)
     atomic_write_json(out / "predictions.json", result)
-
-
-def pseudonymous_id(ident: str, salt: str) -> str:
-    """A prediction's or skipped item's id with its folder replaced by the folder's salted key
-    (``dicom.folder_key``): ``DOE_JANE/CT#2`` becomes ``dir-3f2a...#2`` (the series number kept),
-    a skipped file ``DOE_JANE/notes.txt`` becomes ``dir-3f2a.../notes.txt``."""
-    folder, sep, series = ident.rpartition("#")
-    if sep and "/" not in series:
-        return f"{folder_key(folder, salt)}#{series}"
-    return pseudonymous_path(ident, salt)
-
-
-def _pseudonymous_reason(reason: str, root: Path, salt: str) -> str:
-    """A skip reason that starts with a path below ``root`` (``DOE_JANE/x.dcm: cannot decode ...``) with its folder keyed."""
-    where, sep, rest = reason.partition(": ")
-    if not sep or not where or not (root / where).exists():
-        return reason
-    return f"{folder_key(where, salt) if (root / where).is_dir() else pseudonymous_path(where, salt)}: {rest}"
-
-
-def _pseudonymous_ids(result: dict[str, Any], root: Path, salt: str) -> None:
-    for row in result["predictions"]:
-        row["id"] = pseudonymous_id(str(row["id"]), salt)
-    result["skipped"] = [{**item, "id": pseudonymous_id(str(item["id"]), salt),
-                          "reason": _pseudonymous_reason(str(item.get("reason", "")), root, salt)} for item in result["skipped"]]
 
 
 def _predicted_cases(parser: Any, rows: Sequence[Mapping[str, Any]]) -> tuple[Any, list[tuple[Mapping, Mapping, Mapping]]]:

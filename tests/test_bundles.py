@@ -191,6 +191,8 @@ def test_finetune_then_distill_bundles_adapt_the_source_to_site_b(trained_source
 
 @pytest.mark.slow
 def test_lidc_bundle_scores_nodules_listed_in_a_csv(shared_data, tmp_path):
+    from medtl.dicom import pseudonymous_path
+
     bundle = REPO / "bundles" / "lidc_nodule_malignancy"
     if not (bundle / "models" / "model.pt").is_file():
         pytest.skip("lidc_nodule_malignancy has no trained weights yet (benchmarks/lidc_model.py --export)")
@@ -211,7 +213,8 @@ def test_lidc_bundle_scores_nodules_listed_in_a_csv(shared_data, tmp_path):
     assert set(predictions[0]) == {"image", "mask", "prob_Benign", "prob_Malign", "pred", "model_version"}
     assert all(p["pred"] in ("Benign", "Malign") for p in predictions)
     skipped = json.loads((out / "predictions.json").read_text(encoding="utf-8"))["skipped"]
-    assert [s["id"] for s in skipped] == ["missing.nii.gz", lines[1].split(",")[0]]
+    salt = (out / ".medtl-salt").read_text(encoding="utf-8").strip()  # ids key the image's folder; the image column is as written
+    assert [s["id"] for s in skipped] == ["missing.nii.gz", pseudonymous_path(lines[1].split(",")[0], salt)]
     assert "takes the lesion mask as an input channel" in skipped[1]["reason"]
 
     # MONAI's run equals medtl's Python path: the same two-channel preprocessing, flip TTA over the same weights
@@ -288,7 +291,7 @@ def test_multi_gpu_train_runs_under_torchrun_on_cpu(trained_source, tmp_path):
 def test_csv_cases_take_a_mask_or_an_roi_centre_and_report_bad_rows(tmp_path):
     table = tmp_path / "cases.csv"
     table.write_text("image,mask,roi_center_mm\na.nii.gz,a_mask.nii.gz,\nb.nii.gz,,1.5 -2 30\nc.nii.gz,,one two\n,,\nd.nii.gz,,1 2\n")
-    found = inference_cases(input_csv=table)
+    found = inference_cases(input_csv=table, output_dir=tmp_path / "out")
     a, b = found["cases"]
     assert a["mask"] == str(tmp_path / "a_mask.nii.gz") and a["csv_mask"] == "a_mask.nii.gz" and "roi_center_mm" not in a
     assert b["roi_center_mm"] == [1.5, -2.0, 30.0] and "mask" not in b and b["image"] == str(tmp_path / "b.nii.gz")
@@ -388,3 +391,92 @@ def test_loader_augmentation_device_and_layout_are_settings(bundle, tmp_path):
     with pytest.raises(RuntimeError) as failed:  # MONAI wraps a component's error
         parsed(augment_on_device=True, num_workers=2).get_parsed_content("train#dataloader")
     assert "augmentation on the device runs in the loading thread" in str(medtl_cause(failed.value))
+
+
+def test_csv_case_ids_key_the_image_folder_unless_real_ids(tmp_path):
+    """A CSV row's id names the image's folder by its salted key (the salt beside the output); the
+    image and mask columns stay as the site wrote them; ``real_ids`` (also as MONAI's CLI passes
+    it, ``"true"``) keeps the path."""
+    from medtl.dicom import folder_key, pseudonymous_path
+
+    (tmp_path / "DOE_JANE" / "CT").mkdir(parents=True)  # a DICOM series folder listed as the image
+    table = tmp_path / "cases.csv"
+    table.write_text("image,mask,roi_center_mm\nDOE_JANE/ct.nii.gz,DOE_JANE/mask.nii.gz,\nDOE_JANE/CT,,1 2 3\n"
+                     "ct.nii.gz,,\nDOE_JANE/bad.nii.gz,,one\n", encoding="utf-8")
+    out = tmp_path / "out"
+    found = inference_cases(input_csv=table, output_dir=out)
+    salt = (out / ".medtl-salt").read_text(encoding="utf-8").strip()
+    assert [c["id"] for c in found["cases"]] == [pseudonymous_path("DOE_JANE/ct.nii.gz", salt), folder_key("DOE_JANE/CT", salt), "ct.nii.gz"]
+    assert [s["id"] for s in found["skipped"]] == [pseudonymous_path("DOE_JANE/bad.nii.gz", salt)]
+    assert "DOE" not in json.dumps([c["id"] for c in found["cases"]] + found["skipped"])
+    assert [(c["csv_image"], c["csv_mask"]) for c in found["cases"]] == [("DOE_JANE/ct.nii.gz", "DOE_JANE/mask.nii.gz"), ("DOE_JANE/CT", ""),
+                                                                           ("ct.nii.gz", "")]
+    assert found["salt_dir"] == str(out) and inference_cases(input_csv=table, output_dir=out)["cases"] == found["cases"]  # one key per run folder
+
+    for real_ids in (True, "true", "True"):
+        real = inference_cases(input_csv=table, output_dir=out, real_ids=real_ids)
+        assert [c["id"] for c in real["cases"]] == ["DOE_JANE/ct.nii.gz", "DOE_JANE/CT", "ct.nii.gz"] and real["salt_dir"] == ""
+    assert inference_cases(input_csv=table, output_dir=out, real_ids="false")["cases"] == found["cases"]
+    with pytest.raises(MedtlError, match="real_ids is true or false, got 'yes'"):
+        inference_cases(input_csv=table, output_dir=out, real_ids="yes")
+
+
+def test_dicom_case_ids_key_the_folders_unless_real_ids(tmp_path):
+    from medtl.dicom import folder_key
+    from medtl.dicomwrite import SeriesInfo, make_uid, write_ct_series
+
+    root = tmp_path / "incoming"
+    for folder, number in (("DOE_JANE/CT", 2), ("ROE_RICHARD", 3)):
+        info = SeriesInfo(patient_id="P1", patient_name="Doe^Jane", study_uid=make_uid(f"st-{folder}"),
+                          series_uid=make_uid(f"se-{folder}"), series_number=number)
+        write_ct_series(root / folder, np.zeros((8, 8, 4)), (1.0, 1.0, 2.0), info)
+    (root / "DOE_JANE" / "notes.txt").write_text("export log\n", encoding="utf-8")
+    out = tmp_path / "out"
+    found = inference_cases(root, output_dir=out)
+    salt = (out / ".medtl-salt").read_text(encoding="utf-8").strip()
+    assert [c["id"] for c in found["cases"]] == [f"{folder_key('DOE_JANE/CT', salt)}#2", f"{folder_key('ROE_RICHARD', salt)}#3"]
+    assert [s["id"] for s in found["skipped"]] == [f"{folder_key('DOE_JANE', salt)}/notes.txt"]
+    assert all(c["series"].startswith("ser-") for c in found["cases"])
+    real = inference_cases(root, output_dir=out, real_ids=True)
+    assert [c["id"] for c in real["cases"]] == ["DOE_JANE/CT#2", "ROE_RICHARD#3"]  # the same order: the folders'
+    assert [s["id"] for s in real["skipped"]] == ["DOE_JANE/notes.txt"]
+
+
+def test_a_failing_case_is_named_by_its_key(tmp_path):
+    """``prepare_cases`` names the file a case failed on relative to the input, its folder keyed as the ids are."""
+    from medtl.bundle.components import prepare_cases
+    from medtl.dicom import pseudonymous_path
+    from medtl.reader import LoadVolumed
+
+    table = tmp_path / "cases.csv"
+    table.write_text("image\nDOE_JANE/ct.nii.gz\n", encoding="utf-8")
+    (tmp_path / "DOE_JANE").mkdir()
+    (tmp_path / "DOE_JANE" / "ct.nii.gz").write_bytes(b"not a NIfTI")
+    out = tmp_path / "out"
+    with pytest.raises(MedtlError) as failed:
+        prepare_cases(inference_cases(input_csv=table, output_dir=out), LoadVolumed(keys="image"), progress=False)
+    salt = (out / ".medtl-salt").read_text(encoding="utf-8").strip()
+    assert f"{pseudonymous_path('DOE_JANE/ct.nii.gz', salt)}: " in failed.value.hint and "DOE" not in str(failed.value)
+    with pytest.raises(MedtlError, match="DOE_JANE/ct.nii.gz: "):
+        prepare_cases(inference_cases(input_csv=table, output_dir=out, real_ids=True), LoadVolumed(keys="image"), progress=False)
+
+
+def test_an_oversized_csv_field_is_named_with_the_file_and_line(tmp_path):
+    table = tmp_path / "cases.csv"
+    table.write_text('image,mask\na.nii.gz,\n"b.nii.gz' + "x" * (csv.field_size_limit() + 10) + "\n", encoding="utf-8")
+    with pytest.raises(MedtlError, match=r"^cases.csv: cannot read the case table: line \d+: a field is longer than [\d,]+ characters"):
+        inference_cases(input_csv=table, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before a salt was made
+
+
+def test_prediction_writer_writes_formula_cells_as_text(tmp_path):
+    from medtl.bundle.components import PredictionWriter
+
+    writer = PredictionWriter(tmp_path, ["benign", "malignant"], model_version="0.1.0")
+    writer.rows = [{"id": "=cmd|' /C calc'!A0#2", "series": "ser-1", "prob_benign": -0.0, "prob_malignant": 1.0, "pred": "malignant",
+                    "model_version": "0.1.0"}]
+    writer._write(None)
+    lines = (tmp_path / "predictions.csv").read_text(encoding="utf-8").splitlines()
+    assert lines == ["id,series,prob_benign,prob_malignant,pred,model_version", "'=cmd|' /C calc'!A0#2,ser-1,-0.0,1.0,malignant,0.1.0"]
+    assert json.loads((tmp_path / "predictions.json").read_text(encoding="utf-8"))["predictions"][0]["id"] == "=cmd|' /C calc'!A0#2"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # written atomically: no temporary file left

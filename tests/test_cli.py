@@ -171,6 +171,9 @@ def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys
     assert finding["text"].startswith(f"result: fine-tuned {said} source-only on site B test")
     b_test = sum(1 for c in json.loads((out / "manifests" / "demo_site_B.json").read_text(encoding="utf-8"))["cases"] if c["split"] == "test")
     assert len(summary["predictions"]) == min(6, b_test)  # one per unseen series, through python -m monai.bundle run
+    truths = [line.split("truth: ")[1] for line in printed.splitlines() if "truth: " in line]  # found by the folders' keys
+    assert len(truths) == len(summary["predictions"]) and set(truths) <= {"benign", "malignant"}
+    assert all(row["id"].startswith("dir-") for row in summary["predictions"])
     assert (out / "predictions" / "predictions.csv").is_file()
     schema = json.loads((Path(__file__).resolve().parents[1] / "medtl" / "schemas" / "meta_schema_20240725.json").read_text(encoding="utf-8"))
     for name in ("tumor_cls_source", "tumor_cls_finetune"):
@@ -188,7 +191,10 @@ def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys
     provenance = json.loads((out / "bundles" / "tumor_cls_finetune" / "provenance.json").read_text(encoding="utf-8"))
     assert provenance["adapted_from"]["name"] == "tumor_cls_source" and provenance["data"]["manifests"][0]["name"] == "demo_site_B"
     site2 = import_bundle(packed["path"], tmp_path / "site2" / "tumor_cls_finetune")["path"]
+    (tmp_path / "site2" / "predictions").mkdir()  # the same salt, so the same folders get the same keys
+    shutil.copy(out / "predictions" / ".medtl-salt", tmp_path / "site2" / "predictions" / ".medtl-salt")
     again = run_bundle_inference(site2, out / "incoming_site_B", tmp_path / "site2" / "predictions")
+    assert all(r["id"].startswith("dir-") for r in again)  # the bundle's default: folders by salted keys
     assert [(r["id"], r["pred"]) for r in again] == [(r["id"], r["pred"]) for r in summary["predictions"]]
 
 

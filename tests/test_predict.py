@@ -17,10 +17,11 @@ import torch
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from medtl.cli import main
+from medtl.dicom import folder_key
 from medtl.dicomwrite import SeriesInfo, make_uid, write_ct_series
 from medtl.errors import MedtlError
 from medtl.fileio import utf8_child_env
-from medtl.predict import confidence_flag, format_predictions, predict, pseudonymous_id, top_probability
+from medtl.predict import confidence_flag, format_predictions, predict, top_probability
 
 PLANTED = ("Zzplanted^Secretname", "PLANTED-PID-778899")  # PatientName, PatientID of every generated series
 
@@ -71,16 +72,29 @@ def _salt(out: Path) -> str:
     return (out / ".medtl-salt").read_text(encoding="utf-8").strip()
 
 
+def _key(folder: str, salt: str, number: int = 2) -> str:
+    """The id of series ``number`` in ``folder`` (relative to the input) as the bundle writes it by default."""
+    return f"{folder_key(folder, salt)}#{number}"
+
+
+def monai_run(bundle: Path, *args: str) -> subprocess.CompletedProcess:
+    """The bundle's inference.json through ``python -m monai.bundle run``, as a site would run it."""
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
+                           *args], cwd=bundle, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def _source(incoming, row, salt: str) -> list[pydicom.Dataset]:
     """The source slices of a prediction row (its id is the key of the series' relative folder, and its number)."""
-    folder = next(f for f in ("a", "b/ct") if pseudonymous_id(f"{f}#2", salt) == row["id"])
+    folder = next(f for f in ("a", "b/ct") if _key(f, salt) == row["id"])
     return [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted((incoming["root"] / folder).glob("*.dcm"))]
 
 
 def test_predictions_are_the_bundles_own_with_a_confidence_flag(bundle, incoming, predicted, tmp_path):
     out = predicted["out"]
     rows = list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))
-    assert [r["id"] for r in rows] == [pseudonymous_id(i, _salt(out)) for i in ("a#2", "b/ct#2")]  # the bundle's order
+    assert [r["id"] for r in rows] == [_key(f, _salt(out)) for f in ("a", "b/ct")]  # the bundle's order: the folders'
     assert all(r["id"].startswith("dir-") and r["id"].endswith("#2") for r in rows)
     assert list(rows[0]) == ["id", "series", "prob_benign", "prob_malignant", "pred", "model_version", "confidence"]
     report = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
@@ -89,25 +103,24 @@ def test_predictions_are_the_bundles_own_with_a_confidence_flag(bundle, incoming
         assert row["series"].startswith("ser-") and row["pred"] == max(("benign", "malignant"), key=lambda c: row[f"prob_{c}"])
         assert row["confidence"] == confidence_flag(top_probability(row), 0.8)
 
-    # the same bundle through MONAI's own CLI, with the same salt so the pseudonymous series keys agree
+    # the same bundle through MONAI's own CLI, with the same salt: the same ids, keyed once, by the bundle
     reference = tmp_path / "reference"
     reference.mkdir()
     shutil.copy(out / ".medtl-salt", reference / ".medtl-salt")
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
-                           "--input_dir", str(incoming["root"]), "--output_dir", str(reference)],
-                          cwd=bundle, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(), timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = monai_run(bundle, "--input_dir", str(incoming["root"]), "--output_dir", str(reference))
     own = json.loads((reference / "predictions.json").read_text(encoding="utf-8"))
-    keyed = {pseudonymous_id(r["id"], _salt(out)): {**r, "id": pseudonymous_id(r["id"], _salt(out))} for r in own["predictions"]}
-    assert [{k: v for k, v in r.items() if k != "confidence"} for r in report["predictions"]] == [keyed[r["id"]] for r in report["predictions"]]
-    assert [s["id"] for s in report["skipped"]] == [pseudonymous_id(s["id"], _salt(out)) for s in own["skipped"]]
-    assert [s["reason"] for s in report["skipped"]] == [s["reason"] for s in own["skipped"]]
+    assert [{k: v for k, v in r.items() if k != "confidence"} for r in report["predictions"]] == own["predictions"]
+    assert report["skipped"] == own["skipped"]
+    assert [r["id"] for r in csv.DictReader((reference / "predictions.csv").open(encoding="utf-8"))] == [r["id"] for r in rows]
+    for text in ((reference / "predictions.csv").read_text(encoding="utf-8"), (reference / "predictions.json").read_text(encoding="utf-8")):
+        assert "b/ct" not in text and "broken" not in text and str(incoming["root"]) not in text
+    assert "b/ct" not in done.stdout + done.stderr and "broken" not in done.stdout + done.stderr  # (MONAI logs its arguments)
 
 
 def test_skipped_series_are_listed_and_the_good_ones_predicted(predicted):
     result = predicted["result"]
     skipped = {s["id"]: s["reason"] for s in result["skipped"]}
-    broken = pseudonymous_id("broken#2", _salt(predicted["out"]))
+    broken = _key("broken", _salt(predicted["out"]))
     assert set(skipped) == {broken, "notes.txt"}  # a file in the input folder itself has no folder to key
     assert "share a position" in skipped[broken] and "not a DICOM file" in skipped["notes.txt"]
     table = format_predictions(result)
@@ -194,6 +207,29 @@ def test_real_ids_name_the_folders_and_spreadsheet_formulas_stay_text(bundle, in
     result = predict(incoming["root"], bundle, tmp_path / "real", real_ids=True, progress=False)
     assert [r["id"] for r in result["predictions"]] == ["a#2", "b/ct#2"]
     assert {s["id"] for s in result["skipped"]} == {"broken#2", "notes.txt"}
+
+
+def test_monai_bundle_run_keys_folders_unless_real_ids_and_writes_formulas_as_text(bundle, incoming, tmp_path):
+    """The bundle's own path, without medtl predict: ``--real_ids true`` names the folders as they
+    are, and a folder a spreadsheet would run is text in the predictions.csv it writes."""
+    formula = tmp_path / "formula"
+    shutil.copytree(incoming["root"] / "a", formula / "=cmd|' /C calc'!A0")
+    (formula / "=cmd|' /C calc'!A0" / "notes.txt").write_text("export log\n", encoding="utf-8")
+    keyed, real = tmp_path / "keyed", tmp_path / "real"
+    monai_run(bundle, "--input_dir", str(formula), "--output_dir", str(keyed), "--real_ids", "false")
+    key = folder_key("=cmd|' /C calc'!A0", _salt(keyed))
+    assert [r["id"] for r in csv.DictReader((keyed / "predictions.csv").open(encoding="utf-8"))] == [f"{key}#2"]
+    skipped = json.loads((keyed / "predictions.json").read_text(encoding="utf-8"))["skipped"]
+    assert [s["id"] for s in skipped] == [f"{key}/notes.txt"] and "cmd" not in (keyed / "predictions.json").read_text(encoding="utf-8")
+
+    monai_run(bundle, "--input_dir", str(formula), "--output_dir", str(real), "--real_ids", "true")
+    text = (real / "predictions.csv").read_text(encoding="utf-8")
+    rows = list(csv.DictReader(text.splitlines()))
+    assert [r["id"] for r in rows] == ["'=cmd|' /C calc'!A0#2"] and text.splitlines()[1].startswith("'=cmd")
+    assert 0.0 <= float(rows[0]["prob_benign"]) <= 1.0  # numbers stay numbers
+    report = json.loads((real / "predictions.json").read_text(encoding="utf-8"))
+    assert report["predictions"][0]["id"] == "=cmd|' /C calc'!A0#2"  # JSON is no spreadsheet: the name as it is
+    assert [s["id"] for s in report["skipped"]] == ["=cmd|' /C calc'!A0/notes.txt"]
 
 
 def test_predictions_and_logs_name_no_patient_and_no_path(bundle, incoming, tmp_path, caplog):

@@ -260,10 +260,11 @@ def refused_write(out: Path) -> None:
 
 
 def infer_folder(folder: Path) -> Behaviour:
-    """Bundle inference input: scan the folder, preprocess each series; bad ones skipped, good one kept."""
+    """Bundle inference input: scan the folder, preprocess each series; bad ones skipped, good one kept
+    (folders by name, ``real_ids``, so the table reads the same every run; keys: tests/test_bundles.py)."""
     from medtl.bundle.components import inference_cases, prepare_cases
 
-    found = inference_cases(folder, output_dir=folder.parent / "out")
+    found = inference_cases(folder, output_dir=folder.parent / "out", real_ids=True)
     prepared = prepare_cases(found, LoadVolumed(keys=["image"]), progress=False)
     assert [tuple(item["image"].shape) for item in prepared["items"]] == [(1, 12, 10, 4)]
     reasons = {s["id"]: s["reason"] for s in prepared["skipped"]}
@@ -412,12 +413,13 @@ def latin1_name(tmp: Path) -> Path:
 
 
 def infer_skips(bad: str) -> Callable[[Path], Behaviour]:
-    """Bundle inference over a folder: the series ``bad`` is skipped with its reason, ``good#1`` kept."""
+    """Bundle inference over a folder: the series ``bad`` is skipped with its reason, ``good#1`` kept
+    (folders by name, ``real_ids``, so the table reads the same every run)."""
 
     def run(folder: Path) -> Behaviour:
         from medtl.bundle.components import inference_cases
 
-        found = inference_cases(folder, output_dir=folder.parent / "out")
+        found = inference_cases(folder, output_dir=folder.parent / "out", real_ids=True)
         assert [c["id"] for c in found["cases"]] == ["good#1"], found
         reasons = {s["id"]: s["reason"] for s in found["skipped"]}
         assert list(reasons) == [bad], reasons
