@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cohort_options(p)
     p.add_argument("--source-epochs", type=int, default=20, help="epochs of source training on site A (default 20)")
     p.add_argument("--target-epochs", type=int, default=15, help="epochs of fine-tuning on site B; k-fold selection picks how many of them (default 15)")
-    p.add_argument("--student-epochs", type=int, default=25, help="most epochs of student distillation (default 25; early stopping)")
+    p.add_argument("--student-epochs", type=int, default=15, help="most epochs of student distillation (default 15; early stopping)")
     _device_option(p)
     p.set_defaults(func=_demo)
 

@@ -179,7 +179,7 @@ def run_bundle_inference(bundle: Path, input_dir: Path, output_dir: Path) -> lis
 
 
 def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epochs: int = 20, target_epochs: int = 15,
-             student_epochs: int = 25, unseen: int = 6, progress: bool = True, device: str = "auto") -> dict[str, Any]:
+             student_epochs: int = 15, unseen: int = 6, progress: bool = True, device: str = "auto") -> dict[str, Any]:
     """The whole job on the demo cohort on ``device`` (``medtl.loading.resolve_device``); returns the
     stage table rows and artifact paths."""
     from monai.utils import set_determinism
