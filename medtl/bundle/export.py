@@ -137,17 +137,18 @@ def output_classes(network: nn.Module, shape: Sequence[int], meta: Mapping[str, 
     return k
 
 
-def write_num_classes(configs: Path, k: int) -> list[str]:
-    """Set the literal ``num_classes`` of every config that declares one (``network_def`` reads
-    it, so MONAI's tools and consumers that never read the metadata build the right head).
-    Returns the files changed."""
+def write_settings(configs: Path, values: Mapping[str, Any]) -> list[str]:
+    """Set top-level literals (``num_classes``, ``crop_mm``...) in every config that declares them:
+    ``network_def`` reads ``num_classes``, so MONAI's tools and consumers that never read the
+    metadata build the right head, and inference crops as training did. Returns the files changed."""
     changed = []
     for path in sorted(configs.glob("*.json")):
         if path.name == "metadata.json":
             continue
         config = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(config, dict) and "num_classes" in config and config["num_classes"] != k:
-            config["num_classes"] = k
+        updates = {k: v for k, v in values.items() if isinstance(config, dict) and k in config and config[k] != v}
+        if updates:
+            config.update(updates)
             atomic_write_text(path, json.dumps(config, indent=4, ensure_ascii=False) + "\n")
             changed.append(path.name)
     return changed
@@ -179,6 +180,7 @@ def export_bundle(
     bump: str = "patch",
     torchscript: bool = True,
     onnx: bool = True,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``network`` as the bundle ``template`` at ``dest`` (replacing what is there).
 
@@ -186,7 +188,8 @@ def export_bundle(
     the entry for this version: the template's version on a first export, the previous bundle's
     version bumped by ``bump`` when ``dest`` already holds one; ``metadata`` overrides other fields.
     The configs' literal ``num_classes`` becomes the network's class count, which must be the
-    number of classes the metadata's ``outputs/pred`` names.
+    number of classes the metadata's ``outputs/pred`` names; ``settings`` set other top-level
+    literals the configs declare (the inputs the network was trained on: ``crop_mm``, ``augment``).
     ``source`` (the bundle or weights it was adapted from), ``manifests`` (the loaded training
     manifests: hashes and counts only) and ``recipe`` (settings worth stating) go into
     ``provenance.json`` and the model card ``docs/README.md``. With ``torchscript`` the network is
@@ -221,7 +224,7 @@ def export_bundle(
         meta.update(metadata or {})
         atomic_write_json(meta_path, meta)
         shape = [meta["network_data_format"]["inputs"]["image"]["num_channels"], *meta["network_data_format"]["inputs"]["image"]["spatial_shape"]]
-        write_num_classes(build / "configs", output_classes(network, shape, meta))
+        write_settings(build / "configs", {**(settings or {}), "num_classes": output_classes(network, shape, meta)})
         from medtl.bundle.components import load_bundle_network
 
         load_bundle_network(build)  # the template's network_def must take these weights, all of them
@@ -256,4 +259,4 @@ def export_bundle(
 
 
 __all__ = ["bump_version", "eval_metrics", "export_bundle", "output_classes", "template_dir", "torchscript_bytes",
-           "write_num_classes"]
+           "write_settings"]
