@@ -23,6 +23,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medtl.cohort import COHORT_VERSION, generate_cohort
 from medtl.dicom import folder_key, write_scan_index
 from medtl.errors import MedtlError
@@ -179,9 +181,12 @@ def run_bundle_inference(bundle: Path, input_dir: Path, output_dir: Path) -> lis
 
 
 def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epochs: int = 20, target_epochs: int = 15,
-             student_epochs: int = 15, unseen: int = 6, progress: bool = True, device: str = "auto") -> dict[str, Any]:
+             student_epochs: int = 15, unseen: int = 6, progress: bool = True, device: str = "auto",
+             seeds: int = 1) -> dict[str, Any]:
     """The whole job on the demo cohort on ``device`` (``medtl.loading.resolve_device``); returns the
-    stage table rows and artifact paths."""
+    stage table rows and artifact paths. ``seeds`` > 1 repeats the seed-dependent site-B stages
+    (fine-tuning and the student) with seeds ``seed+1...`` over the same source model, and prints and
+    reports each stage's spread of site-B test AUC."""
     from monai.utils import set_determinism
 
     from medtl.adapt.adabn import adabn
@@ -241,6 +246,25 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     stage("student", student, time.perf_counter() - t, {"site B test": "B test"}, student_run)
 
     t = time.perf_counter()
+    spread = {"source-only": [source_results["site B test"]["metrics"]["auc"]["value"]],
+               "AdaBN": [_auc(rows, "AdaBN")], "fine-tuned": [tuned_results["site B test"]["metrics"]["auc"]["value"]],
+               "student": [_auc(rows, "student")]}
+    for extra in range(seed + 1, seed + seeds):
+        set_determinism(extra)
+        again = copy.deepcopy(source)
+        finetune(again, items["B train"], items["B val"], FineTuneRecipe(epochs=target_epochs), unlabeled_items=items["B unlabeled"],
+                 progress=progress, desc=f"fine-tune on site B, seed {extra}", device=device, seed=extra)
+        spread["fine-tuned"].append(evaluate_items(again, items["B test"], seed=seed, device=device)["metrics"]["auc"]["value"])
+        set_determinism(extra)
+        pupil = resnet(0.25)
+        distill(again, pupil, [*items["B train"], *items["A train"]], items["B unlabeled"], items["B val"],
+                DistillRecipe(epochs=student_epochs), class_names=CLASSES, cache_dir=out / "cache", progress=progress,
+                desc=f"distill student, seed {extra}", device=device)
+        spread["student"].append(evaluate_items(pupil, items["B test"], seed=seed, device=device)["metrics"]["auc"]["value"])
+    if seeds > 1:
+        timings["more seeds"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     for name, network in (("source-only", source), ("AdaBN", adapted), ("fine-tuned", tuned)):
         record_features(records, name, network, test_sets, seed=seed, device=device)
     for name, network in (("source-only", source), ("fine-tuned", tuned)):
@@ -265,6 +289,8 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     print_stages(rows)
     finding = adaptation_finding(source, tuned, items["B test"], seed=seed, device=device)
     print(finding["text"])
+    spread_text = seed_spread_text(spread)
+    print(spread_text)
     kept = student_run["pseudo_labels"]
     print(f"fine-tuning: {recipe_outcome(tuned_run)['outcome']}\n"
           f"pseudo-labels for the student at p >= {kept['threshold']:g}: {kept['pseudo_labels_kept']}, {kept['below_threshold']} soft-only")
@@ -285,13 +311,33 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     print(f"  predictions: {out / 'predictions'}/predictions.csv, predictions.json")
     summary = {"run": {"seed": seed, "scale": scale, "manifests": {m["name"]: m["content_sha256"] for m in manifests.values()}},
                "stages": stages_json(rows), "timings": timings, "bundles": {k: str(v["path"].relative_to(out)) for k, v in exported.items()},
-               "pseudo_labels": kept, "predictions": predictions, "finding": finding}
-    atomic_write_json(records / "run.json", summary["run"] | {"findings": [finding["text"]]})
+               "pseudo_labels": kept, "predictions": predictions, "finding": finding, "seed_spread": spread}
+    atomic_write_json(records / "run.json", summary["run"] | {"findings": [finding["text"], spread_text]})
     report = render_report(out, title="medtl demo: adapting a tumor classifier from site A to site B")
     atomic_write_json(out / "demo_summary.json", summary | {"report": str(report["html"].relative_to(out))})
     print(f"  summary: {out / 'demo_summary.json'}")
     print(f"  report: {report['html']} (Markdown twin {report['markdown'].name}, {len(report['figures'])} figures)")
     return {"demo": demo, "rows": rows, "timings": timings, "bundles": exported, "predictions": predictions, "report": report}
+
+
+def _auc(rows: Sequence[Mapping[str, Any]], stage: str, where: str = "site B test") -> float:
+    return next(r["result"]["metrics"]["auc"]["value"] for r in rows if r["stage"] == stage and r["evaluated on"] == where)
+
+
+def seed_spread_text(spread: Mapping[str, Sequence[float]]) -> str:
+    """Each stage's site-B test AUC over the seeds run: mean ± sd and range, and fine-tuning's mean
+    change against source-only; with one seed, how to see the spread."""
+    n = max(len(v) for v in spread.values())
+    if n == 1:
+        return ("seed spread: one seed ran; `medtl demo --seeds 3` repeats fine-tuning and the student with two more seeds "
+                "(about 3.5 min each) and reports their spread")
+    parts = []
+    for stage, values in spread.items():
+        a = np.asarray(values, dtype=float)
+        parts.append(f"{stage} {a.mean():.3f}" + (f" ± {a.std(ddof=1):.3f} ({a.min():.3f}-{a.max():.3f})" if len(a) > 1 else " (one model)"))
+    gain = np.mean(spread["fine-tuned"]) - spread["source-only"][0]
+    return (f"seed spread, site B test AUC over {n} seeds (one source model; AdaBN has no seed): " + "; ".join(parts)
+            + f"; fine-tuned minus source-only in the mean: {gain:+.3f}")
 
 
 def adaptation_finding(source: Any, tuned: Any, items: Sequence[Mapping[str, Any]], *, seed: int = 0, device: Any = "cpu",

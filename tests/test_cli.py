@@ -245,3 +245,13 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, mon
     assert error == "medtl: error: unexpected ValueError: something inside went wrong (run again with --debug for the traceback, and please report it)\n"
     with pytest.raises(ValueError):
         main(["--debug", "report", str(tmp_path)])
+
+
+def test_demo_seed_spread_says_mean_sd_range_and_the_fine_tune_gain():
+    from medtl.demo import seed_spread_text
+
+    one = seed_spread_text({"source-only": [0.78], "AdaBN": [0.83], "fine-tuned": [0.80], "student": [0.82]})
+    assert "one seed ran" in one and "--seeds 3" in one
+    three = seed_spread_text({"source-only": [0.78], "AdaBN": [0.83], "fine-tuned": [0.80, 0.75, 0.82], "student": [0.82, 0.81, 0.86]})
+    assert "over 3 seeds" in three and "fine-tuned 0.790 ± 0.036 (0.750-0.820)" in three and "source-only 0.780 (one model)" in three
+    assert three.endswith("fine-tuned minus source-only in the mean: +0.010")
