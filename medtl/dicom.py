@@ -797,12 +797,12 @@ def assemble_series(headers: Sequence[Header], *, name: str | None = None) -> Vo
     transform = canonical_transform(affine)
     if any(p["code"] in ("missing_slices", "nonuniform_spacing") for p in geom.problems):
         stack = _resample_slices(_stack_slices(ordered), geom.positions_mm, geom.slice_spacing)
-        return Volume(stack.astype(np.float32, copy=False), affine).canonical()
+        return Volume(stack.astype(np.float32, copy=False), affine, first.modality).canonical()
     if not np.array_equal(transform[:, 0], [0, 1, 2]):  # axes to permute (a sagittal or coronal stack): the general path
-        return Volume(_stack_slices(ordered), affine).canonical()
+        return Volume(_stack_slices(ordered), affine, first.modality).canonical()
     flips = tuple(bool(f < 0) for f in transform[:, 1])
     stack = _stack_slices(ordered, flips)
-    return Volume(stack, affine @ nib.orientations.inv_ornt_aff(transform, stack.shape))
+    return Volume(stack, affine @ nib.orientations.inv_ornt_aff(transform, stack.shape), first.modality)
 
 
 # Decoders that hold the GIL through a whole slice (two threads decoded no faster than one) and take

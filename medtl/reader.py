@@ -98,6 +98,7 @@ class VolumeReader(ImageReader):
             MetaKeys.SPACE: SpaceKeys.RAS,
             MetaKeys.ORIGINAL_CHANNEL_DIM: "no_channel",
             "spacing": np.asarray(img.spacing),
+            "modality": img.modality or "",  # DICOM's code; "" for NIfTI (every case has the key, so batches collate)
         }
         return img.array, meta
 

@@ -303,6 +303,27 @@ class _RequireMask(Transform):
         return data
 
 
+class _RequireModality(Transform):
+    """Refuse an image whose DICOM header names another modality than the preset reads (an MR series
+    given to a CT model would be windowed as if its values were Hounsfield units). Images that name
+    none (NIfTI) or only "OT" (other: medtl's code for a missing tag) pass: nothing says they differ."""
+
+    def __init__(self, keys: list[str], modality: str) -> None:
+        self.keys, self.expected = keys, modality.upper()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        for key in self.keys:
+            meta = getattr(data.get(key), "meta", None) or {}
+            code = str(meta.get("modality") or "").strip().upper()
+            if code not in ("", "OT", self.expected):
+                raise MedtlError(
+                    f"{key!r} is a {code} series, but this model reads {self.expected} (modality={self.expected.lower()!r})",
+                    path=meta.get("filename_or_obj") or None,
+                    hint=f"give it a {self.expected} series, or use a model trained on {code}",
+                )
+        return data
+
+
 class _SingleSliced(Transform):
     """Loaded single-slice volumes (C, x, y, 1) as 2D images (C, x, y) with a 3x3 affine; missing
     entries (a case without a mask) are skipped. A volume of several slices is refused by name:
@@ -353,6 +374,7 @@ def preprocessing(
 
     Args:
         modality: ``"ct"`` (HU window ``ct_window`` to [0, 1]) or ``"mr"`` (z-score of nonzero voxels).
+            A DICOM series whose header names another modality is refused (NIfTI names none).
         spatial_dims: 3 for volumes; 2 for images, which load as single-slice volumes, lose that
             slice axis (one that holds more slices is an error), then go through the same steps in
             (x, y) with the sizes below given as two values.
@@ -395,6 +417,7 @@ def preprocessing(
     return _Pipeline([
         _NoMetaShadows(keys),
         *(loading if load else []),
+        _RequireModality(keys, modality),
         *([_RequireMask(mask_key)] if mask_channel else []),
         Orientationd(keys=keys, axcodes="RAS"[:spatial_dims], labels=None),
         Spacingd(keys=keys, pixdim=target_spacing, mode="bilinear"),

@@ -22,10 +22,12 @@ def canonical_transform(affine: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Volume:
-    """Voxel array indexed [i, j, k] and the 4x4 RAS affine mapping indices to millimetres."""
+    """Voxel array indexed [i, j, k] and the 4x4 RAS affine mapping indices to millimetres, with the
+    DICOM modality code (``"CT"``, ``"MR"``, ...) when the source names one (NIfTI does not)."""
 
     array: np.ndarray
     affine: np.ndarray
+    modality: str | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -42,4 +44,4 @@ class Volume:
             return self
         array = nib.orientations.apply_orientation(self.array, transform)
         affine = self.affine @ nib.orientations.inv_ornt_aff(transform, self.array.shape)
-        return Volume(np.ascontiguousarray(array), affine)
+        return Volume(np.ascontiguousarray(array), affine, self.modality)

@@ -18,6 +18,7 @@ _TRANSFORMS = (
     "CenterSpatialCropd", "RandSpatialCropd", "RandFlipd", "RandRotate90d", "RandRotated", "RandZoomd", "RandAffined",
     "RandGaussianNoised", "RandScaleIntensityd", "RandShiftIntensityd", "ConcatItemsd", "CopyItemsd", "DeleteItemsd",
     "SelectItemsd", "CastToTyped", "ToTensord", "Activationsd", "AsDiscreted", "Activations", "AsDiscrete",
+    "ResampleToMatchd",  # resamples one image onto another's grid (the lesion mask onto the CT)
 )
 _HANDLERS = (
     "CheckpointLoader", "CheckpointSaver", "StatsHandler", "TensorBoardStatsHandler", "ValidationHandler",
@@ -72,6 +73,7 @@ CALLS: frozenset[str] = frozenset({
     "torch.distributed.is_available", "torch.distributed.is_initialized", "torch.distributed.get_rank",
     "torch.distributed.get_world_size",
     "monai.handlers.from_engine", "monai.handlers.stopping_fn_from_metric", "monai.utils.set_determinism",
+    "monai.data.load_decathlon_datalist",  # reads a JSON case list (json.load), nothing else
 })
 #: Module attributes an expression may read without calling them.
 VALUES: frozenset[str] = frozenset({"torch.float32", "torch.float16", "torch.bfloat16", "torch.int64", "torch.long"})
