@@ -91,8 +91,8 @@ def test_pack_verify_import_round_trip(exported, packed, tmp_path):
 def test_model_card_and_data_license_come_from_metadata_and_provenance(exported):
     card = (exported / "docs" / "README.md").read_text(encoding="utf-8")
     assert card.startswith("# tumor_cls_finetune 0.1.0")
-    for text in ("## Intended use", "Research only", "| site_B | B | train | 29 | benign 18, malignant 11 |", "Adapted from `tumor_cls_source`",
-                 "fine-tuning: epochs=30", "| site B test | 30 |", "## Run it", "## Limits", "docs/data_license.txt"):
+    for text in ("### Intended use", "Research only", "| site_B | B | train | 29 | benign 18, malignant 11 |", "Adapted from `tumor_cls_source`",
+                 "fine-tuning: epochs=30", "| site B test | 30 |", "## MONAI Bundle Commands", "## Limits", "docs/data_license.txt"):
         assert text in card
     assert (exported / "docs" / "data_license.txt").read_text(encoding="utf-8").startswith("Terms of use")
     assert find_identifiers(card) == []
@@ -269,7 +269,8 @@ def test_reexporting_the_same_weights_reads_as_identical_weights(exported, tmp_p
 
 def test_cli_verify_pack_import_diff(exported, tmp_path, capsys):
     assert main(["bundle", "pack", str(exported), "-o", str(tmp_path / "b.zip")]) == 0
-    assert "packed 14 files" in capsys.readouterr().out
+    # 15: configs (6), LICENSE, docs (2), models (3), provenance.json, large_files.yml, SHA256SUMS
+    assert "packed 15 files" in capsys.readouterr().out
     assert main(["bundle", "verify", str(tmp_path / "b.zip")]) == 0
     out = capsys.readouterr().out
     assert "bundle tumor_cls_finetune 0.1.0: PASS" in out and "PASS  privacy scan" in out

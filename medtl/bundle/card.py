@@ -4,6 +4,10 @@ A receiving site reads the card before running the model, so everything in it co
 recorded facts (metadata, ``provenance.json``, evaluation results) rather than from prose someone
 must remember to update. Data is described by aggregates only: sites, counts and class balance.
 The template's own how-to sections (running, limits) follow the generated ones unchanged.
+
+The headings are model-zoo's README sections (``MODEL_ZOO_SECTIONS``, in that order): Model Overview,
+Data, Training configuration, Performance, MONAI Bundle Commands, References, License. A template's
+own ``## MONAI Bundle Commands`` section replaces the generic one the card writes otherwise.
 """
 
 from __future__ import annotations
@@ -13,7 +17,24 @@ from collections.abc import Mapping
 from typing import Any
 
 #: Template README sections carried into the card as written.
-KEPT_SECTIONS = ("run it", "how to run", "limits", "the recipe", "input", "inputs")
+KEPT_SECTIONS = ("monai bundle commands", "run it", "how to run", "limits", "the recipe", "input", "inputs")
+#: The ``## `` headings of a model-zoo bundle README, in order; every card has them.
+MODEL_ZOO_SECTIONS = ("Model Overview", "Data", "Training configuration", "Performance", "MONAI Bundle Commands",
+                      "References", "License")
+#: The commands section when the template has none: the configs every medtl bundle ships.
+COMMANDS = """## MONAI Bundle Commands
+
+From the bundle folder (data from a medtl manifest, `--manifest` and `--dataset_dir`; inference input
+from `--input_dir` or `--input_csv`):
+
+```bash
+python -m monai.bundle run --config_file configs/train.json --bundle_root . --manifest MANIFEST --dataset_dir DATA
+python -m monai.bundle run --config_file configs/evaluate.json --bundle_root . --manifest MANIFEST --dataset_dir DATA
+python -m monai.bundle run --config_file configs/inference.json --bundle_root . --input_csv cases.csv --output_dir out
+python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath SCHEMA.json
+python -m monai.bundle download_large_files --bundle_path .   # checks the weights against large_files.yml
+```
+"""
 
 
 def _ci(values: Any) -> str:
@@ -63,23 +84,29 @@ def _template_sections(readme: str) -> list[str]:
     return [s.rstrip() for s in sections[1:] if s.splitlines()[0][3:].strip().lower().startswith(KEPT_SECTIONS)]
 
 
+def _commands_section(heading: str) -> bool:
+    return heading.lower().startswith(("monai bundle commands", "run it", "how to run"))
+
+
 def model_card(meta: Mapping[str, Any], provenance: Mapping[str, Any], template_readme: str = "") -> str:
-    """``docs/README.md`` for a bundle with this metadata and provenance record."""
+    """``docs/README.md`` for a bundle with this metadata and provenance record, with model-zoo's
+    sections (``MODEL_ZOO_SECTIONS``); ``template_readme``'s ``KEPT_SECTIONS`` follow Performance."""
     name, version = meta.get("name", "bundle"), meta["version"]
-    lines = [f"# {name} {version}", "", meta["task"] + ".", "", "## Intended use", "", meta.get("intended_use", "Research use only."), ""]
-    lines += ["## Model", "", meta["description"], "", *_io_lines(meta)]
+    lines = [f"# {name} {version}", "", meta["task"] + ".", ""]
+    lines += ["## Model Overview", "", meta["description"], "", *_io_lines(meta)]
     if provenance.get("parameters"):
         lines.append(f"- Parameters: {provenance['parameters']:,}.")
-    lines.append("")
+    lines += ["", "### Intended use", "", meta.get("intended_use", "Research use only."), ""]
     manifests = provenance.get("data", {}).get("manifests", [])
-    lines += ["## Training data", ""]
+    lines += ["## Data", ""]
     if manifests:
         lines += ["Aggregates only; no case, patient or file is named.", "", *data_table(manifests), ""]
         hashes = ", ".join(f"{m['name']} `{m['sha256'][:16]}`" for m in manifests)
         lines += [f"Manifest content hashes (sha256): {hashes}.", ""]
     else:
         lines += [meta.get("data_source", "Not recorded."), ""]
-    lines += ["## Training recipe", ""]
+    lines += ["The data's terms of use: `docs/data_license.txt`.", ""]
+    lines += ["## Training configuration", ""]
     source = provenance.get("adapted_from")
     if source:
         lines.append(f"- Adapted from `{source['name']}` {source.get('version') or ''} (content sha256 `{source['sha256'][:16]}`).")
@@ -88,13 +115,20 @@ def model_card(meta: Mapping[str, Any], provenance: Mapping[str, Any], template_
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         lines.append(f"- {key.replace('_', ' ')}: {value}")
     lines.append(f"- Changelog for {version}: {meta.get('changelog', {}).get(version, '')}")
-    lines += ["", "## Evaluation", "", *evaluation_table(meta.get("eval_metrics", {})), ""]
-    lines += [section + "\n" for section in _template_sections(template_readme)]
+    lines += ["", "## Performance", "", *evaluation_table(meta.get("eval_metrics", {})), ""]
+    kept = _template_sections(template_readme)
+    if not any(_commands_section(s.splitlines()[0][3:]) for s in kept):
+        lines.append(COMMANDS)
+    lines += [section + "\n" for section in kept]
+    references = meta.get("references") or ["None recorded in the metadata."]
+    lines += ["## References", "", *(f"- {r}" for r in references), ""]
     software = provenance.get("software", {})
-    lines += ["## Provenance", "", f"Built with {', '.join(f'{k} {v}' for k, v in software.items())}. "
-              "`provenance.json` records the source, data and configuration hashes; `SHA256SUMS` (written by "
-              "`medtl bundle pack`) lists every file's checksum. The data's terms of use: `docs/data_license.txt`.", ""]
+    lines += ["## License", "", "Code and weights: `LICENSE`. The data's terms of use: `docs/data_license.txt`.", "",
+              (f"Built with {', '.join(f'{k} {v}' for k, v in software.items())}. "
+               "`provenance.json` records the source, data and configuration hashes; `large_files.yml` the weights' "
+               "sha256 (`python -m monai.bundle download_large_files --bundle_path .` checks them); `SHA256SUMS` (written by "
+               "`medtl bundle pack`) lists every file's checksum."), ""]
     return "\n".join(lines)
 
 
-__all__ = ["data_table", "evaluation_table", "model_card"]
+__all__ = ["MODEL_ZOO_SECTIONS", "data_table", "evaluation_table", "model_card"]

@@ -1,6 +1,6 @@
 """Write a trained network as a MONAI bundle: the template's configs, the weights, metadata filled
 from the actual evaluation, TorchScript and ONNX copies checked against the eager network, a
-provenance record and a model card.
+provenance record, the weights' ``large_files.yml`` (model-zoo's format, their sha256) and a model card.
 
 Templates are the bundles in the repository's ``bundles/`` folder (``medtl.bundle.templates``; a wheel
 carries them as package data). The bundle is built in a
@@ -29,7 +29,7 @@ from torch import nn
 
 from medtl import __version__ as medtl_version
 from medtl.bundle.card import model_card
-from medtl.bundle.files import PROVENANCE
+from medtl.bundle.files import LARGE_FILES, PROVENANCE, large_files_yml
 from medtl.bundle.provenance import describe_source, manifest_record, provenance
 from medtl.bundle.templates import RUN_OUTPUTS, template_dir
 from medtl.errors import MedtlError
@@ -222,7 +222,7 @@ def export_bundle(
         if metrics:
             meta["eval_metrics"] = eval_metrics(metrics)
         meta.update(metadata or {})
-        atomic_write_json(meta_path, meta)
+        atomic_write_text(meta_path, json.dumps(meta, indent=4) + "\n")  # model-zoo's format: 4 spaces, keys as written
         shape = [meta["network_data_format"]["inputs"]["image"]["num_channels"], *meta["network_data_format"]["inputs"]["image"]["spatial_shape"]]
         write_settings(build / "configs", {**(settings or {}), "num_classes": output_classes(network, shape, meta)})
         from medtl.bundle.components import load_bundle_network
@@ -242,6 +242,8 @@ def export_bundle(
             onnx_diff = _onnx_export(network, models / "model.onnx", shape)
             if onnx_diff is not None and onnx_diff > 1e-4:
                 raise MedtlError(f"ONNX output differs from the network by {onnx_diff:.2e}", path=dest.name)
+        weights = sorted(f"models/{p.name}" for p in models.iterdir() if p.is_file())
+        atomic_write_text(build / LARGE_FILES, large_files_yml(build, weights))
         recorded = {"adapted_from": describe_source(source) if source else None,
                     "data": {"manifests": [manifest_record(m) for m in manifests]},
                     "recipe": dict(recipe or {}), "parameters": sum(p.numel() for p in network.parameters())}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import stat
 import tempfile
@@ -26,6 +27,8 @@ CHECKSUMS = "SHA256SUMS"
 #: The sender's signature over ``SHA256SUMS`` (``medtl.bundle.signing``); not listed in it.
 SIGNATURE = "SHA256SUMS.sig"
 PROVENANCE = "provenance.json"
+#: model-zoo's list of the files too large for its repository (``monai.bundle download_large_files``).
+LARGE_FILES = "large_files.yml"
 #: Default cap on a bundle's unpacked size; a classification bundle is a few MB to a few hundred.
 MAX_UNPACKED_BYTES = 2 << 30
 #: Produced by running a bundle, never shared: training logs may name local files.
@@ -53,6 +56,28 @@ def sha256sums(root: str | Path, files: list[str] | None = None) -> dict[str, st
 def format_sha256sums(sums: dict[str, str]) -> str:
     """The ``sha256sum`` format, so a receiving site can also check with ``sha256sum -c SHA256SUMS``."""
     return "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
+
+
+def large_files_yml(root: str | Path, files: list[str], url: str = "") -> str:
+    """``large_files.yml`` in model-zoo's format listing ``files`` (relative to the bundle ``root``)
+    with their sha256. ``url`` is where they are published, empty until they are: with the files in
+    place ``python -m monai.bundle download_large_files --bundle_path <root>`` checks their hashes and
+    downloads nothing; the publisher puts the release URL of each file there.
+
+    Examples:
+        >>> import tempfile; d = Path(tempfile.mkdtemp()); (d / "models").mkdir(); _ = (d / "models" / "model.pt").write_bytes(b"w")
+        >>> print(large_files_yml(d, ["models/model.pt"]).splitlines()[-4])
+          - path: "models/model.pt"
+    """
+    root = Path(root)
+    lines = ["# The bundle's weights with their sha256 (model-zoo's large_files format). url is empty until",
+             "# the files are published: with them in place, `python -m monai.bundle download_large_files",
+             "# --bundle_path .` checks the hashes and downloads nothing. Written by medtl's export.",
+             "large_files:"]
+    for name in files:
+        lines += [f"  - path: {json.dumps(name)}", f"    url: {json.dumps(url)}",  # a JSON string is a YAML one
+                  f'    hash_val: "{sha256_file(root / name)}"', '    hash_type: "sha256"']
+    return "\n".join(lines) + "\n"
 
 
 def parse_sha256sums(text: str, path: str = CHECKSUMS) -> dict[str, str]:

@@ -9,8 +9,9 @@ from pathlib import Path
 from medtl.errors import MedtlError
 
 # what a template folder may hold that is not part of the template: a bundle run's outputs (trained
-# weights, logs, metrics, caches). export_bundle leaves them out of its copy; wheels never carry them.
-RUN_OUTPUTS = ("models", "runs", "eval", "cache", "__pycache__")
+# weights and large_files.yml, their hashes; logs, metrics, caches). export_bundle leaves them out of
+# its copy (and writes large_files.yml for the weights it exports); wheels never carry them.
+RUN_OUTPUTS = ("models", "large_files.yml", "runs", "eval", "cache", "__pycache__")
 
 
 def template_root() -> Path:
