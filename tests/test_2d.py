@@ -108,7 +108,8 @@ def test_3d_defaults_are_unchanged():
     pre = preprocessing()
     names = [type(t).__name__ for t in pre.transforms]
     assert "_SingleSliced" not in names
-    orientation, spacing = pre.transforms[3], pre.transforms[4]
+    by_name = {type(t).__name__: t for t in pre.transforms}
+    orientation, spacing = by_name["Orientationd"], by_name["Spacingd"]
     assert orientation.ornt_transform.axcodes == "RAS"
     assert tuple(spacing.spacing_transform.pixdim) == (1.0, 1.0, 1.0)
     crop, resize = pre.transforms[-3], pre.transforms[-2]
