@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -28,6 +31,7 @@ from medtl.bundle.files import (CHECKSUMS, MAX_UNPACKED_BYTES, PROVENANCE, SIGNA
                                 sha256sums)
 from medtl.bundle.textscan import file_texts
 from medtl.errors import MedtlError
+from medtl.fileio import utf8_child_env
 from medtl.privacy import find_identifiers
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "meta_schema_20240725.json"
@@ -385,12 +389,6 @@ with torch.no_grad():
 def _run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:
     """Run a trusted ``model.ts`` in a child process in an empty folder, stopped after
     ``TORCHSCRIPT_SECONDS``: a TorchScript program that loops forever cannot hang verification."""
-    import subprocess
-    import sys
-    import tempfile
-
-    from medtl.fileio import utf8_child_env
-
     with tempfile.TemporaryDirectory(prefix="medtl-ts-") as tmp:
         np.save(Path(tmp) / "x.npy", x.numpy())
         try:
