@@ -11,8 +11,8 @@ split (patients never used for training or selection) reports source-only, AdaBN
 budget of target training labels (a stratified random fraction of thick-slice training patients,
 drawn with seed d), three ways to use them:
 
-- medtl fine-tune: ``FineTuneRecipe`` (AdaBN kept when it does not lower the AUC on the labeled
-  thick-slice cases, head first, gradual unfreezing, L2-SP), its epoch count chosen by patient-level
+- medtl fine-tune: ``FineTuneRecipe`` (AdaBN, head first, gradual unfreezing, L2-SP, WiSE-FT weight
+  averaging; ``--adabn judged --wise 1`` is the recipe before those defaults), its epoch count chosen by patient-level
   k-fold over the budget's cases plus the thick-slice validation split, then trained on all of them;
 - naive fine-tune: every layer at one rate, best epoch on the validation split;
 - scratch: a new network on the same labeled cases, its epoch count chosen by the same k-fold.
@@ -58,13 +58,14 @@ def subset(items: list[dict], fraction: float, seed: int) -> list[dict]:
     return [i for i in items if i["patient"] in chosen]
 
 
-RUN_SETTINGS = ("variant", "source_epochs", "target_epochs", "folds", "budgets", "widen")
+RUN_SETTINGS = ("variant", "source_epochs", "target_epochs", "folds", "budgets", "widen", "adabn", "wise")
+LEGACY = {"adabn": "judged", "wise": 1.0}  # what runs written before these options existed used
 
 
 def completed_draws(path: str, settings: dict) -> tuple[list[dict], set[int]]:
     """The rows of the draws a previous run with the same settings finished (every stage, every budget)."""
     previous = json.loads(Path(path).read_text(encoding="utf-8"))
-    changed = [k for k in RUN_SETTINGS if previous["args"].get(k) != settings[k]]
+    changed = [k for k in RUN_SETTINGS if previous["args"].get(k, LEGACY.get(k)) != settings[k]]
     if changed:
         raise SystemExit(f"{path} was run with other settings ({', '.join(changed)}): cannot resume from it")
     per_draw = 2 + 3 * len(settings["budgets"])  # source-only, AdaBN, then three stages per budget
@@ -87,6 +88,10 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.25, 1.0], help="fractions of target training labels")
     parser.add_argument("--draws", type=int, default=3, help="draws (seeds 0..N-1): a source model and a label subset per budget each")
     parser.add_argument("--widen", type=float, default=0.25, help="ResNet10 width (0.25: 0.9M parameters)")
+    parser.add_argument("--adabn", choices=("always", "judged"), default="always",
+                        help="medtl fine-tune: AdaBN always, or kept only when the labeled cases agree (FineTuneRecipe.adabn_judged)")
+    parser.add_argument("--wise", type=float, default=FineTuneRecipe.wise,
+                        help="medtl fine-tune: weight of the fine-tuned weights in the WiSE-FT average (1: none)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--resume", action="store_true", help="keep the draws already complete in --out and run only the rest")
@@ -144,7 +149,8 @@ def main() -> None:
             chosen = {i["case_id"] for i in labeled}
             unlabeled = [i for i in items["thick train"] if i["case_id"] not in chosen]  # AdaBN sees their scans, not labels
             n_labels = len(labeled) + len(items["thick val"])
-            for stage, recipe in (("medtl fine-tune", FineTuneRecipe(epochs=args.target_epochs, folds=args.folds, augment=variant["augment"])),
+            for stage, recipe in (("medtl fine-tune", FineTuneRecipe(
+                epochs=args.target_epochs, folds=args.folds, augment=variant["augment"], adabn_judged=args.adabn == "judged", wise=args.wise)),
                                   ("naive fine-tune", FineTuneRecipe.naive(epochs=args.target_epochs, augment=variant["augment"]))):
                 set_determinism(draw)
                 model, t = copy.deepcopy(source), time.perf_counter()
