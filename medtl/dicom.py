@@ -17,9 +17,9 @@ import multiprocessing
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -741,8 +741,9 @@ def _read_native(path: Path, layout: NativePixels, rows: int, cols: int) -> tupl
     return pixels, layout.slope, layout.intercept
 
 
-def _resample_slices(stack: np.ndarray, positions: Sequence[float], spacing: float) -> np.ndarray:
-    """Linear interpolation along the slice axis onto a uniform grid (fills missing slices)."""
+def resample_slices(stack: np.ndarray, positions: Sequence[float], spacing: float) -> np.ndarray:
+    """Linear interpolation along the last (slice) axis from the slices at ``positions`` (mm along the
+    normal, ascending) onto a uniform grid of ``spacing`` from the first: fills missing slices, evens out gaps."""
     s = np.asarray(positions)
     n = int(round((s[-1] - s[0]) / spacing)) + 1
     target = s[0] + spacing * np.arange(n)
@@ -768,8 +769,11 @@ def read_series(files: Sequence[str | Path], *, name: str | None = None) -> Volu
     return assemble_series([read_header(f) for f in files], name=name)
 
 
-def assemble_series(headers: Sequence[Header], *, name: str | None = None) -> Volume:
-    """``read_series`` for headers already read (e.g. while picking a series from a folder)."""
+def stack_geometry(headers: Sequence[Header], *, name: str | None = None) -> tuple[list[Header], Geometry, np.ndarray]:
+    """The series' instances in slice order, their geometry and the RAS affine of the stacked slices
+    ([column, row, slice] indices, one ``Geometry.slice_step`` per slice), or DicomError naming the
+    series. What ``assemble_series`` builds on, public for callers that decode the pixels themselves
+    (the MONAI Deploy app in ``deploy/lidc_app``), so both place voxels alike."""
     label = name or str(headers[0].path.parent)
     uids = {h.series_uid for h in headers}
     if len(uids) > 1:
@@ -793,10 +797,21 @@ def assemble_series(headers: Sequence[Header], *, name: str | None = None) -> Vo
     lps[:3, 1] = orient[3:] * row_sp  # j runs down a column (next row)
     lps[:3, 2] = geom.slice_step
     lps[:3, 3] = first.position
-    affine = lps_to_ras(lps)
+    return ordered, geom, lps_to_ras(lps)
+
+
+def needs_resampling(geom: Geometry) -> bool:
+    """Whether the slices lie off a uniform grid (missing slices, uneven gaps): ``resample_slices`` then."""
+    return any(p["code"] in ("missing_slices", "nonuniform_spacing") for p in geom.problems)
+
+
+def assemble_series(headers: Sequence[Header], *, name: str | None = None) -> Volume:
+    """``read_series`` for headers already read (e.g. while picking a series from a folder)."""
+    ordered, geom, affine = stack_geometry(headers, name=name)
+    first = ordered[0]
     transform = canonical_transform(affine)
-    if any(p["code"] in ("missing_slices", "nonuniform_spacing") for p in geom.problems):
-        stack = _resample_slices(_stack_slices(ordered), geom.positions_mm, geom.slice_spacing)
+    if needs_resampling(geom):
+        stack = resample_slices(_stack_slices(ordered), geom.positions_mm, geom.slice_spacing)
         return Volume(stack.astype(np.float32, copy=False), affine, first.modality).canonical()
     if not np.array_equal(transform[:, 0], [0, 1, 2]):  # axes to permute (a sagittal or coronal stack): the general path
         return Volume(_stack_slices(ordered), affine, first.modality).canonical()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +173,156 @@ def test_exported_model_file_alone_runs_in_the_sdk_operator(exported, ct_case, r
     """As a MAP packages it: only models/model.ts, whose embedded metadata.json and inference.json the operator reads."""
     monkeypatch.chdir(exported)  # where a MAP runs it: bundle_root "." and nothing else of the bundle
     _check_same_prediction(_run_app(ct_case["image"], model=exported / "models" / "model.ts"), reference, channel_def)
+
+
+# ------------------------------------------------------------------ the LIDC app on real DICOM (deploy/lidc_app)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+LIDC_BUNDLE = REPO / "bundles" / "lidc_nodule_malignancy"
+#: CT series and the DICOM SEG made on it: MONAI's 4-slice test CT (gaps 202.5, 1.25, 1.25 mm) with
+#: highdicom's binary SEG of its last three slices, and dcmqi's 3-slice 512x512 CT with its liver SEG.
+LIDC_CASES = {
+    "uneven_4_slices": ("monai_testing_data/CT_DICOM", "highdicom_test_files/seg_image_ct_binary.dcm"),
+    "even_512x512": ("dcmqi_data/segmentations/ct-3slice", "dcmqi_data/segmentations/liver.dcm"),
+}
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+
+def _shared_data() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"shared test data not found at {DATA} (a fresh clone has none; CI does)")
+    return DATA
+
+
+@pytest.fixture(scope="module")
+def lidc_app():
+    """deploy/lidc_app/app.py as a module (the app folder is not a package medtl installs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lidc_app", REPO / "deploy" / "lidc_app" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ct_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+def _mask_series(ct_folder: Path, seg_path: Path, dest: Path) -> Path:
+    """The SEG's segment as a DICOM series on the CT's own slices, placed by the SEG's source-image
+    references (not by position, as the app does), for the bundle's own reader."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    seg = pydicom.dcmread(seg_path)
+    frames = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
+    by_sop = {fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID: frames[i]
+              for i, fg in enumerate(seg.PerFrameFunctionalGroupsSequence)}
+    dest.mkdir()
+    series_uid = generate_uid()
+    for path in _ct_files(ct_folder):
+        ds = pydicom.dcmread(path)
+        mask = by_sop.get(ds.SOPInstanceUID, np.zeros((ds.Rows, ds.Columns)))
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        ds.PixelData = np.asarray(mask, dtype=np.uint16).tobytes()
+        ds.save_as(dest / path.name, enforce_file_format=True)
+    return dest
+
+
+def _bundle_cli_predictions(ct_folder: Path, mask_folder: Path, work: Path) -> dict[str, Any]:
+    """``python -m monai.bundle run`` of the LIDC bundle's inference.json on the series and mask."""
+    (work / "cases.csv").write_text(f"image,mask\n{ct_folder},{mask_folder}\n", encoding="utf-8")
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
+               "--input_csv", str(work / "cases.csv"), "--output_dir", str(work / "out"),
+               "--device", "$torch.device('cpu')", "--amp", "$False"]
+    done = subprocess.run(command, cwd=LIDC_BUNDLE, check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((work / "out" / "predictions.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module", params=sorted(LIDC_CASES))
+def lidc_run(request, tmp_path_factory) -> dict[str, Any]:
+    """The app on a folder holding the CT series and its SEG, and the bundle's own run on the same series."""
+    data = _shared_data()
+    ct_folder, seg_path = (data / rel for rel in LIDC_CASES[request.param])
+    work = tmp_path_factory.mktemp(request.param)
+    inbox = work / "in"
+    inbox.mkdir()
+    for path in _ct_files(ct_folder):
+        (inbox / path.name).symlink_to(path)
+    (inbox / "nodule_seg.dcm").symlink_to(seg_path)
+    app = [sys.executable, str(REPO / "deploy" / "lidc_app" / "app.py"), "-i", str(inbox), "-o", str(work / "app"), "-m", str(LIDC_BUNDLE)]
+    done = subprocess.run(app, check=False, capture_output=True, text=True, timeout=600)  # as a user runs it
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = _bundle_cli_predictions(ct_folder, _mask_series(ct_folder, seg_path, work / "mask"), work)
+    return {"case": request.param, "ct": ct_folder, "out": work / "app", "reference": reference,
+            "app": json.loads((work / "app" / "predictions.json").read_text(encoding="utf-8"))}
+
+
+def test_lidc_app_matches_the_bundle_run_on_real_dicom(lidc_run):
+    """DICOM loader -> series selector -> series to volume -> bundle operator gives the bundle's own
+    probabilities, on evenly and unevenly spaced slices (the app re-places the SDK's slices as medtl reads them)."""
+    app, reference = lidc_run["app"], lidc_run["reference"]
+    row = reference["predictions"][0]
+    assert app["class_names"] == reference["class_names"] == ["Benign", "Malign"]
+    diff = max(abs(app[f"prob_{name}"] - row[f"prob_{name}"]) for name in reference["class_names"])
+    print(f"{lidc_run['case']}: SDK app P(Malign) {app['prob_Malign']:.6f}, bundle run {row['prob_Malign']:.6f}, max abs diff {diff:.2e}")
+    assert diff <= 1e-4
+    assert app["pred"] == row["pred"]
+    grid = app["slice_grid"]
+    if lidc_run["case"] == "uneven_4_slices":
+        assert grid["resampled"] and grid["slices_acquired"] == 4 and grid["slices"] == 165 and grid["slice_spacing_mm"] == 1.25
+    else:
+        assert not grid["resampled"] and grid["slices"] == grid["slices_acquired"] == 3
+
+
+def test_lidc_app_writes_a_text_sr_in_the_study(lidc_run):
+    """The SR joins the CT's study, names the class and the model; predictions.json names no patient or series."""
+    import pydicom
+
+    srs = sorted(lidc_run["out"].glob("*.dcm"))
+    assert len(srs) == 1, srs
+    sr = pydicom.dcmread(srs[0])
+    ct = pydicom.dcmread(_ct_files(lidc_run["ct"])[0], stop_before_pixels=True)
+    assert sr.Modality == "SR" and sr.SOPClassUID == BASIC_TEXT_SR
+    assert sr.StudyInstanceUID == ct.StudyInstanceUID and sr.SeriesInstanceUID != ct.SeriesInstanceUID
+    text = " ".join(str(item.get("TextValue", "")) for item in sr.ContentSequence)
+    assert f"lidc_nodule_malignancy 0.3.0): {lidc_run['app']['pred']}" in text
+    assert f"Malign {lidc_run['app']['prob_Malign']:.3f}" in text and "not for clinical decisions" in text
+    written = json.dumps(lidc_run["app"])
+    for tag in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = str(ct.get(tag, "")).strip()
+        assert not value or value not in written, tag
+
+
+def test_sdk_volume_misplaces_uneven_slices(lidc_app):
+    """Why the app re-places slices: DICOMSeriesToVolumeOperator spaces the 4 slices (gaps 202.5, 1.25,
+    1.25 mm) evenly from the first to the last, 68.3 mm apart, so slices 2 and 3 land 134 and 67 mm
+    off; medtl's grid keeps every slice where it was acquired. And the app's refusals: a series
+    without its SEG, a SEG made on another grid."""
+    from monai.deploy.core import Fragment
+    from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator, DICOMSeriesToVolumeOperator
+
+    ct_folder = _shared_data() / LIDC_CASES["uneven_4_slices"][0]
+    fragment = Fragment()
+    studies = DICOMDataLoaderOperator(fragment, name="loader").load_data_to_studies(ct_folder)
+    selection = DICOMSeriesSelectorOperator(fragment, rules=lidc_app.CT_RULES, name="selector").filter(json.loads(lidc_app.CT_RULES), studies)
+    image = DICOMSeriesToVolumeOperator(fragment, name="to_volume").convert_to_image(selection)
+    sdk_z = image.metadata()["nifti_affine_transform"][2, 2]
+    assert image.asnumpy().shape[0] == 4 and sdk_z == pytest.approx(205.0 / 3, abs=1e-3)
+    series = lidc_app._selected_series(selection)
+    headers = lidc_app.series_headers(series)
+    with pytest.raises(lidc_app.DicomError, match="0 DICOM SEG instance"):
+        lidc_app.find_seg(studies, str(series.SeriesInstanceUID))
+    ordered = lidc_app.stack_geometry(headers)[0]
+    wrong_seg = _shared_data() / LIDC_CASES["even_512x512"][1]
+    import pydicom
+
+    with pytest.raises(lidc_app.DicomError, match="512x512"):
+        lidc_app.seg_mask(pydicom.dcmread(wrong_seg), ordered)
