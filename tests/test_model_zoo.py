@@ -1,17 +1,22 @@
 """model-zoo conformance of the bundles in ``bundles/``, one test per bundle as model-zoo's CI runs
 per bundle: ``verify_bundle_directory``'s files, the README sections, its JSON format (pre-commit's
-``pretty-format-json``: 4 spaces, keys as written) and no large file outside ``large_files.yml``.
+``pretty-format-json``: 4 spaces, ASCII, keys as written) and no large file outside ``large_files.yml``.
 
 A bundle folder may hold no code (``medtl bundle verify`` refuses it), so the tests live here. The
 ``tumor_cls_*`` folders are templates without weights: their shipped form is what ``export_bundle``
 writes from them, so the weights, ``large_files.yml``, data licence and card are checked on an export.
+
+``test_model_zoo_ci`` runs model-zoo's own ``ci/verify_bundle.py`` and pre-commit hooks on all of them
+(``scripts/model_zoo_check.py``) when ``MEDTL_MODEL_ZOO`` names a model-zoo checkout (docs/model-zoo.md).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +26,8 @@ from monai.bundle import ConfigParser
 
 from medtl.bundle.card import MODEL_ZOO_SECTIONS
 from medtl.bundle.export import export_bundle
-from medtl.bundle.templates import template_dir
+from medtl.bundle.files import large_files_yml
+from medtl.bundle.templates import RUN_OUTPUTS, template_dir, template_names
 from medtl.fileio import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,9 +58,12 @@ def _large_files(bundle: Path) -> dict[str, dict]:
 
 
 def check_json_format(bundle: Path) -> None:
-    for path in sorted((bundle / "configs").glob("*.json")):
+    """Every JSON file as ``pretty-format-json --no-sort-keys --indent=4`` leaves it (configs and provenance)."""
+    for path in sorted(bundle.rglob("*.json")):
+        if path.relative_to(bundle).parts[0] in RUN_OUTPUTS:
+            continue
         text = path.read_text(encoding="utf-8")
-        assert text == json.dumps(json.loads(text), indent=4) + "\n", f"{path.relative_to(REPO)} is not 4-space JSON"
+        assert text == json.dumps(json.loads(text), indent=4) + "\n", f"{path} is not 4-space ASCII JSON"
 
 
 def check_readme(bundle: Path) -> None:
@@ -129,3 +138,68 @@ def test_lidc_nodule_malignancy(tmp_path):
     assert (exported / "docs" / "data_license.txt").read_text(encoding="utf-8") == licence
     assert sorted(_large_files(exported)) == ["models/model.pt"]
     check_shipped(exported)
+
+
+def _model_zoo_check():
+    """``scripts/model_zoo_check.py`` as a module (scripts/ is no package; dataclasses need it in sys.modules)."""
+    if "model_zoo_check" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("model_zoo_check", REPO / "scripts" / "model_zoo_check.py")
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules["model_zoo_check"]
+
+
+def test_model_zoo_names_say_classification():
+    """MONAI Label takes a bundle's type from its folder name: every bundle's model-zoo name says so."""
+    names = [_model_zoo_check().model_zoo_name(name) for name in template_names()]
+    assert len(set(names)) == len(names)
+    assert all(n.endswith("_classification") and re.fullmatch(r"[a-z0-9_]+", n) for n in names), names
+
+
+def test_templates_name_the_deploy_sdk_they_run_in():
+    """``supported_apps``: the templates' exports run in MONAI Deploy's bundle operator (tests/test_deploy.py);
+    LIDC needs its mask beside the image, which that operator does not hand over, so it claims none."""
+    for name in template_names():
+        meta = json.loads((template_dir(name) / "configs" / "metadata.json").read_text(encoding="utf-8"))
+        expected = {} if name == "lidc_nodule_malignancy" else {"monai-deploy-app-sdk": "4.0.0"}
+        assert meta.get("supported_apps", {}) == expected, name
+
+
+def test_published_weights_leave_the_tree_and_download_back(tmp_path):
+    """In the model-zoo tree the weights sit behind ``large_files.yml`` URLs; MONAI's downloader fetches
+    them back and checks their sha256, and refuses a file that changed."""
+    from monai.bundle import download_large_files
+
+    bundle = tmp_path / "tree" / "b"
+    (bundle / "models").mkdir(parents=True)
+    (bundle / "models" / "model.pt").write_bytes(b"weights" * 100)
+    (bundle / "large_files.yml").write_text(large_files_yml(bundle, ["models/model.pt"]), encoding="utf-8")
+    _model_zoo_check().publish_large_files(bundle, tmp_path / "release")
+    assert not (bundle / "models" / "model.pt").exists()
+    entry = yaml.safe_load((bundle / "large_files.yml").read_text(encoding="utf-8"))["large_files"][0]
+    assert entry["url"] == (tmp_path / "release" / "b" / "models" / "model.pt").as_uri()
+    download_large_files(bundle_path=str(bundle))
+    assert (bundle / "models" / "model.pt").read_bytes() == b"weights" * 100
+
+    (bundle / "models" / "model.pt").unlink()
+    (tmp_path / "release" / "b" / "models" / "model.pt").write_bytes(b"tampered")
+    with pytest.raises(Exception, match="hash check"):
+        download_large_files(bundle_path=str(bundle))
+
+
+def test_model_zoo_ci(tmp_path):
+    """model-zoo's ``ci/verify_bundle.py`` (CPU premerge mode ``min``) and its pre-commit hooks pass on
+    every bundle in a model-zoo-shaped tree (scripts/model_zoo_check.py; about two minutes)."""
+    check = _model_zoo_check()
+    model_zoo = check.model_zoo_checkout()
+    if model_zoo is None:
+        pytest.skip(f"{check.ENV_VAR} names no model-zoo checkout (git clone https://github.com/Project-MONAI/model-zoo; "
+                    f"export {check.ENV_VAR}=<path>); docs/model-zoo.md")
+    if importlib.util.find_spec("pre_commit_hooks") is None:
+        pytest.skip(f"pre-commit-hooks not installed in {sys.prefix}: pip install -e '.[model-zoo]'")
+    report = check.check(model_zoo, tmp_path / "tree", ("min",))
+    failed = [f"{step.name}:\n{step.output}" for step in report.steps if not step.passed]
+    assert not failed, "\n\n".join(failed)
+    assert sorted(report.bundles.values()) == template_names()
+    verified = [step.name for step in report.steps if "verify_bundle.py" in step.name]
+    assert len(verified) == len(template_names())

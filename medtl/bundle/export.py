@@ -29,11 +29,12 @@ from torch import nn
 
 from medtl import __version__ as medtl_version
 from medtl.bundle.card import model_card
+from medtl.bundle.components import load_bundle_network
 from medtl.bundle.files import LARGE_FILES, PROVENANCE, large_files_yml
 from medtl.bundle.provenance import describe_source, manifest_record, provenance
 from medtl.bundle.templates import RUN_OUTPUTS, template_dir
 from medtl.errors import MedtlError
-from medtl.fileio import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
+from medtl.fileio import atomic_write, atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def write_settings(configs: Path, values: Mapping[str, Any]) -> list[str]:
         updates = {k: v for k, v in values.items() if isinstance(config, dict) and k in config and config[k] != v}
         if updates:
             config.update(updates)
-            atomic_write_text(path, json.dumps(config, indent=4, ensure_ascii=False) + "\n")
+            atomic_write_text(path, json.dumps(config, indent=4) + "\n")  # model-zoo's pretty-format-json: ASCII, 4 spaces
             changed.append(path.name)
     return changed
 
@@ -225,7 +226,6 @@ def export_bundle(
         atomic_write_text(meta_path, json.dumps(meta, indent=4) + "\n")  # model-zoo's format: 4 spaces, keys as written
         shape = [meta["network_data_format"]["inputs"]["image"]["num_channels"], *meta["network_data_format"]["inputs"]["image"]["spatial_shape"]]
         write_settings(build / "configs", {**(settings or {}), "num_classes": output_classes(network, shape, meta)})
-        from medtl.bundle.components import load_bundle_network
 
         load_bundle_network(build)  # the template's network_def must take these weights, all of them
 
@@ -248,7 +248,7 @@ def export_bundle(
                     "data": {"manifests": [manifest_record(m) for m in manifests]},
                     "recipe": dict(recipe or {}), "parameters": sum(p.numel() for p in network.parameters())}
         record = provenance(build, recorded)
-        atomic_write_json(build / PROVENANCE, record)
+        atomic_write_text(build / PROVENANCE, json.dumps(record, indent=4, sort_keys=True) + "\n")  # as metadata.json
         readme = template_root / "docs" / "README.md"
         atomic_write_text(build / "docs" / "README.md", model_card(meta, record, readme.read_text(encoding="utf-8") if readme.is_file() else ""))
         if not (build / "docs" / "data_license.txt").is_file():
