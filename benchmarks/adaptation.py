@@ -29,7 +29,9 @@ from monai.utils import set_determinism
 
 from medtl.adapt.adabn import adabn
 from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, train
-from medtl.demo import CLASSES, demo_splits, evaluate_items, prepare_demo_data, resnet
+from medtl.demo import CLASSES, demo_splits, prepare_demo_data
+from medtl.networks import resnet
+from medtl.stages import evaluate_items
 from medtl.fileio import atomic_write, atomic_write_json
 from medtl.loading import resolve_device
 
@@ -39,7 +41,7 @@ def run_seed(split: dict, seed: int, args: argparse.Namespace, device: torch.dev
     rows: dict[str, dict] = {}
 
     def record(stage: str, network: torch.nn.Module, labels: int, seconds: float, extra: dict | None = None) -> None:
-        result = evaluate_items(network, split["B test"], seed=seed, device=device)
+        result = evaluate_items(network, split["B test"], class_names=CLASSES, seed=seed, device=device)
         rows[stage] = {"labels_used": labels, "params": sum(p.numel() for p in network.parameters()),
                        "seconds": round(seconds, 1), "test": result, **(extra or {})}
         m = result["metrics"]

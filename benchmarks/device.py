@@ -31,7 +31,7 @@ import torch
 from monai.data import CacheDataset
 
 from medtl.adapt.train import PlainBatch
-from medtl.demo import resnet
+from medtl.networks import resnet
 from medtl.fileio import atomic_write_json
 from medtl.loading import data_loader
 from medtl.transforms import augmentation

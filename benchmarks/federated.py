@@ -25,7 +25,9 @@ import torch
 from monai.utils import set_determinism
 
 from medtl.adapt.recipe import FineTuneRecipe, TrainRecipe, finetune, train
-from medtl.demo import demo_splits, evaluate_items, prepare_demo_data, resnet
+from medtl.demo import CLASSES, demo_splits, prepare_demo_data
+from medtl.networks import resnet
+from medtl.stages import evaluate_items
 from medtl.fileio import atomic_write_json
 from medtl.fl.job import run_federated
 from medtl.fl.recipe import FederatedRecipe
@@ -62,7 +64,7 @@ def main() -> None:
 
     def record(stage: str, network: torch.nn.Module, seconds: float) -> None:
         rows[stage] = {"seconds": round(seconds, 1),
-                       **{f"{site} test": evaluate_items(network, split[f"{site} test"], seed=args.seed) for site in "AB"}}
+                       **{f"{site} test": evaluate_items(network, split[f"{site} test"], class_names=CLASSES, seed=args.seed) for site in "AB"}}
 
     t = time.perf_counter()
     source = resnet(0.5)

@@ -30,7 +30,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from medtl.bundle.export import export_bundle
-from medtl.demo import resnet
+from medtl.networks import resnet
 from medtl.fileio import atomic_write_json
 
 TARGET = 1.0

@@ -34,7 +34,8 @@ import torch
 from monai.utils import set_determinism
 
 from medtl.adapt.recipe import TrainRecipe, loader, preprocess_splits, train
-from medtl.demo import evaluate_items, resnet
+from medtl.networks import resnet
+from medtl.stages import evaluate_items
 from medtl.evaluate import classification_metrics, collect_predictions
 from medtl.fileio import atomic_write_json
 from medtl.importers import LIDC_CLASSES, import_lidc_vois

@@ -22,7 +22,8 @@ import torch
 from monai.utils import set_determinism
 
 from medtl.adapt.recipe import TrainRecipe, preprocess_splits, train
-from medtl.demo import evaluate_items, resnet
+from medtl.networks import resnet
+from medtl.stages import evaluate_items
 from medtl.fileio import atomic_write_json
 from medtl.importers import import_medmnist
 from medtl.manifest import load_manifest

@@ -58,7 +58,7 @@ import torch
 from monai.data import MetaTensor
 from monai.utils import set_determinism
 from medtl.adapt.recipe import TrainRecipe, train
-from medtl.demo import resnet
+from medtl.networks import resnet
 n, epochs = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(2)
 set_determinism(0)

@@ -4,7 +4,7 @@
 
 Trains the demo's source model (ResNet10 width 0.5 on site A, ``TrainRecipe``) once per setting and
 seed: fp32 (the default), channels-last layout, and channels-last with bfloat16 autocast
-(``medtl.adapt.train.FastForward``). Prints seconds per epoch, the speed-up over fp32 measured in
+(``medtl.adapt.placement.FastForward``). Prints seconds per epoch, the speed-up over fp32 measured in
 this run, and test AUC on sites A and B per seed with patient-level 95% CIs, and their means. Even
 channels-last alone, the same arithmetic in another order, ends on a different model (rounding
 noise grows through training and the best-epoch choice), so settings are compared over seeds.
@@ -21,7 +21,9 @@ import torch
 from monai.utils import set_determinism
 
 from medtl.adapt.recipe import TrainRecipe, train
-from medtl.demo import demo_splits, evaluate_items, prepare_demo_data, resnet
+from medtl.demo import CLASSES, demo_splits, prepare_demo_data
+from medtl.networks import resnet
+from medtl.stages import evaluate_items
 from medtl.fileio import atomic_write_json
 
 SETTINGS = {"fp32": {}, "channels-last": {"channels_last": True}, "channels-last + bf16": {"channels_last": True, "bf16": True}}
@@ -53,8 +55,8 @@ def main() -> None:
             run = train(network, items["A train"], items["A val"], TrainRecipe(epochs=args.epochs, **options), progress=False)
             seconds = (time.perf_counter() - start) / run["epochs_run"]
             rows[name].append({"seed": seed, "seconds_per_epoch": seconds, "best_epoch": run["best_epoch"],
-                               "site A test": evaluate_items(network, items["A test"], seed=seed)["metrics"],
-                               "site B test": evaluate_items(network, items["B test"], seed=seed)["metrics"]})
+                               "site A test": evaluate_items(network, items["A test"], class_names=CLASSES, seed=seed)["metrics"],
+                               "site B test": evaluate_items(network, items["B test"], class_names=CLASSES, seed=seed)["metrics"]})
             print(f"seed {seed}, {name}: {seconds:.1f} s/epoch", flush=True)
     base = statistics.median(r["seconds_per_epoch"] for r in rows["fp32"])
     print(f"\n{'setting':<22}{'seed':>5}{'s/epoch':>9}  {'site A AUC':<20}{'site B AUC':<20}")

@@ -36,7 +36,8 @@ from monai.utils import set_determinism
 
 from medtl.adapt.adabn import adabn
 from medtl.adapt.recipe import FineTuneRecipe, TrainRecipe, finetune, loader, preprocess_splits, train
-from medtl.demo import evaluate_items, resnet
+from medtl.networks import resnet
+from medtl.stages import evaluate_items
 from medtl.evaluate import classification_metrics
 from medtl.fileio import atomic_write_json
 from medtl.importers import LIDC_CLASSES, import_lidc_vois

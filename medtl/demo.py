@@ -24,14 +24,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.utils import set_determinism
 
+from medtl.adapt.adabn import adabn
+from medtl.adapt.recipe import (
+    DistillRecipe,
+    FineTuneRecipe,
+    TrainRecipe,
+    distill,
+    finetune,
+    loader,
+    preprocess_splits,
+    recipe_outcome,
+    train,
+)
+from medtl.bundle.export import export_bundle
 from medtl.cohort import COHORT_VERSION, generate_cohort
 from medtl.dicom import folder_key, write_scan_index
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_json, atomic_write_text, utf8_child_env
 from medtl.loading import resolve_device
-from medtl.manifest import build_manifest_file, check_manifest
+from medtl.manifest import build_manifest_file, check_manifest, load_manifest
+from medtl.networks import resnet
 from medtl.privacy import SALT_FILENAME, load_salt
+from medtl.report import render_report
+from medtl.runlog import record_curve, record_explanations, record_features, record_intensities, run_folder
+from medtl.stages import adaptation_finding, evaluate_items, print_stages, stages_json
+from medtl.transforms import preprocessing
 
 # Site B mimics a new hospital: few labeled cases to adapt with, most held out for evaluation.
 DEMO_SPLITS = {"A": {"train": 0.7, "val": 0.15, "test": 0.15}, "B": {"train": 0.3, "val": 0.2, "test": 0.5}}
@@ -89,9 +108,6 @@ SPLITS = {"A": ("train", "val", "test"), "B": ("train", "val", "test", "unlabele
 
 def demo_splits(demo: Mapping[str, Any], *, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
     """Every site/split of the demo cohort, preprocessed once: ``{"A train": [...], ...}``."""
-    from medtl.adapt.recipe import preprocess_splits
-    from medtl.manifest import load_manifest
-    from medtl.transforms import preprocessing
 
     pre = preprocessing(modality="ct")
     items: dict[str, list[dict[str, Any]]] = {}
@@ -101,45 +117,9 @@ def demo_splits(demo: Mapping[str, Any], *, progress: bool = True) -> dict[str, 
     return items
 
 
-def evaluate_items(network: Any, items: Sequence[Mapping[str, Any]], *, seed: int = 0, class_names: Sequence[str] = CLASSES,
-                   record: tuple[Path, str, str] | None = None, device: Any = "cpu") -> dict[str, Any]:
-    """Target-domain metrics of ``network`` on preprocessed items, CIs resampling patients.
-    ``record=(run folder, stage, set name)`` also keeps the per-case predictions for the report."""
-    from medtl.adapt.recipe import loader
-    from medtl.evaluate import classification_metrics, collect_predictions
-    from medtl.runlog import record_evaluation
-
-    y, probs, _ = collect_predictions(network, loader(items, batch_size=32, device=device), device)
-    result = classification_metrics(y, probs, class_names=list(class_names), patient_ids=[i["patient"] for i in items], seed=seed)
-    if record is not None:
-        run, stage, evaluated_on = record
-        record_evaluation(run, stage, evaluated_on, y_true=y, probs=probs, class_names=class_names,
-                          case_ids=[i["case_id"] for i in items], result=result)
-    return result
-
-
-def resnet(widen: float, num_classes: int = len(CLASSES), *, spatial_dims: int = 3, depth: int = 10,
-           small_input: bool = False, in_channels: int = 1) -> Any:
-    """The ResNet every demo stage and bundle uses (3D ResNet10 at width ``widen``), or its kin.
-
-    ``spatial_dims=2`` builds the 2D network for images, ``depth`` picks ResNet10 or ResNet18.
-    ``small_input`` swaps the 7x7 stride-2 stem and max-pool for a 3x3 stride-1 stem, as MedMNIST's
-    28-pixel ResNets do: the usual stem leaves a 28x28 image 7x7 before the first residual block.
-    ``in_channels=2`` takes the lesion mask as a second channel (``preprocessing(mask_channel=True)``).
-    """
-    from monai.networks.nets import resnet10, resnet18
-
-    if spatial_dims not in (2, 3) or depth not in (10, 18):
-        raise MedtlError(f"a ResNet has spatial_dims 2 or 3 and depth 10 or 18, got spatial_dims={spatial_dims!r}, depth={depth!r}")
-    stem = {"conv1_t_size": 3, "conv1_t_stride": 1, "no_max_pool": True} if small_input else {}
-    factory = resnet10 if depth == 10 else resnet18
-    return factory(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes, widen_factor=widen, **stem)
-
-
 def _unseen_folders(demo: Mapping[str, Any], out: Path, n: int) -> tuple[Path, dict[str, str]]:
     """Copies of ``n`` site-B test patients' DICOM folders (never trained or selected on) and their
     truth, by folder name (one level below the copy, as ``truth_by_key`` expects)."""
-    from medtl.manifest import load_manifest
 
     manifest = load_manifest(demo["sites"]["B"]["manifest"])
     folders, truth = [], {}
@@ -187,14 +167,6 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     stage table rows and artifact paths. ``seeds`` > 1 repeats the seed-dependent site-B stages
     (fine-tuning and the student) with seeds ``seed+1...`` over the same source model, and prints and
     reports each stage's spread of site-B test AUC."""
-    from monai.utils import set_determinism
-
-    from medtl.adapt.adabn import adabn
-    from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, recipe_outcome, train
-    from medtl.bundle.export import export_bundle
-    from medtl.manifest import load_manifest
-    from medtl.report import render_report
-    from medtl.runlog import record_curve, record_explanations, record_features, record_intensities, run_folder
 
     out = Path(out)
     device = resolve_device(device)
@@ -212,7 +184,7 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     record_intensities(records, test_sets)
 
     def stage(name: str, network: Any, seconds: float, evaluated: dict[str, str], fitted: dict[str, Any] | None = None) -> dict[str, Any]:
-        results = {label: evaluate_items(network, items[split], seed=seed, record=(records, name, label), device=device)
+        results = {label: evaluate_items(network, items[split], class_names=CLASSES, seed=seed, record=(records, name, label), device=device)
                    for label, split in evaluated.items()}
         if fitted is not None:
             record_curve(records, name, fitted)
@@ -254,13 +226,13 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
         again = copy.deepcopy(source)
         finetune(again, items["B train"], items["B val"], FineTuneRecipe(epochs=target_epochs), unlabeled_items=items["B unlabeled"],
                  progress=progress, desc=f"fine-tune on site B, seed {extra}", device=device, seed=extra)
-        spread["fine-tuned"].append(evaluate_items(again, items["B test"], seed=seed, device=device)["metrics"]["auc"]["value"])
+        spread["fine-tuned"].append(evaluate_items(again, items["B test"], class_names=CLASSES, seed=seed, device=device)["metrics"]["auc"]["value"])
         set_determinism(extra)
         pupil = resnet(0.25)
         distill(again, pupil, [*items["B train"], *items["A train"]], items["B unlabeled"], items["B val"],
                 DistillRecipe(epochs=student_epochs), class_names=CLASSES, cache_dir=out / "cache", progress=progress,
                 desc=f"distill student, seed {extra}", device=device)
-        spread["student"].append(evaluate_items(pupil, items["B test"], seed=seed, device=device)["metrics"]["auc"]["value"])
+        spread["student"].append(evaluate_items(pupil, items["B test"], class_names=CLASSES, seed=seed, device=device)["metrics"]["auc"]["value"])
     if seeds > 1:
         timings["more seeds"] = time.perf_counter() - t
 
@@ -340,27 +312,6 @@ def seed_spread_text(spread: Mapping[str, Sequence[float]]) -> str:
             + f"; fine-tuned minus source-only in the mean: {gain:+.3f}")
 
 
-def adaptation_finding(source: Any, tuned: Any, items: Sequence[Mapping[str, Any]], *, seed: int = 0, device: Any = "cpu",
-                       names: tuple[str, str] = ("fine-tuned", "source-only"), where: str = "site B test") -> dict[str, Any]:
-    """Whether adaptation helped, said plainly: the paired AUC difference on the same test cases
-    with its patient-bootstrap 95% CI, and a sentence that does not claim more than the CI shows."""
-    from medtl.adapt.recipe import loader
-    from medtl.evaluate import collect_predictions, paired_auc_difference
-
-    y, before, _ = collect_predictions(source, loader(items, batch_size=32, device=device), device)
-    _, after, _ = collect_predictions(tuned, loader(items, batch_size=32, device=device), device)
-    d = paired_auc_difference(y, before, after, patient_ids=[i["patient"] for i in items], seed=seed)
-    ci = "no CI" if d["ci95"] is None else f"95% CI {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}"
-    change = f"AUC {d['auc_b']:.3f} vs {d['auc_a']:.3f}, difference {d['difference']:+.3f} ({ci}, paired over patients)"
-    if d["difference"] <= 0:
-        verdict = f"{names[0]} did NOT beat {names[1]} on {where} in this run (seed {seed})"
-    elif d["ci95"] is not None and d["ci95"][0] > 0:
-        verdict = f"{names[0]} beats {names[1]} on {where}"
-    else:
-        verdict = f"{names[0]} scores above {names[1]} on {where}, but the CI still includes no gain ({len(items)} cases)"
-    return d | {"text": f"result: {verdict}: {change}; benchmarks/adaptation.py gives the mean over seeds."}
-
-
 def _print_ingest(result: Mapping[str, Any]) -> None:
     print("\nmedtl demo: ingest")
     print(f"{'site':<5}{'files':>7}{'series':>8}{'loadable':>10}{'skipped':>9}  {'train':>6}{'val':>5}{'test':>6}{'unlab.':>7}  check")
@@ -369,22 +320,3 @@ def _print_ingest(result: Mapping[str, Any]) -> None:
         per_split = site["counts"]["by_site_split_label"].get(name, {})
         n = {k: sum(per_split.get(k, {}).values()) for k in ("train", "val", "test", "unlabeled")}
         print(f"{name:<5}{s['files']:>7}{s['series']:>8}{s['loadable_series']:>10}{s['skipped_files']:>9}  {n['train']:>6}{n['val']:>5}{n['test']:>6}{n['unlabeled']:>7}  {'OK' if site['check_ok'] else 'FAILED'}")
-
-
-def stages_json(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Stage rows for a summary file: the scalar metrics with CIs, not the full evaluation results."""
-    return [{k: v for k, v in r.items() if k != "result"} | {"metrics": r["result"]["metrics"]} for r in rows]
-
-
-def print_stages(rows: Sequence[Mapping[str, Any]]) -> None:
-    """The stage table: AUC and accuracy with 95% CIs, parameters and seconds per stage."""
-    print(f"\n{'stage':<16}{'evaluated on':<14}{'n':>4}{'AUC [95% CI]':>24}{'accuracy [95% CI]':>24}{'params':>9}{'time':>7}")
-    for row in rows:
-        m, n = row["result"]["metrics"], row["result"]["n"]
-
-        def cell(key: str) -> str:
-            value, ci = m[key]["value"], m[key]["ci95"]
-            return "n/a" if value is None else f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.3f}"
-
-        print(f"{row['stage']:<16}{row['evaluated on']:<14}{n:>4}{cell('auc'):>24}{cell('accuracy'):>24}"
-              f"{row['params'] / 1e6:>8.2f}M{row['seconds']:>6.0f}s")

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID, generate_uid
-
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 # Deterministic UIDs need a root; this is pydicom's documented example root for generated UIDs.
 UID_ROOT = "1.2.826.0.1.3680043.8.498."

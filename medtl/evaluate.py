@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_json
@@ -436,7 +437,6 @@ def collect_predictions(
     ``activation="softmax"`` turns logits into probabilities (``None``: the model already outputs
     them). Case ids come from ``batch[id_key]`` when every batch has it, else ``None``.
     """
-    import torch
 
     if activation not in ("softmax", None):
         raise MedtlError(f"activation must be 'softmax' or None, got {activation!r}")

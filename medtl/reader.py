@@ -7,12 +7,11 @@ use (``LoadVolumed``)::
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import logging
-import warnings
 
 import numpy as np
 import torch

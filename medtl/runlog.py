@@ -26,7 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtl.adapt.recipe import loader
+from medtl.adapt.shift import extract_features, mmd_permutation_test
 from medtl.errors import MedtlError
+from medtl.evaluate import collect_predictions
 from medtl.fileio import atomic_write_bytes, atomic_write_json
 
 __all__ = [
@@ -101,7 +104,6 @@ def record_curve(run: str | Path, stage: str, fitted: Mapping[str, Any]) -> Path
 
 
 def _loader(items: Sequence[Mapping[str, Any]], batch_size: int = 32) -> Any:
-    from medtl.adapt.recipe import loader
 
     return loader(items, batch_size=batch_size)
 
@@ -110,7 +112,6 @@ def record_features(run: str | Path, stage: str, network: nn.Module, sets: Mappi
                     *, device: str | torch.device = "cpu", seed: int = 0) -> Path:
     """Penultimate features of ``network`` on each set and the squared MMD (with permutation p-value)
     between the first set and each other: how far apart the network sees the sites."""
-    from medtl.adapt.shift import extract_features, mmd_permutation_test
 
     names = list(sets)
     features = {name: extract_features(network, _loader(sets[name]), device) for name in names}
@@ -136,7 +137,6 @@ def record_explanations(run: str | Path, stage: str, network: nn.Module, items: 
                         class_names: Sequence[str], *, per_group: int = 3, device: str | torch.device = "cpu") -> Path:
     """Grad-CAM of up to ``per_group`` correctly and ``per_group`` wrongly classified labeled cases
     (the most confident of each), kept as the central slices a report shows."""
-    from medtl.evaluate import collect_predictions
     from medtl.explain import central_slices, gradcam
 
     labeled = [item for item in items if int(item["label"]) >= 0]

@@ -29,7 +29,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from medtl.errors import MedtlError
+from medtl.networks import create_network, find_classifier, first_conv
 
 __all__ = [
     "DEFAULT_STRIP_PREFIXES",
@@ -46,14 +47,11 @@ __all__ = [
     "Mismatch",
     "UntrustedCheckpointWarning",
     "adapt_input_conv",
-    "create_network",
     "inflate_conv_2d_to_3d",
     "inspect_checkpoint",
-    "list_networks",
     "load_weights",
     "match_keys",
     "read_checkpoint",
-    "register_network",
 ]
 
 DEFAULT_STRIP_PREFIXES: tuple[str, ...] = ("module.", "model.", "net.", "network.")
@@ -64,99 +62,6 @@ _CONTAINER_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "
 
 class UntrustedCheckpointWarning(UserWarning):
     """A checkpoint was unpickled with ``trust=True``: it could have run arbitrary code."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Network registry
-# --------------------------------------------------------------------------------------------------
-
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_network(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator adding ``factory(*, spatial_dims, in_channels, num_classes, **kwargs)`` under ``name``."""
-
-    def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
-
-
-def list_networks() -> list[str]:
-    """Names ``create_network`` knows, sorted."""
-    return sorted(_REGISTRY)
-
-
-def create_network(arch: str, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 2, **kwargs: Any) -> nn.Module:
-    """Build a randomly initialised network by name (never downloads weights).
-
-    Args:
-        arch: a name from ``list_networks()``, e.g. ``"resnet10"``, ``"densenet121"``, ``"efficientnet-b0"``.
-        spatial_dims: 2 or 3.
-        in_channels: image channels (1 for CT/MR).
-        num_classes: classifier outputs.
-        kwargs: passed to the MONAI constructor (e.g. ``widen_factor`` for ResNets). ResNets also take
-            ``medicalnet=True`` to use MedicalNet's shortcut layout (type A with
-            ``bias_downsample=True`` for depths 18/34, type B without downsample bias otherwise),
-            so MedicalNet checkpoints match tensor for tensor.
-
-    Examples:
-        >>> model = create_network("resnet10", num_classes=2, widen_factor=0.25)
-        >>> model.fc.out_features
-        2
-    """
-    if arch not in _REGISTRY:
-        raise MedtlError(f"unknown network {arch!r}; known networks: {', '.join(list_networks())}")
-    if spatial_dims not in (2, 3):
-        raise MedtlError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    if in_channels < 1 or num_classes < 1:
-        raise MedtlError(f"in_channels and num_classes must be >= 1, got {in_channels} and {num_classes}")
-    try:
-        return _REGISTRY[arch](spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, **kwargs)
-    except TypeError as exc:
-        raise MedtlError(f"cannot build {arch!r} with options {sorted(kwargs)}: {exc}") from exc
-
-
-def _resnet_factory(depth: int) -> Callable[..., nn.Module]:
-    def build(*, spatial_dims: int, in_channels: int, num_classes: int, medicalnet: bool = False, **kwargs: Any) -> nn.Module:
-        from monai.networks import nets
-
-        if medicalnet:
-            kwargs.setdefault("shortcut_type", "A" if depth in (18, 34) else "B")
-            kwargs.setdefault("bias_downsample", depth in (18, 34))
-        kwargs.pop("pretrained", None)  # MONAI's pretrained=True downloads; medtl loads local files
-        return getattr(nets, f"resnet{depth}")(
-            pretrained=False, spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes, **kwargs
-        )
-
-    return build
-
-
-for _depth in (10, 18, 34, 50, 101, 152, 200):
-    register_network(f"resnet{_depth}")(_resnet_factory(_depth))
-
-
-@register_network("densenet121")
-def _densenet121(*, spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    from monai.networks.nets import DenseNet121
-
-    kwargs.pop("pretrained", None)
-    return DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, pretrained=False, **kwargs)
-
-
-def _efficientnet_factory(variant: str) -> Callable[..., nn.Module]:
-    def build(*, spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-        from monai.networks.nets import EfficientNetBN
-
-        kwargs.pop("pretrained", None)
-        return EfficientNetBN(variant, pretrained=False, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, **kwargs)
-
-    return build
-
-
-for _b in range(8):
-    register_network(f"efficientnet-b{_b}")(_efficientnet_factory(f"efficientnet-b{_b}"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -528,7 +433,7 @@ def load_weights(
     label = str(source) if isinstance(source, (str, Path)) else "state dict"
     checkpoint = read_checkpoint(source, trust=trust) if isinstance(source, (str, Path)) else dict(source)
     current = model.state_dict()
-    first_conv = next((k for k, v in current.items() if v.ndim >= 3 and k.endswith("weight")), None)
+    stem = first_conv(model)
     mapping = match_keys(checkpoint, current, strip_prefixes=strip_prefixes, add_prefix=add_prefix, key_map=key_map)
 
     report = LoadReport(source=label, model=type(model).__name__)
@@ -545,7 +450,7 @@ def load_weights(
             merged[name] = tensor
             report.loaded.append(name)
             continue
-        adapted = _adapt(tensor, target.shape, input_conv=name == first_conv) if adapt else None
+        adapted = _adapt(tensor, target.shape, input_conv=name == f"{stem}.weight") if adapt else None
         if adapted is None:
             report.mismatched.append(Mismatch(name, tuple(tensor.shape), tuple(target.shape), ckpt_name))
             continue
@@ -568,8 +473,6 @@ def backbone_not_loaded(model: nn.Module, report: LoadReport) -> list[str]:
     """Model tensors outside the classifier head that received no checkpoint values (missing or
     mismatched). A head of another class count is a head swap; anything else left at its
     initialisation means the checkpoint belongs to another network."""
-    from medtl.adapt.head import find_classifier
-
     head, _ = find_classifier(model)
     return [n for n in [*report.missing, *(m.name for m in report.mismatched)] if not n.startswith(f"{head}.")]
 

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     _check_installation(args.checkout.resolve())
 
     from medtl.bundle.export import export_bundle
-    from medtl.demo import prepare_demo_data, resnet
+    from medtl.demo import prepare_demo_data
+    from medtl.networks import resnet
 
     source = export_bundle(resnet(0.5), args.out / "tumor_cls_source", template="tumor_cls_source", changelog="wheel smoke test")
     _say(f"exported {source['path']} (max abs diff TorchScript {source['torchscript_max_abs_diff']}, ONNX {source['onnx_max_abs_diff']})")

@@ -12,7 +12,8 @@ import torch
 from monai.utils import set_determinism
 
 from medtl.adapt.recipe import TrainRecipe, loader, preprocess_splits, train
-from medtl.demo import evaluate_items, resnet
+from medtl.networks import resnet
+from medtl.stages import evaluate_items
 from medtl.errors import MedtlError
 from medtl.evaluate import collect_predictions
 from medtl.importers import import_medmnist

@@ -40,7 +40,7 @@ except Exception as exc:  # ImportError, or holoscan failing to load its native 
 from monai.bundle import ConfigParser  # noqa: E402
 
 from medtl.bundle.export import export_bundle  # noqa: E402
-from medtl.demo import resnet  # noqa: E402
+from medtl.networks import resnet  # noqa: E402
 
 SPACING = (0.8, 0.9, 2.0)  # mm, (column, row, slice) as DICOMSeriesToVolumeOperator names them
 

@@ -33,7 +33,7 @@ from medtl.bundle.files import CHECKSUMS, SIGNATURE, format_sha256sums, parse_sh
 from medtl.bundle.share import import_bundle, pack_bundle
 from medtl.bundle.signing import generate_key
 from medtl.bundle.verify import verify_bundle
-from medtl.demo import resnet
+from medtl.networks import resnet
 from medtl.errors import MedtlError
 
 NAME = "tumor_cls_distill"

@@ -214,8 +214,9 @@ def test_a_run_without_input_says_what_to_pass(config, give, tmp_path):
 
 def test_training_data_must_have_the_bundles_class_count(monkeypatch, tmp_path):
     from medtl.bundle import components
+    from medtl.bundle.components import data
 
-    monkeypatch.setattr(components, "class_names", lambda manifest: ["benign", "malignant"])
+    monkeypatch.setattr(data, "class_names", lambda manifest: ["benign", "malignant"])
     with pytest.raises(MedtlError, match=r"the manifest has 2 classes \(benign, malignant\).*num_classes=3") as failed:
         components.datalist(str(tmp_path / "site.json"), tmp_path, "train", num_classes=3)
     assert "--num_classes 2" in failed.value.hint

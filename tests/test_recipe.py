@@ -103,8 +103,8 @@ def test_channels_last_training_predicts_the_same_and_hands_back_the_default_lay
 
 
 def test_bf16_autocast_trains_and_the_schedule_sees_through_the_wrapper():
-    from medtl.adapt.schedule import unwrap
-    from medtl.adapt.train import FastForward
+    from medtl.adapt.placement import unwrap
+    from medtl.adapt.placement import FastForward
 
     source = _net()
     tuned = copy.deepcopy(source)
@@ -120,7 +120,7 @@ def test_bf16_autocast_trains_and_the_schedule_sees_through_the_wrapper():
 
 def test_place_network_keeps_the_names_and_outputs_in_channels_last_layout():
     """The bundles' ``--channels_last``: weights and inputs change layout, parameter names do not."""
-    from medtl.adapt.train import place_network
+    from medtl.adapt.placement import place_network
 
     plain = _net().eval()
     placed = place_network(copy.deepcopy(plain), "cpu", channels_last=True)

@@ -16,7 +16,7 @@ from medtl.errors import MedtlError
 from medtl.evaluate import classification_metrics, roc_auc_ovr
 from medtl.explain import central_slices, gradcam, overlay, target_layer
 from medtl.report import reliability_bins, render_report, roc_curve
-from medtl.runlog import (load_run, record_curve, record_evaluation, record_explanations, record_features, record_intensities,
+from medtl.runlog import (load_run, record_curve, record_explanations, record_features, record_intensities,
                           run_folder)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +83,7 @@ def test_gradcam_finds_the_evidence_and_leaves_the_model_alone():
 
 
 def test_target_layer_prefers_a_block_whose_map_is_still_wide():
-    from medtl.demo import resnet
+    from medtl.networks import resnet
 
     network = resnet(0.25)
     assert target_layer(network) == "layer4"
@@ -124,7 +124,8 @@ def _items(n: int, seed: int, *, shift: float = 0.0) -> list[dict]:
 def tiny_run(tmp_path_factory) -> Path:
     """A run folder as medtl demo leaves it, from a tiny network on generated crops (a few seconds)."""
     from medtl.adapt.recipe import TrainRecipe, train
-    from medtl.demo import evaluate_items, resnet
+    from medtl.networks import resnet
+    from medtl.stages import evaluate_items
 
     out = tmp_path_factory.mktemp("run")
     records = run_folder(out)
@@ -133,7 +134,7 @@ def tiny_run(tmp_path_factory) -> Path:
     network = resnet(0.125)
     fitted = train(network, site_a, site_a[:6], TrainRecipe(epochs=2, batch_size=4, patience=None), progress=False)
     for name, items in (("site A test", site_a), ("site B test", site_b)):
-        evaluate_items(network, items, record=(records, "source-only", name))
+        evaluate_items(network, items, class_names=("benign", "malignant"), record=(records, "source-only", name))
     record_curve(records, "source-only", fitted)
     record_intensities(records, {"site A test": site_a, "site B test": site_b})
     record_features(records, "source-only", network, {"site A test": site_a, "site B test": site_b})

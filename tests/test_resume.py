@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from monai.utils import set_determinism
 from medtl.adapt.recipe import TrainRecipe, train
-from medtl.demo import resnet
+from medtl.networks import resnet
 
 out, resume = Path(sys.argv[1]), sys.argv[2] == "resume"
 torch.set_num_threads(1)
@@ -116,7 +116,7 @@ def test_same_seed_and_data_give_identical_training(tmp_path):
     from monai.utils import set_determinism
 
     from medtl.adapt.recipe import TrainRecipe, train
-    from medtl.demo import resnet
+    from medtl.networks import resnet
 
     g = torch.Generator().manual_seed(3)
     items = [{"image": torch.rand(1, 16, 16, 16, generator=g) + 0.3 * (i % 2), "label": i % 2, "case_id": f"c{i}", "patient": f"p{i}",

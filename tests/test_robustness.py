@@ -51,7 +51,8 @@ from medtl.manifest import build_manifest, build_manifest_file, load_manifest, r
 from medtl.nifti import read_nifti
 from medtl.reader import LoadVolumed, load_volume
 from medtl.privacy import pseudonym
-from medtl.weights import create_network, load_weights, read_checkpoint
+from medtl.networks import create_network
+from medtl.weights import load_weights, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SALT = "robustness-salt-0123456789"

@@ -11,7 +11,7 @@ from medtl.adapt.head import replace_head
 from medtl.adapt.schedule import FineTuneSchedule, layer_groups, param_groups
 from medtl.adapt.train import L2SP
 from medtl.errors import MedtlError
-from medtl.weights import create_network
+from medtl.networks import create_network
 
 
 def _resnet() -> nn.Module:

@@ -149,7 +149,7 @@ def test_report_refuses_bad_input(two_sites):
 
 
 def test_checkpoint_must_fit_beyond_the_classifier(tmp_path):
-    from medtl.weights import create_network
+    from medtl.networks import create_network
 
     ckpt = tmp_path / "net.pt"
     torch.save(create_network("resnet10", num_classes=3, widen_factor=0.25).state_dict(), ckpt)
@@ -160,7 +160,7 @@ def test_checkpoint_must_fit_beyond_the_classifier(tmp_path):
 
 
 def test_cli_writes_report_and_prints_table(two_sites, tmp_path, capsys):
-    from medtl.weights import create_network
+    from medtl.networks import create_network
 
     root, source, target = two_sites
     ckpt = tmp_path / "net.pt"

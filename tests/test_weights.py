@@ -14,14 +14,13 @@ from torch import nn
 
 from medtl.cli import main
 from medtl.errors import MedtlError
+from medtl.networks import create_network, list_networks
 from medtl.weights import (
     LoadReport,
     UntrustedCheckpointWarning,
     adapt_input_conv,
-    create_network,
     inflate_conv_2d_to_3d,
     inspect_checkpoint,
-    list_networks,
     load_weights,
     match_keys,
     read_checkpoint,

@@ -9,7 +9,6 @@ other parameter and buffer is left exactly as it was.
 from __future__ import annotations
 
 import logging
-
 from collections.abc import Iterable
 from typing import Any
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data import DataLoader, Dataset
 from monai.engines.utils import PrepareBatch
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -175,7 +176,6 @@ def teacher_logits(
     names anything else that changes them (e.g. the preprocessing). ``transform`` is the
     deterministic preprocessing (no augmentation).
     """
-    from monai.data import DataLoader, Dataset
 
     ids = [case_key(d) for d in data]
     if len(set(ids)) != len(ids):

@@ -16,21 +16,7 @@ import torch
 from torch import nn
 
 from medtl.errors import MedtlError
-
-# Where MONAI's classification networks keep their classifier.
-_KNOWN_HEADS = ("fc", "class_layers.out", "_fc")
-
-
-def find_classifier(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The classifier's module path and layer: a known MONAI name, else the last ``nn.Linear``."""
-    modules = dict(model.named_modules())
-    for name in _KNOWN_HEADS:
-        if isinstance(modules.get(name), nn.Linear):
-            return name, modules[name]
-    linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise MedtlError(f"{type(model).__name__} has no nn.Linear classifier to replace", hint="give a network with a linear head")
-    return linears[-1]
+from medtl.networks import find_classifier
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:

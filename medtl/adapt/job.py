@@ -9,13 +9,35 @@ a ``tumor_cls_finetune`` bundle. The test split is only scored, never used for a
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from monai.utils import set_determinism
+
+from medtl.adapt.adabn import adabn
+from medtl.adapt.recipe import (
+    DistillRecipe,
+    FineTuneRecipe,
+    distill,
+    finetune,
+    loader,
+    preprocess_splits,
+    recipe_outcome,
+)
+from medtl.bundle.components import class_names, load_source
+from medtl.bundle.export import export_bundle, template_dir
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_json
+from medtl.loading import resolve_device
+from medtl.manifest import load_manifest
+from medtl.networks import resnet
+from medtl.report import render_report
+from medtl.runlog import record_curve, record_explanations, run_folder
+from medtl.stages import adaptation_finding, evaluate_items, print_stages, stages_json
+from medtl.transforms import preprocessing
 
 
 def run_adapt(
@@ -36,19 +58,6 @@ def run_adapt(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Adapt ResNet10 weights at ``source`` to the target ``manifest`` on ``device``; returns stage rows and the bundle."""
-    from monai.utils import set_determinism
-
-    from medtl.adapt.adabn import adabn
-    from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, distill, finetune, loader, preprocess_splits, recipe_outcome
-    from medtl.bundle.components import class_names, load_source
-    from medtl.bundle.export import export_bundle
-    from medtl.demo import adaptation_finding, evaluate_items, print_stages, resnet, stages_json
-    from medtl.loading import resolve_device
-    from medtl.manifest import load_manifest
-    from medtl.report import render_report
-    from medtl.runlog import record_curve, record_explanations, run_folder
-    from medtl.transforms import preprocessing
-
     out = Path(out)
     device = resolve_device(device)
     records = run_folder(out)
@@ -115,9 +124,7 @@ def run_adapt(
 
 def network_data_format_with_classes(names: list[str]) -> dict[str, Any]:
     """The template's network_data_format with the target's classes as output channels."""
-    import json
 
-    from medtl.bundle.export import template_dir
 
     meta = json.loads((template_dir("tumor_cls_finetune") / "configs" / "metadata.json").read_text(encoding="utf-8"))
     fmt = meta["network_data_format"]

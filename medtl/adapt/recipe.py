@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from medtl.adapt.adabn import adabn
 from medtl.adapt.distill import DistillationLoss, DistillBatch, label_with_teacher
-from medtl.adapt.head import find_classifier, replace_head
+from medtl.adapt.head import replace_head
 from medtl.adapt.schedule import FineTuneSchedule, param_groups
 from medtl.adapt.selection import mean_curve, patient_folds
 from medtl.adapt.train import L2SP, fit
@@ -34,6 +34,7 @@ from medtl.errors import MedtlError
 from medtl.evaluate import collect_predictions, roc_auc_ovr
 from medtl.loading import data_loader
 from medtl.manifest import datalist
+from medtl.networks import find_classifier
 from medtl.transforms import augmentation
 
 logger = logging.getLogger(__name__)

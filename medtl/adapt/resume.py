@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ignite.engine import Events
 from monai.transforms import Compose, Randomizable
 
 from medtl.errors import MedtlError
@@ -147,7 +148,6 @@ class TrainingCheckpoint:
         return found | {f"evaluator{i}": _BestMetric(e) for i, e in enumerate(self.evaluators)}
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
 
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)

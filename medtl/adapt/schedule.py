@@ -33,11 +33,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.optimizers import generate_param_groups
 from torch import nn
 
-from medtl.adapt.head import find_classifier
+from medtl.adapt.placement import unwrap
 from medtl.errors import MedtlError
+from medtl.networks import find_classifier, layer_patterns
 
 logger = logging.getLogger(__name__)
 
@@ -55,47 +57,13 @@ class LayerGroup:
     modules: tuple[str, ...]  # module names whose every parameter is in the group (for BatchNorm handling)
 
 
-def _family_patterns(model: nn.Module) -> dict[str, str] | None:
-    """Regexes (input to output) for the network families medtl builds; None for anything else."""
-    from monai.networks.nets import DenseNet, EfficientNet, ResNet
-
-    if isinstance(model, ResNet):
-        layers = [n for n, _ in model.named_children() if re.fullmatch(r"layer\d+", n)]
-        return {"stem": r"^(conv1|bn1)\.", **{n: rf"^{n}\." for n in layers}}
-    if isinstance(model, DenseNet):
-        blocks = [n for n, _ in model.features.named_children() if n.startswith("denseblock")]
-        patterns = {"stem": r"^features\.(conv0|norm0)\."}
-        for i, block in enumerate(blocks, 1):
-            extra = f"transition{i}" if i < len(blocks) else "norm5"
-            patterns[f"block{i}"] = rf"^features\.({block}|{extra})\."
-        return patterns
-    if isinstance(model, EfficientNet):
-        stages = {"stem": r"^(_conv_stem|_bn0)\."}
-        stages.update({f"stage{i}": rf"^_blocks\.{i}\." for i in range(len(model._blocks))})
-        stages["top"] = r"^(_conv_head|_bn1)\."
-        return stages
-    return None
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside ``DistributedDataParallel``/``DataParallel`` (multi-GPU bundles wrap it) or
-    ``medtl.adapt.train.FastForward``: layer groups, learning rates and freezing are defined on its
-    own parameter names."""
-    from medtl.adapt.train import FastForward
-
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel, FastForward)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
-
-
 def layer_groups(model: nn.Module, groups: Mapping[str, str] | None = None) -> list[LayerGroup]:
     """The model's layer groups, input to output, the classifier head last (named ``head``).
 
     Args:
         groups: ``{name: regex}`` on parameter names, input to output, for the backbone; the head is
-            found by ``find_classifier`` and added last. Default: medtl's layout for MONAI ResNet,
-            DenseNet and EfficientNet, else one group per top-level child module.
+            found by ``find_classifier`` and added last. Default: the network family's groups
+            (``medtl.networks``), else one group per top-level child module.
 
     Every parameter lands in exactly one group; one no pattern matches is an error naming it.
     """
@@ -103,7 +71,7 @@ def layer_groups(model: nn.Module, groups: Mapping[str, str] | None = None) -> l
     names = [n for n, _ in model.named_parameters()]
     head = [n for n in names if n.startswith(head_prefix + ".")]
     body = [n for n in names if not n.startswith(head_prefix + ".")]
-    patterns = dict(groups) if groups is not None else _family_patterns(model)
+    patterns = dict(groups) if groups is not None else layer_patterns(model)
     if patterns is None:
         children = list(dict.fromkeys(n.split(".")[0] for n in body))
         patterns = {c: rf"^{re.escape(c)}\." for c in children}
@@ -343,7 +311,6 @@ class FineTuneSchedule:
     # ------------------------------------------------------------------ ignite
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
 
         engine.add_event_handler(Events.COMPLETED, lambda e: self.release(e.network))
         engine.add_event_handler(Events.EPOCH_STARTED, self._on_epoch)

@@ -37,13 +37,13 @@ from torch import nn
 from tqdm import tqdm
 
 import medtl
-from medtl.adapt.head import find_classifier
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_json
 from medtl.manifest import SPLITS, UNLABELED, datalist, load_manifest
+from medtl.networks import create_network, find_classifier
 from medtl.reader import LoadVolumed
 from medtl.transforms import eval_transforms
-from medtl.weights import backbone_not_loaded, create_network, load_weights
+from medtl.weights import backbone_not_loaded, load_weights
 
 __all__ = [
     "ALL_SPLITS",

@@ -22,14 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from ignite.engine import Events
+from ignite.handlers import ProgressBar
 from monai.data import MetaTensor
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, PrepareBatch, default_prepare_batch
-from monai.handlers import EarlyStopHandler, ROCAUC, ValidationHandler, from_engine
+from monai.handlers import ROCAUC, EarlyStopHandler, ValidationHandler, from_engine
 from monai.transforms import Activationsd, AsDiscreted, Compose
 from monai.utils import CommonKeys
 from torch import nn
 
+from medtl.adapt.placement import FastForward, memory_format, unwrap
+from medtl.adapt.resume import TrainingCheckpoint
+from medtl.adapt.schedule import layer_groups
 from medtl.errors import MedtlError
 
 logger = logging.getLogger(__name__)
@@ -54,8 +59,6 @@ class L2SP:
 
     def bind(self, network: nn.Module) -> None:
         """Snapshot the reference weights of ``network`` (called at the start of training)."""
-        from medtl.adapt.schedule import layer_groups, unwrap
-
         network = unwrap(network)
         head = set() if self.anchor_head else set(layer_groups(network)[-1].params)
         source = self.reference if self.reference is not None else {k: v.detach().clone() for k, v in network.state_dict().items()}
@@ -70,7 +73,6 @@ class L2SP:
         return 0.5 * self.beta * torch.stack(terms).sum() if terms else torch.zeros(())
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
 
         engine.add_event_handler(Events.STARTED, lambda e: self.bind(e.network))
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self._add)
@@ -124,7 +126,6 @@ class _LossHistory:
         self._sum, self._n = 0.0, 0
 
     def attach(self, trainer: Any) -> None:
-        from ignite.engine import Events
 
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._add)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._close)
@@ -166,54 +167,6 @@ class _KeepBest:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.epoch, self.scores, self.state = state["best"], state["epoch"], list(state["scores"]), state["state"]
-
-
-class FastForward(nn.Module):
-    """``module`` run in channels-last layout and/or under bfloat16 autocast, returning float32 outputs.
-
-    On CPUs, the demo's 3D training epochs ran 1.2x faster in channels-last layout, and 1.7x with
-    bfloat16 autocast on top (``benchmarks/precision.py``). Wrapping instead of
-    converting keeps the caller's module, its parameter names and its checkpoints as they are;
-    ``medtl.adapt.schedule.unwrap`` sees through it like through ``DistributedDataParallel``.
-    """
-
-    def __init__(self, module: nn.Module, *, channels_last: bool = False, bf16: bool = False, device_type: str = "cpu") -> None:
-        super().__init__()
-        self.module, self.channels_last, self.bf16, self.device_type = module, channels_last, bf16, device_type
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = channels_last_input(x)
-        if not self.bf16:
-            return self.module(x)
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            return self.module(x).float()
-
-
-def channels_last_input(x: torch.Tensor) -> torch.Tensor:
-    """An image batch (N, C, H, W[, D]) in channels-last layout; other tensors unchanged."""
-    if x.dim() not in (4, 5):
-        return x
-    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-
-
-def _memory_format(network: nn.Module, channels_last: bool) -> torch.memory_format:
-    """The layout for the network's weights: channels-last of its convolutions' rank, or the default."""
-    if not channels_last:
-        return torch.contiguous_format
-    ranks = {m.weight.dim() for m in network.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))}
-    return torch.channels_last_3d if 5 in ranks else torch.channels_last
-
-
-def place_network(network: nn.Module, device: str | torch.device = "cpu", *, channels_last: bool = False) -> nn.Module:
-    """``network`` on ``device``; with ``channels_last`` its weights, and every input it receives (a
-    forward pre-hook), in channels-last layout: faster convolutions on CPUs with the same arithmetic
-    (``benchmarks/precision.py``). Parameter names stay as they are, so a bundle's ``CheckpointSaver``
-    writes the usual keys (wrapping in ``FastForward`` would prefix them with ``module.``)."""
-    network.to(device, memory_format=_memory_format(network, channels_last))
-    if channels_last:
-        network.register_forward_pre_hook(lambda _module, args: (channels_last_input(args[0]), *args[1:]))
-    return network
 
 
 def fit(
@@ -260,7 +213,7 @@ def fit(
     if (patience is not None or keep_initial) and val_loader is None:
         raise MedtlError("early stopping (patience) and keep_initial need a validation loader")
     device = torch.device(device)
-    network.to(device, memory_format=_memory_format(network, channels_last))
+    network.to(device, memory_format=memory_format(network, channels_last))
     runner = FastForward(network, channels_last=channels_last, bf16=bf16, device_type=device.type) if channels_last or bf16 else network
     amp = device.type == "cuda" if amp is None else bool(amp)
     trainer = SupervisedTrainer(
@@ -271,7 +224,6 @@ def fit(
         handler.attach(trainer)
     bar = None
     if progress:
-        from ignite.handlers import ProgressBar
 
         bar = ProgressBar(persist=False, desc=desc)
         loss_of = from_engine([CommonKeys.LOSS], first=True)
@@ -285,7 +237,6 @@ def fit(
             stateful[f"handler{i}"] = target
     if val_loader is not None:
         evaluator = make_evaluator(runner, val_loader, num_classes=num_classes, device=device, amp=amp)
-        from ignite.engine import Events
 
         evaluator.add_event_handler(Events.COMPLETED, keep, trainer)
         if bar is not None:  # one line per epoch stays on screen: loss and metric, best so far
@@ -302,7 +253,6 @@ def fit(
             evaluator.run()  # epoch 0: the starting weights are a candidate
     saver = None
     if checkpoint is not None:
-        from medtl.adapt.resume import TrainingCheckpoint
 
         saver = TrainingCheckpoint(checkpoint, network=network, optimizer=optimizer, objects=stateful, loaders=[train_loader], resume=resume)
         saver.attach(trainer)  # after validation: the saved state includes this epoch's
@@ -326,4 +276,4 @@ def fit(
     return result
 
 
-__all__ = ["FastForward", "L2SP", "PlainBatch", "as_plain", "channels_last_input", "fit", "make_evaluator", "place_network"]
+__all__ = ["L2SP", "PlainBatch", "as_plain", "fit", "make_evaluator"]

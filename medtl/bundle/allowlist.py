@@ -47,7 +47,7 @@ TARGETS: frozenset[str] = frozenset({
     "medtl.adapt.distill.DistillBatch", "medtl.adapt.distill.DistillationLoss",
     "medtl.adapt.resume.TrainingCheckpoint",
     "medtl.adapt.schedule.FineTuneSchedule", "medtl.adapt.schedule.param_groups",
-    "medtl.adapt.train.L2SP", "medtl.adapt.train.PlainBatch", "medtl.adapt.train.place_network",
+    "medtl.adapt.train.L2SP", "medtl.adapt.train.PlainBatch", "medtl.adapt.placement.place_network",
     "medtl.bundle.components.MetricsReport", "medtl.bundle.components.PredictionWriter",
     "medtl.bundle.components.channel_names", "medtl.bundle.components.class_names",
     "medtl.bundle.components.configure_torch", "medtl.bundle.components.datalist",

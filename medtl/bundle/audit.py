@@ -28,10 +28,14 @@ import ast
 import configparser
 import functools
 import importlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
+from monai.bundle.config_item import ComponentLocator
 
 from medtl.bundle.allowlist import ARGUMENT_RULES, CALLS, DENIED_KEYWORDS, FIELDS, METHODS, TARGETS, VALUES
 
@@ -221,7 +225,6 @@ def _bare_target(name: str) -> str | None:
     candidates = [t for t in TARGETS if t.startswith("monai.") and t.rsplit(".", 1)[1] == name]
     if not candidates:
         return None  # MONAI would fall back to importing it by name (builtins included)
-    from monai.bundle.config_item import ComponentLocator
 
     module = ComponentLocator().get_component_module_name(name)
     if not isinstance(module, str):
@@ -396,9 +399,7 @@ def audit_logging_conf(path: str | Path, file: str = "configs/logging.conf") -> 
 def audit_bundle(root: str | Path, configs: tuple[str, ...] = ("configs/inference.json",)) -> list[Finding]:
     """Findings in the configs a caller is about to parse with MONAI, plus ``metadata.json``
     (read into every workflow as ``@_meta_``); a file that does not parse is a finding too."""
-    import json
 
-    import yaml
 
     root = Path(root)
     findings = []

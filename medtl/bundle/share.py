@@ -20,8 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from medtl.bundle import signing
-from medtl.bundle.files import (CHECKSUMS, MAX_UNPACKED_BYTES, PROVENANCE, SIGNATURE, bundle_files, check_plain_tree, extract_zip,
-                                format_sha256sums, open_bundle, sha256sums)
+from medtl.bundle.files import (
+    CHECKSUMS,
+    MAX_UNPACKED_BYTES,
+    PROVENANCE,
+    SIGNATURE,
+    bundle_files,
+    check_plain_tree,
+    extract_zip,
+    format_sha256sums,
+    open_bundle,
+    sha256sums,
+)
 from medtl.bundle.provenance import provenance
 from medtl.bundle.verify import Verification, verify_bundle
 from medtl.errors import MedtlError

@@ -24,11 +24,20 @@ from typing import Any
 import jsonschema
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 
 from medtl.bundle import signing
 from medtl.bundle.audit import audit_config, audit_logging_conf, audit_metadata, size_problem
-from medtl.bundle.files import (CHECKSUMS, MAX_UNPACKED_BYTES, PROVENANCE, SIGNATURE, bundle_files, open_bundle, parse_sha256sums,
-                                sha256sums)
+from medtl.bundle.files import (
+    CHECKSUMS,
+    MAX_UNPACKED_BYTES,
+    PROVENANCE,
+    SIGNATURE,
+    bundle_files,
+    open_bundle,
+    parse_sha256sums,
+    sha256sums,
+)
 from medtl.bundle.textscan import file_texts
 from medtl.errors import MedtlError
 from medtl.fileio import utf8_child_env
@@ -175,7 +184,6 @@ def _config_files(root: Path) -> list[Path]:
 
 
 def _read_configs(root: Path, report: Verification) -> dict[str, Any]:
-    from monai.bundle import ConfigParser
 
     configs, problems = {}, []
     for path in _config_files(root):
@@ -328,7 +336,6 @@ def _sample_input(meta: dict) -> torch.Tensor:
 
 
 def _check_network(root: Path, meta: dict, state: dict, report: Verification) -> tuple[torch.Tensor, torch.Tensor] | None:
-    from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(root / "configs" / "inference.json")

@@ -31,12 +31,13 @@ from medtl.adapt.recipe import loader, preprocess_splits, validation_auc
 from medtl.adapt.schedule import param_groups
 from medtl.adapt.train import fit
 from medtl.bundle.components import class_names
-from medtl.demo import evaluate_items, resnet
 from medtl.fl.fedprox import FedProx
 from medtl.fl.recipe import FederatedRecipe
 from medtl.fl.schedule import RoundSchedule
 from medtl.loading import resolve_device
 from medtl.manifest import load_manifest
+from medtl.networks import resnet
+from medtl.stages import evaluate_items
 from medtl.transforms import preprocessing
 
 SPLITS = ("train", "val", "test")

@@ -31,11 +31,17 @@ from typing import Any
 
 import torch
 
+from medtl.adapt.schedule import layer_groups
+from medtl.bundle.components import load_source
+from medtl.bundle.provenance import describe_source
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_json
 from medtl.fl import require_nvflare
 from medtl.fl.recipe import FederatedRecipe
 from medtl.loading import resolve_device
+from medtl.manifest import load_manifest
+from medtl.networks import resnet, resnet_config
+from medtl.stages import print_stages, stages_json
 
 CLIENT_SCRIPT = Path(__file__).with_name("client.py")
 JOB_NAME = "medtl_fl"
@@ -65,8 +71,6 @@ def plan_sites(manifests: Sequence[str | Path], roots: Sequence[str | Path]) -> 
     read, is checked here: each manifest loads, the data root exists, every site has the same label
     map and labeled training cases.
     """
-    from medtl.manifest import load_manifest
-
     if not manifests:
         raise MedtlError("no site manifests given", hint="pass --manifest once per site")
     if len(roots) not in (1, len(manifests)):
@@ -87,16 +91,6 @@ def plan_sites(manifests: Sequence[str | Path], roots: Sequence[str | Path]) -> 
             raise MedtlError("no labeled train cases: this site would have nothing to contribute", path=Path(manifest).name)
         sites.append(Site(f"site-{i + 1}", Path(manifest), root))
     return sites, sorted(label_map, key=label_map.get)
-
-
-def network_config(widen_factor: float, num_classes: int) -> dict[str, Any]:
-    """``medtl.demo.resnet(widen_factor, num_classes)`` as NVFlare's persistor builds it on the
-    server: a class path and its arguments (the job folder is JSON)."""
-    from monai.networks.nets.resnet import get_inplanes
-
-    return {"path": "monai.networks.nets.ResNet",
-            "args": {"block": "basic", "layers": [1, 1, 1, 1], "block_inplanes": get_inplanes(), "spatial_dims": 3,
-                     "n_input_channels": 1, "num_classes": num_classes, "widen_factor": widen_factor}}
 
 
 def site_args(site: Site, recipe: FederatedRecipe, *, widen_factor: float, modality: str, seed: int, device: str = "cpu") -> str:
@@ -121,7 +115,10 @@ def build_job(sites: Sequence[Site], recipe: FederatedRecipe, source_file: Path,
     deployed, and medtl, installed at every site, is imported from there rather than copied in.
     """
     require_nvflare()
-    from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor, ExecutionMode
+    from nvflare.app_common.executors.client_api_executor import (
+        ClientAPIExecutor,
+        ExecutionMode,
+    )
     from nvflare.app_common.workflows.fedavg import FedAvg
     from nvflare.app_common.workflows.global_model_eval import GlobalModelEval
     from nvflare.app_opt.pt.job_config.model import PTModel
@@ -130,7 +127,7 @@ def build_job(sites: Sequence[Site], recipe: FederatedRecipe, source_file: Path,
     from nvflare.job_config.file_source import FileSource
 
     job = BaseFedJob(name=JOB_NAME, min_clients=len(sites), key_metric="")  # the final model is exported, no selection
-    ids = job.to_server(PTModel(network_config(widen_factor, num_classes), initial_ckpt=str(source_file.resolve())))
+    ids = job.to_server(PTModel(resnet_config(widen_factor, num_classes), initial_ckpt=str(source_file.resolve())))
     job.to_server(FedAvg(num_clients=len(sites), num_rounds=recipe.rounds, persistor_id=ids["persistor_id"],
                          fedprox_mu=recipe.fedprox_mu or None))
     job.to_server(GlobalModelEval(model_locator_id=ids["locator_id"]))
@@ -209,11 +206,6 @@ def run_federated(
     Returns ``{"summary", "bundle", "network"}``; writes the job folder, the simulator workspace
     and log, ``fl_summary.json`` and the ``tumor_cls_finetune`` bundle under ``out``.
     """
-    from medtl.adapt.schedule import layer_groups
-    from medtl.bundle.components import load_source
-    from medtl.bundle.provenance import describe_source
-    from medtl.demo import print_stages, resnet, stages_json
-
     require_nvflare()
     start = time.perf_counter()
     sites, names = plan_sites(manifests, roots)
@@ -313,4 +305,4 @@ def _print_rounds(rounds: Sequence[Mapping[str, Any]], sites: Sequence[str]) -> 
     print("val AUC: each site's validation AUC of the global model it received at the start of the round (round 0: the source)")
 
 
-__all__ = ["Site", "build_job", "network_config", "plan_sites", "read_results", "run_federated", "server_model", "site_args"]
+__all__ = ["Site", "build_job", "plan_sites", "read_results", "run_federated", "server_model", "site_args"]

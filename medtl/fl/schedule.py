@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ignite.engine import Events
+
 from medtl.adapt.schedule import FineTuneSchedule
 from medtl.errors import MedtlError
 
@@ -78,7 +80,6 @@ class _AtRound:
         self.round = round_
 
     def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
 
         engine.add_event_handler(Events.EPOCH_STARTED, self._on_epoch)
         engine.add_event_handler(Events.COMPLETED, lambda e: self.schedule.epochs.release(e.network))
