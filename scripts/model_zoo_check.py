@@ -44,7 +44,6 @@ import yaml
 from monai.bundle import ConfigParser
 
 import medtl
-
 from medtl.bundle.export import export_bundle
 from medtl.bundle.files import LARGE_FILES, bundle_files
 from medtl.bundle.templates import template_dir, template_names
@@ -134,8 +133,9 @@ def publish_large_files(bundle: Path, release: Path) -> None:
         target = release / bundle.name / entry["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(bundle / entry["path"], target)
+        url = json.dumps(target.as_uri())
         text, n = re.subn(rf'(- path: {re.escape(json.dumps(entry["path"]))}\n\s+url: )"[^"\n]*"',
-                          lambda m: m.group(1) + json.dumps(target.as_uri()), text)
+                          lambda m, url=url: m.group(1) + url, text)
         if n != 1:
             raise ValueError(f"{bundle.name}/{LARGE_FILES}: no url line for {entry['path']}")
     body = text[text.index("large_files:"):]
@@ -174,7 +174,7 @@ def build_tree(root: Path, model_zoo: Path) -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path) -> tuple[bool, str]:
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     return done.returncode == 0, (done.stdout + done.stderr)[-4000:]
 
 
