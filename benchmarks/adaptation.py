@@ -28,12 +28,13 @@ import torch
 from monai.utils import set_determinism
 
 from medtl.adapt.adabn import adabn
-from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, train
+from medtl.adapt.recipe import distill, finetune, loader, train
 from medtl.demo import CLASSES, demo_splits, prepare_demo_data
-from medtl.networks import resnet
-from medtl.stages import evaluate_items
 from medtl.fileio import atomic_write, atomic_write_json
 from medtl.loading import resolve_device
+from medtl.networks import resnet
+from medtl.recipes import DistillRecipe, FineTuneRecipe, TrainRecipe
+from medtl.stages import evaluate_items
 
 
 def run_seed(split: dict, seed: int, args: argparse.Namespace, device: torch.device) -> dict[str, dict]:

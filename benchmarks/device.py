@@ -31,9 +31,9 @@ import torch
 from monai.data import CacheDataset
 
 from medtl.adapt.train import PlainBatch
-from medtl.networks import resnet
 from medtl.fileio import atomic_write_json
 from medtl.loading import data_loader
+from medtl.networks import resnet
 from medtl.transforms import augmentation
 
 SIZE = (32, 32, 32)

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from monai.utils import set_determinism
 
-from medtl.adapt.recipe import FineTuneRecipe, TrainRecipe, finetune, train
+from medtl.adapt.recipe import finetune, train
 from medtl.demo import CLASSES, demo_splits, prepare_demo_data
-from medtl.networks import resnet
-from medtl.stages import evaluate_items
 from medtl.fileio import atomic_write_json
 from medtl.fl.job import run_federated
-from medtl.fl.recipe import FederatedRecipe
+from medtl.networks import resnet
+from medtl.recipes import FederatedRecipe, FineTuneRecipe, TrainRecipe
+from medtl.stages import evaluate_items
 
 
 def _cell(result: dict, key: str) -> str:

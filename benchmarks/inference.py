@@ -30,8 +30,8 @@ import torch
 from monai.bundle import ConfigParser
 
 from medtl.bundle.export import export_bundle
-from medtl.networks import resnet
 from medtl.fileio import atomic_write_json
+from medtl.networks import resnet
 
 TARGET = 1.0
 WARMUP = 3

@@ -33,15 +33,16 @@ import numpy as np
 import torch
 from monai.utils import set_determinism
 
-from medtl.adapt.recipe import TrainRecipe, loader, preprocess_splits, train
-from medtl.networks import resnet
-from medtl.stages import evaluate_items
+from medtl.adapt.recipe import loader, preprocess_splits, train
 from medtl.evaluate import classification_metrics, collect_predictions
 from medtl.fileio import atomic_write_json
 from medtl.importers import LIDC_CLASSES, import_lidc_vois
 from medtl.inferers import FlipAveraged
 from medtl.loading import resolve_device
 from medtl.manifest import load_manifest
+from medtl.networks import resnet
+from medtl.recipes import TrainRecipe
+from medtl.stages import evaluate_items
 from medtl.transforms import preprocessing
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc_nodule_vois"

@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 from monai.utils import set_determinism
 
-from medtl.adapt.recipe import TrainRecipe, preprocess_splits, train
-from medtl.networks import resnet
-from medtl.stages import evaluate_items
+from medtl.adapt.recipe import preprocess_splits, train
 from medtl.fileio import atomic_write_json
 from medtl.importers import import_medmnist
 from medtl.manifest import load_manifest
+from medtl.networks import resnet
+from medtl.recipes import TrainRecipe
+from medtl.stages import evaluate_items
 from medtl.transforms import preprocessing
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "breastmnist.npz"

@@ -57,7 +57,8 @@ import json, sys
 import torch
 from monai.data import MetaTensor
 from monai.utils import set_determinism
-from medtl.adapt.recipe import TrainRecipe, train
+from medtl.adapt.recipe import train
+from medtl.recipes import TrainRecipe
 from medtl.networks import resnet
 n, epochs = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(2)

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from monai.utils import set_determinism
 
-from medtl.adapt.recipe import TrainRecipe, train
+from medtl.adapt.recipe import train
 from medtl.demo import CLASSES, demo_splits, prepare_demo_data
-from medtl.networks import resnet
-from medtl.stages import evaluate_items
 from medtl.fileio import atomic_write_json
+from medtl.networks import resnet
+from medtl.recipes import TrainRecipe
+from medtl.stages import evaluate_items
 
 SETTINGS = {"fp32": {}, "channels-last": {"channels_last": True}, "channels-last + bf16": {"channels_last": True, "bf16": True}}
 

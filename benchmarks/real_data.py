@@ -35,14 +35,15 @@ from lidc_model import SHARED, VARIANTS, diameter_scores  # this folder's ablati
 from monai.utils import set_determinism
 
 from medtl.adapt.adabn import adabn
-from medtl.adapt.recipe import FineTuneRecipe, TrainRecipe, finetune, loader, preprocess_splits, train
-from medtl.networks import resnet
-from medtl.stages import evaluate_items
+from medtl.adapt.recipe import finetune, loader, preprocess_splits, train
 from medtl.evaluate import classification_metrics
 from medtl.fileio import atomic_write_json
 from medtl.importers import LIDC_CLASSES, import_lidc_vois
 from medtl.loading import resolve_device
 from medtl.manifest import load_manifest
+from medtl.networks import resnet
+from medtl.recipes import FineTuneRecipe, TrainRecipe
+from medtl.stages import evaluate_items
 from medtl.transforms import preprocessing
 
 

@@ -27,10 +27,10 @@ from monai.utils import set_determinism
 from medtl.adapt.train import PlainBatch
 from medtl.cache import cached_dataset
 from medtl.demo import prepare_demo_data
-from medtl.networks import resnet
 from medtl.fileio import atomic_write_json
 from medtl.loading import data_loader
 from medtl.manifest import datalist, load_manifest
+from medtl.networks import resnet
 from medtl.transforms import train_transforms
 
 TARGET = 1.10

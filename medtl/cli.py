@@ -7,10 +7,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from medtl import __version__
 from medtl.bundle.files import MAX_UNPACKED_BYTES
 from medtl.errors import MedtlError
+from medtl.options import add_recipe_options, recipe_from_args
+from medtl.recipes import DistillRecipe, FederatedRecipe, FineTuneRecipe
 
 
 def _scan(args: argparse.Namespace) -> int:
@@ -212,20 +215,18 @@ def _adapt(args: argparse.Namespace) -> int:
     from medtl.adapt.job import run_adapt
 
     run_adapt(args.source, args.manifest, args.root, args.out, widen_factor=args.widen_factor, modality=args.modality,
-              epochs=args.epochs, student_widen=args.student_widen, student_epochs=args.student_epochs, trust=args.trust,
+              recipe=recipe_from_args(FineTuneRecipe, args), student_widen=args.student_widen,
+              student=recipe_from_args(DistillRecipe, args, prefix="student_"), class_map=args.class_map, trust=args.trust,
               resume=args.resume, seed=args.seed, progress=not args.quiet, device=args.device)
     return 0
 
 
 def _fl(args: argparse.Namespace) -> int:
     from medtl.fl.job import run_federated
-    from medtl.fl.recipe import FederatedRecipe
 
-    recipe = FederatedRecipe(rounds=args.rounds, local_epochs=args.local_epochs, head_rounds=args.head_rounds, unfreeze=args.unfreeze,
-                             unfreeze_every=args.unfreeze_every, lr=args.lr, head_lr=args.head_lr, fedprox_mu=args.fedprox_mu,
-                             batch_size=args.batch_size)
-    run_federated(args.source, args.manifest, args.root, args.out, recipe=recipe, widen_factor=args.widen_factor,
-                  modality=args.modality, threads=args.threads, trust=args.trust, seed=args.seed, device=args.device)
+    run_federated(args.source, args.manifest, args.root, args.out, recipe=recipe_from_args(FederatedRecipe, args),
+                  widen_factor=args.widen_factor, modality=args.modality, threads=args.threads, trust=args.trust, seed=args.seed,
+                  device=args.device)
     return 0
 
 
@@ -270,17 +271,7 @@ def _device_option(parser: argparse.ArgumentParser) -> None:
                         "and pinned memory; else the CPU)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="medtl",
-        description="Adapt a pretrained network to your own DICOM/NIfTI data for tumor classification "
-        "and share it as a MONAI bundle. Data flows: scan -> manifest -> transforms -> adapt -> bundle -> predict.",
-    )
-    parser.add_argument("--version", action="version", version=f"medtl {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True, help="what to do (`medtl VERB --help` for its options)")
-
+def _add_scan(verbs: Any) -> None:
     p = verbs.add_parser("scan", help="index a DICOM folder (headers only) into a series index JSON",
                          description="Walk DIR recursively, read DICOM headers only and write one record per series "
                          "(geometry, transfer syntax, slice-ordered files, problems). Unreadable files are skipped and listed. "
@@ -292,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "folders are often named after the patient (`medtl manifest build` finds the folders either way)")
     p.set_defaults(func=_scan)
 
+
+def _add_convert(verbs: Any) -> None:
     p = verbs.add_parser("convert", help="write one DICOM series as NIfTI (canonical RAS, HU)",
                          description="Load one DICOM series (geometric slice order, rescale applied, canonical RAS) and write it as NIfTI.")
     p.add_argument("series_dir", help="folder holding the series (or a single DICOM file)")
@@ -299,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", help="SeriesNumber or SeriesInstanceUID to pick when the folder holds several series")
     p.set_defaults(func=_convert)
 
+
+def _add_manifest(verbs: Any) -> None:
     p = verbs.add_parser("manifest", help="build or check a data manifest",
                          description="Data manifests join images with labels, sites and patient-level splits.")
     msub = p.add_subparsers(dest="manifest_verb", metavar="ACTION", required=True, help="build: create a manifest; check: re-verify one")
@@ -321,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--root", required=True, help="data root the manifest's paths are relative to")
     c.set_defaults(func=_manifest_check)
 
+
+def _add_demo_data(verbs: Any) -> None:
     p = verbs.add_parser("demo-data", help="generate the embedded two-site demo cohort (DICOM + masks + labels)",
                          description="Write a deterministic two-site chest-CT lesion cohort as real DICOM series, NIfTI lesion masks "
                          "and labels.csv. Site B differs from site A like another scanner (thick slices, blur, noise, HU offset).")
@@ -328,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cohort_options(p)
     p.set_defaults(func=_demo_data)
 
+
+def _add_demo(verbs: Any) -> None:
     p = verbs.add_parser("demo", help="run the main job on the embedded demo cohort",
                          description="Generate the demo cohort if absent, scan both sites and build their manifests; train a source "
                          "model on site A, evaluate it on sites A and B, adapt it to site B (AdaBN, then fine-tuning on a few labeled cases "
@@ -344,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_option(p)
     p.set_defaults(func=_demo)
 
+
+def _add_shift(verbs: Any) -> None:
     p = verbs.add_parser("shift", help="report the domain shift between a source and a target manifest",
                          description="Compare the cases of two manifests: voxel spacing, image shape, raw intensities (HU for CT) "
                          "and intensities of the preprocessed lesion crop, case and label counts. With --checkpoint, also the squared MMD "
@@ -364,27 +365,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="report JSON to write, e.g. shift.json")
     p.set_defaults(func=_shift)
 
+
+def _source_options(parser: argparse.ArgumentParser) -> None:
+    """What adapt and fl share: the source weights, how far to trust them, the network they fit."""
+    parser.add_argument("--source", required=True, help="source weights: a bundle folder or zip, a state dict, a checkpoint or TorchScript")
+    parser.add_argument("--trust", action="store_true", help="allow a source checkpoint that needs pickled code (runs code from the file)")
+    parser.add_argument("--widen-factor", type=float, default=0.5, help="ResNet10 width of the source weights (default 0.5)")
+    parser.add_argument("--modality", default="ct", choices=["ct", "mr"], help="crop preprocessing and intensity units (default ct)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    _device_option(parser)
+
+
+def _class_map(text: str) -> dict[str, str] | str:
+    """``--class-map low=benign,high=malignant`` (target=source), or ``new``."""
+    if text.strip().lower() == "new":
+        return "new"
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if not pairs or any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected TARGET=SOURCE pairs separated by commas, or new; got {text!r}")
+    return {target.strip(): source.strip() for target, source in pairs}
+
+
+def _add_adapt(verbs: Any) -> None:
     p = verbs.add_parser("adapt", help="adapt source weights to your own target manifest and export the bundle",
                          description="The demo's adaptation on your data: load the source weights into a ResNet10 (a new head when the "
                          "target has other classes), score it on the target's test split, AdaBN, fine-tune on the target's labeled train cases "
-                         "(head first, gradual unfreezing, L2-SP, selection on its val split), optionally distill a smaller student on its "
+                         "(head first, gradual unfreezing, L2-SP, epochs chosen by k-fold over its labeled cases, WiSE-FT weight averaging), optionally distill a smaller student on its "
                          "unlabeled scans, and export the fine-tuned model as a tumor_cls_finetune bundle with TorchScript and ONNX copies.")
-    p.add_argument("--source", required=True, help="source weights: a bundle folder or zip, a state dict, a checkpoint or TorchScript")
+    _source_options(p)
     p.add_argument("--manifest", required=True, help="the target site's manifest (train, val and test splits; unlabeled optional)")
     p.add_argument("--root", required=True, help="data root the manifest's paths are relative to")
     p.add_argument("--out", default="medtl-adapt", help="output folder (default ./medtl-adapt)")
-    p.add_argument("--widen-factor", type=float, default=0.5, help="ResNet10 width of the source weights (default 0.5)")
-    p.add_argument("--modality", default="ct", help="ct or mr (default ct)")
-    p.add_argument("--epochs", type=int, default=30, help="most fine-tuning epochs (default 30; early stopping)")
-    p.add_argument("--student-widen", type=float, help="also distill a student of this ResNet10 width, e.g. 0.25")
-    p.add_argument("--student-epochs", type=int, default=25, help="most student epochs (default 25)")
-    p.add_argument("--trust", action="store_true", help="allow a source checkpoint that needs pickled code (runs code from the file)")
+    p.add_argument("--class-map", type=_class_map, metavar="T=S,...",
+                   help="how the target's classes correspond to a source bundle's when their names differ (target=source pairs), "
+                   "or new for a new head; classes with the same name are matched without it")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted fine-tuning from OUT/training_state.pt (saved after every epoch) with the same arguments")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    _device_option(p)
+    add_recipe_options(p, FineTuneRecipe, title="fine-tuning recipe (medtl.recipes.FineTuneRecipe)")
+    p.add_argument("--student-widen", type=float, help="also distill a student of this ResNet10 width, e.g. 0.25")
+    add_recipe_options(p, DistillRecipe, prefix="student_", title="student recipe, with --student-widen (medtl.recipes.DistillRecipe)")
     p.set_defaults(func=_adapt)
 
+
+def _add_fl(verbs: Any) -> None:
     p = verbs.add_parser("fl", help="federated fine-tuning of source weights across sites with NVIDIA FLARE (simulator)",
                          description="Fine-tune source weights across several sites whose scans never leave them, with NVIDIA FLARE "
                          "(pip install medtl[fl]): the server runs FedAvg (FedProx with --fedprox-mu) from the source weights; each site, "
@@ -393,28 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "weights and metrics. Runs the job in NVFlare's simulator on this machine, has every site evaluate the source and "
                          "the final global model on its own val/test splits (95% CIs), prints per-round and per-site tables, and exports the "
                          "global model as a tumor_cls_finetune bundle naming the sites by pseudonym. OUT/job/medtl_fl is the NVFlare job folder.")
-    p.add_argument("--source", required=True, help="source weights: a bundle folder or zip, a state dict, a checkpoint or TorchScript")
+    _source_options(p)
     p.add_argument("--manifest", required=True, nargs="+", help="one manifest per site, e.g. --manifest site_A.json site_B.json")
     p.add_argument("--root", required=True, nargs="+", help="data root of the manifests' paths: one for all, or one per --manifest")
     p.add_argument("--out", default="medtl-fl", help="output folder (default ./medtl-fl)")
-    p.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
-    p.add_argument("--local-epochs", type=int, default=2, help="epochs each site trains per round (default 2)")
-    p.add_argument("--head-rounds", type=int, default=1, help="rounds in which only the classifier head trains (default 1)")
-    p.add_argument("--unfreeze", choices=["gradual", "all"], default="gradual",
-                   help="after the head rounds, one layer group more per --unfreeze-every rounds, or all at once (default gradual)")
-    p.add_argument("--unfreeze-every", type=int, default=1, help="rounds between gradual unfreezing steps (default 1)")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the head after the head rounds; lower layers get lr * 0.5^depth (default 1e-4)")
-    p.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the head in the head rounds (default 1e-3)")
-    p.add_argument("--fedprox-mu", type=float, default=0.0, help="FedProx proximal weight mu (default 0: plain FedAvg)")
-    p.add_argument("--batch-size", type=int, default=8, help="local batch size (default 8)")
-    p.add_argument("--widen-factor", type=float, default=0.5, help="ResNet10 width of the source weights (default 0.5)")
-    p.add_argument("--modality", default="ct", help="ct or mr (default ct)")
     p.add_argument("--threads", type=int, help="sites the simulator trains at once (default: all of them)")
-    p.add_argument("--trust", action="store_true", help="allow a source checkpoint that needs pickled code (runs code from the file)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    _device_option(p)
+    add_recipe_options(p, FederatedRecipe, title="federated recipe (medtl.recipes.FederatedRecipe)")
     p.set_defaults(func=_fl)
 
+
+def _add_import(verbs: Any) -> None:
     p = verbs.add_parser("import", help="import a public dataset (LIDC-IDRI nodule VOIs, MedMNIST .npz) as NIfTI + manifests",
                          description="Convert a public dataset into medtl's own files (NIfTI volumes, label tables, manifests) so it flows "
                          "through the same manifest -> transforms -> bundle path as DICOM. lidc: a lidc_nodule_vois folder, split into a "
@@ -427,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="medmnist: comma-separated class names in label order (default: built in for known files)")
     p.set_defaults(func=_import)
 
+
+def _add_bundle(verbs: Any) -> None:
     p = verbs.add_parser("bundle", help="share bundles between sites: verify, pack, import, diff",
                          description="Check a bundle before sharing or running it (schema, checksums, configs, portable paths, "
                          "an audit of every $expression, weights without pickled code, TorchScript/ONNX parity, privacy scan), "
@@ -464,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     for sub, func in ((v, _bundle_verify), (k, _bundle_pack), (i, _bundle_import), (d, _bundle_diff), (g, _bundle_keygen)):
         sub.set_defaults(func=func)
 
+
+def _add_report(verbs: Any) -> None:
     p = verbs.add_parser("report", help="write an HTML report (and Markdown twin) of a run: metrics, ROC, calibration, Grad-CAM",
                          description="Render the records a medtl demo or medtl adapt run keeps in RUN_DIR/run/ as a self-contained "
                          "HTML page (images embedded), a Markdown twin and PNG figures: the metric table with 95%% CIs, ROC curves "
@@ -473,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="report folder (default RUN_DIR/report)")
     p.set_defaults(func=_report)
 
+
+def _add_weights(verbs: Any) -> None:
     p = verbs.add_parser("weights", help="inspect how pretrained weights load into a network",
                          description="Pretrained weights from a MONAI bundle (folder or .zip), a state dict or training checkpoint "
                          "(.pt/.pth/.ckpt, Lightning, DataParallel), TorchScript or MedicalNet/Med3D, matched onto a registered network.")
@@ -490,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--trust", action="store_true", help="allow pickled code in the checkpoint (can run arbitrary code; only for trusted files)")
     w.set_defaults(func=_weights_inspect)
 
+
+def _add_predict(verbs: Any) -> None:
     p = verbs.add_parser("predict", help="classify every series in a DICOM folder with a bundle; flag uncertain ones; DICOM SR/SC",
                          description="Run a bundle's own configs/inference.json in this process, as python -m monai.bundle run would, "
                          "on every series in DICOM_DIR, after the expression audit that medtl bundle import runs. Prints one line per "
@@ -514,6 +533,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a bundle whose configs hold expressions outside the allow-list (runs their code; trusted senders only)")
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars (same as medtl -q)")
     p.set_defaults(func=_predict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medtl",
+        description="Adapt a pretrained network to your own DICOM/NIfTI data for tumor classification "
+        "and share it as a MONAI bundle. Data flows: scan -> manifest -> transforms -> adapt -> bundle -> predict.",
+    )
+    parser.add_argument("--version", action="version", version=f"medtl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True, help="what to do (`medtl VERB --help` for its options)")
+    _add_scan(verbs)
+    _add_convert(verbs)
+    _add_manifest(verbs)
+    _add_demo_data(verbs)
+    _add_demo(verbs)
+    _add_shift(verbs)
+    _add_adapt(verbs)
+    _add_fl(verbs)
+    _add_import(verbs)
+    _add_bundle(verbs)
+    _add_report(verbs)
+    _add_weights(verbs)
+    _add_predict(verbs)
     return parser
 
 

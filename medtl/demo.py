@@ -27,17 +27,7 @@ import numpy as np
 from monai.utils import set_determinism
 
 from medtl.adapt.adabn import adabn
-from medtl.adapt.recipe import (
-    DistillRecipe,
-    FineTuneRecipe,
-    TrainRecipe,
-    distill,
-    finetune,
-    loader,
-    preprocess_splits,
-    recipe_outcome,
-    train,
-)
+from medtl.adapt.recipe import distill, finetune, loader, preprocess_splits, recipe_outcome, train
 from medtl.bundle.export import export_bundle
 from medtl.cohort import COHORT_VERSION, generate_cohort
 from medtl.dicom import folder_key, write_scan_index
@@ -47,6 +37,7 @@ from medtl.loading import resolve_device
 from medtl.manifest import build_manifest_file, check_manifest, load_manifest
 from medtl.networks import resnet
 from medtl.privacy import SALT_FILENAME, load_salt
+from medtl.recipes import DistillRecipe, FineTuneRecipe, TrainRecipe
 from medtl.report import render_report
 from medtl.runlog import record_curve, record_explanations, record_features, record_intensities, run_folder
 from medtl.stages import adaptation_finding, evaluate_items, print_stages, stages_json

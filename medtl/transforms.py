@@ -55,9 +55,9 @@ from monai.utils import convert_to_tensor
 
 from medtl.errors import MedtlError, medtl_cause
 from medtl.reader import LoadVolumed
+from medtl.recipes import AUGMENT_LEVELS
 
 MODALITIES = ("ct", "mr")
-LEVELS = ("none", "light", "strong")
 SPATIAL_DIMS = (2, 3)
 _AXES = {2: ("two", "x, y"), 3: ("three", "x, y, z")}
 _LINEAR = {2: "bilinear", 3: "trilinear"}  # interpolation mode of resizing and zooming
@@ -481,8 +481,8 @@ def augmentation(
     draws reproducible.
     """
     level = str(level).lower()
-    if level not in LEVELS:
-        raise MedtlError(f"unknown augmentation level {level!r}; allowed: {', '.join(LEVELS)}")
+    if level not in AUGMENT_LEVELS:
+        raise MedtlError(f"unknown augmentation level {level!r}; allowed: {', '.join(AUGMENT_LEVELS)}")
     spatial_dims = _spatial_dims(spatial_dims)
     spatial_size = _sizes(DEFAULT_SPATIAL_SIZE[:spatial_dims] if spatial_size is None else spatial_size, "spatial_size", spatial_dims, integer=True)
     keys = _keys(keys)
@@ -541,7 +541,6 @@ def eval_transforms(**options: Any) -> Compose:
 
 __all__ = [
     "CT_WINDOW",
-    "LEVELS",
     "MODALITIES",
     "SPATIAL_DIMS",
     "CropAroundLesion",

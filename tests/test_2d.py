@@ -11,14 +11,15 @@ import pytest
 import torch
 from monai.utils import set_determinism
 
-from medtl.adapt.recipe import TrainRecipe, loader, preprocess_splits, train
-from medtl.networks import resnet
-from medtl.stages import evaluate_items
+from medtl.adapt.recipe import loader, preprocess_splits, train
 from medtl.errors import MedtlError
 from medtl.evaluate import collect_predictions
 from medtl.importers import import_medmnist
 from medtl.manifest import SPLITS, load_manifest
+from medtl.networks import resnet
 from medtl.nifti import write_nifti
+from medtl.recipes import TrainRecipe
+from medtl.stages import evaluate_items
 from medtl.transforms import augmentation, preprocessing, train_transforms
 from medtl.volume import Volume
 

@@ -8,9 +8,8 @@ from torch import nn
 
 from medtl.adapt.adabn import adabn
 from medtl.adapt.head import replace_head, with_new_head
-from medtl.networks import find_classifier
 from medtl.errors import MedtlError
-from medtl.networks import create_network
+from medtl.networks import create_network, find_classifier
 
 
 @pytest.mark.parametrize(("arch", "head", "features"), [("resnet10", "fc", 128), ("densenet121", "class_layers.out", 1024), ("efficientnet-b0", "_fc", 1280)])

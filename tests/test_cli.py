@@ -11,9 +11,9 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+from conftest import write_jpeg_lossless
 from pydicom.data import get_testdata_file
 
-from conftest import write_jpeg_lossless
 from medtl.bundle.share import import_bundle, pack_bundle
 from medtl.bundle.verify import verify_bundle
 from medtl.cli import build_parser, main

@@ -22,6 +22,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from conftest import write_jpeg_lossless
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -36,7 +37,6 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from conftest import write_jpeg_lossless
 from medtl.dicom import assemble_series, read_header, read_series, scan_dicom, slice_geometry
 from medtl.errors import DicomError, ImageError, MedtlError
 from medtl.reader import load_volume

@@ -16,12 +16,12 @@ from medtl.adapt.recipe import loader
 from medtl.adapt.schedule import FineTuneSchedule, layer_groups, param_groups
 from medtl.adapt.train import fit
 from medtl.cli import main
-from medtl.networks import resnet
 from medtl.errors import MedtlError
 from medtl.fileio import utf8_child_env
 from medtl.fl.fedprox import FedProx
-from medtl.fl.recipe import FederatedRecipe
 from medtl.fl.schedule import RoundSchedule
+from medtl.networks import resnet
+from medtl.recipes import FederatedRecipe
 
 GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 
@@ -107,7 +107,7 @@ def test_recipe_travels_as_one_script_argument():
     text = recipe.to_json()
     assert not any(c.isspace() for c in text)  # NVFlare splits script arguments at whitespace
     assert FederatedRecipe.from_json(text) == recipe
-    assert recipe.schedule().trainable(1, GROUPS) == GROUPS
+    assert RoundSchedule.for_recipe(recipe).trainable(1, GROUPS) == GROUPS
     for bad, match in (({"fedprox_mu": -0.1}, "fedprox-mu"), ({"unfreeze": "some"}, "unfreeze"), ({"rounds": 0}, "rounds"),
                        ({"augment": "wild"}, "augment"), ({"local_epochs": 0}, "local_epochs")):
         with pytest.raises(MedtlError, match=match):

@@ -33,8 +33,8 @@ from medtl.bundle.files import CHECKSUMS, SIGNATURE, format_sha256sums, parse_sh
 from medtl.bundle.share import import_bundle, pack_bundle
 from medtl.bundle.signing import generate_key
 from medtl.bundle.verify import verify_bundle
-from medtl.networks import resnet
 from medtl.errors import MedtlError
+from medtl.networks import resnet
 
 NAME = "tumor_cls_distill"
 

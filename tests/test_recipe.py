@@ -9,9 +9,10 @@ import torch
 from monai.networks.nets import resnet10
 from monai.utils import set_determinism
 
-from medtl.adapt.recipe import DistillRecipe, FineTuneRecipe, TrainRecipe, distill, finetune, loader, preprocess, recipe_outcome, train
+from medtl.adapt.recipe import distill, finetune, loader, preprocess, recipe_outcome, train
 from medtl.errors import MedtlError
 from medtl.evaluate import collect_predictions
+from medtl.recipes import DistillRecipe, FineTuneRecipe, TrainRecipe
 
 
 def _items(n: int, seed: int, *, labeled: bool = True, shift: float = 0.0) -> list[dict]:
@@ -103,8 +104,7 @@ def test_channels_last_training_predicts_the_same_and_hands_back_the_default_lay
 
 
 def test_bf16_autocast_trains_and_the_schedule_sees_through_the_wrapper():
-    from medtl.adapt.placement import unwrap
-    from medtl.adapt.placement import FastForward
+    from medtl.adapt.placement import FastForward, unwrap
 
     source = _net()
     tuned = copy.deepcopy(source)

@@ -16,8 +16,7 @@ from medtl.errors import MedtlError
 from medtl.evaluate import classification_metrics, roc_auc_ovr
 from medtl.explain import central_slices, gradcam, overlay, target_layer
 from medtl.report import reliability_bins, render_report, roc_curve
-from medtl.runlog import (load_run, record_curve, record_explanations, record_features, record_intensities,
-                          run_folder)
+from medtl.runlog import load_run, record_curve, record_explanations, record_features, record_intensities, run_folder
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["benign", "malignant"]
@@ -123,8 +122,9 @@ def _items(n: int, seed: int, *, shift: float = 0.0) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A run folder as medtl demo leaves it, from a tiny network on generated crops (a few seconds)."""
-    from medtl.adapt.recipe import TrainRecipe, train
+    from medtl.adapt.recipe import train
     from medtl.networks import resnet
+    from medtl.recipes import TrainRecipe
     from medtl.stages import evaluate_items
 
     out = tmp_path_factory.mktemp("run")

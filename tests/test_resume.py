@@ -21,7 +21,8 @@ import json, sys
 from pathlib import Path
 import torch
 from monai.utils import set_determinism
-from medtl.adapt.recipe import TrainRecipe, train
+from medtl.adapt.recipe import train
+from medtl.recipes import TrainRecipe
 from medtl.networks import resnet
 
 out, resume = Path(sys.argv[1]), sys.argv[2] == "resume"
@@ -115,8 +116,9 @@ def test_same_seed_and_data_give_identical_training(tmp_path):
     """Determinism on CPU: two runs from the same seed and items end with equal weights and metrics."""
     from monai.utils import set_determinism
 
-    from medtl.adapt.recipe import TrainRecipe, train
+    from medtl.adapt.recipe import train
     from medtl.networks import resnet
+    from medtl.recipes import TrainRecipe
 
     g = torch.Generator().manual_seed(3)
     items = [{"image": torch.rand(1, 16, 16, 16, generator=g) + 0.3 * (i % 2), "label": i % 2, "case_id": f"c{i}", "patient": f"p{i}",

@@ -48,10 +48,10 @@ from medtl.dicom import read_header, scan_dicom, write_scan_index
 from medtl.dicomwrite import SeriesInfo, make_uid, write_ct_series
 from medtl.errors import MedtlError
 from medtl.manifest import build_manifest, build_manifest_file, load_manifest, read_label_table
-from medtl.nifti import read_nifti
-from medtl.reader import LoadVolumed, load_volume
-from medtl.privacy import pseudonym
 from medtl.networks import create_network
+from medtl.nifti import read_nifti
+from medtl.privacy import pseudonym
+from medtl.reader import LoadVolumed, load_volume
 from medtl.weights import load_weights, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,9 +20,9 @@ from medtl.bundle.files import extract_zip
 from medtl.bundle.share import diff_bundles, format_diff, import_bundle, pack_bundle
 from medtl.bundle.verify import verify_bundle
 from medtl.cli import main
-from medtl.networks import resnet
 from medtl.errors import MedtlError
 from medtl.evaluate import classification_metrics
+from medtl.networks import resnet
 from medtl.privacy import find_identifiers, identifiers_from_dicom
 
 MANIFEST = {"name": "site_B", "content_sha256": "ab" * 32,

@@ -9,7 +9,7 @@ from the source head's weights for that class (a bare linear head only), so a si
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,39 @@ from torch import nn
 
 from medtl.errors import MedtlError
 from medtl.networks import find_classifier
+
+
+def class_mapping(target: Sequence[str], source: Sequence[str], class_map: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """Which source class each target class starts from (None: a new output), matched by name.
+
+    Names shared by both label spaces map to each other in whatever order each lists them;
+    ``class_map`` (``{target: source}``) maps the rest or overrides. Refused as ambiguous: label
+    spaces of one size with no name in common (``0/1`` against ``benign/malignant`` could be either
+    order), unless ``class_map`` says how they correspond; a ``class_map`` naming unknown classes or
+    mapping two targets to one source. Disjoint label spaces of different sizes are a new task: every
+    output starts new.
+
+    Examples:
+        >>> class_mapping(["malignant", "benign"], ["benign", "malignant"])
+        {'malignant': 'malignant', 'benign': 'benign'}
+        >>> class_mapping(["low", "high"], ["benign", "malignant"], {"low": "benign", "high": "malignant"})
+        {'low': 'benign', 'high': 'malignant'}
+    """
+    class_map = dict(class_map or {})
+    unknown = [t for t in class_map if t not in target] + [s for s in class_map.values() if s not in source]
+    if unknown:
+        raise MedtlError(f"the class map names classes that do not exist: {', '.join(map(repr, unknown))}",
+                         hint=f"target classes: {', '.join(target)}; source classes: {', '.join(source)}")
+    mapping = {t: class_map.get(t, t if t in source else None) for t in target}
+    taken = [s for s in mapping.values() if s is not None]
+    if len(taken) != len(set(taken)):
+        raise MedtlError(f"two target classes map to one source class: {mapping}", hint="map each source class at most once")
+    if not class_map and not taken and len(target) == len(source):
+        raise MedtlError(f"cannot tell how the target classes ({', '.join(target)}) correspond to the source's "
+                         f"({', '.join(source)}): same count, no name in common",
+                         hint=f"give the mapping, e.g. --class-map {target[0]}={source[0]},{target[1]}={source[1]}, "
+                         "or --class-map new to train a new head")
+    return mapping
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:

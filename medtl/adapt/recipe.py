@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,12 @@ from medtl.evaluate import collect_predictions, roc_auc_ovr
 from medtl.loading import data_loader
 from medtl.manifest import datalist
 from medtl.networks import find_classifier
+from medtl.recipes import SELECTIONS, DistillRecipe, FineTuneRecipe, TrainRecipe
 from medtl.transforms import augmentation
 
 logger = logging.getLogger(__name__)
 
 Items = Sequence[Mapping[str, Any]]
-SELECTIONS = ("kfold", "val")
 
 
 def preprocess(data: Items, transform: Any, *, progress: bool = True, desc: str = "preprocess") -> list[dict[str, Any]]:
@@ -83,91 +83,6 @@ def validation_auc(network: nn.Module, items: Items, device: str | torch.device 
 
 def _num_outputs(network: nn.Module) -> int:
     return find_classifier(network)[1].out_features
-
-
-@dataclass(frozen=True)
-class TrainRecipe:
-    """Plain supervised training (a source model, or a target model from scratch): AdamW, cosine decay."""
-
-    epochs: int = 30
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 16
-    augment: str = "light"
-    patience: int | None = None
-    selection: str = "val"  # "kfold": the epoch count chosen on folds of train+val, then trained on both (FineTuneRecipe)
-    folds: int = 3
-    channels_last: bool = False  # faster convolutions on CPUs, same arithmetic (FastForward)
-    bf16: bool = False  # bfloat16 autocast: faster still, lower precision; see benchmarks/precision.py
-
-
-@dataclass(frozen=True)
-class FineTuneRecipe:
-    """Adapting a source model on few target labels without losing what it learned.
-
-    Defaults: AdaBN on the target's scans (always, as the bundles do; ``adabn_judged`` keeps it
-    only when it does not lower the AUC on the labeled cases); the new head alone for
-    ``head_epochs``, then layer groups unfreezing from the top at ``lr * lr_decay**depth``, L2-SP
-    toward the source weights; at the end the weights are averaged with the starting point's
-    (``wise``, WiSE-FT). On the demo cohort (``benchmarks/adaptation.py``, 3 seeds) judging AdaBN on
-    48 labeled cases discarded it where it helped, and fine-tuning alone ranged from -0.04 to +0.05
-    AUC against source-only; averaging halved the losses (docs/benchmarks.md).
-
-    ``selection`` says what the recipe's choices are made on. ``"kfold"`` (default) pools the
-    target's labeled train and val cases: the number of epochs is the one whose mean validation AUC
-    over ``folds`` patient-level folds is highest (0, the unadapted model, included when
-    ``keep_source``), and the model is then trained on every labeled case for that many epochs
-    (with ``adabn_judged``, AdaBN is judged on all of them). ``"val"`` makes the same choices on the
-    val split alone (best epoch, early stopping after ``patience``), as a bundle's ``train.json``
-    does. ``naive()`` is the plain full fine-tune it is compared with.
-    """
-
-    epochs: int = 30
-    head_epochs: int = 5
-    head_lr: float = 1e-3
-    lr: float = 1e-4
-    lr_decay: float = 0.5
-    unfreeze: str = "gradual"
-    unfreeze_every: int = 2
-    warmup_epochs: float = 1.0
-    l2sp: float = 0.01
-    adabn: bool = True
-    adabn_judged: bool = False  # True: keep AdaBN only when it does not lower the AUC on the labeled cases
-    keep_source: bool = True
-    wise: float = 0.5  # weight of the fine-tuned weights averaged with the starting point's (WiSE-FT); 1: no averaging
-    selection: str = "kfold"
-    folds: int = 3
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    augment: str = "light"
-    patience: int | None = 10  # early stopping with selection="val"
-    channels_last: bool = False  # faster convolutions on CPUs, same arithmetic (FastForward)
-    bf16: bool = False  # bfloat16 autocast: faster still, lower precision; see benchmarks/precision.py
-
-    @classmethod
-    def naive(cls, **overrides: Any) -> FineTuneRecipe:
-        """Every layer trains from the first step at one rate: the textbook fine-tune."""
-        options = dict(head_epochs=0, lr=1e-3, lr_decay=1.0, unfreeze="all", warmup_epochs=0.0, l2sp=0.0,
-                       adabn=False, keep_source=False, selection="val", weight_decay=1e-4, patience=None, wise=1.0)
-        return cls(**{**options, **overrides})
-
-
-@dataclass(frozen=True)
-class DistillRecipe:
-    """A student learning from the teacher's soft outputs and confident pseudo-labels."""
-
-    epochs: int = 40
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    alpha: float = 0.5
-    temperature: float = 4.0
-    threshold: float = 0.8
-    keep_uncertain: bool = True
-    batch_size: int = 16
-    augment: str = "light"
-    patience: int | None = 15
-    channels_last: bool = False  # faster convolutions on CPUs, same arithmetic (FastForward)
-    bf16: bool = False  # bfloat16 autocast: faster still, lower precision; see benchmarks/precision.py
 
 
 def train(network: nn.Module, train_items: Items, val_items: Items | None, recipe: TrainRecipe = TrainRecipe(), *,

@@ -40,11 +40,11 @@ from torch import nn
 from medtl.adapt.placement import unwrap
 from medtl.errors import MedtlError
 from medtl.networks import find_classifier, layer_patterns
+from medtl.recipes import UNFREEZE_MODES
 
 logger = logging.getLogger(__name__)
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-UNFREEZE_MODES = ("all", "gradual")
 DECAYS = ("none", "cosine")
 
 
@@ -325,4 +325,4 @@ class FineTuneSchedule:
         self.apply(engine.network, engine.optimizer, engine.state.epoch, progress=done, max_epochs=engine.state.max_epochs)
 
 
-__all__ = ["DECAYS", "UNFREEZE_MODES", "FineTuneSchedule", "LayerGroup", "discriminative_lrs", "layer_groups", "param_groups", "unwrap"]
+__all__ = ["DECAYS", "FineTuneSchedule", "LayerGroup", "discriminative_lrs", "layer_groups", "param_groups", "unwrap"]

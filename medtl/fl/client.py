@@ -32,11 +32,11 @@ from medtl.adapt.schedule import param_groups
 from medtl.adapt.train import fit
 from medtl.bundle.components import class_names
 from medtl.fl.fedprox import FedProx
-from medtl.fl.recipe import FederatedRecipe
 from medtl.fl.schedule import RoundSchedule
 from medtl.loading import resolve_device
 from medtl.manifest import load_manifest
 from medtl.networks import resnet
+from medtl.recipes import FederatedRecipe
 from medtl.stages import evaluate_items
 from medtl.transforms import preprocessing
 
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(1)  # sites of a simulation share the machine's cores
     set_determinism(args.seed)
     recipe = FederatedRecipe.from_json(args.recipe)
-    schedule = recipe.schedule()
+    schedule = RoundSchedule.for_recipe(recipe)
     manifest = load_manifest(args.manifest)
     names = class_names(args.manifest)
     items = preprocess_splits(manifest, args.root, SPLITS, preprocessing(modality=args.modality), progress=False)

@@ -37,10 +37,11 @@ from medtl.bundle.provenance import describe_source
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_json
 from medtl.fl import require_nvflare
-from medtl.fl.recipe import FederatedRecipe
+from medtl.fl.schedule import RoundSchedule
 from medtl.loading import resolve_device
 from medtl.manifest import load_manifest
 from medtl.networks import resnet, resnet_config
+from medtl.recipes import FederatedRecipe
 from medtl.stages import print_stages, stages_json
 
 CLIENT_SCRIPT = Path(__file__).with_name("client.py")
@@ -212,7 +213,7 @@ def run_federated(
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     network = resnet(widen_factor, len(names))
-    load_source(network, source, trust=trust)
+    load_source(network, source, trust=trust, target_classes=names)
     source_file = out / SOURCE_FILE
     torch.save(network.state_dict(), source_file)
     device = str(resolve_device(device))  # checked here, once, before any site starts
@@ -235,7 +236,7 @@ def run_federated(
     seconds = time.perf_counter() - start
 
     groups = [g.name for g in layer_groups(network)]
-    schedule = recipe.schedule()
+    schedule = RoundSchedule.for_recipe(recipe)
     rounds = [r | {"trainable": schedule.trainable(r["round"], groups)} for r in results["rounds"]]
     evaluations, reported = results["evaluations"], results["reported"]
     params = sum(p.numel() for p in network.parameters())

@@ -18,6 +18,7 @@ from ignite.engine import Events
 
 from medtl.adapt.schedule import FineTuneSchedule
 from medtl.errors import MedtlError
+from medtl.recipes import FederatedRecipe
 
 
 class RoundSchedule:
@@ -47,6 +48,12 @@ class RoundSchedule:
         self.local_epochs = int(local_epochs)
         self.epochs = FineTuneSchedule(head_epochs=int(head_rounds) * self.local_epochs, head_lr=head_lr, unfreeze=unfreeze,
                                        unfreeze_every=int(unfreeze_every) * self.local_epochs)
+
+    @classmethod
+    def for_recipe(cls, recipe: FederatedRecipe) -> RoundSchedule:
+        """The round-keyed freeze -> unfreeze schedule every site of a federated run follows."""
+        return cls(head_rounds=recipe.head_rounds, unfreeze=recipe.unfreeze, unfreeze_every=recipe.unfreeze_every,
+                   local_epochs=recipe.local_epochs, head_lr=recipe.head_lr)
 
     def global_epoch(self, round_: int, local_epoch: int) -> int:
         """The 1-based epoch of the whole run that ``local_epoch`` (1-based) of 0-based ``round_`` is."""

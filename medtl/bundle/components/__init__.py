@@ -16,7 +16,11 @@ from medtl.bundle.components.data import channel_names, class_names, datalist
 from medtl.bundle.components.handlers import MetricsReport, PredictionWriter
 from medtl.bundle.components.inputs import inference_cases, prepare_cases, require_cases
 from medtl.bundle.components.runs import configure_torch, run_record
-from medtl.bundle.components.source import load_bundle_network, load_source, teacher_labeled
+from medtl.bundle.components.source import (
+    load_bundle_network,
+    load_source,
+    teacher_labeled,
+)
 
 __all__ = [
     "MetricsReport",
