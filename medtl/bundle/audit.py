@@ -30,6 +30,7 @@ import functools
 import importlib
 import json
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,36 @@ def _path_problems(tree: ast.AST) -> list[str]:
             elif _ROOTED.match(node.value) and id(node) not in anchored:
                 problems.append(f"{node.value!r} starts a path outside the bundle (only @bundle_root + '/...' builds paths)")
     return problems
+
+
+def path_findings(config: Any, file: str) -> list[Finding]:
+    """The values of ``config`` that name a path outside the bundle, by the audit's own rules: a
+    plain value rooted at ``/``, ``~`` or a drive, or holding ``..``; an expression building one
+    other than after ``@bundle_root +`` (``medtl bundle verify`` shows them as its own check)."""
+    findings = []
+    for where, value in string_values(config):
+        if value.startswith("$"):
+            try:
+                problems = _path_problems(ast.parse(value[1:], mode="eval"))
+            except SyntaxError:
+                problems = []  # the expression audit reports it
+        else:
+            problems = ["a path outside the bundle (use @bundle_root + '/...', or a command-line argument)"] if (
+                _CLIMBS.search(value) or _ROOTED.match(value)) else []
+        findings += [Finding(file, where, value, reason) for reason in problems]
+    return findings
+
+
+def string_values(config: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    """Every string in a config with its id path (``a#b#0``)."""
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            yield from string_values(value, f"{where}#{key}" if where else str(key))
+    elif isinstance(config, list):
+        for i, value in enumerate(config):
+            yield from string_values(value, f"{where}#{i}")
+    elif isinstance(config, str):
+        yield where, config
 
 
 @functools.lru_cache(maxsize=None)
@@ -414,4 +445,4 @@ def audit_bundle(root: str | Path, configs: tuple[str, ...] = ("configs/inferenc
     return findings
 
 
-__all__ = ["Finding", "audit_bundle", "audit_config", "audit_expression", "audit_logging_conf", "audit_metadata"]
+__all__ = ["Finding", "audit_bundle", "audit_config", "audit_expression", "audit_logging_conf", "audit_metadata", "path_findings", "string_values"]

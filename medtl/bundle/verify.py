@@ -18,7 +18,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -27,7 +27,14 @@ import torch
 from monai.bundle import ConfigParser
 
 from medtl.bundle import signing
-from medtl.bundle.audit import audit_config, audit_logging_conf, audit_metadata, size_problem
+from medtl.bundle.audit import (
+    audit_config,
+    audit_logging_conf,
+    audit_metadata,
+    path_findings,
+    size_problem,
+    string_values,
+)
 from medtl.bundle.files import (
     CHECKSUMS,
     MAX_UNPACKED_BYTES,
@@ -51,9 +58,6 @@ TORCHSCRIPT_SECONDS = 60
 #: Files that hold code Python or the system would run: a bundle is configs, weights and documents.
 CODE_SUFFIXES = frozenset({".py", ".pyw", ".pyc", ".pyo", ".pyd", ".pth", ".so", ".dll", ".dylib", ".exe", ".sh", ".bat", ".whl",
                            ".egg"})
-_WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
-# a string literal in an expression holding a path of two or more parts from the root or home
-_ABSOLUTE_LITERAL = re.compile(r"(['\"])((?:/|~/|[A-Za-z]:[\\/])[^'\"/\\]+[/\\][^'\"]*)\1")
 
 
 @dataclass
@@ -213,17 +217,6 @@ def _references(config: Any) -> Iterable[str]:
             yield ref.replace("::", "#")
 
 
-def _strings(config: Any, where: str = "") -> Iterable[tuple[str, str]]:
-    if isinstance(config, dict):
-        for key, value in config.items():
-            yield from _strings(value, f"{where}#{key}" if where else str(key))
-    elif isinstance(config, list):
-        for i, value in enumerate(config):
-            yield from _strings(value, f"{where}#{i}")
-    elif isinstance(config, str):
-        yield where, config
-
-
 def _overlay(base: dict, config: dict) -> dict:
     """``config`` over ``base`` the way MONAI merges several config files: ``a#b`` keys set nested ids."""
     merged = json.loads(json.dumps(base))
@@ -264,29 +257,15 @@ def _check_references(root: Path, configs: dict[str, Any], meta: dict, report: V
                 problems.append(f"{name}: @{ref} is not defined")
         if name in ("configs/train.json", "configs/multi_gpu_train.json"):
             continue  # training writes models/, it does not read them
-        for where, text in _strings(config):
+        for where, text in string_values(config):
             for rel in re.findall(r"@bundle_root\s*\+\s*['\"]/((?:models|configs|docs)/[^'\"]+\.\w+)['\"]", text):
                 if not (root / rel).is_file():
                     problems.append(f"{name} {where}: reads {rel}, which is not in the bundle")
     report.add("references and files", problems, passed="every @id resolves; every file read is present")
 
 
-def _check_paths(root: Path, configs: dict[str, Any], report: Verification) -> None:
-    problems = []
-    for name, config in configs.items():
-        for where, text in _strings(config):
-            if text.startswith("$"):
-                absolute = [m.group(2) for m in _ABSOLUTE_LITERAL.finditer(text) if not text[:m.start()].rstrip().endswith("+")]
-            else:
-                absolute = [text] if (PurePosixPath(text).is_absolute() or _WINDOWS_ABSOLUTE.match(text) or text.startswith("~")) else []
-            problems += [f"{name} {where}: absolute path {p!r} (use @bundle_root or a command-line argument)" for p in absolute]
-            if re.search(r"(^|[/\\'\"])\.\.([/\\]|$)", text) and ("/" in text or "\\" in text):
-                problems.append(f"{name} {where}: {text!r} escapes bundle_root with '..'")
-    logging_conf = root / "configs" / "logging.conf"
-    if logging_conf.is_file():
-        for line in logging_conf.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.strip().startswith("args") and re.search(r"['\"](/|[A-Za-z]:[\\/]|~)", line):
-                problems.append(f"configs/logging.conf: absolute path in {line.strip()!r}")
+def _check_paths(configs: dict[str, Any], report: Verification) -> None:
+    problems = [str(f) for name, config in configs.items() for f in path_findings(config, name)]
     report.add("portable paths", problems, passed="no absolute paths, nothing outside bundle_root")
 
 
@@ -475,7 +454,7 @@ def _verify_root(root: Path, report: Verification, *, packed: bool, trust: bool,
     configs = _read_configs(root, report) if (root / "configs").is_dir() else {}
     if meta is not None:
         _check_references(root, configs, meta, report)
-    _check_paths(root, configs, report)
+    _check_paths(configs, report)
     audited = _check_expressions(root, configs, trust, report)
     state = _check_weights(root, trust, report)
     reference = None
