@@ -119,10 +119,15 @@ def test_expected_calibration_error_by_hand():
     probs = np.stack([1 - p1, p1], axis=1)
     # confidence .95 (correct), .85 (wrong), .70 (correct), .62 (correct), .61 (wrong)
     # bins of width 1/15: .95 alone, .85 alone, .70 alone, .62 and .61 share (0.6, 0.667]
-    expected = (abs(1 - 0.95) + abs(0 - 0.85) + abs(1 - 0.70) + 2 * abs(0.5 - 0.615)) / 5
-    assert expected_calibration_error(y, probs) == pytest.approx(expected)
+    # gaps |accuracy - confidence| x cases: .05, .85, .30 and |1/2 - .615| x 2 = .23 -> 1.43 / 5
+    assert expected_calibration_error(y, probs) == pytest.approx(0.286)
     r = classification_metrics(y, probs, class_names=NAMES2, n_boot=0)
-    assert _value(r, "ece") == pytest.approx(expected)
+    assert _value(r, "ece") == pytest.approx(0.286)
+    # one bin: accuracy 3/5 against mean confidence 3.73/5
+    assert expected_calibration_error(y, probs, n_bins=1) == pytest.approx(0.746 - 0.6)
+    # always sure: never wrong -> 0, always wrong -> 1
+    assert expected_calibration_error(np.array([0, 1]), np.array([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(0.0)
+    assert expected_calibration_error(np.array([1, 0]), np.array([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(1.0)
     # perfectly calibrated: confidence .75, 3 of 4 correct -> 0
     calibrated = np.array([[0.25, 0.75]] * 4)
     assert expected_calibration_error(np.array([1, 1, 1, 0]), calibrated) == pytest.approx(0.0)
@@ -132,8 +137,8 @@ def test_ece_bins_are_right_closed():
     # confidence exactly 0.4 = 6/15 belongs to bin (1/3, 0.4] together with 0.35, not with 0.45
     probs = np.array([[0.4, 0.3, 0.3], [0.35, 0.33, 0.32], [0.45, 0.3, 0.25]])
     y = np.array([0, 1, 0])  # correct, wrong, correct
-    expected = (2 * abs(0.5 - 0.375) + abs(1 - 0.45)) / 3
-    assert expected_calibration_error(y, probs) == pytest.approx(expected)
+    # {.4, .35}: |1/2 - .375| x 2 = .25, {.45}: .55 -> .8 / 3 (.4 binned with .45 would give 1.5 / 3)
+    assert expected_calibration_error(y, probs) == pytest.approx(0.8 / 3)
 
 
 def test_bootstrap_is_deterministic_given_seed():
