@@ -5,7 +5,7 @@ augmentation, about 3 ms per 32³ crop. Two loaders, picked by one setting (a bu
 
 - ``"thread"`` (default): MONAI's ``ThreadDataLoader`` prepares the next batch in a background
   thread while the network works on the current one, which hides augmentation wherever a core is
-  free (a GPU machine; P1 in docs/benchmarks.md). It is the loader for data already on the GPU
+  free (a GPU machine; the training-step section of docs/benchmarks.md). It is the loader for data already on the GPU
   (``medtl.transforms.train_transforms(device=)``), because worker processes cannot share CUDA tensors.
 - ``"process"``: PyTorch's ``DataLoader`` with ``num_workers`` worker processes, for pipelines whose
   per-step work outweighs the network step (no cache, heavy augmentation, many cores).
