@@ -192,7 +192,8 @@ def _header_cut_off(ds: pydicom.Dataset) -> tuple[str | None, int | None]:
 @dataclass(frozen=True)
 class _ImagePixel:
     """Image Pixel module values that the checks, the pixel layout and the Header all use, fetched
-    once per file: each first access to a pydicom element costs about 10 µs, which a scan pays per file."""
+    once per file: each first access to a pydicom element has a cost that a scan pays per file
+    (timed in docs/benchmarks.md, DICOM I/O)."""
 
     rows: int | None
     cols: int | None
@@ -821,13 +822,13 @@ def assemble_series(headers: Sequence[Header], *, name: str | None = None) -> Vo
 
 
 # Decoders that hold the GIL through a whole slice (two threads decoded no faster than one) and take
-# far longer than a decoded slice takes to come back from a worker process: two processes decoded a
-# 512x512x100 JPEG 2000 series 1.8x faster, JPEG-LS alike. RLE decodes about as fast as the pixels
-# travel back, so it gained nothing and stays in this process.
+# far longer than a decoded slice takes to come back from a worker process, so worker processes
+# decode JPEG 2000 and JPEG-LS series faster. RLE decodes about as fast as the pixels travel back,
+# so it gained nothing and stays in this process (timings: docs/benchmarks.md, DICOM I/O).
 _SLOW_TO_DECODE = frozenset(JPEG2000TransferSyntaxes) | frozenset(JPEGLSTransferSyntaxes)
 
 #: Series with at least this many pixels in such slices are decoded in worker processes (four
-#: 512x512 slices: starting two workers took ~15 ms and saved ~40 ms).
+#: 512x512 slices, where two workers already saved more than they cost to start; docs/benchmarks.md, DICOM I/O).
 PARALLEL_DECODE_MIN_PIXELS = 2**20
 
 
@@ -846,7 +847,7 @@ def _stack_slices(headers: Sequence[Header], flips: tuple[bool, bool, bool] = (F
 
     Each slice is written, already flipped, into its own contiguous block of one buffer and the
     result is a view of it: stacking along the last axis and copying again into RAS order took
-    about seven times longer on a 512x512x100 series. Uncompressed slices are read at the offset
+    several times longer (docs/benchmarks.md, DICOM I/O). Uncompressed slices are read at the offset
     their header recorded; the others are parsed and decoded by pydicom, in worker processes
     when ``_decode_workers`` says it pays (same slices, same order, same first error).
     """

@@ -1,7 +1,7 @@
 """Batches for training and evaluation: which loader runs the per-step transforms.
 
 With the deterministic part of a pipeline cached (``medtl.cache``), the work left per step is
-augmentation, about 3 ms per 32³ crop. Two loaders, picked by one setting (a bundle's ``loader``):
+augmentation (timed in docs/benchmarks.md, training step). Two loaders, picked by one setting (a bundle's ``loader``):
 
 - ``"thread"`` (default): MONAI's ``ThreadDataLoader`` prepares the next batch in a background
   thread while the network works on the current one, which hides augmentation wherever a core is

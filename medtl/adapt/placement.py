@@ -17,8 +17,8 @@ __all__ = ["FastForward", "channels_last_input", "memory_format", "place_network
 class FastForward(nn.Module):
     """``module`` run in channels-last layout and/or under bfloat16 autocast, returning float32 outputs.
 
-    On CPUs, the demo's 3D training epochs ran 1.2x faster in channels-last layout, and 1.7x with
-    bfloat16 autocast on top (``benchmarks/precision.py``). Wrapping instead of
+    On CPUs, the demo's 3D training epochs run faster in channels-last layout, and faster still with
+    bfloat16 autocast on top (``benchmarks/precision.py``; figures in docs/benchmarks.md). Wrapping instead of
     converting keeps the caller's module, its parameter names and its checkpoints as they are;
     ``unwrap`` sees through it like through ``DistributedDataParallel``.
     """

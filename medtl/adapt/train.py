@@ -84,8 +84,8 @@ class L2SP:
 
 class PlainBatch(PrepareBatch):
     """``prepare_batch`` handing the network plain tensors: a ``MetaTensor`` batch makes every
-    layer's operation go through its metadata bookkeeping (about 13% of a CPU training step for the
-    bundles' ResNet10), which training does not need."""
+    layer's operation go through its metadata bookkeeping (a measurable share of a CPU training step
+    for the bundles' ResNet10: docs/benchmarks.md, training step), which training does not need."""
 
     def __call__(self, batchdata: dict[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
                  **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
