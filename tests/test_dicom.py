@@ -1089,3 +1089,31 @@ def test_parallel_header_scan_gives_the_same_index(make_series, monkeypatch):
     monkeypatch.setattr(medtl.dicom, "PARALLEL_MIN_FILES", 1)
     parallel = scan_dicom(a.folder, "s" * 32, progress=False, workers=2)
     assert parallel == sequential and parallel["summary"]["files"] == 12 and len(parallel["skipped"]) == 1
+
+
+def test_uncompressed_slices_are_the_bytes_pydicom_writes(tmp_path, monkeypatch):
+    """``write_ct_series`` encodes the elements a series shares once; every file must still be byte
+    for byte what ``Dataset.save_as`` writes, non-ASCII names (ISO_IR 100) and extra tags included."""
+    import io
+
+    import medtl.dicomwrite as dicomwrite
+    from medtl.dicomwrite import SeriesInfo, write_ct_series
+
+    hu = np.random.default_rng(0).integers(-1000, 1500, (24, 20, 4)).astype(float)
+    info = SeriesInfo(patient_id="X1", patient_name="MÜLLER^Jürgen", study_uid="1.2.3", series_uid="1.2.3.4",
+                      extra={"PatientAge": "050Y", "ContrastBolusAgent": "none"})
+    fast = write_ct_series(tmp_path / "fast", hu, (0.7, 0.8, 2.5), info, origin_lps=(1.0, -2.0, 3.5))
+
+    class SaveAs:  # pydicom's own writer for every slice
+        def __init__(self, template: Dataset) -> None:
+            pass
+
+        def encode(self, ds: Dataset) -> bytes:
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            return buffer.getvalue()
+
+    monkeypatch.setattr(dicomwrite, "_NativeSlices", SaveAs)
+    reference = write_ct_series(tmp_path / "reference", hu, (0.7, 0.8, 2.5), info, origin_lps=(1.0, -2.0, 3.5))
+    assert [p.read_bytes() for p in fast] == [p.read_bytes() for p in reference]
+    assert str(pydicom.dcmread(fast[1]).PatientName) == "MÜLLER^Jürgen"
