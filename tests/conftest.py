@@ -1,4 +1,4 @@
-"""Shared fixtures: the small demo cohort, tiny generated CT series with known geometry, and the optional shared data folder."""
+"""Shared fixtures: the demo cohort at each scale the tests use, tiny generated CT series with known geometry, and the optional shared data folder."""
 
 from __future__ import annotations
 
@@ -127,10 +127,25 @@ def make_series(tmp_path):
 
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory):
-    """A small two-site demo cohort with scan indexes and manifests (about 5 s)."""
+    """A small two-site demo cohort (scale 0.06) with scan indexes and manifests (about 5 s).
+
+    Shared by the whole session: a test that changes files in it works on a copy
+    (``shutil.copytree(small_demo["out"], tmp_path / "copy")``)."""
     from medtl.demo import prepare_demo_data
 
     return prepare_demo_data(tmp_path_factory.mktemp("demo"), scale=0.06, progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_with_unlabeled(tmp_path_factory):
+    """The demo cohort at scale 0.1, just large enough that site B has train, val, test and unlabeled
+    cases (fine-tuning, distillation and the bundles' runs need all four); built once a session.
+
+    Shared like ``small_demo``: tests write their outputs elsewhere, and one that changes the cohort
+    works on a copy."""
+    from medtl.demo import prepare_demo_data
+
+    return prepare_demo_data(tmp_path_factory.mktemp("demo_0.1"), scale=0.1, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -51,24 +51,16 @@ def test_metadata_validates_against_the_official_schema(bundle):
 
 
 @pytest.fixture(scope="module")
-def bundle_demo(tmp_path_factory):
-    """A demo cohort just large enough that site B has train, val, test and unlabeled cases."""
-    from medtl.demo import prepare_demo_data
-
-    return prepare_demo_data(tmp_path_factory.mktemp("demo"), scale=0.1, progress=False)
-
-
-@pytest.fixture(scope="module")
-def trained_source(bundle_demo, tmp_path_factory):
+def trained_source(demo_with_unlabeled, tmp_path_factory):
     """tumor_cls_source trained for one epoch on the demo's site A, in a copy of the bundle."""
-    small_demo = bundle_demo
+    demo = demo_with_unlabeled
     bundle = tmp_path_factory.mktemp("bundles") / "tumor_cls_source"
     shutil.copytree(REPO / "bundles" / "tumor_cls_source", bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
-    root = Path(small_demo["out"])
-    monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--manifest", small_demo["sites"]["A"]["manifest"],
+    root = Path(demo["out"])
+    monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--manifest", demo["sites"]["A"]["manifest"],
                  "--dataset_dir", str(root), "--max_epochs", "1", "--batch_size", "4", "--data_cache", "disk",
                  "--channels_last", "True", cwd=bundle)  # checkpoints keep their usual names and layout-free values
-    return bundle, small_demo
+    return bundle, demo
 
 
 @pytest.mark.slow
@@ -234,13 +226,13 @@ def test_lidc_bundle_scores_nodules_listed_in_a_csv(shared_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_lidc_bundle_configs_train_on_pooled_sites_and_infer_with_the_mask_channel(bundle_demo, tmp_path):
+def test_lidc_bundle_configs_train_on_pooled_sites_and_infer_with_the_mask_channel(demo_with_unlabeled, tmp_path):
     """The shipped LIDC configs through MONAI's CLI on generated data: train.json pools two sites'
     manifests into one two-channel training run, evaluate.json and inference.json score with flip TTA."""
     bundle = tmp_path / "lidc_nodule_malignancy"
     shutil.copytree(REPO / "bundles" / "lidc_nodule_malignancy", bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
     (bundle / "models").mkdir()
-    sites, root = bundle_demo["sites"], str(bundle_demo["out"])
+    sites, root = demo_with_unlabeled["sites"], str(demo_with_unlabeled["out"])
     pooled = f"['{sites['A']['manifest']}', '{sites['B']['manifest']}']"
     monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--manifest", pooled, "--dataset_dir", root,
                  "--max_epochs", "1", "--batch_size", "4", cwd=bundle)

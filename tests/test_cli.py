@@ -199,14 +199,13 @@ def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_adapt_runs_the_steps_on_a_target_manifest_and_exports_a_bundle(tmp_path, capsys):
+def test_adapt_runs_the_steps_on_a_target_manifest_and_exports_a_bundle(demo_with_unlabeled, tmp_path, capsys):
     """medtl adapt: source bundle weights -> scored, AdaBN, fine-tuned on the target -> exported bundle."""
     from monai.networks.nets import resnet10
 
     from medtl.bundle.export import export_bundle
-    from medtl.demo import prepare_demo_data
 
-    demo = prepare_demo_data(tmp_path / "demo", scale=0.1, progress=False)
+    demo = demo_with_unlabeled
     source = export_bundle(resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.5), tmp_path / "source",
                            template="tumor_cls_source", onnx=False)["path"]
     manifest = json.loads(Path(demo["sites"]["B"]["manifest"]).read_text(encoding="utf-8"))

@@ -98,7 +98,8 @@ def test_refuses_bad_rows_naming_them(small_demo, tmp_path):
 
 
 def test_refuses_fixed_split_leakage(small_demo, tmp_path):
-    out = small_demo["out"]
+    out = tmp_path / "copy"  # a lesion file is added: the session's cohort stays as built
+    shutil.copytree(small_demo["out"], out)
     header, first, *rest = _site_a_rows(small_demo)
     # the same patient twice (two lesions, one in a NIfTI file) with contradicting fixed splits
     patient = first.split(",")[0]
@@ -107,7 +108,7 @@ def test_refuses_fixed_split_leakage(small_demo, tmp_path):
     text = "\n".join([header + ",image,split", first + ",,train", f"{patient},,benign,A,,extra_lesion.nii.gz,test"]) + "\n"
     labels = _labels(out / "site_A" / "leak.csv", text)
     with pytest.raises(ManifestError, match="leakage"):
-        build_manifest_file(labels=labels, classes=CLASSES, out=tmp_path / "m.json", scan=small_demo["sites"]["A"]["scan"], root=out, progress=False)
+        build_manifest_file(labels=labels, classes=CLASSES, out=tmp_path / "m.json", scan=out / "scans" / "site_A.json", root=out, progress=False)
 
 
 def test_label_table_errors(tmp_path):
