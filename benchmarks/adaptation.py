@@ -43,10 +43,18 @@ def run_seed(split: dict, seed: int, args: argparse.Namespace, device: torch.dev
 
     def record(stage: str, network: torch.nn.Module, labels: int, seconds: float, extra: dict | None = None) -> None:
         result = evaluate_items(network, split["B test"], class_names=CLASSES, seed=seed, device=device)
-        rows[stage] = {"labels_used": labels, "params": sum(p.numel() for p in network.parameters()),
-                       "seconds": round(seconds, 1), "test": result, **(extra or {})}
+        rows[stage] = {
+            "labels_used": labels,
+            "params": sum(p.numel() for p in network.parameters()),
+            "seconds": round(seconds, 1),
+            "test": result,
+            **(extra or {}),
+        }
         m = result["metrics"]
-        print(f"seed {seed} {stage}: AUC {m['auc']['value']:.3f} {m['auc']['ci95']}, accuracy {m['accuracy']['value']:.3f}", flush=True)
+        print(
+            f"seed {seed} {stage}: AUC {m['auc']['value']:.3f} {m['auc']['ci95']}, accuracy {m['accuracy']['value']:.3f}",
+            flush=True,
+        )
 
     n_a, n_b = len(split["A train"]) + len(split["A val"]), len(split["B train"]) + len(split["B val"])
     set_determinism(seed)
@@ -57,8 +65,14 @@ def run_seed(split: dict, seed: int, args: argparse.Namespace, device: torch.dev
         source.load_state_dict(torch.load(weights, weights_only=True))
         fitted = {"best_epoch": None}
     else:
-        fitted = train(source, split["A train"], split["A val"], TrainRecipe(epochs=args.source_epochs), desc=f"source (site A) seed {seed}",
-                       device=device)
+        fitted = train(
+            source,
+            split["A train"],
+            split["A val"],
+            TrainRecipe(epochs=args.source_epochs),
+            desc=f"source (site A) seed {seed}",
+            device=device,
+        )
         if weights is not None:
             atomic_write(weights, lambda tmp: torch.save(source.state_dict(), tmp))
     record("source-only", source, n_a, time.perf_counter() - t, {"best_epoch": fitted["best_epoch"]})
@@ -69,29 +83,65 @@ def run_seed(split: dict, seed: int, args: argparse.Namespace, device: torch.dev
     record("AdaBN", adapted, n_a, time.perf_counter() - t)
 
     epochs = args.target_epochs
-    for stage, recipe in [("naive fine-tune", FineTuneRecipe.naive(epochs=epochs)), ("medtl fine-tune", FineTuneRecipe(epochs=epochs))]:
+    for stage, recipe in [
+        ("naive fine-tune", FineTuneRecipe.naive(epochs=epochs)),
+        ("medtl fine-tune", FineTuneRecipe(epochs=epochs)),
+    ]:
         set_determinism(seed)
         model, t = copy.deepcopy(source), time.perf_counter()
-        fitted = finetune(model, split["B train"], split["B val"], recipe, unlabeled_items=split["B unlabeled"], desc=stage,
-                          device=device, seed=seed)
-        record(stage, model, n_a + n_b, time.perf_counter() - t,
-               {"best_epoch": fitted["best_epoch"], "adabn_kept": fitted.get("adabn", {}).get("kept")})
+        fitted = finetune(
+            model,
+            split["B train"],
+            split["B val"],
+            recipe,
+            unlabeled_items=split["B unlabeled"],
+            desc=stage,
+            device=device,
+            seed=seed,
+        )
+        record(
+            stage,
+            model,
+            n_a + n_b,
+            time.perf_counter() - t,
+            {"best_epoch": fitted["best_epoch"], "adabn_kept": fitted.get("adabn", {}).get("kept")},
+        )
         if stage == "medtl fine-tune":
             teacher = model
 
     set_determinism(seed)
     scratch, t = resnet(args.widen), time.perf_counter()
-    fitted = train(scratch, split["B train"], split["B val"], TrainRecipe(epochs=epochs, batch_size=8, patience=10), desc="scratch (site B)",
-                   device=device)
+    fitted = train(
+        scratch,
+        split["B train"],
+        split["B val"],
+        TrainRecipe(epochs=epochs, batch_size=8, patience=10),
+        desc="scratch (site B)",
+        device=device,
+    )
     record("scratch on B", scratch, n_b, time.perf_counter() - t, {"best_epoch": fitted["best_epoch"]})
 
     set_determinism(seed)
     student, t = resnet(args.student_widen), time.perf_counter()
     # the student learns the teacher's outputs on site B's scans (labeled and not) and on site A's labeled cases
-    fitted = distill(teacher, student, [*split["B train"], *split["A train"]], split["B unlabeled"], split["B val"],
-                     DistillRecipe(epochs=args.student_epochs), class_names=CLASSES, desc="distill student", device=device)
-    record(f"student (widen {args.student_widen})", student, n_a + n_b, time.perf_counter() - t,
-           {"best_epoch": fitted["best_epoch"], "pseudo_labels": fitted["pseudo_labels"]})
+    fitted = distill(
+        teacher,
+        student,
+        [*split["B train"], *split["A train"]],
+        split["B unlabeled"],
+        split["B val"],
+        DistillRecipe(epochs=args.student_epochs),
+        class_names=CLASSES,
+        desc="distill student",
+        device=device,
+    )
+    record(
+        f"student (widen {args.student_widen})",
+        student,
+        n_a + n_b,
+        time.perf_counter() - t,
+        {"best_epoch": fitted["best_epoch"], "pseudo_labels": fitted["pseudo_labels"]},
+    )
     return rows
 
 
@@ -103,15 +153,24 @@ def mean_sd(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="medtl-demo", help="demo folder (generated if absent)")
-    parser.add_argument("--source-epochs", type=int, default=20, help="epochs of source training on site A (the demo's)")
-    parser.add_argument("--target-epochs", type=int, default=15, help="epochs of every site-B training stage (the demo's)")
+    parser.add_argument(
+        "--source-epochs", type=int, default=20, help="epochs of source training on site A (the demo's)"
+    )
+    parser.add_argument(
+        "--target-epochs", type=int, default=15, help="epochs of every site-B training stage (the demo's)"
+    )
     parser.add_argument("--student-epochs", type=int, default=15, help="epochs of student distillation (the demo's)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each a full run of every stage")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the demo cohort's patients (smoke runs)")
-    parser.add_argument("--widen", type=float, default=0.5, help="ResNet10 width of source, fine-tuned and scratch models")
+    parser.add_argument(
+        "--widen", type=float, default=0.5, help="ResNet10 width of source, fine-tuned and scratch models"
+    )
     parser.add_argument("--student-widen", type=float, default=0.25, help="ResNet10 width of the distilled student")
-    parser.add_argument("--source-weights", help="reuse the site-A model of each seed saved here, e.g. source-A-{seed}.pt "
-                        "(trained and saved there when absent)")
+    parser.add_argument(
+        "--source-weights",
+        help="reuse the site-A model of each seed saved here, e.g. source-A-{seed}.pt "
+        "(trained and saved there when absent)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
@@ -126,21 +185,35 @@ def main() -> None:
             atomic_write_json(args.out, {"args": vars(args), "seeds": runs})
 
     first = runs[0]
-    print(f"\nsite B test split: {first['source-only']['test']['n']} cases; mean ± sd over {len(runs)} seeds (each its own source model); "
-          "labels used counts site A and B train+val labels")
-    print(f"{'stage':<24}{'labels':>7}{'params':>8}{'AUC':>16}{'AUC - source':>16}{'accuracy':>16}{'seed 0 AUC [95% CI]':>26}{'seconds':>9}")
+    print(
+        f"\nsite B test split: {first['source-only']['test']['n']} cases; mean ± sd over {len(runs)} seeds (each its own source model); "
+        "labels used counts site A and B train+val labels"
+    )
+    print(
+        f"{'stage':<24}{'labels':>7}{'params':>8}{'AUC':>16}{'AUC - source':>16}{'accuracy':>16}{'seed 0 AUC [95% CI]':>26}{'seconds':>9}"
+    )
     for stage, row in first.items():
         auc = [r[stage]["test"]["metrics"]["auc"]["value"] for r in runs]
         gain = [a - r["source-only"]["test"]["metrics"]["auc"]["value"] for a, r in zip(auc, runs)]
         acc = [r[stage]["test"]["metrics"]["accuracy"]["value"] for r in runs]
         m = row["test"]["metrics"]["auc"]
         seconds = np.mean([r[stage]["seconds"] for r in runs])
-        print(f"{stage:<24}{row['labels_used']:>7}{row['params'] / 1e6:>7.2f}M{mean_sd(auc):>16}{mean_sd(gain):>16}{mean_sd(acc):>16}"
-              f"{m['value']:>10.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]{seconds:>9.0f}")
-    print("medtl fine-tune per seed: " + "; ".join(f"seed {i}: {r['medtl fine-tune']['best_epoch']} epochs, AdaBN "
-                                                   f"{'kept' if r['medtl fine-tune']['adabn_kept'] else 'discarded'}" for i, r in enumerate(runs)))
+        print(
+            f"{stage:<24}{row['labels_used']:>7}{row['params'] / 1e6:>7.2f}M{mean_sd(auc):>16}{mean_sd(gain):>16}{mean_sd(acc):>16}"
+            f"{m['value']:>10.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]{seconds:>9.0f}"
+        )
+    print(
+        "medtl fine-tune per seed: "
+        + "; ".join(
+            f"seed {i}: {r['medtl fine-tune']['best_epoch']} epochs, AdaBN "
+            f"{'kept' if r['medtl fine-tune']['adabn_kept'] else 'discarded'}"
+            for i, r in enumerate(runs)
+        )
+    )
     kept = runs[0][f"student (widen {args.student_widen})"]["pseudo_labels"]
-    print(f"seed 0 pseudo-labels kept at p >= {kept['threshold']}: {kept['pseudo_labels_kept']}, {kept['below_threshold']} below the threshold")
+    print(
+        f"seed 0 pseudo-labels kept at p >= {kept['threshold']}: {kept['pseudo_labels_kept']}, {kept['below_threshold']} below the threshold"
+    )
     if args.out:
         print(f"-> {args.out}")
 

@@ -113,15 +113,30 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop shape, as configure_torch sets it
     cases = _cases(max(args.cases, args.batch_size))
-    host_batch = {"image": torch.stack([c["image"] for c in cases[: args.batch_size]]), "label": torch.tensor([c["label"] for c in cases[: args.batch_size]])}
+    host_batch = {
+        "image": torch.stack([c["image"] for c in cases[: args.batch_size]]),
+        "label": torch.tensor([c["label"] for c in cases[: args.batch_size]]),
+    }
     batch = {k: v.to(device) for k, v in host_batch.items()}
     rows: list[dict] = []
 
     def add(group: str, name: str, seconds: float, baseline: float | None, peak: float | None = None) -> None:
-        rows.append({"group": group, "row": name, "seconds": seconds, "cases_per_s": args.batch_size / seconds,
-                     "speedup": None if baseline is None else baseline / seconds, "peak_mb": peak})
+        rows.append(
+            {
+                "group": group,
+                "row": name,
+                "seconds": seconds,
+                "cases_per_s": args.batch_size / seconds,
+                "speedup": None if baseline is None else baseline / seconds,
+                "peak_mb": peak,
+            }
+        )
 
-    for name, mixed, channels_last in (("fp32", False, False), ("mixed precision", True, False), ("mixed precision, channels-last", True, True)):
+    for name, mixed, channels_last in (
+        ("fp32", False, False),
+        ("mixed precision", True, False),
+        ("mixed precision, channels-last", True, True),
+    ):
         _reset_peak(device)
         step = _trainer(args.widen, device, mixed=mixed, channels_last=channels_last)
         seconds = _median_seconds(lambda: step(batch), device, args.steps)
@@ -129,9 +144,11 @@ def main() -> None:
 
     network = resnet(args.widen).to(device).eval()
     for name, mixed in (("fp32", False), ("mixed precision", True)):
+
         def infer() -> None:
             with torch.inference_mode(), _autocast(device, mixed):
                 network(batch["image"])
+
         _reset_peak(device)
         seconds = _median_seconds(infer, device, args.steps)
         add("inference", name, seconds, None if name == "fp32" else rows[-1]["seconds"], _peak_mb(device))
@@ -139,9 +156,18 @@ def main() -> None:
     augment = augmentation(level="light", spatial_size=SIZE, seed=0)
     host_items = [{"image": c["image"]} for c in cases[: args.batch_size]]
     device_items = [{"image": c["image"].to(device)} for c in cases[: args.batch_size]]
-    on_host = _median_seconds(lambda: torch.stack([augment(dict(i))["image"] for i in host_items]).to(device, non_blocking=True), device, args.steps)
+    on_host = _median_seconds(
+        lambda: torch.stack([augment(dict(i))["image"] for i in host_items]).to(device, non_blocking=True),
+        device,
+        args.steps,
+    )
     add("augmentation", "on the host, then copied", on_host, None)
-    add("augmentation", "on the device", _median_seconds(lambda: torch.stack([augment(dict(i))["image"] for i in device_items]), device, args.steps), on_host)
+    add(
+        "augmentation",
+        "on the device",
+        _median_seconds(lambda: torch.stack([augment(dict(i))["image"] for i in device_items]), device, args.steps),
+        on_host,
+    )
 
     step = _trainer(args.widen, device, mixed=device.type == "cuda", channels_last=False)
     model_only = _median_seconds(lambda: step(batch), device, args.steps)
@@ -149,12 +175,26 @@ def main() -> None:
     for name, on_device in (("augmentation on the host, pinned", False), ("augmentation on the device", True)):
         pipeline = augmentation(level="light", spatial_size=SIZE, seed=0)
         items = [{"image": c["image"].to(device) if on_device else c["image"], "label": c["label"]} for c in cases]
-        loader = data_loader(CacheDataset(items, pipeline, progress=False), batch_size=args.batch_size, shuffle=True,
-                             device=device, on_device=on_device)
+        loader = data_loader(
+            CacheDataset(items, pipeline, progress=False),
+            batch_size=args.batch_size,
+            shuffle=True,
+            device=device,
+            on_device=on_device,
+        )
         batches = iter(_endless(loader))
         seconds = _median_seconds(lambda: step(next(batches)), device, args.steps)
-        rows.append({"group": "data path", "row": name, "seconds": seconds, "cases_per_s": args.batch_size / seconds,
-                     "speedup": None, "peak_mb": None, "per_model_only": seconds / model_only})
+        rows.append(
+            {
+                "group": "data path",
+                "row": name,
+                "seconds": seconds,
+                "cases_per_s": args.batch_size / seconds,
+                "speedup": None,
+                "peak_mb": None,
+                "per_model_only": seconds / model_only,
+            }
+        )
 
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n{label}; ResNet10 width {args.widen}, batch {args.batch_size}, 32³ crops, median of {args.steps} steps")
@@ -163,7 +203,9 @@ def main() -> None:
         ratio = r.get("per_model_only", r["speedup"])
         ratio_text = "" if ratio is None else (f"÷{ratio:.2f}" if "per_model_only" in r else f"{ratio:.2f}×")
         peak = "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        print(f"{r['group']:<14}{r['row']:<38}{r['seconds'] * 1e3:>9.1f}{r['cases_per_s']:>10.1f}{ratio_text:>9}{peak:>10}")
+        print(
+            f"{r['group']:<14}{r['row']:<38}{r['seconds'] * 1e3:>9.1f}{r['cases_per_s']:>10.1f}{ratio_text:>9}{peak:>10}"
+        )
     if args.out:
         atomic_write_json(Path(args.out), {"args": vars(args), "device": label, "rows": rows})
         print(f"-> {args.out}")

@@ -71,15 +71,25 @@ def main() -> None:
     model = resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=args.widen)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=args.epochs, train_data_loader=loader, network=model,
-                                optimizer=optimizer, loss_function=torch.nn.CrossEntropyLoss(),
-                                train_handlers=[LrScheduleHandler(schedule, print_lr=False)])
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=args.epochs,
+        train_data_loader=loader,
+        network=model,
+        optimizer=optimizer,
+        loss_function=torch.nn.CrossEntropyLoss(),
+        train_handlers=[LrScheduleHandler(schedule, print_lr=False)],
+    )
     ProgressBar(persist=False).attach(trainer, output_transform=from_engine(["loss"], first=True))
     trainer.run()
     train_time = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
-    print(f"\nsource-only ResNet10 (widen {args.widen}, {params / 1e6:.1f}M parameters) trained on {len(train)} site-A cases, {args.epochs} epochs, {train_time:.0f}s")
-    print(f"{'evaluation set':<28}{'n':>5}{'AUC':>8}{'95% CI':>16}{'acc':>7}{'majority acc':>14}{'sens':>6}{'spec':>6}{'mean p(mal)':>13}{'size-only AUC':>15}")
+    print(
+        f"\nsource-only ResNet10 (widen {args.widen}, {params / 1e6:.1f}M parameters) trained on {len(train)} site-A cases, {args.epochs} epochs, {train_time:.0f}s"
+    )
+    print(
+        f"{'evaluation set':<28}{'n':>5}{'AUC':>8}{'95% CI':>16}{'acc':>7}{'majority acc':>14}{'sens':>6}{'spec':>6}{'mean p(mal)':>13}{'size-only AUC':>15}"
+    )
     results = {}
     adapted = copy.deepcopy(model)
     unlabeled = datalist(manifests["B"], root, "unlabeled")
@@ -88,14 +98,18 @@ def main() -> None:
     rows += [(f"{name} (AdaBN)", evals[name], adapted) for name in ("site B test", "site B all labeled")]
     for name, data, net in rows:
         y, p = predict(net, data, pre)
-        m = classification_metrics(y, np.stack([1 - p, p], axis=1), class_names=["benign", "malignant"], seed=args.seed)["metrics"]
+        m = classification_metrics(
+            y, np.stack([1 - p, p], axis=1), class_names=["benign", "malignant"], seed=args.seed
+        )["metrics"]
         auc, (lo, hi) = m["auc"]["value"], m["auc"]["ci95"]
         size = np.array([lesion_volume_mm3(d["mask"]) for d in data])
         size_auc = roc_auc_ovr(y, np.stack([-size, size], axis=1))
         acc, sens, spec = (m[k]["value"] for k in ("accuracy", "sensitivity", "specificity"))
         majority = float(max(np.mean(y), 1 - np.mean(y)))
         results[name] = (auc, acc)
-        print(f"{name:<28}{len(y):>5}{auc:>8.3f}{f'[{lo:.3f}, {hi:.3f}]':>16}{acc:>7.3f}{majority:>14.3f}{sens:>6.2f}{spec:>6.2f}{p.mean():>13.3f}{size_auc:>15.3f}")
+        print(
+            f"{name:<28}{len(y):>5}{auc:>8.3f}{f'[{lo:.3f}, {hi:.3f}]':>16}{acc:>7.3f}{majority:>14.3f}{sens:>6.2f}{spec:>6.2f}{p.mean():>13.3f}{size_auc:>15.3f}"
+        )
     print(f"AdaBN used {len(unlabeled)} unlabeled site-B cases (no labels)")
     for a, b in (("site A test", "site B test"), ("site A val+test", "site B all labeled")):
         print(f"{a} -> {b}: AUC {results[b][0] - results[a][0]:+.3f}, accuracy {results[b][1] - results[a][1]:+.3f}")

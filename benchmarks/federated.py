@@ -46,7 +46,9 @@ def main() -> None:
     parser.add_argument("--data", default="medtl-demo", help="demo folder (generated if absent)")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the demo cohort's patients")
     parser.add_argument("--source-epochs", type=int, default=20)
-    parser.add_argument("--source-weights", help="reuse the site-A model saved here (trained and saved there when absent)")
+    parser.add_argument(
+        "--source-weights", help="reuse the site-A model saved here (trained and saved there when absent)"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--fedprox-mu", type=float, default=0.0)
@@ -63,8 +65,13 @@ def main() -> None:
     rows: dict[str, dict] = {}
 
     def record(stage: str, network: torch.nn.Module, seconds: float) -> None:
-        rows[stage] = {"seconds": round(seconds, 1),
-                       **{f"{site} test": evaluate_items(network, split[f"{site} test"], class_names=CLASSES, seed=args.seed) for site in "AB"}}
+        rows[stage] = {
+            "seconds": round(seconds, 1),
+            **{
+                f"{site} test": evaluate_items(network, split[f"{site} test"], class_names=CLASSES, seed=args.seed)
+                for site in "AB"
+            },
+        }
 
     t = time.perf_counter()
     source = resnet(0.5)
@@ -72,16 +79,31 @@ def main() -> None:
     if args.source_weights and source_file.is_file():
         source.load_state_dict(torch.load(source_file, weights_only=True))
     else:
-        train(source, split["A train"], split["A val"], TrainRecipe(epochs=args.source_epochs), progress=False, desc="source (site A)")
+        train(
+            source,
+            split["A train"],
+            split["A val"],
+            TrainRecipe(epochs=args.source_epochs),
+            progress=False,
+            desc="source (site A)",
+        )
         torch.save(source.state_dict(), source_file)
     record("source (site A model)", source, time.perf_counter() - t)
 
     fl = FederatedRecipe(rounds=args.rounds, local_epochs=args.local_epochs, head_rounds=1, fedprox_mu=args.fedprox_mu)
-    local = FineTuneRecipe(epochs=fl.rounds * fl.local_epochs, head_epochs=fl.head_rounds * fl.local_epochs,
-                           unfreeze_every=fl.unfreeze_every * fl.local_epochs)
-    runs = {"site-local fine-tune at A": (split["A train"], split["A val"]),
-            "site-local fine-tune at B": (split["B train"], split["B val"]),
-            "pooled A+B fine-tune (reference: moves data)": ([*split["A train"], *split["B train"]], [*split["A val"], *split["B val"]])}
+    local = FineTuneRecipe(
+        epochs=fl.rounds * fl.local_epochs,
+        head_epochs=fl.head_rounds * fl.local_epochs,
+        unfreeze_every=fl.unfreeze_every * fl.local_epochs,
+    )
+    runs = {
+        "site-local fine-tune at A": (split["A train"], split["A val"]),
+        "site-local fine-tune at B": (split["B train"], split["B val"]),
+        "pooled A+B fine-tune (reference: moves data)": (
+            [*split["A train"], *split["B train"]],
+            [*split["A val"], *split["B val"]],
+        ),
+    }
     for label, (train_items, val_items) in runs.items():
         set_determinism(args.seed)
         network, t = copy.deepcopy(source), time.perf_counter()
@@ -94,19 +116,36 @@ def main() -> None:
     evaluation = federated["summary"]["evaluation"]
     rows[f"federated ({federated['summary']['job']['algorithm']}, {fl.rounds}x{fl.local_epochs} epochs)"] = {
         "seconds": round(time.perf_counter() - t, 1),
-        "A test": evaluation["site-1"]["federated"]["test"], "B test": evaluation["site-2"]["federated"]["test"]}
+        "A test": evaluation["site-1"]["federated"]["test"],
+        "B test": evaluation["site-2"]["federated"]["test"],
+    }
 
-    print("\n| model | site A test AUC [95% CI] | site A accuracy | site B test AUC [95% CI] | site B accuracy | seconds |")
+    print(
+        "\n| model | site A test AUC [95% CI] | site A accuracy | site B test AUC [95% CI] | site B accuracy | seconds |"
+    )
     print("|---|---|---|---|---|---|")
     for stage, row in rows.items():
-        print(f"| {stage} | {_cell(row['A test'], 'auc')} | {_cell(row['A test'], 'accuracy')} | "
-              f"{_cell(row['B test'], 'auc')} | {_cell(row['B test'], 'accuracy')} | {row['seconds']:.0f} |")
+        print(
+            f"| {stage} | {_cell(row['A test'], 'auc')} | {_cell(row['A test'], 'accuracy')} | "
+            f"{_cell(row['B test'], 'auc')} | {_cell(row['B test'], 'accuracy')} | {row['seconds']:.0f} |"
+        )
     first = next(iter(rows.values()))
     print(f"\nn: site A test {first['A test']['n']}, site B test {first['B test']['n']}")
-    atomic_write_json(out / "results.json", {
-        "args": vars(args), "federated_rounds": federated["summary"]["rounds"],
-        "stages": {stage: {"seconds": row["seconds"], "A test": row["A test"]["metrics"], "B test": row["B test"]["metrics"]}
-                   for stage, row in rows.items()}})
+    atomic_write_json(
+        out / "results.json",
+        {
+            "args": vars(args),
+            "federated_rounds": federated["summary"]["rounds"],
+            "stages": {
+                stage: {
+                    "seconds": row["seconds"],
+                    "A test": row["A test"]["metrics"],
+                    "B test": row["B test"]["metrics"],
+                }
+                for stage, row in rows.items()
+            },
+        },
+    )
     print(f"-> {out / 'results.json'}")
 
 

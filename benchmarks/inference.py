@@ -55,21 +55,31 @@ def runners(bundle: Path, threads: int) -> dict[str, Callable[[np.ndarray], np.n
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal the next runtime's cores
-    session = onnxruntime.InferenceSession(str(bundle / "models" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "0"
+    )  # idle threads must not steal the next runtime's cores
+    session = onnxruntime.InferenceSession(
+        str(bundle / "models" / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
     name = session.get_inputs()[0].name
 
     def torch_runner(network: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
         def run(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
                 return network(torch.from_numpy(x)).numpy()
+
         return run
 
-    return {"eager": torch_runner(eager), "TorchScript": torch_runner(scripted),
-            "ONNX Runtime": lambda x: session.run(None, {name: x})[0]}
+    return {
+        "eager": torch_runner(eager),
+        "TorchScript": torch_runner(scripted),
+        "ONNX Runtime": lambda x: session.run(None, {name: x})[0],
+    }
 
 
-def seconds_per_batch(run: dict[str, Callable[[np.ndarray], np.ndarray]], batches: list[np.ndarray]) -> dict[str, float]:
+def seconds_per_batch(
+    run: dict[str, Callable[[np.ndarray], np.ndarray]], batches: list[np.ndarray]
+) -> dict[str, float]:
     """Median seconds per batch of each runtime; runtimes take turns on every batch, so load from
     other processes on a shared machine falls on all of them alike."""
     for x in batches[:WARMUP]:
@@ -95,7 +105,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="medtl-inference-") as tmp:
-        bundle = Path(args.bundle) if args.bundle else export_bundle(resnet(0.5), Path(tmp) / "bundle", template="tumor_cls_source")["path"]
+        bundle = (
+            Path(args.bundle)
+            if args.bundle
+            else export_bundle(resnet(0.5), Path(tmp) / "bundle", template="tumor_cls_source")["path"]
+        )
         meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
         image = meta["network_data_format"]["inputs"]["image"]
         shape = (image["num_channels"], *image["spatial_shape"])
@@ -108,18 +122,33 @@ def main() -> None:
         diffs = {name: float(np.abs(fn(batches[0]) - reference).max()) for name, fn in run.items()}
         per_batch = seconds_per_batch(run, batches)
         for name in run:
-            rows.append({"runtime": name, "batch_size": batch_size, "cases_per_s": batch_size / per_batch[name],
-                         "ms_per_batch": per_batch[name] * 1e3, "max_abs_diff": diffs[name],
-                         "ratio": per_batch["eager"] / per_batch[name]})
-    print(f"\n{bundle.name if args.bundle else 'resnet(0.5), random weights'}: input {list(shape)}, CPU, {args.threads} threads, "
-          f"median of {args.iters} batches after {WARMUP} warm-up")
-    print(f"{'runtime':<14}{'batch':>6}{'ms/batch':>10}{'cases/s':>9}{'vs eager':>10}{'target':>8}  result  max abs diff")
+            rows.append(
+                {
+                    "runtime": name,
+                    "batch_size": batch_size,
+                    "cases_per_s": batch_size / per_batch[name],
+                    "ms_per_batch": per_batch[name] * 1e3,
+                    "max_abs_diff": diffs[name],
+                    "ratio": per_batch["eager"] / per_batch[name],
+                }
+            )
+    print(
+        f"\n{bundle.name if args.bundle else 'resnet(0.5), random weights'}: input {list(shape)}, CPU, {args.threads} threads, "
+        f"median of {args.iters} batches after {WARMUP} warm-up"
+    )
+    print(
+        f"{'runtime':<14}{'batch':>6}{'ms/batch':>10}{'cases/s':>9}{'vs eager':>10}{'target':>8}  result  max abs diff"
+    )
     for r in rows:
         verdict = "" if r["runtime"] == "eager" else ("PASS" if r["ratio"] >= TARGET else "MISS")
-        print(f"{r['runtime']:<14}{r['batch_size']:>6}{r['ms_per_batch']:>10.1f}{r['cases_per_s']:>9.1f}{r['ratio']:>9.2f}x"
-              f"{'' if r['runtime'] == 'eager' else '>=1.0x':>8}  {verdict:<8}{r['max_abs_diff']:.1e}")
+        print(
+            f"{r['runtime']:<14}{r['batch_size']:>6}{r['ms_per_batch']:>10.1f}{r['cases_per_s']:>9.1f}{r['ratio']:>9.2f}x"
+            f"{'' if r['runtime'] == 'eager' else '>=1.0x':>8}  {verdict:<8}{r['max_abs_diff']:.1e}"
+        )
     if args.out:
-        atomic_write_json(args.out, {"threads": args.threads, "iters": args.iters, "input_shape": list(shape), "rows": rows})
+        atomic_write_json(
+            args.out, {"threads": args.threads, "iters": args.iters, "input_shape": list(shape), "rows": rows}
+        )
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ SCAN_TARGET = 5.0  # full read ÷ header scan, at least
 LOAD_TARGET = 1.2  # medtl ÷ SimpleITK, at most
 
 
-def median_seconds(fns: dict[str, Callable[[], Any]], repeats: int, before: Callable[[], None] = lambda: None) -> dict[str, float]:
+def median_seconds(
+    fns: dict[str, Callable[[], Any]], repeats: int, before: Callable[[], None] = lambda: None
+) -> dict[str, float]:
     """Median wall time of each function over ``repeats`` rounds, after one untimed round (imports,
     caches, first touch); ``before`` runs untimed before every call. The functions take turns in
     every round, so load from other processes on a shared machine falls on all of them alike."""
@@ -79,8 +81,13 @@ def phantom(size: int, slices: int, seed: int = 0) -> np.ndarray:
 def clinical_series(folder: Path, size: int, slices: int, transfer_syntax: str | None = None) -> Path:
     """One CT series at ``folder`` (written once; an existing complete folder is reused)."""
     if len(iter_files(folder)) != slices:
-        info = SeriesInfo(patient_id="BENCH-IO", patient_name="BENCH^IO", study_uid=make_uid(f"io/{folder.name}/study"),
-                          series_uid=make_uid(f"io/{folder.name}/series"), series_description="BENCH")
+        info = SeriesInfo(
+            patient_id="BENCH-IO",
+            patient_name="BENCH^IO",
+            study_uid=make_uid(f"io/{folder.name}/study"),
+            series_uid=make_uid(f"io/{folder.name}/series"),
+            series_description="BENCH",
+        )
         options = {"transfer_syntax": transfer_syntax} if transfer_syntax else {}
         write_ct_series(folder, phantom(size, slices), (0.7, 0.7, 1.25), info, **options)
     return folder
@@ -106,12 +113,24 @@ def evict(files: list[Path]) -> None:
 def scan_row(name: str, folder: Path, work: Path, repeats: int, *, cold: bool = False) -> dict[str, Any]:
     files = warm(folder)
     index = work / "scans" / f"{folder.name}.json"
-    t = median_seconds({"medtl_scan_s": lambda: write_scan_index(folder, index, progress=False),
-                        "pydicom_headers_s": lambda: [pydicom.dcmread(f, stop_before_pixels=True) for f in files],
-                        "full_read_s": lambda: [pydicom.dcmread(f).pixel_array for f in files]},
-                       repeats, (lambda: evict(files)) if cold else (lambda: None))
+    t = median_seconds(
+        {
+            "medtl_scan_s": lambda: write_scan_index(folder, index, progress=False),
+            "pydicom_headers_s": lambda: [pydicom.dcmread(f, stop_before_pixels=True) for f in files],
+            "full_read_s": lambda: [pydicom.dcmread(f).pixel_array for f in files],
+        },
+        repeats,
+        (lambda: evict(files)) if cold else (lambda: None),
+    )
     ratio = t["full_read_s"] / t["medtl_scan_s"]
-    return {"folder": name, "files": len(files), **t, "ratio": ratio, "target": SCAN_TARGET, "pass": ratio >= SCAN_TARGET}
+    return {
+        "folder": name,
+        "files": len(files),
+        **t,
+        "ratio": ratio,
+        "target": SCAN_TARGET,
+        "pass": ratio >= SCAN_TARGET,
+    }
 
 
 def sitk_load(folder: Path) -> np.ndarray:
@@ -135,12 +154,26 @@ def load_row(name: str, folder: Path, repeats: int) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         monai_load = LoadImage(reader="PydicomReader", image_only=True)
-    t = median_seconds({"medtl_s": lambda: load_volume(folder), "medtl_one_process_s": lambda: load_in_one_process(folder),
-                        "simpleitk_s": lambda: sitk_load(folder), "monai_pydicom_s": lambda: monai_load(str(folder))}, repeats)
+    t = median_seconds(
+        {
+            "medtl_s": lambda: load_volume(folder),
+            "medtl_one_process_s": lambda: load_in_one_process(folder),
+            "simpleitk_s": lambda: sitk_load(folder),
+            "monai_pydicom_s": lambda: monai_load(str(folder)),
+        },
+        repeats,
+    )
     ratio = t["medtl_s"] / t["simpleitk_s"]
     # same voxels? SimpleITK gives [slice, row, column] in LPS, medtl [column, row, slice] in RAS
     same = bool(np.array_equal(load_volume(folder).array, sitk_load(folder).transpose(2, 1, 0)[::-1, ::-1, :]))
-    return {"series": name, **t, "same_voxels": same, "ratio": ratio, "target": LOAD_TARGET, "pass": ratio <= LOAD_TARGET}
+    return {
+        "series": name,
+        **t,
+        "same_voxels": same,
+        "ratio": ratio,
+        "target": LOAD_TARGET,
+        "pass": ratio <= LOAD_TARGET,
+    }
 
 
 def main() -> None:
@@ -159,24 +192,36 @@ def main() -> None:
         one_demo_series = clinical_series(work / "demo_size", 64, 40)
         plain = clinical_series(work / f"ct{args.size}", args.size, args.slices)
         j2k = clinical_series(work / f"ct{args.size}_j2k", args.size, args.slices, JPEG2000Lossless)
-        scans = [scan_row(f"demo site A ({args.scale:g}), 64x64", demo_dicom, work, args.repeats),
-                 scan_row(f"{args.size}x{args.size}x{args.slices}, uncompressed", plain, work, args.repeats),
-                 scan_row(f"{args.size}x{args.size}x{args.slices}, uncompr., cold", plain, work, args.repeats, cold=True),
-                 scan_row(f"{args.size}x{args.size}x{args.slices}, JPEG 2000", j2k, work, args.repeats)]
-        loads = [load_row("64x64x40, uncompressed", one_demo_series, args.repeats),
-                 load_row(f"{args.size}x{args.size}x{args.slices}, uncompressed", plain, args.repeats),
-                 load_row(f"{args.size}x{args.size}x{args.slices}, JPEG 2000", j2k, args.repeats)]
+        scans = [
+            scan_row(f"demo site A ({args.scale:g}), 64x64", demo_dicom, work, args.repeats),
+            scan_row(f"{args.size}x{args.size}x{args.slices}, uncompressed", plain, work, args.repeats),
+            scan_row(f"{args.size}x{args.size}x{args.slices}, uncompr., cold", plain, work, args.repeats, cold=True),
+            scan_row(f"{args.size}x{args.size}x{args.slices}, JPEG 2000", j2k, work, args.repeats),
+        ]
+        loads = [
+            load_row("64x64x40, uncompressed", one_demo_series, args.repeats),
+            load_row(f"{args.size}x{args.size}x{args.slices}, uncompressed", plain, args.repeats),
+            load_row(f"{args.size}x{args.size}x{args.slices}, JPEG 2000", j2k, args.repeats),
+        ]
     print(f"\nheader scan vs full read (median of {args.repeats}, warm cache unless cold; ms per file)")
-    print(f"{'folder':<36}{'files':>7}{'medtl scan':>12}{'pydicom hdr':>13}{'full read':>11}{'full/scan':>11}{'target':>9}  result")
+    print(
+        f"{'folder':<36}{'files':>7}{'medtl scan':>12}{'pydicom hdr':>13}{'full read':>11}{'full/scan':>11}{'target':>9}  result"
+    )
     for r in scans:
         ms = [f"{r[key] / r['files'] * 1e3:.2f}" for key in ("medtl_scan_s", "pydicom_headers_s", "full_read_s")]
-        print(f"{r['folder']:<36}{r['files']:>7}{ms[0]:>12}{ms[1]:>13}{ms[2]:>11}"
-              f"{r['ratio']:>10.2f}x{'>=5x':>9}  {'PASS' if r['pass'] else 'MISS'}")
+        print(
+            f"{r['folder']:<36}{r['files']:>7}{ms[0]:>12}{ms[1]:>13}{ms[2]:>11}"
+            f"{r['ratio']:>10.2f}x{'>=5x':>9}  {'PASS' if r['pass'] else 'MISS'}"
+        )
     print(f"\nloading one series (median of {args.repeats}, warm cache; seconds)")
-    print(f"{'series':<32}{'medtl':>8}{'1 process':>11}{'SimpleITK':>11}{'MONAI LoadImage':>17}{'medtl/SITK':>12}{'target':>9}  result  same voxels")
+    print(
+        f"{'series':<32}{'medtl':>8}{'1 process':>11}{'SimpleITK':>11}{'MONAI LoadImage':>17}{'medtl/SITK':>12}{'target':>9}  result  same voxels"
+    )
     for r in loads:
-        print(f"{r['series']:<32}{r['medtl_s']:>8.3f}{r['medtl_one_process_s']:>11.3f}{r['simpleitk_s']:>11.3f}{r['monai_pydicom_s']:>17.3f}"
-              f"{r['ratio']:>11.2f}x{'<=1.2x':>9}  {'PASS' if r['pass'] else 'MISS':<8}{'yes' if r['same_voxels'] else 'NO'}")
+        print(
+            f"{r['series']:<32}{r['medtl_s']:>8.3f}{r['medtl_one_process_s']:>11.3f}{r['simpleitk_s']:>11.3f}{r['monai_pydicom_s']:>17.3f}"
+            f"{r['ratio']:>11.2f}x{'<=1.2x':>9}  {'PASS' if r['pass'] else 'MISS':<8}{'yes' if r['same_voxels'] else 'NO'}"
+        )
     if args.out:
         atomic_write_json(args.out, {"scan": scans, "load": loads, "repeats": args.repeats})
 

@@ -99,8 +99,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--export", help="write the chosen model as the lidc_nodule_malignancy bundle here")
-    parser.add_argument("--export-variant", default="mask", choices=list(VARIANTS),
-                        help="the variant to export (default: the one with the best pooled validation AUC in docs/benchmarks.md)")
+    parser.add_argument(
+        "--export-variant",
+        default="mask",
+        choices=list(VARIANTS),
+        help="the variant to export (default: the one with the best pooled validation AUC in docs/benchmarks.md)",
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     if not Path(args.lidc).is_dir():
@@ -118,23 +122,38 @@ def main() -> None:
         if "diameter only" not in results:
             results["diameter only"] = scored(y, diameter_scores(work, test), patients, 0)
             print(f"pooled split: train {len(items['train'])}, val {len(items['val'])}, test {len(test)} nodules")
-            print(f"diameter only: test AUC {results['diameter only']['auc']:.3f} {results['diameter only']['auc_ci95']}")
+            print(
+                f"diameter only: test AUC {results['diameter only']['auc']:.3f} {results['diameter only']['auc_ci95']}"
+            )
         runs, tta_probs, kept = [], [], None
         for seed in range(args.seeds):
             set_determinism(seed)
-            network, t = resnet(args.widen, len(LIDC_CLASSES), in_channels=2 if v["mask_channel"] else 1), time.perf_counter()
+            network, t = (
+                resnet(args.widen, len(LIDC_CLASSES), in_channels=2 if v["mask_channel"] else 1),
+                time.perf_counter(),
+            )
             recipe = TrainRecipe(epochs=args.epochs, augment=v["augment"])
-            fitted = train(network, items["train"], items["val"], recipe, progress=False, desc=f"{name} seed {seed}", device=device)
+            fitted = train(
+                network, items["train"], items["val"], recipe, progress=False, desc=f"{name} seed {seed}", device=device
+            )
             plain, flipped = (probabilities(network, test, tta=tta, device=device) for tta in (False, True))
             tta_probs.append(flipped)
-            run = {"seed": seed, "best_epoch": fitted["best_epoch"], "best_val_auc": fitted["best_val_auc"],
-                   "seconds": round(time.perf_counter() - t, 1), "test": scored(y, plain, patients, seed),
-                   "test_tta": scored(y, flipped, patients, seed)}
+            run = {
+                "seed": seed,
+                "best_epoch": fitted["best_epoch"],
+                "best_val_auc": fitted["best_val_auc"],
+                "seconds": round(time.perf_counter() - t, 1),
+                "test": scored(y, plain, patients, seed),
+                "test_tta": scored(y, flipped, patients, seed),
+            }
             runs.append(run)
             if args.export and name == args.export_variant and (kept is None or run["best_val_auc"] > kept[0]):
                 kept = (run["best_val_auc"], network, seed, recipe, items)
-            print(f"{name} seed {seed}: val {run['best_val_auc']:.3f} (epoch {run['best_epoch']}), test AUC {run['test']['auc']:.3f}, "
-                  f"with TTA {run['test_tta']['auc']:.3f} ({run['seconds']:.0f} s)", flush=True)
+            print(
+                f"{name} seed {seed}: val {run['best_val_auc']:.3f} (epoch {run['best_epoch']}), test AUC {run['test']['auc']:.3f}, "
+                f"with TTA {run['test_tta']['auc']:.3f} ({run['seconds']:.0f} s)",
+                flush=True,
+            )
         ensemble = scored(y, np.mean(tta_probs, axis=0), patients, 0)
         results["variants"][name] = {"settings": v, "runs": runs, "ensemble_tta": ensemble}
         if args.out:
@@ -145,13 +164,17 @@ def main() -> None:
     base = results["diameter only"]
     print(f"\npooled LIDC test split: {len(test)} nodules of unseen patients; mean ± sd over {args.seeds} seeds")
     print(f"{'variant':<16}{'AUC':>16}{'AUC, flip TTA':>16}{'ensemble+TTA [95% CI]':>28}")
-    print(f"{'diameter only':<16}{'':>16}{'':>16}{base['auc']:>10.3f} [{base['auc_ci95'][0]:.3f}, {base['auc_ci95'][1]:.3f}]")
+    print(
+        f"{'diameter only':<16}{'':>16}{'':>16}{base['auc']:>10.3f} [{base['auc_ci95'][0]:.3f}, {base['auc_ci95'][1]:.3f}]"
+    )
     for name, r in results["variants"].items():
         a = np.array([run["test"]["auc"] for run in r["runs"]])
         b = np.array([run["test_tta"]["auc"] for run in r["runs"]])
         e = r["ensemble_tta"]
-        print(f"{name:<16}{a.mean():>9.3f} ± {a.std(ddof=1) if len(a) > 1 else 0:.3f}{b.mean():>9.3f} ± {b.std(ddof=1) if len(b) > 1 else 0:.3f}"
-              f"{e['auc']:>10.3f} [{e['auc_ci95'][0]:.3f}, {e['auc_ci95'][1]:.3f}]")
+        print(
+            f"{name:<16}{a.mean():>9.3f} ± {a.std(ddof=1) if len(a) > 1 else 0:.3f}{b.mean():>9.3f} ± {b.std(ddof=1) if len(b) > 1 else 0:.3f}"
+            f"{e['auc']:>10.3f} [{e['auc_ci95'][0]:.3f}, {e['auc_ci95'][1]:.3f}]"
+        )
     if args.out:
         atomic_write_json(args.out, results)
         print(f"-> {args.out}")
@@ -167,24 +190,46 @@ def export(args: argparse.Namespace, work: Path, summary: dict, kept: tuple) -> 
     test = items["test"]
     result = evaluate_items(FlipAveraged(network), test, seed=0, class_names=LIDC_CLASSES)
     y = np.array([i["label"] for i in test])
-    size = classification_metrics(y, diameter_scores(work, test), class_names=list(LIDC_CLASSES),
-                                  patient_ids=[i["patient"] for i in test], seed=0)["metrics"]["auc"]
-    metrics = eval_metrics({"pooled test": result}) | {"pooled_test_diameter_only_auc": round(size["value"], 4),
-                                                        "pooled_test_diameter_only_auc_ci95": [round(v, 4) for v in size["ci95"]]}
+    size = classification_metrics(
+        y, diameter_scores(work, test), class_names=list(LIDC_CLASSES), patient_ids=[i["patient"] for i in test], seed=0
+    )["metrics"]["auc"]
+    metrics = eval_metrics({"pooled test": result}) | {
+        "pooled_test_diameter_only_auc": round(size["value"], 4),
+        "pooled_test_diameter_only_auc_ci95": [round(v, 4) for v in size["ci95"]],
+    }
     manifests = [load_manifest(work / summary["sites"][site]["manifest"]) for site in ("thin", "thick")]
     info = export_bundle(
-        network, args.export, template="lidc_nodule_malignancy", manifests=manifests, metadata={"eval_metrics": metrics}, bump="minor",
-        settings={"crop_mm": [VARIANTS[args.export_variant]["crop_mm"]] * 3, "augment": VARIANTS[args.export_variant]["augment"]},
-        recipe={"training": asdict(recipe), "inputs": VARIANTS[args.export_variant], "selection":
-                f"best pooled validation AUC {val_auc:.3f} of {args.seeds} seeds (seed {seed}); flip TTA at inference"},
+        network,
+        args.export,
+        template="lidc_nodule_malignancy",
+        manifests=manifests,
+        metadata={"eval_metrics": metrics},
+        bump="minor",
+        settings={
+            "crop_mm": [VARIANTS[args.export_variant]["crop_mm"]] * 3,
+            "augment": VARIANTS[args.export_variant]["augment"],
+        },
+        recipe={
+            "training": asdict(recipe),
+            "inputs": VARIANTS[args.export_variant],
+            "selection": f"best pooled validation AUC {val_auc:.3f} of {args.seeds} seeds (seed {seed}); flip TTA at inference",
+        },
         changelog=f"{args.export_variant} (lesion mask as a second input channel, {VARIANTS[args.export_variant]['crop_mm']} mm "
-                  f"field of view, {VARIANTS[args.export_variant]['augment']} augmentation, flip TTA) trained on both LIDC sites' "
-                  f"training splits; pooled test AUC {result['metrics']['auc']['value']:.3f} against diameter-only {size['value']:.3f}; "
-                  f"benchmarks/lidc_model.py seed {seed}")
+        f"field of view, {VARIANTS[args.export_variant]['augment']} augmentation, flip TTA) trained on both LIDC sites' "
+        f"training splits; pooled test AUC {result['metrics']['auc']['value']:.3f} against diameter-only {size['value']:.3f}; "
+        f"benchmarks/lidc_model.py seed {seed}",
+    )
     m = result["metrics"]["auc"]
-    print(f"exported {info['path']} {info['version']}: pooled test AUC {m['value']:.3f} {m['ci95']} with TTA "
-          f"(diameter only {size['value']:.3f} {size['ci95']}); TorchScript max abs diff {info['torchscript_max_abs_diff']:.1e}")
-    return {"version": info["version"], "seed": seed, "val_auc": val_auc, "test_tta": {"auc": m["value"], "auc_ci95": m["ci95"]}}
+    print(
+        f"exported {info['path']} {info['version']}: pooled test AUC {m['value']:.3f} {m['ci95']} with TTA "
+        f"(diameter only {size['value']:.3f} {size['ci95']}); TorchScript max abs diff {info['torchscript_max_abs_diff']:.1e}"
+    )
+    return {
+        "version": info["version"],
+        "seed": seed,
+        "val_auc": val_auc,
+        "test_tta": {"auc": m["value"], "auc_ci95": m["ci95"]},
+    }
 
 
 if __name__ == "__main__":

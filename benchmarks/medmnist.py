@@ -64,32 +64,59 @@ def main() -> None:
     set_determinism(args.seed)
     work = Path(args.work)
     summary = import_medmnist(args.npz, work)
-    items = preprocess_splits(load_manifest(work / summary["manifest"]), work, ("train", "val", "test"),
-                              preprocessing(**summary["preprocessing"]))
+    items = preprocess_splits(
+        load_manifest(work / summary["manifest"]),
+        work,
+        ("train", "val", "test"),
+        preprocessing(**summary["preprocessing"]),
+    )
     print(", ".join(f"{k}: {len(v)}" for k, v in items.items()) + f"; input {tuple(items['train'][0]['image'].shape)}")
 
     network, t = resnet(1.0, len(summary["classes"]), spatial_dims=2, depth=18, small_input=True), time.perf_counter()
     recipe = TrainRecipe(epochs=args.epochs, batch_size=args.batch_size, augment=args.augment)
-    fitted = train(network, items["train"], items["val"], recipe, device=args.device, desc="ResNet-18 (28) on BreastMNIST")
+    fitted = train(
+        network, items["train"], items["val"], recipe, device=args.device, desc="ResNet-18 (28) on BreastMNIST"
+    )
     seconds = time.perf_counter() - t
     result = evaluate_items(network.cpu(), items["test"], seed=args.seed, class_names=summary["classes"])
     m = result["metrics"]
-    ours = {"method": "medtl ResNet-18 (28)", "auc": m["auc"]["value"], "auc_ci95": m["auc"]["ci95"], "accuracy": m["accuracy"]["value"],
-            "accuracy_ci95": m["accuracy"]["ci95"], "epochs_run": fitted["epochs_run"], "best_epoch": fitted["best_epoch"],
-            "best_val_auc": fitted["best_val_auc"], "params": sum(p.numel() for p in network.parameters()), "seconds": round(seconds, 1)}
+    ours = {
+        "method": "medtl ResNet-18 (28)",
+        "auc": m["auc"]["value"],
+        "auc_ci95": m["auc"]["ci95"],
+        "accuracy": m["accuracy"]["value"],
+        "accuracy_ci95": m["accuracy"]["ci95"],
+        "epochs_run": fitted["epochs_run"],
+        "best_epoch": fitted["best_epoch"],
+        "best_val_auc": fitted["best_val_auc"],
+        "params": sum(p.numel() for p in network.parameters()),
+        "seconds": round(seconds, 1),
+    }
 
     print(f"\nBreastMNIST test split ({result['n']} images); published rows: MedMNIST v2 (no CIs given)")
     print(f"{'method':<24}{'AUC [95% CI]':>24}{'ACC [95% CI]':>24}")
-    print(f"{ours['method']:<24}{_cell(ours['auc'], ours['auc_ci95']):>24}{_cell(ours['accuracy'], ours['accuracy_ci95']):>24}")
+    print(
+        f"{ours['method']:<24}{_cell(ours['auc'], ours['auc_ci95']):>24}{_cell(ours['accuracy'], ours['accuracy_ci95']):>24}"
+    )
     for method, auc, acc in PUBLISHED:
         print(f"{method:<24}{auc:>24.3f}{acc:>24.3f}")
     wall = time.perf_counter() - started
-    print(f"\nkept epoch {ours['best_epoch']} of {ours['epochs_run']} (validation AUC {ours['best_val_auc']:.3f}); "
-          f"{ours['params'] / 1e6:.2f}M parameters; training {seconds:.0f}s on {args.device}, wall time {wall:.0f}s")
+    print(
+        f"\nkept epoch {ours['best_epoch']} of {ours['epochs_run']} (validation AUC {ours['best_val_auc']:.3f}); "
+        f"{ours['params'] / 1e6:.2f}M parameters; training {seconds:.0f}s on {args.device}, wall time {wall:.0f}s"
+    )
     if args.out:
-        atomic_write_json(args.out, {"args": vars(args), "ours": ours | {"val_auc": fitted["val_auc"]},
-                                     "published": [{"method": n, "auc": a, "accuracy": c} for n, a, c in PUBLISHED],
-                                     "recipe": fitted["recipe"], "import": summary, "wall_seconds": round(wall, 1)})
+        atomic_write_json(
+            args.out,
+            {
+                "args": vars(args),
+                "ours": ours | {"val_auc": fitted["val_auc"]},
+                "published": [{"method": n, "auc": a, "accuracy": c} for n, a, c in PUBLISHED],
+                "recipe": fitted["recipe"],
+                "import": summary,
+                "wall_seconds": round(wall, 1),
+            },
+        )
         print(f"-> {args.out}")
 
 

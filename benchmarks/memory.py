@@ -43,7 +43,9 @@ def peak_mb(who=resource.RUSAGE_SELF):
     return resource.getrusage(who).ru_maxrss / 1024
 """
 
-_SCAN = _RSS + """
+_SCAN = (
+    _RSS
+    + """
 import json, sys
 from medtl.dicom import scan_dicom
 base = rss_mb()
@@ -51,8 +53,11 @@ index = scan_dicom(sys.argv[1], 'salt', progress=False)
 print(json.dumps({'base_mb': base, 'peak_mb': peak_mb(), 'worker_peak_mb': peak_mb(resource.RUSAGE_CHILDREN),
                   'files': index['summary']['files'], 'series': index['summary']['series']}))
 """
+)
 
-_TRAIN = _RSS + """
+_TRAIN = (
+    _RSS
+    + """
 import json, sys
 import torch
 from monai.data import MetaTensor
@@ -70,12 +75,19 @@ with_items = rss_mb()
 result = train(network, items, None, TrainRecipe(epochs=epochs, batch_size=16, augment='light'), progress=False)
 print(json.dumps({'base_mb': base, 'items_mb': with_items, 'peak_mb': peak_mb(), 'end_mb': rss_mb(), 'seconds': result['seconds']}))
 """
+)
 
 
 def child(program: str, *args: Any) -> dict[str, Any]:
     """Run ``program`` in a fresh interpreter (its own peak RSS) and return the JSON it prints."""
-    done = subprocess.run([sys.executable, "-c", program, *map(str, args)], capture_output=True, encoding="utf-8",
-                          errors="replace", env=utf8_child_env(), check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", program, *map(str, args)],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -87,8 +99,13 @@ def write_folder(folder: Path, n_files: int) -> Path:
         return folder
     pixels = np.zeros((32, 32, SLICES))
     for s in range(n_files // SLICES):
-        info = SeriesInfo(patient_id=f"BENCH-MEM-{s // 4:05d}", patient_name="BENCH^MEM", study_uid=make_uid(f"mem/{s // 4}"),
-                          series_uid=make_uid(f"mem/{s}"), series_number=s % 4 + 1)
+        info = SeriesInfo(
+            patient_id=f"BENCH-MEM-{s // 4:05d}",
+            patient_name="BENCH^MEM",
+            study_uid=make_uid(f"mem/{s // 4}"),
+            series_uid=make_uid(f"mem/{s}"),
+            series_number=s % 4 + 1,
+        )
         write_ct_series(folder / f"patient_{s // 4:05d}", pixels, (1.0, 1.0, 2.0), info, file_prefix=f"S{s % 4}_")
     done.touch()
     return folder
@@ -111,24 +128,36 @@ def main() -> None:
             written = time.perf_counter() - t
             t = time.perf_counter()
             scans.append(child(_SCAN, folder) | {"seconds": time.perf_counter() - t, "write_seconds": written})
-    training = [child(_TRAIN, n, epochs) | {"items": n, "epochs": epochs} for n in args.items for epochs in (1, args.epochs)]
+    training = [
+        child(_TRAIN, n, epochs) | {"items": n, "epochs": epochs} for n in args.items for epochs in (1, args.epochs)
+    ]
 
     (small, large) = scans
     per_1000 = (large["peak_mb"] - small["peak_mb"]) / (large["files"] - small["files"]) * 1000
     print("\nscan_dicom peak RSS (child process per folder; MB)")
-    print(f"{'files':>7}{'series':>8}{'after imports':>15}{'peak':>8}{'peak - imports':>16}{'worker peak':>13}{'seconds':>9}")
+    print(
+        f"{'files':>7}{'series':>8}{'after imports':>15}{'peak':>8}{'peak - imports':>16}{'worker peak':>13}{'seconds':>9}"
+    )
     for r in scans:
         workers = f"{r['worker_peak_mb']:.0f}" if r["worker_peak_mb"] else "-"
-        print(f"{r['files']:>7}{r['series']:>8}{r['base_mb']:>15.0f}{r['peak_mb']:>8.0f}{r['peak_mb'] - r['base_mb']:>16.1f}{workers:>13}{r['seconds']:>9.1f}")
-    print(f"growth: {per_1000:.2f} MB per 1,000 files; peak {large['files']} / {small['files']} files: "
-          f"{large['peak_mb'] / small['peak_mb']:.2f}x (above imports: {(large['peak_mb'] - large['base_mb']) / max(small['peak_mb'] - small['base_mb'], 1e-9):.1f}x)")
+        print(
+            f"{r['files']:>7}{r['series']:>8}{r['base_mb']:>15.0f}{r['peak_mb']:>8.0f}{r['peak_mb'] - r['base_mb']:>16.1f}{workers:>13}{r['seconds']:>9.1f}"
+        )
+    print(
+        f"growth: {per_1000:.2f} MB per 1,000 files; peak {large['files']} / {small['files']} files: "
+        f"{large['peak_mb'] / small['peak_mb']:.2f}x (above imports: {(large['peak_mb'] - large['base_mb']) / max(small['peak_mb'] - small['base_mb'], 1e-9):.1f}x)"
+    )
     print("\nrecipe.train peak RSS (child process per run; MB)")
     print(f"{'items':>6}{'epochs':>7}{'model':>7}{'+ items':>9}{'peak':>8}{'peak - items':>14}{'seconds':>9}")
     for r in training:
-        print(f"{r['items']:>6}{r['epochs']:>7}{r['base_mb']:>7.0f}{r['items_mb']:>9.0f}{r['peak_mb']:>8.0f}{r['peak_mb'] - r['items_mb']:>14.0f}{r['seconds']:>9.1f}")
+        print(
+            f"{r['items']:>6}{r['epochs']:>7}{r['base_mb']:>7.0f}{r['items_mb']:>9.0f}{r['peak_mb']:>8.0f}{r['peak_mb'] - r['items_mb']:>14.0f}{r['seconds']:>9.1f}"
+        )
     for n in args.items:
         one, many = (r for r in training if r["items"] == n)
-        print(f"{n} items: peak after {args.epochs} epochs - after 1 epoch = {many['peak_mb'] - one['peak_mb']:+.1f} MB")
+        print(
+            f"{n} items: peak after {args.epochs} epochs - after 1 epoch = {many['peak_mb'] - one['peak_mb']:+.1f} MB"
+        )
     if args.out:
         atomic_write_json(args.out, {"scan": scans, "train": training, "scan_mb_per_1000_files": per_1000})
 

@@ -27,7 +27,11 @@ from medtl.networks import resnet
 from medtl.recipes import TrainRecipe
 from medtl.stages import evaluate_items
 
-SETTINGS = {"fp32": {}, "channels-last": {"channels_last": True}, "channels-last + bf16": {"channels_last": True, "bf16": True}}
+SETTINGS = {
+    "fp32": {},
+    "channels-last": {"channels_last": True},
+    "channels-last + bf16": {"channels_last": True, "bf16": True},
+}
 
 
 def _cell(metric: dict) -> str:
@@ -53,24 +57,38 @@ def main() -> None:
             set_determinism(seed)
             network = resnet(0.5)
             start = time.perf_counter()
-            run = train(network, items["A train"], items["A val"], TrainRecipe(epochs=args.epochs, **options), progress=False)
+            run = train(
+                network, items["A train"], items["A val"], TrainRecipe(epochs=args.epochs, **options), progress=False
+            )
             seconds = (time.perf_counter() - start) / run["epochs_run"]
-            rows[name].append({"seed": seed, "seconds_per_epoch": seconds, "best_epoch": run["best_epoch"],
-                               "site A test": evaluate_items(network, items["A test"], class_names=CLASSES, seed=seed)["metrics"],
-                               "site B test": evaluate_items(network, items["B test"], class_names=CLASSES, seed=seed)["metrics"]})
+            rows[name].append(
+                {
+                    "seed": seed,
+                    "seconds_per_epoch": seconds,
+                    "best_epoch": run["best_epoch"],
+                    "site A test": evaluate_items(network, items["A test"], class_names=CLASSES, seed=seed)["metrics"],
+                    "site B test": evaluate_items(network, items["B test"], class_names=CLASSES, seed=seed)["metrics"],
+                }
+            )
             print(f"seed {seed}, {name}: {seconds:.1f} s/epoch", flush=True)
     base = statistics.median(r["seconds_per_epoch"] for r in rows["fp32"])
     print(f"\n{'setting':<22}{'seed':>5}{'s/epoch':>9}  {'site A AUC':<20}{'site B AUC':<20}")
     for name, runs in rows.items():
         for r in runs:
-            print(f"{name:<22}{r['seed']:>5}{r['seconds_per_epoch']:>9.1f}  {_cell(r['site A test']['auc']):<20}{_cell(r['site B test']['auc']):<20}")
+            print(
+                f"{name:<22}{r['seed']:>5}{r['seconds_per_epoch']:>9.1f}  {_cell(r['site A test']['auc']):<20}{_cell(r['site B test']['auc']):<20}"
+            )
     print(f"\n{'setting':<22}{'median s/epoch':>15}{'speed-up':>10}{'mean site A AUC':>17}{'mean site B AUC':>17}")
     summary = {}
     for name, runs in rows.items():
         median = statistics.median(r["seconds_per_epoch"] for r in runs)
-        means = {site: statistics.mean(r[site]["auc"]["value"] for r in runs) for site in ("site A test", "site B test")}
+        means = {
+            site: statistics.mean(r[site]["auc"]["value"] for r in runs) for site in ("site A test", "site B test")
+        }
         summary[name] = {"median_seconds_per_epoch": median, "speedup": base / median, "mean_auc": means}
-        print(f"{name:<22}{median:>15.1f}{base / median:>9.2f}x{means['site A test']:>17.3f}{means['site B test']:>17.3f}")
+        print(
+            f"{name:<22}{median:>15.1f}{base / median:>9.2f}x{means['site A test']:>17.3f}{means['site B test']:>17.3f}"
+        )
     if args.out:
         atomic_write_json(args.out, {"epochs": args.epochs, "threads": args.threads, "runs": rows, "summary": summary})
 

@@ -83,20 +83,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lidc", default=str(SHARED), help="the lidc_nodule_vois folder")
     parser.add_argument("--work", default="medtl-lidc", help="where the imported NIfTI files and manifests go")
-    parser.add_argument("--variant", default="mask48-strong", choices=list(VARIANTS), help="input setting (benchmarks/lidc_model.py)")
+    parser.add_argument(
+        "--variant", default="mask48-strong", choices=list(VARIANTS), help="input setting (benchmarks/lidc_model.py)"
+    )
     parser.add_argument("--source-epochs", type=int, default=20)
     parser.add_argument("--target-epochs", type=int, default=15)
     parser.add_argument("--folds", type=int, default=3, help="folds of the k-fold selection")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.25, 1.0], help="fractions of target training labels")
-    parser.add_argument("--draws", type=int, default=3, help="draws (seeds 0..N-1): a source model and a label subset per budget each")
+    parser.add_argument(
+        "--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.25, 1.0], help="fractions of target training labels"
+    )
+    parser.add_argument(
+        "--draws", type=int, default=3, help="draws (seeds 0..N-1): a source model and a label subset per budget each"
+    )
     parser.add_argument("--widen", type=float, default=0.25, help="ResNet10 width (0.25: 0.9M parameters)")
-    parser.add_argument("--adabn", choices=("always", "judged"), default="always",
-                        help="medtl fine-tune: AdaBN always, or kept only when the labeled cases agree (FineTuneRecipe.adabn_judged)")
-    parser.add_argument("--wise", type=float, default=FineTuneRecipe.wise,
-                        help="medtl fine-tune: weight of the fine-tuned weights in the WiSE-FT average (1: none)")
+    parser.add_argument(
+        "--adabn",
+        choices=("always", "judged"),
+        default="always",
+        help="medtl fine-tune: AdaBN always, or kept only when the labeled cases agree (FineTuneRecipe.adabn_judged)",
+    )
+    parser.add_argument(
+        "--wise",
+        type=float,
+        default=FineTuneRecipe.wise,
+        help="medtl fine-tune: weight of the fine-tuned weights in the WiSE-FT average (1: none)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--resume", action="store_true", help="keep the draws already complete in --out and run only the rest")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the draws already complete in --out and run only the rest"
+    )
     args = parser.parse_args()
     if not Path(args.lidc).is_dir():
         raise SystemExit(f"LIDC VOIs not found at {args.lidc}: pass --lidc (see ../shared/data/README.md)")
@@ -118,20 +134,43 @@ def main() -> None:
         rows, done = completed_draws(args.out, vars(args))
         print(f"resuming: draws {sorted(done)} already complete in {args.out}")
 
-    def record(stage: str, budget: float | None, draw: int, network: torch.nn.Module | None, seconds: float, labels: int,
-               result: dict | None = None, **extra: object) -> None:
+    def record(
+        stage: str,
+        budget: float | None,
+        draw: int,
+        network: torch.nn.Module | None,
+        seconds: float,
+        labels: int,
+        result: dict | None = None,
+        **extra: object,
+    ) -> None:
         result = result or evaluate_items(network, test, seed=draw, class_names=LIDC_CLASSES, device=device)
         m = result["metrics"]
-        rows.append({"stage": stage, "budget": budget, "draw": draw, "labels": labels, "auc": m["auc"]["value"],
-                     "auc_ci95": m["auc"]["ci95"], "accuracy": m["accuracy"]["value"], "seconds": round(seconds, 1), **extra})
-        print(f"draw {draw} {stage} (labels {budget}): AUC {m['auc']['value']:.3f} {m['auc']['ci95']}, "
-              f"accuracy {m['accuracy']['value']:.3f}", flush=True)
+        rows.append(
+            {
+                "stage": stage,
+                "budget": budget,
+                "draw": draw,
+                "labels": labels,
+                "auc": m["auc"]["value"],
+                "auc_ci95": m["auc"]["ci95"],
+                "accuracy": m["accuracy"]["value"],
+                "seconds": round(seconds, 1),
+                **extra,
+            }
+        )
+        print(
+            f"draw {draw} {stage} (labels {budget}): AUC {m['auc']['value']:.3f} {m['auc']['ci95']}, "
+            f"accuracy {m['accuracy']['value']:.3f}",
+            flush=True,
+        )
         if args.out:
             atomic_write_json(args.out, {"args": vars(args), "rows": rows})
 
     y = np.array([i["label"] for i in test])
-    diameter = classification_metrics(y, diameter_scores(work, test), class_names=list(LIDC_CLASSES),
-                                      patient_ids=[i["patient"] for i in test], seed=0)
+    diameter = classification_metrics(
+        y, diameter_scores(work, test), class_names=list(LIDC_CLASSES), patient_ids=[i["patient"] for i in test], seed=0
+    )
     if not any(r["stage"] == "diameter only" for r in rows):
         record("diameter only", None, 0, None, 0.0, 0, result=diameter)
     n_thin = len(items["thin train"]) + len(items["thin val"])
@@ -140,8 +179,14 @@ def main() -> None:
             continue
         set_determinism(draw)
         source, t = resnet(args.widen, in_channels=in_channels), time.perf_counter()
-        train(source, items["thin train"], items["thin val"], TrainRecipe(epochs=args.source_epochs, augment=variant["augment"]),
-              desc=f"source (thin) draw {draw}", device=device)
+        train(
+            source,
+            items["thin train"],
+            items["thin val"],
+            TrainRecipe(epochs=args.source_epochs, augment=variant["augment"]),
+            desc=f"source (thin) draw {draw}",
+            device=device,
+        )
         record("source-only", 0.0, draw, source, time.perf_counter() - t, n_thin)
         adapted, t = copy.deepcopy(source), time.perf_counter()
         adabn(adapted, loader(items["thick train"], batch_size=16, device=device), device=device)
@@ -149,39 +194,85 @@ def main() -> None:
         for budget in args.budgets:
             labeled = subset(items["thick train"], budget, seed=draw)
             chosen = {i["case_id"] for i in labeled}
-            unlabeled = [i for i in items["thick train"] if i["case_id"] not in chosen]  # AdaBN sees their scans, not labels
+            unlabeled = [
+                i for i in items["thick train"] if i["case_id"] not in chosen
+            ]  # AdaBN sees their scans, not labels
             n_labels = len(labeled) + len(items["thick val"])
-            for stage, recipe in (("medtl fine-tune", FineTuneRecipe(
-                epochs=args.target_epochs, folds=args.folds, augment=variant["augment"], adabn_judged=args.adabn == "judged", wise=args.wise)),
-                                  ("naive fine-tune", FineTuneRecipe.naive(epochs=args.target_epochs, augment=variant["augment"]))):
+            for stage, recipe in (
+                (
+                    "medtl fine-tune",
+                    FineTuneRecipe(
+                        epochs=args.target_epochs,
+                        folds=args.folds,
+                        augment=variant["augment"],
+                        adabn_judged=args.adabn == "judged",
+                        wise=args.wise,
+                    ),
+                ),
+                ("naive fine-tune", FineTuneRecipe.naive(epochs=args.target_epochs, augment=variant["augment"])),
+            ):
                 set_determinism(draw)
                 model, t = copy.deepcopy(source), time.perf_counter()
-                fitted = finetune(model, labeled, items["thick val"], recipe, unlabeled_items=unlabeled, desc=f"{stage} {budget:g}",
-                                  device=device, seed=draw)
-                record(stage, budget, draw, model, time.perf_counter() - t, n_thin + n_labels, epochs=fitted["best_epoch"],
-                       adabn_kept=fitted.get("adabn", {}).get("kept"))
+                fitted = finetune(
+                    model,
+                    labeled,
+                    items["thick val"],
+                    recipe,
+                    unlabeled_items=unlabeled,
+                    desc=f"{stage} {budget:g}",
+                    device=device,
+                    seed=draw,
+                )
+                record(
+                    stage,
+                    budget,
+                    draw,
+                    model,
+                    time.perf_counter() - t,
+                    n_thin + n_labels,
+                    epochs=fitted["best_epoch"],
+                    adabn_kept=fitted.get("adabn", {}).get("kept"),
+                )
             set_determinism(draw)
             scratch, t = resnet(args.widen, in_channels=in_channels), time.perf_counter()
-            fitted = train(scratch, labeled, items["thick val"],
-                           TrainRecipe(epochs=args.target_epochs, batch_size=8, augment=variant["augment"], selection="kfold", folds=args.folds),
-                           desc=f"scratch {budget:g}", device=device, seed=draw)
+            fitted = train(
+                scratch,
+                labeled,
+                items["thick val"],
+                TrainRecipe(
+                    epochs=args.target_epochs,
+                    batch_size=8,
+                    augment=variant["augment"],
+                    selection="kfold",
+                    folds=args.folds,
+                ),
+                desc=f"scratch {budget:g}",
+                device=device,
+                seed=draw,
+            )
             record("scratch", budget, draw, scratch, time.perf_counter() - t, n_labels, epochs=fitted["best_epoch"])
 
-    print(f"\nthick-slice test split: {len(test)} nodules of unseen patients; mean ± sd over {args.draws} draws "
-          f"(each its own source model and label subsets); input {args.variant}")
-    print(f"{'stage':<18}{'budget':>7}{'labels':>7}{'AUC':>16}{'AUC - source':>15}{'accuracy':>16}{'draw 0 AUC [95% CI]':>24}")
+    print(
+        f"\nthick-slice test split: {len(test)} nodules of unseen patients; mean ± sd over {args.draws} draws "
+        f"(each its own source model and label subsets); input {args.variant}"
+    )
+    print(
+        f"{'stage':<18}{'budget':>7}{'labels':>7}{'AUC':>16}{'AUC - source':>15}{'accuracy':>16}{'draw 0 AUC [95% CI]':>24}"
+    )
     source_auc = {r["draw"]: r["auc"] for r in rows if r["stage"] == "source-only"}
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["stage"], row["budget"]), []).append(row)
     for (stage, budget), group in groups.items():
         auc, acc = np.array([r["auc"] for r in group]), np.array([r["accuracy"] or np.nan for r in group])
-        sd = (lambda a: a.std(ddof=1) if len(a) > 1 else 0.0)
+        sd = lambda a: a.std(ddof=1) if len(a) > 1 else 0.0
         gain = np.array([r["auc"] - source_auc[r["draw"]] for r in group]) if budget is not None else None
         lo, hi = group[0]["auc_ci95"]
-        print(f"{stage:<18}{'-' if budget is None else f'{budget:.0%}':>7}{group[0]['labels']:>7}{auc.mean():>9.3f} ± {sd(auc):.3f}"
-              f"{'' if gain is None else f'{gain.mean():+.3f} ± {sd(gain):.3f}':>15}"
-              f"{'' if budget is None else f'{np.nanmean(acc):.3f} ± {sd(acc):.3f}':>16}{group[0]['auc']:>10.3f} [{lo:.3f}, {hi:.3f}]")
+        print(
+            f"{stage:<18}{'-' if budget is None else f'{budget:.0%}':>7}{group[0]['labels']:>7}{auc.mean():>9.3f} ± {sd(auc):.3f}"
+            f"{'' if gain is None else f'{gain.mean():+.3f} ± {sd(gain):.3f}':>15}"
+            f"{'' if budget is None else f'{np.nanmean(acc):.3f} ± {sd(acc):.3f}':>16}{group[0]['auc']:>10.3f} [{lo:.3f}, {hi:.3f}]"
+        )
     if args.out:
         print(f"-> {args.out}")
 

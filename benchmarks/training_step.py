@@ -80,10 +80,14 @@ def main() -> None:
     rows = [("model only (tensors in memory)", model_only)]
     loaders = {  # the bundles' two --loader settings, with no worker processes
         "DataLoader, main process": data_loader(dataset, batch_size=args.batch_size, shuffle=True, loader="process"),
-        "ThreadDataLoader (background thread)": data_loader(dataset, batch_size=args.batch_size, shuffle=True, loader="thread"),
+        "ThreadDataLoader (background thread)": data_loader(
+            dataset, batch_size=args.batch_size, shuffle=True, loader="thread"
+        ),
     }
     for name, loader in loaders.items():
-        rows.append((name, statistics.median(_timed_steps(network, optimizer, islice(endless(loader), None), args.steps))))
+        rows.append(
+            (name, statistics.median(_timed_steps(network, optimizer, islice(endless(loader), None), args.steps)))
+        )
 
     print(f"\n{len(items)} cases, batch {args.batch_size}, {args.threads} threads, median of {args.steps} steps")
     print(f"{'step':<40}{'seconds':>10}{'÷ model only':>14}{'target':>10}")

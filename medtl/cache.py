@@ -38,7 +38,11 @@ def _describe(value: Any, depth: int, seen: set[int]) -> Any:
         return value.item()
     if isinstance(value, (np.ndarray, torch.Tensor)):
         array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
-        return array.tolist() if array.size <= 64 else {"shape": list(array.shape), "sha256": hashlib.sha256(array.tobytes()).hexdigest()}
+        return (
+            array.tolist()
+            if array.size <= 64
+            else {"shape": list(array.shape), "sha256": hashlib.sha256(array.tobytes()).hexdigest()}
+        )
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
         return [_describe(v, depth + 1, seen) for v in items]
@@ -82,8 +86,15 @@ def item_key(item: Any) -> bytes:
     return pickle_hashing(item)
 
 
-def cached_dataset(data: Sequence[dict[str, Any]], transform: Callable | None, *, cache: str = "memory",
-                   cache_dir: str | Path | None = None, progress: bool = True, num_workers: int | None = 0) -> Dataset:
+def cached_dataset(
+    data: Sequence[dict[str, Any]],
+    transform: Callable | None,
+    *,
+    cache: str = "memory",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    num_workers: int | None = 0,
+) -> Dataset:
     """``data`` through ``transform`` with its deterministic part cached in ``"memory"``, on
     ``"disk"`` under ``cache_dir/<fingerprint>/`` (reused by later runs with the same settings and
     files), or not at all (``"none"``)."""

@@ -21,11 +21,15 @@ def _scan(args: argparse.Namespace) -> int:
 
     index = write_scan_index(args.dir, args.output, real_ids=args.real_ids, progress=not args.quiet)
     s = index["summary"]
-    print(f"{s['files']} files: {s['series']} series ({s['loadable_series']} loadable), {s['skipped_files']} skipped -> {args.output}")
+    print(
+        f"{s['files']} files: {s['series']} series ({s['loadable_series']} loadable), {s['skipped_files']} skipped -> {args.output}"
+    )
     for series in index["series"]:
         flags = "; ".join(p["message"] for p in series["problems"]) or "ok"
         shape = "x".join(str(v) for v in series["shape"])
-        print(f"  {series['series_key']}  {series['modality']:<3} {series['num_instances']:>4} files  {shape:<12} {'' if series['loadable'] else 'NOT LOADABLE: '}{flags}")
+        print(
+            f"  {series['series_key']}  {series['modality']:<3} {series['num_instances']:>4} files  {shape:<12} {'' if series['loadable'] else 'NOT LOADABLE: '}{flags}"
+        )
     for item in index["skipped"]:
         print(f"  skipped {item['path']}: {item['reason']}")
     if index["skipped"] and not args.real_ids:
@@ -53,8 +57,13 @@ def _identifiers(args: argparse.Namespace) -> set[str]:
 def _bundle_verify(args: argparse.Namespace) -> int:
     from medtl.bundle.verify import verify_bundle
 
-    report = verify_bundle(args.path, trust=args.trust, identifiers=_identifiers(args), trusted_keys=args.trusted_keys,
-                           max_bytes=_mib(args.max_size))
+    report = verify_bundle(
+        args.path,
+        trust=args.trust,
+        identifiers=_identifiers(args),
+        trusted_keys=args.trusted_keys,
+        max_bytes=_mib(args.max_size),
+    )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0 if report.ok else 1
 
@@ -62,9 +71,15 @@ def _bundle_verify(args: argparse.Namespace) -> int:
 def _bundle_pack(args: argparse.Namespace) -> int:
     from medtl.bundle.share import pack_bundle
 
-    result = pack_bundle(args.dir, args.output, identifiers=_identifiers(args), sign_key=args.sign_key, signer=args.signer)
+    result = pack_bundle(
+        args.dir, args.output, identifiers=_identifiers(args), sign_key=args.sign_key, signer=args.signer
+    )
     print(result["verification"].table())
-    signed = f", signed by {result['signature'].signer!r} (key {result['signature'].fingerprint})" if result["signature"] else ""
+    signed = (
+        f", signed by {result['signature'].signer!r} (key {result['signature'].fingerprint})"
+        if result["signature"]
+        else ""
+    )
     print(f"packed {result['files']} files{signed} -> {result['path']}")
     return 0
 
@@ -85,8 +100,14 @@ def _mib(value: float) -> int:
 def _bundle_import(args: argparse.Namespace) -> int:
     from medtl.bundle.share import import_bundle
 
-    result = import_bundle(args.path, args.to, trust=args.trust, replace=args.replace, trusted_keys=args.trusted_keys,
-                           max_bytes=_mib(args.max_size))
+    result = import_bundle(
+        args.path,
+        args.to,
+        trust=args.trust,
+        replace=args.replace,
+        trusted_keys=args.trusted_keys,
+        max_bytes=_mib(args.max_size),
+    )
     print(result["verification"].table())
     print(f"imported {result['name']} {result['version']} -> {result['path']}")
     return 0
@@ -147,16 +168,26 @@ def _demo_data(args: argparse.Namespace) -> int:
 
     summary = generate_cohort(args.out, seed=args.seed, scale=args.scale, progress=not args.quiet)
     for name, site in summary["sites"].items():
-        print(f"site {name}: {site['patients']} patients ({site['malignant']} malignant, {site['benign']} benign, {site['unlabeled']} without label) -> {Path(args.out) / f'site_{name}'}")
+        print(
+            f"site {name}: {site['patients']} patients ({site['malignant']} malignant, {site['benign']} benign, {site['unlabeled']} without label) -> {Path(args.out) / f'site_{name}'}"
+        )
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from medtl.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, scale=args.scale, source_epochs=args.source_epochs, target_epochs=args.target_epochs,
-             student_epochs=args.student_epochs, progress=not args.quiet, device=args.device,
-             seeds=args.seeds)
+    run_demo(
+        args.out,
+        seed=args.seed,
+        scale=args.scale,
+        source_epochs=args.source_epochs,
+        target_epochs=args.target_epochs,
+        student_epochs=args.student_epochs,
+        progress=not args.quiet,
+        device=args.device,
+        seeds=args.seeds,
+    )
     return 0
 
 
@@ -165,7 +196,9 @@ def _report(args: argparse.Namespace) -> int:
 
     written = render_report(args.run_dir, args.output)
     print(f"report: {written['html']}")
-    print(f"markdown: {written['markdown']} ({len(written['figures'])} figures in {written['markdown'].parent / 'figures'})")
+    print(
+        f"markdown: {written['markdown']} ({len(written['figures'])} figures in {written['markdown'].parent / 'figures'})"
+    )
     return 0
 
 
@@ -214,19 +247,42 @@ def _shift(args: argparse.Namespace) -> int:
 def _adapt(args: argparse.Namespace) -> int:
     from medtl.adapt.job import run_adapt
 
-    run_adapt(args.source, args.manifest, args.root, args.out, widen_factor=args.widen_factor, modality=args.modality,
-              recipe=recipe_from_args(FineTuneRecipe, args), student_widen=args.student_widen,
-              student=recipe_from_args(DistillRecipe, args, prefix="student_"), class_map=args.class_map, trust=args.trust,
-              resume=args.resume, seed=args.seed, progress=not args.quiet, device=args.device)
+    run_adapt(
+        args.source,
+        args.manifest,
+        args.root,
+        args.out,
+        widen_factor=args.widen_factor,
+        modality=args.modality,
+        recipe=recipe_from_args(FineTuneRecipe, args),
+        student_widen=args.student_widen,
+        student=recipe_from_args(DistillRecipe, args, prefix="student_"),
+        class_map=args.class_map,
+        trust=args.trust,
+        resume=args.resume,
+        seed=args.seed,
+        progress=not args.quiet,
+        device=args.device,
+    )
     return 0
 
 
 def _fl(args: argparse.Namespace) -> int:
     from medtl.fl.job import run_federated
 
-    run_federated(args.source, args.manifest, args.root, args.out, recipe=recipe_from_args(FederatedRecipe, args),
-                  widen_factor=args.widen_factor, modality=args.modality, threads=args.threads, trust=args.trust, seed=args.seed,
-                  device=args.device)
+    run_federated(
+        args.source,
+        args.manifest,
+        args.root,
+        args.out,
+        recipe=recipe_from_args(FederatedRecipe, args),
+        widen_factor=args.widen_factor,
+        modality=args.modality,
+        threads=args.threads,
+        trust=args.trust,
+        seed=args.seed,
+        device=args.device,
+    )
     return 0
 
 
@@ -236,12 +292,16 @@ def _import(args: argparse.Namespace) -> int:
     if args.dataset == "lidc":
         summary = import_lidc_vois(args.source, args.output, seed=args.seed, progress=not args.quiet)
         for name, site in summary["sites"].items():
-            print(f"site {name} ({site['rule']}): {site['cases']} nodules, {site['patients']} patients -> {Path(args.output) / site['manifest']}")
+            print(
+                f"site {name} ({site['rule']}): {site['cases']} nodules, {site['patients']} patients -> {Path(args.output) / site['manifest']}"
+            )
     else:
         classes = args.classes.split(",") if args.classes else None
         summary = import_medmnist(args.source, args.output, classes=classes, progress=not args.quiet)
-        print(f"{summary['dataset']}: {summary['cases']} images {summary['image_shape']} ({summary['intensity']}), "
-              f"per split and label {summary['by_split_label']} -> {Path(args.output) / summary['manifest']}")
+        print(
+            f"{summary['dataset']}: {summary['cases']} images {summary['image_shape']} ({summary['intensity']}), "
+            f"per split and label {summary['by_split_label']} -> {Path(args.output) / summary['manifest']}"
+        )
     for item in summary.get("skipped", []):
         print(f"skipped {item.get('file', item.get('row'))}: {item['reason']}")
     print(f"-> {Path(args.output) / 'import.json'}")
@@ -251,8 +311,17 @@ def _import(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from medtl.predict import format_predictions, predict
 
-    result = predict(args.dicom_dir, args.bundle, args.output, confidence=args.confidence, sr=args.sr,
-                     secondary_capture=args.secondary_capture, real_ids=args.real_ids, trust=args.trust, progress=not args.quiet)
+    result = predict(
+        args.dicom_dir,
+        args.bundle,
+        args.output,
+        confidence=args.confidence,
+        sr=args.sr,
+        secondary_capture=args.secondary_capture,
+        real_ids=args.real_ids,
+        trust=args.trust,
+        progress=not args.quiet,
+    )
     print(format_predictions(result))
     if result["dicom"]:
         print(f"{len(result['dicom'])} DICOM objects -> {Path(args.output) / 'dicom'}")
@@ -266,27 +335,40 @@ def _cohort_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", metavar="DEVICE",
-                        help="auto, cpu, cuda or cuda:N (default auto: the first GPU when CUDA is present, with mixed precision "
-                        "and pinned memory; else the CPU)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEVICE",
+        help="auto, cpu, cuda or cuda:N (default auto: the first GPU when CUDA is present, with mixed precision "
+        "and pinned memory; else the CPU)",
+    )
 
 
 def _add_scan(verbs: Any) -> None:
-    p = verbs.add_parser("scan", help="index a DICOM folder (headers only) into a series index JSON",
-                         description="Walk DIR recursively, read DICOM headers only and write one record per series "
-                         "(geometry, transfer syntax, slice-ordered files, problems). Unreadable files are skipped and listed. "
-                         "Patient/study/series identifiers and folder names are replaced by salted hashes; the salt (.medtl-salt) is kept beside the output.")
+    p = verbs.add_parser(
+        "scan",
+        help="index a DICOM folder (headers only) into a series index JSON",
+        description="Walk DIR recursively, read DICOM headers only and write one record per series "
+        "(geometry, transfer syntax, slice-ordered files, problems). Unreadable files are skipped and listed. "
+        "Patient/study/series identifiers and folder names are replaced by salted hashes; the salt (.medtl-salt) is kept beside the output.",
+    )
     p.add_argument("dir", help="folder to scan (recursively)")
     p.add_argument("-o", "--output", required=True, help="series index to write, e.g. scan.json")
-    p.add_argument("--real-ids", action="store_true",
-                   help="write folder names as they are on disk; by default they are salted keys (dir-...), because export "
-                   "folders are often named after the patient (`medtl manifest build` finds the folders either way)")
+    p.add_argument(
+        "--real-ids",
+        action="store_true",
+        help="write folder names as they are on disk; by default they are salted keys (dir-...), because export "
+        "folders are often named after the patient (`medtl manifest build` finds the folders either way)",
+    )
     p.set_defaults(func=_scan)
 
 
 def _add_convert(verbs: Any) -> None:
-    p = verbs.add_parser("convert", help="write one DICOM series as NIfTI (canonical RAS, HU)",
-                         description="Load one DICOM series (geometric slice order, rescale applied, canonical RAS) and write it as NIfTI.")
+    p = verbs.add_parser(
+        "convert",
+        help="write one DICOM series as NIfTI (canonical RAS, HU)",
+        description="Load one DICOM series (geometric slice order, rescale applied, canonical RAS) and write it as NIfTI.",
+    )
     p.add_argument("series_dir", help="folder holding the series (or a single DICOM file)")
     p.add_argument("-o", "--output", required=True, help="output file, e.g. out.nii.gz")
     p.add_argument("--series", help="SeriesNumber or SeriesInstanceUID to pick when the folder holds several series")
@@ -294,17 +376,27 @@ def _add_convert(verbs: Any) -> None:
 
 
 def _add_manifest(verbs: Any) -> None:
-    p = verbs.add_parser("manifest", help="build or check a data manifest",
-                         description="Data manifests join images with labels, sites and patient-level splits.")
-    msub = p.add_subparsers(dest="manifest_verb", metavar="ACTION", required=True, help="build: create a manifest; check: re-verify one")
-    b = msub.add_parser("build", help="join a scan index and/or NIfTI files with a label table",
-                        description="Join a label table (patient_id,label[,series_uid|image][,site,mask,roi_center_mm,roi_size_mm,split]) "
-                        "with a scan index into a manifest with seeded patient-level splits stratified by site and label. "
-                        "Refuses unknown labels, missing images, duplicate rows and patients in two splits, naming the rows.")
+    p = verbs.add_parser(
+        "manifest",
+        help="build or check a data manifest",
+        description="Data manifests join images with labels, sites and patient-level splits.",
+    )
+    msub = p.add_subparsers(
+        dest="manifest_verb", metavar="ACTION", required=True, help="build: create a manifest; check: re-verify one"
+    )
+    b = msub.add_parser(
+        "build",
+        help="join a scan index and/or NIfTI files with a label table",
+        description="Join a label table (patient_id,label[,series_uid|image][,site,mask,roi_center_mm,roi_size_mm,split]) "
+        "with a scan index into a manifest with seeded patient-level splits stratified by site and label. "
+        "Refuses unknown labels, missing images, duplicate rows and patients in two splits, naming the rows.",
+    )
     b.add_argument("--labels", required=True, help="label table CSV (UTF-8; comma, semicolon or tab separated)")
     b.add_argument("--classes", required=True, help="comma-separated class names in index order, e.g. benign,malignant")
     b.add_argument("--scan", help="series index from `medtl scan` (needed for DICOM series)")
-    b.add_argument("--root", help="data root all paths are made relative to (default: common folder of labels and scanned data)")
+    b.add_argument(
+        "--root", help="data root all paths are made relative to (default: common folder of labels and scanned data)"
+    )
     b.add_argument("--site", help="site name for rows without a 'site' column value")
     b.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")
     b.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
@@ -318,47 +410,83 @@ def _add_manifest(verbs: Any) -> None:
 
 
 def _add_demo_data(verbs: Any) -> None:
-    p = verbs.add_parser("demo-data", help="generate the embedded two-site demo cohort (DICOM + masks + labels)",
-                         description="Write a deterministic two-site chest-CT lesion cohort as real DICOM series, NIfTI lesion masks "
-                         "and labels.csv. Site B differs from site A like another scanner (thick slices, blur, noise, HU offset).")
+    p = verbs.add_parser(
+        "demo-data",
+        help="generate the embedded two-site demo cohort (DICOM + masks + labels)",
+        description="Write a deterministic two-site chest-CT lesion cohort as real DICOM series, NIfTI lesion masks "
+        "and labels.csv. Site B differs from site A like another scanner (thick slices, blur, noise, HU offset).",
+    )
     p.add_argument("out", help="output folder")
     _cohort_options(p)
     p.set_defaults(func=_demo_data)
 
 
 def _add_demo(verbs: Any) -> None:
-    p = verbs.add_parser("demo", help="run the main job on the embedded demo cohort",
-                         description="Generate the demo cohort if absent, scan both sites and build their manifests; train a source "
-                         "model on site A, evaluate it on sites A and B, adapt it to site B (AdaBN, then fine-tuning on a few labeled cases "
-                         "with the freeze->unfreeze schedule), distill a smaller student on site B's unlabeled scans, export the source and "
-                         "fine-tuned MONAI bundles, run the fine-tuned bundle's inference.json with python -m monai.bundle run on site-B "
-                         "DICOM folders it never saw, and print each stage's test AUC and accuracy with 95%% CIs and where every artifact is.")
+    p = verbs.add_parser(
+        "demo",
+        help="run the main job on the embedded demo cohort",
+        description="Generate the demo cohort if absent, scan both sites and build their manifests; train a source "
+        "model on site A, evaluate it on sites A and B, adapt it to site B (AdaBN, then fine-tuning on a few labeled cases "
+        "with the freeze->unfreeze schedule), distill a smaller student on site B's unlabeled scans, export the source and "
+        "fine-tuned MONAI bundles, run the fine-tuned bundle's inference.json with python -m monai.bundle run on site-B "
+        "DICOM folders it never saw, and print each stage's test AUC and accuracy with 95%% CIs and where every artifact is.",
+    )
     p.add_argument("--out", default="medtl-demo", help="working folder (default ./medtl-demo)")
     _cohort_options(p)
     p.add_argument("--source-epochs", type=int, default=20, help="epochs of source training on site A (default 20)")
-    p.add_argument("--target-epochs", type=int, default=15, help="epochs of fine-tuning on site B; k-fold selection picks how many of them (default 15)")
-    p.add_argument("--student-epochs", type=int, default=15, help="most epochs of student distillation (default 15; early stopping)")
-    p.add_argument("--seeds", type=int, default=1, help="repeat fine-tuning and the student with this many seeds and report each "
-                   "stage's spread (default 1; about 3.5 min per extra seed)")
+    p.add_argument(
+        "--target-epochs",
+        type=int,
+        default=15,
+        help="epochs of fine-tuning on site B; k-fold selection picks how many of them (default 15)",
+    )
+    p.add_argument(
+        "--student-epochs",
+        type=int,
+        default=15,
+        help="most epochs of student distillation (default 15; early stopping)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat fine-tuning and the student with this many seeds and report each "
+        "stage's spread (default 1; about 3.5 min per extra seed)",
+    )
     _device_option(p)
     p.set_defaults(func=_demo)
 
 
 def _add_shift(verbs: Any) -> None:
-    p = verbs.add_parser("shift", help="report the domain shift between a source and a target manifest",
-                         description="Compare the cases of two manifests: voxel spacing, image shape, raw intensities (HU for CT) "
-                         "and intensities of the preprocessed lesion crop, case and label counts. With --checkpoint, also the squared MMD "
-                         "between the two sites' penultimate features, with a permutation p-value. Cases whose image cannot be loaded "
-                         "are skipped and listed. The JSON report holds no file paths.")
+    p = verbs.add_parser(
+        "shift",
+        help="report the domain shift between a source and a target manifest",
+        description="Compare the cases of two manifests: voxel spacing, image shape, raw intensities (HU for CT) "
+        "and intensities of the preprocessed lesion crop, case and label counts. With --checkpoint, also the squared MMD "
+        "between the two sites' penultimate features, with a permutation p-value. Cases whose image cannot be loaded "
+        "are skipped and listed. The JSON report holds no file paths.",
+    )
     p.add_argument("--source", required=True, help="manifest of the source site (the data the network was trained on)")
     p.add_argument("--target", required=True, help="manifest of the target site")
     p.add_argument("--root", required=True, help="data root the manifests' paths are relative to")
     p.add_argument("--target-root", help="data root of the target manifest (default: --root)")
-    p.add_argument("--checkpoint", metavar="CKPT", help="trained network weights: adds the feature-space distance between the sites")
+    p.add_argument(
+        "--checkpoint",
+        metavar="CKPT",
+        help="trained network weights: adds the feature-space distance between the sites",
+    )
     p.add_argument("--arch", help="network name of --checkpoint, e.g. resnet10")
-    p.add_argument("--widen-factor", type=float, help="ResNet width multiplier the checkpoint was trained with (default: the network's)")
-    p.add_argument("--split", nargs="+", default=["train", "val", "test", "unlabeled"],
-                   help="manifest splits to include (default: train val test unlabeled)")
+    p.add_argument(
+        "--widen-factor",
+        type=float,
+        help="ResNet width multiplier the checkpoint was trained with (default: the network's)",
+    )
+    p.add_argument(
+        "--split",
+        nargs="+",
+        default=["train", "val", "test", "unlabeled"],
+        help="manifest splits to include (default: train val test unlabeled)",
+    )
     p.add_argument("--modality", default="ct", help="ct or mr: crop preprocessing and intensity units (default ct)")
     p.add_argument("--permutations", type=int, default=500, help="permutations of the MMD test (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutation test (default 0)")
@@ -368,10 +496,22 @@ def _add_shift(verbs: Any) -> None:
 
 def _source_options(parser: argparse.ArgumentParser) -> None:
     """What adapt and fl share: the source weights, how far to trust them, the network they fit."""
-    parser.add_argument("--source", required=True, help="source weights: a bundle folder or zip, a state dict, a checkpoint or TorchScript")
-    parser.add_argument("--trust", action="store_true", help="allow a source checkpoint that needs pickled code (runs code from the file)")
-    parser.add_argument("--widen-factor", type=float, default=0.5, help="ResNet10 width of the source weights (default 0.5)")
-    parser.add_argument("--modality", default="ct", choices=["ct", "mr"], help="crop preprocessing and intensity units (default ct)")
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="source weights: a bundle folder or zip, a state dict, a checkpoint or TorchScript",
+    )
+    parser.add_argument(
+        "--trust",
+        action="store_true",
+        help="allow a source checkpoint that needs pickled code (runs code from the file)",
+    )
+    parser.add_argument(
+        "--widen-factor", type=float, default=0.5, help="ResNet10 width of the source weights (default 0.5)"
+    )
+    parser.add_argument(
+        "--modality", default="ct", choices=["ct", "mr"], help="crop preprocessing and intensity units (default ct)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     _device_option(parser)
 
@@ -387,38 +527,59 @@ def _class_map(text: str) -> dict[str, str] | str:
 
 
 def _add_adapt(verbs: Any) -> None:
-    p = verbs.add_parser("adapt", help="adapt source weights to your own target manifest and export the bundle",
-                         description="The demo's adaptation on your data: load the source weights into a ResNet10 (a new head when the "
-                         "target has other classes), score it on the target's test split, AdaBN, fine-tune on the target's labeled train cases "
-                         "(head first, gradual unfreezing, L2-SP, epochs chosen by k-fold over its labeled cases, WiSE-FT weight averaging), optionally distill a smaller student on its "
-                         "unlabeled scans, and export the fine-tuned model as a tumor_cls_finetune bundle with TorchScript and ONNX copies.")
+    p = verbs.add_parser(
+        "adapt",
+        help="adapt source weights to your own target manifest and export the bundle",
+        description="The demo's adaptation on your data: load the source weights into a ResNet10 (a new head when the "
+        "target has other classes), score it on the target's test split, AdaBN, fine-tune on the target's labeled train cases "
+        "(head first, gradual unfreezing, L2-SP, epochs chosen by k-fold over its labeled cases, WiSE-FT weight averaging), optionally distill a smaller student on its "
+        "unlabeled scans, and export the fine-tuned model as a tumor_cls_finetune bundle with TorchScript and ONNX copies.",
+    )
     _source_options(p)
-    p.add_argument("--manifest", required=True, help="the target site's manifest (train, val and test splits; unlabeled optional)")
+    p.add_argument(
+        "--manifest", required=True, help="the target site's manifest (train, val and test splits; unlabeled optional)"
+    )
     p.add_argument("--root", required=True, help="data root the manifest's paths are relative to")
     p.add_argument("--out", default="medtl-adapt", help="output folder (default ./medtl-adapt)")
-    p.add_argument("--class-map", type=_class_map, metavar="T=S,...",
-                   help="how the target's classes correspond to a source bundle's when their names differ (target=source pairs), "
-                   "or new for a new head; classes with the same name are matched without it")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted fine-tuning from OUT/training_state.pt (saved after every epoch) with the same arguments")
+    p.add_argument(
+        "--class-map",
+        type=_class_map,
+        metavar="T=S,...",
+        help="how the target's classes correspond to a source bundle's when their names differ (target=source pairs), "
+        "or new for a new head; classes with the same name are matched without it",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted fine-tuning from OUT/training_state.pt (saved after every epoch) with the same arguments",
+    )
     add_recipe_options(p, FineTuneRecipe, title="fine-tuning recipe (medtl.recipes.FineTuneRecipe)")
     p.add_argument("--student-widen", type=float, help="also distill a student of this ResNet10 width, e.g. 0.25")
-    add_recipe_options(p, DistillRecipe, prefix="student_", title="student recipe, with --student-widen (medtl.recipes.DistillRecipe)")
+    add_recipe_options(
+        p, DistillRecipe, prefix="student_", title="student recipe, with --student-widen (medtl.recipes.DistillRecipe)"
+    )
     p.set_defaults(func=_adapt)
 
 
 def _add_fl(verbs: Any) -> None:
-    p = verbs.add_parser("fl", help="federated fine-tuning of source weights across sites with NVIDIA FLARE (simulator)",
-                         description="Fine-tune source weights across several sites whose scans never leave them, with NVIDIA FLARE "
-                         "(pip install medtl[fl]): the server runs FedAvg (FedProx with --fedprox-mu) from the source weights; each site, "
-                         "named site-1, site-2, ... in --manifest order, trains on its own manifest with the freeze->unfreeze schedule "
-                         "keyed on the round (the head alone for --head-rounds, then layer groups unfrozen from the top) and returns only "
-                         "weights and metrics. Runs the job in NVFlare's simulator on this machine, has every site evaluate the source and "
-                         "the final global model on its own val/test splits (95% CIs), prints per-round and per-site tables, and exports the "
-                         "global model as a tumor_cls_finetune bundle naming the sites by pseudonym. OUT/job/medtl_fl is the NVFlare job folder.")
+    p = verbs.add_parser(
+        "fl",
+        help="federated fine-tuning of source weights across sites with NVIDIA FLARE (simulator)",
+        description="Fine-tune source weights across several sites whose scans never leave them, with NVIDIA FLARE "
+        "(pip install medtl[fl]): the server runs FedAvg (FedProx with --fedprox-mu) from the source weights; each site, "
+        "named site-1, site-2, ... in --manifest order, trains on its own manifest with the freeze->unfreeze schedule "
+        "keyed on the round (the head alone for --head-rounds, then layer groups unfrozen from the top) and returns only "
+        "weights and metrics. Runs the job in NVFlare's simulator on this machine, has every site evaluate the source and "
+        "the final global model on its own val/test splits (95% CIs), prints per-round and per-site tables, and exports the "
+        "global model as a tumor_cls_finetune bundle naming the sites by pseudonym. OUT/job/medtl_fl is the NVFlare job folder.",
+    )
     _source_options(p)
-    p.add_argument("--manifest", required=True, nargs="+", help="one manifest per site, e.g. --manifest site_A.json site_B.json")
-    p.add_argument("--root", required=True, nargs="+", help="data root of the manifests' paths: one for all, or one per --manifest")
+    p.add_argument(
+        "--manifest", required=True, nargs="+", help="one manifest per site, e.g. --manifest site_A.json site_B.json"
+    )
+    p.add_argument(
+        "--root", required=True, nargs="+", help="data root of the manifests' paths: one for all, or one per --manifest"
+    )
     p.add_argument("--out", default="medtl-fl", help="output folder (default ./medtl-fl)")
     p.add_argument("--threads", type=int, help="sites the simulator trains at once (default: all of them)")
     add_recipe_options(p, FederatedRecipe, title="federated recipe (medtl.recipes.FederatedRecipe)")
@@ -426,112 +587,210 @@ def _add_fl(verbs: Any) -> None:
 
 
 def _add_import(verbs: Any) -> None:
-    p = verbs.add_parser("import", help="import a public dataset (LIDC-IDRI nodule VOIs, MedMNIST .npz) as NIfTI + manifests",
-                         description="Convert a public dataset into medtl's own files (NIfTI volumes, label tables, manifests) so it flows "
-                         "through the same manifest -> transforms -> bundle path as DICOM. lidc: a lidc_nodule_vois folder, split into a "
-                         "thin-slice site (z spacing <= 1.3 mm) and a thick-slice site (>= 1.8 mm) by patient; the nodule diameter goes only to "
-                         "baseline.csv. medmnist: a MedMNIST .npz, keeping its own train/val/test split. Reruns convert only what changed.")
+    p = verbs.add_parser(
+        "import",
+        help="import a public dataset (LIDC-IDRI nodule VOIs, MedMNIST .npz) as NIfTI + manifests",
+        description="Convert a public dataset into medtl's own files (NIfTI volumes, label tables, manifests) so it flows "
+        "through the same manifest -> transforms -> bundle path as DICOM. lidc: a lidc_nodule_vois folder, split into a "
+        "thin-slice site (z spacing <= 1.3 mm) and a thick-slice site (>= 1.8 mm) by patient; the nodule diameter goes only to "
+        "baseline.csv. medmnist: a MedMNIST .npz, keeping its own train/val/test split. Reruns convert only what changed.",
+    )
     p.add_argument("dataset", choices=["lidc", "medmnist"], help="which importer")
     p.add_argument("source", help="lidc: the lidc_nodule_vois folder; medmnist: the .npz file")
     p.add_argument("-o", "--output", required=True, help="folder to write (one dataset per folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the lidc patient split (default 0)")
-    p.add_argument("--classes", help="medmnist: comma-separated class names in label order (default: built in for known files)")
+    p.add_argument(
+        "--classes", help="medmnist: comma-separated class names in label order (default: built in for known files)"
+    )
     p.set_defaults(func=_import)
 
 
 def _add_bundle(verbs: Any) -> None:
-    p = verbs.add_parser("bundle", help="share bundles between sites: verify, pack, import, diff",
-                         description="Check a bundle before sharing or running it (schema, checksums, configs, portable paths, "
-                         "an audit of every $expression, weights without pickled code, TorchScript/ONNX parity, privacy scan), "
-                         "pack it into a reproducible zip with provenance and checksums, import a received one, compare two versions.")
-    bsub = p.add_subparsers(dest="bundle_verb", metavar="ACTION", required=True,
-                            help="verify: check; pack: zip to send; import: receive; diff: compare versions; keygen: a signing key")
-    v = bsub.add_parser("verify", help="check a bundle folder or zip and print a pass/fail table (exit 1 on any failure)")
+    p = verbs.add_parser(
+        "bundle",
+        help="share bundles between sites: verify, pack, import, diff",
+        description="Check a bundle before sharing or running it (schema, checksums, configs, portable paths, "
+        "an audit of every $expression, weights without pickled code, TorchScript/ONNX parity, privacy scan), "
+        "pack it into a reproducible zip with provenance and checksums, import a received one, compare two versions.",
+    )
+    bsub = p.add_subparsers(
+        dest="bundle_verb",
+        metavar="ACTION",
+        required=True,
+        help="verify: check; pack: zip to send; import: receive; diff: compare versions; keygen: a signing key",
+    )
+    v = bsub.add_parser(
+        "verify", help="check a bundle folder or zip and print a pass/fail table (exit 1 on any failure)"
+    )
     v.add_argument("path", help="bundle folder or .zip")
-    v.add_argument("--trust", action="store_true", help="report expressions outside the allow-list and pickled checkpoints as warnings")
+    v.add_argument(
+        "--trust",
+        action="store_true",
+        help="report expressions outside the allow-list and pickled checkpoints as warnings",
+    )
     v.add_argument("--json", action="store_true", help="print the table as JSON")
-    k = bsub.add_parser("pack", help="verify a bundle folder and write NAME_VERSION.zip with SHA256SUMS and provenance.json")
+    k = bsub.add_parser(
+        "pack", help="verify a bundle folder and write NAME_VERSION.zip with SHA256SUMS and provenance.json"
+    )
     k.add_argument("dir", help="bundle folder")
     k.add_argument("-o", "--output", help="zip to write (default: NAME_VERSION.zip here)")
     i = bsub.add_parser("import", help="verify a received bundle, then unpack it into a new folder in one step")
     i.add_argument("path", help="bundle .zip or folder")
     i.add_argument("--to", required=True, help="folder to create for the bundle")
-    i.add_argument("--trust", action="store_true", help="accept expressions outside the allow-list and pickled checkpoints (trusted senders only)")
+    i.add_argument(
+        "--trust",
+        action="store_true",
+        help="accept expressions outside the allow-list and pickled checkpoints (trusted senders only)",
+    )
     i.add_argument("--replace", action="store_true", help="replace an existing folder at --to")
     for sub in (v, i):
-        sub.add_argument("--trusted-keys", nargs="+", metavar="PUB",
-                         help="public keys (.pub files or folders of them) of senders you trust: the bundle must be signed by one")
-        sub.add_argument("--max-size", type=float, default=MAX_UNPACKED_BYTES / (1 << 20), metavar="MIB",
-                         help=f"refuse a bundle that unpacks to more than this many MiB (default {MAX_UNPACKED_BYTES >> 20})")
-    k.add_argument("--sign-key", metavar="KEY", help="sign SHA256SUMS with this Ed25519 private key (medtl bundle keygen)")
+        sub.add_argument(
+            "--trusted-keys",
+            nargs="+",
+            metavar="PUB",
+            help="public keys (.pub files or folders of them) of senders you trust: the bundle must be signed by one",
+        )
+        sub.add_argument(
+            "--max-size",
+            type=float,
+            default=MAX_UNPACKED_BYTES / (1 << 20),
+            metavar="MIB",
+            help=f"refuse a bundle that unpacks to more than this many MiB (default {MAX_UNPACKED_BYTES >> 20})",
+        )
+    k.add_argument(
+        "--sign-key", metavar="KEY", help="sign SHA256SUMS with this Ed25519 private key (medtl bundle keygen)"
+    )
     k.add_argument("--signer", help="the name the signature shows (default: the key file's name)")
     g = bsub.add_parser("keygen", help="make an Ed25519 key pair for signing the bundles this site sends")
     g.add_argument("name", help="a name for the key, e.g. the site's (shown to receivers with the signature)")
     g.add_argument("--out", default=".", help="folder for NAME.key and NAME.pub (default: here)")
     for sub in (v, k):
-        sub.add_argument("--identifiers-from", metavar="DICOM_DIR",
-                         help="also search for the patient names, IDs, UIDs and dates found in these DICOM headers (the training data)")
+        sub.add_argument(
+            "--identifiers-from",
+            metavar="DICOM_DIR",
+            help="also search for the patient names, IDs, UIDs and dates found in these DICOM headers (the training data)",
+        )
     d = bsub.add_parser("diff", help="config, metadata and metric differences between two bundles (folders or zips)")
     d.add_argument("a", help="the earlier bundle (folder or zip)")
     d.add_argument("b", help="the later bundle (folder or zip)")
-    for sub, func in ((v, _bundle_verify), (k, _bundle_pack), (i, _bundle_import), (d, _bundle_diff), (g, _bundle_keygen)):
+    for sub, func in (
+        (v, _bundle_verify),
+        (k, _bundle_pack),
+        (i, _bundle_import),
+        (d, _bundle_diff),
+        (g, _bundle_keygen),
+    ):
         sub.set_defaults(func=func)
 
 
 def _add_report(verbs: Any) -> None:
-    p = verbs.add_parser("report", help="write an HTML report (and Markdown twin) of a run: metrics, ROC, calibration, Grad-CAM",
-                         description="Render the records a medtl demo or medtl adapt run keeps in RUN_DIR/run/ as a self-contained "
-                         "HTML page (images embedded), a Markdown twin and PNG figures: the metric table with 95%% CIs, ROC curves "
-                         "of every stage on one plot, confusion matrices, a reliability diagram, learning curves, the domain-shift "
-                         "figures and Grad-CAM overlays of correct and wrong cases.")
+    p = verbs.add_parser(
+        "report",
+        help="write an HTML report (and Markdown twin) of a run: metrics, ROC, calibration, Grad-CAM",
+        description="Render the records a medtl demo or medtl adapt run keeps in RUN_DIR/run/ as a self-contained "
+        "HTML page (images embedded), a Markdown twin and PNG figures: the metric table with 95%% CIs, ROC curves "
+        "of every stage on one plot, confusion matrices, a reliability diagram, learning curves, the domain-shift "
+        "figures and Grad-CAM overlays of correct and wrong cases.",
+    )
     p.add_argument("run_dir", help="the run's output folder (holding run/), or its run/ folder")
     p.add_argument("-o", "--output", default=None, help="report folder (default RUN_DIR/report)")
     p.set_defaults(func=_report)
 
 
 def _add_weights(verbs: Any) -> None:
-    p = verbs.add_parser("weights", help="inspect how pretrained weights load into a network",
-                         description="Pretrained weights from a MONAI bundle (folder or .zip), a state dict or training checkpoint "
-                         "(.pt/.pth/.ckpt, Lightning, DataParallel), TorchScript or MedicalNet/Med3D, matched onto a registered network.")
-    wsub = p.add_subparsers(dest="weights_verb", metavar="ACTION", required=True, help="inspect: report what would load, adapt or be left out")
-    w = wsub.add_parser("inspect", help="report which tensors of a checkpoint load into a network",
-                        description="Build --arch, load CKPT into it without training and report every tensor: loaded, "
-                        "missing (kept initialisation), unexpected (ignored), mismatched (other shape) and adapted "
-                        "(input channels, 2D->3D inflation). Files needing pickled code are refused unless --trust is given.")
-    w.add_argument("checkpoint", metavar="CKPT", help="weights file (.pt/.pth/.ckpt/.ts) or MONAI bundle folder or .zip")
+    p = verbs.add_parser(
+        "weights",
+        help="inspect how pretrained weights load into a network",
+        description="Pretrained weights from a MONAI bundle (folder or .zip), a state dict or training checkpoint "
+        "(.pt/.pth/.ckpt, Lightning, DataParallel), TorchScript or MedicalNet/Med3D, matched onto a registered network.",
+    )
+    wsub = p.add_subparsers(
+        dest="weights_verb",
+        metavar="ACTION",
+        required=True,
+        help="inspect: report what would load, adapt or be left out",
+    )
+    w = wsub.add_parser(
+        "inspect",
+        help="report which tensors of a checkpoint load into a network",
+        description="Build --arch, load CKPT into it without training and report every tensor: loaded, "
+        "missing (kept initialisation), unexpected (ignored), mismatched (other shape) and adapted "
+        "(input channels, 2D->3D inflation). Files needing pickled code are refused unless --trust is given.",
+    )
+    w.add_argument(
+        "checkpoint", metavar="CKPT", help="weights file (.pt/.pth/.ckpt/.ts) or MONAI bundle folder or .zip"
+    )
     w.add_argument("--arch", required=True, help="network name, e.g. resnet10, resnet50, densenet121, efficientnet-b0")
     w.add_argument("--spatial-dims", type=int, default=3, help="2 or 3 (default 3)")
     w.add_argument("--in-channels", type=int, default=1, help="input channels of the network (default 1)")
     w.add_argument("--num-classes", type=int, default=2, help="classifier outputs of the network (default 2)")
-    w.add_argument("--json", action="store_true", help="print the report as JSON (loaded, missing, unexpected, mismatched, adapted)")
-    w.add_argument("--trust", action="store_true", help="allow pickled code in the checkpoint (can run arbitrary code; only for trusted files)")
+    w.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as JSON (loaded, missing, unexpected, mismatched, adapted)",
+    )
+    w.add_argument(
+        "--trust",
+        action="store_true",
+        help="allow pickled code in the checkpoint (can run arbitrary code; only for trusted files)",
+    )
     w.set_defaults(func=_weights_inspect)
 
 
 def _add_predict(verbs: Any) -> None:
-    p = verbs.add_parser("predict", help="classify every series in a DICOM folder with a bundle; flag uncertain ones; DICOM SR/SC",
-                         description="Run a bundle's own configs/inference.json in this process, as python -m monai.bundle run would, "
-                         "on every series in DICOM_DIR, after the expression audit that medtl bundle import runs. Prints one line per "
-                         "series (its pseudonymous key, the predicted class, that class's probability and a confidence flag) and the "
-                         "series skipped with their reason; writes OUT/predictions.csv and OUT/predictions.json (the bundle's columns "
-                         "plus the flag; folders named by salted keys unless --real-ids). Optionally writes, per series, DICOM objects that file with the source study in a PACS: a "
-                         "Structured Report and a Grad-CAM Secondary Capture (pip install medtl[dicom-out]).")
-    p.add_argument("dicom_dir", help="folder with the DICOM series to classify (searched recursively; several series per folder allowed)")
-    p.add_argument("--bundle", required=True, help="bundle folder (configs/, models/model.pt), e.g. one unpacked by `medtl bundle import`")
+    p = verbs.add_parser(
+        "predict",
+        help="classify every series in a DICOM folder with a bundle; flag uncertain ones; DICOM SR/SC",
+        description="Run a bundle's own configs/inference.json in this process, as python -m monai.bundle run would, "
+        "on every series in DICOM_DIR, after the expression audit that medtl bundle import runs. Prints one line per "
+        "series (its pseudonymous key, the predicted class, that class's probability and a confidence flag) and the "
+        "series skipped with their reason; writes OUT/predictions.csv and OUT/predictions.json (the bundle's columns "
+        "plus the flag; folders named by salted keys unless --real-ids). Optionally writes, per series, DICOM objects that file with the source study in a PACS: a "
+        "Structured Report and a Grad-CAM Secondary Capture (pip install medtl[dicom-out]).",
+    )
+    p.add_argument(
+        "dicom_dir",
+        help="folder with the DICOM series to classify (searched recursively; several series per folder allowed)",
+    )
+    p.add_argument(
+        "--bundle",
+        required=True,
+        help="bundle folder (configs/, models/model.pt), e.g. one unpacked by `medtl bundle import`",
+    )
     p.add_argument("-o", "--output", default="medtl-predictions", help="output folder (default ./medtl-predictions)")
-    p.add_argument("--confidence", type=float, default=0.8,
-                   help="confidence flag threshold (default 0.8): 'ok' when the predicted class's probability reaches it, 'review' "
-                   "when it is lower, meaning the model is unsure and a person should look at the series")
-    p.add_argument("--sr", action="store_true", help="also write a DICOM Comprehensive 3D SR per series (OUT/dicom/): the predicted "
-                   "class and its probability, the bundle's name and version as the algorithm, the source instances as evidence")
-    p.add_argument("--secondary-capture", action="store_true", help="also write a DICOM Secondary Capture per series (OUT/dicom/): "
-                   "the Grad-CAM overlay on the central axial slice of the crop the network saw, in the source study")
-    p.add_argument("--real-ids", action="store_true",
-                   help="name series by their folder as it is on disk in the id column and the skipped list; by default the folder "
-                   "is a salted key (dir-...#SERIES_NUMBER, salt in OUT/.medtl-salt), because export folders are often named after the patient")
-    p.add_argument("--trust", action="store_true",
-                   help="run a bundle whose configs hold expressions outside the allow-list (runs their code; trusted senders only)")
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars (same as medtl -q)")
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=0.8,
+        help="confidence flag threshold (default 0.8): 'ok' when the predicted class's probability reaches it, 'review' "
+        "when it is lower, meaning the model is unsure and a person should look at the series",
+    )
+    p.add_argument(
+        "--sr",
+        action="store_true",
+        help="also write a DICOM Comprehensive 3D SR per series (OUT/dicom/): the predicted "
+        "class and its probability, the bundle's name and version as the algorithm, the source instances as evidence",
+    )
+    p.add_argument(
+        "--secondary-capture",
+        action="store_true",
+        help="also write a DICOM Secondary Capture per series (OUT/dicom/): "
+        "the Grad-CAM overlay on the central axial slice of the crop the network saw, in the source study",
+    )
+    p.add_argument(
+        "--real-ids",
+        action="store_true",
+        help="name series by their folder as it is on disk in the id column and the skipped list; by default the folder "
+        "is a salted key (dir-...#SERIES_NUMBER, salt in OUT/.medtl-salt), because export folders are often named after the patient",
+    )
+    p.add_argument(
+        "--trust",
+        action="store_true",
+        help="run a bundle whose configs hold expressions outside the allow-list (runs their code; trusted senders only)",
+    )
+    p.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars (same as medtl -q)"
+    )
     p.set_defaults(func=_predict)
 
 
@@ -544,7 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medtl {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True, help="what to do (`medtl VERB --help` for its options)")
+    verbs = parser.add_subparsers(
+        dest="verb", metavar="VERB", required=True, help="what to do (`medtl VERB --help` for its options)"
+    )
     _add_scan(verbs)
     _add_convert(verbs)
     _add_manifest(verbs)

@@ -59,14 +59,35 @@ class SiteProfile:
 
 SITES: dict[str, SiteProfile] = {
     "A": SiteProfile(
-        name="A", n_patients=300, malignant_fraction=0.45, spacing=(0.75, 0.75, 1.25), shape=(64, 64, 40),
-        psf_mm=0.35, noise_hu=12.0, noise_grain_mm=0.35, hu_offset=0.0, rescale_intercept=-1024.0,
-        kernel="B60f", manufacturer="medtl-site-A", model="thin-slice sharp",
+        name="A",
+        n_patients=300,
+        malignant_fraction=0.45,
+        spacing=(0.75, 0.75, 1.25),
+        shape=(64, 64, 40),
+        psf_mm=0.35,
+        noise_hu=12.0,
+        noise_grain_mm=0.35,
+        hu_offset=0.0,
+        rescale_intercept=-1024.0,
+        kernel="B60f",
+        manufacturer="medtl-site-A",
+        model="thin-slice sharp",
     ),
     "B": SiteProfile(
-        name="B", n_patients=160, malignant_fraction=0.35, spacing=(0.9, 0.9, 2.5), shape=(56, 56, 20),
-        psf_mm=1.6, noise_hu=70.0, noise_grain_mm=1.0, hu_offset=60.0, rescale_intercept=-1000.0,
-        kernel="SOFT", manufacturer="medtl-site-B", model="low-dose thick-slice smooth", unlabeled_fraction=0.4,
+        name="B",
+        n_patients=160,
+        malignant_fraction=0.35,
+        spacing=(0.9, 0.9, 2.5),
+        shape=(56, 56, 20),
+        psf_mm=1.6,
+        noise_hu=70.0,
+        noise_grain_mm=1.0,
+        hu_offset=60.0,
+        rescale_intercept=-1000.0,
+        kernel="SOFT",
+        manufacturer="medtl-site-B",
+        model="low-dose thick-slice smooth",
+        unlabeled_fraction=0.4,
     ),
 }
 
@@ -131,7 +152,10 @@ def draw_lesion(rng: np.random.Generator, malignant: bool) -> Lesion:
     lobe_amp = (0.08, 0.2) if looks_malignant else (0.0, 0.04)
     lobes = [(_unit(rng), float(rng.uniform(*lobe_amp)), float(rng.uniform(2.0, 5.0))) for _ in range(n_lobes)]
     n_spic = int(rng.integers(4, 13)) if looks_malignant and rng.random() < 0.85 else int(rng.random() < 0.08)
-    spicules = [(_unit(rng), float(rng.uniform(0.4, 1.2) * diameter / 2 + 2.0), float(rng.uniform(0.7, 1.3))) for _ in range(n_spic)]
+    spicules = [
+        (_unit(rng), float(rng.uniform(0.4, 1.2) * diameter / 2 + 2.0), float(rng.uniform(0.7, 1.3)))
+        for _ in range(n_spic)
+    ]
     return Lesion(
         label="malignant" if malignant else "benign",
         center=rng.uniform(-6.0, 6.0, size=3),
@@ -156,7 +180,9 @@ def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.n
     return np.linalg.norm(p - closest, axis=-1), t
 
 
-def render(lesion: Lesion, points: np.ndarray, voxel_mm: tuple[float, float, float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def render(
+    lesion: Lesion, points: np.ndarray, voxel_mm: tuple[float, float, float], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """HU of lung background plus lesion on the grid ``points`` (x, y, z, 3) in mm, whose voxel
     size is ``voxel_mm``; also the lesion mask."""
     shape = points.shape[:-1]
@@ -189,7 +215,11 @@ def render(lesion: Lesion, points: np.ndarray, voxel_mm: tuple[float, float, flo
     if lesion.necrosis:
         tissue = np.where(r < lesion.necrosis * lesion.radius, tissue - 60.0, tissue)
     if lesion.cavity:
-        tissue = np.where(np.linalg.norm(rel - lesion.radius * 0.2 * _unit(rng), axis=-1) < lesion.cavity * lesion.radius, -900.0, tissue)
+        tissue = np.where(
+            np.linalg.norm(rel - lesion.radius * 0.2 * _unit(rng), axis=-1) < lesion.cavity * lesion.radius,
+            -900.0,
+            tissue,
+        )
     if lesion.calcification:
         calc_center = lesion.radius * 0.3 * _unit(rng)
         calc = np.linalg.norm(rel - calc_center, axis=-1) < lesion.calcification * lesion.radius
@@ -238,19 +268,28 @@ def _site_cases(site: SiteProfile, seed: int) -> list[dict[str, Any]]:
     mrns = rng.choice(np.arange(1_000_000, 9_999_999), size=site.n_patients, replace=False)
     cases = []
     for i, label in enumerate(labels):
-        cases.append({
-            "index": i + 1,
-            "folder": f"subject_{i + 1:04d}",
-            "patient_id": f"{site.name}{mrns[i]}",
-            "label": str(label),
-            "unlabeled": bool(unlabeled[i]),
-            "second_series": i % 12 == 3,  # about 8% of folders hold a second (thick) series
-        })
+        cases.append(
+            {
+                "index": i + 1,
+                "folder": f"subject_{i + 1:04d}",
+                "patient_id": f"{site.name}{mrns[i]}",
+                "label": str(label),
+                "unlabeled": bool(unlabeled[i]),
+                "second_series": i % 12 == 3,  # about 8% of folders hold a second (thick) series
+            }
+        )
     return cases
 
 
-def generate_cohort(out: str | Path, *, seed: int = 0, sites: tuple[str, ...] = ("A", "B"), scale: float = 1.0, progress: bool = True,
-                    workers: int | None = None) -> dict[str, Any]:
+def generate_cohort(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    sites: tuple[str, ...] = ("A", "B"),
+    scale: float = 1.0,
+    progress: bool = True,
+    workers: int | None = None,
+) -> dict[str, Any]:
     """Write the demo cohort under ``out`` and return its description (also saved as cohort.json).
 
     Layout: ``site_X/dicom/subject_NNNN/`` (one folder per patient, some holding a second, thick
@@ -275,7 +314,9 @@ def generate_cohort(out: str | Path, *, seed: int = 0, sites: tuple[str, ...] = 
     return summary
 
 
-def _write_case(root: Path, site: SiteProfile, seed: int, case: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _write_case(
+    root: Path, site: SiteProfile, seed: int, case: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """One patient's series (and thick series), mask and label row; its own generator makes the
     files the same whichever process writes them."""
     pid, folder_name = case["patient_id"], case["folder"]
@@ -284,9 +325,17 @@ def _write_case(root: Path, site: SiteProfile, seed: int, case: dict[str, Any]) 
     hu, mask, lps = acquire(site, lesion, rng)
     study_uid = make_uid(f"{seed}/{pid}/study")
     info = SeriesInfo(
-        patient_id=pid, patient_name=f"DEMO^{site.name}{case['index']:04d}", study_uid=study_uid, series_uid=make_uid(f"{seed}/{pid}/series/2"),
-        series_number=2, series_description=f"CHEST {site.spacing[2]:g}mm {site.kernel}", birth_date="19600101",
-        accession=f"X{pid}", manufacturer=site.manufacturer, model=site.model, kernel=site.kernel,
+        patient_id=pid,
+        patient_name=f"DEMO^{site.name}{case['index']:04d}",
+        study_uid=study_uid,
+        series_uid=make_uid(f"{seed}/{pid}/series/2"),
+        series_number=2,
+        series_description=f"CHEST {site.spacing[2]:g}mm {site.kernel}",
+        birth_date="19600101",
+        accession=f"X{pid}",
+        manufacturer=site.manufacturer,
+        model=site.model,
+        kernel=site.kernel,
     )
     folder = root / "dicom" / folder_name
     write_ct_series(folder, hu, site.spacing, info, origin_lps=lps[:3, 3], rescale_intercept=site.rescale_intercept)
@@ -294,12 +343,33 @@ def _write_case(root: Path, site: SiteProfile, seed: int, case: dict[str, Any]) 
         factor = max(1, int(round(5.0 / site.spacing[2])))
         nz = hu.shape[2] // factor * factor
         thick = np.round(hu[:, :, :nz].reshape(hu.shape[0], hu.shape[1], -1, factor).mean(axis=-1))
-        thick_info = SeriesInfo(**{**asdict(info), "series_uid": make_uid(f"{seed}/{pid}/series/3"), "series_number": 3, "series_description": "CHEST 5mm THICK"})
+        thick_info = SeriesInfo(
+            **{
+                **asdict(info),
+                "series_uid": make_uid(f"{seed}/{pid}/series/3"),
+                "series_number": 3,
+                "series_description": "CHEST 5mm THICK",
+            }
+        )
         origin = lps[:3, 3] + np.array([0, 0, (factor - 1) / 2 * site.spacing[2]])
-        write_ct_series(folder, thick, (*site.spacing[:2], site.spacing[2] * factor), thick_info, origin_lps=origin, rescale_intercept=site.rescale_intercept, file_prefix="TH")
+        write_ct_series(
+            folder,
+            thick,
+            (*site.spacing[:2], site.spacing[2] * factor),
+            thick_info,
+            origin_lps=origin,
+            rescale_intercept=site.rescale_intercept,
+            file_prefix="TH",
+        )
     mask_rel = f"masks/{folder_name}.nii.gz"
     write_nifti(Volume(mask.astype(np.uint8), lps_to_ras(lps)).canonical(), root / mask_rel, dtype=np.uint8)
-    row = {"patient_id": pid, "series_uid": info.series_uid, "label": "" if case["unlabeled"] else case["label"], "site": site.name, "mask": mask_rel}
+    row = {
+        "patient_id": pid,
+        "series_uid": info.series_uid,
+        "label": "" if case["unlabeled"] else case["label"],
+        "site": site.name,
+        "mask": mask_rel,
+    }
     return row, {"subject": folder_name, **lesion.describe()}
 
 
@@ -325,4 +395,3 @@ def _write_site(root: Path, site: SiteProfile, seed: int, progress: bool, worker
         "unlabeled": sum(1 for r in rows if not r["label"]),
         "two_series_folders": sum(c["second_series"] for c in cases),
     }
-

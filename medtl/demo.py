@@ -85,12 +85,25 @@ def prepare_demo_data(out: str | Path, *, seed: int = 0, scale: float = 1.0, pro
         t0 = time.perf_counter()
         manifest_path = out / "manifests" / f"demo_site_{name}.json"
         manifest = build_manifest_file(
-            labels=out / f"site_{name}" / "labels.csv", classes=CLASSES, out=manifest_path, scan=scan_path, root=out,
-            fractions=DEMO_SPLITS.get(name), seed=seed, name=f"demo_site_{name}", progress=progress,
+            labels=out / f"site_{name}" / "labels.csv",
+            classes=CLASSES,
+            out=manifest_path,
+            scan=scan_path,
+            root=out,
+            fractions=DEMO_SPLITS.get(name),
+            seed=seed,
+            name=f"demo_site_{name}",
+            progress=progress,
         )
         check = check_manifest(manifest_path, out, progress=progress)
         timings[f"manifest {name}"] = time.perf_counter() - t0
-        result["sites"][name] = {"scan": scan_path, "scan_summary": index["summary"], "manifest": manifest_path, "counts": manifest["counts"], "check_ok": check["ok"]}
+        result["sites"][name] = {
+            "scan": scan_path,
+            "scan_summary": index["summary"],
+            "manifest": manifest_path,
+            "counts": manifest["counts"],
+            "check_ok": check["ok"],
+        }
     return result
 
 
@@ -141,19 +154,46 @@ def truth_by_key(truth: Mapping[str, str], output_dir: Path) -> dict[str, str]:
 def run_bundle_inference(bundle: Path, input_dir: Path, output_dir: Path) -> list[dict[str, str]]:
     """The exported bundle's inference.json through MONAI's own CLI, as another site would run it
     (folders named by salted keys, its default)."""
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
-               "--input_dir", str(input_dir.resolve()), "--output_dir", str(output_dir.resolve())]
-    done = subprocess.run(command, cwd=bundle, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env())
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        ".",
+        "--input_dir",
+        str(input_dir.resolve()),
+        "--output_dir",
+        str(output_dir.resolve()),
+    ]
+    done = subprocess.run(
+        command, cwd=bundle, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env()
+    )
     if done.returncode != 0:
         tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
-        raise MedtlError("the exported bundle's inference.json failed under python -m monai.bundle run", path=bundle.name,
-                         hint=" | ".join(tail))
+        raise MedtlError(
+            "the exported bundle's inference.json failed under python -m monai.bundle run",
+            path=bundle.name,
+            hint=" | ".join(tail),
+        )
     return list(csv.DictReader((output_dir / "predictions.csv").open(encoding="utf-8")))
 
 
-def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epochs: int = 20, target_epochs: int = 15,
-             student_epochs: int = 15, unseen: int = 6, progress: bool = True, device: str = "auto",
-             seeds: int = 1) -> dict[str, Any]:
+def run_demo(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    scale: float = 1.0,
+    source_epochs: int = 20,
+    target_epochs: int = 15,
+    student_epochs: int = 15,
+    unseen: int = 6,
+    progress: bool = True,
+    device: str = "auto",
+    seeds: int = 1,
+) -> dict[str, Any]:
     """The whole job on the demo cohort on ``device`` (``medtl.loading.resolve_device``); returns the
     stage table rows and artifact paths. ``seeds`` > 1 repeats the seed-dependent site-B stages
     (fine-tuning and the student) with seeds ``seed+1...`` over the same source model, and prints and
@@ -174,9 +214,15 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     test_sets = {"site A test": items["A test"], "site B test": items["B test"]}
     record_intensities(records, test_sets)
 
-    def stage(name: str, network: Any, seconds: float, evaluated: dict[str, str], fitted: dict[str, Any] | None = None) -> dict[str, Any]:
-        results = {label: evaluate_items(network, items[split], class_names=CLASSES, seed=seed, record=(records, name, label), device=device)
-                   for label, split in evaluated.items()}
+    def stage(
+        name: str, network: Any, seconds: float, evaluated: dict[str, str], fitted: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        results = {
+            label: evaluate_items(
+                network, items[split], class_names=CLASSES, seed=seed, record=(records, name, label), device=device
+            )
+            for label, split in evaluated.items()
+        }
         if fitted is not None:
             record_curve(records, name, fitted)
         params = sum(p.numel() for p in network.parameters())
@@ -187,43 +233,106 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
 
     print(f"\nmedtl demo: adaptation on {device} (every score on held-out test cases)")
     source, t = resnet(0.5), time.perf_counter()
-    source_run = train(source, items["A train"], items["A val"], TrainRecipe(epochs=source_epochs), progress=progress,
-                       desc="source on site A", device=device)
-    source_results = stage("source-only", source, time.perf_counter() - t, {"site A test": "A test", "site B test": "B test"}, source_run)
+    source_run = train(
+        source,
+        items["A train"],
+        items["A val"],
+        TrainRecipe(epochs=source_epochs),
+        progress=progress,
+        desc="source on site A",
+        device=device,
+    )
+    source_results = stage(
+        "source-only", source, time.perf_counter() - t, {"site A test": "A test", "site B test": "B test"}, source_run
+    )
 
     adapted, t = copy.deepcopy(source), time.perf_counter()
-    adabn(adapted, loader([*items["B train"], *items["B unlabeled"]], batch_size=16, device=device), progress=progress, device=device)
+    adabn(
+        adapted,
+        loader([*items["B train"], *items["B unlabeled"]], batch_size=16, device=device),
+        progress=progress,
+        device=device,
+    )
     stage("AdaBN", adapted, time.perf_counter() - t, {"site B test": "B test"})
 
     set_determinism(seed)
     tuned, t = copy.deepcopy(source), time.perf_counter()
-    tuned_run = finetune(tuned, items["B train"], items["B val"], FineTuneRecipe(epochs=target_epochs),
-                         unlabeled_items=items["B unlabeled"], progress=progress, desc="fine-tune on site B", device=device, seed=seed)
+    tuned_run = finetune(
+        tuned,
+        items["B train"],
+        items["B val"],
+        FineTuneRecipe(epochs=target_epochs),
+        unlabeled_items=items["B unlabeled"],
+        progress=progress,
+        desc="fine-tune on site B",
+        device=device,
+        seed=seed,
+    )
     tuned_results = stage("fine-tuned", tuned, time.perf_counter() - t, {"site B test": "B test"}, tuned_run)
 
     set_determinism(seed)
     student, t = resnet(0.25), time.perf_counter()
-    student_run = distill(tuned, student, [*items["B train"], *items["A train"]], items["B unlabeled"], items["B val"],
-                          DistillRecipe(epochs=student_epochs), class_names=CLASSES, cache_dir=out / "cache", progress=progress,
-                          desc="distill student", device=device)
+    student_run = distill(
+        tuned,
+        student,
+        [*items["B train"], *items["A train"]],
+        items["B unlabeled"],
+        items["B val"],
+        DistillRecipe(epochs=student_epochs),
+        class_names=CLASSES,
+        cache_dir=out / "cache",
+        progress=progress,
+        desc="distill student",
+        device=device,
+    )
     stage("student", student, time.perf_counter() - t, {"site B test": "B test"}, student_run)
 
     t = time.perf_counter()
-    spread = {"source-only": [source_results["site B test"]["metrics"]["auc"]["value"]],
-               "AdaBN": [_auc(rows, "AdaBN")], "fine-tuned": [tuned_results["site B test"]["metrics"]["auc"]["value"]],
-               "student": [_auc(rows, "student")]}
+    spread = {
+        "source-only": [source_results["site B test"]["metrics"]["auc"]["value"]],
+        "AdaBN": [_auc(rows, "AdaBN")],
+        "fine-tuned": [tuned_results["site B test"]["metrics"]["auc"]["value"]],
+        "student": [_auc(rows, "student")],
+    }
     for extra in range(seed + 1, seed + seeds):
         set_determinism(extra)
         again = copy.deepcopy(source)
-        finetune(again, items["B train"], items["B val"], FineTuneRecipe(epochs=target_epochs), unlabeled_items=items["B unlabeled"],
-                 progress=progress, desc=f"fine-tune on site B, seed {extra}", device=device, seed=extra)
-        spread["fine-tuned"].append(evaluate_items(again, items["B test"], class_names=CLASSES, seed=seed, device=device)["metrics"]["auc"]["value"])
+        finetune(
+            again,
+            items["B train"],
+            items["B val"],
+            FineTuneRecipe(epochs=target_epochs),
+            unlabeled_items=items["B unlabeled"],
+            progress=progress,
+            desc=f"fine-tune on site B, seed {extra}",
+            device=device,
+            seed=extra,
+        )
+        spread["fine-tuned"].append(
+            evaluate_items(again, items["B test"], class_names=CLASSES, seed=seed, device=device)["metrics"]["auc"][
+                "value"
+            ]
+        )
         set_determinism(extra)
         pupil = resnet(0.25)
-        distill(again, pupil, [*items["B train"], *items["A train"]], items["B unlabeled"], items["B val"],
-                DistillRecipe(epochs=student_epochs), class_names=CLASSES, cache_dir=out / "cache", progress=progress,
-                desc=f"distill student, seed {extra}", device=device)
-        spread["student"].append(evaluate_items(pupil, items["B test"], class_names=CLASSES, seed=seed, device=device)["metrics"]["auc"]["value"])
+        distill(
+            again,
+            pupil,
+            [*items["B train"], *items["A train"]],
+            items["B unlabeled"],
+            items["B val"],
+            DistillRecipe(epochs=student_epochs),
+            class_names=CLASSES,
+            cache_dir=out / "cache",
+            progress=progress,
+            desc=f"distill student, seed {extra}",
+            device=device,
+        )
+        spread["student"].append(
+            evaluate_items(pupil, items["B test"], class_names=CLASSES, seed=seed, device=device)["metrics"]["auc"][
+                "value"
+            ]
+        )
     if seeds > 1:
         timings["more seeds"] = time.perf_counter() - t
 
@@ -237,13 +346,27 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     t = time.perf_counter()
     bundles = out / "bundles"
     manifests = {name: load_manifest(site["manifest"]) for name, site in demo["sites"].items()}
-    exported = {"tumor_cls_source": export_bundle(
-        source, bundles / "tumor_cls_source", template="tumor_cls_source", metrics=source_results, manifests=[manifests["A"]],
-        recipe={"training": asdict(TrainRecipe(epochs=source_epochs))}, changelog="trained by medtl demo on demo site A")}
+    exported = {
+        "tumor_cls_source": export_bundle(
+            source,
+            bundles / "tumor_cls_source",
+            template="tumor_cls_source",
+            metrics=source_results,
+            manifests=[manifests["A"]],
+            recipe={"training": asdict(TrainRecipe(epochs=source_epochs))},
+            changelog="trained by medtl demo on demo site A",
+        )
+    }
     exported["tumor_cls_finetune"] = export_bundle(
-        tuned, bundles / "tumor_cls_finetune", template="tumor_cls_finetune", metrics=tuned_results, source=exported["tumor_cls_source"]["path"],
-        manifests=[manifests["B"]], recipe=recipe_outcome(tuned_run),
-        changelog="adapted by medtl demo from tumor_cls_source to demo site B")
+        tuned,
+        bundles / "tumor_cls_finetune",
+        template="tumor_cls_finetune",
+        metrics=tuned_results,
+        source=exported["tumor_cls_source"]["path"],
+        manifests=[manifests["B"]],
+        recipe=recipe_outcome(tuned_run),
+        changelog="adapted by medtl demo from tumor_cls_source to demo site B",
+    )
     incoming, truth = _unseen_folders(demo, out, unseen)
     predictions = run_bundle_inference(exported["tumor_cls_finetune"]["path"], incoming, out / "predictions")
     timings["export + bundle inference"] = time.perf_counter() - t
@@ -255,36 +378,68 @@ def run_demo(out: str | Path, *, seed: int = 0, scale: float = 1.0, source_epoch
     spread_text = seed_spread_text(spread)
     print(spread_text)
     kept = student_run["pseudo_labels"]
-    print(f"fine-tuning: {recipe_outcome(tuned_run)['outcome']}\n"
-          f"pseudo-labels for the student at p >= {kept['threshold']:g}: {kept['pseudo_labels_kept']}, {kept['below_threshold']} soft-only")
-    print(f"\nbundle inference on {len(truth)} unseen site-B patients ({len(predictions)} series), python -m monai.bundle run:")
+    print(
+        f"fine-tuning: {recipe_outcome(tuned_run)['outcome']}\n"
+        f"pseudo-labels for the student at p >= {kept['threshold']:g}: {kept['pseudo_labels_kept']}, {kept['below_threshold']} soft-only"
+    )
+    print(
+        f"\nbundle inference on {len(truth)} unseen site-B patients ({len(predictions)} series), python -m monai.bundle run:"
+    )
     keyed_truth = truth_by_key(truth, out / "predictions")
     for row in predictions:
         folder = row["id"].split("#")[0]  # the series folder's key (dir-3f2a...#2)
-        print(f"  {row['id']:<28} p(malignant) {float(row['prob_malignant']):.2f} -> {row['pred']:<10} truth: {keyed_truth.get(folder, '?')}")
+        print(
+            f"  {row['id']:<28} p(malignant) {float(row['prob_malignant']):.2f} -> {row['pred']:<10} truth: {keyed_truth.get(folder, '?')}"
+        )
     print("\ntimings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("\nartifacts:")
     print(f"  cohort (DICOM, masks, labels.csv): {out}/site_*/")
     for name, site in demo["sites"].items():
         print(f"  site {name}: scan index {site['scan']}, manifest {site['manifest']}")
     for name, info in exported.items():
-        onnx = "no ONNX (onnxruntime not installed)" if info["onnx_max_abs_diff"] is None else f"ONNX {info['onnx_max_abs_diff']:.1e}"
-        print(f"  bundle {name} {info['version']}: {info['path']} (max abs diff to the network: TorchScript "
-              f"{info['torchscript_max_abs_diff']:.1e}, {onnx})")
+        onnx = (
+            "no ONNX (onnxruntime not installed)"
+            if info["onnx_max_abs_diff"] is None
+            else f"ONNX {info['onnx_max_abs_diff']:.1e}"
+        )
+        print(
+            f"  bundle {name} {info['version']}: {info['path']} (max abs diff to the network: TorchScript "
+            f"{info['torchscript_max_abs_diff']:.1e}, {onnx})"
+        )
     print(f"  predictions: {out / 'predictions'}/predictions.csv, predictions.json")
-    summary = {"run": {"seed": seed, "scale": scale, "manifests": {m["name"]: m["content_sha256"] for m in manifests.values()}},
-               "stages": stages_json(rows), "timings": timings, "bundles": {k: str(v["path"].relative_to(out)) for k, v in exported.items()},
-               "pseudo_labels": kept, "predictions": predictions, "finding": finding, "seed_spread": spread}
+    summary = {
+        "run": {
+            "seed": seed,
+            "scale": scale,
+            "manifests": {m["name"]: m["content_sha256"] for m in manifests.values()},
+        },
+        "stages": stages_json(rows),
+        "timings": timings,
+        "bundles": {k: str(v["path"].relative_to(out)) for k, v in exported.items()},
+        "pseudo_labels": kept,
+        "predictions": predictions,
+        "finding": finding,
+        "seed_spread": spread,
+    }
     atomic_write_json(records / "run.json", summary["run"] | {"findings": [finding["text"], spread_text]})
     report = render_report(out, title="medtl demo: adapting a tumor classifier from site A to site B")
     atomic_write_json(out / "demo_summary.json", summary | {"report": str(report["html"].relative_to(out))})
     print(f"  summary: {out / 'demo_summary.json'}")
     print(f"  report: {report['html']} (Markdown twin {report['markdown'].name}, {len(report['figures'])} figures)")
-    return {"demo": demo, "rows": rows, "timings": timings, "bundles": exported, "predictions": predictions, "report": report}
+    return {
+        "demo": demo,
+        "rows": rows,
+        "timings": timings,
+        "bundles": exported,
+        "predictions": predictions,
+        "report": report,
+    }
 
 
 def _auc(rows: Sequence[Mapping[str, Any]], stage: str, where: str = "site B test") -> float:
-    return next(r["result"]["metrics"]["auc"]["value"] for r in rows if r["stage"] == stage and r["evaluated on"] == where)
+    return next(
+        r["result"]["metrics"]["auc"]["value"] for r in rows if r["stage"] == stage and r["evaluated on"] == where
+    )
 
 
 def seed_spread_text(spread: Mapping[str, Sequence[float]]) -> str:
@@ -292,22 +447,34 @@ def seed_spread_text(spread: Mapping[str, Sequence[float]]) -> str:
     change against source-only; with one seed, how to see the spread."""
     n = max(len(v) for v in spread.values())
     if n == 1:
-        return ("seed spread: one seed ran; `medtl demo --seeds 3` repeats fine-tuning and the student with two more seeds "
-                "(about 3.5 min each) and reports their spread")
+        return (
+            "seed spread: one seed ran; `medtl demo --seeds 3` repeats fine-tuning and the student with two more seeds "
+            "(about 3.5 min each) and reports their spread"
+        )
     parts = []
     for stage, values in spread.items():
         a = np.asarray(values, dtype=float)
-        parts.append(f"{stage} {a.mean():.3f}" + (f" ± {a.std(ddof=1):.3f} ({a.min():.3f}-{a.max():.3f})" if len(a) > 1 else " (one model)"))
+        parts.append(
+            f"{stage} {a.mean():.3f}"
+            + (f" ± {a.std(ddof=1):.3f} ({a.min():.3f}-{a.max():.3f})" if len(a) > 1 else " (one model)")
+        )
     gain = np.mean(spread["fine-tuned"]) - spread["source-only"][0]
-    return (f"seed spread, site B test AUC over {n} seeds (one source model; AdaBN has no seed): " + "; ".join(parts)
-            + f"; fine-tuned minus source-only in the mean: {gain:+.3f}")
+    return (
+        f"seed spread, site B test AUC over {n} seeds (one source model; AdaBN has no seed): "
+        + "; ".join(parts)
+        + f"; fine-tuned minus source-only in the mean: {gain:+.3f}"
+    )
 
 
 def _print_ingest(result: Mapping[str, Any]) -> None:
     print("\nmedtl demo: ingest")
-    print(f"{'site':<5}{'files':>7}{'series':>8}{'loadable':>10}{'skipped':>9}  {'train':>6}{'val':>5}{'test':>6}{'unlab.':>7}  check")
+    print(
+        f"{'site':<5}{'files':>7}{'series':>8}{'loadable':>10}{'skipped':>9}  {'train':>6}{'val':>5}{'test':>6}{'unlab.':>7}  check"
+    )
     for name, site in result["sites"].items():
         s = site["scan_summary"]
         per_split = site["counts"]["by_site_split_label"].get(name, {})
         n = {k: sum(per_split.get(k, {}).values()) for k in ("train", "val", "test", "unlabeled")}
-        print(f"{name:<5}{s['files']:>7}{s['series']:>8}{s['loadable_series']:>10}{s['skipped_files']:>9}  {n['train']:>6}{n['val']:>5}{n['test']:>6}{n['unlabeled']:>7}  {'OK' if site['check_ok'] else 'FAILED'}")
+        print(
+            f"{name:<5}{s['files']:>7}{s['series']:>8}{s['loadable_series']:>10}{s['skipped_files']:>9}  {n['train']:>6}{n['val']:>5}{n['test']:>6}{n['unlabeled']:>7}  {'OK' if site['check_ok'] else 'FAILED'}"
+        )

@@ -56,8 +56,22 @@ _NATIVE_LITTLE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # Implicit and Ex
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
 
 # Problems that make a series impossible to assemble into one 3D volume.
-BLOCKING = {"non_image", "no_pixel_data", "no_pixel_spacing", "bad_pixel_spacing", "no_geometry", "bad_orientation", "mixed_orientation",
-            "mixed_size", "duplicate_positions", "duplicate_instances", "color", "multi_frame", "unsupported_compression", "folder_missing"}
+BLOCKING = {
+    "non_image",
+    "no_pixel_data",
+    "no_pixel_spacing",
+    "bad_pixel_spacing",
+    "no_geometry",
+    "bad_orientation",
+    "mixed_orientation",
+    "mixed_size",
+    "duplicate_positions",
+    "duplicate_instances",
+    "color",
+    "multi_frame",
+    "unsupported_compression",
+    "folder_missing",
+}
 
 _DECODE_HINT = "install medtl's decoder plugins (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pyjpegls)"
 
@@ -207,8 +221,18 @@ class _ImagePixel:
     def of(cls, ds: pydicom.Dataset) -> _ImagePixel:
         rows, cols, samples, bits = (ds.get(kw) for kw in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated"))
         frames = ds.get("NumberOfFrames")
-        plain = all(isinstance(v, int) for v in (rows, cols, samples, bits)) and (frames is None or isinstance(frames, int))
-        return cls(_int(rows), _int(cols), _int(samples), _int(frames), _int(bits), str(ds.get("PhotometricInterpretation", "")), plain)
+        plain = all(isinstance(v, int) for v in (rows, cols, samples, bits)) and (
+            frames is None or isinstance(frames, int)
+        )
+        return cls(
+            _int(rows),
+            _int(cols),
+            _int(samples),
+            _int(frames),
+            _int(bits),
+            str(ds.get("PhotometricInterpretation", "")),
+            plain,
+        )
 
 
 @dataclass(frozen=True)
@@ -248,7 +272,14 @@ def _pixel_element(fh: Any, ds: pydicom.Dataset, image: _ImagePixel, size: int) 
     available = size - (start + header_len)
     if available < length:
         return _PixelElement(True, f"truncated file: pixel data needs {length} bytes, {available} present")
-    expected = (image.rows or 0) * (image.cols or 0) * (image.frames or 1) * (image.samples or 1) * (image.bits_allocated or 0) // 8
+    expected = (
+        (image.rows or 0)
+        * (image.cols or 0)
+        * (image.frames or 1)
+        * (image.samples or 1)
+        * (image.bits_allocated or 0)
+        // 8
+    )
     if image.photometric.strip() == "YBR_FULL_422":
         expected = expected * 2 // 3  # two chroma samples shared by each pair of pixels
     if length < expected:
@@ -257,7 +288,9 @@ def _pixel_element(fh: Any, ds: pydicom.Dataset, image: _ImagePixel, size: int) 
     return _PixelElement(True, None, value)
 
 
-def _native_pixels(ds: pydicom.Dataset, image: _ImagePixel, value: tuple[int, int] | None, stat: os.stat_result) -> NativePixels | None:
+def _native_pixels(
+    ds: pydicom.Dataset, image: _ImagePixel, value: tuple[int, int] | None, stat: os.stat_result
+) -> NativePixels | None:
     """The layout of a slice whose pixels can be read straight from the file, giving exactly what
     ``pixel_array`` gives; None for everything else, which loading hands to pydicom: compressed,
     deflated, big endian, no file meta, bit-packed or odd BitsAllocated, colour, palette, multi-frame,
@@ -277,8 +310,15 @@ def _native_pixels(ds: pydicom.Dataset, image: _ImagePixel, value: tuple[int, in
     if length // (rows * cols * bits // 8) != 1:  # pydicom reads a longer value as extra frames
         return None
     slope, intercept = _float(ds.get("RescaleSlope")), _float(ds.get("RescaleIntercept"))
-    return NativePixels(offset, f"<{'ui'[signed]}{bits // 8}", bits - stored, 1.0 if slope is None else slope,
-                        0.0 if intercept is None else intercept, stat.st_size, stat.st_mtime_ns)
+    return NativePixels(
+        offset,
+        f"<{'ui'[signed]}{bits // 8}",
+        bits - stored,
+        1.0 if slope is None else slope,
+        0.0 if intercept is None else intercept,
+        stat.st_size,
+        stat.st_mtime_ns,
+    )
 
 
 def read_header(path: str | Path) -> Header:
@@ -370,11 +410,15 @@ def slice_geometry(headers: Sequence[Header]) -> Geometry:
     fallback = sorted(range(len(headers)), key=lambda i: (headers[i].instance_number or 0, str(headers[i].path)))
     orientations = {h.orientation for h in headers}
     if None in orientations or any(h.position is None for h in headers):
-        problems.append(problem("no_geometry", "ImagePositionPatient/ImageOrientationPatient missing; ordered by InstanceNumber"))
+        problems.append(
+            problem("no_geometry", "ImagePositionPatient/ImageOrientationPatient missing; ordered by InstanceNumber")
+        )
         return Geometry(fallback, None, None, None, problems)
     ref = np.asarray(headers[0].orientation)
     if any(np.abs(np.asarray(o) - ref).max() > 1e-4 for o in orientations):
-        problems.append(problem("mixed_orientation", f"{len(orientations)} different ImageOrientationPatient values in one series"))
+        problems.append(
+            problem("mixed_orientation", f"{len(orientations)} different ImageOrientationPatient values in one series")
+        )
         return Geometry(fallback, None, None, None, problems)
     normal = _normal(ref)
     positions = np.array([h.position for h in headers], dtype=float)
@@ -400,22 +444,34 @@ def slice_geometry(headers: Sequence[Header]) -> Geometry:
         missing = int(np.sum(np.round(ratios) - 1))
         if missing:
             wide = gaps[np.round(ratios) > 1]
-            problems.append(problem("missing_slices", f"{missing} slice(s) missing: gaps of {', '.join(f'{g:.3g}' for g in wide)} mm where {spacing:.3g} mm is expected"))
+            problems.append(
+                problem(
+                    "missing_slices",
+                    f"{missing} slice(s) missing: gaps of {', '.join(f'{g:.3g}' for g in wide)} mm where {spacing:.3g} mm is expected",
+                )
+            )
     else:
         spacing = float(np.median(gaps))
         if np.any(np.abs(gaps - spacing) > _SPACING_RTOL * spacing):
-            problems.append(problem("nonuniform_spacing", f"slice gaps range {gaps.min():.3g}-{gaps.max():.3g} mm (median {spacing:.3g})"))
+            problems.append(
+                problem(
+                    "nonuniform_spacing",
+                    f"slice gaps range {gaps.min():.3g}-{gaps.max():.3g} mm (median {spacing:.3g})",
+                )
+            )
     # In-plane drift of positions along the stack means a tilted gantry (sheared geometry).
     span = positions[order[-1]] - positions[order[0]]
     inplane = span - (s[-1] - s[0]) * normal
     if np.linalg.norm(inplane) / max(s[-1] - s[0], 1e-6) > _TILT_TOL:
         angle = float(np.degrees(np.arctan2(np.linalg.norm(inplane), s[-1] - s[0])))
-        problems.append(problem("gantry_tilt", f"slices drift in-plane along the stack (tilt about {angle:.1f} degrees)"))
+        problems.append(
+            problem("gantry_tilt", f"slices drift in-plane along the stack (tilt about {angle:.1f} degrees)")
+        )
     step = span / (s[-1] - s[0]) * spacing
     return Geometry(order, [float(v) for v in s], spacing, step, problems)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def decoder_problem(transfer_syntax: str) -> str | None:
     """Why pixel data in ``transfer_syntax`` cannot be decoded here (None when it can, or is unknown)."""
     if not transfer_syntax:
@@ -467,12 +523,21 @@ def _geometry_tag_problems(headers: Sequence[Header]) -> list[dict[str, Any]]:
     if bad_spacing:
         first = bad_spacing[0]
         more = f" (and {len(bad_spacing) - 1} more file(s))" if len(bad_spacing) > 1 else ""
-        problems.append(problem("bad_pixel_spacing", f"PixelSpacing must be positive: {first.path.name} has ({_numbers(first.pixel_spacing)}){more}"))
+        problems.append(
+            problem(
+                "bad_pixel_spacing",
+                f"PixelSpacing must be positive: {first.path.name} has ({_numbers(first.pixel_spacing)}){more}",
+            )
+        )
     for orientation in dict.fromkeys(h.orientation for h in headers if h.orientation is not None):
         why = orientation_problem(orientation)
         if why:
             first = next(h for h in headers if h.orientation == orientation)
-            problems.append(problem("bad_orientation", f"ImageOrientationPatient ({_numbers(orientation)}) of {first.path.name}: {why}"))
+            problems.append(
+                problem(
+                    "bad_orientation", f"ImageOrientationPatient ({_numbers(orientation)}) of {first.path.name}: {why}"
+                )
+            )
             break
     return problems
 
@@ -487,11 +552,18 @@ def series_problems(headers: Sequence[Header]) -> list[dict[str, Any]]:
     if any(sop.startswith(p) for p in _NON_IMAGE_SOP_PREFIXES):
         problems.append(problem("non_image", f"non-image SOP class {UID(sop).name}"))
     elif not all(h.has_pixels for h in headers):
-        problems.append(problem("no_pixel_data", f"{sum(not h.has_pixels for h in headers)} file(s) have no pixel data"))
+        problems.append(
+            problem("no_pixel_data", f"{sum(not h.has_pixels for h in headers)} file(s) have no pixel data")
+        )
     elif any(h.pixel_spacing is None for h in headers):
         problems.append(problem("no_pixel_spacing", "PixelSpacing missing: in-plane voxel size unknown"))
     if any(h.frames > 1 for h in headers):
-        problems.append(problem("multi_frame", f"multi-frame instances ({max(h.frames for h in headers)} frames); one file per slice is expected"))
+        problems.append(
+            problem(
+                "multi_frame",
+                f"multi-frame instances ({max(h.frames for h in headers)} frames); one file per slice is expected",
+            )
+        )
     if any(h.samples_per_pixel != 1 for h in headers):
         problems.append(problem("color", "colour (RGB) pixels where a grayscale CT/MR image is expected"))
     sizes = {(h.rows, h.cols) for h in headers}
@@ -552,16 +624,28 @@ def unique_instances(headers: Sequence[Header]) -> tuple[list[Header], list[Head
     problems = []
     if dropped:
         copies = "copy" if len(dropped) == 1 else "copies"
-        problems.append(problem("duplicate_files", f"{len(dropped)} byte-identical {copies} of an instance read once: "
-                                f"{_listed([h.path for h in dropped])}"))
+        problems.append(
+            problem(
+                "duplicate_files",
+                f"{len(dropped)} byte-identical {copies} of an instance read once: "
+                f"{_listed([h.path for h in dropped])}",
+            )
+        )
     if differing:
-        problems.append(problem("duplicate_instances", f"{len(differing)} files share a SOPInstanceUID but differ, so which one "
-                                f"is the instance is unknown: {_listed(differing)}"))
+        problems.append(
+            problem(
+                "duplicate_instances",
+                f"{len(differing)} files share a SOPInstanceUID but differ, so which one "
+                f"is the instance is unknown: {_listed(differing)}",
+            )
+        )
     left_out = {id(h) for h in dropped}
     return [h for h in headers if id(h) not in left_out], dropped, problems
 
 
-def _series_record(headers: list[Header], root: Path, salt: str, problems: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+def _series_record(
+    headers: list[Header], root: Path, salt: str, problems: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
     problems = [*problems, *series_problems(headers)]
     geom = slice_geometry(headers)
     problems += geom.problems
@@ -570,7 +654,11 @@ def _series_record(headers: list[Header], root: Path, salt: str, problems: Seque
     spacing = None
     if first.pixel_spacing is not None:
         slice_sp = geom.slice_spacing
-        spacing = [round(first.pixel_spacing[1], 6), round(first.pixel_spacing[0], 6), None if slice_sp is None else round(slice_sp, 6)]
+        spacing = [
+            round(first.pixel_spacing[1], 6),
+            round(first.pixel_spacing[0], 6),
+            None if slice_sp is None else round(slice_sp, 6),
+        ]
     n_slices = len(ordered) if first.frames == 1 else first.frames
     if geom.positions_mm and len(geom.positions_mm) > 1 and geom.slice_spacing:
         n_slices = int(round((geom.positions_mm[-1] - geom.positions_mm[0]) / geom.slice_spacing)) + 1
@@ -636,11 +724,19 @@ def _header_or_reason(path: Path) -> Header | str:
 
 
 def _headers(files: list[Path], workers: int, progress: bool) -> Iterable[Header | str]:
-    bar = {"desc": "reading DICOM headers", "unit": "file", "disable": not progress, "leave": False, "total": len(files)}
+    bar = {
+        "desc": "reading DICOM headers",
+        "unit": "file",
+        "disable": not progress,
+        "leave": False,
+        "total": len(files),
+    }
     if workers <= 1 or len(files) < PARALLEL_MIN_FILES:
         yield from tqdm(map(_header_or_reason, files), **bar)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:  # parsing headers is CPU-bound Python: threads would share one core
+    with ProcessPoolExecutor(
+        max_workers=workers
+    ) as pool:  # parsing headers is CPU-bound Python: threads would share one core
         yield from tqdm(pool.map(_header_or_reason, files, chunksize=256), **bar)
 
 
@@ -660,11 +756,15 @@ def scan_dicom(root: str | Path, salt: str, *, progress: bool = True, workers: i
     if not root.is_dir():
         raise DicomError("not a folder", path=root, hint="pass the folder that holds the DICOM files")
     files = iter_files(root)
-    not_utf8 = {path for path in files if not _is_utf8(str(path)) and not _is_utf8(_rel(path, root))}  # the root's own name may be anything
+    not_utf8 = {
+        path for path in files if not _is_utf8(str(path)) and not _is_utf8(_rel(path, root))
+    }  # the root's own name may be anything
     skipped = [{"path": _printable(_rel(path, root)), "reason": _NOT_UTF8} for path in files if path in not_utf8]
     readable = [path for path in files if path not in not_utf8]
     groups: dict[str, list[Header]] = defaultdict(list)
-    for path, header in zip(readable, _headers(readable, (os.cpu_count() or 1) if workers is None else workers, progress)):
+    for path, header in zip(
+        readable, _headers(readable, (os.cpu_count() or 1) if workers is None else workers, progress)
+    ):
         if isinstance(header, str):
             skipped.append({"path": _rel(path, root), "reason": header})
             continue
@@ -708,12 +808,19 @@ def _decode(path: Path) -> tuple[np.ndarray, float, float]:
         syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if "ds" in locals() and hasattr(ds, "file_meta") else ""
         why = decoder_problem(syntax)
         if why:
-            hint = _DECODE_HINT if "plugin" in why else "convert the series to an uncompressed transfer syntax (e.g. gdcmconv --raw)"
+            hint = (
+                _DECODE_HINT
+                if "plugin" in why
+                else "convert the series to an uncompressed transfer syntax (e.g. gdcmconv --raw)"
+            )
             raise DicomError(f"cannot decode pixel data: {why}", path=path, hint=hint) from None
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         detail = " ".join([lines[0], "; ".join(lines[1:])]).strip()  # pydicom lists each plugin's error on its own line
-        raise DicomError(f"cannot decode pixel data ({UID(syntax).name if syntax else 'unknown transfer syntax'}): {detail}", path=path,
-                         hint="the pixel data may be damaged; export the series again from the source") from None
+        raise DicomError(
+            f"cannot decode pixel data ({UID(syntax).name if syntax else 'unknown transfer syntax'}): {detail}",
+            path=path,
+            hint="the pixel data may be damaged; export the series again from the source",
+        ) from None
     slope = _float(ds.get("RescaleSlope"))
     intercept = _float(ds.get("RescaleIntercept"))
     return pixels, 1.0 if slope is None else slope, 0.0 if intercept is None else intercept
@@ -778,7 +885,11 @@ def stack_geometry(headers: Sequence[Header], *, name: str | None = None) -> tup
     label = name or str(headers[0].path.parent)
     uids = {h.series_uid for h in headers}
     if len(uids) > 1:
-        raise DicomError(f"files belong to {len(uids)} different series", path=label, hint="load one series at a time (see `medtl scan`)")
+        raise DicomError(
+            f"files belong to {len(uids)} different series",
+            path=label,
+            hint="load one series at a time (see `medtl scan`)",
+        )
     headers, _, problems = unique_instances(headers)
     problems += series_problems(headers)
     geom = slice_geometry(headers)
@@ -786,7 +897,9 @@ def stack_geometry(headers: Sequence[Header], *, name: str | None = None) -> tup
     if blocking:
         raise DicomError("; ".join(p["message"] for p in blocking), path=label)
     if geom.slice_step is None:
-        raise DicomError("series has no usable slice geometry (ImagePositionPatient/ImageOrientationPatient)", path=label)
+        raise DicomError(
+            "series has no usable slice geometry (ImagePositionPatient/ImageOrientationPatient)", path=label
+        )
     ordered = [headers[i] for i in geom.order]
     first = ordered[0]
     if first.pixel_spacing is None:
@@ -814,7 +927,9 @@ def assemble_series(headers: Sequence[Header], *, name: str | None = None) -> Vo
     if needs_resampling(geom):
         stack = resample_slices(_stack_slices(ordered), geom.positions_mm, geom.slice_spacing)
         return Volume(stack.astype(np.float32, copy=False), affine, first.modality).canonical()
-    if not np.array_equal(transform[:, 0], [0, 1, 2]):  # axes to permute (a sagittal or coronal stack): the general path
+    if not np.array_equal(
+        transform[:, 0], [0, 1, 2]
+    ):  # axes to permute (a sagittal or coronal stack): the general path
         return Volume(_stack_slices(ordered), affine, first.modality).canonical()
     flips = tuple(bool(f < 0) for f in transform[:, 1])
     stack = _stack_slices(ordered, flips)
@@ -864,8 +979,11 @@ def _stack_slices(headers: Sequence[Header], flips: tuple[bool, bool, bool] = (F
             else:  # a file changed since its header was read is parsed again
                 pixels, slope, intercept = _read_native(h.path, h.native, h.rows, h.cols) or _decode(h.path)
             if pixels.shape != (h.rows, h.cols):
-                raise DicomError(f"pixel data is {pixels.shape}, the header says {h.rows} rows x {h.cols} columns of one sample", path=h.path)
-            plane = pixels.T[::-1 if flip_i else 1, ::-1 if flip_j else 1]  # [col, row]
+                raise DicomError(
+                    f"pixel data is {pixels.shape}, the header says {h.rows} rows x {h.cols} columns of one sample",
+                    path=h.path,
+                )
+            plane = pixels.T[:: -1 if flip_i else 1, :: -1 if flip_j else 1]  # [col, row]
             target = buffer[n - 1 - k if flip_k else k]
             np.multiply(plane, np.float32(slope), out=target)
             target += np.float32(intercept)
@@ -880,8 +998,11 @@ def _next_decoded(decoded: Iterator[tuple[np.ndarray, float, float]], path: Path
     try:
         return next(decoded)
     except BrokenProcessPool:
-        raise DicomError("a pixel decoder process died while decoding the series (out of memory, or a crash in a decoder plugin)",
-                         path=path, hint="load the series again; if it keeps failing, convert it to an uncompressed transfer syntax") from None
+        raise DicomError(
+            "a pixel decoder process died while decoding the series (out of memory, or a crash in a decoder plugin)",
+            path=path,
+            hint="load the series again; if it keeps failing, convert it to an uncompressed transfer syntax",
+        ) from None
 
 
 def folder_key(folder: str, salt: str) -> str:
@@ -899,8 +1020,14 @@ def pseudonymous_path(path: str, salt: str) -> str:
 def pseudonymous_index(index: dict[str, Any], salt: str) -> dict[str, Any]:
     """``index`` with every folder name replaced by its salted key (files keep their names), as
     ``medtl scan`` writes it by default; ``index_with_folder_names`` turns it back, given the data."""
-    series = [{**s, "folders": [folder_key(f, salt) for f in s["folders"]], "files": [pseudonymous_path(f, salt) for f in s["files"]]}
-              for s in index["series"]]
+    series = [
+        {
+            **s,
+            "folders": [folder_key(f, salt) for f in s["folders"]],
+            "files": [pseudonymous_path(f, salt) for f in s["files"]],
+        }
+        for s in index["series"]
+    ]
     skipped = [{**item, "path": pseudonymous_path(item["path"], salt)} for item in index["skipped"]]
     return {**index, "series": series, "skipped": skipped, "folder_names": "pseudonymous"}
 
@@ -922,7 +1049,10 @@ def index_with_folder_names(index: dict[str, Any], root: str | Path, salt: str) 
     for record in index["series"]:
         missing = [f for f in record["folders"] if f not in names]
         if missing:
-            lost = problem("folder_missing", f"folder {missing[0]} of the scan index is not in {root.name} any more (moved or renamed since the scan?)")
+            lost = problem(
+                "folder_missing",
+                f"folder {missing[0]} of the scan index is not in {root.name} any more (moved or renamed since the scan?)",
+            )
             series.append({**record, "problems": [*record["problems"], lost], "loadable": False})
             continue
         files = [_on_disk(f, names) for f in record["files"]]
@@ -936,7 +1066,9 @@ def _on_disk(path: str, names: dict[str, str]) -> str:
     return f"{names[key]}/{name}" if key and names[key] != "." else name
 
 
-def write_scan_index(root: str | Path, out: str | Path, *, real_ids: bool = False, progress: bool = True) -> dict[str, Any]:
+def write_scan_index(
+    root: str | Path, out: str | Path, *, real_ids: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Scan ``root`` and write the index atomically to ``out``, salted with the project salt.
 
     The salt lives beside ``out`` (created on first use). ``scan_root`` records where ``root`` is

@@ -208,4 +208,3 @@ def _series_dataset(
     for keyword, value in info.extra.items():
         setattr(ds, keyword, value)
     return ds
-

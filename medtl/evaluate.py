@@ -206,18 +206,31 @@ def _percentile_ci(values: np.ndarray) -> tuple[list[float] | None, int]:
     return [float(lo), float(hi)], int(values.size)
 
 
-def paired_auc_difference(y_true: Sequence[int], probs_a: np.ndarray, probs_b: np.ndarray, *, patient_ids: Sequence[Any] | None = None,
-                          n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def paired_auc_difference(
+    y_true: Sequence[int],
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    *,
+    patient_ids: Sequence[Any] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """AUC of ``probs_b`` minus AUC of ``probs_a`` on the same cases, with a 95% CI from bootstrap
     replicates that resample the same patients for both, so what the two models share cancels out.
     Returns ``{"auc_a", "auc_b", "difference", "ci95"}`` (``ci95`` None when no replicate has both classes)."""
     y = np.asarray(y_true)
     a, b = np.asarray(probs_a, dtype=float), np.asarray(probs_b, dtype=float)
     if not len(y) == len(a) == len(b):
-        raise MedtlError(f"paired comparison needs one prediction per case from each model, got {len(y)}, {len(a)} and {len(b)}")
+        raise MedtlError(
+            f"paired comparison needs one prediction per case from each model, got {len(y)}, {len(a)} and {len(b)}"
+        )
     auc_a, auc_b = roc_auc_ovr(y, a), roc_auc_ovr(y, b)
-    diffs = np.array([roc_auc_ovr(y[r], b[r]) - roc_auc_ovr(y[r], a[r])
-                      for r in bootstrap_indices(len(y), patient_ids=patient_ids, n_boot=n_boot, seed=seed)])
+    diffs = np.array(
+        [
+            roc_auc_ovr(y[r], b[r]) - roc_auc_ovr(y[r], a[r])
+            for r in bootstrap_indices(len(y), patient_ids=patient_ids, n_boot=n_boot, seed=seed)
+        ]
+    )
     ci, _ = _percentile_ci(diffs)
     return {"auc_a": auc_a, "auc_b": auc_b, "difference": auc_b - auc_a, "ci95": ci}
 
@@ -410,7 +423,9 @@ def format_table(result: dict[str, Any]) -> str:
     lines = _section(result, "all sites" if "per_site" in result else "all cases")
     boot = result.get("bootstrap")
     if boot:
-        lines.append(f"  bootstrap: {boot['n_boot']} replicates, {boot['resampling']}-level resampling, seed {boot['seed']}")
+        lines.append(
+            f"  bootstrap: {boot['n_boot']} replicates, {boot['resampling']}-level resampling, seed {boot['seed']}"
+        )
     for site, sub in result.get("per_site", {}).items():
         lines.append("")
         lines.extend(_section(sub, f"site {site}"))

@@ -40,15 +40,21 @@ def target_layer(network: nn.Module, example: torch.Tensor | None = None, *, min
     wide, which says nothing about where; given an ``example`` input, the last block whose output
     is at least ``min_size`` wide along every axis is chosen instead (``layer3``, say).
     """
-    found = [(name, child) for name, child in network.named_children() if any(isinstance(m, _CONVS) for m in child.modules())]
+    found = [
+        (name, child) for name, child in network.named_children() if any(isinstance(m, _CONVS) for m in child.modules())
+    ]
     if not found:
-        raise MedtlError(f"{type(network).__name__} has no convolutional block to explain with Grad-CAM",
-                         hint="give the layer name explicitly (layer=...)")
+        raise MedtlError(
+            f"{type(network).__name__} has no convolutional block to explain with Grad-CAM",
+            hint="give the layer name explicitly (layer=...)",
+        )
     if example is None:
         return found[-1][0]
     sizes: dict[str, int] = {}
-    hooks = [child.register_forward_hook(lambda _m, _i, out, name=name: sizes.__setitem__(name, min(out.shape[2:])))
-             for name, child in found]
+    hooks = [
+        child.register_forward_hook(lambda _m, _i, out, name=name: sizes.__setitem__(name, min(out.shape[2:])))
+        for name, child in found
+    ]
     try:
         with torch.no_grad():
             network(example)
@@ -65,11 +71,18 @@ def _unit(values: torch.Tensor) -> torch.Tensor:
     low, high = flat.min(1).values, flat.max(1).values
     span = torch.where(high > low, high - low, torch.ones_like(high))
     shape = (-1, *[1] * (values.dim() - 1))
-    return torch.where((high > low).view(shape), (values - low.view(shape)) / span.view(shape), torch.zeros_like(values))
+    return torch.where(
+        (high > low).view(shape), (values - low.view(shape)) / span.view(shape), torch.zeros_like(values)
+    )
 
 
-def gradcam(network: nn.Module, images: torch.Tensor, *, class_index: int | Sequence[int] | None = None,
-            layer: str | None = None) -> np.ndarray:
+def gradcam(
+    network: nn.Module,
+    images: torch.Tensor,
+    *,
+    class_index: int | Sequence[int] | None = None,
+    layer: str | None = None,
+) -> np.ndarray:
     """Grad-CAM of each case for ``class_index`` (default: the predicted class), as (B, *spatial) in [0, 1].
 
     The network is copied, so the caller's model keeps no hooks and its training mode and
@@ -83,7 +96,9 @@ def gradcam(network: nn.Module, images: torch.Tensor, *, class_index: int | Sequ
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     device = next(model.parameters()).device
-    layer = layer or target_layer(model, torch.as_tensor(images[:1], dtype=torch.float32, device=device).as_subclass(torch.Tensor))
+    layer = layer or target_layer(
+        model, torch.as_tensor(images[:1], dtype=torch.float32, device=device).as_subclass(torch.Tensor)
+    )
     cam = GradCAM(nn_module=model, target_layers=layer, postprocessing=_unit)
     if class_index is None or isinstance(class_index, int):
         indices: list[int | None] = [class_index] * len(images)
@@ -94,7 +109,12 @@ def gradcam(network: nn.Module, images: torch.Tensor, *, class_index: int | Sequ
     maps = []
     with torch.enable_grad():
         for image, index in zip(images, indices):
-            x = torch.as_tensor(image, dtype=torch.float32, device=device).unsqueeze(0).as_subclass(torch.Tensor).requires_grad_(True)
+            x = (
+                torch.as_tensor(image, dtype=torch.float32, device=device)
+                .unsqueeze(0)
+                .as_subclass(torch.Tensor)
+                .requires_grad_(True)
+            )
             if index is None:
                 with torch.no_grad():
                     index = int(model(x).argmax(1))
@@ -116,7 +136,11 @@ def central_slices(volume: np.ndarray) -> dict[str, np.ndarray]:
     if volume.ndim != 3:
         raise MedtlError(f"central slices need a 2D or 3D array, got shape {volume.shape}")
     x, y, z = (n // 2 for n in volume.shape)
-    return {"axial": display(volume[:, :, z]), "coronal": display(volume[:, y, :]), "sagittal": display(volume[x, :, :])}
+    return {
+        "axial": display(volume[:, :, z]),
+        "coronal": display(volume[:, y, :]),
+        "sagittal": display(volume[x, :, :]),
+    }
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:

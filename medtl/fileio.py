@@ -131,8 +131,10 @@ def csv_problem(exc: csv.Error, line: int) -> str:
     """A ``csv`` module error while reading a table, said for people: where, and what to look for."""
     detail = str(exc)
     if "field larger than field limit" in detail:
-        return (f"line {line}: a field is longer than {csv.field_size_limit():,} characters, the most a cell may hold "
-                "(often a quote that is never closed, which makes the rest of the file one field)")
+        return (
+            f"line {line}: a field is longer than {csv.field_size_limit():,} characters, the most a cell may hold "
+            "(often a quote that is never closed, which makes the rest of the file one field)"
+        )
     return f"line {line}: not a readable CSV table ({detail})"
 
 

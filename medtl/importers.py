@@ -84,7 +84,9 @@ def _current(record: Mapping[str, Any] | None, source: Mapping[str, str], out: P
     """True when ``record`` converted exactly these source bytes and its outputs are untouched."""
     if not record or record.get("source") != dict(source):
         return False
-    return all((out / rel).is_file() and sha256_file(out / rel) == sha for rel, sha in record.get("outputs", {}).items())
+    return all(
+        (out / rel).is_file() and sha256_file(out / rel) == sha for rel, sha in record.get("outputs", {}).items()
+    )
 
 
 def _integral_dtype(array: np.ndarray, dtype: type) -> type | None:
@@ -111,14 +113,22 @@ def _read_lidc_table(path: Path) -> list[dict[str, str]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise MedtlError("labels.csv not found", path=path, hint="give the lidc_nodule_vois folder holding labels.csv, image/ and nodule_mask/") from None
+        raise MedtlError(
+            "labels.csv not found",
+            path=path,
+            hint="give the lidc_nodule_vois folder holding labels.csv, image/ and nodule_mask/",
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MedtlError(f"cannot read the label table ({exc})", path=path) from None
     reader = csv.DictReader(io.StringIO(text))
     try:
         missing = [c for c in _LIDC_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise MedtlError(f"missing column(s) {', '.join(missing)}", path=path, hint=f"an LIDC VOI table has {', '.join(_LIDC_COLUMNS)}, ...")
+            raise MedtlError(
+                f"missing column(s) {', '.join(missing)}",
+                path=path,
+                hint=f"an LIDC VOI table has {', '.join(_LIDC_COLUMNS)}, ...",
+            )
         return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     except csv.Error as exc:
         raise MedtlError(csv_problem(exc, reader.reader.line_num), path=path) from None
@@ -187,7 +197,9 @@ def import_lidc_vois(
     started = time.perf_counter()
     unknown = set(fractions or {}) - set(LIDC_SPLITS)
     if unknown:
-        raise MedtlError(f"fractions given for unknown site(s) {', '.join(sorted(unknown))}; the sites are {', '.join(LIDC_SPLITS)}")
+        raise MedtlError(
+            f"fractions given for unknown site(s) {', '.join(sorted(unknown))}; the sites are {', '.join(LIDC_SPLITS)}"
+        )
     fractions = {**LIDC_SPLITS, **(fractions or {})}
     if not thin_max_mm < thick_min_mm:
         raise MedtlError(f"thin_max_mm must be below thick_min_mm, got {thin_max_mm} and {thick_min_mm}")
@@ -207,7 +219,11 @@ def import_lidc_vois(
         try:
             key, record, was_current = _lidc_row(row, line, src, out, salt, seen, previous)
         except MedtlError as exc:
-            file = Path(exc.path).relative_to(src).as_posix() if exc.path else row.get("image") or row.get("mask") or table.name
+            file = (
+                Path(exc.path).relative_to(src).as_posix()
+                if exc.path
+                else row.get("image") or row.get("mask") or table.name
+            )
             skipped.append({"row": line, "file": file, "reason": exc.message})
             continue
         files[key] = record
@@ -217,7 +233,15 @@ def import_lidc_vois(
             left_out[record["z_mm"]] += 1
             continue
         image = f"images/{key}.nii.gz"
-        by_site[site].append({"patient_id": row["patient_id"], "label": _LIDC_DIAGNOSES[row["diagnosis"]], "site": site, "image": image, "mask": f"masks/{key}.nii.gz"})
+        by_site[site].append(
+            {
+                "patient_id": row["patient_id"],
+                "label": _LIDC_DIAGNOSES[row["diagnosis"]],
+                "site": site,
+                "image": image,
+                "mask": f"masks/{key}.nii.gz",
+            }
+        )
         z_by_site[site][record["z_mm"]] += 1
         diameters[image] = row["diameter_mm"]
 
@@ -231,10 +255,24 @@ def import_lidc_vois(
             continue
         atomic_write_csv(labels, site_rows, ("patient_id", "label", "site", "image", "mask"))
         manifest = build_manifest_file(
-            labels=labels, classes=LIDC_CLASSES, out=manifest_path, root=out,
-            fractions=dict(fractions[site]), seed=seed, name=f"lidc_{site}", progress=progress,
+            labels=labels,
+            classes=LIDC_CLASSES,
+            out=manifest_path,
+            root=out,
+            fractions=dict(fractions[site]),
+            seed=seed,
+            name=f"lidc_{site}",
+            progress=progress,
         )
-        baseline += [{"site": site, "case_id": c["case_id"], "image": c["image"]["path"], "diameter_mm": diameters[c["image"]["path"]]} for c in manifest["cases"]]
+        baseline += [
+            {
+                "site": site,
+                "case_id": c["case_id"],
+                "image": c["image"]["path"],
+                "diameter_mm": diameters[c["image"]["path"]],
+            }
+            for c in manifest["cases"]
+        ]
         sites[site] = {
             "rule": f"z spacing <= {thin_max_mm} mm" if site == "thin" else f"z spacing >= {thick_min_mm} mm",
             "manifest": manifest_path.relative_to(out).as_posix(),
@@ -257,7 +295,11 @@ def import_lidc_vois(
         "sites": sites,
         # a patient in both sites would be seen by the source model and tested on in the target
         "patients_in_both_sites": len(patients["thin"] & patients["thick"]),
-        "left_out": {"count": sum(left_out.values()), "reason": f"z spacing between {thin_max_mm} and {thick_min_mm} mm", "z_spacing_mm": {str(z): n for z, n in sorted(left_out.items())}},
+        "left_out": {
+            "count": sum(left_out.values()),
+            "reason": f"z spacing between {thin_max_mm} and {thick_min_mm} mm",
+            "z_spacing_mm": {str(z): n for z, n in sorted(left_out.items())},
+        },
         "skipped": skipped,
         "baseline": "baseline.csv",
         "preprocessing": {"modality": "ct"},
@@ -268,7 +310,13 @@ def import_lidc_vois(
 
 
 def _lidc_row(
-    row: Mapping[str, str], line: int, src: Path, out: Path, salt: str, seen: dict[str, int], previous: Mapping[str, dict[str, Any]]
+    row: Mapping[str, str],
+    line: int,
+    src: Path,
+    out: Path,
+    salt: str,
+    seen: dict[str, int],
+    previous: Mapping[str, dict[str, Any]],
 ) -> tuple[str, dict[str, Any], bool]:
     """Check one table row and convert its files unless the previous run already did.
 
@@ -318,15 +366,31 @@ def _read_medmnist(npz: Path, n_classes: int) -> dict[str, tuple[np.ndarray, np.
     for split in SPLITS:
         images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
         if images is None or labels is None:
-            raise MedtlError(f"no {split}_images / {split}_labels arrays (found {', '.join(sorted(arrays)) or 'none'})", path=npz, hint="a MedMNIST file holds train, val and test images and labels")
+            raise MedtlError(
+                f"no {split}_images / {split}_labels arrays (found {', '.join(sorted(arrays)) or 'none'})",
+                path=npz,
+                hint="a MedMNIST file holds train, val and test images and labels",
+            )
         if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] == 3):
-            raise MedtlError(f"{split}_images has shape {images.shape}; expected grey-level (N, H, W) or (N, D, H, W)", path=npz, hint="colour MedMNIST sets are not supported")
+            raise MedtlError(
+                f"{split}_images has shape {images.shape}; expected grey-level (N, H, W) or (N, D, H, W)",
+                path=npz,
+                hint="colour MedMNIST sets are not supported",
+            )
         labels = labels.reshape(len(labels), -1)
         if labels.shape[1] != 1 or len(labels) != len(images):
-            raise MedtlError(f"{split}_labels has shape {labels.shape} for {len(images)} images; expected one class index per image", path=npz, hint="multi-label MedMNIST sets are not supported")
+            raise MedtlError(
+                f"{split}_labels has shape {labels.shape} for {len(images)} images; expected one class index per image",
+                path=npz,
+                hint="multi-label MedMNIST sets are not supported",
+            )
         unknown = sorted(set(labels[:, 0].tolist()) - set(range(n_classes)))
         if unknown:
-            raise MedtlError(f"{split}_labels holds class indices {unknown} beyond the {n_classes} class names", path=npz, hint="pass one class name per label index")
+            raise MedtlError(
+                f"{split}_labels holds class indices {unknown} beyond the {n_classes} class names",
+                path=npz,
+                hint="pass one class name per label index",
+            )
         splits[split] = (images, labels[:, 0])
     if len({images.ndim for images, _ in splits.values()}) > 1:
         raise MedtlError("the splits mix 2D and 3D images", path=npz)
@@ -388,7 +452,11 @@ def import_medmnist(
     name = name or _medmnist_name(npz.stem)
     if classes is None:
         if name not in MEDMNIST_CLASSES:
-            raise MedtlError(f"no built-in class names for {name!r}", path=npz, hint=f"pass classes (built in: {', '.join(MEDMNIST_CLASSES)})")
+            raise MedtlError(
+                f"no built-in class names for {name!r}",
+                path=npz,
+                hint=f"pass classes (built in: {', '.join(MEDMNIST_CLASSES)})",
+            )
         classes = MEDMNIST_CLASSES[name]
     classes = tuple(classes)
     splits = _read_medmnist(npz, len(classes))
@@ -412,14 +480,21 @@ def import_medmnist(
                     volume = _medmnist_volume(image)
                     write_nifti(volume, out / rel, dtype=_integral_dtype(volume.array, np.uint8))
                     files[key] = {"source": source, "outputs": {rel: sha256_file(out / rel)}}
-                rows.append({"patient_id": key, "label": classes[int(label)], "site": name, "image": rel, "split": split})
+                rows.append(
+                    {"patient_id": key, "label": classes[int(label)], "site": name, "image": rel, "split": split}
+                )
                 bar.update()
     labels_path = out / "labels.csv"
     atomic_write_csv(labels_path, rows, ("patient_id", "label", "site", "image", "split"))
     sizes = {split: len(labels) for split, (_, labels) in splits.items()}
     manifest = build_manifest_file(
-        labels=labels_path, classes=classes, out=out / "manifests" / f"{name}.json", root=out,
-        fractions={split: n / total for split, n in sizes.items()}, name=name, progress=progress,
+        labels=labels_path,
+        classes=classes,
+        out=out / "manifests" / f"{name}.json",
+        root=out,
+        fractions={split: n / total for split, n in sizes.items()},
+        name=name,
+        progress=progress,
     )
     shape = list(_medmnist_volume(splits["train"][0][0]).shape)
     spatial_dims = splits["train"][0].ndim - 1
@@ -440,8 +515,14 @@ def import_medmnist(
         "labels": labels_path.name,
         "converted": total - reused,
         "reused": reused,
-        "preprocessing": {"modality": "ct", "ct_window": [lo, hi], "spatial_dims": spatial_dims, "target_spacing": [1.0] * spatial_dims,
-                          "crop_mm": [float(n) for n in size], "spatial_size": size},
+        "preprocessing": {
+            "modality": "ct",
+            "ct_window": [lo, hi],
+            "spatial_dims": spatial_dims,
+            "target_spacing": [1.0] * spatial_dims,
+            "crop_mm": [float(n) for n in size],
+            "spatial_size": size,
+        },
         "seconds": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(out / STATE_FILE, {"importer_version": IMPORTER_VERSION, "summary": summary, "files": files})

@@ -28,12 +28,16 @@ def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
-def flip_average(network: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, axes: Sequence[int]) -> torch.Tensor:
+def flip_average(
+    network: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, axes: Sequence[int]
+) -> torch.Tensor:
     """log(mean softmax) of ``network`` over ``inputs`` flipped along every subset of ``axes``."""
     if any(a >= inputs.dim() - 2 for a in axes):
         raise MedtlError(f"flip axes {list(axes)!r} do not fit an input of {inputs.dim() - 2} spatial dimensions")
-    probs = [torch.softmax(network(torch.flip(inputs, [a + 2 for a in dims]) if dims else inputs).float(), dim=1)
-             for dims in flip_sets(axes)]
+    probs = [
+        torch.softmax(network(torch.flip(inputs, [a + 2 for a in dims]) if dims else inputs).float(), dim=1)
+        for dims in flip_sets(axes)
+    ]
     return torch.log(torch.stack(probs).mean(dim=0).clamp_min(1e-12))
 
 
@@ -45,7 +49,9 @@ class FlipInferer(Inferer):
         self.axes = tuple(int(a) for a in axes)
         flip_sets(self.axes)  # validates
 
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         return flip_average(lambda x: network(x, *args, **kwargs), inputs, self.axes)
 
 

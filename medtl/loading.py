@@ -45,12 +45,15 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         raise MedtlError(f"unsupported device {spec!r}; use {DEVICE_CHOICES}")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
-        raise MedtlError(f"device {spec!r} asked for, but this machine has no CUDA GPU (torch {torch.__version__})",
-                         hint="use --device cpu, or install a CUDA build of torch into the environment")
+        raise MedtlError(
+            f"device {spec!r} asked for, but this machine has no CUDA GPU (torch {torch.__version__})",
+            hint="use --device cpu, or install a CUDA build of torch into the environment",
+        )
     if device.index is not None and device.index >= count:
-        raise MedtlError(f"device {spec!r} asked for, but this machine has {count} CUDA GPU(s): cuda:0..cuda:{count - 1}")
+        raise MedtlError(
+            f"device {spec!r} asked for, but this machine has {count} CUDA GPU(s): cuda:0..cuda:{count - 1}"
+        )
     return device
-
 
 
 def data_loader(
@@ -81,12 +84,19 @@ def data_loader(
     if int(num_workers) < 0:
         raise MedtlError(f"num_workers must be >= 0, got {num_workers}")
     if on_device and int(num_workers) > 0:
-        raise MedtlError(f"augmentation on the device runs in the loading thread, but num_workers is {num_workers}",
-                         hint="set num_workers 0 with augment_on_device, or augment on the CPU")
+        raise MedtlError(
+            f"augmentation on the device runs in the loading thread, but num_workers is {num_workers}",
+            hint="set num_workers 0 with augment_on_device, or augment on the CPU",
+        )
     cuda = device is not None and torch.device(device).type == "cuda"
     shuffle = bool(shuffle) and len(dataset) > 0
-    settings = {"batch_size": int(batch_size), "shuffle": shuffle, "num_workers": int(num_workers),
-                "pin_memory": cuda and not on_device, **options}
+    settings = {
+        "batch_size": int(batch_size),
+        "shuffle": shuffle,
+        "num_workers": int(num_workers),
+        "pin_memory": cuda and not on_device,
+        **options,
+    }
     if loader == "thread":
         return ThreadDataLoader(dataset, **settings)
     return DataLoader(dataset, **settings)

@@ -57,7 +57,9 @@ def read_label_table(path: str | Path) -> list[dict[str, str]]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ManifestError(
-            f"not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x})", path=path, hint="save the table as UTF-8 CSV"
+            f"not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x})",
+            path=path,
+            hint="save the table as UTF-8 CSV",
         ) from None
     lines = text.splitlines()
     if not lines or not lines[0].strip():
@@ -81,7 +83,11 @@ def _label_rows(reader: csv.DictReader, path: Path) -> list[dict[str, str]]:
         )
     unknown = [c for c in columns if c not in _KNOWN_COLUMNS]
     if unknown:
-        raise ManifestError(f"unknown column(s) {', '.join(unknown)}", path=path, hint=f"known columns: {', '.join(sorted(_KNOWN_COLUMNS))}")
+        raise ManifestError(
+            f"unknown column(s) {', '.join(unknown)}",
+            path=path,
+            hint=f"known columns: {', '.join(sorted(_KNOWN_COLUMNS))}",
+        )
     rows = []
     for row in reader:
         if None in row:
@@ -138,14 +144,18 @@ def build_manifest(
     labels, root = Path(labels), Path(root)
     classes = [c.strip() for c in classes if c.strip()]
     if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise ManifestError(f"need at least two distinct class names, got {classes}", hint="e.g. --classes benign,malignant")
+        raise ManifestError(
+            f"need at least two distinct class names, got {classes}", hint="e.g. --classes benign,malignant"
+        )
     fractions = fractions or {"train": 0.7, "val": 0.15, "test": 0.15}
     if set(fractions) - set(SPLITS) or abs(sum(fractions.values()) - 1.0) > 1e-6 or min(fractions.values()) < 0:
         raise ManifestError(f"split fractions must be train/val/test summing to 1, got {fractions}")
     rows = read_label_table(labels)
     if scan is not None and scan_root is None:
         raise ManifestError("a scan index needs the folder it was scanned from", hint="pass --scan-root")
-    indexed = index_with_folder_names(scan, scan_root, salt) if scan is not None else {}  # folder keys back to the folders
+    indexed = (
+        index_with_folder_names(scan, scan_root, salt) if scan is not None else {}
+    )  # folder keys back to the folders
     series_by_key = {s["series_key"]: s for s in indexed.get("series", [])}
     series_by_patient: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in series_by_key.values():
@@ -157,7 +167,9 @@ def build_manifest(
     for line, row in enumerate(rows, start=2):
         where = f"row {line}"  # the error names the table itself
         try:
-            case = _case_from_row(row, classes, labels.parent, root, salt, series_by_key, series_by_patient, scan_root, site)
+            case = _case_from_row(
+                row, classes, labels.parent, root, salt, series_by_key, series_by_patient, scan_root, site
+            )
         except ValueError as exc:
             errors.append(f"{where}: {exc}")
             continue
@@ -187,7 +199,10 @@ def build_manifest(
         "created_by": f"medtl {medtl.__version__}",
         "label_map": {c: i for i, c in enumerate(classes)},
         "split": {"seed": seed, "fractions": fractions, "stratified_by": ["site", "label"], "unit": "patient"},
-        "sources": {"labels_sha256": sha256_file(labels), "scan_sha256": sha256_text(canonical_json(scan)) if scan else None},
+        "sources": {
+            "labels_sha256": sha256_file(labels),
+            "scan_sha256": sha256_text(canonical_json(scan)) if scan else None,
+        },
         "counts": _counts(cases),
         "cases": cases,
     }
@@ -204,7 +219,9 @@ def _error_list(errors: list[str], limit: int = 20) -> str:
     return f"{len(errors)} problems: " + "; ".join(shown)
 
 
-def _case_from_row(row, classes, table_dir, root, salt, series_by_key, series_by_patient, scan_root, site) -> dict[str, Any]:
+def _case_from_row(
+    row, classes, table_dir, root, salt, series_by_key, series_by_patient, scan_root, site
+) -> dict[str, Any]:
     if not row.get("patient_id"):
         raise ValueError("empty patient_id")
     label = row.get("label") or None
@@ -217,7 +234,9 @@ def _case_from_row(row, classes, table_dir, root, salt, series_by_key, series_by
     if row.get("image"):
         image_path = table_dir / row["image"]
         if not is_nifti(image_path):
-            raise ValueError(f"image {_shown(row['image'])} is not a .nii/.nii.gz file (DICOM series are given by series_uid)")
+            raise ValueError(
+                f"image {_shown(row['image'])} is not a .nii/.nii.gz file (DICOM series are given by series_uid)"
+            )
         if not image_path.is_file():
             raise ValueError(f"image file {_shown(row['image'])} not found")
         image = {"type": "nifti", "path": _relative(image_path, root, "image")}
@@ -326,7 +345,11 @@ def leakage(cases: Sequence[dict[str, Any]]) -> list[str]:
     for c in cases:
         if c.get("split") in SPLITS:
             splits[c["patient_key"]].add(c["split"])
-    return [f"patient {p} is in several splits ({', '.join(sorted(s))}): leakage" for p, s in sorted(splits.items()) if len(s) > 1]
+    return [
+        f"patient {p} is in several splits ({', '.join(sorted(s))}): leakage"
+        for p, s in sorted(splits.items())
+        if len(s) > 1
+    ]
 
 
 def _counts(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -336,7 +359,9 @@ def _counts(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "cases": len(cases),
         "patients": len({c["patient_key"] for c in cases}),
-        "by_site_split_label": {s: {sp: dict(sorted(lab.items())) for sp, lab in sorted(v.items())} for s, v in sorted(table.items())},
+        "by_site_split_label": {
+            s: {sp: dict(sorted(lab.items())) for sp, lab in sorted(v.items())} for s, v in sorted(table.items())
+        },
     }
 
 
@@ -378,7 +403,11 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
         raise ManifestError(f"unsupported manifest version {found!r} (this medtl reads {MANIFEST_VERSION})", path=path)
     _validate(manifest, path)
     if manifest["content_sha256"] != content_hash(manifest):
-        raise ManifestError("content hash does not match: the manifest was edited after it was built", path=path, hint="rebuild it with `medtl manifest build`")
+        raise ManifestError(
+            "content hash does not match: the manifest was edited after it was built",
+            path=path,
+            hint="rebuild it with `medtl manifest build`",
+        )
     return manifest
 
 
@@ -420,7 +449,9 @@ def datalist(manifest: dict[str, Any], root: str | Path, splits: str | Sequence[
             "case_id": case["case_id"],
             "patient": case["patient_key"],  # pseudonym: lets the bootstrap resample patients
             "site": case["site"],
-            "image": [str(root / f["path"]) for f in image["files"]] if image["type"] == "dicom" else str(root / image["path"]),
+            "image": [str(root / f["path"]) for f in image["files"]]
+            if image["type"] == "dicom"
+            else str(root / image["path"]),
             "label": -1 if case["label"] is None else label_map[case["label"]],
         }
         roi = case.get("roi", {})
@@ -443,7 +474,9 @@ def read_scan_index(path: str | Path) -> tuple[dict[str, Any], Path]:
     try:
         scan = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ManifestError("scan index not found", path=path, hint="create it with `medtl scan DIR -o scan.json`") from None
+        raise ManifestError(
+            "scan index not found", path=path, hint="create it with `medtl scan DIR -o scan.json`"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"not a readable scan index ({exc})", path=path) from None
     if not isinstance(scan, dict) or not isinstance(scan.get("series"), list) or "scan_root" not in scan:
@@ -474,6 +507,8 @@ def build_manifest_file(
     if root is None:
         anchors = [labels.parent.resolve()] + ([scan_root.resolve()] if scan_root is not None else [])
         root = Path(os.path.commonpath(anchors))
-    manifest = build_manifest(labels=labels, classes=classes, root=root, salt=salt, scan=index, scan_root=scan_root, **options)
+    manifest = build_manifest(
+        labels=labels, classes=classes, root=root, salt=salt, scan=index, scan_root=scan_root, **options
+    )
     write_manifest(manifest, out)
     return manifest

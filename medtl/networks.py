@@ -118,7 +118,9 @@ def network_spec(arch: str) -> NetworkSpec:
     return _REGISTRY[arch]
 
 
-def create_network(arch: str, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 2, **kwargs: Any) -> nn.Module:
+def create_network(
+    arch: str, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 2, **kwargs: Any
+) -> nn.Module:
     """Build a randomly initialised network by name (never downloads weights).
 
     Args:
@@ -144,7 +146,9 @@ def create_network(arch: str, *, spatial_dims: int = 3, in_channels: int = 1, nu
 
 
 def _resnet_factory(depth: int) -> Callable[..., nn.Module]:
-    def build(*, spatial_dims: int, in_channels: int, num_classes: int, medicalnet: bool = False, **kwargs: Any) -> nn.Module:
+    def build(
+        *, spatial_dims: int, in_channels: int, num_classes: int, medicalnet: bool = False, **kwargs: Any
+    ) -> nn.Module:
         if medicalnet:
             kwargs.setdefault("shortcut_type", "A" if depth in (18, 34) else "B")
             kwargs.setdefault("bias_downsample", depth in (18, 34))
@@ -161,13 +165,21 @@ for _depth in (10, 18, 34, 50, 101, 152, 200):
 
 @register_network("densenet121", DENSENET)
 def _densenet121(*, spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    return nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, pretrained=False, **kwargs)
+    return nets.DenseNet121(
+        spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, pretrained=False, **kwargs
+    )
 
 
 def _efficientnet_factory(variant: str) -> Callable[..., nn.Module]:
     def build(*, spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-        return nets.EfficientNetBN(variant, pretrained=False, spatial_dims=spatial_dims, in_channels=in_channels,
-                                   num_classes=num_classes, **kwargs)
+        return nets.EfficientNetBN(
+            variant,
+            pretrained=False,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            **kwargs,
+        )
 
     return build
 
@@ -176,8 +188,15 @@ for _b in range(8):
     register_network(f"efficientnet-b{_b}", EFFICIENTNET)(_efficientnet_factory(f"efficientnet-b{_b}"))
 
 
-def resnet(widen: float, num_classes: int = 2, *, spatial_dims: int = 3, depth: int = 10, small_input: bool = False,
-           in_channels: int = 1) -> nn.Module:
+def resnet(
+    widen: float,
+    num_classes: int = 2,
+    *,
+    spatial_dims: int = 3,
+    depth: int = 10,
+    small_input: bool = False,
+    in_channels: int = 1,
+) -> nn.Module:
     """The ResNet medtl's stages and bundles use (ResNet10 at width ``widen``), or its kin.
 
     ``spatial_dims=2`` builds the 2D network for images, ``depth`` picks ResNet10 or ResNet18.
@@ -188,16 +207,31 @@ def resnet(widen: float, num_classes: int = 2, *, spatial_dims: int = 3, depth: 
     if depth not in (10, 18):
         raise MedtlError(f"medtl's ResNet has depth 10 or 18, got depth={depth!r}")
     stem = {"conv1_t_size": 3, "conv1_t_stride": 1, "no_max_pool": True} if small_input else {}
-    return create_network(f"resnet{depth}", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
-                          widen_factor=widen, **stem)
+    return create_network(
+        f"resnet{depth}",
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        widen_factor=widen,
+        **stem,
+    )
 
 
 def resnet_config(widen: float, num_classes: int, *, in_channels: int = 1) -> dict[str, Any]:
     """``resnet(widen, num_classes)`` as a class path and constructor arguments, for configs that
     name a class rather than call a factory (NVIDIA FLARE's persistor builds it on the server)."""
-    return {"path": "monai.networks.nets.ResNet",
-            "args": {"block": "basic", "layers": [1, 1, 1, 1], "block_inplanes": get_inplanes(), "spatial_dims": 3,
-                     "n_input_channels": in_channels, "num_classes": num_classes, "widen_factor": widen}}
+    return {
+        "path": "monai.networks.nets.ResNet",
+        "args": {
+            "block": "basic",
+            "layers": [1, 1, 1, 1],
+            "block_inplanes": get_inplanes(),
+            "spatial_dims": 3,
+            "n_input_channels": in_channels,
+            "num_classes": num_classes,
+            "widen_factor": widen,
+        },
+    }
 
 
 def family_of(model: nn.Module) -> Family | None:
@@ -222,7 +256,9 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Linear]:
             return inner[-1]
     linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
     if not linears:
-        raise MedtlError(f"{type(model).__name__} has no nn.Linear classifier", hint="give a network with a linear head")
+        raise MedtlError(
+            f"{type(model).__name__} has no nn.Linear classifier", hint="give a network with a linear head"
+        )
     return linears[-1]
 
 

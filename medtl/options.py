@@ -31,7 +31,11 @@ def knob(default: Any, help: str, *, choices: Sequence[str] | None = None) -> An
 def recipe_fields(cls: type, *, only: Iterable[str] | None = None, skip: Iterable[str] = ()) -> list[dataclasses.Field]:
     """The fields of ``cls`` that become options: declared with ``knob``, in ``only`` (when given), not in ``skip``."""
     wanted = None if only is None else set(only)
-    return [f for f in dataclasses.fields(cls) if "help" in f.metadata and (wanted is None or f.name in wanted) and f.name not in skip]
+    return [
+        f
+        for f in dataclasses.fields(cls)
+        if "help" in f.metadata and (wanted is None or f.name in wanted) and f.name not in skip
+    ]
 
 
 def _parser_for(annotation: str) -> Callable[[str], Any]:
@@ -43,24 +47,51 @@ def _parser_for(annotation: str) -> Callable[[str], Any]:
     return lambda text: None if text.lower() == "none" else convert(text)
 
 
-def add_recipe_options(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "", only: Iterable[str] | None = None,
-                       skip: Iterable[str] = (), title: str | None = None) -> None:
+def add_recipe_options(
+    parser: argparse.ArgumentParser | Any,
+    cls: type,
+    *,
+    prefix: str = "",
+    only: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+    title: str | None = None,
+) -> None:
     """Add ``--{prefix}{field}`` for every knob of ``cls``, in an argument group when ``title`` is given."""
     group = parser.add_argument_group(title) if title else parser
     for f in recipe_fields(cls, only=only, skip=skip):
         flag = "--" + (prefix + f.name).replace("_", "-")
         dest = (prefix + f.name).replace("-", "_")
         if f.type == "bool":
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=f"{f.metadata['help']} (default {'on' if f.default else 'off'})")
+            group.add_argument(
+                flag,
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=f"{f.metadata['help']} (default {'on' if f.default else 'off'})",
+            )
             continue
-        group.add_argument(flag, dest=dest, type=_parser_for(f.type), default=f.default, choices=f.metadata["choices"],
-                           metavar=None if f.metadata["choices"] else f.name.upper(),
-                           help=f"{f.metadata['help']} (default {f.default})")
+        group.add_argument(
+            flag,
+            dest=dest,
+            type=_parser_for(f.type),
+            default=f.default,
+            choices=f.metadata["choices"],
+            metavar=None if f.metadata["choices"] else f.name.upper(),
+            help=f"{f.metadata['help']} (default {f.default})",
+        )
 
 
-def recipe_from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", only: Iterable[str] | None = None,
-                     skip: Iterable[str] = (), **fixed: Any) -> Any:
+def recipe_from_args(
+    cls: type,
+    args: argparse.Namespace,
+    *,
+    prefix: str = "",
+    only: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+    **fixed: Any,
+) -> Any:
     """``cls`` with every option ``add_recipe_options`` added taken from ``args``, plus ``fixed``."""
-    values = {f.name: getattr(args, (prefix + f.name).replace("-", "_")) for f in recipe_fields(cls, only=only, skip=skip)}
+    values = {
+        f.name: getattr(args, (prefix + f.name).replace("-", "_")) for f in recipe_fields(cls, only=only, skip=skip)
+    }
     return cls(**values, **fixed)

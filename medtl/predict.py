@@ -68,9 +68,18 @@ def confidence_flag(probability: float, threshold: float) -> str:
     return "ok" if probability >= threshold else "review"
 
 
-def predict(input_dir: str | Path, bundle: str | Path, output_dir: str | Path, *, confidence: float = CONFIDENCE,
-            sr: bool = False, secondary_capture: bool = False, real_ids: bool = False, trust: bool = False,
-            progress: bool = True) -> dict[str, Any]:
+def predict(
+    input_dir: str | Path,
+    bundle: str | Path,
+    output_dir: str | Path,
+    *,
+    confidence: float = CONFIDENCE,
+    sr: bool = False,
+    secondary_capture: bool = False,
+    real_ids: bool = False,
+    trust: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run ``bundle``'s inference on every series in ``input_dir``; write the flagged predictions
     (and, when asked, DICOM SR/SC under ``output_dir/dicom``).
 
@@ -86,19 +95,30 @@ def predict(input_dir: str | Path, bundle: str | Path, output_dir: str | Path, *
         raise MedtlError(f"the confidence threshold is a probability between 0 and 1, got {confidence}")
     missing = [name for name in REQUIRED if not (root / name).is_file()]
     if missing:
-        raise MedtlError(f"not a usable bundle: {', '.join(missing)} missing", path=root,
-                         hint="give a bundle folder exported by medtl (or unpacked by `medtl bundle import`)")
+        raise MedtlError(
+            f"not a usable bundle: {', '.join(missing)} missing",
+            path=root,
+            hint="give a bundle folder exported by medtl (or unpacked by `medtl bundle import`)",
+        )
     if not input_dir.is_dir():
         raise MedtlError("not a folder", path=input_dir, hint="give the folder that holds the DICOM series")
     hd = _highdicom() if sr or secondary_capture else None
     meta = _audited_meta(root, trust)
     model = {"name": str(meta.get("name", root.name)), "version": str(meta.get("version", ""))}
-    logger.info("predict: %s %s, confidence threshold %.2f, SR %s, Secondary Capture %s", model["name"], model["version"],
-                confidence, "yes" if sr else "no", "yes" if secondary_capture else "no")
+    logger.info(
+        "predict: %s %s, confidence threshold %.2f, SR %s, Secondary Capture %s",
+        model["name"],
+        model["version"],
+        confidence,
+        "yes" if sr else "no",
+        "yes" if secondary_capture else "no",
+    )
 
     parser = _run_inference(root, input_dir, out, real_ids=real_ids, progress=progress)
     result, columns = _flagged(out, confidence, model)
-    network, predicted = _predicted_cases(parser, result["predictions"]) if hd is not None else (None, [])  # by the bundle's ids
+    network, predicted = (
+        _predicted_cases(parser, result["predictions"]) if hd is not None else (None, [])
+    )  # by the bundle's ids
     result["dicom"] = []
     _write_predictions(out, result, columns)  # at once, with the confidence flag
     written: list[str] = []
@@ -124,8 +144,10 @@ def format_predictions(result: Mapping[str, Any]) -> str:
     table = [" ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip() for line in [list(header), *lines]]
     table += [f"skipped {item['id']}: {item['reason']}" for item in result["skipped"]]
     review = sum(row["confidence"] == "review" for row in rows)
-    table.append(f"{len(rows)} series predicted ({review} to review: top probability below {result['confidence_threshold']:g}), "
-                 f"{len(result['skipped'])} skipped")
+    table.append(
+        f"{len(rows)} series predicted ({review} to review: top probability below {result['confidence_threshold']:g}), "
+        f"{len(result['skipped'])} skipped"
+    )
     return "\n".join(table)
 
 
@@ -136,8 +158,10 @@ def _highdicom() -> ModuleType:
     try:
         import highdicom
     except ImportError:
-        raise MedtlError("writing DICOM SR or Secondary Capture needs highdicom, which is not installed",
-                         hint="pip install medtl[dicom-out]") from None
+        raise MedtlError(
+            "writing DICOM SR or Secondary Capture needs highdicom, which is not installed",
+            hint="pip install medtl[dicom-out]",
+        ) from None
     # highdicom logs every copied module at INFO, naming the source instances' UIDs: noise, and identifiers
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     return highdicom
@@ -152,8 +176,11 @@ def _audited_meta(root: Path, trust: bool) -> dict[str, Any]:
 
     findings = [str(f) for f in audit_bundle(root)]
     if findings and not trust:
-        raise MedtlError(f"refusing to run: {len(findings)} config value(s) outside the allow-list: " + "; ".join(findings[:3]),
-                         path=root, hint="review them with `medtl bundle verify`; --trust runs them anyway (trusted senders only)")
+        raise MedtlError(
+            f"refusing to run: {len(findings)} config value(s) outside the allow-list: " + "; ".join(findings[:3]),
+            path=root,
+            hint="review them with `medtl bundle verify`; --trust runs them anyway (trusted senders only)",
+        )
     for finding in findings:
         logger.warning("running with --trust: %s", finding)
     try:
@@ -180,9 +207,12 @@ def _run_inference(root: Path, input_dir: Path, out: Path, *, real_ids: bool, pr
     parser.update({"bundle_root": str(root), "input_dir": str(input_dir), "output_dir": str(out)})
     cases = parser.get("cases")
     if not (isinstance(cases, dict) and str(cases.get("_target_", "")).endswith("inference_cases")):
-        raise MedtlError("its inference.json does not list its cases with medtl.bundle.components.inference_cases, "
-                         "which names the input folders by salted keys", path=root / "configs" / "inference.json",
-                         hint="give a bundle exported by medtl, or run this one with python -m monai.bundle run")
+        raise MedtlError(
+            "its inference.json does not list its cases with medtl.bundle.components.inference_cases, "
+            "which names the input folders by salted keys",
+            path=root / "configs" / "inference.json",
+            hint="give a bundle exported by medtl, or run this one with python -m monai.bundle run",
+        )
     parser["cases#real_ids"] = real_ids
     prepared = parser.get("prepared")
     if not progress and isinstance(prepared, dict) and str(prepared.get("_target_", "")).endswith("prepare_cases"):
@@ -199,8 +229,11 @@ def _run_inference(root: Path, input_dir: Path, out: Path, *, real_ids: bool, pr
         user_error = medtl_cause(exc)
         if user_error is not None:
             raise user_error from exc
-        raise MedtlError(f"the bundle's inference.json failed ({_first_line(cause_chain(exc)[-1])})", path=root,
-                         hint="--debug shows the traceback") from exc
+        raise MedtlError(
+            f"the bundle's inference.json failed ({_first_line(cause_chain(exc)[-1])})",
+            path=root,
+            hint="--debug shows the traceback",
+        ) from exc
     return parser
 
 
@@ -222,8 +255,11 @@ def _flagged(out: Path, threshold: float, model: Mapping[str, str]) -> tuple[dic
         written = json.loads(path.read_text(encoding="utf-8"))
         columns = next(csv.reader(io.StringIO((out / "predictions.csv").read_text(encoding="utf-8"))))
     except (OSError, ValueError, StopIteration) as exc:
-        raise MedtlError(f"the bundle's inference wrote no readable predictions ({type(exc).__name__})", path=path.name,
-                         hint="its inference.json must write predictions.csv and .json, as PredictionWriter does") from None
+        raise MedtlError(
+            f"the bundle's inference wrote no readable predictions ({type(exc).__name__})",
+            path=path.name,
+            hint="its inference.json must write predictions.csv and .json, as PredictionWriter does",
+        ) from None
     for row in written["predictions"]:
         row["confidence"] = confidence_flag(top_probability(row), threshold)
     return {**written, "confidence_threshold": threshold, "model": dict(model)}, [*columns, "confidence"]
@@ -234,15 +270,19 @@ def _write_predictions(out: Path, result: Mapping[str, Any], columns: Sequence[s
     atomic_write_json(out / "predictions.json", result)
 
 
-def _predicted_cases(parser: Any, rows: Sequence[Mapping[str, Any]]) -> tuple[Any, list[tuple[Mapping, Mapping, Mapping]]]:
+def _predicted_cases(
+    parser: Any, rows: Sequence[Mapping[str, Any]]
+) -> tuple[Any, list[tuple[Mapping, Mapping, Mapping]]]:
     """The network that scored the series and each prediction with its case (source files) and preprocessed item."""
     try:
         cases = {c["id"]: c for c in parser.get_parsed_content("cases")["cases"]}
         items = {i["id"]: i for i in parser.get_parsed_content("prepared")["items"]}
         network = parser.get_parsed_content("network")
     except (KeyError, TypeError) as exc:
-        raise MedtlError(f"DICOM output needs the cases, prepared and network of a medtl inference.json ({exc})",
-                         path="configs/inference.json") from None
+        raise MedtlError(
+            f"DICOM output needs the cases, prepared and network of a medtl inference.json ({exc})",
+            path="configs/inference.json",
+        ) from None
     return network, [(row, cases[row["id"]], items[row["id"]]) for row in rows]
 
 
@@ -258,8 +298,13 @@ def _source_headers(files: Sequence[str]) -> list[Any]:
 
 def _equipment(model: Mapping[str, str], what: str) -> dict[str, str]:
     """Series description and equipment naming the bundle (LO values: 64 characters at most), marked as research content."""
-    return {"manufacturer": "medtl", "manufacturer_model_name": model["name"][:64], "software_versions": model["version"][:64],
-            "series_description": f"medtl {what} {model['name']} {model['version']}"[:64], "content_qualification": "RESEARCH"}
+    return {
+        "manufacturer": "medtl",
+        "manufacturer_model_name": model["name"][:64],
+        "software_versions": model["version"][:64],
+        "series_description": f"medtl {what} {model['name']} {model['version']}"[:64],
+        "content_qualification": "RESEARCH",
+    }
 
 
 def _save(dataset: Any, out: Path, name: str) -> str:
@@ -284,27 +329,51 @@ def _gradcam_picture(item: Mapping[str, Any], network: Any, class_index: int) ->
     return np.ascontiguousarray(rgb.repeat(factor, 0).repeat(factor, 1)), (spacing_y / factor, spacing_x / factor)
 
 
-def _write_secondary_capture(hd: ModuleType, out: Path, row: Mapping[str, Any], picture: tuple[np.ndarray, tuple[float, float]],
-                             sources: Sequence[Any], model: Mapping[str, str]) -> str:
+def _write_secondary_capture(
+    hd: ModuleType,
+    out: Path,
+    row: Mapping[str, Any],
+    picture: tuple[np.ndarray, tuple[float, float]],
+    sources: Sequence[Any],
+    model: Mapping[str, str],
+) -> str:
     """``dicom/<series>_gradcam_sc.dcm``: radiological display (patient left on the image right, anterior at the top)."""
     from pydicom.dataset import Dataset
 
     pixels, spacing = picture
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=sources[0], pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
-        series_instance_uid=hd.UID(), series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
-        patient_orientation=("L", "P"), pixel_spacing=spacing, **_equipment(model, "Grad-CAM"))
+        ref_dataset=sources[0],
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=hd.UID(),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        patient_orientation=("L", "P"),
+        pixel_spacing=spacing,
+        **_equipment(model, "Grad-CAM"),
+    )
     sc.BurnedInAnnotation = "NO"
-    sc.DerivationDescription = (f"Grad-CAM for class {row['pred']} (probability {top_probability(row):.3f}) on the central "
-                                "axial slice of the crop the network saw")
+    sc.DerivationDescription = (
+        f"Grad-CAM for class {row['pred']} (probability {top_probability(row):.3f}) on the central "
+        "axial slice of the crop the network saw"
+    )
     sc.SourceImageSequence = [Dataset() for _ in sources]
     for ref, source in zip(sc.SourceImageSequence, sources):
         ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
     return _save(sc, out, f"{row['series']}_gradcam_sc.dcm")
 
 
-def _write_sr(hd: ModuleType, out: Path, row: Mapping[str, Any], sources: Sequence[Any], class_names: Sequence[str],
-              model: Mapping[str, str]) -> str:
+def _write_sr(
+    hd: ModuleType,
+    out: Path,
+    row: Mapping[str, Any],
+    sources: Sequence[Any],
+    class_names: Sequence[str],
+    model: Mapping[str, str],
+) -> str:
     """``dicom/<series>_sr.dcm``: a TID 1500 measurement report with one group: Finding = the
     predicted class, Probability = its probability, both by the bundle as algorithm."""
     from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -313,21 +382,46 @@ def _write_sr(hd: ModuleType, out: Path, row: Mapping[str, Any], sources: Sequen
 
     index = class_names.index(row["pred"])
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"lesion classification by {model['name']}"[:64]),
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"lesion classification by {model['name']}"[:64]
+        ),
         algorithm_id=hd.sr.AlgorithmIdentification(name=model["name"], version=model["version"], manufacturer="medtl"),
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-            name=codes.DCM.Finding, value=hd.sr.CodedConcept(str(index), CLASS_SCHEME, row["pred"]))],
-        measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=top_probability(row), unit=codes.UCUM.NoUnits)],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=codes.DCM.Finding, value=hd.sr.CodedConcept(str(index), CLASS_SCHEME, row["pred"])
+            )
+        ],
+        measurements=[
+            hd.sr.Measurement(name=codes.DCM.Probability, value=top_probability(row), unit=codes.UCUM.NoUnits)
+        ],
     )
     # one observer UID per bundle version: reports by the same model are recognisably the same device
-    device = hd.sr.DeviceObserverIdentifyingAttributes(uid=generate_uid(entropy_srcs=["medtl", model["name"], model["version"]]),
-                                                       name="medtl", model_name=model["name"][:64])
-    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(entropy_srcs=["medtl", model["name"], model["version"]]),
+        name="medtl",
+        model_name=model["name"][:64],
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
     procedure = codes.LN.CTUnspecifiedBodyRegion if sources[0].get("Modality") == "CT" else codes.SCT.ImagingProcedure
-    report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=procedure, imaging_measurements=[group])
-    scheme = CodingSchemeIdentificationItem(designator=CLASS_SCHEME, name=f"output classes of bundle {model['name']}"[:64])
+    report = hd.sr.MeasurementReport(
+        observation_context=context, procedure_reported=procedure, imaging_measurements=[group]
+    )
+    scheme = CodingSchemeIdentificationItem(
+        designator=CLASS_SCHEME, name=f"output classes of bundle {model['name']}"[:64]
+    )
     document = hd.sr.Comprehensive3DSR(
-        evidence=sources, content=report[0], series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(), instance_number=1, is_complete=True, coding_schemes=[scheme], **_equipment(model, "classification"))
+        evidence=sources,
+        content=report[0],
+        series_instance_uid=hd.UID(),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        is_complete=True,
+        coding_schemes=[scheme],
+        **_equipment(model, "classification"),
+    )
     return _save(document, out, f"{row['series']}_sr.dcm")

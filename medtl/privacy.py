@@ -33,7 +33,9 @@ def load_or_create_salt(directory: str | Path) -> str:
     if path.exists():
         salt = path.read_text(encoding="utf-8").strip()
         if len(salt) < 16:
-            raise MedtlError("salt file is too short or empty", path=path, hint="delete it only if no manifest uses it yet")
+            raise MedtlError(
+                "salt file is too short or empty", path=path, hint="delete it only if no manifest uses it yet"
+            )
         return salt
     salt = secrets.token_hex(32)
     atomic_write_text(path, salt + "\n")
@@ -61,45 +63,203 @@ def pseudonym(value: str, salt: str, prefix: str, length: int = 16) -> str:
 # Finding patient data where it must not be: bundles, reports, logs.
 
 #: DICOM attributes that identify a patient or an examination.
-IDENTIFYING_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "PatientAddress", "AccessionNumber",
-                        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "StudyID", "ReferringPhysicianName",
-                        "InstitutionName")
+IDENTIFYING_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "PatientBirthDate",
+    "PatientAddress",
+    "AccessionNumber",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "StudyID",
+    "ReferringPhysicianName",
+    "InstitutionName",
+)
 _NAME_AFTER_PATIENT_WORD = "person name after a patient word"
 _PATTERNS = (
     ("DICOM person name", re.compile(r"\b[A-Za-z][A-Za-z'\-]+\^[A-Za-z][A-Za-z'\-^]*")),
     ("DICOM UID", re.compile(r"(?<![\d.])[12]\.\d+(?:\.\d+){4,}(?![\d.])")),
-    ("identifying DICOM attribute with a value", re.compile(
-        r"\b(?:" + "|".join(IDENTIFYING_KEYWORDS) + r")\b[\"']?\s*[:=]\s*[\"']?(?!pat-|null|None|\"|')([^\s\"',}\]]{2,})")),
+    (
+        "identifying DICOM attribute with a value",
+        re.compile(
+            r"\b(?:"
+            + "|".join(IDENTIFYING_KEYWORDS)
+            + r")\b[\"']?\s*[:=]\s*[\"']?(?!pat-|null|None|\"|')([^\s\"',}\]]{2,})"
+        ),
+    ),
     # a date only next to a birth word: the dates a bundle holds (changelogs, releases) identify nobody
-    ("birth date", re.compile(r"(?:\b(?:birth\s*date|date\s+of\s+birth|dob|birthdate|born(?:\s+on)?)\b|\bd\.o\.b\.)\W{0,5}"
-                              r"(?:\d{4}[-/.]?\d{2}[-/.]?\d{2}"  # ISO or DICOM
-                              r"|(?:[012]?\d|3[01])[-/.](?:[012]?\d|3[01])[-/.](?:19|20)\d{2}(?!\d))",  # US (or day first)
-                              re.IGNORECASE)),
-    ("medical record number", re.compile(
-        r"\b(?:mrn|medical\s+record\s+(?:number|no\b\.?))[ \t]*(?:[:#=\-]|no\b\.?)?[ \t]*[A-Za-z]{0,3}\d{3,}\b", re.IGNORECASE)),
-    (_NAME_AFTER_PATIENT_WORD, re.compile(
-        r"(?i:\bpatient(?:'s)?(?:[ \t]+name)?[\"']?|(?<!\d[ \t])\bpt\b\.?|\bname(?=[ \t]*:))[ \t]*[:=#]?[ \t]*[\"']?[ \t]*"
-        r"(?=(?P<name>[^\W\d_][\w'.\-]*(?:[ \t]+[^\W\d_][\w'.\-]*){1,3}))")),  # a look-ahead: a rejected name consumes nothing
+    (
+        "birth date",
+        re.compile(
+            r"(?:\b(?:birth\s*date|date\s+of\s+birth|dob|birthdate|born(?:\s+on)?)\b|\bd\.o\.b\.)\W{0,5}"
+            r"(?:\d{4}[-/.]?\d{2}[-/.]?\d{2}"  # ISO or DICOM
+            r"|(?:[012]?\d|3[01])[-/.](?:[012]?\d|3[01])[-/.](?:19|20)\d{2}(?!\d))",  # US (or day first)
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        "medical record number",
+        re.compile(
+            r"\b(?:mrn|medical\s+record\s+(?:number|no\b\.?))[ \t]*(?:[:#=\-]|no\b\.?)?[ \t]*[A-Za-z]{0,3}\d{3,}\b",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        _NAME_AFTER_PATIENT_WORD,
+        re.compile(
+            r"(?i:\bpatient(?:'s)?(?:[ \t]+name)?[\"']?|(?<!\d[ \t])\bpt\b\.?|\bname(?=[ \t]*:))[ \t]*[:=#]?[ \t]*[\"']?[ \t]*"
+            r"(?=(?P<name>[^\W\d_][\w'.\-]*(?:[ \t]+[^\W\d_][\w'.\-]*){1,3}))"
+        ),
+    ),  # a look-ahead: a rejected name consumes nothing
     ("user home path", re.compile(r"(?:/home/|/Users/|[A-Za-z]:\\{1,2}Users\\{1,2}|/root/)[^/\\\s\"']+")),
-    ("absolute path", re.compile(r"(?<![\w.:/~\\])(?:/(?!home/|Users/|root/)[\w.\-]+){3,}|\b[A-Za-z]:\\(?!Users\\)[\w.\-]+\\[\w.\-]+")),
+    (
+        "absolute path",
+        re.compile(
+            r"(?<![\w.:/~\\])(?:/(?!home/|Users/|root/)[\w.\-]+){3,}|\b[A-Za-z]:\\(?!Users\\)[\w.\-]+\\[\w.\-]+"
+        ),
+    ),
 )
 #: UIDs of the DICOM standard itself (transfer syntaxes, SOP classes) identify nobody.
 _STANDARD_UID = "1.2.840.10008."
 #: Capitalised words that follow "patient" or "name:" in headings and configs, not in a person's name.
-_NOT_NAMES = frozenset({
-    "a", "an", "and", "all", "any", "each", "every", "for", "in", "is", "no", "not", "of", "on", "one", "or", "the", "to", "two",
-    "was", "with", "access", "age", "anonymisation", "anonymization", "background", "benign", "care", "case", "cases",
-    "characteristics", "class", "classes", "classifier", "classification", "cohort", "cohorts", "comments", "consent", "count",
-    "counts", "criteria", "data", "dataset", "datasets", "demographics", "details", "detection", "directory", "distribution",
-    "exclusion", "file", "files", "folder", "gender", "group", "groups", "hash", "history", "id", "ids", "identifier",
-    "identifiers", "identity", "image", "images", "imaging", "inclusion", "info", "information", "key", "keys", "label", "labels",
-    "lesion", "level", "levels", "list", "lung", "malignancy", "malignant", "management", "model", "network", "nodule", "notes",
-    "number", "numbers", "outcome", "outcomes", "population", "position", "positioning", "preparation", "preprocessing",
-    "privacy", "pseudonym", "pseudonyms", "record", "records", "report", "reports", "safety", "sample", "samples", "scan",
-    "scans", "segmentation", "selection", "series", "set", "sets", "setup", "sex", "site", "sites", "size", "split", "splits",
-    "studies", "study", "summary", "table", "tables", "test", "train", "training", "tumor", "tumour", "validation", "weight",
-    "workflow"
-})
+_NOT_NAMES = frozenset(
+    {
+        "a",
+        "an",
+        "and",
+        "all",
+        "any",
+        "each",
+        "every",
+        "for",
+        "in",
+        "is",
+        "no",
+        "not",
+        "of",
+        "on",
+        "one",
+        "or",
+        "the",
+        "to",
+        "two",
+        "was",
+        "with",
+        "access",
+        "age",
+        "anonymisation",
+        "anonymization",
+        "background",
+        "benign",
+        "care",
+        "case",
+        "cases",
+        "characteristics",
+        "class",
+        "classes",
+        "classifier",
+        "classification",
+        "cohort",
+        "cohorts",
+        "comments",
+        "consent",
+        "count",
+        "counts",
+        "criteria",
+        "data",
+        "dataset",
+        "datasets",
+        "demographics",
+        "details",
+        "detection",
+        "directory",
+        "distribution",
+        "exclusion",
+        "file",
+        "files",
+        "folder",
+        "gender",
+        "group",
+        "groups",
+        "hash",
+        "history",
+        "id",
+        "ids",
+        "identifier",
+        "identifiers",
+        "identity",
+        "image",
+        "images",
+        "imaging",
+        "inclusion",
+        "info",
+        "information",
+        "key",
+        "keys",
+        "label",
+        "labels",
+        "lesion",
+        "level",
+        "levels",
+        "list",
+        "lung",
+        "malignancy",
+        "malignant",
+        "management",
+        "model",
+        "network",
+        "nodule",
+        "notes",
+        "number",
+        "numbers",
+        "outcome",
+        "outcomes",
+        "population",
+        "position",
+        "positioning",
+        "preparation",
+        "preprocessing",
+        "privacy",
+        "pseudonym",
+        "pseudonyms",
+        "record",
+        "records",
+        "report",
+        "reports",
+        "safety",
+        "sample",
+        "samples",
+        "scan",
+        "scans",
+        "segmentation",
+        "selection",
+        "series",
+        "set",
+        "sets",
+        "setup",
+        "sex",
+        "site",
+        "sites",
+        "size",
+        "split",
+        "splits",
+        "studies",
+        "study",
+        "summary",
+        "table",
+        "tables",
+        "test",
+        "train",
+        "training",
+        "tumor",
+        "tumour",
+        "validation",
+        "weight",
+        "workflow",
+    }
+)
 
 
 def _mask(value: str) -> str:

@@ -38,7 +38,11 @@ def _pick_series(folder: Path, series: str | int | None) -> list[Header]:
         raise DicomError("empty folder: no files to load", path=folder)
     groups = group_series(files)
     if not groups:
-        raise DicomError(f"none of the {len(files)} file(s) is a readable DICOM image", path=folder, hint="run `medtl scan` to see why each was skipped")
+        raise DicomError(
+            f"none of the {len(files)} file(s) is a readable DICOM image",
+            path=folder,
+            hint="run `medtl scan` to see why each was skipped",
+        )
     if series is not None:
         wanted = str(series)
         chosen = [hs for uid, hs in groups.items() if uid == wanted or str(hs[0].series_number) == wanted]
@@ -115,10 +119,14 @@ class LoadVolumed(LoadImaged):
     MONAI Label expects, and still take in-memory images.
     """
 
-    def __init__(self, keys: KeysCollection, *, series: str | int | None = None, ensure_channel_first: bool = True, **kwargs: Any):
+    def __init__(
+        self, keys: KeysCollection, *, series: str | int | None = None, ensure_channel_first: bool = True, **kwargs: Any
+    ):
         with warnings.catch_warnings():  # MONAI probes optional GPU decoders while registering readers
             warnings.simplefilter("ignore")
-            super().__init__(keys, reader=VolumeReader(series=series), ensure_channel_first=ensure_channel_first, **kwargs)
+            super().__init__(
+                keys, reader=VolumeReader(series=series), ensure_channel_first=ensure_channel_first, **kwargs
+            )
         self.volume_reader = self._loader.readers[-1]
 
     def __call__(self, data: Any, reader: ImageReader | None = None) -> dict:

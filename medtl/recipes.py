@@ -31,8 +31,12 @@ class TrainRecipe:
     batch_size: int = knob(16, "cases per training step")
     augment: str = knob("light", "augmentation level", choices=AUGMENT_LEVELS)
     patience: int | None = knob(None, "stop after this many epochs without a better validation AUC (none: never)")
-    selection: str = knob("val", "val: best epoch on the val split; kfold: epoch count by patient-level k-fold on train+val, "
-                          "then trained on both", choices=SELECTIONS)
+    selection: str = knob(
+        "val",
+        "val: best epoch on the val split; kfold: epoch count by patient-level k-fold on train+val, "
+        "then trained on both",
+        choices=SELECTIONS,
+    )
     folds: int = knob(3, "folds of the k-fold selection")
     channels_last: bool = knob(False, "channels-last layout: faster convolutions on CPUs, same arithmetic")
     bf16: bool = knob(False, "bfloat16 autocast: faster still, lower precision (benchmarks/precision.py)")
@@ -64,17 +68,25 @@ class FineTuneRecipe:
     head_lr: float = knob(1e-3, "learning rate of the head in the head epochs")
     lr: float = knob(1e-4, "learning rate of the head after them; layer groups further down get lr * lr_decay^depth")
     lr_decay: float = knob(0.5, "learning-rate factor per layer group away from the head")
-    unfreeze: str = knob("gradual", "after the head epochs, one layer group more every unfreeze_every epochs, or all at once",
-                         choices=UNFREEZE_MODES)
+    unfreeze: str = knob(
+        "gradual",
+        "after the head epochs, one layer group more every unfreeze_every epochs, or all at once",
+        choices=UNFREEZE_MODES,
+    )
     unfreeze_every: int = knob(2, "epochs between gradual unfreezing steps")
     warmup_epochs: float = knob(1.0, "linear learning-rate warm-up after each unfreezing")
     l2sp: float = knob(0.01, "L2-SP weight pulling the backbone toward the source weights")
     adabn: bool = knob(True, "re-estimate BatchNorm statistics on the target's scans (AdaBN) before fine-tuning")
     adabn_judged: bool = knob(False, "keep AdaBN only when it does not lower the AUC on the labeled cases")
     keep_source: bool = knob(True, "let the selection choose 0 epochs: the unadapted model")
-    wise: float = knob(0.5, "weight of the fine-tuned weights averaged with the starting point's (WiSE-FT); 1: no averaging")
-    selection: str = knob("kfold", "kfold: choices by patient-level k-fold over the labeled train+val cases; val: on the val split",
-                          choices=SELECTIONS)
+    wise: float = knob(
+        0.5, "weight of the fine-tuned weights averaged with the starting point's (WiSE-FT); 1: no averaging"
+    )
+    selection: str = knob(
+        "kfold",
+        "kfold: choices by patient-level k-fold over the labeled train+val cases; val: on the val split",
+        choices=SELECTIONS,
+    )
     folds: int = knob(3, "folds of the k-fold selection")
     weight_decay: float = knob(0.0, "AdamW weight decay")
     batch_size: int = knob(8, "cases per training step")
@@ -86,8 +98,20 @@ class FineTuneRecipe:
     @classmethod
     def naive(cls, **overrides: Any) -> FineTuneRecipe:
         """Every layer trains from the first step at one rate: the textbook fine-tune."""
-        options = dict(head_epochs=0, lr=1e-3, lr_decay=1.0, unfreeze="all", warmup_epochs=0.0, l2sp=0.0,
-                       adabn=False, keep_source=False, selection="val", weight_decay=1e-4, patience=None, wise=1.0)
+        options = dict(
+            head_epochs=0,
+            lr=1e-3,
+            lr_decay=1.0,
+            unfreeze="all",
+            warmup_epochs=0.0,
+            l2sp=0.0,
+            adabn=False,
+            keep_source=False,
+            selection="val",
+            weight_decay=1e-4,
+            patience=None,
+            wise=1.0,
+        )
         return cls(**{**options, **overrides})
 
 
@@ -128,8 +152,11 @@ class FederatedRecipe:
     rounds: int = knob(5, "FedAvg rounds")
     local_epochs: int = knob(2, "epochs each site trains per round")
     head_rounds: int = knob(1, "rounds in which only the classifier head trains")
-    unfreeze: str = knob("gradual", "after the head rounds, one layer group more every unfreeze_every rounds, or all at once",
-                         choices=UNFREEZE_MODES)
+    unfreeze: str = knob(
+        "gradual",
+        "after the head rounds, one layer group more every unfreeze_every rounds, or all at once",
+        choices=UNFREEZE_MODES,
+    )
     unfreeze_every: int = knob(1, "rounds between gradual unfreezing steps")
     head_lr: float = knob(1e-3, "learning rate of the head in the head rounds")
     lr: float = knob(1e-4, "learning rate of the head after the head rounds; lower layers get lr * lr_decay^depth")
@@ -140,7 +167,9 @@ class FederatedRecipe:
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.batch_size < 1:
-            raise MedtlError(f"need rounds >= 1 and batch_size >= 1, got rounds={self.rounds}, batch_size={self.batch_size}")
+            raise MedtlError(
+                f"need rounds >= 1 and batch_size >= 1, got rounds={self.rounds}, batch_size={self.batch_size}"
+            )
         if not self.fedprox_mu >= 0:
             raise MedtlError(f"--fedprox-mu must be >= 0 (0: plain FedAvg), got {self.fedprox_mu}")
         if self.unfreeze not in UNFREEZE_MODES:
@@ -148,10 +177,14 @@ class FederatedRecipe:
         if self.augment not in AUGMENT_LEVELS:
             raise MedtlError(f"augment must be one of {', '.join(AUGMENT_LEVELS)}, got {self.augment!r}")
         if min(self.head_lr, self.lr) <= 0 or not 0 < self.lr_decay <= 1:
-            raise MedtlError(f"need head_lr > 0, lr > 0 and 0 < lr_decay <= 1, got {self.head_lr}, {self.lr}, {self.lr_decay}")
+            raise MedtlError(
+                f"need head_lr > 0, lr > 0 and 0 < lr_decay <= 1, got {self.head_lr}, {self.lr}, {self.lr_decay}"
+            )
         if self.head_rounds < 0 or self.unfreeze_every < 1 or self.local_epochs < 1:
-            raise MedtlError(f"need head_rounds >= 0, unfreeze_every >= 1 and local_epochs >= 1; got {self.head_rounds}, "
-                             f"{self.unfreeze_every}, {self.local_epochs}")
+            raise MedtlError(
+                f"need head_rounds >= 0, unfreeze_every >= 1 and local_epochs >= 1; got {self.head_rounds}, "
+                f"{self.unfreeze_every}, {self.local_epochs}"
+            )
 
     def to_json(self) -> str:
         """The recipe as the one script argument the job hands every site."""
@@ -163,4 +196,12 @@ class FederatedRecipe:
         return cls(**json.loads(text))
 
 
-__all__ = ["AUGMENT_LEVELS", "SELECTIONS", "UNFREEZE_MODES", "DistillRecipe", "FederatedRecipe", "FineTuneRecipe", "TrainRecipe"]
+__all__ = [
+    "AUGMENT_LEVELS",
+    "SELECTIONS",
+    "UNFREEZE_MODES",
+    "DistillRecipe",
+    "FederatedRecipe",
+    "FineTuneRecipe",
+    "TrainRecipe",
+]

@@ -51,8 +51,11 @@ def reliability_bins(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 10) ->
     probs = np.asarray(probs, dtype=np.float64)
     confidence, correct = probs.max(1), probs.argmax(1) == np.asarray(y_true)
     index = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-    return [(float(confidence[index == b].mean()), float(correct[index == b].mean()), int((index == b).sum()))
-            for b in range(n_bins) if (index == b).any()]
+    return [
+        (float(confidence[index == b].mean()), float(correct[index == b].mean()), int((index == b).sum()))
+        for b in range(n_bins)
+        if (index == b).any()
+    ]
 
 
 # --------------------------------------------------------------------------- figures
@@ -98,9 +101,19 @@ def roc_figure(evaluations: Sequence[Mapping[str, Any]]) -> bytes:
         positive, scores, note = _positive(evaluation)
         fpr, tpr = roc_curve(positive, scores)
         auc = evaluation["metrics"]["auc"]["value"]
-        ax.plot(fpr, tpr, linewidth=1.6, label=f"{_label(evaluation)} (AUC {auc:.3f})" if auc is not None else _label(evaluation))
-    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)", xlim=(0, 1), ylim=(0, 1.01),
-           title=f"ROC curves ({note})")
+        ax.plot(
+            fpr,
+            tpr,
+            linewidth=1.6,
+            label=f"{_label(evaluation)} (AUC {auc:.3f})" if auc is not None else _label(evaluation),
+        )
+    ax.set(
+        xlabel="1 - specificity (false positive rate)",
+        ylabel="sensitivity (true positive rate)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        title=f"ROC curves ({note})",
+    )
     ax.legend(loc="lower right", fontsize=8)
     return _png(figure)
 
@@ -118,8 +131,15 @@ def confusion_figure(evaluations: Sequence[Mapping[str, Any]]) -> bytes:
         ax.imshow(matrix, cmap="Blues", vmin=0)
         for (r, c), count in np.ndenumerate(matrix):
             ax.text(c, r, str(count), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
-        ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
-               xlabel="predicted", ylabel="true", title=_label(evaluation))
+        ax.set(
+            xticks=range(len(names)),
+            yticks=range(len(names)),
+            xticklabels=names,
+            yticklabels=names,
+            xlabel="predicted",
+            ylabel="true",
+            title=_label(evaluation),
+        )
         ax.title.set_fontsize(9)
     return _png(figure)
 
@@ -132,10 +152,20 @@ def calibration_figure(evaluations: Sequence[Mapping[str, Any]]) -> bytes:
         y, probs = _arrays(evaluation)
         bins = reliability_bins(y, probs)
         ece = evaluation["metrics"]["ece"]["value"]
-        ax.plot([b[0] for b in bins], [b[1] for b in bins], marker="o", linewidth=1.4,
-                label=f"{_label(evaluation)} (ECE {ece:.3f})" if ece is not None else _label(evaluation))
-    ax.set(xlabel="confidence (top probability, 10 bins)", ylabel="accuracy in bin", xlim=(0, 1.01), ylim=(0, 1.01),
-           title="Reliability diagram")
+        ax.plot(
+            [b[0] for b in bins],
+            [b[1] for b in bins],
+            marker="o",
+            linewidth=1.4,
+            label=f"{_label(evaluation)} (ECE {ece:.3f})" if ece is not None else _label(evaluation),
+        )
+    ax.set(
+        xlabel="confidence (top probability, 10 bins)",
+        ylabel="accuracy in bin",
+        xlim=(0, 1.01),
+        ylim=(0, 1.01),
+        title="Reliability diagram",
+    )
     ax.legend(loc="upper left", fontsize=8)
     return _png(figure)
 
@@ -152,10 +182,18 @@ def curves_figure(curves: Sequence[Mapping[str, Any]]) -> bytes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         auc_ax = ax.twinx()
         aucs = [p for p in curve["val_auc"] if p["value"] is not None]
-        auc_ax.plot([p["epoch"] for p in aucs], [p["value"] for p in aucs], color="tab:orange", marker=".", label="validation AUC")
+        auc_ax.plot(
+            [p["epoch"] for p in aucs],
+            [p["value"] for p in aucs],
+            color="tab:orange",
+            marker=".",
+            label="validation AUC",
+        )
         auc_ax.set(ylabel="validation AUC", ylim=(0, 1.02))
         if curve.get("best_epoch") is not None:
-            ax.axvline(curve["best_epoch"], color="tab:green", linestyle=":", label=f"kept: epoch {curve['best_epoch']}")
+            ax.axvline(
+                curve["best_epoch"], color="tab:green", linestyle=":", label=f"kept: epoch {curve['best_epoch']}"
+            )
         handles = ax.get_legend_handles_labels()[0] + auc_ax.get_legend_handles_labels()[0]
         ax.legend(handles=handles, fontsize=7, loc="center right")
     return _png(figure)
@@ -191,8 +229,12 @@ def intensity_figure(intensities: Mapping[str, Any]) -> bytes:
     centres = (edges[:-1] + edges[1:]) / 2
     for name, entry in intensities["sets"].items():
         ax.plot(centres, entry["density"], label=f"{name} ({entry['cases']} cases)")
-    ax.set(xlabel="preprocessed voxel value ([0, 1] of the CT window)", ylabel="fraction of voxels", yscale="log",
-           title="Crop intensities per set")
+    ax.set(
+        xlabel="preprocessed voxel value ([0, 1] of the CT window)",
+        ylabel="fraction of voxels",
+        yscale="log",
+        title="Crop intensities per set",
+    )
     ax.legend(fontsize=8)
     return _png(figure)
 
@@ -237,8 +279,12 @@ def gradcam_figure(record: Mapping[str, Any]) -> bytes:
                 if row == 0:
                     ax.set_title(f"{plane}{' + Grad-CAM' if k else ''}", fontsize=8)
                 if col == 0 and k == 0:
-                    ax.set_ylabel(f"{case['group']}: {case['label']}\npred {case['pred']} ({case['prob']:.2f})", fontsize=8)
-    figure.suptitle(f"Grad-CAM of {record['stage']} (central slices through the lesion; patient right on image left)", fontsize=9)
+                    ax.set_ylabel(
+                        f"{case['group']}: {case['label']}\npred {case['pred']} ({case['prob']:.2f})", fontsize=8
+                    )
+    figure.suptitle(
+        f"Grad-CAM of {record['stage']} (central slices through the lesion; patient right on image left)", fontsize=9
+    )
     return _png(figure)
 
 
@@ -252,13 +298,22 @@ def _cell(metric: Mapping[str, Any]) -> str:
     return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.3f}"
 
 
-_TABLE = (("auc", "AUC"), ("accuracy", "accuracy"), ("balanced_accuracy", "balanced acc."), ("sensitivity", "sensitivity"),
-          ("specificity", "specificity"), ("ece", "ECE"))
+_TABLE = (
+    ("auc", "AUC"),
+    ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced acc."),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("ece", "ECE"),
+)
 
 
 def _metric_rows(evaluations: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["stage", "evaluated on", "n", *[title for _, title in _TABLE]]
-    rows = [[e["stage"], e["evaluated_on"], str(e["n"]), *[_cell(e["metrics"].get(key, {})) for key, _ in _TABLE]] for e in evaluations]
+    rows = [
+        [e["stage"], e["evaluated_on"], str(e["n"]), *[_cell(e["metrics"].get(key, {})) for key, _ in _TABLE]]
+        for e in evaluations
+    ]
     return header, rows
 
 
@@ -283,26 +338,52 @@ def _sections(run: Mapping[str, Any]) -> list[tuple[str, str, list[tuple[str, Ca
     """(title, explanation, [(figure file, drawing)]) for every section the run has records for."""
     evaluations = run["evaluations"]
     sections = [
-        ("ROC curves", "Every stage and evaluation set on one plot; each set holds held-out cases only.",
-         [("roc.png", lambda: roc_figure(evaluations))]),
-        ("Confusion matrices", "Predictions are the most probable class.", [("confusion.png", lambda: confusion_figure(evaluations))]),
-        ("Calibration", "Cases binned by the model's top probability; a calibrated model lies on the diagonal.",
-         [("calibration.png", lambda: calibration_figure(evaluations))]),
+        (
+            "ROC curves",
+            "Every stage and evaluation set on one plot; each set holds held-out cases only.",
+            [("roc.png", lambda: roc_figure(evaluations))],
+        ),
+        (
+            "Confusion matrices",
+            "Predictions are the most probable class.",
+            [("confusion.png", lambda: confusion_figure(evaluations))],
+        ),
+        (
+            "Calibration",
+            "Cases binned by the model's top probability; a calibrated model lies on the diagonal.",
+            [("calibration.png", lambda: calibration_figure(evaluations))],
+        ),
     ]
     if run["curves"]:
-        sections.append(("Learning curves", "Mean training loss and validation AUC per epoch; the dotted line is the epoch whose weights were kept.",
-                         [("learning_curves.png", lambda: curves_figure(run["curves"]))]))
+        sections.append(
+            (
+                "Learning curves",
+                "Mean training loss and validation AUC per epoch; the dotted line is the epoch whose weights were kept.",
+                [("learning_curves.png", lambda: curves_figure(run["curves"]))],
+            )
+        )
     shift = [("auc_by_set.png", lambda: auc_by_set_figure(evaluations))]
     if run["intensities"]:
         shift.append(("intensities.png", lambda: intensity_figure(run["intensities"])))
     if run["features"]:
         shift.append(("features.png", lambda: features_figure(run["features"])))
-    sections.append(("Domain shift", "The AUC drop between sites; voxel values of the crops the networks see; each network's "
-                     "penultimate features projected on their two main axes, with the squared MMD between the sets.", shift))
+    sections.append(
+        (
+            "Domain shift",
+            "The AUC drop between sites; voxel values of the crops the networks see; each network's "
+            "penultimate features projected on their two main axes, with the squared MMD between the sets.",
+            shift,
+        )
+    )
     for record in run["explanations"]:
         name = f"gradcam_{record['stage'].replace(' ', '-').lower()}.png"
-        sections.append((f"Grad-CAM: {record['stage']}", "Where the network looked for its predicted class: the most confident "
-                         "correct and wrong test cases.", [(name, lambda record=record: gradcam_figure(record))]))
+        sections.append(
+            (
+                f"Grad-CAM: {record['stage']}",
+                "Where the network looked for its predicted class: the most confident correct and wrong test cases.",
+                [(name, lambda record=record: gradcam_figure(record))],
+            )
+        )
     return sections
 
 
@@ -315,7 +396,9 @@ def _run_lines(info: Mapping[str, Any]) -> list[str]:
     return lines + [f"medtl {medtl.__version__}"]
 
 
-def render_report(run_dir: str | Path, out: str | Path | None = None, *, title: str = "medtl run report") -> dict[str, Any]:
+def render_report(
+    run_dir: str | Path, out: str | Path | None = None, *, title: str = "medtl run report"
+) -> dict[str, Any]:
     """Write ``report.html`` (images embedded), ``report.md`` and ``figures/*.png`` for a run.
 
     ``run_dir`` is a run's output folder (holding ``run/``) or the ``run/`` folder itself; the report
@@ -328,11 +411,25 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, *, title: 
     figures_dir = out / "figures"
     header, rows = _metric_rows(run["evaluations"])
     run_lines = _run_lines(run["info"])
-    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-            f"<h1>{html.escape(title)}</h1>", f"<p class='note'>{html.escape('; '.join(run_lines))}</p>",
-            "<h2>Metrics</h2><p class='note'>95% CIs are patient-level bootstrap intervals.</p>", _html_table(header, rows)]
-    markdown = [f"# {title}", "", "; ".join(run_lines), "", "## Metrics", "", "95% CIs are patient-level bootstrap intervals.", "",
-                _md_table(header, rows), ""]
+    page = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='note'>{html.escape('; '.join(run_lines))}</p>",
+        "<h2>Metrics</h2><p class='note'>95% CIs are patient-level bootstrap intervals.</p>",
+        _html_table(header, rows),
+    ]
+    markdown = [
+        f"# {title}",
+        "",
+        "; ".join(run_lines),
+        "",
+        "## Metrics",
+        "",
+        "95% CIs are patient-level bootstrap intervals.",
+        "",
+        _md_table(header, rows),
+        "",
+    ]
     for finding in run["info"].get("findings", []):  # what the run concludes, as the run itself worded it
         page.append(f"<p><strong>{html.escape(finding)}</strong></p>")
         markdown += [f"**{finding}**", ""]
@@ -343,10 +440,11 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, *, title: 
         for name, draw in figures:
             png = draw()
             written.append(atomic_write_bytes(figures_dir / name, png))
-            page.append(f"<p><img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>")
+            page.append(
+                f"<p><img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>"
+            )
             markdown += [f"![{name}](figures/{name})", ""]
     page.append("</body></html>")
     html_path = atomic_write_text(out / "report.html", "\n".join(page) + "\n")
     md_path = atomic_write_text(out / "report.md", "\n".join(markdown))
     return {"html": html_path, "markdown": md_path, "figures": written}
-

@@ -66,21 +66,34 @@ def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def record_evaluation(run: str | Path, stage: str, evaluated_on: str, *, y_true: Sequence[int], probs: np.ndarray,
-                      class_names: Sequence[str], case_ids: Sequence[str], result: Mapping[str, Any]) -> Path:
+def record_evaluation(
+    run: str | Path,
+    stage: str,
+    evaluated_on: str,
+    *,
+    y_true: Sequence[int],
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    case_ids: Sequence[str],
+    result: Mapping[str, Any],
+) -> Path:
     """One evaluation of one stage: the per-case rows a ROC curve, confusion matrix and reliability
     diagram are drawn from, beside the metrics (with CIs) that ``classification_metrics`` gave."""
     probs = np.asarray(probs, dtype=np.float64)
     if not len(y_true) == len(probs) == len(case_ids):
-        raise MedtlError(f"evaluation record of {stage} on {evaluated_on}: {len(y_true)} labels, {len(probs)} predictions, {len(case_ids)} ids")
+        raise MedtlError(
+            f"evaluation record of {stage} on {evaluated_on}: {len(y_true)} labels, {len(probs)} predictions, {len(case_ids)} ids"
+        )
     folder = Path(run) / "evaluations"
     record = {
         "stage": stage,
         "evaluated_on": evaluated_on,
         "sequence": _sequence(folder),
         "class_names": list(class_names),
-        "cases": [{"case_id": str(c), "label": int(y), "probs": [round(float(p), 6) for p in row]}
-                  for c, y, row in zip(case_ids, y_true, probs)],
+        "cases": [
+            {"case_id": str(c), "label": int(y), "probs": [round(float(p), 6) for p in row]}
+            for c, y, row in zip(case_ids, y_true, probs)
+        ],
         "metrics": result["metrics"],
         "n": result["n"],
     }
@@ -108,16 +121,31 @@ def _loader(items: Sequence[Mapping[str, Any]], batch_size: int = 32) -> Any:
     return loader(items, batch_size=batch_size)
 
 
-def record_features(run: str | Path, stage: str, network: nn.Module, sets: Mapping[str, Sequence[Mapping[str, Any]]],
-                    *, device: str | torch.device = "cpu", seed: int = 0) -> Path:
+def record_features(
+    run: str | Path,
+    stage: str,
+    network: nn.Module,
+    sets: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Path:
     """Penultimate features of ``network`` on each set and the squared MMD (with permutation p-value)
     between the first set and each other: how far apart the network sees the sites."""
 
     names = list(sets)
     features = {name: extract_features(network, _loader(sets[name]), device) for name in names}
-    tests = {name: mmd_permutation_test(features[names[0]], features[name], n_permutations=200, seed=seed) for name in names[1:]}
+    tests = {
+        name: mmd_permutation_test(features[names[0]], features[name], n_permutations=200, seed=seed)
+        for name in names[1:]
+    }
     arrays = {f"features_{i}": features[name].astype(np.float32) for i, name in enumerate(names)}
-    arrays["meta"] = np.frombuffer(json.dumps({"stage": stage, "sequence": _sequence(Path(run) / "features"), "sets": names, "mmd": tests}).encode(), dtype=np.uint8)
+    arrays["meta"] = np.frombuffer(
+        json.dumps(
+            {"stage": stage, "sequence": _sequence(Path(run) / "features"), "sets": names, "mmd": tests}
+        ).encode(),
+        dtype=np.uint8,
+    )
     return _save_npz(Path(run) / "features" / f"{_slug(stage)}.npz", arrays)
 
 
@@ -128,13 +156,23 @@ def record_intensities(run: str | Path, sets: Mapping[str, Sequence[Mapping[str,
     for name, items in sets.items():
         counts = np.zeros(len(HISTOGRAM_BINS) - 1)
         for item in items:
-            counts += np.histogram(np.clip(np.asarray(item["image"], dtype=np.float64), 0.0, 1.0), bins=HISTOGRAM_BINS)[0]
+            counts += np.histogram(np.clip(np.asarray(item["image"], dtype=np.float64), 0.0, 1.0), bins=HISTOGRAM_BINS)[
+                0
+            ]
         record[name] = {"cases": len(items), "density": (counts / max(counts.sum(), 1.0)).round(8).tolist()}
     return atomic_write_json(Path(run) / "intensities.json", {"bins": HISTOGRAM_BINS.tolist(), "sets": record})
 
 
-def record_explanations(run: str | Path, stage: str, network: nn.Module, items: Sequence[Mapping[str, Any]],
-                        class_names: Sequence[str], *, per_group: int = 3, device: str | torch.device = "cpu") -> Path:
+def record_explanations(
+    run: str | Path,
+    stage: str,
+    network: nn.Module,
+    items: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+    *,
+    per_group: int = 3,
+    device: str | torch.device = "cpu",
+) -> Path:
     """Grad-CAM of up to ``per_group`` correctly and ``per_group`` wrongly classified labeled cases
     (the most confident of each), kept as the central slices a report shows."""
     from medtl.explain import central_slices, gradcam
@@ -158,9 +196,19 @@ def record_explanations(run: str | Path, stage: str, network: nn.Module, items: 
             arrays[f"image_{n}_{plane}"] = values.astype(np.float32)
         for plane, values in central_slices(heat).items():
             arrays[f"cam_{n}_{plane}"] = values.astype(np.float32)
-        cases.append({"case_id": str(labeled[i].get("case_id", i)), "group": group, "label": class_names[int(y[i])],
-                      "pred": class_names[int(pred[i])], "prob": round(float(confidence[i]), 4)})
-    arrays["meta"] = np.frombuffer(json.dumps({"stage": stage, "sequence": _sequence(Path(run) / "explanations"), "cases": cases}).encode(), dtype=np.uint8)
+        cases.append(
+            {
+                "case_id": str(labeled[i].get("case_id", i)),
+                "group": group,
+                "label": class_names[int(y[i])],
+                "pred": class_names[int(pred[i])],
+                "prob": round(float(confidence[i]), 4),
+            }
+        )
+    arrays["meta"] = np.frombuffer(
+        json.dumps({"stage": stage, "sequence": _sequence(Path(run) / "explanations"), "cases": cases}).encode(),
+        dtype=np.uint8,
+    )
     return _save_npz(Path(run) / "explanations" / f"{_slug(stage)}.npz", arrays)
 
 
@@ -186,11 +234,18 @@ def load_run(run: str | Path) -> dict[str, Any]:
     """Every record of a run folder (evaluations, curves, features, intensities, explanations)."""
     run = Path(run)
     if not run.is_dir():
-        raise MedtlError("not a run folder", path=run, hint="give the folder a medtl demo or medtl adapt run wrote (it holds run/evaluations/)")
+        raise MedtlError(
+            "not a run folder",
+            path=run,
+            hint="give the folder a medtl demo or medtl adapt run wrote (it holds run/evaluations/)",
+        )
     evaluations = _in_order(_json(p) for p in (run / "evaluations").glob("*.json"))
     if not evaluations:
-        raise MedtlError("the run folder holds no evaluations to report", path=run,
-                         hint="give the run/ folder written by medtl demo or medtl adapt")
+        raise MedtlError(
+            "the run folder holds no evaluations to report",
+            path=run,
+            hint="give the run/ folder written by medtl demo or medtl adapt",
+        )
     try:
         features = _in_order(_npz(p) for p in (run / "features").glob("*.npz"))
         explanations = _in_order(_npz(p) for p in (run / "explanations").glob("*.npz"))

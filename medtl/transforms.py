@@ -76,7 +76,11 @@ def _sizes(value: Any, name: str, spatial_dims: int = 3, *, integer: bool = Fals
         if isinstance(value, str):
             raise TypeError(value)
         values = tuple(int(v) if integer else float(v) for v in value)
-        ok = len(values) == spatial_dims and all(v > 0 for v in values) and (not integer or all(float(v) == int(v) for v in value))
+        ok = (
+            len(values) == spatial_dims
+            and all(v > 0 for v in values)
+            and (not integer or all(float(v) == int(v) for v in value))
+        )
     except (TypeError, ValueError):
         ok = False
     if not ok:
@@ -156,7 +160,9 @@ class CropAroundLesion(Transform):
         spatial_dims: int = 3,
     ):
         if (size_mm is None) == (size_vox is None):
-            raise MedtlError(f"give exactly one of size_mm and size_vox, got size_mm={size_mm!r}, size_vox={size_vox!r}")
+            raise MedtlError(
+                f"give exactly one of size_mm and size_vox, got size_mm={size_mm!r}, size_vox={size_vox!r}"
+            )
         self.spatial_dims = _spatial_dims(spatial_dims)
         self.size_mm = None if size_mm is None else _sizes(size_mm, "size_mm", self.spatial_dims)
         self.size_vox = None if size_vox is None else _sizes(size_vox, "size_vox", self.spatial_dims, integer=True)
@@ -164,7 +170,7 @@ class CropAroundLesion(Transform):
 
     def box(self, img: MetaTensor, center_mm: Sequence[float] | None) -> tuple[np.ndarray, np.ndarray]:
         """Start and end voxel indices of the box; either may lie outside the image."""
-        shape = np.asarray(img.shape[-self.spatial_dims:])
+        shape = np.asarray(img.shape[-self.spatial_dims :])
         affine = np.asarray(img.affine, dtype=np.float64)
         if self.size_vox is not None:
             size = np.asarray(self.size_vox)
@@ -173,14 +179,16 @@ class CropAroundLesion(Transform):
         if center_mm is None:
             center = (shape - 1) / 2.0
         else:
-            center = (np.linalg.inv(affine) @ np.append(np.asarray(center_mm, dtype=np.float64), 1.0))[:self.spatial_dims]
+            center = (np.linalg.inv(affine) @ np.append(np.asarray(center_mm, dtype=np.float64), 1.0))[
+                : self.spatial_dims
+            ]
         start = np.floor(center - (size - 1) / 2.0 + 0.5).astype(int)
         return start, start + size
 
     def __call__(self, img: Any, center_mm: Sequence[float] | None = None) -> MetaTensor:
         img = convert_to_tensor(img, track_meta=True)
         start, end = self.box(img, center_mm)
-        shape = np.asarray(img.shape[-self.spatial_dims:])
+        shape = np.asarray(img.shape[-self.spatial_dims :])
         lo, hi = np.maximum(start, 0), np.minimum(end, shape)
         if np.any(hi <= lo):
             raise MedtlError(
@@ -227,7 +235,9 @@ class CropAroundLesiond(MapTransform):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.cropper = CropAroundLesion(size_mm=size_mm, size_vox=size_vox, pad_value=pad_value, spatial_dims=spatial_dims)
+        self.cropper = CropAroundLesion(
+            size_mm=size_mm, size_vox=size_vox, pad_value=pad_value, spatial_dims=spatial_dims
+        )
         self.mask_key = mask_key
         self.center_key = center_key
 
@@ -240,7 +250,9 @@ class CropAroundLesiond(MapTransform):
             n = self.cropper.spatial_dims
             if center.shape != (n,) or not np.isfinite(center).all():
                 count, axes = _AXES[n]
-                raise MedtlError(f"{self.center_key} must be {count} finite numbers [{axes}] in RAS mm, got {data[self.center_key]!r}")
+                raise MedtlError(
+                    f"{self.center_key} must be {count} finite numbers [{axes}] in RAS mm, got {data[self.center_key]!r}"
+                )
             return center
         return None
 
@@ -399,8 +411,15 @@ def preprocessing(
     if modality not in MODALITIES:
         raise MedtlError(f"unknown modality {modality!r}; allowed: {', '.join(MODALITIES)}")
     spatial_dims = _spatial_dims(spatial_dims)
-    spatial_size = _sizes(DEFAULT_SPATIAL_SIZE[:spatial_dims] if spatial_size is None else spatial_size, "spatial_size", spatial_dims, integer=True)
-    target_spacing = _sizes((1.0,) * spatial_dims if target_spacing is None else target_spacing, "target_spacing", spatial_dims)
+    spatial_size = _sizes(
+        DEFAULT_SPATIAL_SIZE[:spatial_dims] if spatial_size is None else spatial_size,
+        "spatial_size",
+        spatial_dims,
+        integer=True,
+    )
+    target_spacing = _sizes(
+        (1.0,) * spatial_dims if target_spacing is None else target_spacing, "target_spacing", spatial_dims
+    )
     crop_mm = _sizes((32.0,) * spatial_dims if crop_mm is None else crop_mm, "crop_mm", spatial_dims)
     window = tuple(float(v) for v in ct_window)
     if len(window) != 2 or not window[0] < window[1]:
@@ -414,20 +433,28 @@ def preprocessing(
         *([_SingleSliced([*keys, mask_key])] if spatial_dims == 2 else []),
     ]
     spatial = [*keys, mask_key] if mask_channel else keys
-    return _Pipeline([
-        _NoMetaShadows(keys),
-        *(loading if load else []),
-        _RequireModality(keys, modality),
-        *([_RequireMask(mask_key)] if mask_channel else []),
-        Orientationd(keys=keys, axcodes="RAS"[:spatial_dims], labels=None),
-        Spacingd(keys=keys, pixdim=target_spacing, mode="bilinear"),
-        *([ResampleToMatchd(keys=mask_key, key_dst=keys[0], mode="bilinear", dtype=torch.float32)] if mask_channel else []),
-        *_intensity(modality, keys, window),
-        CropAroundLesiond(keys=spatial, size_mm=crop_mm, pad_value=0.0, spatial_dims=spatial_dims, mask_key=mask_key),
-        Resized(keys=spatial, spatial_size=spatial_size, mode=_LINEAR[spatial_dims], anti_aliasing=True),
-        *([ConcatItemsd(keys=spatial, name=keys[0])] if mask_channel else []),
-        DeleteItemsd(keys=[mask_key, ROI_CENTER_KEY, ROI_SIZE_KEY]),
-    ])
+    return _Pipeline(
+        [
+            _NoMetaShadows(keys),
+            *(loading if load else []),
+            _RequireModality(keys, modality),
+            *([_RequireMask(mask_key)] if mask_channel else []),
+            Orientationd(keys=keys, axcodes="RAS"[:spatial_dims], labels=None),
+            Spacingd(keys=keys, pixdim=target_spacing, mode="bilinear"),
+            *(
+                [ResampleToMatchd(keys=mask_key, key_dst=keys[0], mode="bilinear", dtype=torch.float32)]
+                if mask_channel
+                else []
+            ),
+            *_intensity(modality, keys, window),
+            CropAroundLesiond(
+                keys=spatial, size_mm=crop_mm, pad_value=0.0, spatial_dims=spatial_dims, mask_key=mask_key
+            ),
+            Resized(keys=spatial, spatial_size=spatial_size, mode=_LINEAR[spatial_dims], anti_aliasing=True),
+            *([ConcatItemsd(keys=spatial, name=keys[0])] if mask_channel else []),
+            DeleteItemsd(keys=[mask_key, ROI_CENTER_KEY, ROI_SIZE_KEY]),
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -452,12 +479,34 @@ class _Strength:
 # Offsets and noise are in output units: [0, 1] for CT (0.01 is 14 HU in the lung window), z for MR.
 _STRENGTHS = {
     "light": _Strength(
-        flip_axes=(0,), rotate_deg=10.0, rotate_prob=0.3, rot90_prob=0.0, zoom=(0.9, 1.1), zoom_prob=0.3, crop_min=0.9,
-        noise_std=0.01, noise_prob=0.2, shift=0.05, shift_prob=0.3, gamma=(0.9, 1.1), contrast_prob=0.2,
+        flip_axes=(0,),
+        rotate_deg=10.0,
+        rotate_prob=0.3,
+        rot90_prob=0.0,
+        zoom=(0.9, 1.1),
+        zoom_prob=0.3,
+        crop_min=0.9,
+        noise_std=0.01,
+        noise_prob=0.2,
+        shift=0.05,
+        shift_prob=0.3,
+        gamma=(0.9, 1.1),
+        contrast_prob=0.2,
     ),
     "strong": _Strength(
-        flip_axes=(0, 1, 2), rotate_deg=30.0, rotate_prob=0.7, rot90_prob=0.5, zoom=(0.8, 1.2), zoom_prob=0.5, crop_min=0.8,
-        noise_std=0.03, noise_prob=0.5, shift=0.1, shift_prob=0.5, gamma=(0.7, 1.5), contrast_prob=0.5,
+        flip_axes=(0, 1, 2),
+        rotate_deg=30.0,
+        rotate_prob=0.7,
+        rot90_prob=0.5,
+        zoom=(0.8, 1.2),
+        zoom_prob=0.5,
+        crop_min=0.8,
+        noise_std=0.03,
+        noise_prob=0.5,
+        shift=0.1,
+        shift_prob=0.5,
+        gamma=(0.7, 1.5),
+        contrast_prob=0.5,
     ),
 }
 
@@ -484,7 +533,12 @@ def augmentation(
     if level not in AUGMENT_LEVELS:
         raise MedtlError(f"unknown augmentation level {level!r}; allowed: {', '.join(AUGMENT_LEVELS)}")
     spatial_dims = _spatial_dims(spatial_dims)
-    spatial_size = _sizes(DEFAULT_SPATIAL_SIZE[:spatial_dims] if spatial_size is None else spatial_size, "spatial_size", spatial_dims, integer=True)
+    spatial_size = _sizes(
+        DEFAULT_SPATIAL_SIZE[:spatial_dims] if spatial_size is None else spatial_size,
+        "spatial_size",
+        spatial_dims,
+        integer=True,
+    )
     keys = _keys(keys)
     if level == "none":
         return _Pipeline([])
@@ -492,24 +546,34 @@ def augmentation(
     angle = float(np.deg2rad(s.rotate_deg))
     angles = {"range_x": angle} if spatial_dims == 2 else {"range_x": angle, "range_y": angle, "range_z": angle}
     min_crop = [max(1, int(np.ceil(s.crop_min * n))) for n in spatial_size]
-    augment = _Pipeline([
-        RandSpatialCropd(keys=keys, roi_size=min_crop, max_roi_size=spatial_size, random_size=True),
-        Resized(keys=keys, spatial_size=spatial_size, mode=_LINEAR[spatial_dims]),
-        *(RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in s.flip_axes if axis < spatial_dims),
-        *([RandRotate90d(keys=keys, prob=s.rot90_prob, max_k=3, spatial_axes=(0, 1))] if s.rot90_prob else []),
-        RandRotated(keys=keys, **angles, prob=s.rotate_prob, padding_mode="zeros"),
-        RandZoomd(keys=keys, min_zoom=s.zoom[0], max_zoom=s.zoom[1], prob=s.zoom_prob, mode=_LINEAR[spatial_dims], padding_mode="constant"),
-        RandAdjustContrastd(keys=keys, gamma=s.gamma, prob=s.contrast_prob),
-        RandShiftIntensityd(keys=keys, offsets=s.shift, prob=s.shift_prob),
-        RandGaussianNoised(keys=keys, std=s.noise_std, prob=s.noise_prob),
-    ])
+    augment = _Pipeline(
+        [
+            RandSpatialCropd(keys=keys, roi_size=min_crop, max_roi_size=spatial_size, random_size=True),
+            Resized(keys=keys, spatial_size=spatial_size, mode=_LINEAR[spatial_dims]),
+            *(RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in s.flip_axes if axis < spatial_dims),
+            *([RandRotate90d(keys=keys, prob=s.rot90_prob, max_k=3, spatial_axes=(0, 1))] if s.rot90_prob else []),
+            RandRotated(keys=keys, **angles, prob=s.rotate_prob, padding_mode="zeros"),
+            RandZoomd(
+                keys=keys,
+                min_zoom=s.zoom[0],
+                max_zoom=s.zoom[1],
+                prob=s.zoom_prob,
+                mode=_LINEAR[spatial_dims],
+                padding_mode="constant",
+            ),
+            RandAdjustContrastd(keys=keys, gamma=s.gamma, prob=s.contrast_prob),
+            RandShiftIntensityd(keys=keys, offsets=s.shift, prob=s.shift_prob),
+            RandGaussianNoised(keys=keys, std=s.noise_std, prob=s.noise_prob),
+        ]
+    )
     if seed is not None:
         augment.set_random_state(seed=seed)
     return augment
 
 
-def train_transforms(*, level: str = "light", seed: int | None = None, device: str | torch.device | None = None,
-                     **options: Any) -> Compose:
+def train_transforms(
+    *, level: str = "light", seed: int | None = None, device: str | torch.device | None = None, **options: Any
+) -> Compose:
     """Preprocessing, then augmentation, then float32: one flat Compose whose deterministic prefix
     ``CacheDataset`` can cache (it caches up to the first random transform).
 
@@ -524,7 +588,9 @@ def train_transforms(*, level: str = "light", seed: int | None = None, device: s
     """
     pre = preprocessing(**options)
     keys = _keys(options.get("keys", ("image",)))
-    aug = augmentation(level=level, spatial_dims=options.get("spatial_dims", 3), spatial_size=options.get("spatial_size"), keys=keys)
+    aug = augmentation(
+        level=level, spatial_dims=options.get("spatial_dims", 3), spatial_size=options.get("spatial_size"), keys=keys
+    )
     to_device = [] if device is None else [EnsureTyped(keys=keys, dtype=torch.float32, device=torch.device(device))]
     pipeline = _Pipeline([*pre.transforms, *to_device, *aug.transforms, EnsureTyped(keys=keys, dtype=torch.float32)])
     if seed is not None:  # after building: a Compose re-seeds its random members when it is created

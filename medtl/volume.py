@@ -17,7 +17,9 @@ def lps_to_ras(affine: np.ndarray) -> np.ndarray:
 
 def canonical_transform(affine: np.ndarray) -> np.ndarray:
     """nibabel's orientation transform taking an array with this affine to RAS axis order."""
-    return nib.orientations.ornt_transform(nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(("R", "A", "S")))
+    return nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(("R", "A", "S"))
+    )
 
 
 @dataclass

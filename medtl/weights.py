@@ -154,14 +154,21 @@ def _jit_load(source: Path | io.BytesIO, label: str | Path, *, trust: bool) -> A
     """TorchScript is a program: loading runs its ``__setstate__`` and using it runs its code, so
     it is read only with ``trust`` (a bundle's weights-only ``models/model.pt`` is preferred)."""
     if not trust:
-        raise MedtlError("TorchScript is a program that runs its own code when loaded; refused without --trust", path=label,
-                         hint="pass the weights-only model.pt (or the bundle folder holding it), or --trust for a file you trust")
+        raise MedtlError(
+            "TorchScript is a program that runs its own code when loaded; refused without --trust",
+            path=label,
+            hint="pass the weights-only model.pt (or the bundle folder holding it), or --trust for a file you trust",
+        )
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.x deprecates TorchScript; bundles still ship it
+            warnings.simplefilter(
+                "ignore", DeprecationWarning
+            )  # torch 2.x deprecates TorchScript; bundles still ship it
             return torch.jit.load(source, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any failure here is a broken file, reported as such
-        raise MedtlError(f"cannot read TorchScript file, it may be corrupted or truncated ({_first_line(exc)})", path=label) from exc
+        raise MedtlError(
+            f"cannot read TorchScript file, it may be corrupted or truncated ({_first_line(exc)})", path=label
+        ) from exc
 
 
 def _torch_load(source: Path | io.BytesIO, label: str | Path, *, trust: bool) -> Any:
@@ -183,9 +190,13 @@ def _torch_load(source: Path | io.BytesIO, label: str | Path, *, trust: bool) ->
                 path=label,
                 hint="pass --trust (trust=True) only if you trust where the file came from",
             ) from exc
-        raise MedtlError(f"cannot read checkpoint, it may be corrupted or truncated ({_first_line(exc)})", path=label) from exc
+        raise MedtlError(
+            f"cannot read checkpoint, it may be corrupted or truncated ({_first_line(exc)})", path=label
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for broken files
-        raise MedtlError(f"cannot read checkpoint, it may be corrupted or truncated ({_first_line(exc)})", path=label) from exc
+        raise MedtlError(
+            f"cannot read checkpoint, it may be corrupted or truncated ({_first_line(exc)})", path=label
+        ) from exc
 
 
 def _unsafe_globals(source: Path | io.BytesIO, exc: Exception) -> list[str]:
@@ -261,7 +272,7 @@ def match_keys(
             prefix = next((p for p in prefixes if p and name.startswith(p) and len(name) > len(p)), None)
             if prefix is None:
                 break
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
         for pattern, replacement in compiled:
             name = pattern.sub(replacement, name)
         mapping[key] = add_prefix + name
@@ -286,9 +297,13 @@ def adapt_input_conv(weight: Tensor, in_channels: int) -> tuple[Tensor, str]:
     if in_channels == 1:
         return weight.sum(dim=1, keepdim=True), f"input channels {c}->1: summed over channels"
     if c == 1:
-        return weight.repeat_interleave(in_channels, dim=1) / in_channels, f"input channels 1->{in_channels}: repeated, scaled by 1/{in_channels}"
+        return weight.repeat_interleave(
+            in_channels, dim=1
+        ) / in_channels, f"input channels 1->{in_channels}: repeated, scaled by 1/{in_channels}"
     index = torch.arange(in_channels) % c
-    return weight[:, index] * (c / in_channels), f"input channels {c}->{in_channels}: repeated cyclically, scaled by {c}/{in_channels}"
+    return weight[:, index] * (
+        c / in_channels
+    ), f"input channels {c}->{in_channels}: repeated cyclically, scaled by {c}/{in_channels}"
 
 
 def inflate_conv_2d_to_3d(weight: Tensor, depth: int) -> tuple[Tensor, str]:
@@ -298,7 +313,9 @@ def inflate_conv_2d_to_3d(weight: Tensor, depth: int) -> tuple[Tensor, str]:
     """
     if weight.ndim != 4:
         raise ValueError(f"expected a 2D conv weight (O, I, H, W), got shape {tuple(weight.shape)}")
-    return weight.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth, f"2D->3D: kernel inflated to depth {depth}, divided by {depth}"
+    return weight.unsqueeze(2).repeat(
+        1, 1, depth, 1, 1
+    ) / depth, f"2D->3D: kernel inflated to depth {depth}, divided by {depth}"
 
 
 def _adapt(tensor: Tensor, target: torch.Size, *, input_conv: bool) -> tuple[Tensor, list[str]] | None:
@@ -306,7 +323,12 @@ def _adapt(tensor: Tensor, target: torch.Size, *, input_conv: bool) -> tuple[Ten
     steps: list[str] = []
     if len(target) < 3:  # only conv weights (O, I, *kernel)
         return None
-    if tensor.ndim == 4 and len(target) == 5 and tensor.shape[0] == target[0] and tuple(tensor.shape[2:]) == tuple(target[3:]):
+    if (
+        tensor.ndim == 4
+        and len(target) == 5
+        and tensor.shape[0] == target[0]
+        and tuple(tensor.shape[2:]) == tuple(target[3:])
+    ):
         tensor, how = inflate_conv_2d_to_3d(tensor, target[2])
         steps.append(how)
     if tensor.ndim != len(target) or tensor.shape[0] != target[0] or tuple(tensor.shape[2:]) != tuple(target[2:]):
@@ -377,15 +399,21 @@ class LoadReport:
     def summary(self, max_names: int = 6) -> str:
         """One paragraph: counts, then the names (shortened) of what was not loaded as is."""
         total = len(self.loaded) + len(self.missing) + len(self.mismatched)
-        parts = [f"Loaded {len(self.loaded)} of {total} {self.model or 'model'} tensors from {self.source or 'checkpoint'}"]
+        parts = [
+            f"Loaded {len(self.loaded)} of {total} {self.model or 'model'} tensors from {self.source or 'checkpoint'}"
+        ]
         if self.adapted:
             parts.append(f"{len(self.adapted)} adapted: {_names(self.adapted, max_names)}")
         if self.missing:
             parts.append(f"{len(self.missing)} missing (kept initialisation): {_names(self.missing, max_names)}")
         if self.mismatched:
-            parts.append(f"{len(self.mismatched)} mismatched (kept initialisation): {_names(self.mismatched, max_names)}")
+            parts.append(
+                f"{len(self.mismatched)} mismatched (kept initialisation): {_names(self.mismatched, max_names)}"
+            )
         if self.unexpected:
-            parts.append(f"{len(self.unexpected)} unexpected checkpoint tensors ignored: {_names(self.unexpected, max_names)}")
+            parts.append(
+                f"{len(self.unexpected)} unexpected checkpoint tensors ignored: {_names(self.unexpected, max_names)}"
+            )
         if self.exact:
             parts.append("exact match")
         return "; ".join(parts) + "."
@@ -492,5 +520,7 @@ def inspect_checkpoint(
 
     ``network_kwargs`` go to ``create_network`` (e.g. ``{"medicalnet": True}`` for MedicalNet ResNet-18/34).
     """
-    model = create_network(arch, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, **dict(network_kwargs or {}))
+    model = create_network(
+        arch, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, **dict(network_kwargs or {})
+    )
     return load_weights(model, path, trust=trust, key_map=key_map)

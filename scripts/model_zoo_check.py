@@ -134,11 +134,14 @@ def publish_large_files(bundle: Path, release: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(bundle / entry["path"], target)
         url = json.dumps(target.as_uri())
-        text, n = re.subn(rf'(- path: {re.escape(json.dumps(entry["path"]))}\n\s+url: )"[^"\n]*"',
-                          lambda m, url=url: m.group(1) + url, text)
+        text, n = re.subn(
+            rf'(- path: {re.escape(json.dumps(entry["path"]))}\n\s+url: )"[^"\n]*"',
+            lambda m, url=url: m.group(1) + url,
+            text,
+        )
         if n != 1:
             raise ValueError(f"{bundle.name}/{LARGE_FILES}: no url line for {entry['path']}")
-    body = text[text.index("large_files:"):]
+    body = text[text.index("large_files:") :]
     (bundle / LARGE_FILES).write_text(f"{RELEASE_NOTE}\n{body}", encoding="utf-8")
 
 
@@ -148,7 +151,9 @@ def _add_schema(bundle: Path) -> None:
     url = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))["schema"]
     schema = Path(medtl.__file__).parent / "schemas" / url.rsplit("/", 1)[-1]
     if not schema.is_file():
-        raise FileNotFoundError(f"{bundle.name}: no local copy of {url}; run model-zoo's ci/prepare_schema.py with network access")
+        raise FileNotFoundError(
+            f"{bundle.name}: no local copy of {url}; run model-zoo's ci/prepare_schema.py with network access"
+        )
     (bundle / "eval").mkdir(exist_ok=True)
     shutil.copyfile(schema, bundle / "eval" / "schema.json")
 
@@ -214,8 +219,9 @@ def run_hooks(root: Path, model_zoo: Path) -> list[Step]:
     ok, out = _run(["git", "add", "models"], root)
     if not ok:
         return [Step("git add", False, out)]
-    files = subprocess.run(["git", "diff", "--cached", "--name-only", "-z"], cwd=root, capture_output=True,
-                           text=True, check=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "diff", "--cached", "--name-only", "-z"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
     files = [f for f in files if f]
     exclude, _, configured = _hook_config(model_zoo)
     steps = []
@@ -239,7 +245,9 @@ def _base(version: str) -> str:
 def check_requirements(root: Path, model_zoo: Path, bundle: str) -> Step:
     """The pins model-zoo's CI would ``pip install`` for the bundle, against this environment. It
     passes when each is installed at that version; medtl is not on PyPI, so there CI would fail."""
-    ok, out = _run([sys.executable, str(model_zoo / "ci" / "get_bundle_requirements.py"), "-b", bundle, "-p", "models"], root)
+    ok, out = _run(
+        [sys.executable, str(model_zoo / "ci" / "get_bundle_requirements.py"), "-b", bundle, "-p", "models"], root
+    )
     if not ok:
         return Step(f"{bundle}: get_bundle_requirements.py", False, out)
     lines = (root / out.strip().splitlines()[-1]).read_text(encoding="utf-8").split()
@@ -257,7 +265,9 @@ def check_requirements(root: Path, model_zoo: Path, bundle: str) -> Step:
 
 def verify(root: Path, model_zoo: Path, bundle: str, mode: str) -> Step:
     """``ci/verify_bundle.py`` from the checkout, as model-zoo's CI calls it, on the tree's bundle."""
-    ok, out = _run([sys.executable, str(model_zoo / "ci" / "verify_bundle.py"), "-b", bundle, "-p", "models", "-m", mode], root)
+    ok, out = _run(
+        [sys.executable, str(model_zoo / "ci" / "verify_bundle.py"), "-b", bundle, "-p", "models", "-m", mode], root
+    )
     return Step(f"{bundle}: verify_bundle.py -m {mode}", ok, out)
 
 
@@ -276,15 +286,21 @@ def check(model_zoo: Path, root: Path, modes: tuple[str, ...] = ("min",)) -> Rep
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-zoo", help=f"a model-zoo checkout (default: ${ENV_VAR})")
-    parser.add_argument("--mode", choices=("min", "full"), action="append",
-                        help="verify_bundle.py mode; repeat for both (default: min, the CPU premerge)")
+    parser.add_argument(
+        "--mode",
+        choices=("min", "full"),
+        action="append",
+        help="verify_bundle.py mode; repeat for both (default: min, the CPU premerge)",
+    )
     parser.add_argument("--keep", help="build the tree in this (new) folder and keep it")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each check's output")
     args = parser.parse_args(argv)
     model_zoo = model_zoo_checkout(args.model_zoo)
     if model_zoo is None:
-        parser.error(f"no model-zoo checkout: pass --model-zoo or set {ENV_VAR} "
-                     "(git clone https://github.com/Project-MONAI/model-zoo)")
+        parser.error(
+            f"no model-zoo checkout: pass --model-zoo or set {ENV_VAR} "
+            "(git clone https://github.com/Project-MONAI/model-zoo)"
+        )
     with tempfile.TemporaryDirectory(prefix="model-zoo-tree-") as tmp:
         report = check(model_zoo, Path(args.keep) if args.keep else Path(tmp), tuple(args.mode or ["min"]))
         for step in report.steps:

@@ -61,7 +61,10 @@ def main() -> int:
                 behaviour = corpus.observe(case, Path(tmp))
                 kind, message = BEHAVIOUR.get(behaviour.kind, behaviour.kind), behaviour.message
             except pytest.skip.Exception as skip:
-                kind, message = BEHAVIOUR[case.kind], f"(not run here: {skip.msg}) expected: {case.names}: {case.phrase}"
+                kind, message = (
+                    BEHAVIOUR[case.kind],
+                    f"(not run here: {skip.msg}) expected: {case.names}: {case.phrase}",
+                )
         lines.append(f"| {n} | {case.area} | {_cell(case.description)} | {kind} | {_cell(message)} |")
     out = REPO / "docs" / "robustness.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")

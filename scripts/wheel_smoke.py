@@ -61,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     from medtl.demo import prepare_demo_data
     from medtl.networks import resnet
 
-    source = export_bundle(resnet(0.5), args.out / "tumor_cls_source", template="tumor_cls_source", changelog="wheel smoke test")
-    _say(f"exported {source['path']} (max abs diff TorchScript {source['torchscript_max_abs_diff']}, ONNX {source['onnx_max_abs_diff']})")
+    source = export_bundle(
+        resnet(0.5), args.out / "tumor_cls_source", template="tumor_cls_source", changelog="wheel smoke test"
+    )
+    _say(
+        f"exported {source['path']} (max abs diff TorchScript {source['torchscript_max_abs_diff']}, ONNX {source['onnx_max_abs_diff']})"
+    )
     _medtl("bundle", "verify", source["path"])
     _say(f"export and verify took {time.perf_counter() - t0:.0f} s")
 
@@ -70,8 +74,20 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         demo = prepare_demo_data(args.out / "demo", scale=0.1, progress=False)  # the smallest with val cases on site B
         adapted = args.out / "adapted"
-        _medtl("-q", "adapt", "--source", source["path"], "--manifest", demo["sites"]["B"]["manifest"], "--root", demo["out"],
-               "--out", adapted, "--epochs", "1")
+        _medtl(
+            "-q",
+            "adapt",
+            "--source",
+            source["path"],
+            "--manifest",
+            demo["sites"]["B"]["manifest"],
+            "--root",
+            demo["out"],
+            "--out",
+            adapted,
+            "--epochs",
+            "1",
+        )
         _medtl("bundle", "verify", adapted / "tumor_cls_finetune")
         if not (adapted / "report" / "report.html").is_file():
             sys.exit(f"medtl adapt wrote no report at {adapted / 'report' / 'report.html'}")

@@ -120,7 +120,9 @@ def make_series(tmp_path):
         files = write_ct_series(
             out, values, spacing, info, orientation=tuple(orient), positions_lps=positions, **kwargs
         )
-        return GeneratedSeries(out, files, values, info, tuple(spacing), tuple(float(f"{v:.6g}") for v in orient), positions)
+        return GeneratedSeries(
+            out, files, values, info, tuple(spacing), tuple(float(f"{v:.6g}") for v in orient), positions
+        )
 
     return make
 

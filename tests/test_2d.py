@@ -46,8 +46,13 @@ def items(tmp_path_factory) -> dict[str, list[dict]]:
     assert summary["preprocessing"]["spatial_dims"] == 2 and summary["preprocessing"]["spatial_size"] == [28, 28]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return preprocess_splits(load_manifest(out / "imported" / summary["manifest"]), out / "imported", SPLITS,
-                                 preprocessing(**summary["preprocessing"]), progress=False)
+        return preprocess_splits(
+            load_manifest(out / "imported" / summary["manifest"]),
+            out / "imported",
+            SPLITS,
+            preprocessing(**summary["preprocessing"]),
+            progress=False,
+        )
 
 
 def test_imported_2d_images_arrive_channel_first_and_upright(items):
@@ -64,7 +69,9 @@ def test_a_2d_resnet_learns_through_the_recipe(items):
     set_determinism(0)
     torch.manual_seed(0)
     network = resnet(0.25, len(CLASSES), spatial_dims=2, depth=18, small_input=True)
-    fitted = train(network, items["train"], items["val"], TrainRecipe(epochs=2, batch_size=8, augment="light"), progress=False)
+    fitted = train(
+        network, items["train"], items["val"], TrainRecipe(epochs=2, batch_size=8, augment="light"), progress=False
+    )
     assert len(fitted["val_auc"]) == 2
     _, probs, ids = collect_predictions(network, loader(items["test"], batch_size=4))
     assert probs.shape == (8, 2) and len(ids) == 8
@@ -75,7 +82,9 @@ def test_a_2d_resnet_learns_through_the_recipe(items):
 def test_2d_augmentation_keeps_the_image_size(items):
     image = items["train"][0]["image"]
     for level in ("light", "strong"):
-        out = augmentation(level=level, spatial_dims=2, spatial_size=(28, 28), seed=0)({"image": image.clone()})["image"]
+        out = augmentation(level=level, spatial_dims=2, spatial_size=(28, 28), seed=0)({"image": image.clone()})[
+            "image"
+        ]
         assert out.shape == (1, 28, 28)
     batch = next(iter(loader(items["train"], augment="strong", batch_size=4)))
     assert batch["image"].shape == (4, 1, 28, 28)
@@ -86,9 +95,15 @@ def test_2d_crop_around_a_mask(tmp_path):
     picture = np.zeros((40, 40, 1), np.float32)
     picture[28:32, 6:10] = 1000.0
     affine = np.diag([0.5, 0.5, 1.0, 1.0])
-    case = {"image": str(write_nifti(Volume(picture, affine), tmp_path / "us.nii.gz")),
-            "mask": str(write_nifti(Volume((picture > 0).astype(np.uint8), affine), tmp_path / "mask.nii.gz", dtype=np.uint8))}
-    out = preprocessing(spatial_dims=2, ct_window=(0, 1000), target_spacing=(0.5, 0.5), crop_mm=(8, 8), spatial_size=(16, 16))(case)
+    case = {
+        "image": str(write_nifti(Volume(picture, affine), tmp_path / "us.nii.gz")),
+        "mask": str(
+            write_nifti(Volume((picture > 0).astype(np.uint8), affine), tmp_path / "mask.nii.gz", dtype=np.uint8)
+        ),
+    }
+    out = preprocessing(
+        spatial_dims=2, ct_window=(0, 1000), target_spacing=(0.5, 0.5), crop_mm=(8, 8), spatial_size=(16, 16)
+    )(case)
     assert out["image"].shape == (1, 16, 16) and set(out) == {"image"}
     bright = np.argwhere(np.asarray(out["image"][0]) > 0.5).mean(axis=0)
     np.testing.assert_allclose(bright, (7.5, 7.5), atol=0.6)  # the square sits in the middle of the crop
@@ -96,7 +111,9 @@ def test_2d_crop_around_a_mask(tmp_path):
 
 def test_2d_refuses_volumes_and_3d_sizes(tmp_path):
     path = write_nifti(Volume(np.zeros((8, 8, 4), np.float32), np.eye(4)), tmp_path / "ct.nii.gz")
-    with pytest.raises(MedtlError, match=r"spatial_dims=2 reads single-slice images, but 'image' has shape \(8, 8, 4\)"):
+    with pytest.raises(
+        MedtlError, match=r"spatial_dims=2 reads single-slice images, but 'image' has shape \(8, 8, 4\)"
+    ):
         preprocessing(spatial_dims=2)({"image": str(path)})
     with pytest.raises(MedtlError, match=r"spatial_size must be two positive integers \(x, y\)"):
         preprocessing(spatial_dims=2, spatial_size=(28, 28, 28))

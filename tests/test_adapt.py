@@ -12,7 +12,10 @@ from medtl.errors import MedtlError
 from medtl.networks import create_network, find_classifier
 
 
-@pytest.mark.parametrize(("arch", "head", "features"), [("resnet10", "fc", 128), ("densenet121", "class_layers.out", 1024), ("efficientnet-b0", "_fc", 1280)])
+@pytest.mark.parametrize(
+    ("arch", "head", "features"),
+    [("resnet10", "fc", 128), ("densenet121", "class_layers.out", 1024), ("efficientnet-b0", "_fc", 1280)],
+)
 def test_replace_head_for_monai_networks(arch, head, features):
     kwargs = {"widen_factor": 0.25} if arch == "resnet10" else {}
     model = create_network(arch, num_classes=5, **kwargs)
@@ -37,7 +40,9 @@ def test_generic_module_last_linear_and_hidden_dropout():
 def test_shared_class_names_keep_their_source_weights():
     model = nn.Sequential(nn.Linear(4, 3))
     old_w, old_b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
-    record = replace_head(model, 2, source_classes=["benign", "malignant", "metastasis"], target_classes=["malignant", "cyst"])
+    record = replace_head(
+        model, 2, source_classes=["benign", "malignant", "metastasis"], target_classes=["malignant", "cyst"]
+    )
     assert record["label_mapping"] == {"malignant": "malignant", "cyst": None}
     assert torch.equal(model[0].weight[0], old_w[1]) and model[0].bias[0] == old_b[1]
     assert not torch.equal(model[0].weight[1], old_w[0])
@@ -49,7 +54,15 @@ def test_shared_class_names_keep_their_source_weights():
 
 def _bn_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.BatchNorm3d(2), nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 2))
+    return nn.Sequential(
+        nn.BatchNorm3d(2),
+        nn.Conv3d(2, 4, 3),
+        nn.BatchNorm3d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
 
 
 def test_adabn_changes_only_batchnorm_running_stats():

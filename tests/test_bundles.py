@@ -28,8 +28,15 @@ SCHEMA = REPO / "medtl" / "schemas" / "meta_schema_20240725.json"
 
 def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m monai.bundle ARGS`` as a user would type it; fails the test with its output on error."""
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, encoding="utf-8",
-                          errors="replace", env=utf8_child_env(), timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=cwd,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -46,8 +53,17 @@ def test_metadata_validates_against_the_official_schema(bundle):
     assert (bundle / "LICENSE").is_file() and (bundle / "docs" / "README.md").is_file()
     text = "".join(p.read_text(encoding="utf-8") for p in (bundle / "configs").iterdir())
     assert "/work" not in text and "/home" not in text and "C:\\" not in text  # paths stay relative to bundle_root
-    monai_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
-                 "--bundle_root", ".", cwd=bundle)
+    monai_bundle(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        ".",
+        cwd=bundle,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +71,30 @@ def trained_source(demo_with_unlabeled, tmp_path_factory):
     """tumor_cls_source trained for one epoch on the demo's site A, in a copy of the bundle."""
     demo = demo_with_unlabeled
     bundle = tmp_path_factory.mktemp("bundles") / "tumor_cls_source"
-    shutil.copytree(REPO / "bundles" / "tumor_cls_source", bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
+    shutil.copytree(
+        REPO / "bundles" / "tumor_cls_source", bundle, ignore=shutil.ignore_patterns("models", "runs", "eval")
+    )
     root = Path(demo["out"])
-    monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--manifest", demo["sites"]["A"]["manifest"],
-                 "--dataset_dir", str(root), "--max_epochs", "1", "--batch_size", "4", "--data_cache", "disk",
-                 "--channels_last", "True", cwd=bundle)  # checkpoints keep their usual names and layout-free values
+    monai_bundle(
+        "run",
+        "--config_file",
+        "configs/train.json",
+        "--bundle_root",
+        ".",
+        "--manifest",
+        demo["sites"]["A"]["manifest"],
+        "--dataset_dir",
+        str(root),
+        "--max_epochs",
+        "1",
+        "--batch_size",
+        "4",
+        "--data_cache",
+        "disk",
+        "--channels_last",
+        "True",
+        cwd=bundle,
+    )  # checkpoints keep their usual names and layout-free values
     return bundle, demo
 
 
@@ -70,22 +105,53 @@ def test_source_bundle_trains_evaluates_and_exports(trained_source):
     assert "fc.weight" in state and state["fc.weight"].shape[0] == 2
     assert list((bundle / "runs").glob("events.out.tfevents.*"))  # TensorBoard logs
 
-    monai_bundle("run", "--config_file", "configs/evaluate.json", "--bundle_root", ".", "--manifest", demo["sites"]["B"]["manifest"],
-                 "--dataset_dir", str(demo["out"]), "--split", "['train', 'val', 'test']", "--n_boot", "50", cwd=bundle)
+    monai_bundle(
+        "run",
+        "--config_file",
+        "configs/evaluate.json",
+        "--bundle_root",
+        ".",
+        "--manifest",
+        demo["sites"]["B"]["manifest"],
+        "--dataset_dir",
+        str(demo["out"]),
+        "--split",
+        "['train', 'val', 'test']",
+        "--n_boot",
+        "50",
+        cwd=bundle,
+    )
     metrics = json.loads((bundle / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["class_names"] == ["benign", "malignant"] and set(metrics["per_site"]) == {"B"}
     assert metrics["n"] == sum(metrics["class_counts"].values()) and metrics["metrics"]["auc"]["ci95"] is not None
     # every output names its seed, data (manifest content hash) and weights
-    assert metrics["run"]["manifest"]["name"] == "demo_site_B" and len(metrics["run"]["manifest"]["content_sha256"]) == 64
+    assert (
+        metrics["run"]["manifest"]["name"] == "demo_site_B" and len(metrics["run"]["manifest"]["content_sha256"]) == 64
+    )
     assert len(metrics["run"]["weights_sha256"]) == 64
-    cached = list((bundle / "cache" / "data").glob("*/*.pt"))  # --data_cache disk: each preprocessed case once, by preset
+    cached = list(
+        (bundle / "cache" / "data").glob("*/*.pt")
+    )  # --data_cache disk: each preprocessed case once, by preset
     cases = json.loads(Path(demo["sites"]["A"]["manifest"]).read_text(encoding="utf-8"))["cases"]
     assert len(cached) == sum(c["split"] in ("train", "val") for c in cases)
     trained = json.loads((bundle / "runs" / "run.json").read_text(encoding="utf-8"))
     assert trained["seed"] == 0 and trained["manifest"]["name"] == "demo_site_A" and trained["resume"] is False
 
-    monai_bundle("ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
-                 "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--bundle_root", ".", cwd=bundle)
+    monai_bundle(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        "models/model.ts",
+        "--ckpt_file",
+        "models/model.pt",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        ".",
+        cwd=bundle,
+    )
     scripted = torch.jit.load(str(bundle / "models" / "model.ts"))
     from monai.networks.nets import resnet10
 
@@ -112,8 +178,18 @@ def test_inference_on_a_dicom_folder_gives_one_row_per_series(trained_source, tm
     assert expected_series >= 2
 
     out = tmp_path / "out"
-    monai_bundle("run", "--config_file", "configs/inference.json", "--bundle_root", ".", "--input_dir", str(folder.parent),
-                 "--output_dir", str(out), cwd=bundle)
+    monai_bundle(
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        ".",
+        "--input_dir",
+        str(folder.parent),
+        "--output_dir",
+        str(out),
+        cwd=bundle,
+    )
     rows = list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))
     assert len(rows) == expected_series and len({r["id"] for r in rows}) == expected_series
     for row in rows:
@@ -148,9 +224,27 @@ def test_finetune_then_distill_bundles_adapt_the_source_to_site_b(trained_source
     data = ["--manifest", demo["sites"]["B"]["manifest"], "--dataset_dir", str(demo["out"])]
     finetune = tmp_path / "tumor_cls_finetune"
     shutil.copytree(REPO / "bundles" / "tumor_cls_finetune", finetune)
-    done = monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--source", str(source), *data,
-                        "--max_epochs", "3", "--head_epochs", "1", "--unfreeze_every", "1",
-                        "--loader", "process", "--num_workers", "1", cwd=finetune)  # augmentation in a worker process
+    done = monai_bundle(
+        "run",
+        "--config_file",
+        "configs/train.json",
+        "--bundle_root",
+        ".",
+        "--source",
+        str(source),
+        *data,
+        "--max_epochs",
+        "3",
+        "--head_epochs",
+        "1",
+        "--unfreeze_every",
+        "1",
+        "--loader",
+        "process",
+        "--num_workers",
+        "1",
+        cwd=finetune,
+    )  # augmentation in a worker process
     log = done.stdout + done.stderr
     assert "Loaded 77 of 77 ResNet tensors" in log and "exact match" in log
     assert "AdaBN: BatchNorm statistics of 12 layers" in log
@@ -163,21 +257,45 @@ def test_finetune_then_distill_bundles_adapt_the_source_to_site_b(trained_source
 
     distill = tmp_path / "tumor_cls_distill"
     shutil.copytree(REPO / "bundles" / "tumor_cls_distill", distill)
-    monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--teacher", str(finetune), *data,
-                 "--max_epochs", "2", "--threshold", "0.5", "--tracking", "mlflow",
-                 "--augment_on_device", "True", cwd=distill)  # the device is the CPU here: the same path as on a GPU
+    monai_bundle(
+        "run",
+        "--config_file",
+        "configs/train.json",
+        "--bundle_root",
+        ".",
+        "--teacher",
+        str(finetune),
+        *data,
+        "--max_epochs",
+        "2",
+        "--threshold",
+        "0.5",
+        "--tracking",
+        "mlflow",
+        "--augment_on_device",
+        "True",
+        cwd=distill,
+    )  # the device is the CPU here: the same path as on a GPU
     assert list((distill / "runs").glob("events.out.tfevents.*"))  # TensorBoard, always
     runs = _mlflow_runs(distill / "runs" / "mlruns.db")  # MLflow, asked for with --tracking mlflow: a local store
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert {"train_loss", "val_auc"} <= set(runs[0].data.metrics)
     report = json.loads((distill / "runs" / "pseudo_labels.json").read_text(encoding="utf-8"))
-    n_unlabeled = sum(1 for c in json.loads(Path(demo["sites"]["B"]["manifest"]).read_text(encoding="utf-8"))["cases"] if c["split"] == "unlabeled")
-    assert report["unlabeled"] == n_unlabeled and sum(report["pseudo_labels_kept"].values()) == n_unlabeled  # p >= 0.5 always holds
+    n_unlabeled = sum(
+        1
+        for c in json.loads(Path(demo["sites"]["B"]["manifest"]).read_text(encoding="utf-8"))["cases"]
+        if c["split"] == "unlabeled"
+    )
+    assert (
+        report["unlabeled"] == n_unlabeled and sum(report["pseudo_labels_kept"].values()) == n_unlabeled
+    )  # p >= 0.5 always holds
     assert len(list((distill / "cache").glob("teacher-*.npz"))) == 1
     student = torch.load(distill / "models" / "model.pt", weights_only=True)
     assert sum(t.numel() for t in student.values()) < sum(t.numel() for t in tuned.values()) / 3
 
-    monai_bundle("run", "--config_file", "configs/evaluate.json", "--bundle_root", ".", *data, "--n_boot", "20", cwd=distill)
+    monai_bundle(
+        "run", "--config_file", "configs/evaluate.json", "--bundle_root", ".", *data, "--n_boot", "20", cwd=distill
+    )
     assert json.loads((distill / "eval" / "metrics.json").read_text(encoding="utf-8"))["n"] > 0
 
 
@@ -191,21 +309,38 @@ def test_lidc_bundle_scores_nodules_listed_in_a_csv(shared_data, tmp_path):
     vois = shared_data / "lidc_nodule_vois"
     rows = list(csv.DictReader((vois / "labels.csv").open(encoding="utf-8")))[:4]
     table = tmp_path / "cases.csv"
-    lines = ["image,mask"] + [f"{Path(os.path.relpath(vois / r['image'], tmp_path)).as_posix()},"
-                              f"{Path(os.path.relpath(vois / r['mask'], tmp_path)).as_posix()}" for r in rows]
+    lines = ["image,mask"] + [
+        f"{Path(os.path.relpath(vois / r['image'], tmp_path)).as_posix()},"
+        f"{Path(os.path.relpath(vois / r['mask'], tmp_path)).as_posix()}"
+        for r in rows
+    ]
     lines.append("missing.nii.gz,missing_mask.nii.gz")  # skipped and reported, the others still scored
-    lines.append(lines[1].split(",")[0] + ",")  # no mask: this model takes it as a channel, so the row is skipped with that reason
+    lines.append(
+        lines[1].split(",")[0] + ","
+    )  # no mask: this model takes it as a channel, so the row is skipped with that reason
     table.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    monai_bundle("run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
-                 "--input_csv", str(table), "--output_dir", str(out), cwd=tmp_path)
+    monai_bundle(
+        "run",
+        "--config_file",
+        str(bundle / "configs" / "inference.json"),
+        "--bundle_root",
+        str(bundle),
+        "--input_csv",
+        str(table),
+        "--output_dir",
+        str(out),
+        cwd=tmp_path,
+    )
     predictions = list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))
     assert [p["image"] for p in predictions] == [line.split(",")[0] for line in lines[1:5]]
     assert [p["mask"] for p in predictions] == [line.split(",")[1] for line in lines[1:5]]
     assert set(predictions[0]) == {"image", "mask", "prob_Benign", "prob_Malign", "pred", "model_version"}
     assert all(p["pred"] in ("Benign", "Malign") for p in predictions)
     skipped = json.loads((out / "predictions.json").read_text(encoding="utf-8"))["skipped"]
-    salt = (out / ".medtl-salt").read_text(encoding="utf-8").strip()  # ids key the image's folder; the image column is as written
+    salt = (
+        (out / ".medtl-salt").read_text(encoding="utf-8").strip()
+    )  # ids key the image's folder; the image column is as written
     assert [s["id"] for s in skipped] == ["missing.nii.gz", pseudonymous_path(lines[1].split(",")[0], salt)]
     assert "takes the lesion mask as an input channel" in skipped[1]["reason"]
 
@@ -230,19 +365,47 @@ def test_lidc_bundle_configs_train_on_pooled_sites_and_infer_with_the_mask_chann
     """The shipped LIDC configs through MONAI's CLI on generated data: train.json pools two sites'
     manifests into one two-channel training run, evaluate.json and inference.json score with flip TTA."""
     bundle = tmp_path / "lidc_nodule_malignancy"
-    shutil.copytree(REPO / "bundles" / "lidc_nodule_malignancy", bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
+    shutil.copytree(
+        REPO / "bundles" / "lidc_nodule_malignancy", bundle, ignore=shutil.ignore_patterns("models", "runs", "eval")
+    )
     (bundle / "models").mkdir()
     sites, root = demo_with_unlabeled["sites"], str(demo_with_unlabeled["out"])
     pooled = f"['{sites['A']['manifest']}', '{sites['B']['manifest']}']"
-    monai_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".", "--manifest", pooled, "--dataset_dir", root,
-                 "--max_epochs", "1", "--batch_size", "4", cwd=bundle)
+    monai_bundle(
+        "run",
+        "--config_file",
+        "configs/train.json",
+        "--bundle_root",
+        ".",
+        "--manifest",
+        pooled,
+        "--dataset_dir",
+        root,
+        "--max_epochs",
+        "1",
+        "--batch_size",
+        "4",
+        cwd=bundle,
+    )
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert state["conv1.weight"].shape[1] == 2  # CT crop and lesion mask
     trained = json.loads((bundle / "runs" / "run.json").read_text(encoding="utf-8"))
     assert [m["name"] for m in trained["manifest"]] == ["demo_site_A", "demo_site_B"]
 
-    monai_bundle("run", "--config_file", "configs/evaluate.json", "--bundle_root", ".", "--manifest", sites["B"]["manifest"],
-                 "--dataset_dir", root, "--n_boot", "20", cwd=bundle)
+    monai_bundle(
+        "run",
+        "--config_file",
+        "configs/evaluate.json",
+        "--bundle_root",
+        ".",
+        "--manifest",
+        sites["B"]["manifest"],
+        "--dataset_dir",
+        root,
+        "--n_boot",
+        "20",
+        cwd=bundle,
+    )
     assert json.loads((bundle / "eval" / "metrics.json").read_text(encoding="utf-8"))["n"] > 0
 
     from medtl.nifti import write_nifti
@@ -250,14 +413,28 @@ def test_lidc_bundle_configs_train_on_pooled_sites_and_infer_with_the_mask_chann
 
     # a site lists its cases as a CT in NIfTI or as the folder of one DICOM series, each with its nodule mask
     cases = datalist(sites["B"]["manifest"], root, "test")
-    single = next(c for c in cases if {p.name for p in Path(c["image"][0]).parent.iterdir()} == {Path(f).name for f in c["image"]})
+    single = next(
+        c for c in cases if {p.name for p in Path(c["image"][0]).parent.iterdir()} == {Path(f).name for f in c["image"]}
+    )
     write_nifti(load_volume(cases[0]["image"]), tmp_path / "ct0.nii.gz")
-    rows = [f"ct0.nii.gz,{os.path.relpath(cases[0]['mask'], tmp_path)}",
-            f"{os.path.relpath(Path(single['image'][0]).parent, tmp_path)},{os.path.relpath(single['mask'], tmp_path)}"]
+    rows = [
+        f"ct0.nii.gz,{os.path.relpath(cases[0]['mask'], tmp_path)}",
+        f"{os.path.relpath(Path(single['image'][0]).parent, tmp_path)},{os.path.relpath(single['mask'], tmp_path)}",
+    ]
     table = tmp_path / "cases.csv"
     table.write_text("image,mask\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    monai_bundle("run", "--config_file", "configs/inference.json", "--bundle_root", ".", "--input_csv", str(table),
-                 "--output_dir", str(tmp_path / "out"), cwd=bundle)
+    monai_bundle(
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        ".",
+        "--input_csv",
+        str(table),
+        "--output_dir",
+        str(tmp_path / "out"),
+        cwd=bundle,
+    )
     predicted = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open(encoding="utf-8")))
     assert [p["image"] for p in predicted] == [r.split(",")[0] for r in rows]
 
@@ -268,24 +445,54 @@ def test_multi_gpu_train_runs_under_torchrun_on_cpu(trained_source, tmp_path):
     source, demo = trained_source
     bundle = tmp_path / "tumor_cls_finetune"
     shutil.copytree(REPO / "bundles" / "tumor_cls_finetune", bundle)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "--config_file",
-               "['configs/train.json','configs/multi_gpu_train.json']", "--bundle_root", ".", "--source", str(source),
-               "--manifest", demo["sites"]["B"]["manifest"], "--dataset_dir", str(demo["out"]), "--max_epochs", "2",
-               "--head_epochs", "1", "--batch_size", "2"]
-    done = subprocess.run(command, cwd=bundle, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(), timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/train.json','configs/multi_gpu_train.json']",
+        "--bundle_root",
+        ".",
+        "--source",
+        str(source),
+        "--manifest",
+        demo["sites"]["B"]["manifest"],
+        "--dataset_dir",
+        str(demo["out"]),
+        "--max_epochs",
+        "2",
+        "--head_epochs",
+        "1",
+        "--batch_size",
+        "2",
+    ]
+    done = subprocess.run(
+        command, cwd=bundle, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(), timeout=600
+    )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     assert log.count("epoch 2: training") == 2  # both ranks followed the schedule
     writers = list((bundle / "runs").glob("events.out.tfevents.*"))
-    assert (bundle / "models" / "model.pt").is_file() and len(writers) == 2  # rank 0 only: its train and validation writers
+    assert (bundle / "models" / "model.pt").is_file() and len(
+        writers
+    ) == 2  # rank 0 only: its train and validation writers
 
 
 def test_csv_cases_take_a_mask_or_an_roi_centre_and_report_bad_rows(tmp_path):
     table = tmp_path / "cases.csv"
-    table.write_text("image,mask,roi_center_mm\na.nii.gz,a_mask.nii.gz,\nb.nii.gz,,1.5 -2 30\nc.nii.gz,,one two\n,,\nd.nii.gz,,1 2\n")
+    table.write_text(
+        "image,mask,roi_center_mm\na.nii.gz,a_mask.nii.gz,\nb.nii.gz,,1.5 -2 30\nc.nii.gz,,one two\n,,\nd.nii.gz,,1 2\n"
+    )
     found = inference_cases(input_csv=table, output_dir=tmp_path / "out")
     a, b = found["cases"]
-    assert a["mask"] == str(tmp_path / "a_mask.nii.gz") and a["csv_mask"] == "a_mask.nii.gz" and "roi_center_mm" not in a
+    assert (
+        a["mask"] == str(tmp_path / "a_mask.nii.gz") and a["csv_mask"] == "a_mask.nii.gz" and "roi_center_mm" not in a
+    )
     assert b["roi_center_mm"] == [1.5, -2.0, 30.0] and "mask" not in b and b["image"] == str(tmp_path / "b.nii.gz")
     assert [s["id"] for s in found["skipped"]] == ["c.nii.gz", "row 5", "d.nii.gz"]
     bad = tmp_path / "bad.csv"
@@ -298,9 +505,27 @@ def test_csv_cases_take_a_mask_or_an_roi_centre_and_report_bad_rows(tmp_path):
 def test_killed_finetune_bundle_resumes_to_the_same_weights(trained_source, tmp_path):
     """kill -9 after the first epoch, then `--resume True`: the run ends where an uninterrupted one does."""
     source, demo = trained_source
-    args = ["run", "--config_file", "configs/train.json", "--bundle_root", ".", "--source", str(source), "--manifest",
-            demo["sites"]["B"]["manifest"], "--dataset_dir", str(demo["out"]), "--max_epochs", "3", "--head_epochs", "1",
-            "--unfreeze_every", "1", "--patience", "50"]
+    args = [
+        "run",
+        "--config_file",
+        "configs/train.json",
+        "--bundle_root",
+        ".",
+        "--source",
+        str(source),
+        "--manifest",
+        demo["sites"]["B"]["manifest"],
+        "--dataset_dir",
+        str(demo["out"]),
+        "--max_epochs",
+        "3",
+        "--head_epochs",
+        "1",
+        "--unfreeze_every",
+        "1",
+        "--patience",
+        "50",
+    ]
     runs = {}
     for name in ("whole", "killed"):
         runs[name] = tmp_path / name
@@ -308,8 +533,12 @@ def test_killed_finetune_bundle_resumes_to_the_same_weights(trained_source, tmp_
     monai_bundle(*args, cwd=runs["whole"])
 
     state = runs["killed"] / "runs" / "training_state.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "monai.bundle", *args], cwd=runs["killed"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=runs["killed"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     while not state.exists():
         assert proc.poll() is None, "training ended before saving its first state"
         time.sleep(0.05)
@@ -320,11 +549,14 @@ def test_killed_finetune_bundle_resumes_to_the_same_weights(trained_source, tmp_
     log = monai_bundle(*args, "--resume", "True", cwd=runs["killed"])
     assert f"resumed from training_state.pt after epoch {killed_at} of 3" in log.stdout + log.stderr
 
-    whole, resumed = (torch.load(r / "runs" / "training_state.pt", weights_only=True) for r in (runs["whole"], runs["killed"]))
+    whole, resumed = (
+        torch.load(r / "runs" / "training_state.pt", weights_only=True) for r in (runs["whole"], runs["killed"])
+    )
     assert whole["trainer"]["epoch"] == resumed["trainer"]["epoch"] == 3
     assert all(torch.equal(whole["network"][k], resumed["network"][k]) for k in whole["network"])
     assert whole["objects"] == resumed["objects"] or all(
-        str(whole["objects"][k]) == str(resumed["objects"][k]) for k in whole["objects"])
+        str(whole["objects"][k]) == str(resumed["objects"][k]) for k in whole["objects"]
+    )
     best = [torch.load(r / "models" / "model.pt", weights_only=True) for r in (runs["whole"], runs["killed"])]
     assert all(torch.equal(best[0][k], best[1][k]) for k in best[0])
 
@@ -344,7 +576,9 @@ def test_configure_torch_chooses_cudnn_autotuning_or_repeatable_kernels():
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
     for name in ("tumor_cls_source", "tumor_cls_finetune", "tumor_cls_distill"):
         config = json.loads((REPO / "bundles" / name / "configs" / "train.json").read_text(encoding="utf-8"))
-        assert config["deterministic"] == "$not torch.cuda.is_available()"  # cudnn.benchmark on GPUs, repeatable on CPUs
+        assert (
+            config["deterministic"] == "$not torch.cuda.is_available()"
+        )  # cudnn.benchmark on GPUs, repeatable on CPUs
         assert config["determinism"]["_target_"] == "medtl.bundle.components.configure_torch"
 
 
@@ -359,13 +593,23 @@ def test_loader_augmentation_device_and_layout_are_settings(bundle, tmp_path):
     def parsed(**overrides):
         parser = ConfigParser()
         parser.read_config(bundle / "configs" / "train.json")
-        parser.update({"bundle_root": str(tmp_path), "train#dataset#data": [{"image": "case.nii.gz", "label": 0}] * 4,
-                       "train#dataset#cache": "none", "num_classes": 2, **overrides})
+        parser.update(
+            {
+                "bundle_root": str(tmp_path),
+                "train#dataset#data": [{"image": "case.nii.gz", "label": 0}] * 4,
+                "train#dataset#cache": "none",
+                "num_classes": 2,
+                **overrides,
+            }
+        )
         return parser
 
     def moves(parser):
-        return [t.converter.device.type for t in parser.get_parsed_content("train#preprocessing").transforms
-                if getattr(getattr(t, "converter", None), "device", None) is not None]
+        return [
+            t.converter.device.type
+            for t in parser.get_parsed_content("train#preprocessing").transforms
+            if getattr(getattr(t, "converter", None), "device", None) is not None
+        ]
 
     default = parsed()
     assert type(default.get_parsed_content("train#dataloader")) is ThreadDataLoader and not moves(default)
@@ -374,6 +618,7 @@ def test_loader_augmentation_device_and_layout_are_settings(bundle, tmp_path):
     on_device = parsed(augment_on_device=True)
     assert moves(on_device) == ["cpu"]  # @device: the GPU when there is one
     assert not on_device.get_parsed_content("train#dataloader").pin_memory
+
     def channels_last(network):  # a convolution with several input channels: one channel fits either layout
         weight = next(m.weight for m in network.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
         return weight.is_contiguous(memory_format=torch.channels_last_3d)
@@ -393,21 +638,35 @@ def test_csv_case_ids_key_the_image_folder_unless_real_ids(tmp_path):
 
     (tmp_path / "DOE_JANE" / "CT").mkdir(parents=True)  # a DICOM series folder listed as the image
     table = tmp_path / "cases.csv"
-    table.write_text("image,mask,roi_center_mm\nDOE_JANE/ct.nii.gz,DOE_JANE/mask.nii.gz,\nDOE_JANE/CT,,1 2 3\n"
-                     "ct.nii.gz,,\nDOE_JANE/bad.nii.gz,,one\n", encoding="utf-8")
+    table.write_text(
+        "image,mask,roi_center_mm\nDOE_JANE/ct.nii.gz,DOE_JANE/mask.nii.gz,\nDOE_JANE/CT,,1 2 3\n"
+        "ct.nii.gz,,\nDOE_JANE/bad.nii.gz,,one\n",
+        encoding="utf-8",
+    )
     out = tmp_path / "out"
     found = inference_cases(input_csv=table, output_dir=out)
     salt = (out / ".medtl-salt").read_text(encoding="utf-8").strip()
-    assert [c["id"] for c in found["cases"]] == [pseudonymous_path("DOE_JANE/ct.nii.gz", salt), folder_key("DOE_JANE/CT", salt), "ct.nii.gz"]
+    assert [c["id"] for c in found["cases"]] == [
+        pseudonymous_path("DOE_JANE/ct.nii.gz", salt),
+        folder_key("DOE_JANE/CT", salt),
+        "ct.nii.gz",
+    ]
     assert [s["id"] for s in found["skipped"]] == [pseudonymous_path("DOE_JANE/bad.nii.gz", salt)]
     assert "DOE" not in json.dumps([c["id"] for c in found["cases"]] + found["skipped"])
-    assert [(c["csv_image"], c["csv_mask"]) for c in found["cases"]] == [("DOE_JANE/ct.nii.gz", "DOE_JANE/mask.nii.gz"), ("DOE_JANE/CT", ""),
-                                                                           ("ct.nii.gz", "")]
-    assert found["salt_dir"] == str(out) and inference_cases(input_csv=table, output_dir=out)["cases"] == found["cases"]  # one key per run folder
+    assert [(c["csv_image"], c["csv_mask"]) for c in found["cases"]] == [
+        ("DOE_JANE/ct.nii.gz", "DOE_JANE/mask.nii.gz"),
+        ("DOE_JANE/CT", ""),
+        ("ct.nii.gz", ""),
+    ]
+    assert (
+        found["salt_dir"] == str(out) and inference_cases(input_csv=table, output_dir=out)["cases"] == found["cases"]
+    )  # one key per run folder
 
     for real_ids in (True, "true", "True"):
         real = inference_cases(input_csv=table, output_dir=out, real_ids=real_ids)
-        assert [c["id"] for c in real["cases"]] == ["DOE_JANE/ct.nii.gz", "DOE_JANE/CT", "ct.nii.gz"] and real["salt_dir"] == ""
+        assert [c["id"] for c in real["cases"]] == ["DOE_JANE/ct.nii.gz", "DOE_JANE/CT", "ct.nii.gz"] and real[
+            "salt_dir"
+        ] == ""
     assert inference_cases(input_csv=table, output_dir=out, real_ids="false")["cases"] == found["cases"]
     with pytest.raises(MedtlError, match="real_ids is true or false, got 'yes'"):
         inference_cases(input_csv=table, output_dir=out, real_ids="yes")
@@ -419,14 +678,22 @@ def test_dicom_case_ids_key_the_folders_unless_real_ids(tmp_path):
 
     root = tmp_path / "incoming"
     for folder, number in (("DOE_JANE/CT", 2), ("ROE_RICHARD", 3)):
-        info = SeriesInfo(patient_id="P1", patient_name="Doe^Jane", study_uid=make_uid(f"st-{folder}"),
-                          series_uid=make_uid(f"se-{folder}"), series_number=number)
+        info = SeriesInfo(
+            patient_id="P1",
+            patient_name="Doe^Jane",
+            study_uid=make_uid(f"st-{folder}"),
+            series_uid=make_uid(f"se-{folder}"),
+            series_number=number,
+        )
         write_ct_series(root / folder, np.zeros((8, 8, 4)), (1.0, 1.0, 2.0), info)
     (root / "DOE_JANE" / "notes.txt").write_text("export log\n", encoding="utf-8")
     out = tmp_path / "out"
     found = inference_cases(root, output_dir=out)
     salt = (out / ".medtl-salt").read_text(encoding="utf-8").strip()
-    assert [c["id"] for c in found["cases"]] == [f"{folder_key('DOE_JANE/CT', salt)}#2", f"{folder_key('ROE_RICHARD', salt)}#3"]
+    assert [c["id"] for c in found["cases"]] == [
+        f"{folder_key('DOE_JANE/CT', salt)}#2",
+        f"{folder_key('ROE_RICHARD', salt)}#3",
+    ]
     assert [s["id"] for s in found["skipped"]] == [f"{folder_key('DOE_JANE', salt)}/notes.txt"]
     assert all(c["series"].startswith("ser-") for c in found["cases"])
     real = inference_cases(root, output_dir=out, real_ids=True)
@@ -450,13 +717,17 @@ def test_a_failing_case_is_named_by_its_key(tmp_path):
     salt = (out / ".medtl-salt").read_text(encoding="utf-8").strip()
     assert f"{pseudonymous_path('DOE_JANE/ct.nii.gz', salt)}: " in failed.value.hint and "DOE" not in str(failed.value)
     with pytest.raises(MedtlError, match="DOE_JANE/ct.nii.gz: "):
-        prepare_cases(inference_cases(input_csv=table, output_dir=out, real_ids=True), LoadVolumed(keys="image"), progress=False)
+        prepare_cases(
+            inference_cases(input_csv=table, output_dir=out, real_ids=True), LoadVolumed(keys="image"), progress=False
+        )
 
 
 def test_an_oversized_csv_field_is_named_with_the_file_and_line(tmp_path):
     table = tmp_path / "cases.csv"
     table.write_text('image,mask\na.nii.gz,\n"b.nii.gz' + "x" * (csv.field_size_limit() + 10) + "\n", encoding="utf-8")
-    with pytest.raises(MedtlError, match=r"^cases.csv: cannot read the case table: line \d+: a field is longer than [\d,]+ characters"):
+    with pytest.raises(
+        MedtlError, match=r"^cases.csv: cannot read the case table: line \d+: a field is longer than [\d,]+ characters"
+    ):
         inference_cases(input_csv=table, output_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before a salt was made
 
@@ -465,10 +736,24 @@ def test_prediction_writer_writes_formula_cells_as_text(tmp_path):
     from medtl.bundle.components import PredictionWriter
 
     writer = PredictionWriter(tmp_path, ["benign", "malignant"], model_version="0.1.0")
-    writer.rows = [{"id": "=cmd|' /C calc'!A0#2", "series": "ser-1", "prob_benign": -0.0, "prob_malignant": 1.0, "pred": "malignant",
-                    "model_version": "0.1.0"}]
+    writer.rows = [
+        {
+            "id": "=cmd|' /C calc'!A0#2",
+            "series": "ser-1",
+            "prob_benign": -0.0,
+            "prob_malignant": 1.0,
+            "pred": "malignant",
+            "model_version": "0.1.0",
+        }
+    ]
     writer._write(None)
     lines = (tmp_path / "predictions.csv").read_text(encoding="utf-8").splitlines()
-    assert lines == ["id,series,prob_benign,prob_malignant,pred,model_version", "'=cmd|' /C calc'!A0#2,ser-1,-0.0,1.0,malignant,0.1.0"]
-    assert json.loads((tmp_path / "predictions.json").read_text(encoding="utf-8"))["predictions"][0]["id"] == "=cmd|' /C calc'!A0#2"
+    assert lines == [
+        "id,series,prob_benign,prob_malignant,pred,model_version",
+        "'=cmd|' /C calc'!A0#2,ser-1,-0.0,1.0,malignant,0.1.0",
+    ]
+    assert (
+        json.loads((tmp_path / "predictions.json").read_text(encoding="utf-8"))["predictions"][0]["id"]
+        == "=cmd|' /C calc'!A0#2"
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # written atomically: no temporary file left

@@ -59,7 +59,9 @@ def test_disk_cache_is_reused_by_later_runs_and_never_stale(tmp_path):
     CountingLoad.calls = 0
     _epochs(cached_dataset(DATA, _pipeline(), cache="disk", cache_dir=tmp_path), 1)
     assert CountingLoad.calls == len(DATA)
-    _epochs(cached_dataset(DATA, _pipeline(), cache="disk", cache_dir=tmp_path), 2)  # a new run, same settings and files
+    _epochs(
+        cached_dataset(DATA, _pipeline(), cache="disk", cache_dir=tmp_path), 2
+    )  # a new run, same settings and files
     assert CountingLoad.calls == len(DATA)
 
     changed = cached_dataset(DATA, _pipeline(scale=2.0), cache="disk", cache_dir=tmp_path)  # another preset
@@ -67,15 +69,21 @@ def test_disk_cache_is_reused_by_later_runs_and_never_stale(tmp_path):
     assert CountingLoad.calls == 2 * len(DATA)
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2  # one folder per fingerprint
 
-    edited = [dict(d, files_sha256=f"{d['value'] + 100:064x}") if d["value"] == 0 else d for d in DATA]  # a file changed
+    edited = [
+        dict(d, files_sha256=f"{d['value'] + 100:064x}") if d["value"] == 0 else d for d in DATA
+    ]  # a file changed
     _epochs(cached_dataset(edited, _pipeline(), cache="disk", cache_dir=tmp_path), 1)
     assert CountingLoad.calls == 2 * len(DATA) + 1
 
 
 def test_fingerprint_follows_settings_not_object_identity():
     assert transform_fingerprint(preprocessing(modality="ct")) == transform_fingerprint(preprocessing(modality="ct"))
-    assert transform_fingerprint(preprocessing(modality="ct")) != transform_fingerprint(preprocessing(modality="ct", ct_window=(-1200, 600)))
-    assert transform_fingerprint(preprocessing(modality="ct")) != transform_fingerprint(preprocessing(modality="ct", crop_mm=(40, 40, 40)))
+    assert transform_fingerprint(preprocessing(modality="ct")) != transform_fingerprint(
+        preprocessing(modality="ct", ct_window=(-1200, 600))
+    )
+    assert transform_fingerprint(preprocessing(modality="ct")) != transform_fingerprint(
+        preprocessing(modality="ct", crop_mm=(40, 40, 40))
+    )
     assert transform_fingerprint(_pipeline(1.0)) != transform_fingerprint(_pipeline(2.0))
     with pytest.raises(MedtlError, match="unknown cache"):
         cached_dataset(DATA, _pipeline(), cache="ssd")

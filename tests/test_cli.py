@@ -35,7 +35,14 @@ def test_help_describes_every_verb_and_option(capsys):
         assert verb in text
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "verb")
-    for verb in VERBS + ["manifest build", "manifest check", "bundle verify", "bundle pack", "bundle import", "bundle diff"]:
+    for verb in VERBS + [
+        "manifest build",
+        "manifest check",
+        "bundle verify",
+        "bundle pack",
+        "bundle import",
+        "bundle diff",
+    ]:
         with pytest.raises(SystemExit):
             main([*verb.split(), "--help"])
         help_text = capsys.readouterr().out
@@ -71,7 +78,9 @@ def test_scan_mixed_folder_report(tmp_path, capsys):
     assert (out.parent / ".medtl-salt").exists()
     assert index["scan_root"] == "../in" and index["folder_names"] == "pseudonymous"
     salt = (out.parent / ".medtl-salt").read_text(encoding="utf-8").strip()
-    a, b, c = (pseudonym(folder, salt, "dir") for folder in ("a", "b", "b/c"))  # folders named by salted keys, files by name
+    a, b, c = (
+        pseudonym(folder, salt, "dir") for folder in ("a", "b", "b/c")
+    )  # folders named by salted keys, files by name
     skipped = {s["path"]: s["reason"] for s in index["skipped"]}
     assert set(skipped) == {f"{a}/notes.txt", f"{a}/cut.dcm"}
     assert "not a DICOM file" in skipped[f"{a}/notes.txt"] and "truncated" in skipped[f"{a}/cut.dcm"]
@@ -81,8 +90,11 @@ def test_scan_mixed_folder_report(tmp_path, capsys):
     mr = next(s for s in index["series"] if s["modality"] == "MR")
     assert mr["num_instances"] == 5 and mr["folders"] == [b, c]
     assert set(mr["transfer_syntax"]) == {
-        "Explicit VR Little Endian", "RLE Lossless", "JPEG 2000 Image Compression (Lossless Only)",
-        "JPEG-LS Lossless Image Compression", "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])",
+        "Explicit VR Little Endian",
+        "RLE Lossless",
+        "JPEG 2000 Image Compression (Lossless Only)",
+        "JPEG-LS Lossless Image Compression",
+        "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])",
     }
     assert [p["code"] for p in mr["problems"]] == ["duplicate_instances", "duplicate_positions"] and not mr["loadable"]
     ct = next(s for s in index["series"] if s["modality"] == "CT")
@@ -120,10 +132,25 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         ["convert", str(tmp_path / "missing"), "-o", str(tmp_path / "x.nii.gz")],
         ["convert", str(empty), "-o", str(tmp_path / "x.nii.gz")],
         ["scan", str(tmp_path / "missing"), "-o", str(tmp_path / "s.json")],
-        ["manifest", "build", "--labels", str(tmp_path / "nope.csv"), "--classes", "a,b", "-o", str(tmp_path / "m.json")],
+        [
+            "manifest",
+            "build",
+            "--labels",
+            str(tmp_path / "nope.csv"),
+            "--classes",
+            "a,b",
+            "-o",
+            str(tmp_path / "m.json"),
+        ],
     ]
     for args in cases:
-        proc = subprocess.run([sys.executable, "-m", "medtl.cli", "-q", *args], capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env())
+        proc = subprocess.run(
+            [sys.executable, "-m", "medtl.cli", "-q", *args],
+            capture_output=True,
+            encoding="utf-8",
+            errors="replace",
+            env=utf8_child_env(),
+        )
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("medtl: error: ") and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
@@ -132,8 +159,23 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 def test_manifest_build_and_check_via_cli(small_demo, tmp_path, capsys):
     out = small_demo["out"]
     manifest = tmp_path / "m.json"
-    args = ["-q", "manifest", "build", "--scan", str(small_demo["sites"]["B"]["scan"]), "--labels", str(out / "site_B" / "labels.csv"),
-            "--classes", "benign,malignant", "--root", str(out), "--split", "0.5,0.25,0.25", "-o", str(manifest)]
+    args = [
+        "-q",
+        "manifest",
+        "build",
+        "--scan",
+        str(small_demo["sites"]["B"]["scan"]),
+        "--labels",
+        str(out / "site_B" / "labels.csv"),
+        "--classes",
+        "benign,malignant",
+        "--root",
+        str(out),
+        "--split",
+        "0.5,0.25,0.25",
+        "-o",
+        str(manifest),
+    ]
     assert main(args) == 0
     assert main(["-q", "manifest", "check", str(manifest), "--root", str(out)]) == 0
     assert capsys.readouterr().out.strip().endswith("OK")
@@ -144,8 +186,25 @@ def test_manifest_build_and_check_via_cli(small_demo, tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["-q", "demo", "--out", str(out), "--scale", "0.1", "--source-epochs", "2", "--target-epochs", "3",
-                 "--student-epochs", "2"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "demo",
+                "--out",
+                str(out),
+                "--scale",
+                "0.1",
+                "--source-epochs",
+                "2",
+                "--target-epochs",
+                "3",
+                "--student-epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "medtl demo: ingest" in printed
     rows = [line.split() for line in printed.splitlines() if line[:2] in ("A ", "B ")]
@@ -153,7 +212,11 @@ def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys
     for name in "AB":
         assert (out / "manifests" / f"demo_site_{name}.json").is_file()
         assert f"scans/site_{name}.json" in printed
-    stages = [line.split()[:4] for line in printed.splitlines() if line.split()[:1] in (["source-only"], ["AdaBN"], ["fine-tuned"], ["student"])]
+    stages = [
+        line.split()[:4]
+        for line in printed.splitlines()
+        if line.split()[:1] in (["source-only"], ["AdaBN"], ["fine-tuned"], ["student"])
+    ]
     assert [s[0] for s in stages] == ["source-only", "source-only", "AdaBN", "fine-tuned", "student"], printed
     assert [" ".join(s[1:3]) for s in stages] == ["site A", "site B"] + ["site B"] * 3
 
@@ -161,21 +224,43 @@ def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys
     # the report is rendered at the end and its path printed
     assert f"report: {out / 'report' / 'report.html'}" in printed and summary["report"] == "report/report.html"
     figures = {p.name for p in (out / "report" / "figures").glob("*.png")}
-    assert {"roc.png", "calibration.png", "learning_curves.png", "features.png", "gradcam_fine-tuned-on-site-b.png"} <= figures
+    assert {
+        "roc.png",
+        "calibration.png",
+        "learning_curves.png",
+        "features.png",
+        "gradcam_fine-tuned-on-site-b.png",
+    } <= figures
     report_text = (out / "report" / "report.html").read_text(encoding="utf-8")
     assert report_text.count("data:image/png;base64,") == len(figures) and str(tmp_path) not in report_text
     # whether adaptation helped is said plainly, with the paired CI, in the printed table's wake and in the report
     finding = summary["finding"]
     assert finding["text"] in printed and finding["text"] in report_text
-    said = "beats" if finding["difference"] > 0 and finding["ci95"][0] > 0 else "scores above" if finding["difference"] > 0 else "did NOT beat"
+    said = (
+        "beats"
+        if finding["difference"] > 0 and finding["ci95"][0] > 0
+        else "scores above"
+        if finding["difference"] > 0
+        else "did NOT beat"
+    )
     assert finding["text"].startswith(f"result: fine-tuned {said} source-only on site B test")
-    b_test = sum(1 for c in json.loads((out / "manifests" / "demo_site_B.json").read_text(encoding="utf-8"))["cases"] if c["split"] == "test")
+    b_test = sum(
+        1
+        for c in json.loads((out / "manifests" / "demo_site_B.json").read_text(encoding="utf-8"))["cases"]
+        if c["split"] == "test"
+    )
     assert len(summary["predictions"]) == min(6, b_test)  # one per unseen series, through python -m monai.bundle run
-    truths = [line.split("truth: ")[1] for line in printed.splitlines() if "truth: " in line]  # found by the folders' keys
+    truths = [
+        line.split("truth: ")[1] for line in printed.splitlines() if "truth: " in line
+    ]  # found by the folders' keys
     assert len(truths) == len(summary["predictions"]) and set(truths) <= {"benign", "malignant"}
     assert all(row["id"].startswith("dir-") for row in summary["predictions"])
     assert (out / "predictions" / "predictions.csv").is_file()
-    schema = json.loads((Path(__file__).resolve().parents[1] / "medtl" / "schemas" / "meta_schema_20240725.json").read_text(encoding="utf-8"))
+    schema = json.loads(
+        (Path(__file__).resolve().parents[1] / "medtl" / "schemas" / "meta_schema_20240725.json").read_text(
+            encoding="utf-8"
+        )
+    )
     for name in ("tumor_cls_source", "tumor_cls_finetune"):
         bundle = out / "bundles" / name
         meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
@@ -189,7 +274,10 @@ def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys
     # gives the same predictions there through python -m monai.bundle run
     packed = pack_bundle(out / "bundles" / "tumor_cls_finetune", tmp_path / "share" / "tumor_cls_finetune.zip")
     provenance = json.loads((out / "bundles" / "tumor_cls_finetune" / "provenance.json").read_text(encoding="utf-8"))
-    assert provenance["adapted_from"]["name"] == "tumor_cls_source" and provenance["data"]["manifests"][0]["name"] == "demo_site_B"
+    assert (
+        provenance["adapted_from"]["name"] == "tumor_cls_source"
+        and provenance["data"]["manifests"][0]["name"] == "demo_site_B"
+    )
     site2 = import_bundle(packed["path"], tmp_path / "site2" / "tumor_cls_finetune")["path"]
     (tmp_path / "site2" / "predictions").mkdir()  # the same salt, so the same folders get the same keys
     shutil.copy(out / "predictions" / ".medtl-salt", tmp_path / "site2" / "predictions" / ".medtl-salt")
@@ -206,24 +294,57 @@ def test_adapt_runs_the_steps_on_a_target_manifest_and_exports_a_bundle(demo_wit
     from medtl.bundle.export import export_bundle
 
     demo = demo_with_unlabeled
-    source = export_bundle(resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.5), tmp_path / "source",
-                           template="tumor_cls_source", onnx=False)["path"]
+    source = export_bundle(
+        resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.5),
+        tmp_path / "source",
+        template="tumor_cls_source",
+        onnx=False,
+    )["path"]
     manifest = json.loads(Path(demo["sites"]["B"]["manifest"]).read_text(encoding="utf-8"))
     out = tmp_path / "adapted"
-    assert main(["-q", "adapt", "--source", str(source), "--manifest", str(demo["sites"]["B"]["manifest"]), "--root", str(demo["out"]),
-                 "--out", str(out), "--epochs", "2"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "adapt",
+                "--source",
+                str(source),
+                "--manifest",
+                str(demo["sites"]["B"]["manifest"]),
+                "--root",
+                str(demo["out"]),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert [line.split()[0] for line in printed.splitlines() if "target test" in line] == ["source-only", "AdaBN", "fine-tuned"]
+    assert [line.split()[0] for line in printed.splitlines() if "target test" in line] == [
+        "source-only",
+        "AdaBN",
+        "fine-tuned",
+    ]
     meta = json.loads((out / "tumor_cls_finetune" / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "benign", "1": "malignant"}
     assert meta["eval_metrics"]["target_test_n"] == sum(1 for c in manifest["cases"] if c["split"] == "test")
     summary = json.loads((out / "adapt_summary.json").read_text(encoding="utf-8"))
     # k-fold selection over --epochs 2: the folds' mean curve has epochs 0..2, and the final run trains the chosen count
-    assert len(summary["finetune"]["val_auc"]) == 3 and summary["finetune"]["epochs_run"] == summary["finetune"]["best_epoch"] <= 2
+    assert (
+        len(summary["finetune"]["val_auc"]) == 3
+        and summary["finetune"]["epochs_run"] == summary["finetune"]["best_epoch"] <= 2
+    )
     assert summary["report"] == "report/report.html" and summary["finding"]["text"].startswith("result: fine-tuned ")
     assert f"report: {out / 'report' / 'report.html'}" in printed
     figures = {p.name for p in (out / "report" / "figures").glob("*.png")}
-    assert {"roc.png", "learning_curves.png", "gradcam_fine-tuned-on-the-target.png", "gradcam_source-only-on-the-target.png"} <= figures
+    assert {
+        "roc.png",
+        "learning_curves.png",
+        "gradcam_fine-tuned-on-the-target.png",
+        "gradcam_source-only-on-the-target.png",
+    } <= figures
 
 
 def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
@@ -241,7 +362,10 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, mon
     monkeypatch.setattr(medtl.report, "render_report", broken)
     assert main(["report", str(tmp_path)]) == 2
     error = capsys.readouterr().err
-    assert error == "medtl: error: unexpected ValueError: something inside went wrong (run again with --debug for the traceback, and please report it)\n"
+    assert (
+        error
+        == "medtl: error: unexpected ValueError: something inside went wrong (run again with --debug for the traceback, and please report it)\n"
+    )
     with pytest.raises(ValueError):
         main(["--debug", "report", str(tmp_path)])
 
@@ -251,6 +375,12 @@ def test_demo_seed_spread_says_mean_sd_range_and_the_fine_tune_gain():
 
     one = seed_spread_text({"source-only": [0.78], "AdaBN": [0.83], "fine-tuned": [0.80], "student": [0.82]})
     assert "one seed ran" in one and "--seeds 3" in one
-    three = seed_spread_text({"source-only": [0.78], "AdaBN": [0.83], "fine-tuned": [0.80, 0.75, 0.82], "student": [0.82, 0.81, 0.86]})
-    assert "over 3 seeds" in three and "fine-tuned 0.790 ± 0.036 (0.750-0.820)" in three and "source-only 0.780 (one model)" in three
+    three = seed_spread_text(
+        {"source-only": [0.78], "AdaBN": [0.83], "fine-tuned": [0.80, 0.75, 0.82], "student": [0.82, 0.81, 0.86]}
+    )
+    assert (
+        "over 3 seeds" in three
+        and "fine-tuned 0.790 ± 0.036 (0.750-0.820)" in three
+        and "source-only 0.780 (one model)" in three
+    )
     assert three.endswith("fine-tuned minus source-only in the mean: +0.010")

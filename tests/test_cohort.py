@@ -16,7 +16,11 @@ from medtl.reader import load_volume
 
 
 def _tree_hash(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_cohort_is_deterministic_for_any_number_of_worker_processes(tmp_path):
@@ -82,7 +86,9 @@ def test_class_features_overlap_but_differ(tmp_path):
     size = {lab: np.array([t["diameter_mm"] for t in truth if t["label"] == lab]) for lab in ("benign", "malignant")}
     spic = {lab: np.array([t["spicules"] > 0 for t in truth if t["label"] == lab]) for lab in ("benign", "malignant")}
     assert size["malignant"].mean() > size["benign"].mean() + 0.5
-    assert np.percentile(size["benign"], 75) > np.percentile(size["malignant"], 25), "sizes overlap: size alone is a weak cue"
+    assert np.percentile(size["benign"], 75) > np.percentile(size["malignant"], 25), (
+        "sizes overlap: size alone is a weak cue"
+    )
     assert spic["malignant"].mean() > 0.5 > spic["benign"].mean() > 0.0, "spiculation is typical, not exclusive"
     assert not any(t["calcified"] for t in truth if t["label"] == "malignant")
     assert not any(t["cavitated"] for t in truth if t["label"] == "benign")

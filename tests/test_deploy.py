@@ -34,8 +34,11 @@ try:
 except Exception as exc:  # ImportError, or holoscan failing to load its native libraries
     if os.environ.get("MEDTL_REQUIRE_DEPLOY"):  # CI installs the SDK: a failing import there is a failure
         raise
-    pytest.skip(f"MONAI Deploy App SDK not importable ({type(exc).__name__}: {exc}); "
-                "bash scripts/setup_deploy.sh, then .venv-deploy/bin/python -m pytest tests/test_deploy.py", allow_module_level=True)
+    pytest.skip(
+        f"MONAI Deploy App SDK not importable ({type(exc).__name__}: {exc}); "
+        "bash scripts/setup_deploy.sh, then .venv-deploy/bin/python -m pytest tests/test_deploy.py",
+        allow_module_level=True,
+    )
 
 from monai.bundle import ConfigParser  # noqa: E402
 
@@ -43,6 +46,7 @@ from medtl.bundle.export import export_bundle  # noqa: E402
 from medtl.networks import resnet  # noqa: E402
 
 SPACING = (0.8, 0.9, 2.0)  # mm, (column, row, slice) as DICOMSeriesToVolumeOperator names them
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
@@ -68,8 +72,12 @@ def ct_case(tmp_path_factory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("case")
     nib.save(nib.Nifti1Image(whd, affine), str(folder / "case.nii.gz"))
     (folder / "cases.csv").write_text("image\ncase.nii.gz\n")
-    meta = {"row_pixel_spacing": SPACING[0], "col_pixel_spacing": SPACING[1], "depth_pixel_spacing": SPACING[2],
-            "nifti_affine_transform": affine}
+    meta = {
+        "row_pixel_spacing": SPACING[0],
+        "col_pixel_spacing": SPACING[1],
+        "depth_pixel_spacing": SPACING[2],
+        "nifti_affine_transform": affine,
+    }
     return {"csv": folder / "cases.csv", "image": Image(np.ascontiguousarray(np.swapaxes(whd, 0, 2)), metadata=meta)}
 
 
@@ -81,7 +89,9 @@ def reference(exported, ct_case, tmp_path_factory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def channel_def(exported) -> dict[str, str]:
-    return json.loads((exported / "configs" / "metadata.json").read_text(encoding="utf-8"))["network_data_format"]["outputs"]["pred"]["channel_def"]
+    return json.loads((exported / "configs" / "metadata.json").read_text(encoding="utf-8"))["network_data_format"][
+        "outputs"
+    ]["pred"]["channel_def"]
 
 
 def _bundle_predictions(bundle: Path, cases_csv: Path, out: Path) -> dict[str, Any]:
@@ -89,8 +99,14 @@ def _bundle_predictions(bundle: Path, cases_csv: Path, out: Path) -> dict[str, A
     parser = ConfigParser()
     parser.read_config(bundle / "configs" / "inference.json")
     parser.read_meta(bundle / "configs" / "metadata.json")
-    parser.update({"bundle_root": str(bundle), "input_csv": str(cases_csv), "output_dir": str(out),
-                   "device": "$torch.device('cpu')"})
+    parser.update(
+        {
+            "bundle_root": str(bundle),
+            "input_csv": str(cases_csv),
+            "output_dir": str(out),
+            "device": "$torch.device('cpu')",
+        }
+    )
     parser.get_parsed_content("run")
     return json.loads((out / "predictions.json").read_text(encoding="utf-8"))
 
@@ -136,7 +152,10 @@ class _ClassifyApp(Application):
         context = AppContext({"model": str(self.model or self.bundle / "no-such-model")})
         source = _Source(self, CountCondition(self, 1), image=self.image, name="source")
         infer = MonaiBundleInferenceOperator(
-            self, app_context=context, bundle_path=self.bundle, name="bundle_inference",
+            self,
+            app_context=context,
+            bundle_path=self.bundle,
+            name="bundle_inference",
             input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],
             output_mapping=[IOMapping("pred", dict, IOType.IN_MEMORY)],
         )
@@ -218,8 +237,10 @@ def _mask_series(ct_folder: Path, seg_path: Path, dest: Path) -> Path:
 
     seg = pydicom.dcmread(seg_path)
     frames = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
-    by_sop = {fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID: frames[i]
-              for i, fg in enumerate(seg.PerFrameFunctionalGroupsSequence)}
+    by_sop = {
+        fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID: frames[i]
+        for i, fg in enumerate(seg.PerFrameFunctionalGroupsSequence)
+    }
     dest.mkdir()
     series_uid = generate_uid()
     for path in _ct_files(ct_folder):
@@ -238,9 +259,24 @@ def _mask_series(ct_folder: Path, seg_path: Path, dest: Path) -> Path:
 def _bundle_cli_predictions(ct_folder: Path, mask_folder: Path, work: Path) -> dict[str, Any]:
     """``python -m monai.bundle run`` of the LIDC bundle's inference.json on the series and mask."""
     (work / "cases.csv").write_text(f"image,mask\n{ct_folder},{mask_folder}\n", encoding="utf-8")
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
-               "--input_csv", str(work / "cases.csv"), "--output_dir", str(work / "out"),
-               "--device", "$torch.device('cpu')", "--amp", "$False"]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        ".",
+        "--input_csv",
+        str(work / "cases.csv"),
+        "--output_dir",
+        str(work / "out"),
+        "--device",
+        "$torch.device('cpu')",
+        "--amp",
+        "$False",
+    ]
     done = subprocess.run(command, cwd=LIDC_BUNDLE, check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((work / "out" / "predictions.json").read_text(encoding="utf-8"))
@@ -257,12 +293,26 @@ def lidc_run(request, tmp_path_factory) -> dict[str, Any]:
     for path in _ct_files(ct_folder):
         (inbox / path.name).symlink_to(path)
     (inbox / "nodule_seg.dcm").symlink_to(seg_path)
-    app = [sys.executable, str(REPO / "deploy" / "lidc_app" / "app.py"), "-i", str(inbox), "-o", str(work / "app"), "-m", str(LIDC_BUNDLE)]
+    app = [
+        sys.executable,
+        str(REPO / "deploy" / "lidc_app" / "app.py"),
+        "-i",
+        str(inbox),
+        "-o",
+        str(work / "app"),
+        "-m",
+        str(LIDC_BUNDLE),
+    ]
     done = subprocess.run(app, check=False, capture_output=True, text=True, timeout=600)  # as a user runs it
     assert done.returncode == 0, done.stderr[-3000:]
     reference = _bundle_cli_predictions(ct_folder, _mask_series(ct_folder, seg_path, work / "mask"), work)
-    return {"case": request.param, "ct": ct_folder, "out": work / "app", "reference": reference,
-            "app": json.loads((work / "app" / "predictions.json").read_text(encoding="utf-8"))}
+    return {
+        "case": request.param,
+        "ct": ct_folder,
+        "out": work / "app",
+        "reference": reference,
+        "app": json.loads((work / "app" / "predictions.json").read_text(encoding="utf-8")),
+    }
 
 
 def test_lidc_app_matches_the_bundle_run_on_real_dicom(lidc_run):
@@ -272,12 +322,19 @@ def test_lidc_app_matches_the_bundle_run_on_real_dicom(lidc_run):
     row = reference["predictions"][0]
     assert app["class_names"] == reference["class_names"] == ["Benign", "Malign"]
     diff = max(abs(app[f"prob_{name}"] - row[f"prob_{name}"]) for name in reference["class_names"])
-    print(f"{lidc_run['case']}: SDK app P(Malign) {app['prob_Malign']:.6f}, bundle run {row['prob_Malign']:.6f}, max abs diff {diff:.2e}")
+    print(
+        f"{lidc_run['case']}: SDK app P(Malign) {app['prob_Malign']:.6f}, bundle run {row['prob_Malign']:.6f}, max abs diff {diff:.2e}"
+    )
     assert diff <= 1e-4
     assert app["pred"] == row["pred"]
     grid = app["slice_grid"]
     if lidc_run["case"] == "uneven_4_slices":
-        assert grid["resampled"] and grid["slices_acquired"] == 4 and grid["slices"] == 165 and grid["slice_spacing_mm"] == 1.25
+        assert (
+            grid["resampled"]
+            and grid["slices_acquired"] == 4
+            and grid["slices"] == 165
+            and grid["slice_spacing_mm"] == 1.25
+        )
     else:
         assert not grid["resampled"] and grid["slices"] == grid["slices_acquired"] == 3
 
@@ -312,7 +369,9 @@ def test_sdk_volume_misplaces_uneven_slices(lidc_app):
     ct_folder = _shared_data() / LIDC_CASES["uneven_4_slices"][0]
     fragment = Fragment()
     studies = DICOMDataLoaderOperator(fragment, name="loader").load_data_to_studies(ct_folder)
-    selection = DICOMSeriesSelectorOperator(fragment, rules=lidc_app.CT_RULES, name="selector").filter(json.loads(lidc_app.CT_RULES), studies)
+    selection = DICOMSeriesSelectorOperator(fragment, rules=lidc_app.CT_RULES, name="selector").filter(
+        json.loads(lidc_app.CT_RULES), studies
+    )
     image = DICOMSeriesToVolumeOperator(fragment, name="to_volume").convert_to_image(selection)
     sdk_z = image.metadata()["nifti_affine_transform"][2, 2]
     assert image.asnumpy().shape[0] == 4 and sdk_z == pytest.approx(205.0 / 3, abs=1e-3)

@@ -69,7 +69,9 @@ def voxel_indices(volume: Volume, world_ras: np.ndarray) -> np.ndarray:
     pts = world_ras.reshape(-1, 3)
     idx = (np.linalg.inv(volume.affine) @ np.c_[pts, np.ones(len(pts))].T)[:3].T
     rounded = np.round(idx)
-    np.testing.assert_allclose(idx, rounded, atol=2e-3, err_msg="DICOM voxel centres are not voxel centres of the volume")
+    np.testing.assert_allclose(
+        idx, rounded, atol=2e-3, err_msg="DICOM voxel centres are not voxel centres of the volume"
+    )
     rounded = rounded.astype(int)
     assert (rounded >= 0).all() and (rounded < np.array(volume.shape)).all(), "DICOM voxels fall outside the volume"
     return rounded
@@ -474,7 +476,16 @@ def _cut(src: Path, dst: Path, at: int) -> Path:
 
 @pytest.mark.parametrize(
     "kind",
-    ["empty", "text", "cut_pixels", "cut_header_value", "cut_header_spacing", "cut_element_header", "dicomdir", "binary_junk"],
+    [
+        "empty",
+        "text",
+        "cut_pixels",
+        "cut_header_value",
+        "cut_header_spacing",
+        "cut_element_header",
+        "dicomdir",
+        "binary_junk",
+    ],
 )
 def test_bad_file_is_skipped_with_reason_and_good_series_kept(make_series, tmp_path, kind):
     s = make_series("ct", shape=(16, 16, 4))
@@ -539,7 +550,10 @@ def test_scan_survives_many_bad_files_at_once(make_series, tmp_path):
     (junk / ".hidden").write_bytes(b"ignored")
     index = scan(tmp_path)
     skipped = {x["path"]: x["reason"] for x in index["skipped"]}
-    assert set(skipped) == {f"junk/{n}" for n in ("empty.dcm", "notes.dcm", "image.png", "cut_pixels.dcm", "cut_head.dcm", "preamble_only.dcm")}
+    assert set(skipped) == {
+        f"junk/{n}"
+        for n in ("empty.dcm", "notes.dcm", "image.png", "cut_pixels.dcm", "cut_head.dcm", "preamble_only.dcm")
+    }
     assert "truncated" in skipped["junk/cut_pixels.dcm"] and "truncated" in skipped["junk/cut_head.dcm"]
     record = only_series(index)
     assert record["num_instances"] == 4 and record["loadable"]
@@ -643,7 +657,11 @@ def test_keys_are_stable_per_salt_and_differ_across_salts(make_series, tmp_path)
     def keys(index):
         return [(r["patient_key"], r["study_key"], r["series_key"]) for r in index["series"]]
 
-    first, again, other = keys(scan(tmp_path, SALT)), keys(scan(tmp_path, SALT)), keys(scan(tmp_path, "another-salt-987654321"))
+    first, again, other = (
+        keys(scan(tmp_path, SALT)),
+        keys(scan(tmp_path, SALT)),
+        keys(scan(tmp_path, "another-salt-987654321")),
+    )
     assert first == again
     assert first[0][0] == first[1][0] and first[0][1] == first[1][1] and first[0][2] != first[1][2]
     assert {k for t in first for k in t}.isdisjoint({k for t in other for k in t})
@@ -654,8 +672,16 @@ def test_keys_are_stable_per_salt_and_differ_across_salts(make_series, tmp_path)
 # uncompressed pixels read at the offset the header scan recorded (no second parse)
 
 
-def write_slices(folder: Path, stored: np.ndarray, *, syntax: str = ExplicitVRLittleEndian, bits_stored: int | None = None,
-                 rescale: tuple[float, float] | None = None, trailing: bytes = b"", photometric: str = "MONOCHROME2") -> list[Path]:
+def write_slices(
+    folder: Path,
+    stored: np.ndarray,
+    *,
+    syntax: str = ExplicitVRLittleEndian,
+    bits_stored: int | None = None,
+    rescale: tuple[float, float] | None = None,
+    trailing: bytes = b"",
+    photometric: str = "MONOCHROME2",
+) -> list[Path]:
     """One axial file per slice of ``stored`` ([row, column, slice], written byte for byte in the
     transfer syntax's byte order, so bits above ``bits_stored`` keep whatever they hold)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -665,11 +691,20 @@ def write_slices(folder: Path, stored: np.ndarray, *, syntax: str = ExplicitVRLi
     series, files = generate_uid(), []
     for k in range(n):
         meta = FileMetaDataset()
-        meta.TransferSyntaxUID, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = syntax, CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = (
+            syntax,
+            CTImageStorage,
+            generate_uid(),
+        )
         ds = Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = "1.2.826.0.1.3680043.8.498.1", series, "CT", "PAT-N"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = (
+            "1.2.826.0.1.3680043.8.498.1",
+            series,
+            "CT",
+            "PAT-N",
+        )
         ds.ImageOrientationPatient, ds.ImagePositionPatient = list(AXIAL), [0.0, 0.0, 2.0 * k]
         ds.PixelSpacing, ds.InstanceNumber = [0.5, 0.75], k + 1
         ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, photometric
@@ -715,18 +750,36 @@ def _random(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 NATIVE_CASES = {
     # name: (stored values [row, col, slice], write_slices keyword arguments)
-    "int16-signed-ct": (lambda: _random("int16", (6, 5, 3)) // 16, {"syntax": ExplicitVRLittleEndian, "rescale": (1.0, -1024.0)}),
-    "int16-12-bits-stored-garbage-above": (lambda: _random("int16", (6, 5, 3), 1), {"bits_stored": 12, "rescale": (1.0, 0.0)}),
-    "uint16-12-bits-stored-garbage-above": (lambda: _random("uint16", (6, 5, 3), 2), {"bits_stored": 12, "rescale": (2.0, -1000.0)}),
-    "uint16-implicit-vr": (lambda: _random("uint16", (8, 4, 3), 3), {"syntax": ImplicitVRLittleEndian, "rescale": (1.0, -1024.0)}),
+    "int16-signed-ct": (
+        lambda: _random("int16", (6, 5, 3)) // 16,
+        {"syntax": ExplicitVRLittleEndian, "rescale": (1.0, -1024.0)},
+    ),
+    "int16-12-bits-stored-garbage-above": (
+        lambda: _random("int16", (6, 5, 3), 1),
+        {"bits_stored": 12, "rescale": (1.0, 0.0)},
+    ),
+    "uint16-12-bits-stored-garbage-above": (
+        lambda: _random("uint16", (6, 5, 3), 2),
+        {"bits_stored": 12, "rescale": (2.0, -1000.0)},
+    ),
+    "uint16-implicit-vr": (
+        lambda: _random("uint16", (8, 4, 3), 3),
+        {"syntax": ImplicitVRLittleEndian, "rescale": (1.0, -1024.0)},
+    ),
     "uint8-odd-length": (lambda: _random("uint8", (5, 7, 3), 4), {"rescale": (1.0, 0.0)}),
-    "int8-implicit-vr": (lambda: _random("int8", (5, 7, 3), 5), {"syntax": ImplicitVRLittleEndian, "rescale": (2.0, -3.0)}),
+    "int8-implicit-vr": (
+        lambda: _random("int8", (5, 7, 3), 5),
+        {"syntax": ImplicitVRLittleEndian, "rescale": (2.0, -3.0)},
+    ),
     "uint32-fractional-rescale": (lambda: _random("uint32", (4, 6, 3), 6), {"rescale": (0.5, -10.25)}),
     "int16-inexact-rescale": (lambda: _random("int16", (6, 5, 3), 7), {"rescale": (0.3333333, -1000.7)}),
     "uint16-no-rescale-tags": (lambda: _random("uint16", (6, 5, 3), 8), {}),
     "uint16-trailing-bytes": (lambda: _random("uint16", (6, 5, 3), 9), {"trailing": b"\x01\x02\x03\x04\x05\x06"}),
     "uint8-odd-length-trailing-byte": (lambda: _random("uint8", (5, 7, 3), 10), {"trailing": b"\xff"}),
-    "monochrome1": (lambda: _random("uint16", (6, 5, 3), 11), {"photometric": "MONOCHROME1", "rescale": (1.0, -1024.0)}),
+    "monochrome1": (
+        lambda: _random("uint16", (6, 5, 3), 11),
+        {"photometric": "MONOCHROME1", "rescale": (1.0, -1024.0)},
+    ),
 }
 
 
@@ -788,10 +841,15 @@ def test_other_encodings_fall_back_to_pydicom(tmp_path, case):
 
 
 @pytest.mark.filterwarnings("ignore:The number of bytes of pixel data is sufficient:UserWarning")
-@pytest.mark.parametrize("case, message", [("bits-allocated-12", "Bits Allocated"), ("a-whole-extra-frame", "the header says 6 rows x 5 columns")])
+@pytest.mark.parametrize(
+    "case, message",
+    [("bits-allocated-12", "Bits Allocated"), ("a-whole-extra-frame", "the header says 6 rows x 5 columns")],
+)
 def test_pixel_data_pydicom_refuses_gives_the_same_error(tmp_path, case, message):
     stored = _random("uint16", (6, 5, 2), 13)
-    files = write_slices(tmp_path / case, stored, trailing=stored[:, :, 0].tobytes() if case == "a-whole-extra-frame" else b"")
+    files = write_slices(
+        tmp_path / case, stored, trailing=stored[:, :, 0].tobytes() if case == "a-whole-extra-frame" else b""
+    )
     if case == "bits-allocated-12":
         for f in files:
             rewrite(f, BitsAllocated=12, BitsStored=12, HighBit=11)
@@ -838,9 +896,25 @@ def test_headers_with_pixel_layout_pickle_and_leave_the_index_unchanged(make_ser
     h = read_header(s.files[0])
     assert h.native is not None and pickle.loads(pickle.dumps(h)) == h
     record = only_series(scan(s.folder))
-    assert set(record) == {"series_key", "patient_key", "study_key", "series_number", "modality", "sop_class", "num_instances", "shape",
-                           "spacing", "slice_thickness", "orientation", "orientation_label", "transfer_syntax", "folders", "files",
-                           "problems", "loadable"}
+    assert set(record) == {
+        "series_key",
+        "patient_key",
+        "study_key",
+        "series_number",
+        "modality",
+        "sop_class",
+        "num_instances",
+        "shape",
+        "spacing",
+        "slice_thickness",
+        "orientation",
+        "orientation_label",
+        "transfer_syntax",
+        "folders",
+        "files",
+        "problems",
+        "loadable",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -850,7 +924,11 @@ PYDICOM_VARIANTS = [
     ("MR_small_RLE.dcm", RLELossless, "RLE Lossless"),
     ("MR_small_jpeg_ls_lossless.dcm", JPEGLSLossless, "JPEG-LS Lossless Image Compression"),
     ("MR_small_jp2klossless.dcm", JPEG2000Lossless, "JPEG 2000 Image Compression (Lossless Only)"),
-    ("sitk-jpeg", JPEGLosslessSV1, "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])"),
+    (
+        "sitk-jpeg",
+        JPEGLosslessSV1,
+        "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])",
+    ),
 ]
 
 
@@ -1100,8 +1178,13 @@ def test_uncompressed_slices_are_the_bytes_pydicom_writes(tmp_path, monkeypatch)
     from medtl.dicomwrite import SeriesInfo, write_ct_series
 
     hu = np.random.default_rng(0).integers(-1000, 1500, (24, 20, 4)).astype(float)
-    info = SeriesInfo(patient_id="X1", patient_name="MÜLLER^Jürgen", study_uid="1.2.3", series_uid="1.2.3.4",
-                      extra={"PatientAge": "050Y", "ContrastBolusAgent": "none"})
+    info = SeriesInfo(
+        patient_id="X1",
+        patient_name="MÜLLER^Jürgen",
+        study_uid="1.2.3",
+        series_uid="1.2.3.4",
+        extra={"PatientAge": "050Y", "ContrastBolusAgent": "none"},
+    )
     fast = write_ct_series(tmp_path / "fast", hu, (0.7, 0.8, 2.5), info, origin_lps=(1.0, -2.0, 3.5))
 
     class SaveAs:  # pydicom's own writer for every slice

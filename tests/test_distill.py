@@ -41,13 +41,17 @@ def test_kd_loss_matches_a_hand_computation():
     ce = -np.mean([log_p[0, 0], log_p[2, 1]])
     expected = alpha * ce + (1 - alpha) * t * t * kl
 
-    got = distillation_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(labels), alpha=alpha, temperature=t)
+    got = distillation_loss(
+        torch.tensor(student), torch.tensor(teacher), torch.tensor(labels), alpha=alpha, temperature=t
+    )
     assert got.item() == pytest.approx(expected, rel=1e-10)
     module = DistillationLoss(alpha=alpha, temperature=t)
     target = {"label": torch.tensor(labels), "teacher": torch.tensor(teacher)}
     assert module(torch.tensor(student), target).item() == pytest.approx(expected, rel=1e-10)
     # no labels at all: the soft term alone; plain labels: cross-entropy ignoring -1
-    soft = distillation_loss(torch.tensor(student), torch.tensor(teacher), torch.full((3,), -1), alpha=alpha, temperature=t)
+    soft = distillation_loss(
+        torch.tensor(student), torch.tensor(teacher), torch.full((3,), -1), alpha=alpha, temperature=t
+    )
     assert soft.item() == pytest.approx((1 - alpha) * t * t * kl, rel=1e-10)
     assert module(torch.tensor(student), torch.tensor(labels)).item() == pytest.approx(ce, rel=1e-10)
     # identical logits: KL is zero
@@ -97,8 +101,12 @@ def test_teacher_outputs_are_cached_by_case_and_weights(tmp_path):
     again = teacher_logits(teacher, data, _to_tensor(), cache_dir=tmp_path)
     assert teacher.seen == 6  # nothing recomputed
     assert all(np.array_equal(first[k], again[k]) for k in first)
-    teacher_logits(teacher, data + [{"case_id": "new", "image": np.ones(4, np.float32), "label": -1}], _to_tensor(),
-                   cache_dir=tmp_path)
+    teacher_logits(
+        teacher,
+        data + [{"case_id": "new", "image": np.ones(4, np.float32), "label": -1}],
+        _to_tensor(),
+        cache_dir=tmp_path,
+    )
     assert teacher.seen == 7  # only the new case
 
     with torch.no_grad():
@@ -120,14 +128,19 @@ def test_teacher_outputs_are_cached_by_case_and_weights(tmp_path):
 
 def test_pseudo_labels_respect_threshold_and_are_counted_per_class():
     data = [
-        {"case_id": "a", "label": 1},   # labeled: keeps its label whatever the teacher says
+        {"case_id": "a", "label": 1},  # labeled: keeps its label whatever the teacher says
         {"case_id": "b", "label": -1},  # p(0) = 0.95
         {"case_id": "c", "label": -1},  # p(1) = 0.98
         {"case_id": "d", "label": -1},  # p(1) = 0.6: below the threshold
         {"case_id": "e", "label": -1},  # p(1) = 0.93
     ]
-    logits = {"a": np.log([0.99, 0.01]), "b": np.log([0.95, 0.05]), "c": np.log([0.02, 0.98]),
-              "d": np.log([0.4, 0.6]), "e": np.log([0.07, 0.93])}
+    logits = {
+        "a": np.log([0.99, 0.01]),
+        "b": np.log([0.95, 0.05]),
+        "c": np.log([0.02, 0.98]),
+        "d": np.log([0.4, 0.6]),
+        "e": np.log([0.07, 0.93]),
+    }
     out, report = pseudo_label(data, logits, threshold=0.9, class_names=["benign", "malignant"])
     assert [d["label"] for d in out] == [1, 0, 1, -1, 1]
     assert [d["pseudo_label"] for d in out] == [False, True, True, False, True]
@@ -154,8 +167,12 @@ def test_student_trains_on_cached_teacher_outputs_in_a_supervised_trainer(tmp_pa
     before = student.fc.weight.detach().clone()
     loader = DataLoader(Dataset(labeled, _to_tensor()), batch_size=4)
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=3, train_data_loader=loader, network=student,
-        optimizer=torch.optim.SGD(student.parameters(), lr=0.5), loss_function=DistillationLoss(alpha=0.0, temperature=2.0),
+        device=torch.device("cpu"),
+        max_epochs=3,
+        train_data_loader=loader,
+        network=student,
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.5),
+        loss_function=DistillationLoss(alpha=0.0, temperature=2.0),
         prepare_batch=DistillBatch(),
     )
     trainer.run()
@@ -188,11 +205,20 @@ def test_fit_restores_the_best_validation_epoch_and_stops_early():
     net = nn.Linear(4, 2)
     train = DataLoader(Dataset(_separable(40, 0), _to_tensor()), batch_size=8, shuffle=True)
     val = DataLoader(Dataset(_separable(20, 1), _to_tensor()), batch_size=20)
-    result = fit(net, train, optimizer=torch.optim.SGD(net.parameters(), lr=0.2), max_epochs=30, val_loader=val,
-                 patience=3, progress=False)
+    result = fit(
+        net,
+        train,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.2),
+        max_epochs=30,
+        val_loader=val,
+        patience=3,
+        progress=False,
+    )
     assert result["best_val_auc"] > 0.9 and result["best_val_auc"] == max(result["val_auc"])
     assert result["epochs_run"] == len(result["val_auc"])
-    assert result["epochs_run"] < 30 and result["epochs_run"] - result["best_epoch"] == 3  # stopped 3 epochs after the best
+    assert (
+        result["epochs_run"] < 30 and result["epochs_run"] - result["best_epoch"] == 3
+    )  # stopped 3 epochs after the best
 
     # the network ends with the best epoch's weights: re-evaluating gives the best AUC again
     from monai.metrics import ROCAUCMetric
@@ -216,7 +242,14 @@ def test_fit_with_l2sp_stays_closer_to_the_source_weights():
         net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         source = [p.detach().clone() for p in net[0].parameters()]
         train = DataLoader(Dataset(_separable(32, 2), _to_tensor()), batch_size=8)
-        fit(net, train, optimizer=torch.optim.SGD(net.parameters(), lr=0.3), max_epochs=5, handlers=[L2SP(beta)], progress=False)
+        fit(
+            net,
+            train,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.3),
+            max_epochs=5,
+            handlers=[L2SP(beta)],
+            progress=False,
+        )
         return sum(float(((p.detach() - s) ** 2).sum()) for p, s in zip(net[0].parameters(), source))
 
     assert run(5.0) < 0.5 * run(0.0)
@@ -239,7 +272,14 @@ def test_fit_keeps_the_starting_weights_when_training_only_hurts():
     flipped = [{**d, "label": 1 - d["label"]} for d in _separable(40, 0)]  # training labels that teach the opposite
     train = DataLoader(Dataset(flipped, _to_tensor()), batch_size=8)
     val = DataLoader(Dataset(_separable(20, 1), _to_tensor()), batch_size=20)
-    result = fit(net, train, optimizer=torch.optim.SGD(net.parameters(), lr=1.0), max_epochs=3, val_loader=val,
-                 keep_initial=True, progress=False)
+    result = fit(
+        net,
+        train,
+        optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
+        max_epochs=3,
+        val_loader=val,
+        keep_initial=True,
+        progress=False,
+    )
     assert result["best_epoch"] == 0 and len(result["val_auc"]) == 4 and result["val_auc"][0] > 0.95
     assert all(torch.equal(start[k], v) for k, v in net.state_dict().items())

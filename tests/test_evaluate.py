@@ -254,7 +254,9 @@ def test_per_site_results_match_evaluating_each_site_alone():
     assert _value(a, "specificity") == pytest.approx(0.5)
     assert _value(a, "auc") == pytest.approx(1.0)  # .9 beats .2 and .6
     assert "per_site" not in a
-    alone = classification_metrics(Y6[[0, 1, 5]], PROBS6[[0, 1, 5]], class_names=NAMES2, patient_ids=["a1", "a2", "a3"], n_boot=200)
+    alone = classification_metrics(
+        Y6[[0, 1, 5]], PROBS6[[0, 1, 5]], class_names=NAMES2, patient_ids=["a1", "a2", "a3"], n_boot=200
+    )
     assert alone["metrics"] == a["metrics"]
     # site B holds only malignant cases: AUC and specificity are undefined, never invented
     b = r["per_site"]["B"]
@@ -294,7 +296,9 @@ def test_invalid_inputs_raise_medtl_error(y, probs, kwargs, match):
 
 
 def test_format_table_shows_numbers_and_sites():
-    r = classification_metrics(Y6, PROBS6, class_names=NAMES2, patient_ids=list("aabcdd"), sites=list("AABBBA"), n_boot=200)
+    r = classification_metrics(
+        Y6, PROBS6, class_names=NAMES2, patient_ids=list("aabcdd"), sites=list("AABBBA"), n_boot=200
+    )
     text = format_table(r)
     auc = r["metrics"]["auc"]
     assert "0.8125" in text
@@ -354,6 +358,10 @@ def test_paired_auc_difference_resamples_the_same_patients_for_both_models():
     same = paired_auc_difference(y, ranked, ranked, patient_ids=[f"p{i // 2}" for i in range(20)], n_boot=200)
     assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0]  # one model against itself: no spread at all
     better = paired_auc_difference(y, ranked, perfect, n_boot=200, seed=1)
-    assert better["auc_b"] == 1.0 and better["difference"] == pytest.approx(1.0 - better["auc_a"]) and better["ci95"][0] > 0
+    assert (
+        better["auc_b"] == 1.0
+        and better["difference"] == pytest.approx(1.0 - better["auc_a"])
+        and better["ci95"][0] > 0
+    )
     with pytest.raises(MedtlError, match="one prediction per case"):
         paired_auc_difference(y, ranked, ranked[:5])

@@ -34,13 +34,24 @@ def _items(n: int = 8, size: int = 16) -> list[dict]:
 def _one_round(network: nn.Module, schedule: RoundSchedule, round_: int, *, fedprox_mu: float = 0.0) -> dict:
     optimizer = torch.optim.AdamW(param_groups(network, lr=1e-3), weight_decay=0.0)
     handlers = [schedule.for_round(round_)] + ([FedProx(fedprox_mu)] if fedprox_mu else [])
-    return fit(network, loader(_items(), batch_size=4), optimizer=optimizer, max_epochs=schedule.local_epochs,
-               handlers=handlers, progress=False)
+    return fit(
+        network,
+        loader(_items(), batch_size=4),
+        optimizer=optimizer,
+        max_epochs=schedule.local_epochs,
+        handlers=handlers,
+        progress=False,
+    )
 
 
 def test_round_schedule_is_the_fine_tune_schedule_counted_in_rounds():
     schedule = RoundSchedule(head_rounds=2, unfreeze="gradual", unfreeze_every=1, local_epochs=2)
-    assert [schedule.trainable(r, GROUPS) for r in range(4)] == [["head"], ["head"], ["layer4", "head"], ["layer3", "layer4", "head"]]
+    assert [schedule.trainable(r, GROUPS) for r in range(4)] == [
+        ["head"],
+        ["head"],
+        ["layer4", "head"],
+        ["layer3", "layer4", "head"],
+    ]
     assert schedule.trainable(9, GROUPS) == GROUPS
     assert schedule.global_epoch(2, 1) == 5 and schedule.global_epoch(0, 2) == 2
     by_epoch = FineTuneSchedule(head_epochs=4, unfreeze="gradual", unfreeze_every=2)
@@ -68,7 +79,9 @@ def test_a_round_trains_only_the_groups_its_round_unfreezes():
     before = {k: v.clone() for k, v in network.state_dict().items()}
     _one_round(network, schedule, 0)
     assert moved(before) == {"head"}
-    assert torch.equal(before["layer4.0.bn1.running_mean"], network.state_dict()["layer4.0.bn1.running_mean"])  # frozen BN kept
+    assert torch.equal(
+        before["layer4.0.bn1.running_mean"], network.state_dict()["layer4.0.bn1.running_mean"]
+    )  # frozen BN kept
     before = {k: v.clone() for k, v in network.state_dict().items()}
     _one_round(network, schedule, 1)
     assert moved(before) == {"layer4", "head"}
@@ -98,7 +111,9 @@ def test_fedprox_enters_the_training_loss():
     losses = {}
     for mu in (0.0, 1e6):
         torch.manual_seed(0)
-        losses[mu] = _one_round(resnet(0.125), RoundSchedule(head_rounds=0, unfreeze="all"), 0, fedprox_mu=mu)["train_loss"][0]
+        losses[mu] = _one_round(resnet(0.125), RoundSchedule(head_rounds=0, unfreeze="all"), 0, fedprox_mu=mu)[
+            "train_loss"
+        ][0]
     assert losses[1e6] > losses[0.0] + 1.0  # the second step's loss carries the proximal term
 
 
@@ -108,8 +123,13 @@ def test_recipe_travels_as_one_script_argument():
     assert not any(c.isspace() for c in text)  # NVFlare splits script arguments at whitespace
     assert FederatedRecipe.from_json(text) == recipe
     assert RoundSchedule.for_recipe(recipe).trainable(1, GROUPS) == GROUPS
-    for bad, match in (({"fedprox_mu": -0.1}, "fedprox-mu"), ({"unfreeze": "some"}, "unfreeze"), ({"rounds": 0}, "rounds"),
-                       ({"augment": "wild"}, "augment"), ({"local_epochs": 0}, "local_epochs")):
+    for bad, match in (
+        ({"fedprox_mu": -0.1}, "fedprox-mu"),
+        ({"unfreeze": "some"}, "unfreeze"),
+        ({"rounds": 0}, "rounds"),
+        ({"augment": "wild"}, "augment"),
+        ({"local_epochs": 0}, "local_epochs"),
+    ):
         with pytest.raises(MedtlError, match=match):
             FederatedRecipe(**bad)
 
@@ -129,14 +149,31 @@ def test_sites_are_pseudonyms_and_inputs_are_checked_before_the_run(small_demo, 
     with pytest.raises(MedtlError, match="data root not found"):
         plan_sites(manifests[:1], [tmp_path / "nowhere"])
     with pytest.raises(MedtlError, match="without spaces"):
-        site_args(Site("site-1", tmp_path / "my data" / "m.json", tmp_path), FederatedRecipe(), widen_factor=0.5, modality="ct", seed=0)
+        site_args(
+            Site("site-1", tmp_path / "my data" / "m.json", tmp_path),
+            FederatedRecipe(),
+            widen_factor=0.5,
+            modality="ct",
+            seed=0,
+        )
 
 
 def test_cli_bad_manifest_is_one_line(tmp_path, capsys):
     source = tmp_path / "source.pt"
     torch.save(resnet(0.5).state_dict(), source)
-    code = main(["fl", "--source", str(source), "--manifest", str(tmp_path / "nope.json"), "--root", str(tmp_path),
-                 "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "fl",
+            "--source",
+            str(source),
+            "--manifest",
+            str(tmp_path / "nope.json"),
+            "--root",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("medtl: error:") and "manifest not found" in err and len(err.strip().splitlines()) == 1
@@ -144,9 +181,13 @@ def test_cli_bad_manifest_is_one_line(tmp_path, capsys):
 
 
 def test_core_never_imports_nvflare():
-    code = ("import sys, medtl.cli, medtl.demo, medtl.adapt.recipe, medtl.fl.job, medtl.fl.client, medtl.fl.schedule; "
-            "assert 'nvflare' not in sys.modules, 'nvflare imported'")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env())
+    code = (
+        "import sys, medtl.cli, medtl.demo, medtl.adapt.recipe, medtl.fl.job, medtl.fl.client, medtl.fl.schedule; "
+        "assert 'nvflare' not in sys.modules, 'nvflare imported'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env()
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -168,8 +209,13 @@ def test_two_sites_two_rounds_in_the_simulator(small_demo, tmp_path):
     torch.save(resnet(0.5).state_dict(), source)
     manifests = [small_demo["sites"][s]["manifest"] for s in ("A", "B")]
     out = tmp_path / "fl"
-    result = run_federated(source, manifests, [small_demo["out"]], out,
-                           recipe=FederatedRecipe(rounds=2, local_epochs=1, head_rounds=1, fedprox_mu=0.01))
+    result = run_federated(
+        source,
+        manifests,
+        [small_demo["out"]],
+        out,
+        recipe=FederatedRecipe(rounds=2, local_epochs=1, head_rounds=1, fedprox_mu=0.01),
+    )
 
     start = torch.load(source, weights_only=True)
     final = result["network"].state_dict()
@@ -182,12 +228,20 @@ def test_two_sites_two_rounds_in_the_simulator(small_demo, tmp_path):
         for site in ("site-1", "site-2"):  # both sites contributed in every round, FedProx applied
             metrics = r["sites"][site]
             assert metrics["train_steps"] > 0 and metrics["train_cases"] > 0 and metrics["fedprox_mu"] == 0.01
-    assert summary["rounds"][0]["sites"]["site-1"]["trainable_params"] < summary["rounds"][1]["sites"]["site-1"]["trainable_params"]
+    assert (
+        summary["rounds"][0]["sites"]["site-1"]["trainable_params"]
+        < summary["rounds"][1]["sites"]["site-1"]["trainable_params"]
+    )
     for site, name in (("site-1", "A"), ("site-2", "B")):
         federated = summary["evaluation"][site]["federated"]
-        assert federated["test"]["n"] == sum(small_demo["sites"][name]["counts"]["by_site_split_label"][name]["test"].values())
+        assert federated["test"]["n"] == sum(
+            small_demo["sites"][name]["counts"]["by_site_split_label"][name]["test"].values()
+        )
         assert "value" in federated["test"]["metrics"]["auc"] and "ci95" in federated["test"]["metrics"]["auc"]
-        assert summary["sites"][site]["manifest_sha256"] == json.loads(Path(small_demo["sites"][name]["manifest"]).read_text(encoding="utf-8"))["content_sha256"]
+        assert (
+            summary["sites"][site]["manifest_sha256"]
+            == json.loads(Path(small_demo["sites"][name]["manifest"]).read_text(encoding="utf-8"))["content_sha256"]
+        )
     assert "val" in summary["evaluation"]["site-1"]["federated"]  # site B of the small cohort has no val split
 
     bundle = out / "tumor_cls_finetune"

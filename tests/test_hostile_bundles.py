@@ -96,12 +96,21 @@ class Kit:
     def config(self, rel: str = "configs/inference.json") -> dict:
         return json.loads((self.shipped.folder / rel).read_text(encoding="utf-8"))
 
-    def rezip(self, src: Path | None = None, *, files: dict[str, bytes | None] | None = None,
-              raw: list[tuple[zipfile.ZipInfo | str, bytes]] = ()) -> Path:
+    def rezip(
+        self,
+        src: Path | None = None,
+        *,
+        files: dict[str, bytes | None] | None = None,
+        raw: list[tuple[zipfile.ZipInfo | str, bytes]] = (),
+    ) -> Path:
         """A copy of a packed zip with ``files`` (bundle-relative) replaced, added or (None) left
         out, and ``raw`` entries written exactly as given."""
         src, files, dest = src or self.shipped.packed, files or {}, self.tmp / "hostile.zip"
-        with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zout, warnings.catch_warnings():
+        with (
+            zipfile.ZipFile(src) as zin,
+            zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zout,
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore", UserWarning)  # zipfile warns about the duplicate names some cases write
             for info in zin.infolist():
                 if info.filename.split("/", 1)[1] not in files:
@@ -195,12 +204,14 @@ class Case:
 
 def _edit(rel: str, change: Callable[[dict, str], None]) -> Callable[[Kit], Path]:
     """A folder whose JSON file ``rel`` was changed by ``change(content, marker)``."""
+
     def build(kit: Kit) -> Path:
         bundle = kit.folder()
         content = json.loads((bundle / rel).read_text(encoding="utf-8"))
         change(content, kit.m)
         (bundle / rel).write_text(json.dumps(content, indent=2), encoding="utf-8")
         return bundle
+
     return build
 
 
@@ -215,16 +226,23 @@ def _expression(text: Callable[[str], str]) -> Callable[[Kit], Path]:
 
 def _target(target: str, **kwargs: Any) -> Callable[[Kit], Path]:
     """A component with ``_target_`` and keyword arguments (``MARKER`` in a string is the marker's path)."""
+
     def item(m: str) -> dict:
-        return {"_target_": target, **{k: v.replace("MARKER", m) if isinstance(v, str) else v for k, v in kwargs.items()}}
+        return {
+            "_target_": target,
+            **{k: v.replace("MARKER", m) if isinstance(v, str) else v for k, v in kwargs.items()},
+        }
+
     return _initialize(item)
 
 
 def _top_level(entries: dict[str, Callable[[str], Any]]) -> Callable[[Kit], Path]:
     """A folder whose inference.json gains these top-level keys (in order) and runs ``@x`` first."""
+
     def change(config: dict, m: str) -> None:
         config.update({key: value(m) for key, value in entries.items()})
         config["initialize"] = ["@x", *config["initialize"]]
+
     return _edit("configs/inference.json", change)
 
 
@@ -234,17 +252,21 @@ def _metadata(change: Callable[[dict, str], None]) -> Callable[[Kit], Path]:
 
 def _channel_def(value: Callable[[str], Any]) -> Callable[[Kit], Path]:
     """metadata.json whose class name is ``value``: inference.json reads it through ``@_meta_#...#channel_def``."""
-    return _metadata(lambda meta, m: meta["network_data_format"]["outputs"]["pred"]["channel_def"].__setitem__("0", value(m)))
+    return _metadata(
+        lambda meta, m: meta["network_data_format"]["outputs"]["pred"]["channel_def"].__setitem__("0", value(m))
+    )
 
 
 def _write(rel: str, content: Callable[[Kit], str | bytes]) -> Callable[[Kit], Path]:
     """A folder with one more (or a replaced) file."""
+
     def build(kit: Kit) -> Path:
         bundle = kit.folder()
         data = content(kit)
         (bundle / rel).parent.mkdir(parents=True, exist_ok=True)
         (bundle / rel).write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
         return bundle
+
     return build
 
 
@@ -255,7 +277,9 @@ _FORMATTER = "[formatter_plain]\nformat=%(asctime)s %(levelname)s %(name)s: %(me
 
 def _logging(handler: str = _HANDLER, formatter: str = _FORMATTER, head: str = "") -> Callable[[Kit], Path]:
     """configs/logging.conf, which ``monai.bundle run`` hands to ``logging.config.fileConfig`` before anything else."""
-    return _write("configs/logging.conf", lambda kit: (head + _LOGGING_HEAD + handler + formatter).replace("MARKER", kit.m))
+    return _write(
+        "configs/logging.conf", lambda kit: (head + _LOGGING_HEAD + handler + formatter).replace("MARKER", kit.m)
+    )
 
 
 def _pickled_weights(kit: Kit, whole: bool = False) -> bytes:
@@ -272,6 +296,7 @@ def _symlink(rel: str, target: Callable[[Kit], Path]) -> Callable[[Kit], Path]:
         (bundle / rel).unlink(missing_ok=True)
         os.symlink(outside, bundle / rel)
         return bundle
+
     return build
 
 
@@ -341,7 +366,9 @@ def _onnx(kit: Kit, *, domain: str | None = None, external: Path | None = None) 
         weight.data_location = TensorProto.EXTERNAL
         weight.external_data.add(key="location", value=str(external))
         node, weights = helper.make_node("Add", ["image", "w"], ["pred"]), [weight]
-    return helper.make_model(helper.make_graph([node], "g", [io[0]], [io[1]], initializer=weights), opset_imports=opsets).SerializeToString()
+    return helper.make_model(
+        helper.make_graph([node], "g", [io[0]], [io[1]], initializer=weights), opset_imports=opsets
+    ).SerializeToString()
 
 
 def _folder_size(folder: Path) -> int:
@@ -358,252 +385,595 @@ _EXEC = "__import__('os').system('touch {m}')"
 
 CASES: dict[str, Case] = {
     # -- attributes reached through an allowed module
-    "torch.os.system expression": Case("allowed-module attribute", _expression(lambda m: f"torch.os.system('touch {m}')"),
-                                       "call to 'torch.os.system' is not allowed", pack=True, predict=True),
-    "torch.os.system target": Case("allowed-module attribute", _target("torch.os.system", command="touch MARKER"),
-                                   "torch.os.system is not an allowed component", predict=True),
-    "numpy npyio load allow_pickle": Case("allowed-module attribute", _expression(
-        lambda m: "numpy.lib._npyio_impl.load(@bundle_root + '/docs/x.npy', allow_pickle=True)"),
-        "call to 'numpy.lib._npyio_impl.load' is not allowed"),
-    "numpy npyio load target": Case("allowed-module attribute", _target("numpy.lib._npyio_impl.load", file="MARKER", allow_pickle=True),
-                                    "numpy.lib._npyio_impl.load is not an allowed component"),
-    "torch.storage._load_from_bytes": Case("allowed-module attribute", _expression(
-        lambda m: f"torch.storage._load_from_bytes({pickle.dumps(_Touch(m))!r})"), "call to 'torch.storage._load_from_bytes' is not allowed"),
-    "torch._ops.ops.load_library": Case("allowed-module attribute", _expression(
-        lambda m: "torch._ops.ops.load_library(@bundle_root + '/models/libevil.so')"), "call to 'torch._ops.ops.load_library' is not allowed"),
-    "torch.ops.load_library target": Case("allowed-module attribute", _target("torch.ops.load_library", path="MARKER"),
-                                          "torch.ops.load_library is not an allowed component"),
-    "__globals__ of an allowed call": Case("allowed-module attribute", _expression(
-        lambda m: f"torch.cuda.is_available.__globals__['os'].system('touch {m}')"), "call to 'Attribute' is not allowed"),
-    "monai.utils.optional_import": Case("allowed-module attribute", _expression(
-        lambda m: f"monai.utils.optional_import('os')[0].system('touch {m}')"), "is not allowed (only the exact callables"),
+    "torch.os.system expression": Case(
+        "allowed-module attribute",
+        _expression(lambda m: f"torch.os.system('touch {m}')"),
+        "call to 'torch.os.system' is not allowed",
+        pack=True,
+        predict=True,
+    ),
+    "torch.os.system target": Case(
+        "allowed-module attribute",
+        _target("torch.os.system", command="touch MARKER"),
+        "torch.os.system is not an allowed component",
+        predict=True,
+    ),
+    "numpy npyio load allow_pickle": Case(
+        "allowed-module attribute",
+        _expression(lambda m: "numpy.lib._npyio_impl.load(@bundle_root + '/docs/x.npy', allow_pickle=True)"),
+        "call to 'numpy.lib._npyio_impl.load' is not allowed",
+    ),
+    "numpy npyio load target": Case(
+        "allowed-module attribute",
+        _target("numpy.lib._npyio_impl.load", file="MARKER", allow_pickle=True),
+        "numpy.lib._npyio_impl.load is not an allowed component",
+    ),
+    "torch.storage._load_from_bytes": Case(
+        "allowed-module attribute",
+        _expression(lambda m: f"torch.storage._load_from_bytes({pickle.dumps(_Touch(m))!r})"),
+        "call to 'torch.storage._load_from_bytes' is not allowed",
+    ),
+    "torch._ops.ops.load_library": Case(
+        "allowed-module attribute",
+        _expression(lambda m: "torch._ops.ops.load_library(@bundle_root + '/models/libevil.so')"),
+        "call to 'torch._ops.ops.load_library' is not allowed",
+    ),
+    "torch.ops.load_library target": Case(
+        "allowed-module attribute",
+        _target("torch.ops.load_library", path="MARKER"),
+        "torch.ops.load_library is not an allowed component",
+    ),
+    "__globals__ of an allowed call": Case(
+        "allowed-module attribute",
+        _expression(lambda m: f"torch.cuda.is_available.__globals__['os'].system('touch {m}')"),
+        "call to 'Attribute' is not allowed",
+    ),
+    "monai.utils.optional_import": Case(
+        "allowed-module attribute",
+        _expression(lambda m: f"monai.utils.optional_import('os')[0].system('touch {m}')"),
+        "is not allowed (only the exact callables",
+    ),
     # -- subscripts and other non-dotted receivers, format tricks, f-string walks
-    "[os][0].system": Case("non-dotted receiver", _expression(lambda m: f"[__import__('os')][0].system('touch {m}')"),
-                           "call to 'Attribute' is not allowed"),
-    "().__class__.__base__.__subclasses__()": Case("non-dotted receiver", _expression(
-        lambda m: "().__class__.__base__.__subclasses__()[-1]"), "call to 'Attribute' is not allowed", pack=True),
-    "str.format attribute walk": Case("non-dotted receiver", _expression(
-        lambda m: "'{0.__class__.__init__.__globals__}'.format(@network_def)"), "call to 'Attribute' is not allowed"),
-    "f-string attribute walk": Case("non-dotted receiver", _expression(
-        lambda m: "f'{@network_def.__class__.__init__.__globals__}'"), "is not an allowed value"),
-    "f-string call": Case("non-dotted receiver", _expression(lambda m: 'f"{' + _EXEC.format(m=m) + '}"'),
-                          "call to 'Attribute' is not allowed"),
-    "reference dunder walk": Case("non-dotted receiver", _expression(
-        lambda m: f"@network_def.__class__.__init__.__globals__['os'].system('touch {m}')"), "call to 'Attribute' is not allowed"),
-    "getattr on a reference": Case("non-dotted receiver", _expression(lambda m: "getattr(@network_def, '__class__')"),
-                                   "call to 'getattr' is not allowed"),
-    "reference placeholder name": Case("non-dotted receiver", _expression(lambda m: "_medtl_ref_x.__class__"),
-                                       "field '__class__' of a reference is not allowed"),
+    "[os][0].system": Case(
+        "non-dotted receiver",
+        _expression(lambda m: f"[__import__('os')][0].system('touch {m}')"),
+        "call to 'Attribute' is not allowed",
+    ),
+    "().__class__.__base__.__subclasses__()": Case(
+        "non-dotted receiver",
+        _expression(lambda m: "().__class__.__base__.__subclasses__()[-1]"),
+        "call to 'Attribute' is not allowed",
+        pack=True,
+    ),
+    "str.format attribute walk": Case(
+        "non-dotted receiver",
+        _expression(lambda m: "'{0.__class__.__init__.__globals__}'.format(@network_def)"),
+        "call to 'Attribute' is not allowed",
+    ),
+    "f-string attribute walk": Case(
+        "non-dotted receiver",
+        _expression(lambda m: "f'{@network_def.__class__.__init__.__globals__}'"),
+        "is not an allowed value",
+    ),
+    "f-string call": Case(
+        "non-dotted receiver",
+        _expression(lambda m: 'f"{' + _EXEC.format(m=m) + '}"'),
+        "call to 'Attribute' is not allowed",
+    ),
+    "reference dunder walk": Case(
+        "non-dotted receiver",
+        _expression(lambda m: f"@network_def.__class__.__init__.__globals__['os'].system('touch {m}')"),
+        "call to 'Attribute' is not allowed",
+    ),
+    "getattr on a reference": Case(
+        "non-dotted receiver",
+        _expression(lambda m: "getattr(@network_def, '__class__')"),
+        "call to 'getattr' is not allowed",
+    ),
+    "reference placeholder name": Case(
+        "non-dotted receiver",
+        _expression(lambda m: "_medtl_ref_x.__class__"),
+        "field '__class__' of a reference is not allowed",
+    ),
     # -- builtins rebound as lambda parameters or comprehension variables, walrus, starred arguments
-    "lambda parameter eval": Case("rebinding", _expression(lambda m: f"(lambda len: len(\"open({m!r}, 'w')\"))(eval)"),
-                                  "call to 'Lambda' is not allowed"),
-    "comprehension variable exec": Case("rebinding", _expression(
-        lambda m: f"[len(c) for len in [exec] for c in [\"open({m!r}, 'w')\"]]"), "ListComp is not allowed"),
-    "dict comprehension eval": Case("rebinding", _expression(lambda m: f"{{len: len(\"open({m!r}, 'w')\") for len in [eval]}}"),
-                                    "DictComp is not allowed"),
-    "generator frame builtins": Case("rebinding", _expression(
-        lambda m: f"(c for c in [1]).gi_frame.f_builtins['eval'](\"open({m!r}, 'w')\")"), "not allowed"),
-    "walrus rebinds len": Case("rebinding", _expression(lambda m: f"[(len := eval), len(\"open({m!r}, 'w')\")]"),
-                               "NamedExpr is not allowed"),
-    "starred arguments": Case("rebinding", _expression(lambda m: f"max(*[eval(\"open({m!r}, 'w')\")])"),
-                              "starred arguments are not allowed"),
-    "** arguments": Case("rebinding", _expression(lambda m: f"dict(**{{'a': eval(\"open({m!r}, 'w')\")}})"),
-                         "** arguments are not allowed"),
-    "sorted key=eval": Case("rebinding", _expression(lambda m: f"sorted([\"open({m!r}, 'w')\"], key=eval)"),
-                            "name 'eval' is not allowed"),
+    "lambda parameter eval": Case(
+        "rebinding",
+        _expression(lambda m: f"(lambda len: len(\"open({m!r}, 'w')\"))(eval)"),
+        "call to 'Lambda' is not allowed",
+    ),
+    "comprehension variable exec": Case(
+        "rebinding",
+        _expression(lambda m: f"[len(c) for len in [exec] for c in [\"open({m!r}, 'w')\"]]"),
+        "ListComp is not allowed",
+    ),
+    "dict comprehension eval": Case(
+        "rebinding",
+        _expression(lambda m: f"{{len: len(\"open({m!r}, 'w')\") for len in [eval]}}"),
+        "DictComp is not allowed",
+    ),
+    "generator frame builtins": Case(
+        "rebinding",
+        _expression(lambda m: f"(c for c in [1]).gi_frame.f_builtins['eval'](\"open({m!r}, 'w')\")"),
+        "not allowed",
+    ),
+    "walrus rebinds len": Case(
+        "rebinding", _expression(lambda m: f"[(len := eval), len(\"open({m!r}, 'w')\")]"), "NamedExpr is not allowed"
+    ),
+    "starred arguments": Case(
+        "rebinding", _expression(lambda m: f"max(*[eval(\"open({m!r}, 'w')\")])"), "starred arguments are not allowed"
+    ),
+    "** arguments": Case(
+        "rebinding",
+        _expression(lambda m: f"dict(**{{'a': eval(\"open({m!r}, 'w')\")}})"),
+        "** arguments are not allowed",
+    ),
+    "sorted key=eval": Case(
+        "rebinding", _expression(lambda m: f"sorted([\"open({m!r}, 'w')\"], key=eval)"), "name 'eval' is not allowed"
+    ),
     # -- _target_ through builtins, as an expression or reference, _mode_, keys MONAI sets at a nested id
-    "bare _target_ eval": Case("target", _target("eval", source=_EXEC.replace("{m}", "MARKER")), "eval is not an allowed component"),
-    "bare _target_ exec": Case("target", _target("exec", source=_EXEC.replace("{m}", "MARKER")), "exec is not an allowed component"),
-    "bare _target_ open": Case("target", _target("open", file="MARKER", mode="w"), "open is not an allowed component", predict=True),
-    "bare _target_ getattr": Case("target", _target("getattr", o="@network_def", name="__class__"),
-                                  "getattr is not an allowed component"),
-    "_target_ builtins.exec": Case("target", _target("builtins.exec", source=_EXEC.replace("{m}", "MARKER")),
-                                   "builtins.exec is not an allowed component"),
-    "_target_ as an expression": Case("target", _target("$__import__('os').system", command="touch MARKER"),
-                                      "_target_ must be a plain dotted name"),
+    "bare _target_ eval": Case(
+        "target", _target("eval", source=_EXEC.replace("{m}", "MARKER")), "eval is not an allowed component"
+    ),
+    "bare _target_ exec": Case(
+        "target", _target("exec", source=_EXEC.replace("{m}", "MARKER")), "exec is not an allowed component"
+    ),
+    "bare _target_ open": Case(
+        "target", _target("open", file="MARKER", mode="w"), "open is not an allowed component", predict=True
+    ),
+    "bare _target_ getattr": Case(
+        "target", _target("getattr", o="@network_def", name="__class__"), "getattr is not an allowed component"
+    ),
+    "_target_ builtins.exec": Case(
+        "target",
+        _target("builtins.exec", source=_EXEC.replace("{m}", "MARKER")),
+        "builtins.exec is not an allowed component",
+    ),
+    "_target_ as an expression": Case(
+        "target", _target("$__import__('os').system", command="touch MARKER"), "_target_ must be a plain dotted name"
+    ),
     "_target_ as a reference": Case("target", _target("@network_def"), "_target_ must be a plain dotted name"),
     "_target_ as a macro": Case("target", _target("%network_def#_target_"), "_target_ must be a plain dotted name"),
-    "_mode_ debug": Case("target", _initialize(lambda m: {"_target_": "monai.utils.set_determinism", "_mode_": "debug"}),
-                         "_mode_ may only be 'default' or 'callable'"),
-    "x#_target_ key (MONAI sets it at x)": Case("target", _top_level({
-        "x": lambda m: {"_target_": "monai.utils.set_determinism"}, "x#_target_": lambda m: "builtins.open", "x#file": lambda m: m,
-        "x#mode": lambda m: "w"}), "builtins.open is not an allowed component", pack=True, predict=True),
-    "x::_target_ key": Case("target", _top_level({"x": lambda m: {"_target_": "monai.utils.set_determinism"},
-                                                 "x::_target_": lambda m: "os.system", "x::command": lambda m: f"touch {m}"}),
-                            "os.system is not an allowed component"),
-    "x#_mode_ key": Case("target", _top_level({"x": lambda m: {"_target_": "monai.utils.set_determinism"}, "x#_mode_": lambda m: "debug"}),
-                         "_mode_ may only be 'default' or 'callable'"),
-    "+x merge key": Case("target", _top_level({"x": lambda m: {"_target_": "monai.utils.set_determinism"},
-                                              "+x": lambda m: {"_target_": "builtins.open", "file": m, "mode": "w"}}),
-                         "builtins.open is not an allowed component"),
+    "_mode_ debug": Case(
+        "target",
+        _initialize(lambda m: {"_target_": "monai.utils.set_determinism", "_mode_": "debug"}),
+        "_mode_ may only be 'default' or 'callable'",
+    ),
+    "x#_target_ key (MONAI sets it at x)": Case(
+        "target",
+        _top_level(
+            {
+                "x": lambda m: {"_target_": "monai.utils.set_determinism"},
+                "x#_target_": lambda m: "builtins.open",
+                "x#file": lambda m: m,
+                "x#mode": lambda m: "w",
+            }
+        ),
+        "builtins.open is not an allowed component",
+        pack=True,
+        predict=True,
+    ),
+    "x::_target_ key": Case(
+        "target",
+        _top_level(
+            {
+                "x": lambda m: {"_target_": "monai.utils.set_determinism"},
+                "x::_target_": lambda m: "os.system",
+                "x::command": lambda m: f"touch {m}",
+            }
+        ),
+        "os.system is not an allowed component",
+    ),
+    "x#_mode_ key": Case(
+        "target",
+        _top_level({"x": lambda m: {"_target_": "monai.utils.set_determinism"}, "x#_mode_": lambda m: "debug"}),
+        "_mode_ may only be 'default' or 'callable'",
+    ),
+    "+x merge key": Case(
+        "target",
+        _top_level(
+            {
+                "x": lambda m: {"_target_": "monai.utils.set_determinism"},
+                "+x": lambda m: {"_target_": "builtins.open", "file": m, "mode": "w"},
+            }
+        ),
+        "builtins.open is not an allowed component",
+    ),
     # -- switches that turn safe loading off
-    "trust=True keyword": Case("safety switch", _expression(lambda m: "@network_def.to('cpu', trust=True)"),
-                               "keyword trust= switches a safety check off"),
-    "weights_only=False keyword": Case("safety switch", _expression(lambda m: "@network_def.to(weights_only=False)"),
-                                       "weights_only must stay true"),
-    "trust: true argument": Case("safety switch", _target("medtl.bundle.components.load_bundle_network", bundle="@bundle_root", trust=True),
-                                 "switches a safety check off"),
-    "x#trust key (MONAI sets it at x)": Case("safety switch", _edit("configs/train.json", lambda c, m: c.__setitem__(
-        "teacher_network#trust", True)), "teacher_network#trust: 'trust: True': switches a safety check off", pack=True),
-    "weights_only: false": Case("safety switch", _target("monai.handlers.CheckpointLoader", load_path="@ckpt_path",
-                                                         load_dict={"model": "@network"}, weights_only=False),
-                                "weights_only must stay true"),
-    "allow_pickle: true": Case("safety switch", _target("monai.transforms.LoadImaged", keys="image", reader="NibabelReader",
-                                                        allow_pickle=True), "allow_pickle must stay false"),
-    "reader: a dotted callable": Case("safety switch", _target("monai.transforms.LoadImaged", keys="image",
-                                                               reader="numpy.lib._npyio_impl.load"), "reader must be one of"),
-    "reader: NumpyReader": Case("safety switch", _target("monai.transforms.LoadImaged", keys="image", reader="NumpyReader"),
-                                "reader must be one of"),
-    "pickle_module argument": Case("safety switch", _target("monai.data.PersistentDataset", data=[], cache_dir="cache",
-                                                            pickle_module="dill"), "pickle_module: dill"),
+    "trust=True keyword": Case(
+        "safety switch",
+        _expression(lambda m: "@network_def.to('cpu', trust=True)"),
+        "keyword trust= switches a safety check off",
+    ),
+    "weights_only=False keyword": Case(
+        "safety switch", _expression(lambda m: "@network_def.to(weights_only=False)"), "weights_only must stay true"
+    ),
+    "trust: true argument": Case(
+        "safety switch",
+        _target("medtl.bundle.components.load_bundle_network", bundle="@bundle_root", trust=True),
+        "switches a safety check off",
+    ),
+    "x#trust key (MONAI sets it at x)": Case(
+        "safety switch",
+        _edit("configs/train.json", lambda c, m: c.__setitem__("teacher_network#trust", True)),
+        "teacher_network#trust: 'trust: True': switches a safety check off",
+        pack=True,
+    ),
+    "weights_only: false": Case(
+        "safety switch",
+        _target(
+            "monai.handlers.CheckpointLoader",
+            load_path="@ckpt_path",
+            load_dict={"model": "@network"},
+            weights_only=False,
+        ),
+        "weights_only must stay true",
+    ),
+    "allow_pickle: true": Case(
+        "safety switch",
+        _target("monai.transforms.LoadImaged", keys="image", reader="NibabelReader", allow_pickle=True),
+        "allow_pickle must stay false",
+    ),
+    "reader: a dotted callable": Case(
+        "safety switch",
+        _target("monai.transforms.LoadImaged", keys="image", reader="numpy.lib._npyio_impl.load"),
+        "reader must be one of",
+    ),
+    "reader: NumpyReader": Case(
+        "safety switch",
+        _target("monai.transforms.LoadImaged", keys="image", reader="NumpyReader"),
+        "reader must be one of",
+    ),
+    "pickle_module argument": Case(
+        "safety switch",
+        _target("monai.data.PersistentDataset", data=[], cache_dir="cache", pickle_module="dill"),
+        "pickle_module: dill",
+    ),
     # -- % macros that read a file
     "% macro /etc/passwd": Case("macro", _initialize(lambda m: "%/etc/passwd#x"), "a % macro may only copy another id"),
-    "% macro ../other.json": Case("macro", _initialize(lambda m: "%../other.json#key"), "a % macro may only copy another id"),
-    "% macro to a json outside": Case("macro", _initialize(lambda m: f"%{Path(m).parent}/evil.json#payload"),
-                                      "a % macro may only copy another id", predict=True),
-    "% macro to another bundle config": Case("macro", _initialize(lambda m: "%configs/train.json::network_def"),
-                                             "a % macro may only copy another id"),
+    "% macro ../other.json": Case(
+        "macro", _initialize(lambda m: "%../other.json#key"), "a % macro may only copy another id"
+    ),
+    "% macro to a json outside": Case(
+        "macro",
+        _initialize(lambda m: f"%{Path(m).parent}/evil.json#payload"),
+        "a % macro may only copy another id",
+        predict=True,
+    ),
+    "% macro to another bundle config": Case(
+        "macro", _initialize(lambda m: "%configs/train.json::network_def"), "a % macro may only copy another id"
+    ),
     # -- metadata.json is read into every workflow as @_meta_
-    "metadata $ expression (read by class_names)": Case("metadata", _channel_def(lambda m: f"$open({m!r}, 'w')"),
-                                                        "MONAI would evaluate this through @_meta_", pack=True, predict=True),
-    "metadata @ reference": Case("metadata", _metadata(lambda meta, m: meta.__setitem__("description", "@network_def")),
-                                 "MONAI would evaluate this through @_meta_"),
-    "metadata _target_": Case("metadata", _channel_def(lambda m: {"_target_": "builtins.open", "file": m, "mode": "w"}),
-                              "metadata holds plain values, not components", predict=True),
-    "metadata % macro": Case("metadata", _metadata(lambda meta, m: meta.__setitem__("description", "%network_def")),
-                             "MONAI would evaluate this through @_meta_"),
+    "metadata $ expression (read by class_names)": Case(
+        "metadata",
+        _channel_def(lambda m: f"$open({m!r}, 'w')"),
+        "MONAI would evaluate this through @_meta_",
+        pack=True,
+        predict=True,
+    ),
+    "metadata @ reference": Case(
+        "metadata",
+        _metadata(lambda meta, m: meta.__setitem__("description", "@network_def")),
+        "MONAI would evaluate this through @_meta_",
+    ),
+    "metadata _target_": Case(
+        "metadata",
+        _channel_def(lambda m: {"_target_": "builtins.open", "file": m, "mode": "w"}),
+        "metadata holds plain values, not components",
+        predict=True,
+    ),
+    "metadata % macro": Case(
+        "metadata",
+        _metadata(lambda meta, m: meta.__setitem__("description", "%network_def")),
+        "MONAI would evaluate this through @_meta_",
+    ),
     # -- MONAI components that unpickle or fetch files themselves, or anything not in the allow-list
-    "monai.data.LMDBDataset": Case("component", _target("monai.data.LMDBDataset", data=[], cache_dir="cache"),
-                                   "monai.data.LMDBDataset is not an allowed component"),
-    "monai.apps.download_url": Case("component", _target("monai.apps.download_url", url="https://example.org/x", filepath="MARKER"),
-                                    "monai.apps.download_url is not an allowed component"),
-    "monai.bundle.load": Case("component", _target("monai.bundle.load", name="evil", source="github"),
-                              "monai.bundle.load is not an allowed component"),
-    "monai.data.NumpyReader allow_pickle": Case("component", _target("monai.data.NumpyReader", allow_pickle=True),
-                                                "monai.data.NumpyReader is not an allowed component"),
-    "PersistentDataset weights_only: false": Case("component", _target("monai.data.PersistentDataset", data=[], cache_dir="cache",
-                                                                       weights_only=False), "weights_only must stay true"),
-    "torch.load target": Case("component", _target("torch.load", f="@ckpt_path", weights_only=False),
-                              "torch.load is not an allowed component"),
-    "pickle.loads target": Case("component", _target("pickle.loads", data="x"), "pickle.loads is not an allowed component"),
+    "monai.data.LMDBDataset": Case(
+        "component",
+        _target("monai.data.LMDBDataset", data=[], cache_dir="cache"),
+        "monai.data.LMDBDataset is not an allowed component",
+    ),
+    "monai.apps.download_url": Case(
+        "component",
+        _target("monai.apps.download_url", url="https://example.org/x", filepath="MARKER"),
+        "monai.apps.download_url is not an allowed component",
+    ),
+    "monai.bundle.load": Case(
+        "component",
+        _target("monai.bundle.load", name="evil", source="github"),
+        "monai.bundle.load is not an allowed component",
+    ),
+    "monai.data.NumpyReader allow_pickle": Case(
+        "component",
+        _target("monai.data.NumpyReader", allow_pickle=True),
+        "monai.data.NumpyReader is not an allowed component",
+    ),
+    "PersistentDataset weights_only: false": Case(
+        "component",
+        _target("monai.data.PersistentDataset", data=[], cache_dir="cache", weights_only=False),
+        "weights_only must stay true",
+    ),
+    "torch.load target": Case(
+        "component", _target("torch.load", f="@ckpt_path", weights_only=False), "torch.load is not an allowed component"
+    ),
+    "pickle.loads target": Case(
+        "component", _target("pickle.loads", data="x"), "pickle.loads is not an allowed component"
+    ),
     # -- logging.conf: fileConfig imports class= and evaluates args, kwargs, defaults
-    "logging %(name)s interpolation": Case("logging.conf", _logging(
-        "[handler_console]\nclass=StreamHandler\np1=open('MARKER',\np2='w')\nargs=(%(p1)s%(p2)s,)\n\n"), "% interpolation is not allowed"),
-    "logging [DEFAULT] value": Case("logging.conf", _logging(
-        "[handler_console]\nclass=StreamHandler\nargs=(%(sink)s,)\n\n", head="[DEFAULT]\nsink=open('MARKER', 'w')\n\n"),
-        "[DEFAULT] values are interpolated"),
-    "logging FileHandler": Case("logging.conf", _logging("[handler_console]\nclass=FileHandler\nargs=('MARKER', 'w')\n\n"),
-                                "handler class must be StreamHandler or NullHandler", pack=True),
-    "logging handlers.RotatingFileHandler": Case("logging.conf", _logging(
-        "[handler_console]\nclass=handlers.RotatingFileHandler\nargs=('MARKER',)\n\n"), "handler class must be StreamHandler"),
-    "logging args with a call": Case("logging.conf", _logging("[handler_console]\nclass=StreamHandler\nargs=(open('MARKER', 'w'),)\n\n"),
-                                     "handler args must be (sys.stdout,), (sys.stderr,) or ()"),
-    "logging kwargs=": Case("logging.conf", _logging(
-        "[handler_console]\nclass=StreamHandler\nargs=()\nkwargs={'stream': open('MARKER', 'w')}\n\n"), "kwargs is not allowed here"),
-    "logging formatter defaults=": Case("logging.conf", _logging(formatter="[formatter_plain]\nformat=%(x)s\n"
-                                                                 "defaults={'x': open('MARKER', 'w')}\n"), "defaults is not allowed here"),
-    "logging () factory key": Case("logging.conf", _logging("[handler_console]\n()=os.system\nargs=('touch MARKER',)\n\n"),
-                                   "() is not allowed here"),
-    "logging formatter class": Case("logging.conf", _logging(formatter="[formatter_plain]\nclass=os.system\nformat=x\n"),
-                                    "formatter class must be logging.Formatter"),
+    "logging %(name)s interpolation": Case(
+        "logging.conf",
+        _logging("[handler_console]\nclass=StreamHandler\np1=open('MARKER',\np2='w')\nargs=(%(p1)s%(p2)s,)\n\n"),
+        "% interpolation is not allowed",
+    ),
+    "logging [DEFAULT] value": Case(
+        "logging.conf",
+        _logging(
+            "[handler_console]\nclass=StreamHandler\nargs=(%(sink)s,)\n\n",
+            head="[DEFAULT]\nsink=open('MARKER', 'w')\n\n",
+        ),
+        "[DEFAULT] values are interpolated",
+    ),
+    "logging FileHandler": Case(
+        "logging.conf",
+        _logging("[handler_console]\nclass=FileHandler\nargs=('MARKER', 'w')\n\n"),
+        "handler class must be StreamHandler or NullHandler",
+        pack=True,
+    ),
+    "logging handlers.RotatingFileHandler": Case(
+        "logging.conf",
+        _logging("[handler_console]\nclass=handlers.RotatingFileHandler\nargs=('MARKER',)\n\n"),
+        "handler class must be StreamHandler",
+    ),
+    "logging args with a call": Case(
+        "logging.conf",
+        _logging("[handler_console]\nclass=StreamHandler\nargs=(open('MARKER', 'w'),)\n\n"),
+        "handler args must be (sys.stdout,), (sys.stderr,) or ()",
+    ),
+    "logging kwargs=": Case(
+        "logging.conf",
+        _logging("[handler_console]\nclass=StreamHandler\nargs=()\nkwargs={'stream': open('MARKER', 'w')}\n\n"),
+        "kwargs is not allowed here",
+    ),
+    "logging formatter defaults=": Case(
+        "logging.conf",
+        _logging(formatter="[formatter_plain]\nformat=%(x)s\ndefaults={'x': open('MARKER', 'w')}\n"),
+        "defaults is not allowed here",
+    ),
+    "logging () factory key": Case(
+        "logging.conf",
+        _logging("[handler_console]\n()=os.system\nargs=('touch MARKER',)\n\n"),
+        "() is not allowed here",
+    ),
+    "logging formatter class": Case(
+        "logging.conf",
+        _logging(formatter="[formatter_plain]\nclass=os.system\nformat=x\n"),
+        "formatter class must be logging.Formatter",
+    ),
     # -- configs MONAI reads that a narrower audit could miss
-    "YAML python tag": Case("config file", _write("configs/extra.yaml", lambda kit: f"x: !!python/object/apply:os.system ['touch {kit.m}']\n"),
-                            "configs/extra.yaml: does not parse"),
+    "YAML python tag": Case(
+        "config file",
+        _write("configs/extra.yaml", lambda kit: f"x: !!python/object/apply:os.system ['touch {kit.m}']\n"),
+        "configs/extra.yaml: does not parse",
+    ),
     "YAML alias bomb": Case("config file", _write("configs/extra.yaml", _yaml_bomb), "holds more than 100000 values"),
-    "config with an upper-case suffix": Case("config file", _write("configs/Evil.JSON", lambda kit: json.dumps(
-        {"initialize": [f"$open({kit.m!r}, 'w')"]})), "configs/Evil.JSON initialize#0"),
-    "config in a subfolder": Case("config file", _write("configs/extra/run.json", lambda kit: json.dumps(
-        {"initialize": [f"$open({kit.m!r}, 'w')"]})), "configs/extra/run.json initialize#0"),
+    "config with an upper-case suffix": Case(
+        "config file",
+        _write("configs/Evil.JSON", lambda kit: json.dumps({"initialize": [f"$open({kit.m!r}, 'w')"]})),
+        "configs/Evil.JSON initialize#0",
+    ),
+    "config in a subfolder": Case(
+        "config file",
+        _write("configs/extra/run.json", lambda kit: json.dumps({"initialize": [f"$open({kit.m!r}, 'w')"]})),
+        "configs/extra/run.json initialize#0",
+    ),
     # -- the bundle's files: links, special files, zip entries
-    "symlink to a file outside": Case("files", _symlink("docs/notes.txt", _secret), "docs/notes.txt is a symbolic link", pack=True),
-    "symlink to a folder outside": Case("files", _symlink("docs/extra", _outside_folder), "docs/extra is a symbolic link", pack=True),
-    "symlinked model.pt to a pickle outside": Case("files", _symlink("models/model.pt", _outside_pickle),
-                                                   "models/model.pt is a symbolic link", pack=True),
+    "symlink to a file outside": Case(
+        "files", _symlink("docs/notes.txt", _secret), "docs/notes.txt is a symbolic link", pack=True
+    ),
+    "symlink to a folder outside": Case(
+        "files", _symlink("docs/extra", _outside_folder), "docs/extra is a symbolic link", pack=True
+    ),
+    "symlinked model.pt to a pickle outside": Case(
+        "files", _symlink("models/model.pt", _outside_pickle), "models/model.pt is a symbolic link", pack=True
+    ),
     "FIFO": Case("files", _fifo, "docs/pipe is not a plain file", pack=True),
-    "folder above --max-size": Case("files", _write("docs/zeros.bin", lambda kit: bytes(2 << 20)), "above the",
-                                    options=lambda kit: {"max_bytes": _folder_size(kit.shipped.folder) + (1 << 20)}),
-    "zip entry twice": Case("files", lambda kit: kit.rezip(raw=[(f"{NAME}/configs/inference.json", _hostile_inference(kit))]),
-                            "appears twice"),
-    "zip entry twice, differing case": Case("files", lambda kit: kit.rezip(raw=[(f"{NAME}/configs/INFERENCE.json", _hostile_inference(kit))]),
-                                            "appears twice"),
-    "zip entry twice, differing normalization": Case("files", lambda kit: kit.rezip(raw=[
-        (f"{NAME}/docs/caf\u00e9.txt", b"one"), (f"{NAME}/docs/cafe\u0301.txt", b"other")]), "appears twice"),
-    "zip entry with ..": Case("files", lambda kit: kit.rezip(raw=[(f"{NAME}/../../evil.pth", b"import os; os.system('touch PWNED')\n")]),
-                              "would be written outside the bundle folder"),
-    "zip entry absolute": Case("files", lambda kit: kit.rezip(raw=[(_zip_entry(f"{kit.tmp}/evil.pth"), b"import os\n")]),
-                               "would be written outside the bundle folder"),
-    "zip entry with backslashes": Case("files", lambda kit: kit.rezip(raw=[(f"{NAME}\\..\\..\\evil.pth", b"import os\n")]),
-                                       "would be written outside the bundle folder"),
-    "zip entry with a drive": Case("files", lambda kit: kit.rezip(raw=[("C:/evil.pth", b"import os\n")]),
-                                   "would be written outside the bundle folder"),
+    "folder above --max-size": Case(
+        "files",
+        _write("docs/zeros.bin", lambda kit: bytes(2 << 20)),
+        "above the",
+        options=lambda kit: {"max_bytes": _folder_size(kit.shipped.folder) + (1 << 20)},
+    ),
+    "zip entry twice": Case(
+        "files",
+        lambda kit: kit.rezip(raw=[(f"{NAME}/configs/inference.json", _hostile_inference(kit))]),
+        "appears twice",
+    ),
+    "zip entry twice, differing case": Case(
+        "files",
+        lambda kit: kit.rezip(raw=[(f"{NAME}/configs/INFERENCE.json", _hostile_inference(kit))]),
+        "appears twice",
+    ),
+    "zip entry twice, differing normalization": Case(
+        "files",
+        lambda kit: kit.rezip(raw=[(f"{NAME}/docs/caf\u00e9.txt", b"one"), (f"{NAME}/docs/cafe\u0301.txt", b"other")]),
+        "appears twice",
+    ),
+    "zip entry with ..": Case(
+        "files",
+        lambda kit: kit.rezip(raw=[(f"{NAME}/../../evil.pth", b"import os; os.system('touch PWNED')\n")]),
+        "would be written outside the bundle folder",
+    ),
+    "zip entry absolute": Case(
+        "files",
+        lambda kit: kit.rezip(raw=[(_zip_entry(f"{kit.tmp}/evil.pth"), b"import os\n")]),
+        "would be written outside the bundle folder",
+    ),
+    "zip entry with backslashes": Case(
+        "files",
+        lambda kit: kit.rezip(raw=[(f"{NAME}\\..\\..\\evil.pth", b"import os\n")]),
+        "would be written outside the bundle folder",
+    ),
+    "zip entry with a drive": Case(
+        "files",
+        lambda kit: kit.rezip(raw=[("C:/evil.pth", b"import os\n")]),
+        "would be written outside the bundle folder",
+    ),
     "zip entry naming no file": Case("files", lambda kit: kit.rezip(raw=[(".", b"x")]), "names no file"),
-    "zip symlink entry": Case("files", lambda kit: kit.rezip(raw=[(_zip_entry(f"{NAME}/docs/link", 0o777 | stat.S_IFLNK), b"/etc/passwd")]),
-                              "is a symbolic link"),
-    "zip FIFO entry": Case("files", lambda kit: kit.rezip(raw=[(_zip_entry(f"{NAME}/docs/pipe", 0o644 | stat.S_IFIFO), b"")]),
-                           "is not a plain file"),
-    "zip bomb above --max-size": Case("files", lambda kit: kit.rezip(files={"docs/zeros.bin": bytes(32 << 20)}), "above the",
-                                      options=lambda kit: {"max_bytes": _folder_size(kit.shipped.folder) + (1 << 20)}),
+    "zip symlink entry": Case(
+        "files",
+        lambda kit: kit.rezip(raw=[(_zip_entry(f"{NAME}/docs/link", 0o777 | stat.S_IFLNK), b"/etc/passwd")]),
+        "is a symbolic link",
+    ),
+    "zip FIFO entry": Case(
+        "files",
+        lambda kit: kit.rezip(raw=[(_zip_entry(f"{NAME}/docs/pipe", 0o644 | stat.S_IFIFO), b"")]),
+        "is not a plain file",
+    ),
+    "zip bomb above --max-size": Case(
+        "files",
+        lambda kit: kit.rezip(files={"docs/zeros.bin": bytes(32 << 20)}),
+        "above the",
+        options=lambda kit: {"max_bytes": _folder_size(kit.shipped.folder) + (1 << 20)},
+    ),
     # -- checksums and signatures
-    "no SHA256SUMS, file tampered": Case("signing", lambda kit: kit.rezip(files={CHECKSUMS: None,
-                                                                                "configs/inference.json": _hostile_inference(kit)}),
-                                         "a packed bundle must hold SHA256SUMS"),
-    "file added after packing": Case("signing", lambda kit: kit.rezip(files={"docs/extra.json": b"{}"}),
-                                     "docs/extra.json: not listed in SHA256SUMS"),
-    "TorchScript added after packing": Case("signing", lambda kit: kit.rezip(files={"models/model.ts": _scripted(
-        _SetstateWrites(kit.m), kit.tmp / "m.ts").read_bytes()}), "models/model.ts: not listed in SHA256SUMS"),
-    "tampered after signing": Case("signing", lambda kit: kit.rezip(kit.shipped.signed, files={
-        "configs/inference.json": _hostile_inference(kit)}), "configs/inference.json: content changed since packing"),
-    "tampered, SHA256SUMS rewritten": Case("signing", lambda kit: kit.rezip(kit.shipped.signed, files={
-        "configs/inference.json": _hostile_inference(kit),
-        CHECKSUMS: _sums(kit, kit.shipped.signed, {"configs/inference.json": _hostile_inference(kit)})}),
-        "the signature does not match SHA256SUMS (changed after signing)"),
-    "signed by an untrusted key": Case("signing", lambda kit: kit.shipped.signed, "the key is not among --trusted-keys",
-                                       options=lambda kit: {"trusted_keys": [kit.shipped.keys["site-b.pub"]]}),
-    "signature removed, --trusted-keys": Case("signing", lambda kit: kit.rezip(kit.shipped.signed, files={SIGNATURE: None}),
-                                              "unsigned (no SHA256SUMS.sig)",
-                                              options=lambda kit: {"trusted_keys": [kit.shipped.keys["site-a.pub"]]}),
-    "damaged signature file": Case("signing", lambda kit: kit.rezip(kit.shipped.signed, files={SIGNATURE: b"{not json"}),
-                                   "not a readable signature"),
-    "signature with another algorithm": Case("signing", lambda kit: kit.rezip(kit.shipped.signed, files={
-        SIGNATURE: _signature_record(kit, algorithm="none")}), "not a readable signature (ValueError: algorithm 'none')"),
-    "signature's public key replaced": Case("signing", lambda kit: kit.rezip(kit.shipped.signed, files={
-        SIGNATURE: _signature_record(kit, public_key="A" * 43 + "=")}), "the signature does not match SHA256SUMS"),
+    "no SHA256SUMS, file tampered": Case(
+        "signing",
+        lambda kit: kit.rezip(files={CHECKSUMS: None, "configs/inference.json": _hostile_inference(kit)}),
+        "a packed bundle must hold SHA256SUMS",
+    ),
+    "file added after packing": Case(
+        "signing", lambda kit: kit.rezip(files={"docs/extra.json": b"{}"}), "docs/extra.json: not listed in SHA256SUMS"
+    ),
+    "TorchScript added after packing": Case(
+        "signing",
+        lambda kit: kit.rezip(
+            files={"models/model.ts": _scripted(_SetstateWrites(kit.m), kit.tmp / "m.ts").read_bytes()}
+        ),
+        "models/model.ts: not listed in SHA256SUMS",
+    ),
+    "tampered after signing": Case(
+        "signing",
+        lambda kit: kit.rezip(kit.shipped.signed, files={"configs/inference.json": _hostile_inference(kit)}),
+        "configs/inference.json: content changed since packing",
+    ),
+    "tampered, SHA256SUMS rewritten": Case(
+        "signing",
+        lambda kit: kit.rezip(
+            kit.shipped.signed,
+            files={
+                "configs/inference.json": _hostile_inference(kit),
+                CHECKSUMS: _sums(kit, kit.shipped.signed, {"configs/inference.json": _hostile_inference(kit)}),
+            },
+        ),
+        "the signature does not match SHA256SUMS (changed after signing)",
+    ),
+    "signed by an untrusted key": Case(
+        "signing",
+        lambda kit: kit.shipped.signed,
+        "the key is not among --trusted-keys",
+        options=lambda kit: {"trusted_keys": [kit.shipped.keys["site-b.pub"]]},
+    ),
+    "signature removed, --trusted-keys": Case(
+        "signing",
+        lambda kit: kit.rezip(kit.shipped.signed, files={SIGNATURE: None}),
+        "unsigned (no SHA256SUMS.sig)",
+        options=lambda kit: {"trusted_keys": [kit.shipped.keys["site-a.pub"]]},
+    ),
+    "damaged signature file": Case(
+        "signing",
+        lambda kit: kit.rezip(kit.shipped.signed, files={SIGNATURE: b"{not json"}),
+        "not a readable signature",
+    ),
+    "signature with another algorithm": Case(
+        "signing",
+        lambda kit: kit.rezip(kit.shipped.signed, files={SIGNATURE: _signature_record(kit, algorithm="none")}),
+        "not a readable signature (ValueError: algorithm 'none')",
+    ),
+    "signature's public key replaced": Case(
+        "signing",
+        lambda kit: kit.rezip(kit.shipped.signed, files={SIGNATURE: _signature_record(kit, public_key="A" * 43 + "=")}),
+        "the signature does not match SHA256SUMS",
+    ),
     # -- code files
-    "scripts/evil.py": Case("code file", _write("scripts/evil.py", lambda kit: f"open({kit.m!r}, 'w')\n"),
-                            "scripts/evil.py: a code file", pack=True),
-    "torch.py at the root": Case("code file", _write("torch.py", lambda kit: f"open({kit.m!r}, 'w')\n"), "torch.py: a code file"),
-    ".pth file": Case("code file", _write("models/evil.pth", lambda kit: f"import os; os.system('touch {kit.m}')\n"),
-                      "models/evil.pth: a code file"),
-    ".so file": Case("code file", _write("models/libevil.so", lambda kit: b"\x7fELF" + bytes(60)), "models/libevil.so: a code file"),
-    "upper-case .PY": Case("code file", _write("docs/SITECUSTOMIZE.PY", lambda kit: f"open({kit.m!r}, 'w')\n"),
-                           "docs/SITECUSTOMIZE.PY: a code file"),
-    ".pyc file": Case("code file", _write("scripts/evil.pyc", lambda kit: b"\x00" * 16), "scripts/evil.pyc: a code file"),
-    ".pyw file (imported on Windows)": Case("code file", _write("nibabel.pyw", lambda kit: f"open({kit.m!r}, 'w')\n"),
-                                            "nibabel.pyw: a code file"),
-    "evil.py. (Windows drops the dot)": Case("code file", _write("scripts/evil.py.", lambda kit: f"open({kit.m!r}, 'w')\n"),
-                                             "scripts/evil.py.: a code file"),
+    "scripts/evil.py": Case(
+        "code file",
+        _write("scripts/evil.py", lambda kit: f"open({kit.m!r}, 'w')\n"),
+        "scripts/evil.py: a code file",
+        pack=True,
+    ),
+    "torch.py at the root": Case(
+        "code file", _write("torch.py", lambda kit: f"open({kit.m!r}, 'w')\n"), "torch.py: a code file"
+    ),
+    ".pth file": Case(
+        "code file",
+        _write("models/evil.pth", lambda kit: f"import os; os.system('touch {kit.m}')\n"),
+        "models/evil.pth: a code file",
+    ),
+    ".so file": Case(
+        "code file", _write("models/libevil.so", lambda kit: b"\x7fELF" + bytes(60)), "models/libevil.so: a code file"
+    ),
+    "upper-case .PY": Case(
+        "code file",
+        _write("docs/SITECUSTOMIZE.PY", lambda kit: f"open({kit.m!r}, 'w')\n"),
+        "docs/SITECUSTOMIZE.PY: a code file",
+    ),
+    ".pyc file": Case(
+        "code file", _write("scripts/evil.pyc", lambda kit: b"\x00" * 16), "scripts/evil.pyc: a code file"
+    ),
+    ".pyw file (imported on Windows)": Case(
+        "code file", _write("nibabel.pyw", lambda kit: f"open({kit.m!r}, 'w')\n"), "nibabel.pyw: a code file"
+    ),
+    "evil.py. (Windows drops the dot)": Case(
+        "code file", _write("scripts/evil.py.", lambda kit: f"open({kit.m!r}, 'w')\n"), "scripts/evil.py.: a code file"
+    ),
     # -- ONNX: run by onnxruntime before trust, so only a self-contained standard graph
-    "ONNX custom-domain operator": Case("onnx", _write("models/model.onnx", lambda kit: _onnx(kit, domain="com.evil")),
-                                        "operators from custom domain 'com.evil'"),
-    "ONNX weights read from outside": Case("onnx", _write("models/model.onnx", lambda kit: _onnx(kit, external=_secret(kit))),
-                                           "weights stored outside the file"),
+    "ONNX custom-domain operator": Case(
+        "onnx",
+        _write("models/model.onnx", lambda kit: _onnx(kit, domain="com.evil")),
+        "operators from custom domain 'com.evil'",
+    ),
+    "ONNX weights read from outside": Case(
+        "onnx",
+        _write("models/model.onnx", lambda kit: _onnx(kit, external=_secret(kit))),
+        "weights stored outside the file",
+    ),
     # -- writes outside the bundle by allow-listed savers, once the bundle runs
-    "saver path built from the root": Case("write outside", _initialize(lambda m: {
-        "_target_": "monai.handlers.MetricsSaver", "save_dir": f"$'/' + {m[1:]!r}"}), "starts a path outside the bundle",
-        predict=True),
-    "saver path climbing out of bundle_root": Case("write outside", _initialize(lambda m: {
-        "_target_": "monai.handlers.MetricsSaver", "save_dir": "$@bundle_root + '/../..'"}), "climbs out of the bundle with '..'"),
-    "bundle_root pointing outside": Case("write outside", _edit("configs/inference.json", lambda c, m: c.__setitem__("bundle_root", "..")),
-                                         "bundle_root must be '.'", predict=True),
-    "literal absolute output_dir": Case("write outside", _edit("configs/inference.json", lambda c, m: c.__setitem__("output_dir", m)),
-                                        "a path outside the bundle", predict=True),
+    "saver path built from the root": Case(
+        "write outside",
+        _initialize(lambda m: {"_target_": "monai.handlers.MetricsSaver", "save_dir": f"$'/' + {m[1:]!r}"}),
+        "starts a path outside the bundle",
+        predict=True,
+    ),
+    "saver path climbing out of bundle_root": Case(
+        "write outside",
+        _initialize(lambda m: {"_target_": "monai.handlers.MetricsSaver", "save_dir": "$@bundle_root + '/../..'"}),
+        "climbs out of the bundle with '..'",
+    ),
+    "bundle_root pointing outside": Case(
+        "write outside",
+        _edit("configs/inference.json", lambda c, m: c.__setitem__("bundle_root", "..")),
+        "bundle_root must be '.'",
+        predict=True,
+    ),
+    "literal absolute output_dir": Case(
+        "write outside",
+        _edit("configs/inference.json", lambda c, m: c.__setitem__("output_dir", m)),
+        "a path outside the bundle",
+        predict=True,
+    ),
     # -- pickled code in the weights
-    "model.pt with a __reduce__ payload": Case("pickle", _write("models/model.pt", _pickled_weights),
-                                               "models/model.pt: holds pickled code", pack=True),
-    "model.pt that is only a payload": Case("pickle", _write("models/model.pt", lambda kit: _pickled_weights(kit, whole=True)),
-                                            "models/model.pt: holds pickled code"),
-    "model.pt as a plain pickle": Case("pickle", _write("models/model.pt", lambda kit: pickle.dumps(_Touch(kit.m))),
-                                       "models/model.pt: holds pickled code"),
+    "model.pt with a __reduce__ payload": Case(
+        "pickle", _write("models/model.pt", _pickled_weights), "models/model.pt: holds pickled code", pack=True
+    ),
+    "model.pt that is only a payload": Case(
+        "pickle",
+        _write("models/model.pt", lambda kit: _pickled_weights(kit, whole=True)),
+        "models/model.pt: holds pickled code",
+    ),
+    "model.pt as a plain pickle": Case(
+        "pickle",
+        _write("models/model.pt", lambda kit: pickle.dumps(_Touch(kit.m))),
+        "models/model.pt: holds pickled code",
+    ),
 }
 
 
@@ -614,7 +984,9 @@ def _failed(report) -> str:
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_bundle_is_refused_and_its_payload_never_runs(name, kit):
     case = CASES[name]
-    (kit.tmp / "evil.json").write_text(json.dumps({"payload": f"$open({kit.m!r}, 'w')"}))  # what an outside % macro would read
+    (kit.tmp / "evil.json").write_text(
+        json.dumps({"payload": f"$open({kit.m!r}, 'w')"})
+    )  # what an outside % macro would read
     hostile = case.build(kit)
     options = case.options(kit)
 
@@ -642,9 +1014,24 @@ def test_the_corpus_covers_every_class():
     for case in CASES.values():
         classes[case.klass] = classes.get(case.klass, 0) + 1
     assert len(CASES) >= 60 and min(classes.values()) >= 2, classes
-    assert set(classes) == {"allowed-module attribute", "non-dotted receiver", "rebinding", "target", "safety switch", "macro",
-                            "metadata", "component", "logging.conf", "config file", "files", "signing", "code file", "onnx",
-                            "pickle", "write outside"}
+    assert set(classes) == {
+        "allowed-module attribute",
+        "non-dotted receiver",
+        "rebinding",
+        "target",
+        "safety switch",
+        "macro",
+        "metadata",
+        "component",
+        "logging.conf",
+        "config file",
+        "files",
+        "signing",
+        "code file",
+        "onnx",
+        "pickle",
+        "write outside",
+    }
 
 
 # ------------------------------------------------------------------------------------------- medtl predict
@@ -689,7 +1076,9 @@ def test_nested_keys_reach_the_component_as_monai_reads_them(kit):
 # ------------------------------------------------------------------------------------------- TorchScript
 
 
-@pytest.mark.parametrize("program", [_SetstateWrites, _ForwardWrites, _ForwardLoops], ids=lambda p: p.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "program", [_SetstateWrites, _ForwardWrites, _ForwardLoops], ids=lambda p: p.__name__.strip("_")
+)
 def test_torchscript_is_not_run_before_trust(program, kit):
     bundle = kit.folder()
     _scripted(program() if program is _ForwardLoops else program(kit.m), bundle / "models" / "model.ts")
@@ -736,8 +1125,12 @@ def test_swapping_the_source_during_verification_changes_nothing_installed(sourc
     the installed files are the copy that was verified, never the new content."""
     if source == "zip":
         received = shutil.copy(kit.shipped.packed, kit.tmp / "received.zip")
-        hostile = kit.rezip(files={"configs/inference.json": _hostile_inference(kit),
-                                   CHECKSUMS: _sums(kit, kit.shipped.packed, {"configs/inference.json": _hostile_inference(kit)})})
+        hostile = kit.rezip(
+            files={
+                "configs/inference.json": _hostile_inference(kit),
+                CHECKSUMS: _sums(kit, kit.shipped.packed, {"configs/inference.json": _hostile_inference(kit)}),
+            }
+        )
         swap = lambda: shutil.copy(hostile, received)
     else:
         received = Path(shutil.copytree(kit.shipped.folder, kit.tmp / "received"))
@@ -745,7 +1138,9 @@ def test_swapping_the_source_during_verification_changes_nothing_installed(sourc
     real_verify, verified = share.verify_bundle, {}
 
     def verify_then_swap(path, **kwargs):
-        verified.update({rel.relative_to(path).as_posix(): rel.read_bytes() for rel in Path(path).rglob("*") if rel.is_file()})
+        verified.update(
+            {rel.relative_to(path).as_posix(): rel.read_bytes() for rel in Path(path).rglob("*") if rel.is_file()}
+        )
         swap()
         return real_verify(path, **kwargs)
 
@@ -754,6 +1149,8 @@ def test_swapping_the_source_during_verification_changes_nothing_installed(sourc
     files = {p.relative_to(installed).as_posix(): p.read_bytes() for p in installed.rglob("*") if p.is_file()}
     assert files == verified
     assert files["configs/inference.json"] == (kit.shipped.folder / "configs" / "inference.json").read_bytes()
-    swapped = (received / "configs" / "inference.json").read_bytes() if source == "folder" else Path(received).read_bytes()
+    swapped = (
+        (received / "configs" / "inference.json").read_bytes() if source == "folder" else Path(received).read_bytes()
+    )
     assert swapped == (_hostile_inference(kit) if source == "folder" else hostile.read_bytes())  # the swap did happen
     assert not kit.marker.exists()

@@ -52,14 +52,58 @@ def fake_lidc(tmp_path) -> Path:
             write_nifti(vol, src / rel)
         rows.append([patient, i, image, mask, diagnosis, 4 if diagnosis == "Malign" else 2, 10.0 + i, f"1.2.3.{i}"])
     write_nifti(_voi(1.0, 20)[1], src / "nodule_mask/LIDC-IDRI-0007_R_1.nii.gz")
-    rows.append(["LIDC-IDRI-0007", 1, "image/LIDC-IDRI-0007_R_1.nii.gz", "nodule_mask/LIDC-IDRI-0007_R_1.nii.gz", "Benign", 1, 5.0, "1.2.3.20"])
+    rows.append(
+        [
+            "LIDC-IDRI-0007",
+            1,
+            "image/LIDC-IDRI-0007_R_1.nii.gz",
+            "nodule_mask/LIDC-IDRI-0007_R_1.nii.gz",
+            "Benign",
+            1,
+            5.0,
+            "1.2.3.20",
+        ]
+    )
     (src / "image/LIDC-IDRI-0008_R_1.nii.gz").write_bytes(b"not a nifti")
-    rows.append(["LIDC-IDRI-0008", 1, "image/LIDC-IDRI-0008_R_1.nii.gz", "nodule_mask/LIDC-IDRI-0001_R_0.nii.gz", "Benign", 1, 5.0, "1.2.3.21"])
-    rows.append(["LIDC-IDRI-0009", 1, "image/LIDC-IDRI-0001_R_0.nii.gz", "nodule_mask/LIDC-IDRI-0001_R_0.nii.gz", "Indeterminate", 3, 5.0, "1.2.3.22"])
+    rows.append(
+        [
+            "LIDC-IDRI-0008",
+            1,
+            "image/LIDC-IDRI-0008_R_1.nii.gz",
+            "nodule_mask/LIDC-IDRI-0001_R_0.nii.gz",
+            "Benign",
+            1,
+            5.0,
+            "1.2.3.21",
+        ]
+    )
+    rows.append(
+        [
+            "LIDC-IDRI-0009",
+            1,
+            "image/LIDC-IDRI-0001_R_0.nii.gz",
+            "nodule_mask/LIDC-IDRI-0001_R_0.nii.gz",
+            "Indeterminate",
+            3,
+            5.0,
+            "1.2.3.22",
+        ]
+    )
     hu, empty = _voi(1.0, 23)
     write_nifti(hu, src / "image/LIDC-IDRI-0010_R_1.nii.gz")
     write_nifti(Volume(np.zeros_like(empty.array), empty.affine), src / "nodule_mask/LIDC-IDRI-0010_R_1.nii.gz")
-    rows.append(["LIDC-IDRI-0010", 1, "image/LIDC-IDRI-0010_R_1.nii.gz", "nodule_mask/LIDC-IDRI-0010_R_1.nii.gz", "Benign", 1, 5.0, "1.2.3.23"])
+    rows.append(
+        [
+            "LIDC-IDRI-0010",
+            1,
+            "image/LIDC-IDRI-0010_R_1.nii.gz",
+            "nodule_mask/LIDC-IDRI-0010_R_1.nii.gz",
+            "Benign",
+            1,
+            5.0,
+            "1.2.3.23",
+        ]
+    )
     with open(src / "labels.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(LIDC_HEADER)
@@ -117,7 +161,11 @@ def test_lidc_rater_columns_stay_out_of_model_inputs(fake_lidc, tmp_path):
         assert "diameter" not in text and "malignancy" not in text
     with open(out / "baseline.csv") as fh:
         baseline = list(csv.DictReader(fh))
-    cases = {(site, c["case_id"]): c["image"]["path"] for site in ("thin", "thick") for c in load_manifest(out / "manifests" / f"{site}.json")["cases"]}
+    cases = {
+        (site, c["case_id"]): c["image"]["path"]
+        for site in ("thin", "thick")
+        for c in load_manifest(out / "manifests" / f"{site}.json")["cases"]
+    }
     assert {(r["site"], r["case_id"]): r["image"] for r in baseline} == cases
     # fake diameters are 10 + row index; the thick rows are 4, 5 and 6
     assert sorted(float(r["diameter_mm"]) for r in baseline if r["site"] == "thick") == [14.0, 15.0, 16.0]
@@ -176,7 +224,11 @@ def test_medmnist_2d_image_reads_back_upright(tmp_path):
     npz = _fake_npz(tmp_path / "fakemnist.npz", (28, 28))
     out = tmp_path / "out"
     summary = import_medmnist(npz, out, classes=("normal", "lesion"), progress=False)
-    item = next(i for i in datalist(load_manifest(out / summary["manifest"]), out, "test") if i["image"].endswith("test-00001.nii.gz"))
+    item = next(
+        i
+        for i in datalist(load_manifest(out / summary["manifest"]), out, "test")
+        if i["image"].endswith("test-00001.nii.gz")
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image = preprocessing(**summary["preprocessing"])(item)["image"]
@@ -203,7 +255,10 @@ def test_real_lidc_two_sites(shared_data, tmp_path):
     sites = summary["sites"]
     # 773 table rows, two of which (LIDC-IDRI-1002) have a mask but no image volume
     assert summary["rows"] == 773 and summary["imported"] == 771
-    assert [s["file"] for s in summary["skipped"]] == ["nodule_mask/LIDC-IDRI-1002_R_1.nii.gz", "nodule_mask/LIDC-IDRI-1002_R_2.nii.gz"]
+    assert [s["file"] for s in summary["skipped"]] == [
+        "nodule_mask/LIDC-IDRI-1002_R_1.nii.gz",
+        "nodule_mask/LIDC-IDRI-1002_R_2.nii.gz",
+    ]
     assert (sites["thin"]["cases"], sites["thick"]["cases"], summary["left_out"]["count"]) == (469, 302, 0)
     assert (sites["thin"]["patients"], sites["thick"]["patients"]) == (266, 165)
     assert summary["patients_in_both_sites"] == 0
@@ -219,7 +274,11 @@ def test_real_lidc_two_sites(shared_data, tmp_path):
 def test_real_breastmnist(shared_data, tmp_path):
     out = tmp_path / "breastmnist"
     summary = import_medmnist(shared_data / "medmnist" / "breastmnist.npz", out, progress=False)
-    assert {split: sum(n.values()) for split, n in summary["by_split_label"].items()} == {"train": 546, "val": 78, "test": 156}
+    assert {split: sum(n.values()) for split, n in summary["by_split_label"].items()} == {
+        "train": 546,
+        "val": 78,
+        "test": 156,
+    }
     assert summary["label_map"] == {"malignant": 0, "normal_or_benign": 1}
     assert summary["intensity"].startswith("uint8 0..255")
     _check_manifest_usable(out / summary["manifest"], out, **summary["preprocessing"])

@@ -36,8 +36,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom")
 
 def _series(folder: Path, *, series: str = "s1", number: int = 1, **tags) -> list[Path]:
     """A 12 x 10 x 4 CT series with ``tags`` set in every file (values pydicom would write as given)."""
-    info = SeriesInfo(patient_id="P1", patient_name="Test^Hostile", study_uid=make_uid("study"), series_uid=make_uid(series),
-                      series_number=number)
+    info = SeriesInfo(
+        patient_id="P1",
+        patient_name="Test^Hostile",
+        study_uid=make_uid("study"),
+        series_uid=make_uid(series),
+        series_number=number,
+    )
     hu = np.random.default_rng(number).integers(-1000, 1000, size=(12, 10, 4)).astype(np.float64)
     files = write_ct_series(folder, hu, (0.7, 0.8, 2.5), info, positions_lps=[(0.0, 0.0, 2.5 * k) for k in range(4)])
     for f in files if tags else []:
@@ -55,11 +60,31 @@ def _scan(root: Path) -> dict:
 # ------------------------------------------------------------------------------------ geometry tags
 
 BAD_GEOMETRY = {
-    "negative-spacing": ({"PixelSpacing": [-0.7, 0.8]}, "bad_pixel_spacing", "PixelSpacing must be positive: IM0001.dcm has (-0.7, 0.8)"),
-    "zero-spacing": ({"PixelSpacing": [0.7, 0]}, "bad_pixel_spacing", "PixelSpacing must be positive: IM0001.dcm has (0.7, 0)"),
-    "zero-vector": ({"ImageOrientationPatient": [1, 0, 0, 0, 0, 0]}, "bad_orientation", "of IM0001.dcm: its column direction is a zero vector"),
-    "parallel": ({"ImageOrientationPatient": [0, 1, 0, 0, -1, 0]}, "bad_orientation", "of IM0001.dcm: its row and column directions are parallel"),
-    "sheared": ({"ImageOrientationPatient": list(SHEARED)}, "bad_orientation", "of IM0001.dcm: its row and column directions are 84.27 degrees apart"),
+    "negative-spacing": (
+        {"PixelSpacing": [-0.7, 0.8]},
+        "bad_pixel_spacing",
+        "PixelSpacing must be positive: IM0001.dcm has (-0.7, 0.8)",
+    ),
+    "zero-spacing": (
+        {"PixelSpacing": [0.7, 0]},
+        "bad_pixel_spacing",
+        "PixelSpacing must be positive: IM0001.dcm has (0.7, 0)",
+    ),
+    "zero-vector": (
+        {"ImageOrientationPatient": [1, 0, 0, 0, 0, 0]},
+        "bad_orientation",
+        "of IM0001.dcm: its column direction is a zero vector",
+    ),
+    "parallel": (
+        {"ImageOrientationPatient": [0, 1, 0, 0, -1, 0]},
+        "bad_orientation",
+        "of IM0001.dcm: its row and column directions are parallel",
+    ),
+    "sheared": (
+        {"ImageOrientationPatient": list(SHEARED)},
+        "bad_orientation",
+        "of IM0001.dcm: its row and column directions are 84.27 degrees apart",
+    ),
 }
 
 
@@ -94,16 +119,19 @@ def test_the_file_with_the_bad_spacing_is_the_one_named(tmp_path):
         load_volume(tmp_path / "ct")
 
 
-@pytest.mark.parametrize("orientation, expected", [
-    ((1, 0, 0, 0, 1, 0), None),
-    ((0.7071, 0.7071, 0, -0.7071, 0.7071, 0), None),  # cosines rounded to 4 decimals
-    ((1, 0, 0, 0.0005, 1, 0), None),  # |cos| 5e-4: within the tolerance, a rounding, not a shear
-    ((1, 0, 0, 0.002, 1, 0), "89.89 degrees apart, not 90"),
-    (SHEARED, "84.27 degrees apart, not 90"),
-    ((1, 0, 0, -1, 0, 0), "parallel"),
-    ((0, 0, 0, 0, 1, 0), "row direction is a zero vector"),
-    ((2, 0, 0, 0, 1, 0), "row direction has length 2"),
-])
+@pytest.mark.parametrize(
+    "orientation, expected",
+    [
+        ((1, 0, 0, 0, 1, 0), None),
+        ((0.7071, 0.7071, 0, -0.7071, 0.7071, 0), None),  # cosines rounded to 4 decimals
+        ((1, 0, 0, 0.0005, 1, 0), None),  # |cos| 5e-4: within the tolerance, a rounding, not a shear
+        ((1, 0, 0, 0.002, 1, 0), "89.89 degrees apart, not 90"),
+        (SHEARED, "84.27 degrees apart, not 90"),
+        ((1, 0, 0, -1, 0, 0), "parallel"),
+        ((0, 0, 0, 0, 1, 0), "row direction is a zero vector"),
+        ((2, 0, 0, 0, 1, 0), "row direction has length 2"),
+    ],
+)
 def test_orientation_problem_names_the_angle(orientation, expected):
     found = orientation_problem(orientation)
     assert found is None if expected is None else expected in found
@@ -142,7 +170,9 @@ def test_different_files_with_one_sop_instance_uid_refuse_the_series_only(tmp_pa
     by_folder = {s["folders"][0]: s for s in index["series"]}
     assert by_folder["good"]["loadable"] and not by_folder["reused"]["loadable"]
     assert [p["code"] for p in by_folder["reused"]["problems"]] == ["duplicate_instances"]
-    with pytest.raises(DicomError, match=r"reused: 2 files share a SOPInstanceUID but differ.*: IM0001\.dcm, IM0004\.dcm"):
+    with pytest.raises(
+        DicomError, match=r"reused: 2 files share a SOPInstanceUID but differ.*: IM0001\.dcm, IM0004\.dcm"
+    ):
         load_volume(tmp_path / "scans" / "reused")
 
 
@@ -167,31 +197,38 @@ def test_folder_name_that_is_not_utf8_is_skipped_and_the_rest_indexed(tmp_path, 
 # ------------------------------------------------------------------------------------ CSV tables
 
 
-@pytest.mark.parametrize("value, written", [
-    ("=cmd|' /C calc'!A0#1", "'=cmd|' /C calc'!A0#1"),
-    ("+SUM(A1:A9)", "'+SUM(A1:A9)"),
-    ("-2+3", "'-2+3"),
-    ("@SUM(A1)", "'@SUM(A1)"),
-    ("\t=1", "'\t=1"),
-    ("\r=1", "'\r=1"),
-    ("-0.5", "-0.5"),
-    ("+3", "+3"),
-    ("-1e-3", "-1e-3"),
-    (-0.25, -0.25),
-    ("dir-3f2a#2", "dir-3f2a#2"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "value, written",
+    [
+        ("=cmd|' /C calc'!A0#1", "'=cmd|' /C calc'!A0#1"),
+        ("+SUM(A1:A9)", "'+SUM(A1:A9)"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\t=1", "'\t=1"),
+        ("\r=1", "'\r=1"),
+        ("-0.5", "-0.5"),
+        ("+3", "+3"),
+        ("-1e-3", "-1e-3"),
+        (-0.25, -0.25),
+        ("dir-3f2a#2", "dir-3f2a#2"),
+        ("", ""),
+    ],
+)
 def test_csv_cells_that_start_a_formula_are_text_and_numbers_stay_numbers(value, written):
     assert csv_cell(value) == written
     assert csv_value(str(written)) == str(value)
 
 
 def test_a_label_table_medtl_writes_reads_back_as_written(tmp_path):
-    rows = [{"patient_id": "=HYPERLINK(\"x\")", "label": "benign", "roi_center_mm": "-12.5 30 4"},
-            {"patient_id": "-007", "label": "malignant", "roi_center_mm": "1 2 3"}]
+    rows = [
+        {"patient_id": '=HYPERLINK("x")', "label": "benign", "roi_center_mm": "-12.5 30 4"},
+        {"patient_id": "-007", "label": "malignant", "roi_center_mm": "1 2 3"},
+    ]
     text = csv_text(rows, ["patient_id", "label", "roi_center_mm"])
     first, second = text.splitlines()[1:]
-    assert first.startswith(""""'=HYPERLINK""") and first.endswith(",benign,'-12.5 30 4")  # the cell holds quotes, so it is quoted
+    assert first.startswith(""""'=HYPERLINK""") and first.endswith(
+        ",benign,'-12.5 30 4"
+    )  # the cell holds quotes, so it is quoted
     assert second.startswith("-007,")  # a number to a spreadsheet
     (tmp_path / "labels.csv").write_text(text, encoding="utf-8")
     assert read_label_table(tmp_path / "labels.csv") == rows
@@ -209,8 +246,9 @@ def test_an_unclosed_quote_is_named_with_its_line(tmp_path):
 
 def test_lidc_table_with_an_oversized_field_is_named(tmp_path):
     (tmp_path / "vois").mkdir()
-    (tmp_path / "vois" / "labels.csv").write_text("patient_id,image,mask,diagnosis,diameter_mm\nLIDC-1," + "x" * 140_000 + ",m,Benign,5\n",
-                                                  encoding="utf-8")
+    (tmp_path / "vois" / "labels.csv").write_text(
+        "patient_id,image,mask,diagnosis,diameter_mm\nLIDC-1," + "x" * 140_000 + ",m,Benign,5\n", encoding="utf-8"
+    )
     with pytest.raises(MedtlError, match=r"labels\.csv: line 2: a field is longer than 131,072 characters"):
         import_lidc_vois(tmp_path / "vois", tmp_path / "out", progress=False)
 
@@ -229,12 +267,22 @@ def test_scan_index_names_folders_by_key_and_the_manifest_finds_them(tmp_path):
     assert index["series"][0]["files"][0] == pseudonymous_path("DOE^JANE/CT/IM0001.dcm", salt)
 
     (tmp_path / "data" / "labels.csv").write_text("patient_id,label\nP1,benign\n", encoding="utf-8")
-    build = {"labels": tmp_path / "data" / "labels.csv", "classes": ("benign", "malignant"), "scan": tmp_path / "data" / "scan.json",
-             "site": "S", "progress": False}
+    build = {
+        "labels": tmp_path / "data" / "labels.csv",
+        "classes": ("benign", "malignant"),
+        "scan": tmp_path / "data" / "scan.json",
+        "site": "S",
+        "progress": False,
+    }
     manifest = build_manifest_file(out=tmp_path / "data" / "m.json", **build)
-    assert [f["path"] for f in manifest["cases"][0]["image"]["files"]] == [f"dicom/DOE^JANE/CT/IM000{k}.dcm" for k in range(1, 5)]
+    assert [f["path"] for f in manifest["cases"][0]["image"]["files"]] == [
+        f"dicom/DOE^JANE/CT/IM000{k}.dcm" for k in range(1, 5)
+    ]
 
     (root / "DOE^JANE").rename(root / "renamed")  # the data moved after the scan
-    with pytest.raises(ManifestError, match=r"row 2: the patient's series in the scan index cannot be loaded: folder dir-\w+ "
-                                            r"of the scan index is not in dicom any more"):
+    with pytest.raises(
+        ManifestError,
+        match=r"row 2: the patient's series in the scan index cannot be loaded: folder dir-\w+ "
+        r"of the scan index is not in dicom any more",
+    ):
         build_manifest_file(out=tmp_path / "data" / "m2.json", **build)

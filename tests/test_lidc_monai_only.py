@@ -71,9 +71,27 @@ def _weights() -> Path:
 
 def run_monai_only(*args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run`` of the MONAI-only config with medtl blocked."""
-    done = subprocess.run([sys.executable, "-c", NO_MEDTL, "run", "--config_file", str(CONFIG),
-                           "--meta_file", str(BUNDLE / "configs" / "metadata.json"), "--bundle_root", str(BUNDLE), *args],
-                          cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(), timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            NO_MEDTL,
+            "run",
+            "--config_file",
+            str(CONFIG),
+            "--meta_file",
+            str(BUNDLE / "configs" / "metadata.json"),
+            "--bundle_root",
+            str(BUNDLE),
+            *args,
+        ],
+        cwd=cwd,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+        timeout=600,
+    )
     assert "medtl is blocked" in done.stderr and "MEDTL IMPORT ATTEMPTED" not in done.stderr, done.stderr[-3000:]
     if ok:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -82,9 +100,25 @@ def run_monai_only(*args: str, cwd: Path, ok: bool = True) -> subprocess.Complet
 
 def run_medtl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The shipped ``configs/inference.json`` (medtl's components) through MONAI's CLI."""
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs" / "inference.json"),
-                           "--bundle_root", str(BUNDLE), *args], cwd=cwd, capture_output=True, encoding="utf-8",
-                          errors="replace", env=utf8_child_env(), timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(BUNDLE / "configs" / "inference.json"),
+            "--bundle_root",
+            str(BUNDLE),
+            *args,
+        ],
+        cwd=cwd,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -106,14 +140,19 @@ def medtl_probabilities(out: Path, cases: list[dict[str, str]]) -> dict[str, flo
 def write_tables(folder: Path, cases: list[dict[str, str]]) -> tuple[Path, Path]:
     """The same cases as medtl's CSV (paths relative to it) and as a MONAI datalist (absolute paths)."""
     table = folder / "cases.csv"
-    table.write_text("image,mask\n" + "".join(f"{Path(c['image']).name},{Path(c['mask']).name}\n" for c in cases), encoding="utf-8")
+    table.write_text(
+        "image,mask\n" + "".join(f"{Path(c['image']).name},{Path(c['mask']).name}\n" for c in cases), encoding="utf-8"
+    )
     datalist = folder / "datalist.json"
-    datalist.write_text(json.dumps({"testing": [{"image": c["image"], "mask": c["mask"]} for c in cases]}), encoding="utf-8")
+    datalist.write_text(
+        json.dumps({"testing": [{"image": c["image"], "mask": c["mask"]} for c in cases]}), encoding="utf-8"
+    )
     return table, datalist
 
 
-def generated_case(folder: Path, name: str, *, affine: np.ndarray, shape=(40, 40, 24), centre=(20, 20, 12), radius=5.0,
-                   seed: int = 0) -> dict[str, str]:
+def generated_case(
+    folder: Path, name: str, *, affine: np.ndarray, shape=(40, 40, 24), centre=(20, 20, 12), radius=5.0, seed: int = 0
+) -> dict[str, str]:
     """A CT volume in HU (air, a soft-tissue nodule, noise) and its nodule mask, a ball symmetric
     about the voxel ``centre``: its centre of mass and bounding-box centre coincide."""
     from medtl.nifti import write_nifti
@@ -153,22 +192,31 @@ def test_monai_only_config_passes_the_audit_and_keeps_the_shipped_settings():
     shipped = json.loads((BUNDLE / "configs" / "inference.json").read_text(encoding="utf-8"))
     meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text(encoding="utf-8"))
     resolve = lambda net, n: {k: (n if v == "@num_classes" else v) for k, v in net.items()}  # noqa: E731
-    assert resolve(config["network_def"], config["num_classes"]) == resolve(shipped["network_def"], shipped["num_classes"])
+    assert resolve(config["network_def"], config["num_classes"]) == resolve(
+        shipped["network_def"], shipped["num_classes"]
+    )
     assert config["crop_mm"] == shipped["crop_mm"] and shipped["mask_channel"] is True and shipped["modality"] == "ct"
     assert config["target_spacing"] == [1.0, 1.0, 1.0]  # medtl's preprocessing default
     assert all(float(v) % 2 == 0 for v in config["crop_mm"])  # an even voxel count: the two crops' rounding agrees
     window = next(s for s in steps if s["_target_"].endswith("ScaleIntensityRanged"))
     assert (window["a_min"], window["a_max"]) == CT_WINDOW
     image = meta["network_data_format"]["inputs"]["image"]
-    assert config["spatial_size"] == image["spatial_shape"] and config["network_def"]["n_input_channels"] == image["num_channels"]
+    assert (
+        config["spatial_size"] == image["spatial_shape"]
+        and config["network_def"]["n_input_channels"] == image["num_channels"]
+    )
 
 
 def test_monai_only_config_has_the_inference_workflow_properties():
     """model-zoo's CI builds each inference config as a workflow and checks its properties."""
     from monai.bundle import create_workflow
 
-    workflow = create_workflow(config_file=str(CONFIG), meta_file=str(BUNDLE / "configs" / "metadata.json"),
-                               workflow_type="inference", bundle_root=str(BUNDLE))
+    workflow = create_workflow(
+        config_file=str(CONFIG),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        workflow_type="inference",
+        bundle_root=str(BUNDLE),
+    )
     assert workflow.check_properties() == []
     assert len(workflow.dataset) == 0  # no input given: nothing to run, nothing read
 
@@ -218,10 +266,26 @@ def test_stock_preprocessing_is_medtls_but_for_the_crop_centre(tmp_path):
     stock = parser.get_parsed_content("preprocessing")
     shipped = json.loads((BUNDLE / "configs" / "inference.json").read_text(encoding="utf-8"))
     medtl = medtl_transforms.eval_transforms(modality="ct", mask_channel=True, crop_mm=shipped["crop_mm"])
-    cases = [generated_case(tmp_path, "lps_thick", affine=np.diag([-0.7, -0.8, 2.5, 1.0]), shape=(60, 56, 16), centre=(30, 27, 8),
-                            radius=6.0, seed=6),
-             generated_case(tmp_path, "edge_thick", affine=np.diag([0.7, 0.8, 2.5, 1.0]), shape=(60, 56, 16), centre=(6, 50, 3),
-                            radius=5.0, seed=7)]
+    cases = [
+        generated_case(
+            tmp_path,
+            "lps_thick",
+            affine=np.diag([-0.7, -0.8, 2.5, 1.0]),
+            shape=(60, 56, 16),
+            centre=(30, 27, 8),
+            radius=6.0,
+            seed=6,
+        ),
+        generated_case(
+            tmp_path,
+            "edge_thick",
+            affine=np.diag([0.7, 0.8, 2.5, 1.0]),
+            shape=(60, 56, 16),
+            centre=(6, 50, 3),
+            radius=5.0,
+            seed=7,
+        ),
+    ]
     original = medtl_transforms.mask_center_mm
     medtl_transforms.mask_center_mm = bounding_box_centre_mm
     try:
@@ -257,7 +321,9 @@ def test_without_medtl_the_stock_config_scores_as_medtl_does_where_the_crop_cent
     inline = str([{"image": c["image"], "mask": c["mask"]} for c in cases[:1]])
     run_monai_only("--datalist", inline, "--output_dir", str(tmp_path / "inline"), cwd=tmp_path)
     alone = monai_probabilities(tmp_path / "inline")
-    assert list(alone) == [cases[0]["mask"]] and alone[cases[0]["mask"]] == pytest.approx(monai[cases[0]["mask"]], abs=1e-6)
+    assert list(alone) == [cases[0]["mask"]] and alone[cases[0]["mask"]] == pytest.approx(
+        monai[cases[0]["mask"]], abs=1e-6
+    )
 
 
 @pytest.mark.slow
@@ -273,8 +339,13 @@ def test_without_medtl_the_stock_config_agrees_with_medtl_on_real_nodules(shared
     for r in picked:  # medtl's CSV takes paths relative to itself: link the files beside it
         for key in ("image", "mask"):
             (tmp_path / f"{key}_{Path(r[key]).name}").symlink_to(vois / r[key])
-    cases = [{"image": str(tmp_path / f"image_{Path(r['image']).name}"), "mask": str(tmp_path / f"mask_{Path(r['mask']).name}")}
-             for r in picked]
+    cases = [
+        {
+            "image": str(tmp_path / f"image_{Path(r['image']).name}"),
+            "mask": str(tmp_path / f"mask_{Path(r['mask']).name}"),
+        }
+        for r in picked
+    ]
     table, datalist = write_tables(tmp_path, cases)
     run_medtl("--input_csv", str(table), "--output_dir", str(tmp_path / "tta"), cwd=tmp_path)
     run_medtl("--input_csv", str(table), "--output_dir", str(tmp_path / "plain"), "--tta_axes", "[]", cwd=tmp_path)
@@ -301,7 +372,13 @@ def test_no_roi_and_wrong_modality_are_never_scored_silently(tmp_path):
     good = generated_case(tmp_path, "good", affine=np.diag([1.0, 1.0, 1.0, 1.0]))
     empty = generated_case(tmp_path, "empty", affine=np.diag([1.0, 1.0, 1.0, 1.0]), seed=5)
     write_nifti(Volume(np.zeros((40, 40, 24), np.uint8), np.diag([1.0, 1.0, 1.0, 1.0])), empty["mask"], dtype=np.uint8)
-    info = SeriesInfo(patient_id="X", patient_name="X", study_uid=make_uid("mr-study"), series_uid=make_uid("mr-series"), extra={"Modality": "MR"})
+    info = SeriesInfo(
+        patient_id="X",
+        patient_name="X",
+        study_uid=make_uid("mr-study"),
+        series_uid=make_uid("mr-series"),
+        extra={"Modality": "MR"},
+    )
     hu = np.full((40, 40, 12), 400.0)
     hu[15:25, 15:25, 4:8] = 900.0
     write_ct_series(tmp_path / "mr_series", hu, (1.0, 1.0, 2.0), info)
@@ -309,8 +386,11 @@ def test_no_roi_and_wrong_modality_are_never_scored_silently(tmp_path):
     assert mr.modality == "MR"
     write_nifti(Volume((mr.array > 800).astype(np.uint8), mr.affine), tmp_path / "mr_mask.nii.gz", dtype=np.uint8)
     table = tmp_path / "cases.csv"
-    table.write_text("image,mask\ngood.nii.gz,good_mask.nii.gz\nempty.nii.gz,empty_mask.nii.gz\ngood.nii.gz,\n"
-                     "mr_series,mr_mask.nii.gz\n", encoding="utf-8")
+    table.write_text(
+        "image,mask\ngood.nii.gz,good_mask.nii.gz\nempty.nii.gz,empty_mask.nii.gz\ngood.nii.gz,\n"
+        "mr_series,mr_mask.nii.gz\n",
+        encoding="utf-8",
+    )
     run_medtl("--input_csv", str(table), "--output_dir", str(tmp_path / "medtl"), "--real_ids", "true", cwd=tmp_path)
     written = json.loads((tmp_path / "medtl" / "predictions.json").read_text(encoding="utf-8"))
     assert [p["mask"] for p in written["predictions"]] == ["good_mask.nii.gz"]
@@ -320,12 +400,20 @@ def test_no_roi_and_wrong_modality_are_never_scored_silently(tmp_path):
     assert "is a MR series, but this model reads CT" in reasons["mr_series"]
 
     # MONAI alone: an empty mask leaves nothing to crop (CropForegroundd gives an empty box) and Resized refuses it
-    stopped = run_monai_only("--datalist", str([good, empty]), "--output_dir", str(tmp_path / "monai_empty"), cwd=tmp_path, ok=False)
+    stopped = run_monai_only(
+        "--datalist", str([good, empty]), "--output_dir", str(tmp_path / "monai_empty"), cwd=tmp_path, ok=False
+    )
     assert stopped.returncode != 0 and "Input and output sizes should be greater than 0" in stopped.stderr
     assert not (tmp_path / "monai_empty" / "predictions.csv").exists()
     # ... and a case without a mask has no "mask" for LoadImaged to load
-    stopped = run_monai_only("--datalist", str([{"image": good["image"]}]), "--output_dir", str(tmp_path / "monai_none"),
-                             cwd=tmp_path, ok=False)
+    stopped = run_monai_only(
+        "--datalist",
+        str([{"image": good["image"]}]),
+        "--output_dir",
+        str(tmp_path / "monai_none"),
+        cwd=tmp_path,
+        ok=False,
+    )
     assert stopped.returncode != 0 and "Key `mask` of transform `LoadImaged` was missing" in stopped.stderr
     assert not (tmp_path / "monai_none" / "predictions.csv").exists()
 
@@ -337,7 +425,9 @@ def test_medtl_preprocessing_refuses_a_series_of_another_modality(tmp_path):
     from medtl.errors import MedtlError
     from medtl.transforms import eval_transforms
 
-    info = SeriesInfo(patient_id="X", patient_name="X", study_uid=make_uid("st"), series_uid=make_uid("se"), extra={"Modality": "MR"})
+    info = SeriesInfo(
+        patient_id="X", patient_name="X", study_uid=make_uid("st"), series_uid=make_uid("se"), extra={"Modality": "MR"}
+    )
     write_ct_series(tmp_path / "mr", np.full((24, 24, 6), 300.0), (1.0, 1.0, 2.0), info)
     with pytest.raises(MedtlError, match="'image' is a MR series, but this model reads CT"):
         eval_transforms(modality="ct")({"image": str(tmp_path / "mr")})

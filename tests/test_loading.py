@@ -17,7 +17,10 @@ def _values(loader) -> list[float]:
     return [float(v) for batch in loader for v in batch["image"][:, 0, 0, 0, 0]]
 
 
-@pytest.mark.parametrize(("kind", "workers", "cls"), [("thread", 0, ThreadDataLoader), ("process", 0, DataLoader), ("process", 2, DataLoader)])
+@pytest.mark.parametrize(
+    ("kind", "workers", "cls"),
+    [("thread", 0, ThreadDataLoader), ("process", 0, DataLoader), ("process", 2, DataLoader)],
+)
 def test_every_loader_gives_every_case_once_per_epoch(kind, workers, cls):
     loader = data_loader(Dataset(DATA), batch_size=4, shuffle=True, loader=kind, num_workers=workers)
     assert type(loader) is cls and loader.num_workers == workers
@@ -51,7 +54,10 @@ def test_options_reach_the_loader_as_in_multi_gpu_configs():
     [
         ({"loader": "fork"}, "unknown loader 'fork'; allowed: thread, process"),
         ({"num_workers": -1}, "num_workers must be >= 0, got -1"),
-        ({"on_device": True, "num_workers": 2}, "augmentation on the device runs in the loading thread, but num_workers is 2"),
+        (
+            {"on_device": True, "num_workers": 2},
+            "augmentation on the device runs in the loading thread, but num_workers is 2",
+        ),
     ],
 )
 def test_bad_settings_raise_one_clear_error(options, message):
@@ -80,8 +86,10 @@ def test_resolve_device_picks_cuda_only_when_present_and_names_a_missing_gpu(mon
 def test_demo_adapt_and_fl_refuse_a_missing_gpu_before_any_work(tmp_path, capsys):
     from medtl.cli import main
 
-    for verb in (["demo", "--out", str(tmp_path / "demo")],
-                 ["adapt", "--source", "s.pt", "--manifest", "m.json", "--root", ".", "--out", str(tmp_path / "adapt")]):
+    for verb in (
+        ["demo", "--out", str(tmp_path / "demo")],
+        ["adapt", "--source", "s.pt", "--manifest", "m.json", "--root", ".", "--out", str(tmp_path / "adapt")],
+    ):
         assert main(["-q", *verb, "--device", "cuda:9"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()

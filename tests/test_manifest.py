@@ -57,7 +57,9 @@ def test_demo_manifests_valid_and_split_by_patient(small_demo):
 def test_manifest_has_no_identifiers_or_absolute_paths(small_demo):
     out = small_demo["out"]
     rows = [line.split(",") for line in _site_a_rows(small_demo)[1:]]
-    text = small_demo["sites"]["A"]["manifest"].read_text(encoding="utf-8") + small_demo["sites"]["A"]["scan"].read_text(encoding="utf-8")
+    text = small_demo["sites"]["A"]["manifest"].read_text(encoding="utf-8") + small_demo["sites"]["A"][
+        "scan"
+    ].read_text(encoding="utf-8")
     for patient_id, series_uid, *_ in rows:
         assert patient_id not in text
         assert series_uid not in text
@@ -68,9 +70,15 @@ def test_split_is_seeded_and_stratified(small_demo, tmp_path):
     out = small_demo["out"]
     scan = small_demo["sites"]["A"]["scan"]
     labels = out / "site_A" / "labels.csv"
-    a = build_manifest_file(labels=labels, classes=CLASSES, out=tmp_path / "a.json", scan=scan, root=out, seed=3, progress=False)
-    build_manifest_file(labels=labels, classes=CLASSES, out=tmp_path / "b.json", scan=scan, root=out, seed=3, progress=False)
-    c = build_manifest_file(labels=labels, classes=CLASSES, out=tmp_path / "c.json", scan=scan, root=out, seed=4, progress=False)
+    a = build_manifest_file(
+        labels=labels, classes=CLASSES, out=tmp_path / "a.json", scan=scan, root=out, seed=3, progress=False
+    )
+    build_manifest_file(
+        labels=labels, classes=CLASSES, out=tmp_path / "b.json", scan=scan, root=out, seed=3, progress=False
+    )
+    c = build_manifest_file(
+        labels=labels, classes=CLASSES, out=tmp_path / "c.json", scan=scan, root=out, seed=4, progress=False
+    )
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     split_a = {x["patient_key"]: x["split"] for x in a["cases"]}
     split_c = {x["patient_key"]: x["split"] for x in c["cases"]}
@@ -88,7 +96,14 @@ def test_refuses_bad_rows_naming_them(small_demo, tmp_path):
     text = "\n".join([header, bad_label, ",".join(unknown_series), *rest, rest[0]]) + "\n"
     labels = _labels(out / "site_A" / "bad_labels.csv", text)
     with pytest.raises(ManifestError) as err:
-        build_manifest_file(labels=labels, classes=CLASSES, out=tmp_path / "m.json", scan=small_demo["sites"]["A"]["scan"], root=out, progress=False)
+        build_manifest_file(
+            labels=labels,
+            classes=CLASSES,
+            out=tmp_path / "m.json",
+            scan=small_demo["sites"]["A"]["scan"],
+            root=out,
+            progress=False,
+        )
     msg = str(err.value)
     assert "bad_labels.csv" in msg
     assert "row 2: unknown label 'malignent'" in msg
@@ -105,10 +120,19 @@ def test_refuses_fixed_split_leakage(small_demo, tmp_path):
     patient = first.split(",")[0]
     nii = out / "site_A" / "extra_lesion.nii.gz"
     write_nifti(Volume(np.zeros((8, 8, 8), np.float32), np.eye(4)), nii)
-    text = "\n".join([header + ",image,split", first + ",,train", f"{patient},,benign,A,,extra_lesion.nii.gz,test"]) + "\n"
+    text = (
+        "\n".join([header + ",image,split", first + ",,train", f"{patient},,benign,A,,extra_lesion.nii.gz,test"]) + "\n"
+    )
     labels = _labels(out / "site_A" / "leak.csv", text)
     with pytest.raises(ManifestError, match="leakage"):
-        build_manifest_file(labels=labels, classes=CLASSES, out=tmp_path / "m.json", scan=out / "scans" / "site_A.json", root=out, progress=False)
+        build_manifest_file(
+            labels=labels,
+            classes=CLASSES,
+            out=tmp_path / "m.json",
+            scan=out / "scans" / "site_A.json",
+            root=out,
+            progress=False,
+        )
 
 
 def test_label_table_errors(tmp_path):
@@ -130,7 +154,14 @@ def test_nifti_only_manifest_and_datalist(tmp_path):
         lines.append(f"p{i},{CLASSES[i % 2]},img{i}.nii.gz,1 2 3,10;10;10")
     labels = _labels(root / "labels.csv", "\n".join(lines) + "\n")
     out = tmp_path / "manifests" / "m.json"
-    manifest = build_manifest_file(labels=labels, classes=CLASSES, out=out, site="S1", fractions={"train": 0.5, "val": 0.25, "test": 0.25}, progress=False)
+    manifest = build_manifest_file(
+        labels=labels,
+        classes=CLASSES,
+        out=out,
+        site="S1",
+        fractions={"train": 0.5, "val": 0.25, "test": 0.25},
+        progress=False,
+    )
     assert (tmp_path / "manifests" / ".medtl-salt").exists()
     assert manifest["counts"]["cases"] == 12
     items = datalist(load_manifest(out), root, ("train", "val", "test"))

@@ -40,7 +40,9 @@ REQUIRED = ("configs/metadata.json", "configs/inference.json", "LICENSE", "docs/
 def _committed(bundle: Path) -> list[Path]:
     """The bundle's files under version control (every file when there is no git checkout)."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--", "."], cwd=bundle, capture_output=True, check=True, timeout=30).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--", "."], cwd=bundle, capture_output=True, check=True, timeout=30
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return sorted(p for p in bundle.rglob("*") if p.is_file())
     return sorted(bundle / name for name in out.decode().split("\0") if name)
@@ -91,7 +93,9 @@ def _export(name: str, tmp_path: Path) -> Path:
     parser = ConfigParser()
     parser.read_config(template_dir(name) / "configs" / "inference.json")
     torch.manual_seed(0)
-    return export_bundle(parser.get_parsed_content("network_def"), tmp_path / name, template=name, torchscript=False, onnx=False)["path"]
+    return export_bundle(
+        parser.get_parsed_content("network_def"), tmp_path / name, template=name, torchscript=False, onnx=False
+    )["path"]
 
 
 def check_template(name: str, tmp_path: Path) -> None:
@@ -129,7 +133,12 @@ def test_lidc_nodule_malignancy(tmp_path):
     check_shipped(bundle, _committed(bundle))
     assert sorted(_large_files(bundle)) == ["models/model.onnx", "models/model.pt", "models/model.ts"]
     licence = (bundle / "docs" / "data_license.txt").read_text(encoding="utf-8")
-    for text in ("CC BY 3.0", "https://creativecommons.org/licenses/by/3.0/", "10.7937/K9/TCIA.2015.LO9QL9SX", "10.1118/1.3528204"):
+    for text in (
+        "CC BY 3.0",
+        "https://creativecommons.org/licenses/by/3.0/",
+        "10.7937/K9/TCIA.2015.LO9QL9SX",
+        "10.1118/1.3528204",
+    ):
         assert text in licence
     assert "not stated" not in licence
 
@@ -193,8 +202,10 @@ def test_model_zoo_ci(tmp_path):
     check = _model_zoo_check()
     model_zoo = check.model_zoo_checkout()
     if model_zoo is None:
-        pytest.skip(f"{check.ENV_VAR} names no model-zoo checkout (git clone https://github.com/Project-MONAI/model-zoo; "
-                    f"export {check.ENV_VAR}=<path>); docs/model-zoo.md")
+        pytest.skip(
+            f"{check.ENV_VAR} names no model-zoo checkout (git clone https://github.com/Project-MONAI/model-zoo; "
+            f"export {check.ENV_VAR}=<path>); docs/model-zoo.md"
+        )
     if importlib.util.find_spec("pre_commit_hooks") is None:
         pytest.skip(f"pre-commit-hooks not installed in {sys.prefix}: pip install -e '.[model-zoo]'")
     report = check.check(model_zoo, tmp_path / "tree", ("min",))

@@ -44,8 +44,13 @@ def test_network_def_takes_a_literal_class_count_and_needs_no_metadata(bundle, c
     from monai.bundle import ConfigParser, verify_net_in_out
 
     assert _config(bundle, config)["num_classes"] == _classes(bundle)  # a literal, the metadata's count
-    verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
-                      config_file=str(bundle / "configs" / config), bundle_root=str(tmp_path), device="cpu")
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        config_file=str(bundle / "configs" / config),
+        bundle_root=str(tmp_path),
+        device="cpu",
+    )
     parser = ConfigParser()
     parser.read_config(bundle / "configs" / config)
     parser["bundle_root"] = str(tmp_path)
@@ -55,9 +60,27 @@ def test_network_def_takes_a_literal_class_count_and_needs_no_metadata(bundle, c
 @pytest.mark.parametrize("bundle", [b for b in BUNDLES if b.name == "tumor_cls_finetune"], ids=lambda b: b.name)
 def test_verify_net_in_out_cli_on_train_json(bundle):
     """What model-zoo CI types, on the config that used to need a manifest for its class count."""
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
-                           "configs/metadata.json", "--config_file", "configs/train.json", "--bundle_root", "."],
-                          cwd=bundle, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(), timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_net_in_out",
+            "network_def",
+            "--meta_file",
+            "configs/metadata.json",
+            "--config_file",
+            "configs/train.json",
+            "--bundle_root",
+            ".",
+        ],
+        cwd=bundle,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "verified with no error" in done.stdout + done.stderr
 
@@ -109,11 +132,18 @@ def monai_checks(tmp_path_factory):
     one child process: MONAI's workflow sets global state (logging, seeds, the working directory's
     runs/ for bundle_root ".") that a test process should not keep."""
     work = tmp_path_factory.mktemp("monai_checks")
-    done = subprocess.run([sys.executable, "-c", _CHECKS, str(REPO), str(work), json.dumps(NAMES), json.dumps(BUILD_WITHOUT_DATA)],
-                          cwd=work, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(), timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", _CHECKS, str(REPO), str(work), json.dumps(NAMES), json.dumps(BUILD_WITHOUT_DATA)],
+        cwd=work,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+        timeout=900,
+    )
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULTS ")), None)
     assert done.returncode == 0 and line, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(line[len("RESULTS "):])
+    return json.loads(line[len("RESULTS ") :])
 
 
 @pytest.mark.parametrize("config", ("inference", "evaluate", "train"))
@@ -177,8 +207,12 @@ def test_one_preprocessing_serves_files_and_in_memory_images(ct_file, tmp_path):
     from_file = pre({"image": str(ct_file)})["image"]
     assert tuple(from_file.shape) == (1, 32, 32, 32)
 
-    loaded = LoadVolumed(keys="image", ensure_channel_first=False)({"image": str(ct_file)})["image"]  # channel-less, as Deploy's is
-    pre.transforms = tuple(t for t in pre.transforms if not any(s in type(t).__name__ for s in ("LoadImage", "SaveImage")))
+    loaded = LoadVolumed(keys="image", ensure_channel_first=False)({"image": str(ct_file)})[
+        "image"
+    ]  # channel-less, as Deploy's is
+    pre.transforms = tuple(
+        t for t in pre.transforms if not any(s in type(t).__name__ for s in ("LoadImage", "SaveImage"))
+    )
     in_memory = pre({"image": loaded})["image"]
     assert torch.allclose(torch.as_tensor(in_memory), torch.as_tensor(from_file))
 
@@ -194,8 +228,10 @@ def test_loader_leaves_images_already_loaded(ct_file):
     assert out["image"] is image and tuple(out["mask"].shape) == (1, 40, 36, 16)
 
 
-@pytest.mark.parametrize(("config", "give"), [("inference.json", "--input_dir"), ("evaluate.json", "--manifest"),
-                                               ("train.json", "--manifest")])
+@pytest.mark.parametrize(
+    ("config", "give"),
+    [("inference.json", "--input_dir"), ("evaluate.json", "--manifest"), ("train.json", "--manifest")],
+)
 def test_a_run_without_input_says_what_to_pass(config, give, tmp_path):
     """Built without input, the workflow's ``run`` stops at its first step instead of MONAI
     skipping an empty run with a warning."""
@@ -236,8 +272,14 @@ def test_export_writes_the_networks_class_count_into_the_configs(tmp_path):
     names = ["benign", "malignant", "uncertain"]
     net = resnet10(spatial_dims=3, n_input_channels=1, num_classes=3, widen_factor=0.5)
     dest = tmp_path / "tumor_cls_finetune"
-    export_bundle(net, dest, template="tumor_cls_finetune", metadata={"network_data_format": network_data_format_with_classes(names)},
-                  torchscript=False, onnx=False)
+    export_bundle(
+        net,
+        dest,
+        template="tumor_cls_finetune",
+        metadata={"network_data_format": network_data_format_with_classes(names)},
+        torchscript=False,
+        onnx=False,
+    )
     for name in ("train.json", "evaluate.json", "inference.json"):
         assert _config(dest, name)["num_classes"] == 3, name
     assert _config(dest, "multi_gpu_train.json").get("num_classes") is None  # an overlay: train.json's count applies

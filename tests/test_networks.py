@@ -30,7 +30,12 @@ from medtl.weights import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 # one of each family, small: a 2D build is enough to check module paths
-SAMPLES = {"resnet10": {"widen_factor": 0.25}, "resnet50": {"widen_factor": 0.25}, "densenet121": {}, "efficientnet-b0": {}}
+SAMPLES = {
+    "resnet10": {"widen_factor": 0.25},
+    "resnet50": {"widen_factor": 0.25},
+    "densenet121": {},
+    "efficientnet-b0": {},
+}
 
 
 @pytest.mark.parametrize("arch", SAMPLES)
@@ -85,7 +90,9 @@ def test_nvflare_server_builds_the_registrys_resnet():
     assert {k: v.shape for k, v in built.items()} == {k: v.shape for k, v in expected.items()}
 
 
-@pytest.mark.parametrize("bundle", ["tumor_cls_source", "tumor_cls_finetune", "tumor_cls_distill", "lidc_nodule_malignancy"])
+@pytest.mark.parametrize(
+    "bundle", ["tumor_cls_source", "tumor_cls_finetune", "tumor_cls_distill", "lidc_nodule_malignancy"]
+)
 def test_bundle_network_def_is_the_registrys_resnet(bundle):
     configs = REPO / "bundles" / bundle / "configs"
     parser = ConfigParser()
@@ -95,4 +102,6 @@ def test_bundle_network_def_is_the_registrys_resnet(bundle):
     args = json.loads((configs / "inference.json").read_text(encoding="utf-8"))["network_def"]
     expected = resnet(args["widen_factor"], network.fc.out_features, in_channels=args["n_input_channels"])
     assert family_of(network) is family_of(expected)
-    assert {k: v.shape for k, v in network.state_dict().items()} == {k: v.shape for k, v in expected.state_dict().items()}
+    assert {k: v.shape for k, v in network.state_dict().items()} == {
+        k: v.shape for k, v in expected.state_dict().items()
+    }

@@ -35,14 +35,24 @@ def bundle(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     network = resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.5)
-    return export_bundle(network, tmp_path_factory.mktemp("bundles") / "tumor_cls_finetune", template="tumor_cls_finetune",
-                         torchscript=False, onnx=False)["path"]
+    return export_bundle(
+        network,
+        tmp_path_factory.mktemp("bundles") / "tumor_cls_finetune",
+        template="tumor_cls_finetune",
+        torchscript=False,
+        onnx=False,
+    )["path"]
 
 
 def _series(folder: Path, name: str, *, positions_lps: np.ndarray | None = None) -> list[Path]:
     """A tiny CT series (40 x 40 x 12 voxels) of one patient carrying the planted identifiers."""
-    info = SeriesInfo(patient_id=PLANTED[1], patient_name=PLANTED[0], study_uid=make_uid(f"study-{name}"),
-                      series_uid=make_uid(f"series-{name}"), series_number=2)
+    info = SeriesInfo(
+        patient_id=PLANTED[1],
+        patient_name=PLANTED[0],
+        study_uid=make_uid(f"study-{name}"),
+        series_uid=make_uid(f"series-{name}"),
+        series_number=2,
+    )
     hu = np.random.default_rng(len(name)).integers(-1000, 400, size=(40, 40, 12)).astype(np.float64)
     return write_ct_series(folder, hu, (0.9, 0.9, 2.5), info, positions_lps=positions_lps)
 
@@ -79,8 +89,25 @@ def _key(folder: str, salt: str, number: int = 2) -> str:
 
 def monai_run(bundle: Path, *args: str) -> subprocess.CompletedProcess:
     """The bundle's inference.json through ``python -m monai.bundle run``, as a site would run it."""
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
-                           *args], cwd=bundle, capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(), timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--bundle_root",
+            ".",
+            *args,
+        ],
+        cwd=bundle,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -98,9 +125,13 @@ def test_predictions_are_the_bundles_own_with_a_confidence_flag(bundle, incoming
     assert all(r["id"].startswith("dir-") and r["id"].endswith("#2") for r in rows)
     assert list(rows[0]) == ["id", "series", "prob_benign", "prob_malignant", "pred", "model_version", "confidence"]
     report = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
-    assert report["model"] == {"name": "tumor_cls_finetune", "version": "0.1.0"} and report["confidence_threshold"] == 0.8
+    assert (
+        report["model"] == {"name": "tumor_cls_finetune", "version": "0.1.0"} and report["confidence_threshold"] == 0.8
+    )
     for row in report["predictions"]:
-        assert row["series"].startswith("ser-") and row["pred"] == max(("benign", "malignant"), key=lambda c: row[f"prob_{c}"])
+        assert row["series"].startswith("ser-") and row["pred"] == max(
+            ("benign", "malignant"), key=lambda c: row[f"prob_{c}"]
+        )
         assert row["confidence"] == confidence_flag(top_probability(row), 0.8)
 
     # the same bundle through MONAI's own CLI, with the same salt: the same ids, keyed once, by the bundle
@@ -111,10 +142,17 @@ def test_predictions_are_the_bundles_own_with_a_confidence_flag(bundle, incoming
     own = json.loads((reference / "predictions.json").read_text(encoding="utf-8"))
     assert [{k: v for k, v in r.items() if k != "confidence"} for r in report["predictions"]] == own["predictions"]
     assert report["skipped"] == own["skipped"]
-    assert [r["id"] for r in csv.DictReader((reference / "predictions.csv").open(encoding="utf-8"))] == [r["id"] for r in rows]
-    for text in ((reference / "predictions.csv").read_text(encoding="utf-8"), (reference / "predictions.json").read_text(encoding="utf-8")):
+    assert [r["id"] for r in csv.DictReader((reference / "predictions.csv").open(encoding="utf-8"))] == [
+        r["id"] for r in rows
+    ]
+    for text in (
+        (reference / "predictions.csv").read_text(encoding="utf-8"),
+        (reference / "predictions.json").read_text(encoding="utf-8"),
+    ):
         assert "b/ct" not in text and "broken" not in text and str(incoming["root"]) not in text
-    assert "b/ct" not in done.stdout + done.stderr and "broken" not in done.stdout + done.stderr  # (MONAI logs its arguments)
+    assert (
+        "b/ct" not in done.stdout + done.stderr and "broken" not in done.stdout + done.stderr
+    )  # (MONAI logs its arguments)
 
 
 def test_skipped_series_are_listed_and_the_good_ones_predicted(predicted):
@@ -131,7 +169,14 @@ def test_skipped_series_are_listed_and_the_good_ones_predicted(predicted):
 def test_confidence_flag_asks_for_review_below_the_threshold():
     assert confidence_flag(0.8, 0.8) == "ok" and confidence_flag(0.95, 0.8) == "ok"
     assert confidence_flag(0.79, 0.8) == "review" and confidence_flag(0.5, 0.0) == "ok"
-    row = {"id": "a#1", "series": "ser-1", "prob_benign": 0.3, "prob_malignant": 0.7, "pred": "malignant", "confidence": "review"}
+    row = {
+        "id": "a#1",
+        "series": "ser-1",
+        "prob_benign": 0.3,
+        "prob_malignant": 0.7,
+        "pred": "malignant",
+        "confidence": "review",
+    }
     table = format_predictions({"predictions": [row], "skipped": [], "confidence_threshold": 0.8})
     assert table.splitlines()[1].split() == ["ser-1", "malignant", "0.700", "review"]
     assert "1 to review: top probability below 0.8" in table
@@ -159,8 +204,13 @@ def test_secondary_capture_files_with_the_source_study(incoming, predicted):
         pixels = sc.pixel_array
         assert pixels.shape == (256, 256, 3) and pixels.dtype == np.uint8  # the 32-voxel crop, upscaled 8x
         assert pixels.std() > 0
-        assert {r.ReferencedSOPInstanceUID for r in sc.SourceImageSequence} == {s.SOPInstanceUID for s in _source(incoming, row, _salt(out))}
-        assert str(incoming["root"].parent).encode() not in path.read_bytes() and str(out).encode() not in path.read_bytes()
+        assert {r.ReferencedSOPInstanceUID for r in sc.SourceImageSequence} == {
+            s.SOPInstanceUID for s in _source(incoming, row, _salt(out))
+        }
+        assert (
+            str(incoming["root"].parent).encode() not in path.read_bytes()
+            and str(out).encode() not in path.read_bytes()
+        )
 
 
 def _items(dataset: pydicom.Dataset):
@@ -183,13 +233,18 @@ def test_sr_holds_the_class_probability_model_and_evidence(incoming, predicted):
         assert sr.SeriesInstanceUID != sources[0].SeriesInstanceUID
         finding = _item(sr, "121071").ConceptCodeSequence[0]  # DCM Finding
         assert finding.CodeMeaning == row["pred"] and finding.CodeValue == str(result["class_names"].index(row["pred"]))
-        assert float(_item(sr, "122157").MeasuredValueSequence[0].NumericValue) == pytest.approx(top_probability(row))  # DCM Probability
-        assert _item(sr, "111001").TextValue == "tumor_cls_finetune" and _item(sr, "111003").TextValue == "0.1.0"  # algorithm
+        assert float(_item(sr, "122157").MeasuredValueSequence[0].NumericValue) == pytest.approx(
+            top_probability(row)
+        )  # DCM Probability
+        assert (
+            _item(sr, "111001").TextValue == "tumor_cls_finetune" and _item(sr, "111003").TextValue == "0.1.0"
+        )  # algorithm
         evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
         assert evidence.StudyInstanceUID == sources[0].StudyInstanceUID
         assert evidence.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
-        assert {r.ReferencedSOPInstanceUID for r in evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence} == \
-            {s.SOPInstanceUID for s in sources}
+        assert {r.ReferencedSOPInstanceUID for r in evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence} == {
+            s.SOPInstanceUID for s in sources
+        }
 
 
 def test_real_ids_name_the_folders_and_spreadsheet_formulas_stay_text(bundle, incoming, tmp_path, capsys):
@@ -202,7 +257,10 @@ def test_real_ids_name_the_folders_and_spreadsheet_formulas_stay_text(bundle, in
     rows = list(csv.DictReader(text.splitlines()))
     assert [r["id"] for r in rows] == ["'=cmd|' /C calc'!A0#2"] and text.splitlines()[1].startswith("'=cmd")
     assert 0.0 <= float(rows[0]["prob_benign"]) <= 1.0  # numbers stay numbers
-    assert json.loads((out / "predictions.json").read_text(encoding="utf-8"))["predictions"][0]["id"] == "=cmd|' /C calc'!A0#2"
+    assert (
+        json.loads((out / "predictions.json").read_text(encoding="utf-8"))["predictions"][0]["id"]
+        == "=cmd|' /C calc'!A0#2"
+    )
 
     result = predict(incoming["root"], bundle, tmp_path / "real", real_ids=True, progress=False)
     assert [r["id"] for r in result["predictions"]] == ["a#2", "b/ct#2"]
@@ -220,7 +278,9 @@ def test_monai_bundle_run_keys_folders_unless_real_ids_and_writes_formulas_as_te
     key = folder_key("=cmd|' /C calc'!A0", _salt(keyed))
     assert [r["id"] for r in csv.DictReader((keyed / "predictions.csv").open(encoding="utf-8"))] == [f"{key}#2"]
     skipped = json.loads((keyed / "predictions.json").read_text(encoding="utf-8"))["skipped"]
-    assert [s["id"] for s in skipped] == [f"{key}/notes.txt"] and "cmd" not in (keyed / "predictions.json").read_text(encoding="utf-8")
+    assert [s["id"] for s in skipped] == [f"{key}/notes.txt"] and "cmd" not in (keyed / "predictions.json").read_text(
+        encoding="utf-8"
+    )
 
     monai_run(bundle, "--input_dir", str(formula), "--output_dir", str(real), "--real_ids", "true")
     text = (real / "predictions.csv").read_text(encoding="utf-8")
@@ -248,13 +308,31 @@ def test_predictions_and_logs_name_no_patient_and_no_path(bundle, incoming, tmp_
 
 def test_cli_prints_the_table_and_writes_the_files(bundle, incoming, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["predict", str(incoming["root"]), "--bundle", str(bundle), "-o", str(out), "--confidence", "0.5", "--sr", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(incoming["root"]),
+                "--bundle",
+                str(bundle),
+                "-o",
+                str(out),
+                "--confidence",
+                "0.5",
+                "--sr",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     assert lines[0].split() == ["series", "prediction", "probability", "confidence"]
     rows = list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))
     for row in rows:
-        assert f"{row['series']}" in printed and "ok" == row["confidence"]  # every top probability of two classes is >= 0.5
+        assert (
+            f"{row['series']}" in printed and "ok" == row["confidence"]
+        )  # every top probability of two classes is >= 0.5
     assert "2 series predicted (0 to review" in printed and "2 skipped" in printed and "2 DICOM objects" in printed
     assert PLANTED[0] not in printed and PLANTED[1] not in printed
     assert sorted(p.name for p in (out / "dicom").iterdir()) == sorted(f"{r['series']}_sr.dcm" for r in rows)
@@ -263,8 +341,13 @@ def test_cli_prints_the_table_and_writes_the_files(bundle, incoming, tmp_path, c
 def test_user_errors_are_one_line_messages(bundle, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "medtl.cli", "predict", str(empty), "--bundle", str(tmp_path / "nothing")],
-                          capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "medtl.cli", "predict", str(empty), "--bundle", str(tmp_path / "nothing")],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("medtl: error: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "configs/inference.json" in proc.stderr
 

@@ -23,36 +23,71 @@ def _labels(text: str) -> set[str]:
     return {found.rsplit(" '", 1)[0] for found in find_identifiers(text)}
 
 
-@pytest.mark.parametrize("text", ["DOB: 03/14/1951", "date of birth 3/4/1951", "born on 12/31/1960", "D.O.B. 14.3.1951",
-                                  "birth date 1951-03-14", "dob 19510314"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "DOB: 03/14/1951",
+        "date of birth 3/4/1951",
+        "born on 12/31/1960",
+        "D.O.B. 14.3.1951",
+        "birth date 1951-03-14",
+        "dob 19510314",
+    ],
+)
 def test_birth_dates_in_us_iso_and_dicom_form(text):
     assert "birth date" in _labels(text)
 
 
-@pytest.mark.parametrize("text", ["MRN 12345", "MRN: 0012345", "mrn#123456", "MRN-774411", "medical record number: 998877"])
+@pytest.mark.parametrize(
+    "text", ["MRN 12345", "MRN: 0012345", "mrn#123456", "MRN-774411", "medical record number: 998877"]
+)
 def test_medical_record_numbers(text):
     assert _labels(text) == {"medical record number"}
 
 
-@pytest.mark.parametrize("text", ["the patient John Smith was scanned twice", "Patient: Jane Doe", "pt. Maria Garcia",
-                                  "Name: José Álvarez-Núñez", "patient's name: Mary O'Brien", '{"patient": "John Smith"}',
-                                  "Patient Name: John Smith", "seen with pt J. Smith", "Patient data name: Jane Doe"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the patient John Smith was scanned twice",
+        "Patient: Jane Doe",
+        "pt. Maria Garcia",
+        "Name: José Álvarez-Núñez",
+        "patient's name: Mary O'Brien",
+        '{"patient": "John Smith"}',
+        "Patient Name: John Smith",
+        "seen with pt J. Smith",
+        "Patient data name: Jane Doe",
+    ],
+)
 def test_person_names_after_patient_words(text):
     found = find_identifiers(text)
     assert [f.rsplit(" '", 1)[0] for f in found] == ["person name after a patient word"]
     assert not any(part in found[0] for part in ("John", "Jane", "Maria", "Smith", "Doe"))  # masked
 
 
-@pytest.mark.parametrize("text", [
-    "medtl 1.2.2024 adds the mask channel",  # a version string
-    "sensitivity 12/31 at the chosen threshold",  # a ratio
-    "released 12/31/2024",  # a date, but no birth word: dates alone are not flagged (as ISO dates are not)
-    "the DOB field was 12/31",  # no year
-    "with patient-level bootstrap CIs", "## Patient Selection Criteria", "Patient Data Sheet", "Patient CT Scan",
-    "patient MRI Findings", "Patient\nJohn Smith",  # a heading, not a sentence
-    "set in 12 pt Arial Bold", "model_name: Tumor Classifier", '"name": "Lung Nodule Detection"', "name: tumor_cls_finetune",
-    "MRN mapping", "mrn 12", "patient key pat-3f2a9c", "ratio 3/4",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "medtl 1.2.2024 adds the mask channel",  # a version string
+        "sensitivity 12/31 at the chosen threshold",  # a ratio
+        "released 12/31/2024",  # a date, but no birth word: dates alone are not flagged (as ISO dates are not)
+        "the DOB field was 12/31",  # no year
+        "with patient-level bootstrap CIs",
+        "## Patient Selection Criteria",
+        "Patient Data Sheet",
+        "Patient CT Scan",
+        "patient MRI Findings",
+        "Patient\nJohn Smith",  # a heading, not a sentence
+        "set in 12 pt Arial Bold",
+        "model_name: Tumor Classifier",
+        '"name": "Lung Nodule Detection"',
+        "name: tumor_cls_finetune",
+        "MRN mapping",
+        "mrn 12",
+        "patient key pat-3f2a9c",
+        "ratio 3/4",
+    ],
+)
 def test_look_alikes_are_not_reported(text):
     assert find_identifiers(text) == []
 
@@ -93,13 +128,19 @@ def test_gzip_files_are_decompressed(tmp_path):
 
 
 def test_zip_members_and_nested_zips_are_read(tmp_path):
-    inner = _zip_bytes({"cases.csv": b"mrn,label\nMRN 556677,benign\n", "more.txt.gz": gzip.compress(b"pt. Maria Garcia")})
+    inner = _zip_bytes(
+        {"cases.csv": b"mrn,label\nMRN 556677,benign\n", "more.txt.gz": gzip.compress(b"pt. Maria Garcia")}
+    )
     path = tmp_path / "examples.zip"
     path.write_bytes(_zip_bytes({"docs/readme.md": "Patient: Jane Doe".encode("utf-16"), "inner.zip": inner}))
     parts = _scanned(path)
     assert set(parts) == {"", "#docs/readme.md", "#inner.zip", "#inner.zip#cases.csv", "#inner.zip#more.txt.gz"}
     assert parts[""] == "docs/readme.md\ninner.zip" and parts["#inner.zip"] == "cases.csv\nmore.txt.gz"
-    assert _labels(parts["#docs/readme.md"]) == _labels(parts["#inner.zip#more.txt.gz"]) == {"person name after a patient word"}
+    assert (
+        _labels(parts["#docs/readme.md"])
+        == _labels(parts["#inner.zip#more.txt.gz"])
+        == {"person name after a patient word"}
+    )
     assert _labels(parts["#inner.zip#cases.csv"]) == {"medical record number"}
 
 
@@ -118,9 +159,11 @@ def test_archives_nested_too_deep_are_reported_not_opened(tmp_path):
 def test_a_zip_bomb_is_reported_not_inflated(tmp_path, monkeypatch, kind):
     monkeypatch.setattr(textscan, "MAX_DECOMPRESSED_BYTES", 1 << 20)
     zeros = bytes(2 << 20)  # 2 MiB of zeros deflate to a few KiB
-    data = {"zip": lambda: _zip_bytes({"a.txt": b"fine", "zeros.bin": zeros, "b.txt": b"not reached"}),
-            "gzip": lambda: gzip.compress(zeros),
-            "nested zip": lambda: _zip_bytes({"inner.zip": _zip_bytes({"zeros.bin": zeros})})}[kind]()
+    data = {
+        "zip": lambda: _zip_bytes({"a.txt": b"fine", "zeros.bin": zeros, "b.txt": b"not reached"}),
+        "gzip": lambda: gzip.compress(zeros),
+        "nested zip": lambda: _zip_bytes({"inner.zip": _zip_bytes({"zeros.bin": zeros})}),
+    }[kind]()
     path = tmp_path / "bomb"
     path.write_bytes(data)
     parts = list(file_texts(path))

@@ -23,7 +23,9 @@ def _items(n: int, seed: int, *, labeled: bool = True, shift: float = 0.0) -> li
         label = i % 2
         image = torch.rand(1, 12, 12, 12, generator=g) * 0.5 + shift
         image[:, 4:8, 4:8, 4:8] += 0.8 * label
-        out.append({"case_id": f"{seed}-{i}", "patient": f"p{seed}-{i}", "image": image, "label": label if labeled else -1})
+        out.append(
+            {"case_id": f"{seed}-{i}", "patient": f"p{seed}-{i}", "image": image, "label": label if labeled else -1}
+        )
     return out
 
 
@@ -44,12 +46,16 @@ def test_source_then_finetune_then_distill(tmp_path):
     unlabeled = _items(12, 4, labeled=False, shift=0.3)
 
     source = _net()
-    fitted = train(source, source_train, source_val, TrainRecipe(epochs=4, batch_size=8, augment="none"), progress=False)
+    fitted = train(
+        source, source_train, source_val, TrainRecipe(epochs=4, batch_size=8, augment="none"), progress=False
+    )
     assert len(fitted["val_auc"]) == 4 and fitted["best_val_auc"] == max(fitted["val_auc"])
 
     # a new label space: three target classes, so the head is replaced; AdaBN sees the target scans
     model = copy.deepcopy(source)
-    recipe = FineTuneRecipe(epochs=4, head_epochs=2, unfreeze_every=1, patience=None, augment="none", batch_size=4, selection="val")
+    recipe = FineTuneRecipe(
+        epochs=4, head_epochs=2, unfreeze_every=1, patience=None, augment="none", batch_size=4, selection="val"
+    )
     three = [{**d, "label": i % 3} for i, d in enumerate(target_train)]
     three_val = [{**d, "label": i % 3} for i, d in enumerate(target_val)]
     stem_before = model.conv1.weight.detach().clone()
@@ -60,7 +66,9 @@ def test_source_then_finetune_then_distill(tmp_path):
     assert trainable[0] == ["head"] and len(trainable[-1]) > len(trainable[0])  # head first, then more groups
     assert trainable[-1] == ["layer3", "layer4", "head"]  # epoch 4: two groups below the head
     assert torch.equal(stem_before, model.conv1.weight)  # never unfrozen in 4 epochs (whichever epoch was best)
-    assert 0 <= result["best_epoch"] <= 4 and len(result["val_auc"]) == 5  # epoch 0: the unadapted model, a candidate too
+    assert (
+        0 <= result["best_epoch"] <= 4 and len(result["val_auc"]) == 5
+    )  # epoch 0: the unadapted model, a candidate too
     assert result["adabn"]["kept"]  # a new head: AdaBN always applies
     assert result["recipe"]["l2sp"] == recipe.l2sp
 
@@ -71,9 +79,17 @@ def test_source_then_finetune_then_distill(tmp_path):
     assert len(result["schedule"][0]["trainable"]) > 1  # every group trains from the first epoch
 
     student = _net(widen=0.0625)
-    out = distill(source, student, target_train, unlabeled, target_val,
-                  DistillRecipe(epochs=3, threshold=0.5, patience=None, augment="none", batch_size=8),
-                  class_names=["dark", "bright"], cache_dir=tmp_path, progress=False)
+    out = distill(
+        source,
+        student,
+        target_train,
+        unlabeled,
+        target_val,
+        DistillRecipe(epochs=3, threshold=0.5, patience=None, augment="none", batch_size=8),
+        class_names=["dark", "bright"],
+        cache_dir=tmp_path,
+        progress=False,
+    )
     report = out["pseudo_labels"]
     assert report["labeled"] == 8 and report["unlabeled"] == 12
     assert sum(report["pseudo_labels_kept"].values()) + report["below_threshold"] == 12
@@ -121,8 +137,18 @@ def test_bf16_autocast_trains_and_the_schedule_sees_through_the_wrapper():
 
     source = _net()
     tuned = copy.deepcopy(source)
-    recipe = FineTuneRecipe(epochs=1, head_epochs=1, batch_size=4, adabn=False, keep_source=False, l2sp=0.01,
-                            channels_last=True, bf16=True, patience=None, selection="val")
+    recipe = FineTuneRecipe(
+        epochs=1,
+        head_epochs=1,
+        batch_size=4,
+        adabn=False,
+        keep_source=False,
+        l2sp=0.01,
+        channels_last=True,
+        bf16=True,
+        patience=None,
+        selection="val",
+    )
     run = finetune(tuned, _items(8, 0), _items(4, 1), recipe, progress=False)
     assert run["epochs_run"] == 1 and run["train_loss"][0] == run["train_loss"][0]  # a finite float32 loss
     assert torch.equal(tuned.conv1.weight, source.conv1.weight)  # head epoch: the frozen backbone did not move
@@ -174,8 +200,15 @@ def test_kfold_selection_chooses_the_epoch_on_every_labeled_case_then_trains_on_
     target_train, target_val = _items(10, 2, shift=0.3), _items(6, 3, shift=0.3)
     recipe = FineTuneRecipe(epochs=3, head_epochs=1, unfreeze_every=1, augment="none", batch_size=4, folds=3)
     tuned = copy.deepcopy(source)
-    run = finetune(tuned, target_train, target_val, recipe, unlabeled_items=_items(6, 4, labeled=False, shift=0.3),
-                   progress=False, seed=0)
+    run = finetune(
+        tuned,
+        target_train,
+        target_val,
+        recipe,
+        unlabeled_items=_items(6, 4, labeled=False, shift=0.3),
+        progress=False,
+        seed=0,
+    )
     assert run["adabn"]["judged_on"] == 16 and run["adabn"]["images"] == 22  # AdaBN judged on all 16 labeled cases
     assert len(run["fold_val_auc"]) == 3 and all(len(c) == 4 for c in run["fold_val_auc"])  # epoch 0 (unadapted) first
     mean = [sum(c[e] for c in run["fold_val_auc"]) / 3 for e in range(4)]
@@ -194,8 +227,14 @@ def test_kfold_selection_chooses_the_epoch_on_every_labeled_case_then_trains_on_
 def test_training_from_scratch_can_choose_its_epochs_by_kfold_too():
     set_determinism(0)
     network = _net()
-    run = train(network, _items(12, 0), _items(6, 1), TrainRecipe(epochs=2, batch_size=4, augment="none", selection="kfold", folds=2),
-                progress=False, seed=3)
+    run = train(
+        network,
+        _items(12, 0),
+        _items(6, 1),
+        TrainRecipe(epochs=2, batch_size=4, augment="none", selection="kfold", folds=2),
+        progress=False,
+        seed=3,
+    )
     assert [c[0] for c in run["fold_val_auc"]] == [None, None]  # no "as it started" candidate for a random network
     assert 1 <= run["best_epoch"] == run["epochs_run"] <= 2 and run["selected_on"] == 18
     with pytest.raises(MedtlError, match="unknown selection"):
@@ -207,14 +246,32 @@ def test_fine_tuned_weights_are_averaged_with_the_adabn_start_point():
     set_determinism(0)
     source = _net()
     train(source, _items(16, 0), _items(8, 1), TrainRecipe(epochs=2, batch_size=8, augment="none"), progress=False)
-    target_train, target_val, unlabeled = _items(8, 2, shift=0.3), _items(6, 3, shift=0.3), _items(6, 4, labeled=False, shift=0.3)
+    target_train, target_val, unlabeled = (
+        _items(8, 2, shift=0.3),
+        _items(6, 3, shift=0.3),
+        _items(6, 4, labeled=False, shift=0.3),
+    )
     runs = {}
     for wise in (1.0, 0.5):
         set_determinism(1)
         runs[wise] = copy.deepcopy(source)
-        result = finetune(runs[wise], target_train, target_val, FineTuneRecipe(
-            epochs=2, head_epochs=1, augment="none", batch_size=4, selection="val", keep_source=False, patience=None, wise=wise),
-            unlabeled_items=unlabeled, progress=False)
+        result = finetune(
+            runs[wise],
+            target_train,
+            target_val,
+            FineTuneRecipe(
+                epochs=2,
+                head_epochs=1,
+                augment="none",
+                batch_size=4,
+                selection="val",
+                keep_source=False,
+                patience=None,
+                wise=wise,
+            ),
+            unlabeled_items=unlabeled,
+            progress=False,
+        )
         assert result["adabn"]["kept"]  # not judged by default: AdaBN is applied, as the bundles apply it
     start = copy.deepcopy(source)
     from medtl.adapt.adabn import adabn

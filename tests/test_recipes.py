@@ -42,9 +42,13 @@ def test_every_train_json_knob_is_the_recipes_default(bundle):
     for field in dataclasses.fields(recipe):
         knob = KNOB_NAMES.get(field.name, field.name)
         if knob not in knobs:
-            assert field.name in PYTHON_ONLY, f"{bundle}/configs/train.json has no knob for {recipe.__name__}.{field.name}"
+            assert field.name in PYTHON_ONLY, (
+                f"{bundle}/configs/train.json has no knob for {recipe.__name__}.{field.name}"
+            )
             continue
-        assert knobs[knob] == field.default, f"{bundle}: {knob} is {knobs[knob]!r}, {recipe.__name__}.{field.name} is {field.default!r}"
+        assert knobs[knob] == field.default, (
+            f"{bundle}: {knob} is {knobs[knob]!r}, {recipe.__name__}.{field.name} is {field.default!r}"
+        )
     if recipe is TrainRecipe:
         assert TrainRecipe.selection == "val"  # as the bundle selects
     if recipe is FineTuneRecipe:
@@ -61,28 +65,55 @@ def test_the_command_line_defaults_are_the_recipes():
 
 
 def test_command_line_options_set_every_kind_of_field():
-    args = build_parser().parse_args(["adapt", "--source", "s", "--manifest", "m", "--root", "r", "--lr", "3e-4", "--no-adabn",
-                                      "--patience", "none", "--selection", "val", "--student-epochs", "7", "--class-map",
-                                      "low=benign, high=malignant"])
+    args = build_parser().parse_args(
+        [
+            "adapt",
+            "--source",
+            "s",
+            "--manifest",
+            "m",
+            "--root",
+            "r",
+            "--lr",
+            "3e-4",
+            "--no-adabn",
+            "--patience",
+            "none",
+            "--selection",
+            "val",
+            "--student-epochs",
+            "7",
+            "--class-map",
+            "low=benign, high=malignant",
+        ]
+    )
     recipe = recipe_from_args(FineTuneRecipe, args)
     assert (recipe.lr, recipe.adabn, recipe.patience, recipe.selection) == (3e-4, False, None, "val")
     assert recipe_from_args(DistillRecipe, args, prefix="student_").epochs == 7
     assert args.class_map == {"low": "benign", "high": "malignant"}
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["adapt", "--source", "s", "--manifest", "m", "--root", "r", "--unfreeze", "sometimes"])
+        build_parser().parse_args(
+            ["adapt", "--source", "s", "--manifest", "m", "--root", "r", "--unfreeze", "sometimes"]
+        )
 
 
 # ----------------------------------------------------------------------------------- class meaning
 
 
 def test_classes_are_matched_by_name_and_ambiguity_is_refused():
-    assert class_mapping(["malignant", "benign"], ["benign", "malignant"]) == {"malignant": "malignant", "benign": "benign"}
+    assert class_mapping(["malignant", "benign"], ["benign", "malignant"]) == {
+        "malignant": "malignant",
+        "benign": "benign",
+    }
     assert class_mapping(["benign", "malignant", "metastasis"], ["benign", "malignant"])["metastasis"] is None
     assert class_mapping(["a", "b", "c"], ["x", "y"]) == {"a": None, "b": None, "c": None}  # another task: a new head
     with pytest.raises(MedtlError, match="same count, no name in common") as refused:
         class_mapping(["0", "1"], ["benign", "malignant"])
     assert "--class-map" in refused.value.hint
-    assert class_mapping(["0", "1"], ["benign", "malignant"], {"0": "benign", "1": "malignant"}) == {"0": "benign", "1": "malignant"}
+    assert class_mapping(["0", "1"], ["benign", "malignant"], {"0": "benign", "1": "malignant"}) == {
+        "0": "benign",
+        "1": "malignant",
+    }
     with pytest.raises(MedtlError, match="do not exist"):
         class_mapping(["0", "1"], ["benign", "malignant"], {"0": "cyst"})
     with pytest.raises(MedtlError, match="two target classes map to one"):
@@ -96,8 +127,9 @@ def _source_bundle(tmp_path: Path, network: torch.nn.Module, classes: list[str])
     (root / "configs").mkdir()
     torch.save(network.state_dict(), root / "models" / "model.pt")
     channel_def = {str(i): c for i, c in enumerate(classes)}
-    (root / "configs" / "metadata.json").write_text(json.dumps({"network_data_format": {"outputs": {"pred": {"channel_def": channel_def}}}}),
-                                                    encoding="utf-8")
+    (root / "configs" / "metadata.json").write_text(
+        json.dumps({"network_data_format": {"outputs": {"pred": {"channel_def": channel_def}}}}), encoding="utf-8"
+    )
     return root
 
 
@@ -132,7 +164,10 @@ def test_unnamed_targets_need_a_class_map_and_a_checkpoint_cannot_take_one(tmp_p
     assert torch.allclose(_logits(mapped, x), _logits(source, x).flip(1), atol=1e-6)
     fresh = resnet(0.125, 2)
     before = fresh.fc.weight.detach().clone()
-    assert load_source(fresh, bundle, target_classes=["0", "1"], class_map="new")["class_mapping"] == {"0": None, "1": None}
+    assert load_source(fresh, bundle, target_classes=["0", "1"], class_map="new")["class_mapping"] == {
+        "0": None,
+        "1": None,
+    }
     assert torch.equal(fresh.fc.weight, before) and torch.equal(fresh.conv1.weight, source.conv1.weight)
     plain = tmp_path / "weights.pt"
     torch.save(source.state_dict(), plain)

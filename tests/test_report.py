@@ -114,8 +114,14 @@ def _items(n: int, seed: int, *, shift: float = 0.0) -> list[dict]:
         label = i % 2
         image = rng.random((1, 16, 16, 16)).astype(np.float32) * 0.2 + shift
         image[0, 6:10, 6:10, 6:10] += 0.6 if label else 0.2
-        items.append({"image": torch.from_numpy(np.clip(image, 0, 1)), "label": label, "case_id": f"case_{seed}_{i:02d}",
-                      "patient": f"patient_{seed}_{i:02d}"})
+        items.append(
+            {
+                "image": torch.from_numpy(np.clip(image, 0, 1)),
+                "label": label,
+                "case_id": f"case_{seed}_{i:02d}",
+                "patient": f"patient_{seed}_{i:02d}",
+            }
+        )
     return items
 
 
@@ -139,7 +145,9 @@ def tiny_run(tmp_path_factory) -> Path:
     record_intensities(records, {"site A test": site_a, "site B test": site_b})
     record_features(records, "source-only", network, {"site A test": site_a, "site B test": site_b})
     record_explanations(records, "source-only on site B", network, site_b, CLASSES, per_group=2)
-    (records / "run.json").write_text(json.dumps({"seed": 0, "manifests": {"demo_site_A": "ab" * 32}}), encoding="utf-8")
+    (records / "run.json").write_text(
+        json.dumps({"seed": 0, "manifests": {"demo_site_A": "ab" * 32}}), encoding="utf-8"
+    )
     return out
 
 
@@ -155,8 +163,18 @@ def _valid_png(path: Path) -> tuple[int, int]:
 def test_report_renders_every_figure_as_a_valid_png(tiny_run):
     written = render_report(tiny_run)
     names = sorted(p.name for p in written["figures"])
-    assert names == sorted(["roc.png", "confusion.png", "calibration.png", "learning_curves.png", "auc_by_set.png",
-                            "intensities.png", "features.png", "gradcam_source-only-on-site-b.png"])
+    assert names == sorted(
+        [
+            "roc.png",
+            "confusion.png",
+            "calibration.png",
+            "learning_curves.png",
+            "auc_by_set.png",
+            "intensities.png",
+            "features.png",
+            "gradcam_source-only-on-site-b.png",
+        ]
+    )
     for path in written["figures"]:
         assert path.parent == tiny_run / "report" / "figures"
         _valid_png(path)
@@ -174,7 +192,10 @@ def test_report_renders_every_figure_as_a_valid_png(tiny_run):
 
 def test_report_records_keep_cases_pseudonymous_and_in_run_order(tiny_run):
     run = load_run(run_folder(tiny_run))
-    assert [(e["stage"], e["evaluated_on"]) for e in run["evaluations"]] == [("source-only", "site A test"), ("source-only", "site B test")]
+    assert [(e["stage"], e["evaluated_on"]) for e in run["evaluations"]] == [
+        ("source-only", "site A test"),
+        ("source-only", "site B test"),
+    ]
     cases = run["evaluations"][0]["cases"]
     assert len(cases) == 12 and all(set(c) == {"case_id", "label", "probs"} for c in cases)
     assert all(abs(sum(c["probs"]) - 1) < 1e-4 for c in cases)

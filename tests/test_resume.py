@@ -16,7 +16,7 @@ from medtl.adapt.resume import TrainingCheckpoint
 from medtl.errors import MedtlError
 from medtl.fileio import utf8_child_env
 
-SCRIPT = r'''
+SCRIPT = r"""
 import json, sys
 from pathlib import Path
 import torch
@@ -42,16 +42,21 @@ result = train(network, items[:16], items[16:], TrainRecipe(epochs=int(sys.argv[
 torch.save(network.state_dict(), out / f"final-{sys.argv[2]}.pt")
 (out / f"result-{sys.argv[2]}.json").write_text(json.dumps({k: result[k] for k in ("val_auc", "best_epoch", "epochs_run")}
                                                            | {"resumed_after_epoch": result.get("resumed_after_epoch")}))
-'''
+"""
 EPOCHS = 6
 
 
 def _run(out: Path, mode: str) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.py").write_text(SCRIPT)
-    return subprocess.Popen([sys.executable, str(out / "train.py"), str(out), mode, str(EPOCHS)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace",
-                            env=utf8_child_env())
+    return subprocess.Popen(
+        [sys.executable, str(out / "train.py"), str(out), mode, str(EPOCHS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+    )
 
 
 def _finish(proc: subprocess.Popen) -> None:
@@ -82,7 +87,10 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     expected = json.loads((whole / "result-fresh.json").read_text(encoding="utf-8"))
     assert resumed["resumed_after_epoch"] == saved["trainer"]["epoch"]
     assert resumed["val_auc"] == expected["val_auc"] and resumed["best_epoch"] == expected["best_epoch"]
-    a, b = torch.load(whole / "final-fresh.pt", weights_only=True), torch.load(broken / "final-resume.pt", weights_only=True)
+    a, b = (
+        torch.load(whole / "final-fresh.pt", weights_only=True),
+        torch.load(broken / "final-resume.pt", weights_only=True),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -121,13 +129,23 @@ def test_same_seed_and_data_give_identical_training(tmp_path):
     from medtl.recipes import TrainRecipe
 
     g = torch.Generator().manual_seed(3)
-    items = [{"image": torch.rand(1, 16, 16, 16, generator=g) + 0.3 * (i % 2), "label": i % 2, "case_id": f"c{i}", "patient": f"p{i}",
-              "site": "A"} for i in range(16)]
+    items = [
+        {
+            "image": torch.rand(1, 16, 16, 16, generator=g) + 0.3 * (i % 2),
+            "label": i % 2,
+            "case_id": f"c{i}",
+            "patient": f"p{i}",
+            "site": "A",
+        }
+        for i in range(16)
+    ]
     runs = []
     for _ in range(2):
         set_determinism(0)
         network = resnet(0.25)
-        result = train(network, items[:12], items[12:], TrainRecipe(epochs=2, batch_size=4, augment="light"), progress=False)
+        result = train(
+            network, items[:12], items[12:], TrainRecipe(epochs=2, batch_size=4, augment="light"), progress=False
+        )
         runs.append((network.state_dict(), result["val_auc"]))
     (a, auc_a), (b, auc_b) = runs
     assert auc_a == auc_b and all(torch.equal(a[k], b[k]) for k in a)

@@ -116,12 +116,27 @@ def pydicom_file(name: str) -> Path:
     return Path(path)
 
 
-def ct_series(folder: Path, n: int = 4, *, shape: tuple[int, int] = (12, 10), positions: Sequence[Sequence[float]] | None = None,
-              series: str = "s1", number: int = 1, prefix: str = "IM", patient: str = "P1") -> list[Path]:
+def ct_series(
+    folder: Path,
+    n: int = 4,
+    *,
+    shape: tuple[int, int] = (12, 10),
+    positions: Sequence[Sequence[float]] | None = None,
+    series: str = "s1",
+    number: int = 1,
+    prefix: str = "IM",
+    patient: str = "P1",
+) -> list[Path]:
     """A small generated CT series (2.5 mm axial slices unless ``positions`` says otherwise)."""
     hu = np.random.default_rng(number).integers(-1000, 1000, size=(*shape, n)).astype(np.float64)
-    info = SeriesInfo(patient_id=patient, patient_name="Test^Robust", study_uid=make_uid("study"), series_uid=make_uid(series),
-                      series_number=number, series_description=f"series {series}")
+    info = SeriesInfo(
+        patient_id=patient,
+        patient_name="Test^Robust",
+        study_uid=make_uid("study"),
+        series_uid=make_uid(series),
+        series_number=number,
+        series_description=f"series {series}",
+    )
     if positions is None:
         positions = [(0.0, 0.0, 2.5 * k) for k in range(n)]
     return write_ct_series(folder, hu, (0.7, 0.8, 2.5), info, positions_lps=positions, file_prefix=prefix)
@@ -181,7 +196,9 @@ def empty_folder(tmp: Path) -> Path:
     return tmp / "scans"
 
 
-def nifti_table(tmp: Path, rows: Sequence[str], header: str = "patient_id,label,image,split", n_images: int = 4) -> Path:
+def nifti_table(
+    tmp: Path, rows: Sequence[str], header: str = "patient_id,label,image,split", n_images: int = 4
+) -> Path:
     """A data folder with small NIfTI images and a labels.csv holding ``rows``."""
     root = tmp / "data"
     root.mkdir()
@@ -280,7 +297,7 @@ def damaged_jpeg_ls(tmp: Path) -> Path:
     (folder / "junk.dcm").write_text("not a DICOM file\n")
     ds = pydicom.dcmread(pydicom_file("MR_small_jpeg_ls_lossless.dcm"))
     data = bytearray(ds.PixelData)
-    data[len(data) // 3: len(data) // 3 + 200] = b"\xff" * 200
+    data[len(data) // 3 : len(data) // 3 + 200] = b"\xff" * 200
     ds.PixelData, ds.SeriesNumber = bytes(data), 7
     (folder / "damaged").mkdir()
     ds.save_as(folder / "damaged" / "x.dcm")
@@ -443,7 +460,9 @@ def named_folders(tmp: Path) -> tuple[Path, Path, Path]:
     ct_series(tmp / "scans" / PATIENT_FOLDER, series="s2", number=2)
     torch.manual_seed(0)
     network = resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.5)
-    bundle = export_bundle(network, tmp / "tumor_cls_finetune", template="tumor_cls_finetune", torchscript=False, onnx=False)["path"]
+    bundle = export_bundle(
+        network, tmp / "tumor_cls_finetune", template="tumor_cls_finetune", torchscript=False, onnx=False
+    )["path"]
     (tmp / "out").mkdir()
     (tmp / "out" / ".medtl-salt").write_text(SALT + "\n")  # fixed keys, so the table in the docs stays the same
     return tmp / "scans", bundle, tmp / "out"
@@ -470,7 +489,9 @@ def predicted_by_default(built: tuple[Path, Path, Path]) -> Behaviour:
     for name in ("predictions.csv", "predictions.json"):
         text = (out / name).read_text(encoding="utf-8")
         assert "cmd" not in text and "JANE" not in text, text
-    return Behaviour("pseudonymized", "predictions.csv id column: " + ", ".join(row["id"] for row in result["predictions"]))
+    return Behaviour(
+        "pseudonymized", "predictions.csv id column: " + ", ".join(row["id"] for row in result["predictions"])
+    )
 
 
 def scanned_by_default(tmp: Path) -> Behaviour:
@@ -480,7 +501,9 @@ def scanned_by_default(tmp: Path) -> Behaviour:
     index = write_scan_index(tmp / "scans", tmp / "scan.json", progress=False)
     assert "JANE" not in (tmp / "scan.json").read_text(encoding="utf-8")
     (tmp / "labels.csv").write_text("patient_id,label\nP1,benign\n", encoding="utf-8")
-    manifest = build_manifest_file(labels=tmp / "labels.csv", classes=CLASSES, out=tmp / "m.json", scan=tmp / "scan.json", site="S", progress=False)
+    manifest = build_manifest_file(
+        labels=tmp / "labels.csv", classes=CLASSES, out=tmp / "m.json", scan=tmp / "scan.json", site="S", progress=False
+    )
     assert manifest["cases"][0]["image"]["files"][0]["path"] == f"scans/{PATIENT_FOLDER}/IM0001.dcm"
     return Behaviour("pseudonymized", f"scan.json folders: {index['series'][0]['folders'][0]}")
 
@@ -507,162 +530,605 @@ def _series_folder(tmp: Path, **kwargs: Any) -> Path:
 
 CASES: list[Case] = [
     # --- ingest: DICOM files in a folder scan (skipped, listed, the rest indexed)
-    Case("zero-byte", "ingest", "zero-byte file among a series", lambda t: good_plus(t, "empty.dcm", lambda p: p.write_bytes(b"")),
-         scan_skips("empty.dcm"), "skipped", "empty.dcm", "empty file (0 bytes)"),
-    Case("truncated-pixels", "ingest", "DICOM file cut off inside its pixel data",
-         lambda t: good_plus(t, "cut.dcm", lambda p: p.write_bytes(pydicom_file("CT_small.dcm").read_bytes()[:-1000])),
-         scan_skips("cut.dcm"), "skipped", "cut.dcm", "truncated file: pixel data needs"),
-    Case("truncated-header", "ingest", "DICOM file cut off inside its header",
-         lambda t: good_plus(t, "cut.dcm", lambda p: p.write_bytes(pydicom_file("CT_small.dcm").read_bytes()[:900])),
-         scan_skips("cut.dcm"), "skipped", "cut.dcm", "truncated file"),
-    Case("not-dicom", "ingest", "text file with a .dcm suffix",
-         lambda t: good_plus(t, "notes.dcm", lambda p: p.write_text("exported from PACS on Monday\n" * 20)),
-         scan_skips("notes.dcm"), "skipped", "notes.dcm", "not a DICOM file (no DICM header)"),
-    Case("dicomdir", "ingest", "DICOMDIR beside the images", lambda t: good_plus(t, "DICOMDIR", dicomdir),
-         scan_skips("DICOMDIR"), "skipped", "DICOMDIR", "DICOMDIR (a directory of the media, not an image)"),
-    Case("unreadable", "ingest", "file without read permission (chmod 000)", unreadable,
-         scan_skips("locked.dcm"), "skipped", "locked.dcm", "permission denied"),
+    Case(
+        "zero-byte",
+        "ingest",
+        "zero-byte file among a series",
+        lambda t: good_plus(t, "empty.dcm", lambda p: p.write_bytes(b"")),
+        scan_skips("empty.dcm"),
+        "skipped",
+        "empty.dcm",
+        "empty file (0 bytes)",
+    ),
+    Case(
+        "truncated-pixels",
+        "ingest",
+        "DICOM file cut off inside its pixel data",
+        lambda t: good_plus(t, "cut.dcm", lambda p: p.write_bytes(pydicom_file("CT_small.dcm").read_bytes()[:-1000])),
+        scan_skips("cut.dcm"),
+        "skipped",
+        "cut.dcm",
+        "truncated file: pixel data needs",
+    ),
+    Case(
+        "truncated-header",
+        "ingest",
+        "DICOM file cut off inside its header",
+        lambda t: good_plus(t, "cut.dcm", lambda p: p.write_bytes(pydicom_file("CT_small.dcm").read_bytes()[:900])),
+        scan_skips("cut.dcm"),
+        "skipped",
+        "cut.dcm",
+        "truncated file",
+    ),
+    Case(
+        "not-dicom",
+        "ingest",
+        "text file with a .dcm suffix",
+        lambda t: good_plus(t, "notes.dcm", lambda p: p.write_text("exported from PACS on Monday\n" * 20)),
+        scan_skips("notes.dcm"),
+        "skipped",
+        "notes.dcm",
+        "not a DICOM file (no DICM header)",
+    ),
+    Case(
+        "dicomdir",
+        "ingest",
+        "DICOMDIR beside the images",
+        lambda t: good_plus(t, "DICOMDIR", dicomdir),
+        scan_skips("DICOMDIR"),
+        "skipped",
+        "DICOMDIR",
+        "DICOMDIR (a directory of the media, not an image)",
+    ),
+    Case(
+        "unreadable",
+        "ingest",
+        "file without read permission (chmod 000)",
+        unreadable,
+        scan_skips("locked.dcm"),
+        "skipped",
+        "locked.dcm",
+        "permission denied",
+    ),
     # --- ingest: one DICOM file loaded on its own
-    Case("no-pixel-data", "ingest", "DICOM image without pixel data",
-         lambda t: edited_dicom(pydicom_file("CT_small.dcm"), t / "ct" / "nopixels.dcm", PixelData=None),
-         load_volume, "error", "ct/nopixels.dcm", "have no pixel data"),
-    Case("multi-frame", "ingest", "enhanced multi-frame CT (all slices in one file)",
-         enhanced_multiframe,
-         load_volume, "error", "ct/enhanced.dcm", "multi-frame instances (3 frames)"),
-    Case("unsupported-compression", "ingest", "pixel data in a transfer syntax no decoder handles (MPEG2)", unsupported_compression,
-         load_volume, "error", "mr/video.dcm", "MPEG2 Main Profile / Main Level, which medtl has no decoder for"),
-    Case("rgb", "ingest", "RGB secondary capture where grayscale is expected",
-         lambda t: Path(shutil.copy(pydicom_file("SC_rgb_small_odd.dcm"), t / "rgb.dcm")),
-         load_volume, "error", "rgb.dcm", "colour (RGB) pixels where a grayscale CT/MR image is expected"),
-    Case("damaged-compressed", "ingest", "JPEG-LS file whose compressed stream is damaged (only decoding finds it)",
-         lambda t: damaged_jpeg_ls(t) / "damaged" / "x.dcm", load_volume, "error", "damaged/x.dcm", "cannot decode pixel data (JPEG-LS"),
+    Case(
+        "no-pixel-data",
+        "ingest",
+        "DICOM image without pixel data",
+        lambda t: edited_dicom(pydicom_file("CT_small.dcm"), t / "ct" / "nopixels.dcm", PixelData=None),
+        load_volume,
+        "error",
+        "ct/nopixels.dcm",
+        "have no pixel data",
+    ),
+    Case(
+        "multi-frame",
+        "ingest",
+        "enhanced multi-frame CT (all slices in one file)",
+        enhanced_multiframe,
+        load_volume,
+        "error",
+        "ct/enhanced.dcm",
+        "multi-frame instances (3 frames)",
+    ),
+    Case(
+        "unsupported-compression",
+        "ingest",
+        "pixel data in a transfer syntax no decoder handles (MPEG2)",
+        unsupported_compression,
+        load_volume,
+        "error",
+        "mr/video.dcm",
+        "MPEG2 Main Profile / Main Level, which medtl has no decoder for",
+    ),
+    Case(
+        "rgb",
+        "ingest",
+        "RGB secondary capture where grayscale is expected",
+        lambda t: Path(shutil.copy(pydicom_file("SC_rgb_small_odd.dcm"), t / "rgb.dcm")),
+        load_volume,
+        "error",
+        "rgb.dcm",
+        "colour (RGB) pixels where a grayscale CT/MR image is expected",
+    ),
+    Case(
+        "damaged-compressed",
+        "ingest",
+        "JPEG-LS file whose compressed stream is damaged (only decoding finds it)",
+        lambda t: damaged_jpeg_ls(t) / "damaged" / "x.dcm",
+        load_volume,
+        "error",
+        "damaged/x.dcm",
+        "cannot decode pixel data (JPEG-LS",
+    ),
     # --- ingest: a DICOM folder loaded as one series
-    Case("mixed-series", "ingest", "two series in one folder",
-         lambda t: (ct_series(t / "ct"), ct_series(t / "ct", series="s2", number=2, prefix="B"))[0][0].parent,
-         load_volume, "error", "ct", "folder holds 2 image series"),
-    Case("duplicate-positions", "ingest", "two slices at the same position",
-         lambda t: _series_folder(t, positions=z_positions([0.0, 2.5, 2.5, 5.0])),
-         load_volume, "error", "ct", "1 slice(s) share a position with another slice"),
-    Case("mixed-size", "ingest", "slices of different rows/columns in one series", mixed_sizes,
-         load_volume, "error", "ct", "slices of different sizes"),
-    Case("mixed-orientation", "ingest", "one slice with another ImageOrientationPatient",
-         lambda t: edited_dicom(ct_series(t / "ct")[1], t / "ct" / "IM0002.dcm", ImageOrientationPatient=[1, 0, 0, 0, 0, -1]).parent,
-         load_volume, "error", "ct", "2 different ImageOrientationPatient values"),
-    Case("no-geometry", "ingest", "series without ImagePositionPatient",
-         lambda t: [edited_dicom(f, f, ImagePositionPatient=None) for f in ct_series(t / "ct")][0].parent,
-         load_volume, "error", "ct", "ImagePositionPatient/ImageOrientationPatient missing"),
-    Case("empty-folder", "ingest", "empty folder", empty_folder,
-         load_volume, "error", "scans", "empty folder: no files to load"),
-    Case("only-junk", "ingest", "folder whose only file is not DICOM",
-         lambda t: file_with("scans/readme.txt", "hi")(t).parent, load_volume, "error", "scans", "none of the 1 file(s) is a readable DICOM image"),
-    Case("scan-missing-folder", "ingest", "scan of a folder that does not exist", lambda t: t / "nowhere",
-         lambda p: scan_dicom(p, SALT, progress=False), "error", "nowhere", "not a folder"),
+    Case(
+        "mixed-series",
+        "ingest",
+        "two series in one folder",
+        lambda t: (ct_series(t / "ct"), ct_series(t / "ct", series="s2", number=2, prefix="B"))[0][0].parent,
+        load_volume,
+        "error",
+        "ct",
+        "folder holds 2 image series",
+    ),
+    Case(
+        "duplicate-positions",
+        "ingest",
+        "two slices at the same position",
+        lambda t: _series_folder(t, positions=z_positions([0.0, 2.5, 2.5, 5.0])),
+        load_volume,
+        "error",
+        "ct",
+        "1 slice(s) share a position with another slice",
+    ),
+    Case(
+        "mixed-size",
+        "ingest",
+        "slices of different rows/columns in one series",
+        mixed_sizes,
+        load_volume,
+        "error",
+        "ct",
+        "slices of different sizes",
+    ),
+    Case(
+        "mixed-orientation",
+        "ingest",
+        "one slice with another ImageOrientationPatient",
+        lambda t: (
+            edited_dicom(
+                ct_series(t / "ct")[1], t / "ct" / "IM0002.dcm", ImageOrientationPatient=[1, 0, 0, 0, 0, -1]
+            ).parent
+        ),
+        load_volume,
+        "error",
+        "ct",
+        "2 different ImageOrientationPatient values",
+    ),
+    Case(
+        "no-geometry",
+        "ingest",
+        "series without ImagePositionPatient",
+        lambda t: [edited_dicom(f, f, ImagePositionPatient=None) for f in ct_series(t / "ct")][0].parent,
+        load_volume,
+        "error",
+        "ct",
+        "ImagePositionPatient/ImageOrientationPatient missing",
+    ),
+    Case(
+        "empty-folder",
+        "ingest",
+        "empty folder",
+        empty_folder,
+        load_volume,
+        "error",
+        "scans",
+        "empty folder: no files to load",
+    ),
+    Case(
+        "only-junk",
+        "ingest",
+        "folder whose only file is not DICOM",
+        lambda t: file_with("scans/readme.txt", "hi")(t).parent,
+        load_volume,
+        "error",
+        "scans",
+        "none of the 1 file(s) is a readable DICOM image",
+    ),
+    Case(
+        "scan-missing-folder",
+        "ingest",
+        "scan of a folder that does not exist",
+        lambda t: t / "nowhere",
+        lambda p: scan_dicom(p, SALT, progress=False),
+        "error",
+        "nowhere",
+        "not a folder",
+    ),
     # --- ingest: usable series with an unusual geometry (flagged in the scan index, loaded)
-    Case("missing-slice", "ingest", "one slice missing from the stack",
-         lambda t: _series_folder(t, n=4, positions=z_positions([0.0, 2.5, 7.5, 10.0])),
-         scan_flags("missing_slices", (12, 10, 5)), "flagged", "ct", "1 slice(s) missing: gaps of 5 mm where 2.5 mm is expected"),
-    Case("nonuniform-spacing", "ingest", "uneven slice gaps",
-         lambda t: _series_folder(t, n=4, positions=z_positions([0.0, 2.5, 5.0, 8.2])),
-         scan_flags("nonuniform_spacing", (12, 10, 4)), "flagged", "ct", "slice gaps range 2.5-3.2 mm"),
-    Case("gantry-tilt", "ingest", "gantry tilt (positions drift in-plane)",
-         lambda t: _series_folder(t, n=4, positions=z_positions([0.0, 2.5, 5.0, 7.5], drift=np.tan(np.radians(15)))),
-         scan_flags("gantry_tilt", (12, 10, 4)), "flagged", "ct", "tilt about 15.0 degrees"),
-    Case("identical-copy", "ingest", "one slice exported twice (byte-identical file, same SOPInstanceUID)", copied_slice,
-         scan_flags("duplicate_files", (12, 10, 4)), "flagged", "ct", "1 byte-identical copy of an instance read once: IM0002_copy.dcm"),
+    Case(
+        "missing-slice",
+        "ingest",
+        "one slice missing from the stack",
+        lambda t: _series_folder(t, n=4, positions=z_positions([0.0, 2.5, 7.5, 10.0])),
+        scan_flags("missing_slices", (12, 10, 5)),
+        "flagged",
+        "ct",
+        "1 slice(s) missing: gaps of 5 mm where 2.5 mm is expected",
+    ),
+    Case(
+        "nonuniform-spacing",
+        "ingest",
+        "uneven slice gaps",
+        lambda t: _series_folder(t, n=4, positions=z_positions([0.0, 2.5, 5.0, 8.2])),
+        scan_flags("nonuniform_spacing", (12, 10, 4)),
+        "flagged",
+        "ct",
+        "slice gaps range 2.5-3.2 mm",
+    ),
+    Case(
+        "gantry-tilt",
+        "ingest",
+        "gantry tilt (positions drift in-plane)",
+        lambda t: _series_folder(t, n=4, positions=z_positions([0.0, 2.5, 5.0, 7.5], drift=np.tan(np.radians(15)))),
+        scan_flags("gantry_tilt", (12, 10, 4)),
+        "flagged",
+        "ct",
+        "tilt about 15.0 degrees",
+    ),
+    Case(
+        "identical-copy",
+        "ingest",
+        "one slice exported twice (byte-identical file, same SOPInstanceUID)",
+        copied_slice,
+        scan_flags("duplicate_files", (12, 10, 4)),
+        "flagged",
+        "ct",
+        "1 byte-identical copy of an instance read once: IM0002_copy.dcm",
+    ),
     # --- ingest: header values that would place the voxels wrongly (refused, naming the file)
-    Case("negative-pixel-spacing", "ingest", "negative PixelSpacing (would load mirrored)",
-         lambda t: edited_series(t, PixelSpacing=[-0.7, 0.8]), load_volume, "error", "ct",
-         "PixelSpacing must be positive: IM0001.dcm has (-0.7, 0.8)"),
-    Case("zero-pixel-spacing", "ingest", "zero PixelSpacing", lambda t: edited_series(t, PixelSpacing=[0, 0.8]),
-         load_volume, "error", "ct", "PixelSpacing must be positive: IM0001.dcm has (0, 0.8)"),
-    Case("zero-orientation", "ingest", "ImageOrientationPatient with a zero row vector",
-         lambda t: edited_series(t, ImageOrientationPatient=[0, 0, 0, 0, 1, 0]), load_volume, "error", "ct",
-         "ImageOrientationPatient (0, 0, 0, 0, 1, 0) of IM0001.dcm: its row direction is a zero vector"),
-    Case("parallel-orientation", "ingest", "ImageOrientationPatient with parallel row and column vectors",
-         lambda t: edited_series(t, ImageOrientationPatient=[1, 0, 0, 1, 0, 0]), load_volume, "error", "ct",
-         "ImageOrientationPatient (1, 0, 0, 1, 0, 0) of IM0001.dcm: its row and column directions are parallel"),
-    Case("sheared-orientation", "ingest", "non-orthogonal ImageOrientationPatient (row . column = 0.1)",
-         lambda t: edited_series(t, ImageOrientationPatient=[1, 0, 0, 0.0998, 0.995, 0]), load_volume, "error", "ct",
-         "of IM0001.dcm: its row and column directions are 84.27 degrees apart, not 90"),
-    Case("reused-sop-uid", "ingest", "two different slices with one SOPInstanceUID", reused_uid, load_volume, "error", "ct",
-         "2 files share a SOPInstanceUID but differ, so which one is the instance is unknown: IM0002.dcm, IM0003.dcm"),
-    Case("sheared-beside-good", "ingest", "inference over a folder: a sheared series beside a good one",
-         lambda t: beside_good(t, ImageOrientationPatient=[1, 0, 0, 0.0998, 0.995, 0]), infer_skips("bad#1"), "skipped",
-         "bad#1", "of IM0001.dcm: its row and column directions are 84.27 degrees apart"),
-    Case("non-utf8-name", "ingest", "file name that is not UTF-8 (Latin-1 bytes)", latin1_name,
-         scan_skips("M\\xfcller.dcm"), "skipped", "M\\xfcller.dcm", "file or folder name is not valid UTF-8"),
-    Case("patient-named-folder", "ingest", f"folder named after the patient ({PATIENT_FOLDER}) scanned into scan.json", lambda t: t,
-         scanned_by_default, "pseudonymized", "scan.json", f"folders: {pseudonym(PATIENT_FOLDER, SALT, 'dir')}"),
+    Case(
+        "negative-pixel-spacing",
+        "ingest",
+        "negative PixelSpacing (would load mirrored)",
+        lambda t: edited_series(t, PixelSpacing=[-0.7, 0.8]),
+        load_volume,
+        "error",
+        "ct",
+        "PixelSpacing must be positive: IM0001.dcm has (-0.7, 0.8)",
+    ),
+    Case(
+        "zero-pixel-spacing",
+        "ingest",
+        "zero PixelSpacing",
+        lambda t: edited_series(t, PixelSpacing=[0, 0.8]),
+        load_volume,
+        "error",
+        "ct",
+        "PixelSpacing must be positive: IM0001.dcm has (0, 0.8)",
+    ),
+    Case(
+        "zero-orientation",
+        "ingest",
+        "ImageOrientationPatient with a zero row vector",
+        lambda t: edited_series(t, ImageOrientationPatient=[0, 0, 0, 0, 1, 0]),
+        load_volume,
+        "error",
+        "ct",
+        "ImageOrientationPatient (0, 0, 0, 0, 1, 0) of IM0001.dcm: its row direction is a zero vector",
+    ),
+    Case(
+        "parallel-orientation",
+        "ingest",
+        "ImageOrientationPatient with parallel row and column vectors",
+        lambda t: edited_series(t, ImageOrientationPatient=[1, 0, 0, 1, 0, 0]),
+        load_volume,
+        "error",
+        "ct",
+        "ImageOrientationPatient (1, 0, 0, 1, 0, 0) of IM0001.dcm: its row and column directions are parallel",
+    ),
+    Case(
+        "sheared-orientation",
+        "ingest",
+        "non-orthogonal ImageOrientationPatient (row . column = 0.1)",
+        lambda t: edited_series(t, ImageOrientationPatient=[1, 0, 0, 0.0998, 0.995, 0]),
+        load_volume,
+        "error",
+        "ct",
+        "of IM0001.dcm: its row and column directions are 84.27 degrees apart, not 90",
+    ),
+    Case(
+        "reused-sop-uid",
+        "ingest",
+        "two different slices with one SOPInstanceUID",
+        reused_uid,
+        load_volume,
+        "error",
+        "ct",
+        "2 files share a SOPInstanceUID but differ, so which one is the instance is unknown: IM0002.dcm, IM0003.dcm",
+    ),
+    Case(
+        "sheared-beside-good",
+        "ingest",
+        "inference over a folder: a sheared series beside a good one",
+        lambda t: beside_good(t, ImageOrientationPatient=[1, 0, 0, 0.0998, 0.995, 0]),
+        infer_skips("bad#1"),
+        "skipped",
+        "bad#1",
+        "of IM0001.dcm: its row and column directions are 84.27 degrees apart",
+    ),
+    Case(
+        "non-utf8-name",
+        "ingest",
+        "file name that is not UTF-8 (Latin-1 bytes)",
+        latin1_name,
+        scan_skips("M\\xfcller.dcm"),
+        "skipped",
+        "M\\xfcller.dcm",
+        "file or folder name is not valid UTF-8",
+    ),
+    Case(
+        "patient-named-folder",
+        "ingest",
+        f"folder named after the patient ({PATIENT_FOLDER}) scanned into scan.json",
+        lambda t: t,
+        scanned_by_default,
+        "pseudonymized",
+        "scan.json",
+        f"folders: {pseudonym(PATIENT_FOLDER, SALT, 'dir')}",
+    ),
     # --- ingest: NIfTI
-    Case("nifti-nan", "ingest", "NIfTI with NaN and Inf voxels",
-         non_finite, read_nifti, "error", "ct.nii.gz", "3 voxel(s) are NaN or infinite"),
-    Case("nifti-4d", "ingest", "4D NIfTI (time series)", lambda t: write_nii(t / "dyn.nii.gz", np.zeros((4, 4, 4, 3), np.float32)),
-         read_nifti, "error", "dyn.nii.gz", "expected a 3D image, got shape (4, 4, 4, 3)"),
-    Case("nifti-truncated", "ingest", "NIfTI file cut off in its voxel data",
-         truncated_nifti, read_nifti, "error", "cut.nii", "not a readable NIfTI file"),
+    Case(
+        "nifti-nan",
+        "ingest",
+        "NIfTI with NaN and Inf voxels",
+        non_finite,
+        read_nifti,
+        "error",
+        "ct.nii.gz",
+        "3 voxel(s) are NaN or infinite",
+    ),
+    Case(
+        "nifti-4d",
+        "ingest",
+        "4D NIfTI (time series)",
+        lambda t: write_nii(t / "dyn.nii.gz", np.zeros((4, 4, 4, 3), np.float32)),
+        read_nifti,
+        "error",
+        "dyn.nii.gz",
+        "expected a 3D image, got shape (4, 4, 4, 3)",
+    ),
+    Case(
+        "nifti-truncated",
+        "ingest",
+        "NIfTI file cut off in its voxel data",
+        truncated_nifti,
+        read_nifti,
+        "error",
+        "cut.nii",
+        "not a readable NIfTI file",
+    ),
     # --- manifests and label tables (a manifest is all or nothing: every bad row named in one error)
-    Case("unknown-label", "manifest", "label outside the class list",
-         lambda t: nifti_table(t, GOOD_ROWS + ["p3,malignent,img3.nii.gz,"]), build, "error", "data/labels.csv",
-         "row 5: unknown label 'malignent' (allowed: benign, malignant"),
-    Case("missing-image", "manifest", "row pointing at an image that does not exist",
-         lambda t: nifti_table(t, GOOD_ROWS + ["p3,benign,img9.nii.gz,"]), build, "error", "data/labels.csv",
-         "row 5: image file 'img9.nii.gz' not found"),
-    Case("duplicate-case", "manifest", "the same case (patient and image) twice",
-         lambda t: nifti_table(t, GOOD_ROWS + [GOOD_ROWS[1]]), build, "error", "data/labels.csv", "row 5: duplicate of row 3"),
-    Case("patient-two-splits", "manifest", "one patient placed in train and test",
-         lambda t: nifti_table(t, ["p0,benign,img0.nii.gz,train", "p0,benign,img1.nii.gz,test", "p1,malignant,img2.nii.gz,"]),
-         build, "error", "data/labels.csv", "patient in rows 2, 3 is placed in several splits (test, train): leakage"),
-    Case("labels-utf16", "manifest", "label table saved as UTF-16",
-         file_with("labels.csv", "patient_id,label\np1,benign\n".encode("utf-16")),
-         read_label_table, "error", "labels.csv", "not UTF-8 text (byte 0 is 0xff)"),
-    Case("labels-latin1", "manifest", "label table with latin-1 bytes",
-         file_with("labels.csv", "patient_id,label\nMüller,benign\n".encode("latin-1")),
-         read_label_table, "error", "labels.csv", "not UTF-8 text (byte 18 is 0xfc)"),
-    Case("labels-missing-column", "manifest", "label table without a label column",
-         file_with("labels.csv", "pid,diagnosis\nx,benign\n"),
-         read_label_table, "error", "labels.csv", "missing column(s) patient_id, label; found pid, diagnosis"),
-    Case("labels-ragged", "manifest", "row with more fields than the header",
-         file_with("labels.csv", "patient_id,label\np1,benign,extra\n"),
-         read_label_table, "error", "labels.csv", "row 2 has more fields than the header"),
-    Case("labels-empty", "manifest", "empty label table", file_with("labels.csv", b""),
-         read_label_table, "error", "labels.csv", "empty label table"),
-    Case("labels-huge-field", "manifest", "label table with a 131,073-character label",
-         file_with("labels.csv", "patient_id,label\np1," + "x" * 131_073 + "\n"),
-         read_label_table, "error", "labels.csv", "line 2: a field is longer than 131,072 characters"),
-    Case("manifest-edited", "manifest", "manifest edited by hand after it was built", stale_manifest,
-         load_manifest, "error", "data/manifest.json", "content hash does not match: the manifest was edited after it was built"),
-    Case("manifest-not-json", "manifest", "manifest that is not JSON",
-         file_with("m.json", "{'cases': ["), load_manifest, "error", "m.json", "not a readable JSON manifest"),
+    Case(
+        "unknown-label",
+        "manifest",
+        "label outside the class list",
+        lambda t: nifti_table(t, GOOD_ROWS + ["p3,malignent,img3.nii.gz,"]),
+        build,
+        "error",
+        "data/labels.csv",
+        "row 5: unknown label 'malignent' (allowed: benign, malignant",
+    ),
+    Case(
+        "missing-image",
+        "manifest",
+        "row pointing at an image that does not exist",
+        lambda t: nifti_table(t, GOOD_ROWS + ["p3,benign,img9.nii.gz,"]),
+        build,
+        "error",
+        "data/labels.csv",
+        "row 5: image file 'img9.nii.gz' not found",
+    ),
+    Case(
+        "duplicate-case",
+        "manifest",
+        "the same case (patient and image) twice",
+        lambda t: nifti_table(t, GOOD_ROWS + [GOOD_ROWS[1]]),
+        build,
+        "error",
+        "data/labels.csv",
+        "row 5: duplicate of row 3",
+    ),
+    Case(
+        "patient-two-splits",
+        "manifest",
+        "one patient placed in train and test",
+        lambda t: nifti_table(
+            t, ["p0,benign,img0.nii.gz,train", "p0,benign,img1.nii.gz,test", "p1,malignant,img2.nii.gz,"]
+        ),
+        build,
+        "error",
+        "data/labels.csv",
+        "patient in rows 2, 3 is placed in several splits (test, train): leakage",
+    ),
+    Case(
+        "labels-utf16",
+        "manifest",
+        "label table saved as UTF-16",
+        file_with("labels.csv", "patient_id,label\np1,benign\n".encode("utf-16")),
+        read_label_table,
+        "error",
+        "labels.csv",
+        "not UTF-8 text (byte 0 is 0xff)",
+    ),
+    Case(
+        "labels-latin1",
+        "manifest",
+        "label table with latin-1 bytes",
+        file_with("labels.csv", "patient_id,label\nMüller,benign\n".encode("latin-1")),
+        read_label_table,
+        "error",
+        "labels.csv",
+        "not UTF-8 text (byte 18 is 0xfc)",
+    ),
+    Case(
+        "labels-missing-column",
+        "manifest",
+        "label table without a label column",
+        file_with("labels.csv", "pid,diagnosis\nx,benign\n"),
+        read_label_table,
+        "error",
+        "labels.csv",
+        "missing column(s) patient_id, label; found pid, diagnosis",
+    ),
+    Case(
+        "labels-ragged",
+        "manifest",
+        "row with more fields than the header",
+        file_with("labels.csv", "patient_id,label\np1,benign,extra\n"),
+        read_label_table,
+        "error",
+        "labels.csv",
+        "row 2 has more fields than the header",
+    ),
+    Case(
+        "labels-empty",
+        "manifest",
+        "empty label table",
+        file_with("labels.csv", b""),
+        read_label_table,
+        "error",
+        "labels.csv",
+        "empty label table",
+    ),
+    Case(
+        "labels-huge-field",
+        "manifest",
+        "label table with a 131,073-character label",
+        file_with("labels.csv", "patient_id,label\np1," + "x" * 131_073 + "\n"),
+        read_label_table,
+        "error",
+        "labels.csv",
+        "line 2: a field is longer than 131,072 characters",
+    ),
+    Case(
+        "manifest-edited",
+        "manifest",
+        "manifest edited by hand after it was built",
+        stale_manifest,
+        load_manifest,
+        "error",
+        "data/manifest.json",
+        "content hash does not match: the manifest was edited after it was built",
+    ),
+    Case(
+        "manifest-not-json",
+        "manifest",
+        "manifest that is not JSON",
+        file_with("m.json", "{'cases': ["),
+        load_manifest,
+        "error",
+        "m.json",
+        "not a readable JSON manifest",
+    ),
     # --- training: checkpoints and writes
-    Case("other-architecture", "training", "checkpoint of another network (DenseNet into ResNet)",
-         lambda t: checkpoint_file(t, "densenet121.pth", create_network("densenet121", spatial_dims=2, in_channels=1, num_classes=2).state_dict()),
-         lambda p: load_weights(tiny_resnet(), p, strict=True), "error", "densenet121.pth", "weights do not match ResNet exactly: Loaded 0 of"),
-    Case("truncated-checkpoint", "training", "checkpoint zip cut in half",
-         lambda t: checkpoint_file(t, "model.pt", tiny_resnet().state_dict(), cut=True),
-         read_checkpoint, "error", "model.pt", "cannot read checkpoint, it may be corrupted or truncated"),
-    Case("empty-checkpoint", "training", "zero-byte checkpoint", file_with("model.pt", b""),
-         read_checkpoint, "error", "model.pt", "cannot read checkpoint, it may be corrupted or truncated"),
-    Case("pickle-payload", "training", "checkpoint carrying a pickled os.system call",
-         lambda t: checkpoint_file(t, "model.pt", {"fc.bias": torch.zeros(2), "extra": _Payload()}),
-         read_checkpoint, "error", "model.pt", "checkpoint needs pickled code to load (posix.system)"),
-    Case("disk-full", "training", "disk full while an index is rewritten (ENOSPC)", old_index,
-         refused_write, "error", "index.json", "cannot write (No space left on device); the previous file, if any, is unchanged"),
+    Case(
+        "other-architecture",
+        "training",
+        "checkpoint of another network (DenseNet into ResNet)",
+        lambda t: checkpoint_file(
+            t,
+            "densenet121.pth",
+            create_network("densenet121", spatial_dims=2, in_channels=1, num_classes=2).state_dict(),
+        ),
+        lambda p: load_weights(tiny_resnet(), p, strict=True),
+        "error",
+        "densenet121.pth",
+        "weights do not match ResNet exactly: Loaded 0 of",
+    ),
+    Case(
+        "truncated-checkpoint",
+        "training",
+        "checkpoint zip cut in half",
+        lambda t: checkpoint_file(t, "model.pt", tiny_resnet().state_dict(), cut=True),
+        read_checkpoint,
+        "error",
+        "model.pt",
+        "cannot read checkpoint, it may be corrupted or truncated",
+    ),
+    Case(
+        "empty-checkpoint",
+        "training",
+        "zero-byte checkpoint",
+        file_with("model.pt", b""),
+        read_checkpoint,
+        "error",
+        "model.pt",
+        "cannot read checkpoint, it may be corrupted or truncated",
+    ),
+    Case(
+        "pickle-payload",
+        "training",
+        "checkpoint carrying a pickled os.system call",
+        lambda t: checkpoint_file(t, "model.pt", {"fc.bias": torch.zeros(2), "extra": _Payload()}),
+        read_checkpoint,
+        "error",
+        "model.pt",
+        "checkpoint needs pickled code to load (posix.system)",
+    ),
+    Case(
+        "disk-full",
+        "training",
+        "disk full while an index is rewritten (ENOSPC)",
+        old_index,
+        refused_write,
+        "error",
+        "index.json",
+        "cannot write (No space left on device); the previous file, if any, is unchanged",
+    ),
     # --- bundles
-    Case("zip-slip", "bundle", "bundle zip with an entry escaping the folder", zip_slip,
-         import_refused, "error", "evil.zip", "entry '../../outside.txt' would be written outside the bundle folder"),
-    Case("planted-expression", "bundle", "bundle config with a planted $__import__('os') expression", planted_bundle,
-         import_refused, "error", "tumor_cls_source", "import refused: 1 check(s) failed: expression audit: configs/inference.json "
-         "initialize#0: \"$__import__('os').system('touch PWNED')\": "),
-    Case("not-a-zip", "bundle", "bundle zip that is not a zip",
-         file_with("bundle.zip", b"PK\x03\x04 broken"),
-         import_refused, "error", "bundle.zip", "not a readable zip archive"),
-    Case("inference-folder", "bundle", "inference over a DICOM folder with a junk file and a damaged series", damaged_jpeg_ls,
-         infer_folder, "skipped", "damaged/x.dcm: cannot decode pixel data (JPEG-LS", "cannot decode pixel data (JPEG-LS"),
-    Case("formula-folder", "bundle", f"folder named {FORMULA_FOLDER} predicted with `medtl predict --real-ids`", named_folders,
-         predicted_with_real_ids, "escaped", "predictions.csv", f"'{FORMULA_FOLDER}#1,ser-"),
-    Case("patient-named-prediction", "bundle", f"folders named {FORMULA_FOLDER} and {PATIENT_FOLDER} predicted with `medtl predict`",
-         named_folders, predicted_by_default, "pseudonymized", "predictions.csv",
-         f"{pseudonym(FORMULA_FOLDER, SALT, 'dir')}#1, {pseudonym(PATIENT_FOLDER, SALT, 'dir')}#2"),
+    Case(
+        "zip-slip",
+        "bundle",
+        "bundle zip with an entry escaping the folder",
+        zip_slip,
+        import_refused,
+        "error",
+        "evil.zip",
+        "entry '../../outside.txt' would be written outside the bundle folder",
+    ),
+    Case(
+        "planted-expression",
+        "bundle",
+        "bundle config with a planted $__import__('os') expression",
+        planted_bundle,
+        import_refused,
+        "error",
+        "tumor_cls_source",
+        "import refused: 1 check(s) failed: expression audit: configs/inference.json "
+        "initialize#0: \"$__import__('os').system('touch PWNED')\": ",
+    ),
+    Case(
+        "not-a-zip",
+        "bundle",
+        "bundle zip that is not a zip",
+        file_with("bundle.zip", b"PK\x03\x04 broken"),
+        import_refused,
+        "error",
+        "bundle.zip",
+        "not a readable zip archive",
+    ),
+    Case(
+        "inference-folder",
+        "bundle",
+        "inference over a DICOM folder with a junk file and a damaged series",
+        damaged_jpeg_ls,
+        infer_folder,
+        "skipped",
+        "damaged/x.dcm: cannot decode pixel data (JPEG-LS",
+        "cannot decode pixel data (JPEG-LS",
+    ),
+    Case(
+        "formula-folder",
+        "bundle",
+        f"folder named {FORMULA_FOLDER} predicted with `medtl predict --real-ids`",
+        named_folders,
+        predicted_with_real_ids,
+        "escaped",
+        "predictions.csv",
+        f"'{FORMULA_FOLDER}#1,ser-",
+    ),
+    Case(
+        "patient-named-prediction",
+        "bundle",
+        f"folders named {FORMULA_FOLDER} and {PATIENT_FOLDER} predicted with `medtl predict`",
+        named_folders,
+        predicted_by_default,
+        "pseudonymized",
+        "predictions.csv",
+        f"{pseudonym(FORMULA_FOLDER, SALT, 'dir')}#1, {pseudonym(PATIENT_FOLDER, SALT, 'dir')}#2",
+    ),
 ]
 
 
@@ -692,21 +1158,38 @@ def dicom_bytes(draw: st.DrawFn) -> bytes:
     """A pydicom dataset with random values for a few tags, written and then cut at a random byte."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = draw(st.sampled_from([ExplicitVRLittleEndian, "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.5", "1.2.3"]))
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = draw(st.sampled_from(["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.3.10", "1.2.3"]))
+    ds.file_meta.TransferSyntaxUID = draw(
+        st.sampled_from([ExplicitVRLittleEndian, "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.5", "1.2.3"])
+    )
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = draw(
+        st.sampled_from(["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.3.10", "1.2.3"])
+    )
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid(entropy_srcs=["fuzz"])
     series_uid = draw(st.sampled_from([make_uid("fuzz")] * 3 + ["", "not-a-uid", None]))
     if series_uid is not None:
         ds.SeriesInstanceUID = series_uid
     ds.PatientID = draw(_TEXT)
-    for keyword, values in (("Rows", st.integers(0, 65535)), ("Columns", st.integers(0, 65535)), ("SamplesPerPixel", st.integers(0, 4)),
-                            ("BitsAllocated", st.sampled_from([0, 1, 8, 16, 32])), ("NumberOfFrames", st.integers(0, 5))):
+    for keyword, values in (
+        ("Rows", st.integers(0, 65535)),
+        ("Columns", st.integers(0, 65535)),
+        ("SamplesPerPixel", st.integers(0, 4)),
+        ("BitsAllocated", st.sampled_from([0, 1, 8, 16, 32])),
+        ("NumberOfFrames", st.integers(0, 5)),
+    ):
         if draw(st.booleans()):
             setattr(ds, keyword, draw(values))
-    for tag, n in ((0x00200032, 3), (0x00280030, 2), (0x00200037, 6)):  # ImagePositionPatient, PixelSpacing, ImageOrientationPatient
+    for tag, n in (
+        (0x00200032, 3),
+        (0x00280030, 2),
+        (0x00200037, 6),
+    ):  # ImagePositionPatient, PixelSpacing, ImageOrientationPatient
         if draw(st.booleans()):  # raw bytes, so values pydicom would refuse to write ("x", "nan") reach the reader
-            value = "\\".join(draw(st.lists(st.sampled_from(["0", "1", "2.5", "-1e999", "nan", "x", ""]), max_size=n + 1))).encode()
-            ds[tag] = RawDataElement(Tag(tag), "DS", len(value + b" " * (len(value) % 2)), value + b" " * (len(value) % 2), 0, False, True)
+            value = "\\".join(
+                draw(st.lists(st.sampled_from(["0", "1", "2.5", "-1e999", "nan", "x", ""]), max_size=n + 1))
+            ).encode()
+            ds[tag] = RawDataElement(
+                Tag(tag), "DS", len(value + b" " * (len(value) % 2)), value + b" " * (len(value) % 2), 0, False, True
+            )
     if draw(st.booleans()):
         pixels = draw(st.binary(min_size=2, max_size=64))
         compressed = ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian
@@ -741,7 +1224,9 @@ _COLUMNS = ["patient_id", "label", "image", "site", "split", "roi_center_mm", "m
 _CELLS = {
     "patient_id": st.sampled_from(["p1", "p2", "p3", "p4", "p5", "", "p1 "]),
     "label": st.sampled_from(["benign", "malignant"] * 3 + ["", "other", "BENIGN"]),
-    "image": st.sampled_from([f"img{i}.nii.gz" for i in range(4)] * 3 + ["missing.nii.gz", "", "../outside.nii.gz", "img0.dcm"]),
+    "image": st.sampled_from(
+        [f"img{i}.nii.gz" for i in range(4)] * 3 + ["missing.nii.gz", "", "../outside.nii.gz", "img0.dcm"]
+    ),
     "site": st.sampled_from(["A", "B", ""]),
     "split": st.sampled_from(["train", "val", "test", "", "", "", "holdout"]),
     "roi_center_mm": st.sampled_from(["1 2 3", ""] * 3 + ["1;2", "x y z"]),
@@ -752,11 +1237,19 @@ _CELLS = {
 
 @st.composite
 def label_tables(draw: st.DrawFn) -> str:
-    required = draw(st.sampled_from([["patient_id", "label", "image"]] * 4 + [["patient_id", "label"], ["patient_id"], ["label", "image"], []]))
-    columns = required + draw(st.lists(st.sampled_from([c for c in _COLUMNS if c not in required]), max_size=3, unique=True))
+    required = draw(
+        st.sampled_from(
+            [["patient_id", "label", "image"]] * 4 + [["patient_id", "label"], ["patient_id"], ["label", "image"], []]
+        )
+    )
+    columns = required + draw(
+        st.lists(st.sampled_from([c for c in _COLUMNS if c not in required]), max_size=3, unique=True)
+    )
     delimiter = draw(st.sampled_from([",", ";", "\t"]))
-    rows = [delimiter.join(draw(_CELLS[c]).replace(delimiter, " ").replace("\n", " ") for c in columns)
-            for _ in range(draw(st.integers(0, 6)))]
+    rows = [
+        delimiter.join(draw(_CELLS[c]).replace(delimiter, " ").replace("\n", " ") for c in columns)
+        for _ in range(draw(st.integers(0, 6)))
+    ]
     if rows and draw(st.integers(0, 3)) == 0:
         rows.append(rows[0] + delimiter + "surplus")
     return "\n".join([delimiter.join(columns), *rows]) + "\n"
@@ -764,13 +1257,17 @@ def label_tables(draw: st.DrawFn) -> str:
 
 @FUZZ
 @given(table=label_tables(), classes=st.sampled_from([CLASSES] * 8 + [("benign",), ("a", "a")]), seed=st.integers(0, 3))
-def test_fuzz_manifest_builder(tmp_path_factory: pytest.TempPathFactory, table: str, classes: tuple[str, ...], seed: int) -> None:
+def test_fuzz_manifest_builder(
+    tmp_path_factory: pytest.TempPathFactory, table: str, classes: tuple[str, ...], seed: int
+) -> None:
     root = tmp_path_factory.mktemp("manifest")
     for i in range(4):
         write_nii(root / f"img{i}.nii.gz", np.full((3, 3, 3), i, np.float32))
     (root / "labels.csv").write_text(table, encoding="utf-8")
     try:
-        manifest = build_manifest(labels=root / "labels.csv", classes=classes, root=root, salt=SALT, site="S", seed=seed, progress=False)
+        manifest = build_manifest(
+            labels=root / "labels.csv", classes=classes, root=root, salt=SALT, site="S", seed=seed, progress=False
+        )
     except MedtlError as exc:
         assert "\n" not in str(exc), str(exc)
     else:

@@ -64,8 +64,14 @@ def _train(schedule: FineTuneSchedule, epochs: int, *, iterations: int = 2):
     optimizer = torch.optim.SGD(param_groups(model, lr=0.1, lr_decay=0.5), lr=0.1)
     torch.manual_seed(1)
     data = [{"image": torch.randn(4, 1, 16, 16, 16), "label": torch.tensor([0, 1, 0, 1])} for _ in range(iterations)]
-    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=epochs, train_data_loader=data, network=model,
-                                optimizer=optimizer, loss_function=nn.CrossEntropyLoss())
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=epochs,
+        train_data_loader=data,
+        network=model,
+        optimizer=optimizer,
+        loss_function=nn.CrossEntropyLoss(),
+    )
     schedule.attach(trainer)
     changed, rates, snapshot, graded = {}, {}, {}, {}
     from ignite.engine import Events
@@ -96,24 +102,47 @@ def test_head_first_then_gradual_unfreeze_moves_exactly_the_scheduled_groups():
     schedule = FineTuneSchedule(head_epochs=2, head_lr=0.5, unfreeze="gradual", unfreeze_every=1)
     model, changed, rates, graded = _train(schedule, epochs=5)
     owner = _group_of(model)
-    expected = {1: {"head"}, 2: {"head"}, 3: {"head", "layer4"}, 4: {"head", "layer4", "layer3"}, 5: {"head", "layer4", "layer3", "layer2"}}
+    expected = {
+        1: {"head"},
+        2: {"head"},
+        3: {"head", "layer4"},
+        4: {"head", "layer4", "layer3"},
+        5: {"head", "layer4", "layer3", "layer2"},
+    }
     for epoch, groups in expected.items():
         moved_params = {k for k in changed[epoch] if k in owner}
         assert {owner[k] for k in moved_params} == groups, epoch
         # exactly the live groups' parameters get gradients; BatchNorm statistics of frozen groups stay
         assert graded[epoch] == {p for p, g in owner.items() if g in groups}, epoch
-        frozen_buffers = {k for k in changed[epoch] if k not in owner and owner.get(k.rsplit(".", 1)[0] + ".weight") not in groups}
+        frozen_buffers = {
+            k for k in changed[epoch] if k not in owner and owner.get(k.rsplit(".", 1)[0] + ".weight") not in groups
+        }
         assert not frozen_buffers, (epoch, sorted(frozen_buffers)[:3])
     assert rates[1][0]["head"] == 0.5 and rates[1][0]["layer4"] == 0.0
     assert rates[3][0]["head"] == pytest.approx(0.1) and rates[3][0]["layer4"] == pytest.approx(0.05)
-    assert [h["trainable"] for h in schedule.history] == [["head"], ["layer4", "head"], ["layer3", "layer4", "head"], ["layer2", "layer3", "layer4", "head"]]
-    assert schedule.history[1]["epoch"] == 3 and schedule.history[1]["trainable_params"] < schedule.history[1]["total_params"]
+    assert [h["trainable"] for h in schedule.history] == [
+        ["head"],
+        ["layer4", "head"],
+        ["layer3", "layer4", "head"],
+        ["layer2", "layer3", "layer4", "head"],
+    ]
+    assert (
+        schedule.history[1]["epoch"] == 3
+        and schedule.history[1]["trainable_params"] < schedule.history[1]["total_params"]
+    )
 
 
 def test_unfreeze_all_with_warmup_and_cosine():
     schedule = FineTuneSchedule(head_epochs=1, unfreeze="all", warmup_epochs=1, decay="cosine")
     model, changed, rates, _ = _train(schedule, epochs=3, iterations=2)
-    assert {_group_of(model)[k] for k in changed[2] if k in _group_of(model)} == {"stem", "layer1", "layer2", "layer3", "layer4", "head"}
+    assert {_group_of(model)[k] for k in changed[2] if k in _group_of(model)} == {
+        "stem",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+        "head",
+    }
     # epoch 2: backbone warms up linearly over its 2 iterations (0.5, 1.0 of base) times the cosine factor
     cos = [0.5 * (1 + torch.cos(torch.tensor(torch.pi * x / 2)).item()) for x in (0.5, 1.0, 1.5, 2.0)]
     assert rates[2][0]["stem"] == pytest.approx(0.1 * 0.5**5 * 0.5 * cos[0])
@@ -126,7 +155,9 @@ def test_schedule_is_a_function_of_the_epoch_for_resumed_runs():
     model = _resnet()
     optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3))
     FineTuneSchedule(head_epochs=2, unfreeze="gradual").apply(model, optimizer, epoch=4)
-    trainable = {g.name for g in layer_groups(model) if all(dict(model.named_parameters())[p].requires_grad for p in g.params)}
+    trainable = {
+        g.name for g in layer_groups(model) if all(dict(model.named_parameters())[p].requires_grad for p in g.params)
+    }
     assert trainable == {"head", "layer4", "layer3"}
 
 
@@ -160,9 +191,14 @@ def test_schedule_releases_the_network_when_training_ends():
     net = create_network("resnet10", num_classes=2, widen_factor=0.125)
     data = [{"image": torch.rand(1, 8, 8, 8), "label": i % 2} for i in range(4)]
     schedule = FineTuneSchedule(head_epochs=2)
-    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=DataLoader(data, batch_size=2),
-                                network=net, optimizer=torch.optim.SGD(param_groups(net, lr=0.1), lr=0.1),
-                                loss_function=torch.nn.CrossEntropyLoss())
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=DataLoader(data, batch_size=2),
+        network=net,
+        optimizer=torch.optim.SGD(param_groups(net, lr=0.1), lr=0.1),
+        loss_function=torch.nn.CrossEntropyLoss(),
+    )
     schedule.attach(trainer)
     trainer.run()  # ends inside the head phase: the backbone is still frozen at that point
     assert all(p.requires_grad for p in net.parameters())

@@ -25,14 +25,25 @@ from medtl.evaluate import classification_metrics
 from medtl.networks import resnet
 from medtl.privacy import find_identifiers, identifiers_from_dicom
 
-MANIFEST = {"name": "site_B", "content_sha256": "ab" * 32,
-            "counts": {"by_site_split_label": {"B": {"train": {"benign": 18, "malignant": 11}, "test": {"benign": 30, "malignant": 19}}}}}
+MANIFEST = {
+    "name": "site_B",
+    "content_sha256": "ab" * 32,
+    "counts": {
+        "by_site_split_label": {
+            "B": {"train": {"benign": 18, "malignant": 11}, "test": {"benign": 30, "malignant": 19}}
+        }
+    },
+}
 
 
 def _metrics(seed: int) -> dict:
     rng = np.random.default_rng(seed)
     p = rng.uniform(size=30)
-    return {"site B test": classification_metrics(rng.integers(0, 2, 30), np.stack([1 - p, p], 1), class_names=["benign", "malignant"], n_boot=50)}
+    return {
+        "site B test": classification_metrics(
+            rng.integers(0, 2, 30), np.stack([1 - p, p], 1), class_names=["benign", "malignant"], n_boot=50
+        )
+    }
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +52,16 @@ def exported(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     source = export_bundle(resnet(0.5), root / "tumor_cls_source", template="tumor_cls_source", onnx=False)["path"]
-    return export_bundle(resnet(0.5), root / "tumor_cls_finetune", template="tumor_cls_finetune", source=source, manifests=[MANIFEST],
-                         metrics=_metrics(0), recipe={"fine-tuning": {"epochs": 30, "lr": 1e-4}}, changelog="adapted in a test")["path"]
+    return export_bundle(
+        resnet(0.5),
+        root / "tumor_cls_finetune",
+        template="tumor_cls_finetune",
+        source=source,
+        manifests=[MANIFEST],
+        metrics=_metrics(0),
+        recipe={"fine-tuning": {"epochs": 30, "lr": 1e-4}},
+        changelog="adapted in a test",
+    )["path"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +90,10 @@ def test_pack_verify_import_round_trip(exported, packed, tmp_path):
     assert provenance["adapted_from"]["name"] == "tumor_cls_source" and len(provenance["adapted_from"]["sha256"]) == 64
     assert provenance["data"]["manifests"][0]["sha256"] == MANIFEST["content_sha256"]
     assert set(provenance["training_config_sha256"]) == {"configs/train.json", "configs/multi_gpu_train.json"}
-    assert provenance["metrics"]["site_B_test_n"] == 30 and provenance["software"]["torch"] == torch.__version__.split("+")[0]
+    assert (
+        provenance["metrics"]["site_B_test_n"] == 30
+        and provenance["software"]["torch"] == torch.__version__.split("+")[0]
+    )
     assert len(sums.splitlines()) == len(names) - 1  # every file but the list itself
 
     report = verify_bundle(packed)
@@ -91,8 +113,17 @@ def test_pack_verify_import_round_trip(exported, packed, tmp_path):
 def test_model_card_and_data_license_come_from_metadata_and_provenance(exported):
     card = (exported / "docs" / "README.md").read_text(encoding="utf-8")
     assert card.startswith("# tumor_cls_finetune 0.1.0")
-    for text in ("### Intended use", "Research only", "| site_B | B | train | 29 | benign 18, malignant 11 |", "Adapted from `tumor_cls_source`",
-                 "fine-tuning: epochs=30", "| site B test | 30 |", "## MONAI Bundle Commands", "## Limits", "docs/data_license.txt"):
+    for text in (
+        "### Intended use",
+        "Research only",
+        "| site_B | B | train | 29 | benign 18, malignant 11 |",
+        "Adapted from `tumor_cls_source`",
+        "fine-tuning: epochs=30",
+        "| site B test | 30 |",
+        "## MONAI Bundle Commands",
+        "## Limits",
+        "docs/data_license.txt",
+    ):
         assert text in card
     assert (exported / "docs" / "data_license.txt").read_text(encoding="utf-8").startswith("Terms of use")
     assert find_identifiers(card) == []
@@ -129,13 +160,18 @@ def test_absolute_path_in_a_config(exported, tmp_path):
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     failed = _failed(verify_bundle(bundle))["portable paths"]
     assert "configs/inference.json output_dir: '/data/site/predictions': a path outside the bundle" in failed
-    assert "configs/inference.json ckpt_path: \"$'/data/site/models/model.pt'\": '/data/site/models/model.pt' starts a path outside" in failed
+    assert (
+        "configs/inference.json ckpt_path: \"$'/data/site/models/model.pt'\": '/data/site/models/model.pt' starts a path outside"
+        in failed
+    )
 
 
 def test_patient_identifiers_planted_in_docs(exported, tmp_path):
     bundle = Path(shutil.copytree(exported, tmp_path / "b"))
     with (bundle / "docs" / "README.md").open("a", encoding="utf-8") as fh:
-        fh.write("\nReviewed with the scan of DOE^JANE (PatientID: 0042-17), born 1951-02-03; files in /home/jdoe/scans.\n")
+        fh.write(
+            "\nReviewed with the scan of DOE^JANE (PatientID: 0042-17), born 1951-02-03; files in /home/jdoe/scans.\n"
+        )
     failed = _failed(verify_bundle(bundle))["privacy scan"]
     for label in ("DICOM person name 'DOE", "identifying DICOM attribute with a value", "user home path"):
         assert f"docs/README.md: {label}" in failed
@@ -182,7 +218,10 @@ def test_pickle_payload_checkpoint_is_refused_unless_trusted(exported, tmp_path,
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
     torch.save({**state, "extra": _Payload()}, bundle / "models" / "model.pt")
     failed = _failed(verify_bundle(bundle))
-    assert "models/model.pt: holds pickled code" in failed["weights load (weights_only)"] and "system" in failed["weights load (weights_only)"]
+    assert (
+        "models/model.pt: holds pickled code" in failed["weights load (weights_only)"]
+        and "system" in failed["weights load (weights_only)"]
+    )
     with pytest.raises(MedtlError, match="import refused"):
         import_bundle(bundle, tmp_path / "site2")
     assert import_bundle(bundle, tmp_path / "site3", trust=True)["path"].is_dir()
@@ -201,28 +240,52 @@ def test_zip_slip_and_logging_conf_code_are_refused(tmp_path):
     assert not (tmp_path.parent / "outside.txt").exists()
 
     conf = tmp_path / "logging.conf"
-    conf.write_text("[loggers]\nkeys=root\n[handlers]\nkeys=h\n[formatters]\nkeys=\n[logger_root]\nlevel=INFO\nhandlers=h\n"
-                    "[handler_h]\nclass=StreamHandler\nargs=(__import__('os').system('id'),)\n")
+    conf.write_text(
+        "[loggers]\nkeys=root\n[handlers]\nkeys=h\n[formatters]\nkeys=\n[logger_root]\nlevel=INFO\nhandlers=h\n"
+        "[handler_h]\nclass=StreamHandler\nargs=(__import__('os').system('id'),)\n"
+    )
     assert "handler args must be (sys.stdout,), (sys.stderr,) or ()" in str(audit_logging_conf(conf)[0])
 
 
-@pytest.mark.parametrize("expression", [
-    "__import__('os').system('id')", "open('/etc/passwd').read()", "eval('1+1')", "getattr(torch, 'load')(@p)", "torch.load(@p)",
-    "@network.__class__.__init__.__globals__", "monai.utils.instantiate('os.system', 'id')", "import subprocess", "from os import system",
-    "[c for c in ().__class__.__base__.__subclasses__()]", "os.system('id')", "numpy.load(@p, allow_pickle=True)",
-    "import torch.distributed as dist", "lambda engine: float(engine.state.metrics['val_auc'])", "os.environ['LOCAL_RANK']",
-    "[h for h in @handlers if type(h).__name__ == 'EarlyStopHandler']",
-])
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "__import__('os').system('id')",
+        "open('/etc/passwd').read()",
+        "eval('1+1')",
+        "getattr(torch, 'load')(@p)",
+        "torch.load(@p)",
+        "@network.__class__.__init__.__globals__",
+        "monai.utils.instantiate('os.system', 'id')",
+        "import subprocess",
+        "from os import system",
+        "[c for c in ().__class__.__base__.__subclasses__()]",
+        "os.system('id')",
+        "numpy.load(@p, allow_pickle=True)",
+        "import torch.distributed as dist",
+        "lambda engine: float(engine.state.metrics['val_auc'])",
+        "os.environ['LOCAL_RANK']",
+        "[h for h in @handlers if type(h).__name__ == 'EarlyStopHandler']",
+    ],
+)
 def test_audit_refuses_code_outside_the_allow_list(expression):
     assert audit_expression(expression)
 
 
-@pytest.mark.parametrize("expression", [
-    "@bundle_root + '/models/model.pt'", "torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-    "f\"{@name}-{@value:.2f}\"", "monai.handlers.from_engine(['pred', 'label'])", "monai.handlers.stopping_fn_from_metric('val_auc')",
-    "@train#handlers[: -2 if torch.distributed.get_rank() > 0 else None]", "None if @resume_state.resuming else @validate#evaluator.run()",
-    "{'image': 'csv_image', 'mask': 'csv_mask'} if @input_csv else ['id', 'series']", "len(@class_names)",
-])
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "@bundle_root + '/models/model.pt'",
+        "torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        'f"{@name}-{@value:.2f}"',
+        "monai.handlers.from_engine(['pred', 'label'])",
+        "monai.handlers.stopping_fn_from_metric('val_auc')",
+        "@train#handlers[: -2 if torch.distributed.get_rank() > 0 else None]",
+        "None if @resume_state.resuming else @validate#evaluator.run()",
+        "{'image': 'csv_image', 'mask': 'csv_mask'} if @input_csv else ['id', 'series']",
+        "len(@class_names)",
+    ],
+)
 def test_audit_accepts_what_bundles_need(expression):
     assert audit_expression(expression) == []
 
@@ -238,8 +301,15 @@ def test_every_shipped_bundle_passes_the_audit_and_path_checks():
 
 def test_reexport_bumps_the_version_and_diff_shows_what_changed(exported, tmp_path):
     bundle = Path(shutil.copytree(exported, tmp_path / "tumor_cls_finetune"))
-    info = export_bundle(resnet(0.5), bundle, template="tumor_cls_finetune", metrics=_metrics(1), changelog="re-adapted with more labels",
-                         bump="minor", onnx=False)
+    info = export_bundle(
+        resnet(0.5),
+        bundle,
+        template="tumor_cls_finetune",
+        metrics=_metrics(1),
+        changelog="re-adapted with more labels",
+        bump="minor",
+        onnx=False,
+    )
     meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert info["version"] == "0.2.0" and set(meta["changelog"]) == {"0.2.0", "0.1.0"}
     assert meta["changelog"]["0.1.0"] == "adapted in a test"
@@ -258,9 +328,13 @@ def test_reexport_bumps_the_version_and_diff_shows_what_changed(exported, tmp_pa
 def test_reexporting_the_same_weights_reads_as_identical_weights(exported, tmp_path):
     """Equal tensors can be written as different bytes (another torch version or format); diff compares the tensors."""
     bundle = Path(shutil.copytree(exported, tmp_path / "tumor_cls_finetune"))
-    export_bundle(load_bundle_network(exported), bundle, template="tumor_cls_finetune", changelog="configs only", onnx=False)
+    export_bundle(
+        load_bundle_network(exported), bundle, template="tumor_cls_finetune", changelog="configs only", onnx=False
+    )
     weights = bundle / "models" / "model.pt"
-    torch.save(torch.load(weights, weights_only=True), weights, _use_new_zipfile_serialization=False)  # the legacy format
+    torch.save(
+        torch.load(weights, weights_only=True), weights, _use_new_zipfile_serialization=False
+    )  # the legacy format
     assert weights.read_bytes() != (exported / "models" / "model.pt").read_bytes()
     diff = diff_bundles(exported, bundle)
     assert not diff["weights_changed"] and diff["changelog_added"] == {"0.1.1": "configs only"}

@@ -68,7 +68,16 @@ def test_mmd_same_distribution_near_zero_shifted_clearly_positive():
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv3d(1, 3, 3), nn.BatchNorm3d(3), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(3, 7), nn.ReLU(), nn.Linear(7, 2))
+    return nn.Sequential(
+        nn.Conv3d(1, 3, 3),
+        nn.BatchNorm3d(3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(3, 7),
+        nn.ReLU(),
+        nn.Linear(7, 2),
+    )
 
 
 def test_features_are_the_classifier_input():
@@ -120,15 +129,21 @@ def test_report_counts_spacing_and_broken_case(two_sites, tmp_path):
     broken = next(c for c in load_manifest(target)["cases"] if c["image"]["path"] == "B/img2.nii.gz")
     (root / "B" / "img2.nii.gz").write_bytes(b"not a nifti file")
     out = tmp_path / "reports" / "shift.json"
-    report = shift_report(source, target, root, model={"source-only": _net()}, n_permutations=20, out=out, progress=False)
+    report = shift_report(
+        source, target, root, model={"source-only": _net()}, n_permutations=20, out=out, progress=False
+    )
     src, tgt = report["source"], report["target"]
     assert (src["cases"], src["loaded"], src["sites"], src["labels"]) == (4, 4, {"A": 4}, {"benign": 2, "malignant": 2})
     assert (tgt["cases"], tgt["loaded"], tgt["sites"], tgt["labels"]) == (5, 4, {"B": 5}, {"benign": 3, "malignant": 2})
-    assert src["spacing_mm"]["median"] == [1.0, 1.0, 1.0] and tgt["spacing_mm"]["median"] == pytest.approx([1.0, 1.0, 2.5])
+    assert src["spacing_mm"]["median"] == [1.0, 1.0, 1.0] and tgt["spacing_mm"]["median"] == pytest.approx(
+        [1.0, 1.0, 2.5]
+    )
     assert tgt["shape"] == {"min": [20, 20, 8], "max": [20, 20, 8]}
     # the planted 150 HU offset shows in the raw statistics, and the crop is in [0, 1] units
     assert tgt["image_intensity"]["p50"] - src["image_intensity"]["p50"] == pytest.approx(150, abs=10)
-    assert src["image_intensity"]["unit"] == "HU" and 0 <= src["crop_intensity"]["p1"] <= src["crop_intensity"]["p99"] <= 1
+    assert (
+        src["image_intensity"]["unit"] == "HU" and 0 <= src["crop_intensity"]["p1"] <= src["crop_intensity"]["p99"] <= 1
+    )
     assert [s["case_id"] for s in tgt["skipped"]] == [broken["case_id"]] and src["skipped"] == []
     assert "not a readable NIfTI file" in tgt["skipped"][0]["reason"]
     shift = report["feature_shift"]["source-only"]
@@ -166,12 +181,52 @@ def test_cli_writes_report_and_prints_table(two_sites, tmp_path, capsys):
     ckpt = tmp_path / "net.pt"
     torch.save(create_network("resnet10", widen_factor=0.25).state_dict(), ckpt)
     out = tmp_path / "shift.json"
-    args = ["-q", "shift", "--source", str(source), "--target", str(target), "--root", str(root), "--checkpoint", str(ckpt),
-            "--arch", "resnet10", "--widen-factor", "0.25", "--split", "train", "val", "test", "--permutations", "20", "-o", str(out)]
+    args = [
+        "-q",
+        "shift",
+        "--source",
+        str(source),
+        "--target",
+        str(target),
+        "--root",
+        str(root),
+        "--checkpoint",
+        str(ckpt),
+        "--arch",
+        "resnet10",
+        "--widen-factor",
+        "0.25",
+        "--split",
+        "train",
+        "val",
+        "test",
+        "--permutations",
+        "20",
+        "-o",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text(encoding="utf-8"))
     assert report["splits"] == ["train", "val", "test"] and report["feature_shift"]["net.pt"]["feature_dim"] == 128
     assert "cases loaded / selected" in printed and "net.pt" in printed and str(out) in printed
-    assert main(["-q", "shift", "--source", str(source), "--target", str(target), "--root", str(root), "--checkpoint", str(ckpt), "-o", str(out)]) == 2
+    assert (
+        main(
+            [
+                "-q",
+                "shift",
+                "--source",
+                str(source),
+                "--target",
+                str(target),
+                "--root",
+                str(root),
+                "--checkpoint",
+                str(ckpt),
+                "-o",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "--arch" in capsys.readouterr().err

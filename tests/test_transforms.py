@@ -152,7 +152,9 @@ def test_dicom_series_input(make_series):
 
 def test_empty_mask_raises(tmp_path):
     case, _ = _case(tmp_path, mask=False)
-    empty = write_nifti(Volume(np.zeros((48, 48, 48), np.uint8), _affine((1.0, 1.0, 1.0))), tmp_path / "empty.nii.gz", dtype=np.uint8)
+    empty = write_nifti(
+        Volume(np.zeros((48, 48, 48), np.uint8), _affine((1.0, 1.0, 1.0))), tmp_path / "empty.nii.gz", dtype=np.uint8
+    )
     with pytest.raises(MedtlError, match="mask is empty") as info:
         preprocessing(**SMALL)({**case, "mask": str(empty)})
     assert "empty.nii.gz" in str(info.value)
@@ -245,17 +247,19 @@ def test_invalid_arguments_raise(call, message):
 
 def test_bundle_config_instantiates_train_transforms(tmp_path):
     case, _ = _case(tmp_path)
-    parser = ConfigParser({
-        "train_transforms": {
-            "_target_": "medtl.transforms.train_transforms",
-            "modality": "ct",
-            "level": "light",
-            "spatial_size": [16, 16, 16],
-            "crop_mm": [16, 16, 16],
-            "seed": 0,
-        },
-        "crop": {"_target_": "medtl.transforms.CropAroundLesiond", "keys": "image", "size_mm": [16, 16, 16]},
-    })
+    parser = ConfigParser(
+        {
+            "train_transforms": {
+                "_target_": "medtl.transforms.train_transforms",
+                "modality": "ct",
+                "level": "light",
+                "spatial_size": [16, 16, 16],
+                "crop_mm": [16, 16, 16],
+                "seed": 0,
+            },
+            "crop": {"_target_": "medtl.transforms.CropAroundLesiond", "keys": "image", "size_mm": [16, 16, 16]},
+        }
+    )
     transforms = parser.get_parsed_content("train_transforms")
     assert isinstance(transforms, Compose)
     out = transforms(case)
@@ -284,8 +288,12 @@ def test_mask_channel_follows_the_image_crop_even_from_another_grid(tmp_path):
         image = out["image"]
         assert image.shape == (2, 32, 32, 32) and "mask" not in out
         lesion = image[1].numpy()
-        assert 0 <= lesion.min() and lesion.max() <= 1 and 60 < lesion.sum() < 180  # 1 mm voxels: about the ball's volume
-        assert np.abs(np.argwhere(lesion > 0.5).mean(axis=0) - _bright_center(image)).max() < 1.5  # on the nodule of channel 0
+        assert (
+            0 <= lesion.min() and lesion.max() <= 1 and 60 < lesion.sum() < 180
+        )  # 1 mm voxels: about the ball's volume
+        assert (
+            np.abs(np.argwhere(lesion > 0.5).mean(axis=0) - _bright_center(image)).max() < 1.5
+        )  # on the nodule of channel 0
     wide = eval_transforms(modality="ct", mask_channel=True, crop_mm=(64, 64, 64))(dict(case))
     assert wide["image"][1].sum() < lesion.sum() / 4  # 64 mm into 32 voxels: each voxel is 8 mm³
 

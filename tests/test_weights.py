@@ -38,7 +38,9 @@ class PickledConfig:
 
 def tiny(in_channels: int = 1, num_classes: int = 2, spatial_dims: int = 3, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return create_network("resnet10", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, **TINY).eval()
+    return create_network(
+        "resnet10", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, **TINY
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +97,14 @@ def test_plain_state_dict(tmp_path, source):
 def test_training_checkpoint_containers(tmp_path, source, layout):
     sd = source.state_dict()
     if layout == "lightning":
-        obj = {"epoch": 3, "global_step": 30, "pytorch-lightning_version": "2.4.0",
-               "state_dict": {f"model.{k}": v for k, v in sd.items()}, "optimizer_states": [], "lr_schedulers": []}
+        obj = {
+            "epoch": 3,
+            "global_step": 30,
+            "pytorch-lightning_version": "2.4.0",
+            "state_dict": {f"model.{k}": v for k, v in sd.items()},
+            "optimizer_states": [],
+            "lr_schedulers": [],
+        }
     else:
         obj = {layout: sd, "epoch": 7, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}}
     path = tmp_path / "ckpt.ckpt"
@@ -169,8 +177,11 @@ def test_bundle_folder_without_weights_is_a_user_error(tmp_path):
 def test_medicalnet_checkpoint_loads_backbone_and_reports_seg_head(tmp_path, source):
     """Med3D layout: {"state_dict": {"module.conv1.weight", ..., "module.conv_seg.*"}}, no fc."""
     backbone = {f"module.{k}": v for k, v in source.state_dict().items() if not k.startswith("fc.")}
-    seg = {"module.conv_seg.0.weight": torch.randn(32, 128, 2, 2, 2), "module.conv_seg.1.weight": torch.ones(32),
-           "module.conv_seg.4.weight": torch.randn(2, 32, 1, 1, 1)}
+    seg = {
+        "module.conv_seg.0.weight": torch.randn(32, 128, 2, 2, 2),
+        "module.conv_seg.1.weight": torch.ones(32),
+        "module.conv_seg.4.weight": torch.randn(2, 32, 1, 1, 1),
+    }
     path = tmp_path / "resnet_10_23dataset.pth"
     torch.save({"state_dict": {**backbone, **seg}}, path)
     model = tiny()
@@ -194,9 +205,15 @@ def test_match_keys_rules():
     model_keys = ["conv1.weight", "model.head.weight", "backbone.fc.bias"]
     mapping = match_keys(["module.model.conv1.weight", "model.head.weight", "net.fc.bias"], model_keys, add_prefix="")
     # model.head.weight is a model name as is, so its "model." is not stripped
-    assert mapping == {"module.model.conv1.weight": "conv1.weight", "model.head.weight": "model.head.weight", "net.fc.bias": "fc.bias"}
+    assert mapping == {
+        "module.model.conv1.weight": "conv1.weight",
+        "model.head.weight": "model.head.weight",
+        "net.fc.bias": "fc.bias",
+    }
     assert match_keys(["fc.bias"], model_keys, add_prefix="backbone.") == {"fc.bias": "backbone.fc.bias"}
-    assert match_keys(["module.conv1.weight"], model_keys, strip_prefixes=()) == {"module.conv1.weight": "module.conv1.weight"}
+    assert match_keys(["module.conv1.weight"], model_keys, strip_prefixes=()) == {
+        "module.conv1.weight": "module.conv1.weight"
+    }
     ordered = match_keys(["a.x"], [], key_map={r"^a\.": "b.", r"^b\.": "c."})
     assert ordered == {"a.x": "c.x"}  # applied in order, each on the previous result
 
@@ -243,7 +260,10 @@ def test_report_lists_are_exact_and_disjoint(source):
     for k in bad:
         assert torch.equal(after[k], before[k]), k  # kept initialisation
     text = report.summary()
-    assert f"Loaded {len(names) - 4} of {len(names)} ResNet tensors" in text and "fc.weight (checkpoint [5, 128] vs model [2, 128])" in text
+    assert (
+        f"Loaded {len(names) - 4} of {len(names)} ResNet tensors" in text
+        and "fc.weight (checkpoint [5, 128] vs model [2, 128])" in text
+    )
 
 
 def test_strict_raises_with_report_before_touching_model(source):
@@ -289,7 +309,9 @@ def test_rgb_to_gray_sums_channels_and_keeps_outputs(source):
 def test_gray_to_multichannel_repeats_and_scales(source):
     three = tiny(in_channels=3)
     report = load_weights(three, source.state_dict())
-    assert [(a.name, a.how) for a in report.adapted] == [("conv1.weight", "input channels 1->3: repeated, scaled by 1/3")]
+    assert [(a.name, a.how) for a in report.adapted] == [
+        ("conv1.weight", "input channels 1->3: repeated, scaled by 1/3")
+    ]
     assert torch.allclose(three.conv1.weight, source.conv1.weight.repeat(1, 3, 1, 1, 1) / 3)
     x = torch.randn(2, 1, 16, 16, 16)
     with torch.no_grad():
@@ -309,7 +331,9 @@ def test_2d_to_3d_inflation_reproduces_2d_output():
     net2d = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU())
     net3d = nn.Sequential(nn.Conv3d(2, 4, 3, padding=(0, 1, 1)), nn.ReLU())
     report = load_weights(net3d, net2d.state_dict(), strict=True)
-    assert [(a.name, a.how) for a in report.adapted] == [("0.weight", "2D->3D: kernel inflated to depth 3, divided by 3")]
+    assert [(a.name, a.how) for a in report.adapted] == [
+        ("0.weight", "2D->3D: kernel inflated to depth 3, divided by 3")
+    ]
     assert report.loaded == ["0.weight", "0.bias"]
     image = torch.randn(1, 2, 10, 12)
     volume = image.unsqueeze(2).repeat(1, 1, 7, 1, 1)  # constant along depth
@@ -328,8 +352,13 @@ def test_2d_network_into_3d_network_inflates_every_conv():
     report = load_weights(net3d, net2d.state_dict(), strict=True)
     convs = [k for k, v in net3d.state_dict().items() if v.ndim == 5]
     assert [a.name for a in report.adapted] == convs
-    assert report.adapted[0].how == "2D->3D: kernel inflated to depth 7, divided by 7; input channels 3->1: summed over channels"
-    assert torch.allclose(net3d.layer1[0].conv1.weight, net2d.layer1[0].conv1.weight.unsqueeze(2).repeat(1, 1, 3, 1, 1) / 3)
+    assert (
+        report.adapted[0].how
+        == "2D->3D: kernel inflated to depth 7, divided by 7; input channels 3->1: summed over channels"
+    )
+    assert torch.allclose(
+        net3d.layer1[0].conv1.weight, net2d.layer1[0].conv1.weight.unsqueeze(2).repeat(1, 1, 3, 1, 1) / 3
+    )
 
 
 # ---------------------------------------------------------------- safety
@@ -362,8 +391,14 @@ def test_corrupted_file_names_it(tmp_path, source, damage):
     torch.save(source.state_dict(), good, _use_new_zipfile_serialization=damage != "legacy-truncated")
     data = good.read_bytes()
     bad = tmp_path / "bad.pth"
-    bad.write_bytes({"truncated": data[: len(data) // 2], "legacy-truncated": data[: len(data) // 2],
-                     "garbage": b"\x00not a checkpoint" * 50, "empty": b""}[damage])
+    bad.write_bytes(
+        {
+            "truncated": data[: len(data) // 2],
+            "legacy-truncated": data[: len(data) // 2],
+            "garbage": b"\x00not a checkpoint" * 50,
+            "empty": b"",
+        }[damage]
+    )
     with pytest.raises(MedtlError) as exc:
         load_weights(tiny(), bad)
     assert str(exc.value).startswith(f"{bad}: cannot read checkpoint")
@@ -394,8 +429,16 @@ def test_inspect_checkpoint_and_cli_json(tmp_path, capsys, source):
     assert report.loaded == [k for k in ref if k.startswith("layer1.")] and report.unexpected == ["conv_seg.0.weight"]
 
     medicalnet18 = tmp_path / "resnet_18.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in create_network("resnet18", medicalnet=True, widen_factor=0.25).state_dict().items()
-                               if not k.startswith("fc.")}}, medicalnet18)
+    torch.save(
+        {
+            "state_dict": {
+                f"module.{k}": v
+                for k, v in create_network("resnet18", medicalnet=True, widen_factor=0.25).state_dict().items()
+                if not k.startswith("fc.")
+            }
+        },
+        medicalnet18,
+    )
     exact = inspect_checkpoint(medicalnet18, arch="resnet18", network_kwargs={"medicalnet": True, "widen_factor": 0.25})
     assert exact.missing == ["fc.weight", "fc.bias"] and not exact.unexpected and not exact.mismatched
 

@@ -28,7 +28,11 @@ from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOpe
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesToVolumeOperator
 from monai.deploy.operators.dicom_text_sr_writer_operator import DICOMTextSRWriterOperator, EquipmentInfo, ModelInfo
-from monai.deploy.operators.monai_bundle_inference_operator import IOMapping, MonaiBundleInferenceOperator, get_bundle_config
+from monai.deploy.operators.monai_bundle_inference_operator import (
+    IOMapping,
+    MonaiBundleInferenceOperator,
+    get_bundle_config,
+)
 from monai.transforms import EnsureChannelFirst
 
 from medtl.dicom import Header, needs_resampling, read_header, resample_slices, stack_geometry
@@ -36,7 +40,9 @@ from medtl.errors import DicomError, MedtlError
 from medtl.fileio import atomic_write_json
 
 #: Selects the CT series; ``all_matched`` so that a folder with several CT series is refused, not cut to the first.
-CT_RULES = json.dumps({"selections": [{"name": "CT series", "all_matched": True, "conditions": {"Modality": "(?i)CT"}}]})
+CT_RULES = json.dumps(
+    {"selections": [{"name": "CT series", "all_matched": True, "conditions": {"Modality": "(?i)CT"}}]}
+)
 #: Which segment of the SEG is the nodule when it holds several (its SegmentNumber).
 SEGMENT_ENV = "LIDC_APP_SEGMENT"
 #: How far (mm) a SEG frame may lie from a CT slice and still be that slice's.
@@ -48,8 +54,11 @@ def _selected_series(selection: list[StudySelectedSeries]) -> Any:
     """The one selected CT series; several would make the SDK convert only the first, silently."""
     chosen = [s.series for study in selection or [] for s in study.selected_series]
     if len(chosen) != 1:
-        raise DicomError(f"the input holds {len(chosen)} CT series; this app scores one series with its nodule SEG",
-                         path="input folder", hint="give a folder with one CT series and the DICOM SEG of its nodule")
+        raise DicomError(
+            f"the input holds {len(chosen)} CT series; this app scores one series with its nodule SEG",
+            path="input folder",
+            hint="give a folder with one CT series and the DICOM SEG of its nodule",
+        )
     return chosen[0]
 
 
@@ -57,21 +66,35 @@ def series_headers(series: Any) -> list[Header]:
     """medtl's headers of the SDK series' files, which the loader read from disk."""
     paths = [getattr(sop.get_native_sop_instance(), "filename", None) for sop in series.get_sop_instances()]
     if not all(isinstance(p, (str, Path)) and Path(p).is_file() for p in paths):
-        raise DicomError("the series' instances do not name their files, so their slice geometry cannot be read",
-                         path="input folder", hint="load the series with DICOMDataLoaderOperator from a folder")
+        raise DicomError(
+            "the series' instances do not name their files, so their slice geometry cannot be read",
+            path="input folder",
+            hint="load the series with DICOMDataLoaderOperator from a folder",
+        )
     return [read_header(p) for p in paths]
 
 
 def find_seg(studies: list[Any], series_uid: str) -> pydicom.Dataset:
     """The one DICOM SEG instance that references ``series_uid``."""
-    segs = [sop.get_native_sop_instance() for study in studies for series in study.get_all_series()
-            for sop in series.get_sop_instances() if str(sop.get_native_sop_instance().get("Modality", "")) == "SEG"]
-    mine = [ds for ds in segs if any(str(ref.get("SeriesInstanceUID", "")) == series_uid
-                                     for ref in ds.get("ReferencedSeriesSequence", []))]
+    segs = [
+        sop.get_native_sop_instance()
+        for study in studies
+        for series in study.get_all_series()
+        for sop in series.get_sop_instances()
+        if str(sop.get_native_sop_instance().get("Modality", "")) == "SEG"
+    ]
+    mine = [
+        ds
+        for ds in segs
+        if any(str(ref.get("SeriesInstanceUID", "")) == series_uid for ref in ds.get("ReferencedSeriesSequence", []))
+    ]
     if len(mine) != 1:
-        raise DicomError(f"{len(mine)} DICOM SEG instance(s) reference the CT series ({len(segs)} SEG in the input); "
-                         "this model takes the nodule mask as its second input channel", path="input folder",
-                         hint="add the nodule's DICOM SEG (one instance) that references this series")
+        raise DicomError(
+            f"{len(mine)} DICOM SEG instance(s) reference the CT series ({len(segs)} SEG in the input); "
+            "this model takes the nodule mask as its second input channel",
+            path="input folder",
+            hint="add the nodule's DICOM SEG (one instance) that references this series",
+        )
     return mine[0]
 
 
@@ -81,9 +104,14 @@ def _segment_number(seg: pydicom.Dataset, wanted: int | None) -> int:
         return numbers[0]
     if wanted is not None and wanted in numbers:
         return wanted
-    listing = ", ".join(f"{s.SegmentNumber} ({s.get('SegmentLabel', 'no label')})" for s in seg.get("SegmentSequence", []))
-    raise DicomError(f"segment {wanted} is not in the SEG" if wanted is not None else "the SEG holds several segments",
-                     path="nodule SEG", hint=f"set {SEGMENT_ENV} to the nodule's segment number: {listing or 'none'}")
+    listing = ", ".join(
+        f"{s.SegmentNumber} ({s.get('SegmentLabel', 'no label')})" for s in seg.get("SegmentSequence", [])
+    )
+    raise DicomError(
+        f"segment {wanted} is not in the SEG" if wanted is not None else "the SEG holds several segments",
+        path="nodule SEG",
+        hint=f"set {SEGMENT_ENV} to the nodule's segment number: {listing or 'none'}",
+    )
 
 
 def _frame_item(seg: pydicom.Dataset, frame: Any, name: str) -> Any:
@@ -101,8 +129,11 @@ def seg_mask(seg: pydicom.Dataset, slices: list[Header], segment: int | None = N
     number = _segment_number(seg, segment)
     first = slices[0]
     if (int(seg.Rows), int(seg.Columns)) != (first.rows, first.cols):
-        raise DicomError(f"the SEG's frames are {seg.Rows}x{seg.Columns}, the CT's slices {first.rows}x{first.cols}",
-                         path="nodule SEG", hint="give the SEG made on this series")
+        raise DicomError(
+            f"the SEG's frames are {seg.Rows}x{seg.Columns}, the CT's slices {first.rows}x{first.cols}",
+            path="nodule SEG",
+            hint="give the SEG made on this series",
+        )
     orientation = np.asarray(first.orientation, dtype=float)
     normal = np.cross(orientation[:3], orientation[3:])
     positions = np.asarray([h.position for h in slices], dtype=float)
@@ -113,12 +144,20 @@ def seg_mask(seg: pydicom.Dataset, slices: list[Header], segment: int | None = N
     for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
         if int(_frame_item(seg, frame, "SegmentIdentificationSequence").ReferencedSegmentNumber) != number:
             continue
-        frame_orientation = np.asarray(_frame_item(seg, frame, "PlaneOrientationSequence").ImageOrientationPatient, dtype=float)
+        frame_orientation = np.asarray(
+            _frame_item(seg, frame, "PlaneOrientationSequence").ImageOrientationPatient, dtype=float
+        )
         where = np.asarray(_frame_item(seg, frame, "PlanePositionSequence").ImagePositionPatient, dtype=float)
         k = int(np.argmin(np.abs((positions - where) @ normal)))
-        if np.abs(frame_orientation - orientation).max() > 1e-4 or np.linalg.norm(positions[k] - where) > _POSITION_TOL_MM:
-            raise DicomError(f"SEG frame {index + 1} at {np.round(where, 2).tolist()} mm lies on no slice of the CT series",
-                             path="nodule SEG", hint="give the SEG made on this series")
+        if (
+            np.abs(frame_orientation - orientation).max() > 1e-4
+            or np.linalg.norm(positions[k] - where) > _POSITION_TOL_MM
+        ):
+            raise DicomError(
+                f"SEG frame {index + 1} at {np.round(where, 2).tolist()} mm lies on no slice of the CT series",
+                path="nodule SEG",
+                hint="give the SEG made on this series",
+            )
         mask[:, :, k] = np.maximum(mask[:, :, k], pixels[index].T)
     if not mask.any():
         raise DicomError(f"segment {number} of the SEG is empty on this series", path="nodule SEG")
@@ -173,11 +212,23 @@ class NoduleInputOperator(Operator):
             mask = resample_slices(mask, geom.positions_mm, geom.slice_spacing)
         meta = dict(image.metadata())
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        meta.update({"nifti_affine_transform": affine, "affine": affine, "dicom_affine_transform": _RAS_TO_LPS @ affine,
-                     "row_pixel_spacing": float(spacing[0]), "col_pixel_spacing": float(spacing[1]),
-                     "depth_pixel_spacing": float(spacing[2])})
-        grid = {"slices_acquired": len(ordered), "slices": int(ct.shape[2]), "slice_spacing_mm": round(float(spacing[2]), 4),
-                "resampled": resampled, "problems": [p["code"] for p in geom.problems]}
+        meta.update(
+            {
+                "nifti_affine_transform": affine,
+                "affine": affine,
+                "dicom_affine_transform": _RAS_TO_LPS @ affine,
+                "row_pixel_spacing": float(spacing[0]),
+                "col_pixel_spacing": float(spacing[1]),
+                "depth_pixel_spacing": float(spacing[2]),
+            }
+        )
+        grid = {
+            "slices_acquired": len(ordered),
+            "slices": int(ct.shape[2]),
+            "slice_spacing_mm": round(float(spacing[2]), 4),
+            "resampled": resampled,
+            "problems": [p["code"] for p in geom.problems],
+        }
         return ct, mask, meta, grid
 
 
@@ -207,8 +258,15 @@ class ResultOperator(Operator):
     from ``probabilities`` and ``channel_def``.
     """
 
-    def __init__(self, fragment: Fragment, *args: Any, output_folder: Path, class_names: list[str],
-                 model: dict[str, str], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: Any,
+        output_folder: Path,
+        class_names: list[str],
+        model: dict[str, str],
+        **kwargs: Any,
+    ) -> None:
         self.output_folder, self.class_names, self.model = Path(output_folder), class_names, model
         super().__init__(fragment, *args, **kwargs)
 
@@ -223,13 +281,21 @@ class ResultOperator(Operator):
         if len(probs) != len(self.class_names):
             raise MedtlError(f"the bundle gave {len(probs)} probabilities for {len(self.class_names)} classes")
         predicted = self.class_names[int(np.argmax(probs))]
-        result = {"model": self.model, "class_names": self.class_names, "pred": predicted,
-                  **{f"prob_{name}": float(p) for name, p in zip(self.class_names, probs)}, "slice_grid": grid}
+        result = {
+            "model": self.model,
+            "class_names": self.class_names,
+            "pred": predicted,
+            **{f"prob_{name}": float(p) for name, p in zip(self.class_names, probs)},
+            "slice_grid": grid,
+        }
         self.output_folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.output_folder / "predictions.json", result)
         listing = ", ".join(f"{name} {p:.3f}" for name, p in zip(self.class_names, probs))
-        op_output.emit(f"Lung nodule malignancy ({self.model['name']} {self.model['version']}): {predicted} "
-                       f"(probabilities: {listing}). Research use only, not for clinical decisions.", "text")
+        op_output.emit(
+            f"Lung nodule malignancy ({self.model['name']} {self.model['version']}): {predicted} "
+            f"(probabilities: {listing}). Research use only, not for clinical decisions.",
+            "text",
+        )
 
 
 def model_path(given: Path) -> Path:
@@ -237,8 +303,11 @@ def model_path(given: Path) -> Path:
     bundle folder or the file itself."""
     found = given / "models" / "model.ts" if given.is_dir() else given
     if not found.is_file():
-        raise MedtlError("no bundle TorchScript model here", path=found,
-                         hint="give -m bundles/lidc_nodule_malignancy (or its models/model.ts)")
+        raise MedtlError(
+            "no bundle TorchScript model here",
+            path=found,
+            hint="give -m bundles/lidc_nodule_malignancy (or its models/model.ts)",
+        )
     return found
 
 
@@ -256,21 +325,36 @@ class LidcNoduleApp(Application):
         model = {"name": str(meta.get("name", "lidc_nodule_malignancy")), "version": str(meta.get("version", ""))}
         segment = os.environ.get(SEGMENT_ENV)
 
-        loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=Path(context.input_path), name="loader")
+        loader = DICOMDataLoaderOperator(
+            self, CountCondition(self, 1), input_folder=Path(context.input_path), name="loader"
+        )
         selector = DICOMSeriesSelectorOperator(self, rules=CT_RULES, name="selector")
         to_volume = DICOMSeriesToVolumeOperator(self, name="series_to_volume")
         nodule = NoduleInputOperator(self, segment=int(segment) if segment else None, name="nodule_input")
         infer = NoduleBundleInferenceOperator(
-            self, app_context=context, bundle_path=model_file, name="bundle_inference",
+            self,
+            app_context=context,
+            bundle_path=model_file,
+            name="bundle_inference",
             input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],
             output_mapping=[IOMapping("pred", dict, IOType.IN_MEMORY)],
         )
-        result = ResultOperator(self, output_folder=output, class_names=[channel_def[str(i)] for i in range(len(channel_def))],
-                                model=model, name="result")
+        result = ResultOperator(
+            self,
+            output_folder=output,
+            class_names=[channel_def[str(i)] for i in range(len(channel_def))],
+            model=model,
+            name="result",
+        )
         sr = DICOMTextSRWriterOperator(
-            self, output_folder=output, copy_tags=True, name="sr_writer",
+            self,
+            output_folder=output,
+            copy_tags=True,
+            name="sr_writer",
             model_info=ModelInfo(creator="medtl", name=model["name"], version=model["version"]),
-            equipment_info=EquipmentInfo(manufacturer="medtl", manufacturer_model="MONAI Deploy app", series_number="9002"),
+            equipment_info=EquipmentInfo(
+                manufacturer="medtl", manufacturer_model="MONAI Deploy app", series_number="9002"
+            ),
             custom_tags={"SeriesDescription": "AI nodule malignancy, research use only"},
         )
         self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})

@@ -39,7 +39,9 @@ def adabn(
     """
     layers = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not layers:
-        raise MedtlError(f"{type(model).__name__} has no BatchNorm layers with running statistics: AdaBN has nothing to adapt")
+        raise MedtlError(
+            f"{type(model).__name__} has no BatchNorm layers with running statistics: AdaBN has nothing to adapt"
+        )
     saved = [(m, m.momentum, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in layers]
     for m in layers:
         m.reset_running_stats()

@@ -45,15 +45,25 @@ TEACHER_KEY = "teacher_logits"
 UNLABELED = -1
 
 
-def distillation_loss(student: Tensor, teacher: Tensor, labels: Tensor | None, *, alpha: float, temperature: float) -> Tensor:
+def distillation_loss(
+    student: Tensor, teacher: Tensor, labels: Tensor | None, *, alpha: float, temperature: float
+) -> Tensor:
     """``alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)``, batch means.
 
     CE averages over cases with ``label >= 0``; with none (or ``labels=None``) it is 0. KL is the
     per-case sum over classes averaged over the batch (``batchmean``), as in its definition.
     """
     t = float(temperature)
-    kl = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher.to(student.dtype) / t, dim=1),
-                  log_target=True, reduction="batchmean") * t * t
+    kl = (
+        F.kl_div(
+            F.log_softmax(student / t, dim=1),
+            F.log_softmax(teacher.to(student.dtype) / t, dim=1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * t
+        * t
+    )
     if labels is None or alpha == 0:
         return (1.0 - alpha) * kl
     labels = labels.reshape(-1).long()
@@ -84,7 +94,9 @@ class DistillationLoss(nn.Module):
 
     def forward(self, student: Tensor, target: Tensor | Mapping[str, Tensor]) -> Tensor:
         if isinstance(target, Mapping):
-            return distillation_loss(student, target["teacher"], target.get("label"), alpha=self.alpha, temperature=self.temperature)
+            return distillation_loss(
+                student, target["teacher"], target.get("label"), alpha=self.alpha, temperature=self.temperature
+            )
         labels = target.reshape(-1).long()
         return F.cross_entropy(student, labels, ignore_index=UNLABELED)
 
@@ -94,13 +106,24 @@ class DistillBatch(PrepareBatch):
     ``{"label", "teacher"}``. Teacher logits come from the batch (``teacher_key``, cached by
     ``label_with_teacher``) or, given ``teacher``, from running it on this (augmented) batch."""
 
-    def __init__(self, teacher: nn.Module | None = None, *, image_key: str = "image", label_key: str = "label",
-                 teacher_key: str = TEACHER_KEY) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module | None = None,
+        *,
+        image_key: str = "image",
+        label_key: str = "label",
+        teacher_key: str = TEACHER_KEY,
+    ) -> None:
         self.teacher = teacher
         self.image_key, self.label_key, self.teacher_key = image_key, label_key, teacher_key
 
-    def __call__(self, batchdata: dict[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
-                 **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(
+        self,
+        batchdata: dict[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         image = as_plain(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
         label = torch.as_tensor(batchdata[self.label_key]).to(device=device, non_blocking=non_blocking)
         if self.teacher is not None:
@@ -143,7 +166,13 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {str(c): row for c, row in zip(data["case_ids"], data["logits"])}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # a damaged cache is recomputed, never trusted
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        EOFError,
+        zipfile.BadZipFile,
+    ) as exc:  # a damaged cache is recomputed, never trusted
         logger.warning("%s: unreadable teacher cache (%s), recomputing", path.name, exc)
         return {}
 
@@ -217,7 +246,9 @@ def pseudo_label(
     for item in data:
         case = case_key(item)
         if case not in logits:
-            raise MedtlError(f"no teacher output for case {case}", hint="compute teacher_logits over the same data list")
+            raise MedtlError(
+                f"no teacher output for case {case}", hint="compute teacher_logits over the same data list"
+            )
         z = np.asarray(logits[case], dtype=np.float64)
         new = {**item, TEACHER_KEY: z.astype(np.float32), "pseudo_label": False}
         if int(item.get("label", UNLABELED)) == UNLABELED:
@@ -242,8 +273,13 @@ def pseudo_label(
         "below_threshold": uncertain,
         "below_threshold_use": "soft targets only" if keep_uncertain else "dropped",
     }
-    logger.info("pseudo-labels at p >= %.2f: %s kept, %d below threshold (%s)", threshold,
-                report["pseudo_labels_kept"], uncertain, report["below_threshold_use"])
+    logger.info(
+        "pseudo-labels at p >= %.2f: %s kept, %d below threshold (%s)",
+        threshold,
+        report["pseudo_labels_kept"],
+        uncertain,
+        report["below_threshold_use"],
+    )
     return out, report
 
 

@@ -19,7 +19,9 @@ from medtl.errors import MedtlError
 from medtl.networks import find_classifier
 
 
-def class_mapping(target: Sequence[str], source: Sequence[str], class_map: Mapping[str, str] | None = None) -> dict[str, str | None]:
+def class_mapping(
+    target: Sequence[str], source: Sequence[str], class_map: Mapping[str, str] | None = None
+) -> dict[str, str | None]:
     """Which source class each target class starts from (None: a new output), matched by name.
 
     Names shared by both label spaces map to each other in whatever order each lists them;
@@ -38,17 +40,23 @@ def class_mapping(target: Sequence[str], source: Sequence[str], class_map: Mappi
     class_map = dict(class_map or {})
     unknown = [t for t in class_map if t not in target] + [s for s in class_map.values() if s not in source]
     if unknown:
-        raise MedtlError(f"the class map names classes that do not exist: {', '.join(map(repr, unknown))}",
-                         hint=f"target classes: {', '.join(target)}; source classes: {', '.join(source)}")
+        raise MedtlError(
+            f"the class map names classes that do not exist: {', '.join(map(repr, unknown))}",
+            hint=f"target classes: {', '.join(target)}; source classes: {', '.join(source)}",
+        )
     mapping = {t: class_map.get(t, t if t in source else None) for t in target}
     taken = [s for s in mapping.values() if s is not None]
     if len(taken) != len(set(taken)):
-        raise MedtlError(f"two target classes map to one source class: {mapping}", hint="map each source class at most once")
+        raise MedtlError(
+            f"two target classes map to one source class: {mapping}", hint="map each source class at most once"
+        )
     if not class_map and not taken and len(target) == len(source):
-        raise MedtlError(f"cannot tell how the target classes ({', '.join(target)}) correspond to the source's "
-                         f"({', '.join(source)}): same count, no name in common",
-                         hint=f"give the mapping, e.g. --class-map {target[0]}={source[0]},{target[1]}={source[1]}, "
-                         "or --class-map new to train a new head")
+        raise MedtlError(
+            f"cannot tell how the target classes ({', '.join(target)}) correspond to the source's "
+            f"({', '.join(source)}): same count, no name in common",
+            hint=f"give the mapping, e.g. --class-map {target[0]}={source[0]},{target[1]}={source[1]}, "
+            "or --class-map new to train a new head",
+        )
     return mapping
 
 
@@ -84,7 +92,9 @@ def replace_head(
         raise MedtlError(f"{len(target_classes)} target class names given for num_classes={num_classes}")
     name, old = find_classifier(model)
     if source_classes is not None and len(source_classes) != old.out_features:
-        raise MedtlError(f"{len(source_classes)} source class names given, but the source head has {old.out_features} outputs")
+        raise MedtlError(
+            f"{len(source_classes)} source class names given, but the source head has {old.out_features} outputs"
+        )
     out = nn.Linear(old.in_features if hidden is None else int(hidden), int(num_classes))
     layers: list[nn.Module] = [nn.Dropout(float(dropout))] if dropout else []
     if hidden is not None:
@@ -117,7 +127,7 @@ def replace_head(
 def with_new_head(model: nn.Module, num_classes: int, **options: Any) -> nn.Module:
     """``replace_head`` returning the model, for bundle configs::
 
-        "network": {"_target_": "medtl.adapt.head.with_new_head", "model": "@network_def", "num_classes": 2}
+    "network": {"_target_": "medtl.adapt.head.with_new_head", "model": "@network_def", "num_classes": 2}
     """
     replace_head(model, num_classes, **options)
     return model

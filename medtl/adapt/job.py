@@ -66,15 +66,27 @@ def run_adapt(
     items = preprocess_splits(data, root, ("train", "val", "test", "unlabeled"), pre, progress=progress)
     for split in ("train", "val", "test"):
         if not items[split]:
-            raise MedtlError(f"the target manifest has no {split} cases", path=Path(manifest).name,
-                             hint="adaptation needs labeled train and val cases and a test split to report on")
+            raise MedtlError(
+                f"the target manifest has no {split} cases",
+                path=Path(manifest).name,
+                hint="adaptation needs labeled train and val cases and a test split to report on",
+            )
     rows: list[dict[str, Any]] = []
     shutil.rmtree(records, ignore_errors=True)  # a report shows this run only
 
     def stage(name: str, network: Any, seconds: float) -> dict[str, Any]:
-        result = evaluate_items(network, items["test"], seed=seed, class_names=names, record=(records, name, "target test"), device=device)
-        rows.append({"stage": name, "evaluated on": "target test", "result": result,
-                     "params": sum(p.numel() for p in network.parameters()), "seconds": seconds})
+        result = evaluate_items(
+            network, items["test"], seed=seed, class_names=names, record=(records, name, "target test"), device=device
+        )
+        rows.append(
+            {
+                "stage": name,
+                "evaluated on": "target test",
+                "result": result,
+                "params": sum(p.numel() for p in network.parameters()),
+                "seconds": seconds,
+            }
+        )
         return result
 
     network = resnet(widen_factor, num_classes=len(names))
@@ -83,37 +95,82 @@ def run_adapt(
     source_network = copy.deepcopy(network)
     t = time.perf_counter()
     adapted = copy.deepcopy(network)
-    adabn(adapted, loader([*items["train"], *items["unlabeled"]], batch_size=16, device=device), progress=progress, device=device)
+    adabn(
+        adapted,
+        loader([*items["train"], *items["unlabeled"]], batch_size=16, device=device),
+        progress=progress,
+        device=device,
+    )
     stage("AdaBN", adapted, time.perf_counter() - t)
     t = time.perf_counter()
-    run = finetune(network, items["train"], items["val"], recipe, num_classes=len(names),
-                   checkpoint=out / "training_state.pt", resume=resume,
-                   unlabeled_items=items["unlabeled"], progress=progress, desc="fine-tune", device=device, seed=seed)
+    run = finetune(
+        network,
+        items["train"],
+        items["val"],
+        recipe,
+        num_classes=len(names),
+        checkpoint=out / "training_state.pt",
+        resume=resume,
+        unlabeled_items=items["unlabeled"],
+        progress=progress,
+        desc="fine-tune",
+        device=device,
+        seed=seed,
+    )
     results = {"target test": stage("fine-tuned", network, time.perf_counter() - t)}
     record_curve(records, "fine-tuned", run)
     if student_widen:
         pupil, t = resnet(student_widen, num_classes=len(names)), time.perf_counter()
-        distilled = distill(network, pupil, items["train"], items["unlabeled"], items["val"], student,
-                            class_names=names, cache_dir=out / "cache", progress=progress, desc="distill student", device=device)
+        distilled = distill(
+            network,
+            pupil,
+            items["train"],
+            items["unlabeled"],
+            items["val"],
+            student,
+            class_names=names,
+            cache_dir=out / "cache",
+            progress=progress,
+            desc="distill student",
+            device=device,
+        )
         stage(f"student ({student_widen:g})", pupil, time.perf_counter() - t)
         record_curve(records, f"student ({student_widen:g})", distilled)
     for name, explained in (("source-only", source_network), ("fine-tuned", network)):
         record_explanations(records, f"{name} on the target", explained, items["test"], names, device=device)
-    bundle = export_bundle(network, out / "tumor_cls_finetune", template="tumor_cls_finetune", metrics=results, source=source,
-                           manifests=[data], recipe=recipe_outcome(run),
-                           changelog=f"adapted by medtl adapt from {Path(source).name} to {data['name']}",
-                           metadata={"network_data_format": network_data_format_with_classes(names)})
+    bundle = export_bundle(
+        network,
+        out / "tumor_cls_finetune",
+        template="tumor_cls_finetune",
+        metrics=results,
+        source=source,
+        manifests=[data],
+        recipe=recipe_outcome(run),
+        changelog=f"adapted by medtl adapt from {Path(source).name} to {data['name']}",
+        metadata={"network_data_format": network_data_format_with_classes(names)},
+    )
     print_stages(rows)
-    finding = adaptation_finding(source_network, network, items["test"], seed=seed, device=device, where="the target's test split")
+    finding = adaptation_finding(
+        source_network, network, items["test"], seed=seed, device=device, where="the target's test split"
+    )
     print(finding["text"])
-    print(f"\nfine-tuning: {recipe_outcome(run)['outcome']}; source load: "
-          f"{len(report['loaded'])} tensors loaded, {len(report['mismatched'])} left to a new head; classes: {_mapping_text(report)}")
+    print(
+        f"\nfine-tuning: {recipe_outcome(run)['outcome']}; source load: "
+        f"{len(report['loaded'])} tensors loaded, {len(report['mismatched'])} left to a new head; classes: {_mapping_text(report)}"
+    )
     print(f"bundle: {bundle['path']} (TorchScript max abs diff {bundle['torchscript_max_abs_diff']:.1e})")
-    summary = {"run": {"seed": seed, "manifest": {"name": data["name"], "content_sha256": data["content_sha256"]}},
-               "stages": stages_json(rows),
-               "finetune": {k: run[k] for k in ("best_epoch", "epochs_run", "best_val_auc", "val_auc")},
-               "bundle": "tumor_cls_finetune", "finding": finding, "class_mapping": report["class_mapping"]}
-    atomic_write_json(records / "run.json", {"seed": seed, "manifests": {data["name"]: data["content_sha256"]}, "findings": [finding["text"]]})
+    summary = {
+        "run": {"seed": seed, "manifest": {"name": data["name"], "content_sha256": data["content_sha256"]}},
+        "stages": stages_json(rows),
+        "finetune": {k: run[k] for k in ("best_epoch", "epochs_run", "best_val_auc", "val_auc")},
+        "bundle": "tumor_cls_finetune",
+        "finding": finding,
+        "class_mapping": report["class_mapping"],
+    }
+    atomic_write_json(
+        records / "run.json",
+        {"seed": seed, "manifests": {data["name"]: data["content_sha256"]}, "findings": [finding["text"]]},
+    )
     rendered = render_report(out, title=f"medtl adapt: {Path(source).name} to {data['name']}")
     atomic_write_json(out / "adapt_summary.json", summary | {"report": str(rendered["html"].relative_to(out))})
     print(f"report: {rendered['html']}")
@@ -131,11 +188,12 @@ def _mapping_text(report: Mapping[str, Any]) -> str:
 def network_data_format_with_classes(names: list[str]) -> dict[str, Any]:
     """The template's network_data_format with the target's classes as output channels."""
 
-
     meta = json.loads((template_dir("tumor_cls_finetune") / "configs" / "metadata.json").read_text(encoding="utf-8"))
     fmt = meta["network_data_format"]
     pred = fmt["outputs"]["pred"]
-    pred.update(num_channels=len(names), spatial_shape=[1, len(names)], channel_def={str(i): n for i, n in enumerate(names)})
+    pred.update(
+        num_channels=len(names), spatial_shape=[1, len(names)], channel_def={str(i): n for i, n in enumerate(names)}
+    )
     return fmt
 
 

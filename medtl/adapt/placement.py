@@ -23,7 +23,9 @@ class FastForward(nn.Module):
     ``unwrap`` sees through it like through ``DistributedDataParallel``.
     """
 
-    def __init__(self, module: nn.Module, *, channels_last: bool = False, bf16: bool = False, device_type: str = "cpu") -> None:
+    def __init__(
+        self, module: nn.Module, *, channels_last: bool = False, bf16: bool = False, device_type: str = "cpu"
+    ) -> None:
         super().__init__()
         self.module, self.channels_last, self.bf16, self.device_type = module, channels_last, bf16, device_type
 

@@ -50,8 +50,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
     if isinstance(value, Mapping):
-        return type(value)((k, _plain(v)) for k, v in value.items()) if not hasattr(value, "default_factory") else \
-            {k: _plain(v) for k, v in value.items()}
+        return (
+            type(value)((k, _plain(v)) for k, v in value.items())
+            if not hasattr(value, "default_factory")
+            else {k: _plain(v) for k, v in value.items()}
+        )
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v) for v in value)
     return value
@@ -101,10 +104,16 @@ class _BestMetric:
         self.engine = engine
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_metric": float(self.engine.state.best_metric), "best_metric_epoch": int(self.engine.state.best_metric_epoch)}
+        return {
+            "best_metric": float(self.engine.state.best_metric),
+            "best_metric_epoch": int(self.engine.state.best_metric_epoch),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.engine.state.best_metric, self.engine.state.best_metric_epoch = state["best_metric"], state["best_metric_epoch"]
+        self.engine.state.best_metric, self.engine.state.best_metric_epoch = (
+            state["best_metric"],
+            state["best_metric_epoch"],
+        )
 
 
 class TrainingCheckpoint:
@@ -125,9 +134,18 @@ class TrainingCheckpoint:
     validation. In a bundle: ``"$@resume_state.attach(@train#trainer)"`` in ``initialize``.
     """
 
-    def __init__(self, path: str | Path, *, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 objects: Mapping[str, Any] | None = None, handlers: Iterable[Any] = (), evaluators: Iterable[Any] = (),
-                 loaders: Iterable[Any] = (), resume: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        objects: Mapping[str, Any] | None = None,
+        handlers: Iterable[Any] = (),
+        evaluators: Iterable[Any] = (),
+        loaders: Iterable[Any] = (),
+        resume: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.network = network
         self.optimizer = optimizer
@@ -157,7 +175,12 @@ class TrainingCheckpoint:
         s = engine.state
         return {
             "format": FORMAT,
-            "trainer": {"epoch": s.epoch, "iteration": s.iteration, "max_epochs": s.max_epochs, "epoch_length": s.epoch_length},
+            "trainer": {
+                "epoch": s.epoch,
+                "iteration": s.iteration,
+                "max_epochs": s.max_epochs,
+                "epoch_length": s.epoch_length,
+            },
             "network": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "objects": {name: _plain(obj.state_dict()) for name, obj in self._stateful().items()},
@@ -180,17 +203,26 @@ class TrainingCheckpoint:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a damaged file must not end in a pickle traceback
-            raise MedtlError(f"cannot resume from this checkpoint ({exc.__class__.__name__})", path=self.path.name,
-                             hint="it was damaged or written by something else; delete it to start over") from None
+            raise MedtlError(
+                f"cannot resume from this checkpoint ({exc.__class__.__name__})",
+                path=self.path.name,
+                hint="it was damaged or written by something else; delete it to start over",
+            ) from None
         if state.get("format") != FORMAT or len(state["rng"]["transforms"]) != len(self.transforms):
-            raise MedtlError("checkpoint was written by a different training setup", path=self.path.name,
-                             hint="resume with the same recipe and data, or delete it to start over")
+            raise MedtlError(
+                "checkpoint was written by a different training setup",
+                path=self.path.name,
+                hint="resume with the same recipe and data, or delete it to start over",
+            )
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         stateful = self._stateful()
         if set(stateful) != set(state["objects"]):
-            raise MedtlError("checkpoint was written by a different training setup (other handlers)", path=self.path.name,
-                             hint="resume with the same configs, or delete it to start over")
+            raise MedtlError(
+                "checkpoint was written by a different training setup (other handlers)",
+                path=self.path.name,
+                hint="resume with the same configs, or delete it to start over",
+            )
         for name, obj in stateful.items():
             obj.load_state_dict(state["objects"][name])
         rng = state["rng"]

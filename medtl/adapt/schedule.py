@@ -78,7 +78,9 @@ def layer_groups(model: nn.Module, groups: Mapping[str, str] | None = None) -> l
     try:
         compiled = {g: re.compile(p) for g, p in patterns.items()}
     except re.error as exc:
-        raise MedtlError(f"bad layer-group regex: {exc}", hint="groups maps a group name to a regex on parameter names") from exc
+        raise MedtlError(
+            f"bad layer-group regex: {exc}", hint="groups maps a group name to a regex on parameter names"
+        ) from exc
     members: dict[str, list[str]] = {g: [] for g in compiled}
     unmatched = []
     for n in body:
@@ -91,13 +93,17 @@ def layer_groups(model: nn.Module, groups: Mapping[str, str] | None = None) -> l
         )
     empty = [g for g, m in members.items() if not m]
     if empty:
-        raise MedtlError(f"layer groups match no parameter: {', '.join(empty)}", hint="check the regexes against model.named_parameters()")
+        raise MedtlError(
+            f"layer groups match no parameter: {', '.join(empty)}",
+            hint="check the regexes against model.named_parameters()",
+        )
     members["head"] = head
     out = []
     for g, params in members.items():
         owned = set(params)
         modules = tuple(
-            name for name, m in model.named_modules()
+            name
+            for name, m in model.named_modules()
             if any(True for _ in m.parameters()) and all(f"{name}.{p}" in owned for p, _ in m.named_parameters())
         )
         out.append(LayerGroup(g, tuple(params), modules))
@@ -236,8 +242,14 @@ class FineTuneSchedule:
             self._layout = layer_groups(network, self.groups)
         return self._layout
 
-    def apply(self, network: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, progress: float | None = None,
-              max_epochs: int | None = None) -> None:
+    def apply(
+        self,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        epoch: int,
+        progress: float | None = None,
+        max_epochs: int | None = None,
+    ) -> None:
         """Set ``requires_grad``, BatchNorm mode and learning rates for 1-based ``epoch``; ``progress``
         is the epochs done counting the current step (default: ``epoch``, whole-epoch steps). Usable
         from a plain training loop."""
@@ -245,7 +257,7 @@ class FineTuneSchedule:
         layout = self._groups_of(network)
         n = len(layout)
         progress = float(epoch) if progress is None else float(progress)
-        live = tuple(g.name for g in layout[n - self.trainable(epoch, n):])
+        live = tuple(g.name for g in layout[n - self.trainable(epoch, n) :])
         params = dict(network.named_parameters())
         by_name = self._optimizer_groups(optimizer, layout, params)
         base = {}
@@ -261,13 +273,22 @@ class FineTuneSchedule:
             self._set_trainable(network, layout, params, live)
             count = sum(params[p].numel() for g in layout if g.name in live for p in g.params)
             total = sum(p.numel() for p in params.values())
-            entry = {"epoch": epoch, "trainable": list(live), "lr": {g: base[g] for g in live},
-                     "trainable_params": count, "total_params": total}
+            entry = {
+                "epoch": epoch,
+                "trainable": list(live),
+                "lr": {g: base[g] for g in live},
+                "trainable_params": count,
+                "total_params": total,
+            }
             self.history.append(entry)
             rates = ", ".join(f"{g} {lr:.2g}" for g, lr in entry["lr"].items())
-            logger.info("epoch %d: training %s (%d of %d parameters); lr %s", epoch, ", ".join(live), count, total, rates)
+            logger.info(
+                "epoch %d: training %s (%d of %d parameters); lr %s", epoch, ", ".join(live), count, total, rates
+            )
 
-    def _set_trainable(self, network: nn.Module, layout: list[LayerGroup], params: dict[str, nn.Parameter], live: tuple[str, ...]) -> None:
+    def _set_trainable(
+        self, network: nn.Module, layout: list[LayerGroup], params: dict[str, nn.Parameter], live: tuple[str, ...]
+    ) -> None:
         modules = dict(network.named_modules())
         for group in layout:
             on = group.name in live
@@ -280,7 +301,9 @@ class FineTuneSchedule:
                 self._hooks[group.name] = [bn.register_forward_pre_hook(_freeze_bn_hook) for bn in bns]
 
     @staticmethod
-    def _optimizer_groups(optimizer: torch.optim.Optimizer, layout: list[LayerGroup], params: dict[str, nn.Parameter]) -> dict[str, dict]:
+    def _optimizer_groups(
+        optimizer: torch.optim.Optimizer, layout: list[LayerGroup], params: dict[str, nn.Parameter]
+    ) -> dict[str, dict]:
         named = {g.get("name"): g for g in optimizer.param_groups}
         if all(g.name in named for g in layout):
             return named
@@ -322,7 +345,9 @@ class FineTuneSchedule:
 
     def _on_iteration(self, engine: Any) -> None:
         done = engine.state.iteration / (engine.state.epoch_length or 1)
-        self.apply(engine.network, engine.optimizer, engine.state.epoch, progress=done, max_epochs=engine.state.max_epochs)
+        self.apply(
+            engine.network, engine.optimizer, engine.state.epoch, progress=done, max_epochs=engine.state.max_epochs
+        )
 
 
 __all__ = ["DECAYS", "FineTuneSchedule", "LayerGroup", "discriminative_lrs", "layer_groups", "param_groups", "unwrap"]

@@ -28,8 +28,10 @@ def patient_folds(items: Sequence[Mapping[str, Any]], k: int, *, seed: int = 0) 
     for index, item in enumerate(items):
         by_patient.setdefault(str(item["patient"]), []).append(index)
     if len(by_patient) < k:
-        raise MedtlError(f"{k}-fold selection needs at least {k} labeled patients, got {len(by_patient)}",
-                         hint="label more target cases, lower the number of folds, or select on the validation split")
+        raise MedtlError(
+            f"{k}-fold selection needs at least {k} labeled patients, got {len(by_patient)}",
+            hint="label more target cases, lower the number of folds, or select on the validation split",
+        )
     rng = np.random.default_rng(seed)
     folds: list[list[int]] = [[] for _ in range(k)]
     dealt = 0

@@ -68,7 +68,9 @@ _UNITS = {"ct": ("HU", "[0, 1] of the CT window"), "mr": ("scanner units", "z-sc
 def _samples(values: Any, name: str) -> np.ndarray:
     array = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
     if array.ndim != 2 or array.shape[0] < 2:
-        raise MedtlError(f"{name} must be a 2-D array (samples, features) with at least 2 samples, got shape {array.shape}")
+        raise MedtlError(
+            f"{name} must be a 2-D array (samples, features) with at least 2 samples, got shape {array.shape}"
+        )
     if not np.isfinite(array).all():
         raise MedtlError(f"{name} contains NaN or infinite values")
     return array
@@ -152,7 +154,13 @@ def mmd_permutation_test(
         order = rng.permutation(len(k))
         exceed += _mmd2_of_kernel(k[np.ix_(order, order)], len(x)) >= observed
     p_value = (1 + exceed) / (1 + n_permutations) if n_permutations else None
-    return {"mmd2": observed, "p_value": p_value, "bandwidth": bandwidth, "n_permutations": int(n_permutations), "seed": int(seed)}
+    return {
+        "mmd2": observed,
+        "p_value": p_value,
+        "bandwidth": bandwidth,
+        "n_permutations": int(n_permutations),
+        "seed": int(seed),
+    }
 
 
 # --------------------------------------------------------------------------- features
@@ -174,7 +182,9 @@ def extract_features(
     """
     _, layer = find_classifier(model)
     captured: list[torch.Tensor] = []
-    handle = layer.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().flatten(1).float().cpu()))
+    handle = layer.register_forward_pre_hook(
+        lambda module, args: captured.append(args[0].detach().flatten(1).float().cpu())
+    )
     was_training = model.training
     model.eval()
     try:
@@ -186,7 +196,9 @@ def extract_features(
         handle.remove()
         model.train(was_training)
     if not captured:
-        raise MedtlError(f"no features captured from {type(model).__name__}: the loader was empty or the classifier never ran")
+        raise MedtlError(
+            f"no features captured from {type(model).__name__}: the loader was empty or the classifier never ran"
+        )
     return torch.cat(captured).double().numpy()
 
 
@@ -211,7 +223,13 @@ def feature_shift(
     source = extract_features(model, source_loader, device, image_key=image_key, progress=progress)
     target = extract_features(model, target_loader, device, image_key=image_key, progress=progress)
     test = mmd_permutation_test(source, target, bandwidth=bandwidth, n_permutations=n_permutations, seed=seed)
-    return {"layer": layer, "feature_dim": int(source.shape[1]), "n_source": len(source), "n_target": len(target), **test}
+    return {
+        "layer": layer,
+        "feature_dim": int(source.shape[1]),
+        "n_source": len(source),
+        "n_target": len(target),
+        **test,
+    }
 
 
 def network_from_checkpoint(checkpoint: str | Path, *, arch: str, **network_kwargs: Any) -> nn.Module:
@@ -258,13 +276,21 @@ def _reason(exc: MedtlError, item: Mapping[str, Any], root: Path) -> str:
 
 
 def _domain(
-    path: Path, root: Path, splits: Sequence[str], modality: str, transform_options: Mapping[str, Any], progress: bool, what: str
+    path: Path,
+    root: Path,
+    splits: Sequence[str],
+    modality: str,
+    transform_options: Mapping[str, Any],
+    progress: bool,
+    what: str,
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Summary of one manifest's selected cases and the lesion crops of those that loaded."""
     manifest = load_manifest(path)
     items = datalist(manifest, root, splits)
     if not items:
-        raise MedtlError(f"no cases in split(s) {', '.join(splits)}", path=path, hint=f"choose among {', '.join(ALL_SPLITS)}")
+        raise MedtlError(
+            f"no cases in split(s) {', '.join(splits)}", path=path, hint=f"choose among {', '.join(ALL_SPLITS)}"
+        )
     load = LoadVolumed(keys=["image", "mask"], allow_missing_keys=True)
     preprocess = eval_transforms(modality=modality, load=False, **transform_options)
     class_names = {index: name for name, index in manifest["label_map"].items()}
@@ -273,7 +299,11 @@ def _domain(
         try:
             data = load(item)
             image = data["image"]
-            case = {"spacing": [float(v) for v in image.meta["spacing"]], "shape": list(image.shape[1:]), "image": _intensity(image.numpy())}
+            case = {
+                "spacing": [float(v) for v in image.meta["spacing"]],
+                "shape": list(image.shape[1:]),
+                "image": _intensity(image.numpy()),
+            }
             crop = preprocess(data)["image"]
         except MedtlError as exc:
             skipped.append({"case_id": item["case_id"], "reason": _reason(exc, item, root)})
@@ -298,10 +328,17 @@ def _domain(
     if cases:
         spacing = np.asarray([c["spacing"] for c in cases])
         shape = np.asarray([c["shape"] for c in cases])
-        summary["spacing_mm"] = {"median": np.median(spacing, axis=0).tolist(), "min": spacing.min(axis=0).tolist(), "max": spacing.max(axis=0).tolist()}
+        summary["spacing_mm"] = {
+            "median": np.median(spacing, axis=0).tolist(),
+            "min": spacing.min(axis=0).tolist(),
+            "max": spacing.max(axis=0).tolist(),
+        }
         summary["shape"] = {"min": shape.min(axis=0).tolist(), "max": shape.max(axis=0).tolist()}
         for key, unit in (("image", raw_unit), ("crop", crop_unit)):
-            summary[f"{key}_intensity"] = {"unit": unit, **{s: float(np.median([c[key][s] for c in cases])) for s in _STATS}}
+            summary[f"{key}_intensity"] = {
+                "unit": unit,
+                **{s: float(np.median([c[key][s] for c in cases])) for s in _STATS},
+            }
     return summary, crops
 
 
@@ -430,10 +467,16 @@ def format_shift_report(report: dict[str, Any]) -> str:
         ("sites", *(", ".join(f"{k} {v}" for k, v in s["sites"].items()) for s in (src, tgt))),
         ("cases loaded / selected", *(f"{s['loaded']} / {s['cases']}" for s in (src, tgt))),
         ("labels", *(", ".join(f"{k} {v}" for k, v in s["labels"].items()) for s in (src, tgt))),
-        *((f"spacing {k} (mm)", *(_axes(get(s, "spacing_mm", k)) for s in (src, tgt))) for k in ("median", "min", "max")),
+        *(
+            (f"spacing {k} (mm)", *(_axes(get(s, "spacing_mm", k)) for s in (src, tgt)))
+            for k in ("median", "min", "max")
+        ),
         *((f"shape {k}", *(_axes(get(s, "shape", k)) for s in (src, tgt))) for k in ("min", "max")),
         (f"image mean / std ({raw_unit})", *(_stats(s["image_intensity"], ("mean", "std")) for s in (src, tgt))),
-        (f"image p1 / p50 / p99 ({raw_unit})", *(_stats(s["image_intensity"], ("p1", "p50", "p99")) for s in (src, tgt))),
+        (
+            f"image p1 / p50 / p99 ({raw_unit})",
+            *(_stats(s["image_intensity"], ("p1", "p50", "p99")) for s in (src, tgt)),
+        ),
         ("crop mean / std", *(_stats(s["crop_intensity"], ("mean", "std")) for s in (src, tgt))),
         ("crop p1 / p50 / p99", *(_stats(s["crop_intensity"], ("p1", "p50", "p99")) for s in (src, tgt))),
     ]

@@ -49,7 +49,9 @@ class L2SP:
     MONAI's ``LOSS_COMPLETED`` event, before the backward pass.
     """
 
-    def __init__(self, beta: float = 0.01, *, reference: dict[str, torch.Tensor] | None = None, anchor_head: bool = False) -> None:
+    def __init__(
+        self, beta: float = 0.01, *, reference: dict[str, torch.Tensor] | None = None, anchor_head: bool = False
+    ) -> None:
         if not float(beta) >= 0:
             raise MedtlError(f"beta must be >= 0, got {beta}")
         self.beta = float(beta)
@@ -61,7 +63,11 @@ class L2SP:
         """Snapshot the reference weights of ``network`` (called at the start of training)."""
         network = unwrap(network)
         head = set() if self.anchor_head else set(layer_groups(network)[-1].params)
-        source = self.reference if self.reference is not None else {k: v.detach().clone() for k, v in network.state_dict().items()}
+        source = (
+            self.reference
+            if self.reference is not None
+            else {k: v.detach().clone() for k, v in network.state_dict().items()}
+        )
         self._pairs = [
             (p, source[name].to(p.device, p.dtype))
             for name, p in network.named_parameters()
@@ -87,8 +93,13 @@ class PlainBatch(PrepareBatch):
     layer's operation go through its metadata bookkeeping (a measurable share of a CPU training step
     for the bundles' ResNet10: docs/benchmarks.md, training step), which training does not need."""
 
-    def __call__(self, batchdata: dict[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
-                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        batchdata: dict[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
         return as_plain(image), label
 
@@ -98,14 +109,23 @@ def as_plain(tensor: Any) -> Any:
     return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
 
 
-def make_evaluator(network: nn.Module, loader: Iterable[Any], *, num_classes: int, device: torch.device,
-                   handlers: Sequence[Any] = (), amp: bool = False) -> SupervisedEvaluator:
+def make_evaluator(
+    network: nn.Module,
+    loader: Iterable[Any],
+    *,
+    num_classes: int,
+    device: torch.device,
+    handlers: Sequence[Any] = (),
+    amp: bool = False,
+) -> SupervisedEvaluator:
     """A ``SupervisedEvaluator`` computing ROC AUC of softmax outputs (key metric ``val_auc``);
     ``amp``: fp16 autocast on CUDA."""
-    post = Compose([
-        Activationsd(keys=CommonKeys.PRED, softmax=True),
-        AsDiscreted(keys=CommonKeys.LABEL, to_onehot=num_classes),
-    ])
+    post = Compose(
+        [
+            Activationsd(keys=CommonKeys.PRED, softmax=True),
+            AsDiscreted(keys=CommonKeys.LABEL, to_onehot=num_classes),
+        ]
+    )
     return SupervisedEvaluator(
         device=device,
         val_data_loader=loader,
@@ -166,7 +186,12 @@ class _KeepBest:
         return {"best": self.best, "epoch": self.epoch, "scores": list(self.scores), "state": self.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.epoch, self.scores, self.state = state["best"], state["epoch"], list(state["scores"]), state["state"]
+        self.best, self.epoch, self.scores, self.state = (
+            state["best"],
+            state["epoch"],
+            list(state["scores"]),
+            state["state"],
+        )
 
 
 def fit(
@@ -214,17 +239,26 @@ def fit(
         raise MedtlError("early stopping (patience) and keep_initial need a validation loader")
     device = torch.device(device)
     network.to(device, memory_format=memory_format(network, channels_last))
-    runner = FastForward(network, channels_last=channels_last, bf16=bf16, device_type=device.type) if channels_last or bf16 else network
+    runner = (
+        FastForward(network, channels_last=channels_last, bf16=bf16, device_type=device.type)
+        if channels_last or bf16
+        else network
+    )
     amp = device.type == "cuda" if amp is None else bool(amp)
     trainer = SupervisedTrainer(
-        device=device, max_epochs=max_epochs, train_data_loader=train_loader, network=runner, optimizer=optimizer,
-        loss_function=loss_function or nn.CrossEntropyLoss(), prepare_batch=prepare_batch or PlainBatch(), amp=amp,
+        device=device,
+        max_epochs=max_epochs,
+        train_data_loader=train_loader,
+        network=runner,
+        optimizer=optimizer,
+        loss_function=loss_function or nn.CrossEntropyLoss(),
+        prepare_batch=prepare_batch or PlainBatch(),
+        amp=amp,
     )
     for handler in handlers:
         handler.attach(trainer)
     bar = None
     if progress:
-
         bar = ProgressBar(persist=False, desc=desc)
         loss_of = from_engine([CommonKeys.LOSS], first=True)
         bar.attach(trainer, output_transform=lambda output: {"loss": loss_of(output)})
@@ -240,12 +274,18 @@ def fit(
 
         evaluator.add_event_handler(Events.COMPLETED, keep, trainer)
         if bar is not None:  # one line per epoch stays on screen: loss and metric, best so far
-            evaluator.add_event_handler(Events.COMPLETED, lambda _e: bar.log_message(
-                f"{desc} epoch {trainer.state.epoch}/{max_epochs}: loss {history.losses[-1] if history.losses else float('nan'):.4f}, "
-                f"validation AUC {keep.scores[-1]:.3f} (best {keep.best:.3f} at epoch {keep.epoch})"))
+            evaluator.add_event_handler(
+                Events.COMPLETED,
+                lambda _e: bar.log_message(
+                    f"{desc} epoch {trainer.state.epoch}/{max_epochs}: loss {history.losses[-1] if history.losses else float('nan'):.4f}, "
+                    f"validation AUC {keep.scores[-1]:.3f} (best {keep.best:.3f} at epoch {keep.epoch})"
+                ),
+            )
         stateful["keep_best"] = keep
         if patience is not None:
-            early = EarlyStopHandler(patience=int(patience), score_function=lambda e: float(e.state.metrics["val_auc"]), trainer=trainer)
+            early = EarlyStopHandler(
+                patience=int(patience), score_function=lambda e: float(e.state.metrics["val_auc"]), trainer=trainer
+            )
             early.attach(evaluator)
             stateful["early_stopping"] = early._handler
         ValidationHandler(interval=1, validator=evaluator).attach(trainer)
@@ -253,8 +293,9 @@ def fit(
             evaluator.run()  # epoch 0: the starting weights are a candidate
     saver = None
     if checkpoint is not None:
-
-        saver = TrainingCheckpoint(checkpoint, network=network, optimizer=optimizer, objects=stateful, loaders=[train_loader], resume=resume)
+        saver = TrainingCheckpoint(
+            checkpoint, network=network, optimizer=optimizer, objects=stateful, loaders=[train_loader], resume=resume
+        )
         saver.attach(trainer)  # after validation: the saved state includes this epoch's
     start = time.perf_counter()
     try:
@@ -272,7 +313,13 @@ def fit(
         "seconds": time.perf_counter() - start,
         **({"resumed_after_epoch": saver.resumed_from} if saver is not None and saver.resumed_from else {}),
     }
-    logger.info("%s: %d epochs, best validation AUC %s at epoch %d", desc, result["epochs_run"], result["best_val_auc"], result["best_epoch"])
+    logger.info(
+        "%s: %d epochs, best validation AUC %s at epoch %d",
+        desc,
+        result["epochs_run"],
+        result["best_val_auc"],
+        result["best_epoch"],
+    )
     return result
 
 

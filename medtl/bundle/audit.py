@@ -50,10 +50,47 @@ _MAX_EXPRESSION = 2000
 MAX_VALUES = 100_000
 _MODES = frozenset({"default", "callable"})
 _SPECIAL_KEYS = frozenset({"_target_", "_mode_", "_requires_", "_disabled_", "_desc_"})
-_OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.USub, ast.UAdd, ast.Not, ast.And, ast.Or,
-              ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Is, ast.IsNot, ast.In, ast.NotIn)
-_STRUCTURE = (ast.Expression, ast.Constant, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp, ast.Subscript,
-              ast.Slice, ast.List, ast.Tuple, ast.Dict, ast.JoinedStr, ast.FormattedValue, ast.Load, ast.keyword)
+_OPERATORS = (
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Div,
+    ast.FloorDiv,
+    ast.Mod,
+    ast.USub,
+    ast.UAdd,
+    ast.Not,
+    ast.And,
+    ast.Or,
+    ast.Eq,
+    ast.NotEq,
+    ast.Lt,
+    ast.LtE,
+    ast.Gt,
+    ast.GtE,
+    ast.Is,
+    ast.IsNot,
+    ast.In,
+    ast.NotIn,
+)
+_STRUCTURE = (
+    ast.Expression,
+    ast.Constant,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.BoolOp,
+    ast.Compare,
+    ast.IfExp,
+    ast.Subscript,
+    ast.Slice,
+    ast.List,
+    ast.Tuple,
+    ast.Dict,
+    ast.JoinedStr,
+    ast.FormattedValue,
+    ast.Load,
+    ast.keyword,
+)
 
 
 @dataclass(frozen=True)
@@ -119,7 +156,9 @@ class _Expression:
 
     def _children(self, node: ast.AST, skip: list[ast.AST] = ()) -> None:
         for child in ast.iter_child_nodes(node):
-            if child not in skip and not isinstance(child, ast.expr_context | ast.operator | ast.unaryop | ast.boolop | ast.cmpop):
+            if child not in skip and not isinstance(
+                child, ast.expr_context | ast.operator | ast.unaryop | ast.boolop | ast.cmpop
+            ):
                 self.check(child)
 
     def _attribute(self, node: ast.Attribute) -> None:
@@ -136,13 +175,17 @@ class _Expression:
         func = node.func
         if isinstance(func, ast.Attribute) and _on_reference(func.value):
             if func.attr not in METHODS:
-                self.refuse(f"method {func.attr!r} of a reference is not allowed (allowed: {', '.join(sorted(METHODS))})")
+                self.refuse(
+                    f"method {func.attr!r} of a reference is not allowed (allowed: {', '.join(sorted(METHODS))})"
+                )
             self.check(func.value)
         else:
             name = _dotted(func)
             if name not in CALLS:
-                self.refuse(f"call to {name or type(func).__name__!r} is not allowed (only the exact callables in "
-                            "medtl.bundle.allowlist.CALLS)")
+                self.refuse(
+                    f"call to {name or type(func).__name__!r} is not allowed (only the exact callables in "
+                    "medtl.bundle.allowlist.CALLS)"
+                )
         for arg in node.args:
             if isinstance(arg, ast.Starred):
                 self.refuse("starred arguments are not allowed")
@@ -216,7 +259,9 @@ def _path_problems(tree: ast.AST) -> list[str]:
             if _CLIMBS.search(node.value):
                 problems.append(f"{node.value!r} climbs out of the bundle with '..'")
             elif _ROOTED.match(node.value) and id(node) not in anchored:
-                problems.append(f"{node.value!r} starts a path outside the bundle (only @bundle_root + '/...' builds paths)")
+                problems.append(
+                    f"{node.value!r} starts a path outside the bundle (only @bundle_root + '/...' builds paths)"
+                )
     return problems
 
 
@@ -232,8 +277,11 @@ def path_findings(config: Any, file: str) -> list[Finding]:
             except SyntaxError:
                 problems = []  # the expression audit reports it
         else:
-            problems = ["a path outside the bundle (use @bundle_root + '/...', or a command-line argument)"] if (
-                _CLIMBS.search(value) or _ROOTED.match(value)) else []
+            problems = (
+                ["a path outside the bundle (use @bundle_root + '/...', or a command-line argument)"]
+                if (_CLIMBS.search(value) or _ROOTED.match(value))
+                else []
+            )
         findings += [Finding(file, where, value, reason) for reason in problems]
     return findings
 
@@ -250,7 +298,7 @@ def string_values(config: Any, where: str = "") -> Iterator[tuple[str, str]]:
         yield where, config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bare_target(name: str) -> str | None:
     """The allow-listed component MONAI's ``ComponentLocator`` resolves a bare ``_target_`` to, or None."""
     candidates = [t for t in TARGETS if t.startswith("monai.") and t.rsplit(".", 1)[1] == name]
@@ -313,8 +361,15 @@ def _audit(config: Any, file: str, where: str, findings: list[Finding], off: fro
             findings.append(Finding(file, here, key, "not a MONAI config keyword"))
         rule = ARGUMENT_RULES.get(key)
         if key in DENIED_KEYWORDS and value is not False and value not in off:
-            findings.append(Finding(file, here, f"{key}: {value}", "switches a safety check off (only false, or a reference "
-                                    "to a top-level false the receiving site may override, is accepted)"))
+            findings.append(
+                Finding(
+                    file,
+                    here,
+                    f"{key}: {value}",
+                    "switches a safety check off (only false, or a reference "
+                    "to a top-level false the receiving site may override, is accepted)",
+                )
+            )
         elif rule and (reason := rule(value)):
             findings.append(Finding(file, here, f"{key}: {value}", reason))
         _audit(value, file, here, findings, off)
@@ -343,8 +398,14 @@ def audit_config(config: Any, file: str) -> list[Finding]:
     findings: list[Finding] = []
     off = frozenset(f"@{k}" for k, v in config.items() if v is False) if isinstance(config, dict) else frozenset()
     if isinstance(config, dict) and config.get("bundle_root", ".") not in (".", ""):
-        findings.append(Finding(file, "bundle_root", str(config["bundle_root"]),
-                                "bundle_root must be '.': the site running the bundle sets it (--bundle_root)"))
+        findings.append(
+            Finding(
+                file,
+                "bundle_root",
+                str(config["bundle_root"]),
+                "bundle_root must be '.': the site running the bundle sets it (--bundle_root)",
+            )
+        )
     _audit(config, file, "", findings, off)
     return findings
 
@@ -360,7 +421,9 @@ def _plain(value: Any, file: str, where: str, findings: list[Finding]) -> None:
         for i, item in enumerate(value):
             _plain(item, file, f"{where}#{i}", findings)
     elif isinstance(value, str) and value[:1] in ("$", "@", "%"):
-        findings.append(Finding(file, where, value, "metadata holds plain values: MONAI would evaluate this through @_meta_"))
+        findings.append(
+            Finding(file, where, value, "metadata holds plain values: MONAI would evaluate this through @_meta_")
+        )
 
 
 def audit_metadata(meta: Any, file: str = "configs/metadata.json") -> list[Finding]:
@@ -374,9 +437,11 @@ def audit_metadata(meta: Any, file: str = "configs/metadata.json") -> list[Findi
 _LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "NOTSET"})
 _HANDLER_CLASSES = frozenset({"StreamHandler", "logging.StreamHandler", "NullHandler", "logging.NullHandler"})
 _HANDLER_ARGS = frozenset({"()", "(sys.stdout,)", "(sys.stderr,)"})
-_SECTION_KEYS = {"logger": {"level", "handlers", "propagate", "qualname"},
-                 "handler": {"class", "level", "formatter", "args"},
-                 "formatter": {"format", "datefmt", "style", "class"}}
+_SECTION_KEYS = {
+    "logger": {"level", "handlers", "propagate", "qualname"},
+    "handler": {"class", "level", "formatter", "args"},
+    "formatter": {"format", "datefmt", "style", "class"},
+}
 
 
 def _logging_problem(section: str, key: str, value: str) -> str | None:
@@ -416,8 +481,10 @@ def audit_logging_conf(path: str | Path, file: str = "configs/logging.conf") -> 
         parser.read(path, encoding="utf-8")
     except (configparser.Error, UnicodeDecodeError) as exc:
         return [Finding(file, "", "", f"not a readable logging config ({exc.__class__.__name__})")]
-    findings = [Finding(file, "[DEFAULT]", f"{k}={v}", "[DEFAULT] values are interpolated into every section")
-                for k, v in parser.defaults().items()]
+    findings = [
+        Finding(file, "[DEFAULT]", f"{k}={v}", "[DEFAULT] values are interpolated into every section")
+        for k, v in parser.defaults().items()
+    ]
     for section in parser.sections():
         for key, value in parser.items(section, raw=True):
             if key in parser.defaults():
@@ -430,7 +497,6 @@ def audit_logging_conf(path: str | Path, file: str = "configs/logging.conf") -> 
 def audit_bundle(root: str | Path, configs: tuple[str, ...] = ("configs/inference.json",)) -> list[Finding]:
     """Findings in the configs a caller is about to parse with MONAI, plus ``metadata.json``
     (read into every workflow as ``@_meta_``); a file that does not parse is a finding too."""
-
 
     root = Path(root)
     findings = []
@@ -445,4 +511,13 @@ def audit_bundle(root: str | Path, configs: tuple[str, ...] = ("configs/inferenc
     return findings
 
 
-__all__ = ["Finding", "audit_bundle", "audit_config", "audit_expression", "audit_logging_conf", "audit_metadata", "path_findings", "string_values"]
+__all__ = [
+    "Finding",
+    "audit_bundle",
+    "audit_config",
+    "audit_expression",
+    "audit_logging_conf",
+    "audit_metadata",
+    "path_findings",
+    "string_values",
+]

@@ -19,8 +19,15 @@ from typing import Any
 #: Template README sections carried into the card as written.
 KEPT_SECTIONS = ("monai bundle commands", "run it", "how to run", "limits", "the recipe", "input", "inputs")
 #: The ``## `` headings of a model-zoo bundle README, in order; every card has them.
-MODEL_ZOO_SECTIONS = ("Model Overview", "Data", "Training configuration", "Performance", "MONAI Bundle Commands",
-                      "References", "License")
+MODEL_ZOO_SECTIONS = (
+    "Model Overview",
+    "Data",
+    "Training configuration",
+    "Performance",
+    "MONAI Bundle Commands",
+    "References",
+    "License",
+)
 #: The commands section when the template has none: the configs every medtl bundle ships.
 COMMANDS = """## MONAI Bundle Commands
 
@@ -48,13 +55,22 @@ def _metric(metrics: Mapping[str, Any], key: str) -> str:
 
 def evaluation_table(metrics: Mapping[str, Any]) -> list[str]:
     """Markdown rows per evaluation set from metadata ``eval_metrics`` (``<set>_n``, ``<set>_auc`` ...)."""
-    sets = [k[:-4] for k in metrics if k.endswith("_auc")]  # a set may state its AUC alone (a baseline score on the same cases)
+    sets = [
+        k[:-4] for k in metrics if k.endswith("_auc")
+    ]  # a set may state its AUC alone (a baseline score on the same cases)
     if not sets:
-        return ["No evaluation recorded: run `configs/evaluate.json` on held-out data of the site that will use the model."]
-    rows = ["| evaluation set | cases | AUC [95% CI] | accuracy [95% CI] | sensitivity | specificity |", "|---|---|---|---|---|---|"]
+        return [
+            "No evaluation recorded: run `configs/evaluate.json` on held-out data of the site that will use the model."
+        ]
+    rows = [
+        "| evaluation set | cases | AUC [95% CI] | accuracy [95% CI] | sensitivity | specificity |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in sets:
-        rows.append(f"| {s.replace('_', ' ')} | {metrics.get(f'{s}_n', '–')} | {_metric(metrics, f'{s}_auc')} | {_metric(metrics, f'{s}_accuracy')} "
-                    f"| {_metric(metrics, f'{s}_sensitivity')} | {_metric(metrics, f'{s}_specificity')} |")
+        rows.append(
+            f"| {s.replace('_', ' ')} | {metrics.get(f'{s}_n', '–')} | {_metric(metrics, f'{s}_auc')} | {_metric(metrics, f'{s}_accuracy')} "
+            f"| {_metric(metrics, f'{s}_sensitivity')} | {_metric(metrics, f'{s}_specificity')} |"
+        )
     return rows
 
 
@@ -73,10 +89,12 @@ def _io_lines(meta: Mapping[str, Any]) -> list[str]:
     image = meta["network_data_format"]["inputs"]["image"]
     pred = meta["network_data_format"]["outputs"]["pred"]
     classes = ", ".join(f"{k}: {v}" for k, v in pred.get("channel_def", {}).items())
-    return [f"- Input `image`: {image.get('modality', '')} {image.get('num_channels')} channel(s), "
-            f"{'x'.join(str(s) for s in image.get('spatial_shape', []))} voxels, values {image.get('value_range')} "
-            f"({meta.get('image_classes', '')}).",
-            f"- Output `pred`: {pred.get('type')} of {pred.get('num_channels')} classes ({classes})."]
+    return [
+        f"- Input `image`: {image.get('modality', '')} {image.get('num_channels')} channel(s), "
+        f"{'x'.join(str(s) for s in image.get('spatial_shape', []))} voxels, values {image.get('value_range')} "
+        f"({meta.get('image_classes', '')}).",
+        f"- Output `pred`: {pred.get('type')} of {pred.get('num_channels')} classes ({classes}).",
+    ]
 
 
 def _template_sections(readme: str) -> list[str]:
@@ -109,7 +127,9 @@ def model_card(meta: Mapping[str, Any], provenance: Mapping[str, Any], template_
     lines += ["## Training configuration", ""]
     source = provenance.get("adapted_from")
     if source:
-        lines.append(f"- Adapted from `{source['name']}` {source.get('version') or ''} (content sha256 `{source['sha256'][:16]}`).")
+        lines.append(
+            f"- Adapted from `{source['name']}` {source.get('version') or ''} (content sha256 `{source['sha256'][:16]}`)."
+        )
     for key, value in provenance.get("recipe", {}).items():
         if isinstance(value, Mapping):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
@@ -123,11 +143,19 @@ def model_card(meta: Mapping[str, Any], provenance: Mapping[str, Any], template_
     references = meta.get("references") or ["None recorded in the metadata."]
     lines += ["## References", "", *(f"- {r}" for r in references), ""]
     software = provenance.get("software", {})
-    lines += ["## License", "", "Code and weights: `LICENSE`. The data's terms of use: `docs/data_license.txt`.", "",
-              (f"Built with {', '.join(f'{k} {v}' for k, v in software.items())}. "
-               "`provenance.json` records the source, data and configuration hashes; `large_files.yml` the weights' "
-               "sha256 (`python -m monai.bundle download_large_files --bundle_path .` checks them); `SHA256SUMS` (written by "
-               "`medtl bundle pack`) lists every file's checksum."), ""]
+    lines += [
+        "## License",
+        "",
+        "Code and weights: `LICENSE`. The data's terms of use: `docs/data_license.txt`.",
+        "",
+        (
+            f"Built with {', '.join(f'{k} {v}' for k, v in software.items())}. "
+            "`provenance.json` records the source, data and configuration hashes; `large_files.yml` the weights' "
+            "sha256 (`python -m monai.bundle download_large_files --bundle_path .` checks them); `SHA256SUMS` (written by "
+            "`medtl bundle pack`) lists every file's checksum."
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -39,7 +39,9 @@ from medtl.fileio import atomic_write, atomic_write_bytes, atomic_write_text
 logger = logging.getLogger(__name__)
 
 
-def eval_metrics(results: Mapping[str, Mapping[str, Any]], keys: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity")) -> dict[str, Any]:
+def eval_metrics(
+    results: Mapping[str, Mapping[str, Any]], keys: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity")
+) -> dict[str, Any]:
     """Metadata ``eval_metrics`` from ``classification_metrics`` results per evaluation set:
     ``{"<set>_<metric>": value, "<set>_<metric>_ci95": [lo, hi]}`` plus case counts."""
     out: dict[str, Any] = {}
@@ -76,7 +78,9 @@ def bump_version(version: str, part: str = "patch") -> str:
     return ".".join(str(n + 1 if j == i else 0 if j > i else n) for j, n in enumerate(numbers))
 
 
-def torchscript_bytes(scripted: torch.jit.ScriptModule, extra_files: Mapping[str, str] | None = None, name: str = "model") -> bytes:
+def torchscript_bytes(
+    scripted: torch.jit.ScriptModule, extra_files: Mapping[str, str] | None = None, name: str = "model"
+) -> bytes:
     """The saved TorchScript archive without its debug records, which hold the absolute paths of the
     Python sources on the exporting machine (a user's home folder); the model loads and runs the same.
 
@@ -114,8 +118,15 @@ def _onnx_export(network: nn.Module, path: Path, shape: list[int], seed: int = 0
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(seed))
 
     def write(tmp: Path) -> None:
-        torch.onnx.export(network, (x,), str(tmp), input_names=["image"], output_names=["pred"],
-                          dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(
+            network,
+            (x,),
+            str(tmp),
+            input_names=["image"],
+            output_names=["pred"],
+            dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}},
+            dynamo=False,
+        )
 
     atomic_write(path, write)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -131,10 +142,13 @@ def output_classes(network: nn.Module, shape: Sequence[int], meta: Mapping[str, 
     pred = meta["network_data_format"]["outputs"]["pred"]
     named = len(pred.get("channel_def", {}))
     if k != named or k != pred.get("num_channels"):
-        raise MedtlError(f"the network gives {k} classes but the metadata's outputs/pred has num_channels "
-                         f"{pred.get('num_channels')} and names {named} in channel_def", path="configs/metadata.json",
-                         hint="pass metadata={'network_data_format': ...} with the network's classes "
-                              "(medtl.adapt.job.network_data_format_with_classes)")
+        raise MedtlError(
+            f"the network gives {k} classes but the metadata's outputs/pred has num_channels "
+            f"{pred.get('num_channels')} and names {named} in channel_def",
+            path="configs/metadata.json",
+            hint="pass metadata={'network_data_format': ...} with the network's classes "
+            "(medtl.adapt.job.network_data_format_with_classes)",
+        )
     return k
 
 
@@ -150,7 +164,9 @@ def write_settings(configs: Path, values: Mapping[str, Any]) -> list[str]:
         updates = {k: v for k, v in values.items() if isinstance(config, dict) and k in config and config[k] != v}
         if updates:
             config.update(updates)
-            atomic_write_text(path, json.dumps(config, indent=4) + "\n")  # model-zoo's pretty-format-json: ASCII, 4 spaces
+            atomic_write_text(
+                path, json.dumps(config, indent=4) + "\n"
+            )  # model-zoo's pretty-format-json: ASCII, 4 spaces
             changed.append(path.name)
     return changed
 
@@ -211,20 +227,31 @@ def export_bundle(
 
         meta_path = build / "configs" / "metadata.json"
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        meta.update({"monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
-                     "numpy_version": np.__version__})
+        meta.update(
+            {
+                "monai_version": monai.__version__,
+                "pytorch_version": torch.__version__.split("+")[0],
+                "numpy_version": np.__version__,
+            }
+        )
         meta["required_packages_version"] = {**meta.get("required_packages_version", {}), "medtl": medtl_version}
         previous = _previous_metadata(dest, meta.get("name"))
         if previous:
             meta["version"] = bump_version(previous["version"], bump)
             meta["changelog"] = {meta["version"]: changelog or "re-exported", **previous.get("changelog", {})}
         elif changelog:
-            meta["changelog"] = {meta["version"]: changelog, **{k: v for k, v in meta["changelog"].items() if k != meta["version"]}}
+            meta["changelog"] = {
+                meta["version"]: changelog,
+                **{k: v for k, v in meta["changelog"].items() if k != meta["version"]},
+            }
         if metrics:
             meta["eval_metrics"] = eval_metrics(metrics)
         meta.update(metadata or {})
         atomic_write_text(meta_path, json.dumps(meta, indent=4) + "\n")  # model-zoo's format: 4 spaces, keys as written
-        shape = [meta["network_data_format"]["inputs"]["image"]["num_channels"], *meta["network_data_format"]["inputs"]["image"]["spatial_shape"]]
+        shape = [
+            meta["network_data_format"]["inputs"]["image"]["num_channels"],
+            *meta["network_data_format"]["inputs"]["image"]["spatial_shape"],
+        ]
         write_settings(build / "configs", {**(settings or {}), "num_classes": output_classes(network, shape, meta)})
 
         load_bundle_network(build)  # the template's network_def must take these weights, all of them
@@ -232,8 +259,10 @@ def export_bundle(
         diff = onnx_diff = None
         if torchscript:
             configs = build / "configs"
-            data = torchscript_bytes(convert_to_torchscript(network), {name: (configs / name).read_text(encoding="utf-8")
-                                                                       for name in ("metadata.json", "inference.json")})
+            data = torchscript_bytes(
+                convert_to_torchscript(network),
+                {name: (configs / name).read_text(encoding="utf-8") for name in ("metadata.json", "inference.json")},
+            )
             diff = _torchscript_parity(network, data, shape)
             if diff > 1e-4:
                 raise MedtlError(f"TorchScript output differs from the network by {diff:.2e}", path=dest.name)
@@ -244,21 +273,40 @@ def export_bundle(
                 raise MedtlError(f"ONNX output differs from the network by {onnx_diff:.2e}", path=dest.name)
         weights = sorted(f"models/{p.name}" for p in models.iterdir() if p.is_file())
         atomic_write_text(build / LARGE_FILES, large_files_yml(build, weights))
-        recorded = {"adapted_from": describe_source(source) if source else None,
-                    "data": {"manifests": [manifest_record(m) for m in manifests]},
-                    "recipe": dict(recipe or {}), "parameters": sum(p.numel() for p in network.parameters())}
+        recorded = {
+            "adapted_from": describe_source(source) if source else None,
+            "data": {"manifests": [manifest_record(m) for m in manifests]},
+            "recipe": dict(recipe or {}),
+            "parameters": sum(p.numel() for p in network.parameters()),
+        }
         record = provenance(build, recorded)
         atomic_write_text(build / PROVENANCE, json.dumps(record, indent=4, sort_keys=True) + "\n")  # as metadata.json
         readme = template_root / "docs" / "README.md"
-        atomic_write_text(build / "docs" / "README.md", model_card(meta, record, readme.read_text(encoding="utf-8") if readme.is_file() else ""))
+        atomic_write_text(
+            build / "docs" / "README.md",
+            model_card(meta, record, readme.read_text(encoding="utf-8") if readme.is_file() else ""),
+        )
         if not (build / "docs" / "data_license.txt").is_file():
             atomic_write_text(build / "docs" / "data_license.txt", DATA_LICENSE)
         if dest.exists():  # moved into the temporary folder, which removes it on the way out
             dest.rename(Path(tmp) / "previous")
         build.rename(dest)
-    logger.info("bundle %s %s written (max abs diff to the network: TorchScript %s, ONNX %s)", dest.name, meta["version"], diff, onnx_diff)
+    logger.info(
+        "bundle %s %s written (max abs diff to the network: TorchScript %s, ONNX %s)",
+        dest.name,
+        meta["version"],
+        diff,
+        onnx_diff,
+    )
     return {"path": dest, "version": meta["version"], "torchscript_max_abs_diff": diff, "onnx_max_abs_diff": onnx_diff}
 
 
-__all__ = ["bump_version", "eval_metrics", "export_bundle", "output_classes", "template_dir", "torchscript_bytes",
-           "write_settings"]
+__all__ = [
+    "bump_version",
+    "eval_metrics",
+    "export_bundle",
+    "output_classes",
+    "template_dir",
+    "torchscript_bytes",
+    "write_settings",
+]

@@ -70,13 +70,19 @@ def large_files_yml(root: str | Path, files: list[str], url: str = "") -> str:
           - path: "models/model.pt"
     """
     root = Path(root)
-    lines = ["# The bundle's weights with their sha256 (model-zoo's large_files format). url is empty until",
-             "# the files are published: with them in place, `python -m monai.bundle download_large_files",
-             "# --bundle_path .` checks the hashes and downloads nothing. Written by medtl's export.",
-             "large_files:"]
+    lines = [
+        "# The bundle's weights with their sha256 (model-zoo's large_files format). url is empty until",
+        "# the files are published: with them in place, `python -m monai.bundle download_large_files",
+        "# --bundle_path .` checks the hashes and downloads nothing. Written by medtl's export.",
+        "large_files:",
+    ]
     for name in files:
-        lines += [f"  - path: {json.dumps(name)}", f"    url: {json.dumps(url)}",  # a JSON string is a YAML one
-                  f'    hash_val: "{sha256_file(root / name)}"', '    hash_type: "sha256"']
+        lines += [
+            f"  - path: {json.dumps(name)}",
+            f"    url: {json.dumps(url)}",  # a JSON string is a YAML one
+            f'    hash_val: "{sha256_file(root / name)}"',
+            '    hash_type: "sha256"',
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -103,14 +109,25 @@ def _check_entry(info: zipfile.ZipInfo, archive: str) -> None:
     name = PurePosixPath(info.filename)
     mode = info.external_attr >> 16
     if not name.parts:
-        raise MedtlError(f"entry {info.filename!r} names no file", path=archive, hint="the archive is damaged; do not unpack it")
+        raise MedtlError(
+            f"entry {info.filename!r} names no file", path=archive, hint="the archive is damaged; do not unpack it"
+        )
     if info.filename.startswith(("/", "\\")) or ":" in name.parts[0] or ".." in name.parts or "\\" in info.filename:
-        raise MedtlError(f"entry {info.filename!r} would be written outside the bundle folder", path=archive,
-                         hint="the archive is damaged or was built to overwrite files; do not unpack it")
+        raise MedtlError(
+            f"entry {info.filename!r} would be written outside the bundle folder",
+            path=archive,
+            hint="the archive is damaged or was built to overwrite files; do not unpack it",
+        )
     if stat.S_ISLNK(mode):
-        raise MedtlError(f"entry {info.filename!r} is a symbolic link", path=archive, hint="bundles hold plain files only")
+        raise MedtlError(
+            f"entry {info.filename!r} is a symbolic link", path=archive, hint="bundles hold plain files only"
+        )
     if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: the archiver stored permissions only
-        raise MedtlError(f"entry {info.filename!r} is not a plain file (mode {mode:o})", path=archive, hint="bundles hold plain files only")
+        raise MedtlError(
+            f"entry {info.filename!r} is not a plain file (mode {mode:o})",
+            path=archive,
+            hint="bundles hold plain files only",
+        )
 
 
 def _size_text(n: int) -> str:
@@ -127,15 +144,23 @@ def extract_zip(archive: str | Path, dest: str | Path, *, max_bytes: int = MAX_U
             seen: set[str] = set()
             for info in infos:
                 _check_entry(info, archive.name)
-                key = unicodedata.normalize("NFC", info.filename.rstrip("/")).casefold()  # one file on case-insensitive disks, macOS too
+                key = unicodedata.normalize(
+                    "NFC", info.filename.rstrip("/")
+                ).casefold()  # one file on case-insensitive disks, macOS too
                 if key in seen:
-                    raise MedtlError(f"entry {info.filename!r} appears twice", path=archive.name,
-                                     hint="tools disagree on which copy wins; the archive was built to show different files to different readers")
+                    raise MedtlError(
+                        f"entry {info.filename!r} appears twice",
+                        path=archive.name,
+                        hint="tools disagree on which copy wins; the archive was built to show different files to different readers",
+                    )
                 seen.add(key)
             total = sum(i.file_size for i in infos)
             if total > max_bytes:
-                raise MedtlError(f"unpacks to {_size_text(total)}, above the {_size_text(max_bytes)} cap", path=archive.name,
-                                 hint="raise the cap (--max-size) only for a sender you trust")
+                raise MedtlError(
+                    f"unpacks to {_size_text(total)}, above the {_size_text(max_bytes)} cap",
+                    path=archive.name,
+                    hint="raise the cap (--max-size) only for a sender you trust",
+                )
             zf.extractall(dest)  # each member is read up to its declared size; a lying header fails its CRC
     except zipfile.BadZipFile as exc:
         raise MedtlError(f"not a readable zip archive ({exc})", path=archive.name) from None
@@ -159,9 +184,13 @@ def check_plain_tree(root: str | Path, name: str | None = None, *, max_bytes: in
             rel = path.relative_to(root).as_posix()
             mode = path.lstat().st_mode
             if stat.S_ISLNK(mode):
-                raise MedtlError(f"{rel} is a symbolic link", path=name or root.name, hint="bundles hold plain files only")
+                raise MedtlError(
+                    f"{rel} is a symbolic link", path=name or root.name, hint="bundles hold plain files only"
+                )
             if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise MedtlError(f"{rel} is not a plain file", path=name or root.name, hint="bundles hold plain files only")
+                raise MedtlError(
+                    f"{rel} is not a plain file", path=name or root.name, hint="bundles hold plain files only"
+                )
             total += path.lstat().st_size if stat.S_ISREG(mode) else 0
     if total > max_bytes:
         raise MedtlError(f"holds {_size_text(total)}, above the {_size_text(max_bytes)} cap", path=name or root.name)
@@ -182,5 +211,17 @@ def open_bundle(path: str | Path, *, max_bytes: int = MAX_UNPACKED_BYTES) -> Ite
         yield extract_zip(path, tmp, max_bytes=max_bytes)
 
 
-__all__ = ["CHECKSUMS", "MAX_UNPACKED_BYTES", "PROVENANCE", "SIGNATURE", "bundle_digest", "bundle_files", "check_plain_tree", "extract_zip", "format_sha256sums", "open_bundle",
-           "parse_sha256sums", "sha256sums"]
+__all__ = [
+    "CHECKSUMS",
+    "MAX_UNPACKED_BYTES",
+    "PROVENANCE",
+    "SIGNATURE",
+    "bundle_digest",
+    "bundle_files",
+    "check_plain_tree",
+    "extract_zip",
+    "format_sha256sums",
+    "open_bundle",
+    "parse_sha256sums",
+    "sha256sums",
+]

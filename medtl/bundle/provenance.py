@@ -48,15 +48,24 @@ def provenance(root: str | Path, recorded: Mapping[str, Any] | None = None) -> d
         recorded = json.loads((root / PROVENANCE).read_text(encoding="utf-8"))
     record = dict(recorded or {})
     meta = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))
-    configs = {name: sha256_text(canonical_json(json.loads((root / name).read_text(encoding="utf-8"))))
-               for name in TRAINING_CONFIGS if (root / name).is_file()}
-    record.update({
-        "bundle": {"name": meta.get("name", root.name), "version": meta["version"]},
-        "training_config_sha256": configs,
-        "software": {"medtl": meta.get("required_packages_version", {}).get("medtl"), "monai": meta["monai_version"],
-                     "torch": meta["pytorch_version"], "numpy": meta["numpy_version"]},
-        "metrics": meta.get("eval_metrics", {}),
-    })
+    configs = {
+        name: sha256_text(canonical_json(json.loads((root / name).read_text(encoding="utf-8"))))
+        for name in TRAINING_CONFIGS
+        if (root / name).is_file()
+    }
+    record.update(
+        {
+            "bundle": {"name": meta.get("name", root.name), "version": meta["version"]},
+            "training_config_sha256": configs,
+            "software": {
+                "medtl": meta.get("required_packages_version", {}).get("medtl"),
+                "monai": meta["monai_version"],
+                "torch": meta["pytorch_version"],
+                "numpy": meta["numpy_version"],
+            },
+            "metrics": meta.get("eval_metrics", {}),
+        }
+    )
     record.setdefault("adapted_from", None)
     record.setdefault("data", {"manifests": []})
     return record

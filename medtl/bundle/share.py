@@ -44,8 +44,11 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 def _refusal(report: Verification, action: str) -> MedtlError:
     failed = [c for c in report.checks if c.status == "fail"]
     hinted = any("(hint:" in c.detail for c in failed)  # the failed check already says what to do
-    return MedtlError(f"{action} refused: {len(failed)} check(s) failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
-                      path=report.bundle, hint=None if hinted else "`medtl bundle verify` shows the whole table")
+    return MedtlError(
+        f"{action} refused: {len(failed)} check(s) failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
+        path=report.bundle,
+        hint=None if hinted else "`medtl bundle verify` shows the whole table",
+    )
 
 
 def _copy_files(root: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
@@ -65,8 +68,14 @@ def _stage(root: Path, stage: Path) -> dict[str, Any]:
     return record
 
 
-def pack_bundle(bundle: str | Path, out: str | Path | None = None, *, identifiers: Iterable[str] = (),
-                sign_key: str | Path | None = None, signer: str | None = None) -> dict[str, Any]:
+def pack_bundle(
+    bundle: str | Path,
+    out: str | Path | None = None,
+    *,
+    identifiers: Iterable[str] = (),
+    sign_key: str | Path | None = None,
+    signer: str | None = None,
+) -> dict[str, Any]:
     """Verify ``bundle`` (a folder) as it will be shipped and write ``NAME_VERSION.zip``, signed
     with the Ed25519 key file ``sign_key`` (``medtl bundle keygen``) when given.
 
@@ -101,12 +110,26 @@ def pack_bundle(bundle: str | Path, out: str | Path | None = None, *, identifier
                     zf.writestr(info, (stage / rel).read_bytes(), compresslevel=9)
 
         atomic_write(out, write)
-    return {"path": out, "name": name, "version": version, "files": len(files), "verification": report, "signature": signature}
+    return {
+        "path": out,
+        "name": name,
+        "version": version,
+        "files": len(files),
+        "verification": report,
+        "signature": signature,
+    }
 
 
-def import_bundle(archive: str | Path, to: str | Path, *, trust: bool = False, identifiers: Iterable[str] = (),
-                  replace: bool = False, trusted_keys: Iterable[str | Path] | None = None,
-                  max_bytes: int = MAX_UNPACKED_BYTES) -> dict[str, Any]:
+def import_bundle(
+    archive: str | Path,
+    to: str | Path,
+    *,
+    trust: bool = False,
+    identifiers: Iterable[str] = (),
+    replace: bool = False,
+    trusted_keys: Iterable[str | Path] | None = None,
+    max_bytes: int = MAX_UNPACKED_BYTES,
+) -> dict[str, Any]:
     """Verify a received bundle (zip or folder) and place it at ``to`` in one rename.
 
     The archive is unpacked once into a private folder beside ``to``; that copy is verified and
@@ -117,7 +140,11 @@ def import_bundle(archive: str | Path, to: str | Path, *, trust: bool = False, i
     """
     source, to = Path(archive), Path(to)
     if to.exists() and not replace:
-        raise MedtlError("destination exists", path=to.name, hint="choose a new folder, or --replace to swap it for the imported bundle")
+        raise MedtlError(
+            "destination exists",
+            path=to.name,
+            hint="choose a new folder, or --replace to swap it for the imported bundle",
+        )
     if not source.exists():
         raise MedtlError("no such bundle folder or zip", path=source.name)
     to.parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +160,14 @@ def import_bundle(archive: str | Path, to: str | Path, *, trust: bool = False, i
             check_plain_tree(build, max_bytes=max_bytes)
         except MedtlError as exc:
             raise MedtlError(f"import refused: {exc}") from None
-        report = verify_bundle(build, trust=trust, identifiers=identifiers, trusted_keys=trusted_keys, max_bytes=max_bytes,
-                               packed=source.is_file())
+        report = verify_bundle(
+            build,
+            trust=trust,
+            identifiers=identifiers,
+            trusted_keys=trusted_keys,
+            max_bytes=max_bytes,
+            packed=source.is_file(),
+        )
         if not report.ok:
             raise _refusal(report, "import")
         if to.exists():
@@ -154,7 +187,11 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def _changes(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
     fa, fb = _flatten(a), _flatten(b)
-    return [(k, fa.get(k, "<absent>"), fb.get(k, "<absent>")) for k in sorted(set(fa) | set(fb)) if fa.get(k, "<absent>") != fb.get(k, "<absent>")]
+    return [
+        (k, fa.get(k, "<absent>"), fb.get(k, "<absent>"))
+        for k in sorted(set(fa) | set(fb))
+        if fa.get(k, "<absent>") != fb.get(k, "<absent>")
+    ]
 
 
 def _weights_digest(root: Path) -> str | None:
@@ -191,17 +228,29 @@ def diff_bundles(a: str | Path, b: str | Path) -> dict[str, Any]:
     """What changed from bundle ``a`` to ``b``: config values, metadata fields (changelog and metrics
     apart), metrics side by side, and whether the weights differ."""
     old, new = _read_bundle(a), _read_bundle(b)
-    configs = {name: _changes(old["configs"].get(name, {}), new["configs"].get(name, {}))
-               for name in sorted(set(old["configs"]) | set(new["configs"]))}
+    configs = {
+        name: _changes(old["configs"].get(name, {}), new["configs"].get(name, {}))
+        for name in sorted(set(old["configs"]) | set(new["configs"]))
+    }
     skip = ("eval_metrics", "changelog")
-    metadata = _changes({k: v for k, v in old["metadata"].items() if k not in skip}, {k: v for k, v in new["metadata"].items() if k not in skip})
+    metadata = _changes(
+        {k: v for k, v in old["metadata"].items() if k not in skip},
+        {k: v for k, v in new["metadata"].items() if k not in skip},
+    )
     ma, mb = old["metadata"].get("eval_metrics", {}), new["metadata"].get("eval_metrics", {})
     metrics = [(k, ma.get(k), mb.get(k)) for k in sorted(set(ma) | set(mb)) if not k.endswith("_ci95")]
-    added = {v: t for v, t in new["metadata"].get("changelog", {}).items() if v not in old["metadata"].get("changelog", {})}
-    return {"a": {"name": old["metadata"].get("name"), "version": old["metadata"].get("version")},
-            "b": {"name": new["metadata"].get("name"), "version": new["metadata"].get("version")},
-            "configs": {k: v for k, v in configs.items() if v}, "metadata": metadata, "metrics": metrics,
-            "changelog_added": added, "weights_changed": old["weights"] != new["weights"]}
+    added = {
+        v: t for v, t in new["metadata"].get("changelog", {}).items() if v not in old["metadata"].get("changelog", {})
+    }
+    return {
+        "a": {"name": old["metadata"].get("name"), "version": old["metadata"].get("version")},
+        "b": {"name": new["metadata"].get("name"), "version": new["metadata"].get("version")},
+        "configs": {k: v for k, v in configs.items() if v},
+        "metadata": metadata,
+        "metrics": metrics,
+        "changelog_added": added,
+        "weights_changed": old["weights"] != new["weights"],
+    }
 
 
 def _short(value: Any, width: int = 60) -> str:
@@ -211,8 +260,10 @@ def _short(value: Any, width: int = 60) -> str:
 
 def format_diff(diff: dict[str, Any]) -> str:
     a, b = diff["a"], diff["b"]
-    lines = [f"{a['name']} {a['version']} -> {b['name']} {b['version']}",
-             f"weights: {'changed' if diff['weights_changed'] else 'identical'}"]
+    lines = [
+        f"{a['name']} {a['version']} -> {b['name']} {b['version']}",
+        f"weights: {'changed' if diff['weights_changed'] else 'identical'}",
+    ]
     for version, text in diff["changelog_added"].items():
         lines.append(f"changelog {version}: {text}")
     for name, changes in diff["configs"].items():

@@ -59,8 +59,12 @@ def generate_key(out_dir: str | Path, name: str) -> tuple[Path, Path]:
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
-    atomic_write_text(public, key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii"))
+    atomic_write_text(
+        public,
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode("ascii"),
+    )
     return private, public
 
 
@@ -68,8 +72,11 @@ def _load_private(path: str | Path) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise MedtlError(f"not a readable private key ({exc.__class__.__name__})", path=Path(path).name,
-                         hint="make one with `medtl bundle keygen NAME`") from None
+        raise MedtlError(
+            f"not a readable private key ({exc.__class__.__name__})",
+            path=Path(path).name,
+            hint="make one with `medtl bundle keygen NAME`",
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise MedtlError("not an Ed25519 key", path=Path(path).name, hint="make one with `medtl bundle keygen NAME`")
     return key
@@ -91,7 +98,11 @@ def trusted_fingerprints(paths: Iterable[str | Path]) -> set[str]:
     for path in map(Path, paths):
         files += sorted(path.glob("*.pub")) if path.is_dir() else [path]
     if not files:
-        raise MedtlError("no public keys found", path=", ".join(str(Path(p).name) for p in paths), hint="pass NAME.pub files or a folder of them")
+        raise MedtlError(
+            "no public keys found",
+            path=", ".join(str(Path(p).name) for p in paths),
+            hint="pass NAME.pub files or a folder of them",
+        )
     return {fingerprint(_raw(_load_public(f))) for f in files}
 
 
@@ -101,8 +112,12 @@ def sign(root: str | Path, private_key: str | Path, signer: str) -> Signature:
     key = _load_private(private_key)
     checksums = (root / CHECKSUMS).read_bytes()
     public = _raw(key.public_key())
-    record = {"algorithm": "ed25519", "signer": signer, "public_key": base64.b64encode(public).decode("ascii"),
-              "signature": base64.b64encode(key.sign(checksums)).decode("ascii")}
+    record = {
+        "algorithm": "ed25519",
+        "signer": signer,
+        "public_key": base64.b64encode(public).decode("ascii"),
+        "signature": base64.b64encode(key.sign(checksums)).decode("ascii"),
+    }
     atomic_write_text(root / SIGNATURE, json.dumps(record, indent=2) + "\n")
     return Signature(signer, fingerprint(public), None)
 

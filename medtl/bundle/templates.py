@@ -46,9 +46,12 @@ def template_dir(name: str) -> Path:
     available = template_names()
     if available:
         raise MedtlError(f"bundle template {name!r} not found; there are {', '.join(available)}", path=TEMPLATES)
-    raise MedtlError(f"bundle template {name!r} not found: no templates at all", path=TEMPLATES,
-                     hint="this medtl installation lacks its bundle templates: reinstall medtl from its wheel, "
-                          "or with pip install -e . from a checkout")
+    raise MedtlError(
+        f"bundle template {name!r} not found: no templates at all",
+        path=TEMPLATES,
+        hint="this medtl installation lacks its bundle templates: reinstall medtl from its wheel, "
+        "or with pip install -e . from a checkout",
+    )
 
 
 __all__ = ["RUN_OUTPUTS", "TEMPLATES", "template_dir", "template_names", "template_root"]

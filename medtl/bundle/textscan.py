@@ -78,7 +78,9 @@ def file_texts(path: str | Path) -> Iterator[FileText]:
         else:
             yield from _data_texts(path.name, path.read_bytes(), "", budget, depth=0)
     except _OverBudget as exc:
-        yield FileText(exc.args[0], problem=f"not scanned: decompresses to more than {budget.limit >> 20} MiB (a zip bomb?)")
+        yield FileText(
+            exc.args[0], problem=f"not scanned: decompresses to more than {budget.limit >> 20} MiB (a zip bomb?)"
+        )
 
 
 def _data_texts(name: str, data: bytes, part: str, budget: _Budget, depth: int) -> Iterator[FileText]:
@@ -170,7 +172,9 @@ def _pickle_strings(data: bytes) -> str | None:
     strings, end = [], len(data)
     try:
         for op, arg, pos in pickletools.genops(data):
-            if isinstance(arg, str) and ("UNICODE" in op.name or op.name in ("GLOBAL", "STRING", "BINSTRING", "SHORT_BINSTRING")):
+            if isinstance(arg, str) and (
+                "UNICODE" in op.name or op.name in ("GLOBAL", "STRING", "BINSTRING", "SHORT_BINSTRING")
+            ):
                 strings.append(arg)
             elif isinstance(arg, bytes):
                 strings.append(_printable(arg))

@@ -56,8 +56,9 @@ TOLERANCE = 1e-4
 #: Seconds a trusted TorchScript parity check may run before it is stopped.
 TORCHSCRIPT_SECONDS = 60
 #: Files that hold code Python or the system would run: a bundle is configs, weights and documents.
-CODE_SUFFIXES = frozenset({".py", ".pyw", ".pyc", ".pyo", ".pyd", ".pth", ".so", ".dll", ".dylib", ".exe", ".sh", ".bat", ".whl",
-                           ".egg"})
+CODE_SUFFIXES = frozenset(
+    {".py", ".pyw", ".pyc", ".pyo", ".pyd", ".pth", ".so", ".dll", ".dylib", ".exe", ".sh", ".bat", ".whl", ".egg"}
+)
 
 
 @dataclass
@@ -96,7 +97,12 @@ class Verification:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bundle": self.bundle, "version": self.version, "ok": self.ok, "checks": [asdict(c) for c in self.checks]}
+        return {
+            "bundle": self.bundle,
+            "version": self.version,
+            "ok": self.ok,
+            "checks": [asdict(c) for c in self.checks],
+        }
 
 
 def _load_json(path: Path, name: str) -> Any:
@@ -135,7 +141,12 @@ def _check_checksums(root: Path, report: Verification, required: bool) -> bool:
     listing = root / CHECKSUMS
     if not listing.is_file():
         if required:
-            report.add("checksums", [f"a packed bundle must hold {CHECKSUMS} (medtl bundle pack writes one); without it any file could be swapped"])
+            report.add(
+                "checksums",
+                [
+                    f"a packed bundle must hold {CHECKSUMS} (medtl bundle pack writes one); without it any file could be swapped"
+                ],
+            )
         else:
             report.skip("checksums", f"no {CHECKSUMS} (a working folder; medtl bundle pack writes one)")
         return False
@@ -145,10 +156,15 @@ def _check_checksums(root: Path, report: Verification, required: bool) -> bool:
         report.add("checksums", [str(exc)])
         return False
     actual = sha256sums(root)
-    problems = [f"{name}: content changed since packing (sha256 mismatch)" for name in sorted(expected)
-                if name in actual and actual[name] != expected[name]]
+    problems = [
+        f"{name}: content changed since packing (sha256 mismatch)"
+        for name in sorted(expected)
+        if name in actual and actual[name] != expected[name]
+    ]
     problems += [f"{name}: listed in {CHECKSUMS} but missing" for name in sorted(set(expected) - set(actual))]
-    problems += [f"{name}: not listed in {CHECKSUMS} (added after packing)" for name in sorted(set(actual) - set(expected))]
+    problems += [
+        f"{name}: not listed in {CHECKSUMS} (added after packing)" for name in sorted(set(actual) - set(expected))
+    ]
     report.add("checksums", problems, passed=f"{len(expected)} files match {CHECKSUMS}")
     return not problems
 
@@ -169,22 +185,34 @@ def _check_signature(root: Path, trusted: set[str] | None, checksums_ok: bool, r
     if not checksums_ok:
         report.add("signature", [f"{who}, but the files do not match the signed {CHECKSUMS}"])
     elif sig.trusted is None:
-        report.skip("signature", f"{who}; signature valid, key not checked (pass --trusted-keys to require a known signer)")
+        report.skip(
+            "signature", f"{who}; signature valid, key not checked (pass --trusted-keys to require a known signer)"
+        )
     else:
-        report.add("signature", [] if sig.trusted else [f"{who}: the key is not among --trusted-keys"], passed=f"{who}, a trusted key")
+        report.add(
+            "signature",
+            [] if sig.trusted else [f"{who}: the key is not among --trusted-keys"],
+            passed=f"{who}, a trusted key",
+        )
 
 
 def _check_code_files(root: Path, report: Verification) -> None:
     # Windows drops trailing dots and spaces from names: "evil.py." is written as evil.py
     code = [f for f in bundle_files(root) if Path(f.rstrip(". ")).suffix.lower() in CODE_SUFFIXES]
-    report.add("no code files", [f"{f}: a code file (a bundle ships configs, weights and documents)" for f in code],
-               passed="configs, weights and documents only")
+    report.add(
+        "no code files",
+        [f"{f}: a code file (a bundle ships configs, weights and documents)" for f in code],
+        passed="configs, weights and documents only",
+    )
 
 
 def _config_files(root: Path) -> list[Path]:
     """Every file under ``configs/`` MONAI would read as a config (it matches suffixes in any case)."""
-    return sorted(p for p in (root / "configs").rglob("*")
-                  if p.suffix.lower() in (".json", ".yaml", ".yml") and p.is_file() and p != root / "configs" / "metadata.json")
+    return sorted(
+        p
+        for p in (root / "configs").rglob("*")
+        if p.suffix.lower() in (".json", ".yaml", ".yml") and p.is_file() and p != root / "configs" / "metadata.json"
+    )
 
 
 def _read_configs(root: Path, report: Verification) -> dict[str, Any]:
@@ -277,8 +305,12 @@ def _check_expressions(root: Path, configs: dict[str, Any], trust: bool, report:
         pass  # reported by the metadata check; without metadata nothing is built
     if (root / "configs" / "logging.conf").is_file():
         findings += audit_logging_conf(root / "configs" / "logging.conf")
-    report.add("expression audit", [str(f) for f in findings], trusted=trust,
-               passed="configs, metadata and logging.conf hold only the accepted subset (docs/bundle-safety.md)")
+    report.add(
+        "expression audit",
+        [str(f) for f in findings],
+        trusted=trust,
+        passed="configs, metadata and logging.conf hold only the accepted subset (docs/bundle-safety.md)",
+    )
     return not findings
 
 
@@ -293,9 +325,16 @@ def _check_weights(root: Path, trust: bool, report: Verification) -> dict | None
         text = str(exc)
         unsafe = re.search(r"(?:Unsupported global|GLOBAL) *:? *(?:GLOBAL )?([\w.]+)", text)
         what = unsafe.group(1) if unsafe else "pickle opcodes weights-only loading refuses"
-        why = (f"holds pickled code ({what}), which would run on loading; refused"
-               if unsafe or "Weights only load failed" in text else f"not a readable checkpoint ({exc.__class__.__name__})")
-        report.add("weights load (weights_only)", [f"models/model.pt: {why}"], trusted=trust and bool(unsafe or "Weights only" in text))
+        why = (
+            f"holds pickled code ({what}), which would run on loading; refused"
+            if unsafe or "Weights only load failed" in text
+            else f"not a readable checkpoint ({exc.__class__.__name__})"
+        )
+        report.add(
+            "weights load (weights_only)",
+            [f"models/model.pt: {why}"],
+            trusted=trust and bool(unsafe or "Weights only" in text),
+        )
         return None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -314,7 +353,9 @@ def _sample_input(meta: dict) -> torch.Tensor:
     return low + (high - low) * x
 
 
-def _check_network(root: Path, meta: dict, state: dict, report: Verification) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _check_network(
+    root: Path, meta: dict, state: dict, report: Verification
+) -> tuple[torch.Tensor, torch.Tensor] | None:
 
     parser = ConfigParser()
     parser.read_config(root / "configs" / "inference.json")
@@ -323,11 +364,18 @@ def _check_network(root: Path, meta: dict, state: dict, report: Verification) ->
     try:
         network = parser.get_parsed_content("network_def")
     except Exception as exc:  # noqa: BLE001 - a broken network_def is the bundle's problem
-        report.add("network matches metadata", [f"configs/inference.json network_def does not build ({exc.__class__.__name__}: {exc})"])
+        report.add(
+            "network matches metadata",
+            [f"configs/inference.json network_def does not build ({exc.__class__.__name__}: {exc})"],
+        )
         return None
     result = network.load_state_dict(state, strict=False)
     problems = [f"models/model.pt: no weights for {', '.join(result.missing_keys[:4])}"] if result.missing_keys else []
-    problems += [f"models/model.pt: weights for no layer: {', '.join(result.unexpected_keys[:4])}"] if result.unexpected_keys else []
+    problems += (
+        [f"models/model.pt: weights for no layer: {', '.join(result.unexpected_keys[:4])}"]
+        if result.unexpected_keys
+        else []
+    )
     if problems:
         report.add("network matches metadata", problems)
         return None
@@ -336,13 +384,20 @@ def _check_network(root: Path, meta: dict, state: dict, report: Verification) ->
         y = network.eval()(x)
     k = meta["network_data_format"]["outputs"]["pred"]["num_channels"]
     if tuple(y.shape) != (x.shape[0], k) or y.dtype != torch.float32:
-        problems.append(f"network_def gives {tuple(y.shape)} {y.dtype} for input {tuple(x.shape)}; metadata says ({x.shape[0]}, {k}) float32")
+        problems.append(
+            f"network_def gives {tuple(y.shape)} {y.dtype} for input {tuple(x.shape)}; metadata says ({x.shape[0]}, {k}) float32"
+        )
     report.add("network matches metadata", problems, passed=f"{tuple(x.shape[1:])} -> {k} classes")
     return None if problems else (x, y)
 
 
-def _check_export(name: str, path: Path, run: Callable[[Path, torch.Tensor], np.ndarray], reference: tuple[torch.Tensor, torch.Tensor] | None,
-                  report: Verification) -> None:
+def _check_export(
+    name: str,
+    path: Path,
+    run: Callable[[Path, torch.Tensor], np.ndarray],
+    reference: tuple[torch.Tensor, torch.Tensor] | None,
+    report: Verification,
+) -> None:
     rel = f"models/{path.name}"
     if not path.is_file():
         report.skip(name, f"no {rel}")
@@ -360,8 +415,13 @@ def _check_export(name: str, path: Path, run: Callable[[Path, torch.Tensor], np.
         report.add(name, [f"{rel}: does not load or run ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})"])
         return
     diff = float(np.abs(out - y.numpy()).max()) if out.shape == tuple(y.shape) else float("inf")
-    report.add(name, [f"{rel}: output differs from models/model.pt by {diff:.2e} (> {TOLERANCE:g})"] if not diff <= TOLERANCE else [],
-               passed=f"max abs difference {diff:.1e}")
+    report.add(
+        name,
+        [f"{rel}: output differs from models/model.pt by {diff:.2e} (> {TOLERANCE:g})"]
+        if not diff <= TOLERANCE
+        else [],
+        passed=f"max abs difference {diff:.1e}",
+    )
 
 
 _TORCHSCRIPT_CHILD = """
@@ -378,9 +438,15 @@ def _run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:
     with tempfile.TemporaryDirectory(prefix="medtl-ts-") as tmp:
         np.save(Path(tmp) / "x.npy", x.numpy())
         try:
-            done = subprocess.run([sys.executable, "-c", _TORCHSCRIPT_CHILD, str(path.resolve()), "x.npy", "y.npy"], cwd=tmp,
-                                  capture_output=True, encoding="utf-8", errors="replace", env=utf8_child_env(),
-                                  timeout=TORCHSCRIPT_SECONDS)
+            done = subprocess.run(
+                [sys.executable, "-c", _TORCHSCRIPT_CHILD, str(path.resolve()), "x.npy", "y.npy"],
+                cwd=tmp,
+                capture_output=True,
+                encoding="utf-8",
+                errors="replace",
+                env=utf8_child_env(),
+                timeout=TORCHSCRIPT_SECONDS,
+            )
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"still running after {TORCHSCRIPT_SECONDS} s; stopped") from None
         if done.returncode:
@@ -414,12 +480,22 @@ def _check_privacy(root: Path, identifiers: Iterable[str], report: Verification)
                 problems.append(f"{rel}{scanned.part}: {scanned.problem}")
             problems += [f"{rel}{scanned.part}: {f}" for f in find_identifiers(scanned.text, known)]
     source = f", {len(known)} identifiers from the training data" if known else ""
-    report.add("privacy scan", problems, passed=f"{len(files)} files: no names, IDs, MRNs, UIDs, birth dates or home paths{source}")
+    report.add(
+        "privacy scan",
+        problems,
+        passed=f"{len(files)} files: no names, IDs, MRNs, UIDs, birth dates or home paths{source}",
+    )
 
 
-def verify_bundle(path: str | Path, *, trust: bool = False, identifiers: Iterable[str] = (),
-                  trusted_keys: Iterable[str | Path] | None = None, max_bytes: int = MAX_UNPACKED_BYTES,
-                  packed: bool | None = None) -> Verification:
+def verify_bundle(
+    path: str | Path,
+    *,
+    trust: bool = False,
+    identifiers: Iterable[str] = (),
+    trusted_keys: Iterable[str | Path] | None = None,
+    max_bytes: int = MAX_UNPACKED_BYTES,
+    packed: bool | None = None,
+) -> Verification:
     """Run every check on a bundle folder or zip; never raises for a bad bundle, reports it.
 
     ``trust`` turns audit failures into warnings, lets the network checks run anyway and runs
@@ -434,14 +510,22 @@ def verify_bundle(path: str | Path, *, trust: bool = False, identifiers: Iterabl
     try:
         trusted = signing.trusted_fingerprints(trusted_keys) if trusted_keys is not None else None
         with open_bundle(path, max_bytes=max_bytes) as root:
-            return _verify_root(root, report, packed=path.is_file() if packed is None else packed, trust=trust, identifiers=identifiers, trusted=trusted)
+            return _verify_root(
+                root,
+                report,
+                packed=path.is_file() if packed is None else packed,
+                trust=trust,
+                identifiers=identifiers,
+                trusted=trusted,
+            )
     except MedtlError as exc:
         report.add("archive", [str(exc)])
     return report
 
 
-def _verify_root(root: Path, report: Verification, *, packed: bool, trust: bool, identifiers: Iterable[str],
-                 trusted: set[str] | None) -> Verification:
+def _verify_root(
+    root: Path, report: Verification, *, packed: bool, trust: bool, identifiers: Iterable[str], trusted: set[str] | None
+) -> Verification:
     """The checks on an unpacked bundle folder, in the order a reader would ask them."""
     if not packed:
         report.bundle = root.name
@@ -467,14 +551,21 @@ def _verify_root(root: Path, report: Verification, *, packed: bool, trust: bool,
     if trust or not (root / "models" / "model.ts").is_file():
         _check_export("TorchScript parity", root / "models" / "model.ts", _run_torchscript, reference, report)
     else:
-        report.skip("TorchScript parity", "not run: model.ts is a program (--trust runs it in a time-limited child process)")
+        report.skip(
+            "TorchScript parity", "not run: model.ts is a program (--trust runs it in a time-limited child process)"
+        )
     _check_export("ONNX parity", root / "models" / "model.onnx", _run_onnx, reference, report)
     _check_privacy(root, identifiers, report)
     if (root / PROVENANCE).is_file():
         try:
             provenance = _load_json(root / PROVENANCE, PROVENANCE)
-            problems = [] if provenance.get("bundle", {}).get("version") == report.version else \
-                [f"{PROVENANCE}: version {provenance.get('bundle', {}).get('version')} differs from metadata {report.version}"]
+            problems = (
+                []
+                if provenance.get("bundle", {}).get("version") == report.version
+                else [
+                    f"{PROVENANCE}: version {provenance.get('bundle', {}).get('version')} differs from metadata {report.version}"
+                ]
+            )
         except (MedtlError, AttributeError) as exc:
             problems = [str(exc)]
         report.add("provenance", problems, passed="provenance.json matches the metadata version")

@@ -24,12 +24,16 @@ def require_nvflare() -> None:
     try:
         import nvflare
     except ImportError:
-        raise MedtlError("federated fine-tuning needs NVIDIA FLARE, which is not installed",
-                         hint="pip install medtl[fl]") from None
+        raise MedtlError(
+            "federated fine-tuning needs NVIDIA FLARE, which is not installed", hint="pip install medtl[fl]"
+        ) from None
     found = tuple(int(p) for p in nvflare.__version__.split(".")[:2] if p.isdigit())
     if found < MIN_NVFLARE:
         wanted = ".".join(map(str, MIN_NVFLARE))
-        raise MedtlError(f"federated fine-tuning needs NVIDIA FLARE >= {wanted}, found {nvflare.__version__}", hint="pip install -U medtl[fl]")
+        raise MedtlError(
+            f"federated fine-tuning needs NVIDIA FLARE >= {wanted}, found {nvflare.__version__}",
+            hint="pip install -U medtl[fl]",
+        )
 
 
 __all__ = ["MIN_NVFLARE", "require_nvflare"]

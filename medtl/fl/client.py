@@ -44,7 +44,9 @@ SPLITS = ("train", "val", "test")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="medtl federated fine-tuning, site side (run by NVFlare, written by medtl fl)")
+    parser = argparse.ArgumentParser(
+        description="medtl federated fine-tuning, site side (run by NVFlare, written by medtl fl)"
+    )
     parser.add_argument("--manifest", required=True, help="this site's manifest")
     parser.add_argument("--root", required=True, help="data root the manifest's paths are relative to")
     parser.add_argument("--recipe", required=True, help="FederatedRecipe as JSON (written by medtl fl)")
@@ -66,9 +68,17 @@ def split_counts(manifest: Mapping[str, Any]) -> dict[str, dict[str, int]]:
     return out
 
 
-def train_round(network: nn.Module, items: Sequence[Mapping[str, Any]], recipe: FederatedRecipe, schedule: RoundSchedule,
-                round_: int, *, num_classes: int, fedprox_mu: float | None = None,
-                device: str | torch.device = "cpu") -> dict[str, float]:
+def train_round(
+    network: nn.Module,
+    items: Sequence[Mapping[str, Any]],
+    recipe: FederatedRecipe,
+    schedule: RoundSchedule,
+    round_: int,
+    *,
+    num_classes: int,
+    fedprox_mu: float | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
     """``recipe.local_epochs`` of fine-tuning in place, in round ``round_``'s place of the schedule.
     Returns the scalars the server records: loss, optimizer steps, cases, trainable parameters and
     the FedProx mu applied (0: none)."""
@@ -77,17 +87,39 @@ def train_round(network: nn.Module, items: Sequence[Mapping[str, Any]], recipe: 
     if fedprox_mu:
         handlers.append(FedProx(fedprox_mu))
     batches = loader(items, augment=recipe.augment, batch_size=recipe.batch_size, shuffle=True, device=device)
-    run = fit(network, batches, optimizer=optimizer, max_epochs=recipe.local_epochs, handlers=handlers,
-              num_classes=num_classes, progress=False, desc=f"round {round_}", device=device)
-    return {"train_loss": float(run["train_loss"][-1]), "train_steps": len(batches) * run["epochs_run"],
-            "train_cases": len(items), "trainable_params": schedule.history[-1]["trainable_params"], "fedprox_mu": fedprox_mu or 0.0}
+    run = fit(
+        network,
+        batches,
+        optimizer=optimizer,
+        max_epochs=recipe.local_epochs,
+        handlers=handlers,
+        num_classes=num_classes,
+        progress=False,
+        desc=f"round {round_}",
+        device=device,
+    )
+    return {
+        "train_loss": float(run["train_loss"][-1]),
+        "train_steps": len(batches) * run["epochs_run"],
+        "train_cases": len(items),
+        "trainable_params": schedule.history[-1]["trainable_params"],
+        "fedprox_mu": fedprox_mu or 0.0,
+    }
 
 
-def evaluate_model(network: nn.Module, items: Mapping[str, Sequence[Mapping[str, Any]]], class_names: Sequence[str],
-                   seed: int, device: str | torch.device = "cpu") -> dict[str, Any]:
+def evaluate_model(
+    network: nn.Module,
+    items: Mapping[str, Sequence[Mapping[str, Any]]],
+    class_names: Sequence[str],
+    seed: int,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
     """Metrics with patient-level 95% CIs of ``network`` on this site's val and test splits (the ones it has)."""
-    return {split: evaluate_items(network, items[split], seed=seed, class_names=class_names, device=device)
-            for split in ("val", "test") if items[split]}
+    return {
+        split: evaluate_items(network, items[split], seed=seed, class_names=class_names, device=device)
+        for split in ("val", "test")
+        if items[split]
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -123,10 +155,23 @@ def main(argv: Sequence[str] | None = None) -> None:
             auc = validation_auc(network, items["val"], device)
             if math.isfinite(auc):
                 metrics["val_auc"] = auc
-        metrics |= train_round(network, items["train"], recipe, schedule, received.current_round, num_classes=len(names),
-                               fedprox_mu=(received.meta or {}).get(AlgorithmConstants.FEDPROX_MU), device=device)
-        flare.send(FLModel(params={k: v.cpu() for k, v in network.state_dict().items()}, metrics=metrics,
-                           meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: metrics["train_steps"]}))
+        metrics |= train_round(
+            network,
+            items["train"],
+            recipe,
+            schedule,
+            received.current_round,
+            num_classes=len(names),
+            fedprox_mu=(received.meta or {}).get(AlgorithmConstants.FEDPROX_MU),
+            device=device,
+        )
+        flare.send(
+            FLModel(
+                params={k: v.cpu() for k, v in network.state_dict().items()},
+                metrics=metrics,
+                meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: metrics["train_steps"]},
+            )
+        )
 
 
 if __name__ == "__main__":

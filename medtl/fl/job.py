@@ -75,39 +75,78 @@ def plan_sites(manifests: Sequence[str | Path], roots: Sequence[str | Path]) -> 
     if not manifests:
         raise MedtlError("no site manifests given", hint="pass --manifest once per site")
     if len(roots) not in (1, len(manifests)):
-        raise MedtlError(f"{len(manifests)} manifests but {len(roots)} data roots",
-                         hint="give one --root for all sites, or one per --manifest in the same order")
+        raise MedtlError(
+            f"{len(manifests)} manifests but {len(roots)} data roots",
+            hint="give one --root for all sites, or one per --manifest in the same order",
+        )
     sites, label_map = [], None
     for i, manifest in enumerate(manifests):
         root = Path(roots[0] if len(roots) == 1 else roots[i])
         data = load_manifest(manifest)
         if not root.is_dir():
-            raise MedtlError("data root not found", path=root, hint="--root is the folder the manifest's paths are relative to")
+            raise MedtlError(
+                "data root not found", path=root, hint="--root is the folder the manifest's paths are relative to"
+            )
         if label_map is None:
             label_map = data["label_map"]
         elif data["label_map"] != label_map:
-            raise MedtlError(f"label map {data['label_map']} differs from the first site's {label_map}", path=Path(manifest).name,
-                             hint="every site must use the same classes in the same order")
+            raise MedtlError(
+                f"label map {data['label_map']} differs from the first site's {label_map}",
+                path=Path(manifest).name,
+                hint="every site must use the same classes in the same order",
+            )
         if not any(c["split"] == "train" and c["label"] is not None for c in data["cases"]):
-            raise MedtlError("no labeled train cases: this site would have nothing to contribute", path=Path(manifest).name)
+            raise MedtlError(
+                "no labeled train cases: this site would have nothing to contribute", path=Path(manifest).name
+            )
         sites.append(Site(f"site-{i + 1}", Path(manifest), root))
     return sites, sorted(label_map, key=label_map.get)
 
 
-def site_args(site: Site, recipe: FederatedRecipe, *, widen_factor: float, modality: str, seed: int, device: str = "cpu") -> str:
+def site_args(
+    site: Site, recipe: FederatedRecipe, *, widen_factor: float, modality: str, seed: int, device: str = "cpu"
+) -> str:
     """The client script's arguments for ``site``. NVFlare splits them at whitespace (quotes are not
     honoured), so the recipe goes as compact JSON and a path with spaces is refused here."""
     paths = [str(site.manifest.resolve()), str(site.root.resolve())]
     spaced = [p for p in paths if any(c.isspace() for c in p)]
     if spaced:
-        raise MedtlError("NVIDIA FLARE hands a site its script arguments split at whitespace, so this path cannot be passed",
-                         path=spaced[0], hint="move or link the manifest and data to a path without spaces")
-    return " ".join(["--manifest", paths[0], "--root", paths[1], "--recipe", recipe.to_json(), "--widen-factor", str(widen_factor),
-                     "--modality", modality, "--seed", str(seed), "--device", device])
+        raise MedtlError(
+            "NVIDIA FLARE hands a site its script arguments split at whitespace, so this path cannot be passed",
+            path=spaced[0],
+            hint="move or link the manifest and data to a path without spaces",
+        )
+    return " ".join(
+        [
+            "--manifest",
+            paths[0],
+            "--root",
+            paths[1],
+            "--recipe",
+            recipe.to_json(),
+            "--widen-factor",
+            str(widen_factor),
+            "--modality",
+            modality,
+            "--seed",
+            str(seed),
+            "--device",
+            device,
+        ]
+    )
 
 
-def build_job(sites: Sequence[Site], recipe: FederatedRecipe, source_file: Path, *, num_classes: int, widen_factor: float = 0.5,
-              modality: str = "ct", seed: int = 0, device: str = "cpu") -> Any:
+def build_job(
+    sites: Sequence[Site],
+    recipe: FederatedRecipe,
+    source_file: Path,
+    *,
+    num_classes: int,
+    widen_factor: float = 0.5,
+    modality: str = "ct",
+    seed: int = 0,
+    device: str = "cpu",
+) -> Any:
     """The NVFlare job: the server's global model, FedAvg and final evaluation; the client script per site.
 
     Each site gets what ``ScriptRunner`` would give it (a ``ClientAPIExecutor`` running the script in
@@ -129,13 +168,24 @@ def build_job(sites: Sequence[Site], recipe: FederatedRecipe, source_file: Path,
 
     job = BaseFedJob(name=JOB_NAME, min_clients=len(sites), key_metric="")  # the final model is exported, no selection
     ids = job.to_server(PTModel(resnet_config(widen_factor, num_classes), initial_ckpt=str(source_file.resolve())))
-    job.to_server(FedAvg(num_clients=len(sites), num_rounds=recipe.rounds, persistor_id=ids["persistor_id"],
-                         fedprox_mu=recipe.fedprox_mu or None))
+    job.to_server(
+        FedAvg(
+            num_clients=len(sites),
+            num_rounds=recipe.rounds,
+            persistor_id=ids["persistor_id"],
+            fedprox_mu=recipe.fedprox_mu or None,
+        )
+    )
     job.to_server(GlobalModelEval(model_locator_id=ids["locator_id"]))
     for site in sites:
-        executor = ClientAPIExecutor(execution_mode=ExecutionMode.IN_PROCESS, task_script_path=CLIENT_SCRIPT.name,
-                                     task_script_args=site_args(site, recipe, widen_factor=widen_factor, modality=modality, seed=seed, device=device),
-                                     params_exchange_format=ExchangeFormat.PYTORCH)
+        executor = ClientAPIExecutor(
+            execution_mode=ExecutionMode.IN_PROCESS,
+            task_script_path=CLIENT_SCRIPT.name,
+            task_script_args=site_args(
+                site, recipe, widen_factor=widen_factor, modality=modality, seed=seed, device=device
+            ),
+            params_exchange_format=ExchangeFormat.PYTORCH,
+        )
         job.to(executor, site.name)
         job.to(FileSource(str(CLIENT_SCRIPT)), site.name)
     return job
@@ -164,18 +214,27 @@ def read_results(workspace: Path, sites: Sequence[Site], log: Path) -> dict[str,
     of the source and of the final global model, the data record it reported; the final weights."""
     server = workspace / "server" / SIMULATION
     hint = f"see {log.name} and {workspace.name}/site-*/{SIMULATION}/log.txt in the output folder"
-    files = {"weights": server / "app_server" / GLOBAL_FILE, "rounds": server / "metrics" / "round_metrics.jsonl",
-             "evaluations": server / "cross_site_val" / "cross_val_results.json"}
+    files = {
+        "weights": server / "app_server" / GLOBAL_FILE,
+        "rounds": server / "metrics" / "round_metrics.jsonl",
+        "evaluations": server / "cross_site_val" / "cross_val_results.json",
+    }
     missing = [name for name, path in files.items() if not path.is_file()]
     if missing:
         raise MedtlError(f"the federated run left no {', '.join(missing)} on the server", hint=hint)
     records = [json.loads(line) for line in files["rounds"].read_text(encoding="utf-8").splitlines()]
-    rounds = [{"round": r["round"], "sites": {s["name"]: {m["name"]: m["value"] for m in s["metrics"]} for s in r["sites"]}}
-              for r in records]
+    rounds = [
+        {"round": r["round"], "sites": {s["name"]: {m["name"]: m["value"] for m in s["metrics"]} for s in r["sites"]}}
+        for r in records
+    ]
     evaluated = json.loads(files["evaluations"].read_text(encoding="utf-8"))
     models = {"source": server_model(SOURCE_FILE), "federated": server_model(GLOBAL_FILE)}
-    silent = [s.name for s in sites if not all(s.name in r["sites"] for r in rounds)
-              or not all(m in evaluated.get(s.name, {}) for m in models.values())]
+    silent = [
+        s.name
+        for s in sites
+        if not all(s.name in r["sites"] for r in rounds)
+        or not all(m in evaluated.get(s.name, {}) for m in models.values())
+    ]
     if silent or not rounds:
         raise MedtlError(f"{', '.join(silent) or 'no site'} sent no results", hint=hint)
     evaluations, reported = {}, {}
@@ -217,15 +276,25 @@ def run_federated(
     source_file = out / SOURCE_FILE
     torch.save(network.state_dict(), source_file)
     device = str(resolve_device(device))  # checked here, once, before any site starts
-    job = build_job(sites, recipe, source_file, num_classes=len(names), widen_factor=widen_factor, modality=modality, seed=seed,
-                    device=device)
+    job = build_job(
+        sites,
+        recipe,
+        source_file,
+        num_classes=len(names),
+        widen_factor=widen_factor,
+        modality=modality,
+        seed=seed,
+        device=device,
+    )
     for folder in (out / "job", out / "workspace"):
         shutil.rmtree(folder, ignore_errors=True)
     job.export_job(str(out / "job"))
     algorithm = f"FedProx (mu={recipe.fedprox_mu:g})" if recipe.fedprox_mu else "FedAvg"
     log = out / "simulator.log"
-    print(f"medtl fl: {algorithm}, {recipe.rounds} rounds of {recipe.local_epochs} local epochs across "
-          + ", ".join(f"{s.name} ({s.manifest.name})" for s in sites))
+    print(
+        f"medtl fl: {algorithm}, {recipe.rounds} rounds of {recipe.local_epochs} local epochs across "
+        + ", ".join(f"{s.name} ({s.manifest.name})" for s in sites)
+    )
     print(f"NVIDIA FLARE simulator running; its log: {log}", flush=True)
     with _output_to(log):
         code = job.simulator_run(str(out / "workspace"), threads=threads or len(sites))
@@ -240,15 +309,40 @@ def run_federated(
     rounds = [r | {"trainable": schedule.trainable(r["round"], groups)} for r in results["rounds"]]
     evaluations, reported = results["evaluations"], results["reported"]
     params = sum(p.numel() for p in network.parameters())
-    rows = [{"stage": stage, "evaluated on": f"{site} test", "result": models[stage]["test"], "params": params,
-             "seconds": seconds if stage == "federated" else 0.0}
-            for stage in ("source", "federated") for site, models in evaluations.items() if "test" in models[stage]]
-    bundle = _export(network, out, source=source, names=names, recipe=recipe, algorithm=algorithm, reported=reported,
-                     tests={row["evaluated on"]: row["result"] for row in rows if row["stage"] == "federated"})
+    rows = [
+        {
+            "stage": stage,
+            "evaluated on": f"{site} test",
+            "result": models[stage]["test"],
+            "params": params,
+            "seconds": seconds if stage == "federated" else 0.0,
+        }
+        for stage in ("source", "federated")
+        for site, models in evaluations.items()
+        if "test" in models[stage]
+    ]
+    bundle = _export(
+        network,
+        out,
+        source=source,
+        names=names,
+        recipe=recipe,
+        algorithm=algorithm,
+        reported=reported,
+        tests={row["evaluated on"]: row["result"] for row in rows if row["stage"] == "federated"},
+    )
     summary = {
-        "job": {"algorithm": algorithm, "engine": "NVIDIA FLARE simulator", "rounds": recipe.rounds, "recipe": asdict(recipe),
-                "source": describe_source(source), "widen_factor": widen_factor, "modality": modality, "seed": seed,
-                "seconds": seconds},
+        "job": {
+            "algorithm": algorithm,
+            "engine": "NVIDIA FLARE simulator",
+            "rounds": recipe.rounds,
+            "recipe": asdict(recipe),
+            "source": describe_source(source),
+            "widen_factor": widen_factor,
+            "modality": modality,
+            "seed": seed,
+            "seconds": seconds,
+        },
         "sites": {s.name: {"manifest": s.manifest.name, **reported[s.name]} for s in sites},
         "rounds": rounds,
         "evaluation": evaluations,
@@ -263,32 +357,59 @@ def run_federated(
     return {"summary": summary, "bundle": bundle, "network": network}
 
 
-def _export(network: torch.nn.Module, out: Path, *, source: str | Path, names: list[str], recipe: FederatedRecipe, algorithm: str,
-            reported: Mapping[str, Mapping[str, Any]], tests: Mapping[str, Any]) -> dict[str, Any]:
+def _export(
+    network: torch.nn.Module,
+    out: Path,
+    *,
+    source: str | Path,
+    names: list[str],
+    recipe: FederatedRecipe,
+    algorithm: str,
+    reported: Mapping[str, Mapping[str, Any]],
+    tests: Mapping[str, Any],
+) -> dict[str, Any]:
     """The global model as a ``tumor_cls_finetune`` bundle: sites by pseudonym, with the manifest
     hashes and counts they reported; the test metrics each site computed."""
     from medtl.adapt.job import network_data_format_with_classes
     from medtl.bundle.export import export_bundle
 
     sites = ", ".join(reported)
-    data = [{"name": site, "content_sha256": info["manifest_sha256"], "counts": {"by_site_split_label": {site: info["counts"]}}}
-            for site, info in reported.items()]
-    description = (f"3D ResNet10 initialised from a source model and fine-tuned by federated learning ({algorithm}, NVIDIA FLARE) "
-                   f"across {len(reported)} sites ({sites}) whose scans never left them: {recipe.rounds} rounds of "
-                   f"{recipe.local_epochs} local epochs, the classifier head alone for {recipe.head_rounds} round(s), then layer "
-                   f"groups unfrozen from the top ({recipe.unfreeze}) at discriminative learning rates "
-                   f"(lr * {recipe.lr_decay:g}^depth). "
-                   "The final global model; each site evaluated it on its own held-out test split.")
+    data = [
+        {
+            "name": site,
+            "content_sha256": info["manifest_sha256"],
+            "counts": {"by_site_split_label": {site: info["counts"]}},
+        }
+        for site, info in reported.items()
+    ]
+    description = (
+        f"3D ResNet10 initialised from a source model and fine-tuned by federated learning ({algorithm}, NVIDIA FLARE) "
+        f"across {len(reported)} sites ({sites}) whose scans never left them: {recipe.rounds} rounds of "
+        f"{recipe.local_epochs} local epochs, the classifier head alone for {recipe.head_rounds} round(s), then layer "
+        f"groups unfrozen from the top ({recipe.unfreeze}) at discriminative learning rates "
+        f"(lr * {recipe.lr_decay:g}^depth). "
+        "The final global model; each site evaluated it on its own held-out test split."
+    )
     return export_bundle(
-        network, out / "tumor_cls_finetune", template="tumor_cls_finetune", metrics=tests, source=source, manifests=data,
-        recipe={"federated": f"{algorithm} with NVIDIA FLARE across {len(reported)} sites ({sites}), {recipe.rounds} rounds",
-                "settings": asdict(recipe)},
+        network,
+        out / "tumor_cls_finetune",
+        template="tumor_cls_finetune",
+        metrics=tests,
+        source=source,
+        manifests=data,
+        recipe={
+            "federated": f"{algorithm} with NVIDIA FLARE across {len(reported)} sites ({sites}), {recipe.rounds} rounds",
+            "settings": asdict(recipe),
+        },
         changelog=f"federated fine-tuning ({algorithm}, {recipe.rounds} rounds) of {Path(source).name} across {sites}",
-        metadata={"network_data_format": network_data_format_with_classes(names), "description": description,
-                  "task": "Benign vs malignant classification of a lung lesion in chest CT, fine-tuned across sites "
-                          "by federated learning",
-                  "intended_use": f"Research only, not for clinical decisions. For the sites of the federation ({sites}), after "
-                                  "evaluation on each one's held-out test split; other sites need their own evaluation."},
+        metadata={
+            "network_data_format": network_data_format_with_classes(names),
+            "description": description,
+            "task": "Benign vs malignant classification of a lung lesion in chest CT, fine-tuned across sites "
+            "by federated learning",
+            "intended_use": f"Research only, not for clinical decisions. For the sites of the federation ({sites}), after "
+            "evaluation on each one's held-out test split; other sites need their own evaluation.",
+        },
     )
 
 
@@ -303,7 +424,9 @@ def _print_rounds(rounds: Sequence[Mapping[str, Any]], sites: Sequence[str]) -> 
             auc = metrics.get("val_auc")
             cells += f"{'–' if auc is None else f'{auc:.3f}':>16}{metrics.get('train_steps', 0):>7.0f}"
         print(f"{r['round']:<7}{training:<16}{cells}")
-    print("val AUC: each site's validation AUC of the global model it received at the start of the round (round 0: the source)")
+    print(
+        "val AUC: each site's validation AUC of the global model it received at the start of the round (round 0: the source)"
+    )
 
 
 __all__ = ["Site", "build_job", "plan_sites", "read_results", "run_federated", "server_model", "site_args"]

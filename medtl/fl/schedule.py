@@ -40,31 +40,51 @@ class RoundSchedule:
             fit(network, train_loader, optimizer=optimizer, max_epochs=2, handlers=[schedule.for_round(2)])
     """
 
-    def __init__(self, *, head_rounds: int = 1, unfreeze: str = "gradual", unfreeze_every: int = 1, local_epochs: int = 1,
-                 head_lr: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        head_rounds: int = 1,
+        unfreeze: str = "gradual",
+        unfreeze_every: int = 1,
+        local_epochs: int = 1,
+        head_lr: float | None = None,
+    ) -> None:
         if int(head_rounds) < 0 or int(unfreeze_every) < 1 or int(local_epochs) < 1:
-            raise MedtlError(f"need head_rounds >= 0, unfreeze_every >= 1 and local_epochs >= 1; "
-                             f"got {head_rounds}, {unfreeze_every}, {local_epochs}")
+            raise MedtlError(
+                f"need head_rounds >= 0, unfreeze_every >= 1 and local_epochs >= 1; "
+                f"got {head_rounds}, {unfreeze_every}, {local_epochs}"
+            )
         self.local_epochs = int(local_epochs)
-        self.epochs = FineTuneSchedule(head_epochs=int(head_rounds) * self.local_epochs, head_lr=head_lr, unfreeze=unfreeze,
-                                       unfreeze_every=int(unfreeze_every) * self.local_epochs)
+        self.epochs = FineTuneSchedule(
+            head_epochs=int(head_rounds) * self.local_epochs,
+            head_lr=head_lr,
+            unfreeze=unfreeze,
+            unfreeze_every=int(unfreeze_every) * self.local_epochs,
+        )
 
     @classmethod
     def for_recipe(cls, recipe: FederatedRecipe) -> RoundSchedule:
         """The round-keyed freeze -> unfreeze schedule every site of a federated run follows."""
-        return cls(head_rounds=recipe.head_rounds, unfreeze=recipe.unfreeze, unfreeze_every=recipe.unfreeze_every,
-                   local_epochs=recipe.local_epochs, head_lr=recipe.head_lr)
+        return cls(
+            head_rounds=recipe.head_rounds,
+            unfreeze=recipe.unfreeze,
+            unfreeze_every=recipe.unfreeze_every,
+            local_epochs=recipe.local_epochs,
+            head_lr=recipe.head_lr,
+        )
 
     def global_epoch(self, round_: int, local_epoch: int) -> int:
         """The 1-based epoch of the whole run that ``local_epoch`` (1-based) of 0-based ``round_`` is."""
         if round_ < 0 or not 1 <= local_epoch <= self.local_epochs:
-            raise MedtlError(f"round must be >= 0 and local epoch in 1..{self.local_epochs}, got {round_}, {local_epoch}")
+            raise MedtlError(
+                f"round must be >= 0 and local epoch in 1..{self.local_epochs}, got {round_}, {local_epoch}"
+            )
         return round_ * self.local_epochs + local_epoch
 
     def trainable(self, round_: int, groups: Sequence[str]) -> list[str]:
         """The layer groups (input to output, head last) that train in ``round_``. Unfreezing steps
         are whole rounds, so the set is the same in every local epoch of a round."""
-        return list(groups[len(groups) - self.epochs.trainable(self.global_epoch(round_, 1), len(groups)):])
+        return list(groups[len(groups) - self.epochs.trainable(self.global_epoch(round_, 1), len(groups)) :])
 
     def for_round(self, round_: int) -> _AtRound:
         """The trainer handler for ``round_``: sets trainable groups, BatchNorm mode and learning

@@ -33,8 +33,14 @@ def _no_manifest(manifest: Manifests) -> bool:
     return manifest in (None, "") or (isinstance(manifest, Sequence) and not isinstance(manifest, str) and not manifest)
 
 
-def datalist(manifest: Manifests, dataset_dir: str | Path, splits: str | Sequence[str], *, num_classes: int | None = None,
-             missing_ok: bool = False) -> list[dict[str, Any]]:
+def datalist(
+    manifest: Manifests,
+    dataset_dir: str | Path,
+    splits: str | Sequence[str],
+    *,
+    num_classes: int | None = None,
+    missing_ok: bool = False,
+) -> list[dict[str, Any]]:
     """Data dicts of ``splits`` from one manifest file or several (pooled, in the order given),
     paths resolved under ``dataset_dir``.
 
@@ -48,10 +54,13 @@ def datalist(manifest: Manifests, dataset_dir: str | Path, splits: str | Sequenc
     paths = manifest_paths(manifest)
     names = class_names(paths)  # pooled sites must mean the same by each label index
     if num_classes is not None and len(names) != int(num_classes):
-        raise MedtlError(f"the manifest has {len(names)} classes ({', '.join(names)}) but the bundle's network is built "
-                         f"for num_classes={num_classes}", path=", ".join(p.name for p in paths),
-                         hint=f"train with --num_classes {len(names)}, or give a manifest labelled with the bundle's "
-                              f"{num_classes} classes")
+        raise MedtlError(
+            f"the manifest has {len(names)} classes ({', '.join(names)}) but the bundle's network is built "
+            f"for num_classes={num_classes}",
+            path=", ".join(p.name for p in paths),
+            hint=f"train with --num_classes {len(names)}, or give a manifest labelled with the bundle's "
+            f"{num_classes} classes",
+        )
     root = required_path(dataset_dir, "dataset_dir", "DATA_ROOT")
     items = [item for path in paths for item in _datalist(load_manifest(path), root, splits)]
     if not items:
@@ -65,7 +74,9 @@ def class_names(manifest: Manifests) -> list[str]:
     first = next(iter(maps.values()))
     for name, label_map in maps.items():
         if label_map != first:
-            raise MedtlError(f"the manifests' label maps differ ({label_map} vs {first}), so their cases cannot be pooled", path=name)
+            raise MedtlError(
+                f"the manifests' label maps differ ({label_map} vs {first}), so their cases cannot be pooled", path=name
+            )
     return sorted(first, key=first.get)
 
 
@@ -75,5 +86,7 @@ def channel_names(channel_def: Mapping[str, str]) -> list[str]:
     try:
         return [str(channel_def[str(i)]) for i in range(len(channel_def))]
     except KeyError as exc:
-        raise MedtlError(f"channel_def must number the classes 0..{len(channel_def) - 1}; {exc} is missing",
-                         path="configs/metadata.json") from None
+        raise MedtlError(
+            f"channel_def must number the classes 0..{len(channel_def) - 1}; {exc} is missing",
+            path="configs/metadata.json",
+        ) from None

@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 def _probabilities(engine: Any) -> np.ndarray:
-    return np.stack([torch.as_tensor(o["pred"]).detach().float().cpu().reshape(-1).numpy() for o in engine.state.output])
+    return np.stack(
+        [torch.as_tensor(o["pred"]).detach().float().cpu().reshape(-1).numpy() for o in engine.state.output]
+    )
 
 
 def _column(batch: Any, key: str, n: int) -> list[Any] | None:
@@ -32,7 +34,11 @@ def _column(batch: Any, key: str, n: int) -> list[Any] | None:
         values = None
     if values is None:
         return None
-    values = values.tolist() if isinstance(values, torch.Tensor) else [v.item() if isinstance(v, torch.Tensor) else v for v in values]
+    values = (
+        values.tolist()
+        if isinstance(values, torch.Tensor)
+        else [v.item() if isinstance(v, torch.Tensor) else v for v in values]
+    )
     return values if len(values) == n else None
 
 
@@ -43,8 +49,17 @@ class MetricsReport:
     patients (for patient-level resampling) and sites are read from the batch.
     """
 
-    def __init__(self, output_dir: str | Path, class_names: Sequence[str], *, filename: str = "metrics",
-                 n_boot: int = 1000, seed: int = 0, enabled: bool = True, run: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        class_names: Sequence[str],
+        *,
+        filename: str = "metrics",
+        n_boot: int = 1000,
+        seed: int = 0,
+        enabled: bool = True,
+        run: Mapping[str, Any] | None = None,
+    ) -> None:
         self.output_dir, self.filename = Path(output_dir), filename
         self.class_names, self.n_boot, self.seed, self.enabled = list(class_names), n_boot, seed, enabled
         self.run = dict(run or {})
@@ -73,9 +88,18 @@ class MetricsReport:
         y = np.asarray(self._labels).reshape(-1).astype(np.int64)
         patients = None if None in self._patients else self._patients
         sites = None if None in self._sites else self._sites
-        self.result = classification_metrics(y, probs, class_names=self.class_names, patient_ids=patients, sites=sites,
-                                             n_boot=self.n_boot, seed=self.seed)
-        atomic_write_json(self.output_dir / f"{self.filename}.json", self.result | ({"run": self.run} if self.run else {}))
+        self.result = classification_metrics(
+            y,
+            probs,
+            class_names=self.class_names,
+            patient_ids=patients,
+            sites=sites,
+            n_boot=self.n_boot,
+            seed=self.seed,
+        )
+        atomic_write_json(
+            self.output_dir / f"{self.filename}.json", self.result | ({"run": self.run} if self.run else {})
+        )
         atomic_write_text(self.output_dir / f"{self.filename}.md", format_table(self.result))
         logger.info("metrics on %d cases -> %s.json\n%s", len(y), self.filename, format_table(self.result))
 
@@ -91,9 +115,16 @@ class PredictionWriter:
     silently.
     """
 
-    def __init__(self, output_dir: str | Path, class_names: Sequence[str], *, skipped: Sequence[Mapping[str, Any]] = (),
-                 model_version: str = "", columns: Sequence[str] | Mapping[str, str] = ("id", "series"),
-                 filename: str = "predictions") -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        class_names: Sequence[str],
+        *,
+        skipped: Sequence[Mapping[str, Any]] = (),
+        model_version: str = "",
+        columns: Sequence[str] | Mapping[str, str] = ("id", "series"),
+        filename: str = "predictions",
+    ) -> None:
         self.output_dir, self.filename = Path(output_dir), filename
         self.class_names, self.skipped = list(class_names), list(skipped)
         self.model_version = str(model_version)
@@ -108,7 +139,9 @@ class PredictionWriter:
 
     def _collect(self, engine: Any) -> None:
         probs = _probabilities(engine)
-        extra = {c: _column(engine.state.batch, key, len(probs)) or [""] * len(probs) for c, key in self.columns.items()}
+        extra = {
+            c: _column(engine.state.batch, key, len(probs)) or [""] * len(probs) for c, key in self.columns.items()
+        }
         for i, p in enumerate(probs):
             row = {c: extra[c][i] for c in self.columns}
             row.update({f"prob_{name}": round(float(v), 6) for name, v in zip(self.class_names, p)})
@@ -119,7 +152,13 @@ class PredictionWriter:
     def _write(self, _engine: Any) -> None:
         fields = [*self.columns, *(f"prob_{n}" for n in self.class_names), "pred", "model_version"]
         atomic_write_csv(self.output_dir / f"{self.filename}.csv", self.rows, fields)  # a formula-like cell is text
-        atomic_write_json(self.output_dir / f"{self.filename}.json",
-                          {"model_version": self.model_version, "class_names": self.class_names,
-                           "predictions": self.rows, "skipped": self.skipped})
+        atomic_write_json(
+            self.output_dir / f"{self.filename}.json",
+            {
+                "model_version": self.model_version,
+                "class_names": self.class_names,
+                "predictions": self.rows,
+                "skipped": self.skipped,
+            },
+        )
         logger.info("%d predictions, %d skipped -> %s.csv", len(self.rows), len(self.skipped), self.filename)

@@ -20,8 +20,14 @@ from medtl.privacy import load_or_create_salt, load_salt
 logger = logging.getLogger(__name__)
 
 
-def inference_cases(input_dir: str | Path | None = None, input_csv: str | Path | None = None,
-                    output_dir: str | Path = "out", *, real_ids: bool = False, missing_ok: bool = False) -> dict[str, Any]:
+def inference_cases(
+    input_dir: str | Path | None = None,
+    input_csv: str | Path | None = None,
+    output_dir: str | Path = "out",
+    *,
+    real_ids: bool = False,
+    missing_ok: bool = False,
+) -> dict[str, Any]:
     """Cases to predict: every series in a DICOM folder, or the rows of a CSV (``image`` and an
     optional ``mask`` or ``roi_center_mm``, paths relative to the CSV).
 
@@ -53,8 +59,10 @@ def inference_cases(input_dir: str | Path | None = None, input_csv: str | Path |
     if missing_ok and input_dir in (None, "") and input_csv in (None, ""):
         return {"cases": [], "skipped": [], "root": "", "salt_dir": ""}
     if (input_dir in (None, "")) == (input_csv in (None, "")):
-        raise MedtlError("give exactly one of input_dir (a DICOM folder) or input_csv (a table of images)",
-                         hint="e.g. --input_dir scans/ or --input_csv cases.csv")
+        raise MedtlError(
+            "give exactly one of input_dir (a DICOM folder) or input_csv (a table of images)",
+            hint="e.g. --input_dir scans/ or --input_csv cases.csv",
+        )
     if input_csv not in (None, ""):
         rows = _csv_rows(Path(input_csv))  # a table that cannot be read leaves no salt behind
         found = _csv_cases(Path(input_csv), rows, None if real_ids else _output_salt(output_dir))
@@ -110,8 +118,11 @@ def _dicom_cases(root: Path, salt: str, *, keyed: bool) -> dict[str, Any]:
             case["id"] = f"{case['id']}:{case['series']}"
     cases = [case for _, case in sorted(found, key=lambda pair: (pair[0], pair[1]["id"]))]
     if not cases:
-        raise MedtlError("no loadable image series found", path=root.name,
-                         hint=f"{len(skipped)} files/series skipped; run `medtl scan` on it to see why")
+        raise MedtlError(
+            "no loadable image series found",
+            path=root.name,
+            hint=f"{len(skipped)} files/series skipped; run `medtl scan` on it to see why",
+        )
     return {"cases": cases, "skipped": skipped, "root": str(root)}
 
 
@@ -124,10 +135,15 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise MedtlError(f"cannot read the case table ({exc})", path=path.name) from None
     except csv.Error as exc:
-        raise MedtlError(f"cannot read the case table: {csv_problem(exc, reader.line_num)}", path=path.name,
-                         hint="check the quotes around that line; a cell holds one path or three numbers") from None
+        raise MedtlError(
+            f"cannot read the case table: {csv_problem(exc, reader.line_num)}",
+            path=path.name,
+            hint="check the quotes around that line; a cell holds one path or three numbers",
+        ) from None
     if not rows or "image" not in rows[0]:
-        raise MedtlError("the case table needs an 'image' column (and optionally 'mask' or 'roi_center_mm')", path=path.name)
+        raise MedtlError(
+            "the case table needs an 'image' column (and optionally 'mask' or 'roi_center_mm')", path=path.name
+        )
     return rows
 
 
@@ -141,7 +157,12 @@ def _csv_cases(path: Path, rows: Sequence[Mapping[str, str]], salt: str | None) 
             skipped.append({"id": f"row {n}", "reason": "empty image path"})
             continue
         # the paths as written in the table, repeated in the output ("image_..." names are the image's meta keys in MONAI)
-        case: dict[str, Any] = {"id": _named(image, root, salt), "image": str(root / image), "csv_image": image, "csv_mask": ""}
+        case: dict[str, Any] = {
+            "id": _named(image, root, salt),
+            "image": str(root / image),
+            "csv_image": image,
+            "csv_mask": "",
+        }
         if (row.get("mask") or "").strip():
             case["mask"] = str(root / row["mask"].strip())
             case["csv_mask"] = row["mask"].strip()
@@ -151,7 +172,12 @@ def _csv_cases(path: Path, rows: Sequence[Mapping[str, str]], salt: str | None) 
             except ValueError:
                 center = []
             if len(center) != 3:
-                skipped.append({"id": case["id"], "reason": f"roi_center_mm is not 3 numbers (x y z, RAS mm): {row['roi_center_mm']!r}"})
+                skipped.append(
+                    {
+                        "id": case["id"],
+                        "reason": f"roi_center_mm is not 3 numbers (x y z, RAS mm): {row['roi_center_mm']!r}",
+                    }
+                )
                 continue
             case["roi_center_mm"] = center
         cases.append(case)
@@ -219,8 +245,10 @@ def prepare_cases(found: Mapping[str, Any], transform: Any, *, progress: bool = 
             logger.warning("skipped %s: %s", case["id"], reason)
             skipped.append({"id": case["id"], "reason": reason})
     if not items and skipped:
-        raise MedtlError(f"every case failed preprocessing ({len(skipped)} skipped)",
-                         hint="; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3]))
+        raise MedtlError(
+            f"every case failed preprocessing ({len(skipped)} skipped)",
+            hint="; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3]),
+        )
     return {"items": items, "skipped": skipped}
 
 
@@ -230,5 +258,7 @@ def require_cases(data: Sized, *, give: str) -> int:
     run with a warning. ``give`` says what to pass, e.g. ``"--manifest manifests/site.json"``.
     Returns the number of cases."""
     if len(data) == 0:
-        raise MedtlError("no cases to run on: the bundle was given no input", hint=f"pass {give} to python -m monai.bundle run")
+        raise MedtlError(
+            "no cases to run on: the bundle was given no input", hint=f"pass {give} to python -m monai.bundle run"
+        )
     return len(data)

@@ -28,15 +28,22 @@ def configure_torch(seed: int | None = 0, deterministic: bool = True) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def run_record(manifest: Manifests = "", seed: int | None = None, output_dir: str | Path | None = None,
-               weights: str | Path | None = None, **settings: Any) -> dict[str, Any]:
+def run_record(
+    manifest: Manifests = "",
+    seed: int | None = None,
+    output_dir: str | Path | None = None,
+    weights: str | Path | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
     """What a run's results depend on: the seed, the data manifest (name and content hash, never
     its cases or paths), the weights' sha256, settings worth stating and the software versions.
     Written to ``output_dir/run.json`` when given; ``MetricsReport`` embeds it in every metrics file."""
 
-
-    record: dict[str, Any] = {"seed": seed, **settings,
-                              "software": {"medtl": __version__, "monai": monai.__version__, "torch": torch.__version__.split("+")[0]}}
+    record: dict[str, Any] = {
+        "seed": seed,
+        **settings,
+        "software": {"medtl": __version__, "monai": monai.__version__, "torch": torch.__version__.split("+")[0]},
+    }
     if weights not in (None, "") and Path(weights).is_file():
         record["weights_sha256"] = sha256_file(weights)
     if manifest not in (None, "", []):

@@ -35,8 +35,14 @@ def source_class_names(source: str | Path) -> list[str] | None:
             text = member.read_text(encoding="utf-8") if member.is_file() else None
         elif zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                hits = sorted((n for n in archive.namelist() if n == "configs/metadata.json" or n.endswith("/configs/metadata.json")),
-                              key=lambda n: n.count("/"))
+                hits = sorted(
+                    (
+                        n
+                        for n in archive.namelist()
+                        if n == "configs/metadata.json" or n.endswith("/configs/metadata.json")
+                    ),
+                    key=lambda n: n.count("/"),
+                )
                 text = archive.read(hits[0]).decode("utf-8") if hits else None
         else:
             text = None
@@ -49,8 +55,13 @@ def source_class_names(source: str | Path) -> list[str] | None:
     return channel_names(channel_def) if isinstance(channel_def, Mapping) and channel_def else None
 
 
-def _remap_head(network: torch.nn.Module, state: Mapping[str, torch.Tensor], mapping: Mapping[str, str | None],
-                source_names: Sequence[str], label: str) -> dict[str, torch.Tensor]:
+def _remap_head(
+    network: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    mapping: Mapping[str, str | None],
+    source_names: Sequence[str],
+    label: str,
+) -> dict[str, torch.Tensor]:
     """The checkpoint with its classifier rows rearranged into the target's class order: row k is the
     source row of the class target k maps to, or the network's own fresh row for a new class."""
     head, layer = find_classifier(network)
@@ -61,8 +72,11 @@ def _remap_head(network: torch.nn.Module, state: Mapping[str, torch.Tensor], map
     if weight is None or state[weight].shape[1:] != layer.weight.shape[1:]:
         return dict(state)  # no head of this shape in the checkpoint: load_weights reports what is left
     if state[weight].shape[0] != len(source_names):
-        raise MedtlError(f"the source's metadata names {len(source_names)} classes but its head has {state[weight].shape[0]} outputs",
-                         path=label, hint="the bundle's channel_def and its weights disagree: ask its sender")
+        raise MedtlError(
+            f"the source's metadata names {len(source_names)} classes but its head has {state[weight].shape[0]} outputs",
+            path=label,
+            hint="the bundle's channel_def and its weights disagree: ask its sender",
+        )
     rows = {name: i for i, name in enumerate(source_names)}
     new_weight = layer.weight.detach().clone()
     new_bias = layer.bias.detach().clone() if layer.bias is not None else None
@@ -78,8 +92,15 @@ def _remap_head(network: torch.nn.Module, state: Mapping[str, torch.Tensor], map
     return remapped
 
 
-def load_source(network: torch.nn.Module, source: str | Path, *, trust: bool = False, allow_new_head: bool = True,
-                target_classes: Sequence[str] | None = None, class_map: Mapping[str, str] | str | None = None) -> dict[str, Any]:
+def load_source(
+    network: torch.nn.Module,
+    source: str | Path,
+    *,
+    trust: bool = False,
+    allow_new_head: bool = True,
+    target_classes: Sequence[str] | None = None,
+    class_map: Mapping[str, str] | str | None = None,
+) -> dict[str, Any]:
     """Load pretrained weights (bundle folder/zip, state dict, checkpoint, TorchScript) into ``network``.
 
     With ``target_classes``, a source bundle's classes are matched to them by name
@@ -97,23 +118,39 @@ def load_source(network: torch.nn.Module, source: str | Path, *, trust: bool = F
     if target_classes is not None:
         source_names = source_class_names(path)
         if source_names is None and class_map not in (None, "", {}):
-            raise MedtlError("a class map was given but the source names no classes (only a bundle's metadata does)", path=path.name,
-                             hint="drop --class-map: the source's outputs are taken in the target's class order")
+            raise MedtlError(
+                "a class map was given but the source names no classes (only a bundle's metadata does)",
+                path=path.name,
+                hint="drop --class-map: the source's outputs are taken in the target's class order",
+            )
         if source_names is not None:
             wanted = list(target_classes)
-            mapping = {t: None for t in wanted} if class_map == "new" else class_mapping(wanted, source_names, class_map or None)
+            mapping = (
+                {t: None for t in wanted}
+                if class_map == "new"
+                else class_mapping(wanted, source_names, class_map or None)
+            )
             state = _remap_head(network, state, mapping, source_names, path.name)
     report = load_weights(network, state)
     report.source = path.name  # logs name the file, not where it lives
     logger.info("%s", report.summary())
-    left_out = backbone_not_loaded(network, report) if allow_new_head else [*report.missing, *(m.name for m in report.mismatched)]
+    left_out = (
+        backbone_not_loaded(network, report)
+        if allow_new_head
+        else [*report.missing, *(m.name for m in report.mismatched)]
+    )
     if left_out:
-        raise MedtlError(f"the source weights do not fit this network: {report.summary()}", path=path.name,
-                         hint="the bundle's network_def must be the source's architecture (same depth and width)")
+        raise MedtlError(
+            f"the source weights do not fit this network: {report.summary()}",
+            path=path.name,
+            hint="the bundle's network_def must be the source's architecture (same depth and width)",
+        )
     return report.to_dict() | {"class_mapping": mapping}
 
 
-def load_bundle_network(bundle: str | Path, *, device: str | torch.device = "cpu", trust: bool = False) -> torch.nn.Module:
+def load_bundle_network(
+    bundle: str | Path, *, device: str | torch.device = "cpu", trust: bool = False
+) -> torch.nn.Module:
     """A bundle's network with its weights, in eval mode: ``network_def`` from its inference config
     with ``models/model.pt`` (loaded weights-only), after the audit a received bundle gets
     (``medtl.bundle.audit``); ``trust`` builds it anyway. Its TorchScript copy is never run."""
@@ -122,8 +159,11 @@ def load_bundle_network(bundle: str | Path, *, device: str | torch.device = "cpu
         raise MedtlError("not a MONAI bundle folder (no configs/metadata.json)", path=root.name)
     findings = audit_bundle(root)
     if findings and not trust:
-        raise MedtlError(f"refusing to build its network: {len(findings)} config value(s) outside the allow-list: {findings[0]}",
-                         path=root.name, hint="review them with `medtl bundle verify`; trust it only if you know its sender")
+        raise MedtlError(
+            f"refusing to build its network: {len(findings)} config value(s) outside the allow-list: {findings[0]}",
+            path=root.name,
+            hint="review them with `medtl bundle verify`; trust it only if you know its sender",
+        )
     parser = ConfigParser()
     parser.read_config(root / "configs" / "inference.json")
     parser.read_meta(root / "configs" / "metadata.json")
@@ -133,15 +173,33 @@ def load_bundle_network(bundle: str | Path, *, device: str | torch.device = "cpu
     return network.to(device).eval()
 
 
-def teacher_labeled(teacher: torch.nn.Module, data: Sequence[Mapping[str, Any]], transform: Any, *, class_names: Sequence[str],
-                    threshold: float = 0.9, keep_uncertain: bool = True, cache_dir: str | Path | None = None,
-                    output_dir: str | Path | None = None, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+def teacher_labeled(
+    teacher: torch.nn.Module,
+    data: Sequence[Mapping[str, Any]],
+    transform: Any,
+    *,
+    class_names: Sequence[str],
+    threshold: float = 0.9,
+    keep_uncertain: bool = True,
+    cache_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Any]]:
     """The student's training data: each case with the teacher's logits and, for unlabeled cases
     the teacher is sure of, a pseudo-label. Writes the pseudo-label counts to
     ``output_dir/pseudo_labels.json`` (how many were kept per class)."""
 
-    labeled, report = label_with_teacher(teacher, data, transform, threshold=threshold, class_names=class_names,
-                                         keep_uncertain=keep_uncertain, cache_dir=cache_dir, device=device, progress=True)
+    labeled, report = label_with_teacher(
+        teacher,
+        data,
+        transform,
+        threshold=threshold,
+        class_names=class_names,
+        keep_uncertain=keep_uncertain,
+        cache_dir=cache_dir,
+        device=device,
+        progress=True,
+    )
     if output_dir is not None:
         atomic_write_json(Path(output_dir) / "pseudo_labels.json", report)
     return labeled
