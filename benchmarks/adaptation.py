@@ -194,7 +194,7 @@ def main() -> None:
     )
     for stage, row in first.items():
         auc = [r[stage]["test"]["metrics"]["auc"]["value"] for r in runs]
-        gain = [a - r["source-only"]["test"]["metrics"]["auc"]["value"] for a, r in zip(auc, runs)]
+        gain = [a - r["source-only"]["test"]["metrics"]["auc"]["value"] for a, r in zip(auc, runs, strict=True)]
         acc = [r[stage]["test"]["metrics"]["accuracy"]["value"] for r in runs]
         m = row["test"]["metrics"]["auc"]
         seconds = np.mean([r[stage]["seconds"] for r in runs])

@@ -127,7 +127,7 @@ def _parse_fractions(text: str) -> dict[str, float]:
         values = []
     if len(values) != 3:
         raise MedtlError(f"--split takes three fractions train,val,test (e.g. 0.7,0.15,0.15), got {text!r}")
-    return dict(zip(("train", "val", "test"), values))
+    return dict(zip(("train", "val", "test"), values, strict=True))
 
 
 def _manifest_build(args: argparse.Namespace) -> int:

@@ -107,7 +107,7 @@ def _gaussian(vol: np.ndarray, sigma_vox: tuple[float, ...]) -> np.ndarray:
         shape[axis] = kernel.size
         spectrum *= kernel.reshape(shape)
     out = np.fft.irfftn(spectrum, s=padded.shape, axes=range(padded.ndim))
-    return out[tuple(slice(p[0], p[0] + n) for p, n in zip(pad, vol.shape))]
+    return out[tuple(slice(p[0], p[0] + n) for p, n in zip(pad, vol.shape, strict=True))]
 
 
 @dataclass

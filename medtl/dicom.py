@@ -763,7 +763,7 @@ def scan_dicom(root: str | Path, salt: str, *, progress: bool = True, workers: i
     readable = [path for path in files if path not in not_utf8]
     groups: dict[str, list[Header]] = defaultdict(list)
     for path, header in zip(
-        readable, _headers(readable, (os.cpu_count() or 1) if workers is None else workers, progress)
+        readable, _headers(readable, (os.cpu_count() or 1) if workers is None else workers, progress), strict=True
     ):
         if isinstance(header, str):
             skipped.append({"path": _rel(path, root), "reason": header})

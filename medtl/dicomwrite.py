@@ -118,7 +118,7 @@ class _NativeSlices:
         self.runs: list[bytes] = []
         shared = sorted(tag for tag in template.keys() if tag not in self.PER_SLICE)
         bounds = [-1, *self.PER_SLICE, 0xFFFFFFFF]
-        for low, high in zip(bounds, bounds[1:]):
+        for low, high in zip(bounds, bounds[1:], strict=False):
             run = Dataset()
             for tag in shared:
                 if low < tag < high:
@@ -140,7 +140,7 @@ class _NativeSlices:
         head.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(head, meta, enforce_standard=True)
         parts = [head.getvalue(), self.runs[0]]
-        for tag, run in zip(self.PER_SLICE, self.runs[1:]):
+        for tag, run in zip(self.PER_SLICE, self.runs[1:], strict=True):
             one = Dataset()
             one.add(correct_ambiguous_vr_element(ds[tag], ds, True))  # PixelData: OW, as BitsAllocated says
             parts += [self._body(one, ds._character_set), run]

@@ -325,8 +325,8 @@ def _evaluate(y, p, names, pids, n_boot, seed, threshold) -> dict[str, Any]:
         "n": int(y.size),
         "n_patients": None if pids is None else len(set(pids)),
         "class_names": list(names),
-        "class_counts": {name: int(c) for name, c in zip(names, counts)},
-        "predicted_counts": {name: int(c) for name, c in zip(names, pred_counts)},
+        "class_counts": {name: int(c) for name, c in zip(names, counts, strict=True)},
+        "predicted_counts": {name: int(c) for name, c in zip(names, pred_counts, strict=True)},
         "metrics": metrics,
         "confusion_matrix": _confusion(y, pred, k).tolist(),
     }
@@ -389,7 +389,7 @@ def classification_metrics(
         per_site = {}
         for site in sorted(set(site_list)):
             mask = np.array([s == site for s in site_list])
-            site_pids = None if pids is None else [pid for pid, m in zip(pids, mask) if m]
+            site_pids = None if pids is None else [pid for pid, m in zip(pids, mask, strict=True) if m]
             per_site[site] = _evaluate(y[mask], p[mask], names, site_pids, n_boot, seed, threshold)
         result["per_site"] = per_site
     return result
@@ -413,7 +413,7 @@ def _section(result: dict[str, Any], title: str) -> list[str]:
     width = max(8, *(len(c) for c in names)) + 1
     lines.append("  confusion matrix (rows = true, columns = predicted)")
     lines.append("  " + " " * width + "".join(f"{c:>{width}}" for c in names))
-    for name, row in zip(names, result["confusion_matrix"]):
+    for name, row in zip(names, result["confusion_matrix"], strict=True):
         lines.append("  " + f"{name:<{width}}" + "".join(f"{v:>{width}}" for v in row))
     return lines
 

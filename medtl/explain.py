@@ -108,7 +108,7 @@ def gradcam(
             raise MedtlError(f"{len(indices)} class indices for {len(images)} images")
     maps = []
     with torch.enable_grad():
-        for image, index in zip(images, indices):
+        for image, index in zip(images, indices, strict=True):
             x = (
                 torch.as_tensor(image, dtype=torch.float32, device=device)
                 .unsqueeze(0)

@@ -469,7 +469,7 @@ def import_medmnist(
     total = sum(len(labels) for _, labels in splits.values())
     with tqdm(total=total, desc=f"importing {name}", unit="image", disable=not progress) as bar:
         for split, (images, labels) in splits.items():
-            for i, (image, label) in enumerate(zip(images, labels)):
+            for i, (image, label) in enumerate(zip(images, labels, strict=True)):
                 key = f"{split}-{i:05d}"
                 rel = f"images/{split}/{key}.nii.gz"
                 source = {"npz": npz_sha, "index": f"{split}/{i}"}

@@ -140,8 +140,10 @@ def format_predictions(result: Mapping[str, Any]) -> str:
     rows = result["predictions"]
     header = ("series", "prediction", "probability", "confidence")
     lines = [[row["series"], row["pred"], f"{top_probability(row):.3f}", row["confidence"]] for row in rows]
-    widths = [max(len(str(v)) for v in column) for column in zip(header, *lines)]
-    table = [" ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip() for line in [list(header), *lines]]
+    widths = [max(len(str(v)) for v in column) for column in zip(header, *lines, strict=True)]
+    table = [
+        " ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in [list(header), *lines]
+    ]
     table += [f"skipped {item['id']}: {item['reason']}" for item in result["skipped"]]
     review = sum(row["confidence"] == "review" for row in rows)
     table.append(
@@ -361,7 +363,7 @@ def _write_secondary_capture(
         "axial slice of the crop the network saw"
     )
     sc.SourceImageSequence = [Dataset() for _ in sources]
-    for ref, source in zip(sc.SourceImageSequence, sources):
+    for ref, source in zip(sc.SourceImageSequence, sources, strict=True):
         ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
     return _save(sc, out, f"{row['series']}_gradcam_sc.dcm")
 

@@ -208,8 +208,8 @@ def auc_by_set_figure(evaluations: Sequence[Mapping[str, Any]]) -> bytes:
     cis = [e["metrics"]["auc"]["ci95"] for e in evaluations]
     x = np.arange(len(evaluations))
     heights = [v if v is not None else 0.0 for v in values]
-    low = [v - ci[0] if ci and v is not None else 0.0 for v, ci in zip(values, cis)]
-    high = [ci[1] - v if ci and v is not None else 0.0 for v, ci in zip(values, cis)]
+    low = [v - ci[0] if ci and v is not None else 0.0 for v, ci in zip(values, cis, strict=True)]
+    high = [ci[1] - v if ci and v is not None else 0.0 for v, ci in zip(values, cis, strict=True)]
     sets = sorted({e["evaluated_on"] for e in evaluations})
     colours = {s: f"C{i}" for i, s in enumerate(sets)}
     ax.bar(x, heights, yerr=[low, high], capsize=3, color=[colours[e["evaluated_on"]] for e in evaluations])
@@ -253,7 +253,7 @@ def features_figure(features: Sequence[Mapping[str, Any]]) -> bytes:
     for i, record in enumerate(features):
         blocks = [record["arrays"][f"features_{k}"] for k in range(len(record["sets"]))]
         ax = figure.add_subplot(1, len(features), i + 1)
-        for name, points in zip(record["sets"], _pca_2d(blocks)):
+        for name, points in zip(record["sets"], _pca_2d(blocks), strict=True):
             ax.scatter(points[:, 0], points[:, 1], s=12, alpha=0.7, label=name)
         shifts = "; ".join(f"MMD² {t['mmd2']:.3f} (p={t['p_value']:.3f})" for t in record["mmd"].values())
         ax.set(xlabel="PC 1", ylabel="PC 2", title=f"{record['stage']}\n{shifts}")

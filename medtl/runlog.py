@@ -92,7 +92,7 @@ def record_evaluation(
         "class_names": list(class_names),
         "cases": [
             {"case_id": str(c), "label": int(y), "probs": [round(float(p), 6) for p in row]}
-            for c, y, row in zip(case_ids, y_true, probs)
+            for c, y, row in zip(case_ids, y_true, probs, strict=True)
         ],
         "metrics": result["metrics"],
         "n": result["n"],
@@ -191,7 +191,7 @@ def record_explanations(
     maps = gradcam(network, images.to(device), class_index=[int(pred[i]) for i, _ in chosen])
     arrays: dict[str, np.ndarray] = {}
     cases = []
-    for n, ((i, group), heat) in enumerate(zip(chosen, maps)):
+    for n, ((i, group), heat) in enumerate(zip(chosen, maps, strict=True)):
         for plane, values in central_slices(images[n, 0].numpy()).items():
             arrays[f"image_{n}_{plane}"] = values.astype(np.float32)
         for plane, values in central_slices(heat).items():

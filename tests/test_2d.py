@@ -30,7 +30,7 @@ def _pattern_npz(path: Path, sizes=(24, 8, 8)) -> Path:
     """28x28 uint8 noise; class 1 carries a bright 8x8 square in the upper left, easy to learn."""
     rng = np.random.default_rng(0)
     arrays = {}
-    for split, n in zip(SPLITS, sizes):
+    for split, n in zip(SPLITS, sizes, strict=True):
         labels = np.arange(n) % 2
         images = rng.integers(0, 100, size=(n, 28, 28)).astype(np.uint8)
         images[labels == 1, 2:10, 2:10] = 250

@@ -250,7 +250,7 @@ def test_fit_with_l2sp_stays_closer_to_the_source_weights():
             handlers=[L2SP(beta)],
             progress=False,
         )
-        return sum(float(((p.detach() - s) ** 2).sum()) for p, s in zip(net[0].parameters(), source))
+        return sum(float(((p.detach() - s) ** 2).sum()) for p, s in zip(net[0].parameters(), source, strict=True))
 
     assert run(5.0) < 0.5 * run(0.0)
 

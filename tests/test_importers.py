@@ -48,7 +48,7 @@ def fake_lidc(tmp_path) -> Path:
     rows = []
     for i, (patient, z_mm, diagnosis) in enumerate(FAKE_LIDC):
         image, mask = f"image/{patient}_R_{i}.nii.gz", f"nodule_mask/{patient}_R_{i}.nii.gz"
-        for rel, vol in zip((image, mask), _voi(z_mm, i)):
+        for rel, vol in zip((image, mask), _voi(z_mm, i), strict=True):
             write_nifti(vol, src / rel)
         rows.append([patient, i, image, mask, diagnosis, 4 if diagnosis == "Malign" else 2, 10.0 + i, f"1.2.3.{i}"])
     write_nifti(_voi(1.0, 20)[1], src / "nodule_mask/LIDC-IDRI-0007_R_1.nii.gz")
@@ -199,7 +199,7 @@ def test_lidc_refuses_a_table_without_its_columns(tmp_path):
 def _fake_npz(path: Path, shape: tuple[int, ...], sizes=(6, 2, 3)) -> Path:
     rng = np.random.default_rng(0)
     arrays = {}
-    for split, n in zip(SPLITS, sizes):
+    for split, n in zip(SPLITS, sizes, strict=True):
         arrays[f"{split}_images"] = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
         arrays[f"{split}_labels"] = (np.arange(n) % 2).astype(np.uint8)[:, None]
     np.savez(path, **arrays)
@@ -214,7 +214,7 @@ def test_medmnist_keeps_the_file_split(tmp_path, shape):
     assert summary["spatial_dims"] == len(shape) and summary["cases"] == 11
     assert summary["image_shape"] == ([28, 28, 1] if len(shape) == 2 else [28, 28, 28])
     manifest = _check_manifest_usable(out / summary["manifest"], out, **summary["preprocessing"])
-    for split, n in zip(SPLITS, (6, 2, 3)):
+    for split, n in zip(SPLITS, (6, 2, 3), strict=True):
         assert sum(summary["by_split_label"][split].values()) == n
         assert all(f"/{split}/" in c["image"]["path"] for c in manifest["cases"] if c["split"] == split)
     assert import_medmnist(npz, out, classes=("normal", "lesion"), progress=False)["reused"] == 11

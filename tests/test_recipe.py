@@ -219,7 +219,7 @@ def test_kfold_selection_chooses_the_epoch_on_every_labeled_case_then_trains_on_
         from medtl.adapt.adabn import adabn
 
         adabn(start, loader([*target_train, *_items(6, 4, labeled=False, shift=0.3), *target_val], batch_size=16))
-    same = all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), tuned.state_dict().values()))
+    same = all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), tuned.state_dict().values(), strict=True))
     assert same == (run["best_epoch"] == 0)
     assert "3-fold selection on 16 labeled cases" in recipe_outcome(run)["outcome"]
 

@@ -33,7 +33,7 @@ def test_mmd2_matches_the_unbiased_estimator_by_hand():
     y = np.array([[0.5, 0.0], [3.0, 1.0]])
 
     def k(a, b, sigma):
-        return math.exp(-sum((ai - bi) ** 2 for ai, bi in zip(a, b)) / (2 * sigma**2))
+        return math.exp(-sum((ai - bi) ** 2 for ai, bi in zip(a, b, strict=True)) / (2 * sigma**2))
 
     def by_hand(sigma):
         m, n = len(x), len(y)

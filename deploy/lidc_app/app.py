@@ -285,12 +285,12 @@ class ResultOperator(Operator):
             "model": self.model,
             "class_names": self.class_names,
             "pred": predicted,
-            **{f"prob_{name}": float(p) for name, p in zip(self.class_names, probs)},
+            **{f"prob_{name}": float(p) for name, p in zip(self.class_names, probs, strict=True)},
             "slice_grid": grid,
         }
         self.output_folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.output_folder / "predictions.json", result)
-        listing = ", ".join(f"{name} {p:.3f}" for name, p in zip(self.class_names, probs))
+        listing = ", ".join(f"{name} {p:.3f}" for name, p in zip(self.class_names, probs, strict=True))
         op_output.emit(
             f"Lung nodule malignancy ({self.model['name']} {self.model['version']}): {predicted} "
             f"(probabilities: {listing}). Research use only, not for clinical decisions.",

@@ -165,7 +165,7 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
         return {}
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {str(c): row for c, row in zip(data["case_ids"], data["logits"])}
+            return {str(c): row for c, row in zip(data["case_ids"], data["logits"], strict=True)}
     except (
         OSError,
         ValueError,
@@ -218,7 +218,7 @@ def teacher_logits(
         with torch.no_grad():
             for batch in tqdm(loader, desc="teacher", unit="batch", disable=not progress, leave=False):
                 out = teacher(batch["image"].to(device)).float().cpu().numpy()
-                cache.update(zip(batch["_key"], out))
+                cache.update(zip(batch["_key"], out, strict=True))
         if path is not None:
             _write_cache(path, cache)
     logger.info("teacher logits: %d cases, %d computed, %d from cache", len(ids), len(todo), len(ids) - len(todo))

@@ -230,7 +230,7 @@ class TrainingCheckpoint:
         np.random.set_state(_numpy_tuple(rng["numpy"]))
         version, internal, gauss = rng["python"]
         random.setstate((version, tuple(internal), gauss))
-        for transform, saved in zip(self.transforms, rng["transforms"]):
+        for transform, saved in zip(self.transforms, rng["transforms"], strict=True):
             transform.R.set_state(_numpy_tuple(saved))
         t = state["trainer"]
         engine.state.epoch, engine.state.iteration = t["epoch"], t["iteration"]

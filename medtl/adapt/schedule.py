@@ -133,7 +133,7 @@ def param_groups(
         lr_values=[lrs[g.name] for g in layout],
         include_others=False,
     )
-    for group, spec in zip(out, layout):
+    for group, spec in zip(out, layout, strict=True):
         group["params"] = list(group["params"])
         group["name"] = spec.name
     return out

@@ -204,7 +204,7 @@ def _output_to(log: Path) -> Iterator[None]:
             os.dup2(file.fileno(), 2)
             yield
     finally:
-        for fd, copy in zip((1, 2), saved):
+        for fd, copy in zip((1, 2), saved, strict=True):
             os.dup2(copy, fd)
             os.close(copy)
 

@@ -144,7 +144,7 @@ class PredictionWriter:
         }
         for i, p in enumerate(probs):
             row = {c: extra[c][i] for c in self.columns}
-            row.update({f"prob_{name}": round(float(v), 6) for name, v in zip(self.class_names, p)})
+            row.update({f"prob_{name}": round(float(v), 6) for name, v in zip(self.class_names, p, strict=True)})
             row["pred"] = self.class_names[int(np.argmax(p))]
             row["model_version"] = self.model_version
             self.rows.append(row)
