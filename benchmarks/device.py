@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -139,13 +140,13 @@ def main() -> None:
     ):
         _reset_peak(device)
         step = _trainer(args.widen, device, mixed=mixed, channels_last=channels_last)
-        seconds = _median_seconds(lambda: step(batch), device, args.steps)
+        seconds = _median_seconds(functools.partial(step, batch), device, args.steps)
         add("train", name, seconds, rows[0]["seconds"] if rows else None, _peak_mb(device))
 
     network = resnet(args.widen).to(device).eval()
     for name, mixed in (("fp32", False), ("mixed precision", True)):
 
-        def infer() -> None:
+        def infer(mixed: bool = mixed) -> None:
             with torch.inference_mode(), _autocast(device, mixed):
                 network(batch["image"])
 
@@ -183,7 +184,7 @@ def main() -> None:
             on_device=on_device,
         )
         batches = iter(_endless(loader))
-        seconds = _median_seconds(lambda: step(next(batches)), device, args.steps)
+        seconds = _median_seconds(lambda batches=batches: step(next(batches)), device, args.steps)
         rows.append(
             {
                 "group": "data path",

@@ -80,6 +80,12 @@ def stages_json(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "result"} | {"metrics": r["result"]["metrics"]} for r in rows]
 
 
+def _cell(metrics: Mapping[str, Any], key: str) -> str:
+    """One metric of the stage table: the value with its 95% CI when there is one, "n/a" when undefined."""
+    value, ci = metrics[key]["value"], metrics[key]["ci95"]
+    return "n/a" if value is None else f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.3f}"
+
+
 def print_stages(rows: Sequence[Mapping[str, Any]]) -> None:
     """The stage table: AUC and accuracy with 95% CIs, parameters and seconds per stage."""
     print(
@@ -87,12 +93,7 @@ def print_stages(rows: Sequence[Mapping[str, Any]]) -> None:
     )
     for row in rows:
         m, n = row["result"]["metrics"], row["result"]["n"]
-
-        def cell(key: str) -> str:
-            value, ci = m[key]["value"], m[key]["ci95"]
-            return "n/a" if value is None else f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.3f}"
-
         print(
-            f"{row['stage']:<16}{row['evaluated on']:<14}{n:>4}{cell('auc'):>24}{cell('accuracy'):>24}"
+            f"{row['stage']:<16}{row['evaluated on']:<14}{n:>4}{_cell(m, 'auc'):>24}{_cell(m, 'accuracy'):>24}"
             f"{row['params'] / 1e6:>8.2f}M{row['seconds']:>6.0f}s"
         )

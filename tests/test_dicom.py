@@ -593,7 +593,7 @@ def test_deflated_series_loads_like_uncompressed(make_series):
 @pytest.mark.filterwarnings("ignore:Expected explicit VR:UserWarning")
 def test_valid_colour_files_are_listed_not_skipped(tmp_path, name):
     shutil.copy(pydicom_file(name), tmp_path / "image.dcm")
-    pydicom.dcmread(tmp_path / "image.dcm").pixel_array  # pydicom decodes it: the file is fine
+    assert pydicom.dcmread(tmp_path / "image.dcm").pixel_array.size  # pydicom decodes it: the file is fine
     index = scan(tmp_path)
     assert index["skipped"] == []
     record = only_series(index)

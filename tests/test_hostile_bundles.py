@@ -1131,10 +1131,16 @@ def test_swapping_the_source_during_verification_changes_nothing_installed(sourc
                 CHECKSUMS: _sums(kit, kit.shipped.packed, {"configs/inference.json": _hostile_inference(kit)}),
             }
         )
-        swap = lambda: shutil.copy(hostile, received)
+
+        def swap() -> None:
+            shutil.copy(hostile, received)
+
     else:
         received = Path(shutil.copytree(kit.shipped.folder, kit.tmp / "received"))
-        swap = lambda: (received / "configs" / "inference.json").write_bytes(_hostile_inference(kit))
+
+        def swap() -> None:
+            (received / "configs" / "inference.json").write_bytes(_hostile_inference(kit))
+
     real_verify, verified = share.verify_bundle, {}
 
     def verify_then_swap(path, **kwargs):
