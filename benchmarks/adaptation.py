@@ -11,9 +11,10 @@ trained on all of them and averaged with its start, WiSE-FT), from scratch on B'
 smaller student distilled from the fine-tuned teacher on site B's labeled and unlabeled scans plus
 site A's labeled cases. No run chooses anything on the test split; but the recipe's two defaults
 that changed last (AdaBN not judged, WiSE-FT 0.5) were picked after comparing variants on these
-seeds' test results, so this table does not confirm them independently (docs/benchmarks.md). Each seed trains its own source
-model and runs every stage; the table shows mean ± sd over seeds of AUC and accuracy, the paired
-difference to source-only, and the first seed's AUC with its patient-bootstrap 95% CI.
+seeds' test results, so this table does not confirm them independently (docs/benchmarks.md).
+Each seed trains its own source model and runs every stage; the table shows mean ± sd over seeds
+of AUC and accuracy, the paired difference to source-only, and the first seed's AUC with its
+patient-bootstrap 95% CI.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def run_seed(split: dict, seed: int, args: argparse.Namespace, device: torch.dev
         }
         m = result["metrics"]
         print(
-            f"seed {seed} {stage}: AUC {m['auc']['value']:.3f} {m['auc']['ci95']}, accuracy {m['accuracy']['value']:.3f}",
+            f"seed {seed} {stage}: AUC {m['auc']['value']:.3f} {m['auc']['ci95']}, accuracy "
+            f"{m['accuracy']['value']:.3f}",
             flush=True,
         )
 
@@ -186,11 +188,12 @@ def main() -> None:
 
     first = runs[0]
     print(
-        f"\nsite B test split: {first['source-only']['test']['n']} cases; mean ± sd over {len(runs)} seeds (each its own source model); "
-        "labels used counts site A and B train+val labels"
+        f"\nsite B test split: {first['source-only']['test']['n']} cases; mean ± sd over {len(runs)} seeds (each its "
+        "own source model); labels used counts site A and B train+val labels"
     )
     print(
-        f"{'stage':<24}{'labels':>7}{'params':>8}{'AUC':>16}{'AUC - source':>16}{'accuracy':>16}{'seed 0 AUC [95% CI]':>26}{'seconds':>9}"
+        f"{'stage':<24}{'labels':>7}{'params':>8}{'AUC':>16}{'AUC - source':>16}{'accuracy':>16}"
+        f"{'seed 0 AUC [95% CI]':>26}{'seconds':>9}"
     )
     for stage, row in first.items():
         auc = [r[stage]["test"]["metrics"]["auc"]["value"] for r in runs]
@@ -199,8 +202,8 @@ def main() -> None:
         m = row["test"]["metrics"]["auc"]
         seconds = np.mean([r[stage]["seconds"] for r in runs])
         print(
-            f"{stage:<24}{row['labels_used']:>7}{row['params'] / 1e6:>7.2f}M{mean_sd(auc):>16}{mean_sd(gain):>16}{mean_sd(acc):>16}"
-            f"{m['value']:>10.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]{seconds:>9.0f}"
+            f"{stage:<24}{row['labels_used']:>7}{row['params'] / 1e6:>7.2f}M{mean_sd(auc):>16}{mean_sd(gain):>16}"
+            f"{mean_sd(acc):>16}{m['value']:>10.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]{seconds:>9.0f}"
         )
     print(
         "medtl fine-tune per seed: "
@@ -212,7 +215,8 @@ def main() -> None:
     )
     kept = runs[0][f"student (widen {args.student_widen})"]["pseudo_labels"]
     print(
-        f"seed 0 pseudo-labels kept at p >= {kept['threshold']}: {kept['pseudo_labels_kept']}, {kept['below_threshold']} below the threshold"
+        f"seed 0 pseudo-labels kept at p >= {kept['threshold']}: {kept['pseudo_labels_kept']}, "
+        f"{kept['below_threshold']} below the threshold"
     )
     if args.out:
         print(f"-> {args.out}")

@@ -205,7 +205,8 @@ def main() -> None:
         ratio_text = "" if ratio is None else (f"÷{ratio:.2f}" if "per_model_only" in r else f"{ratio:.2f}×")
         peak = "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         print(
-            f"{r['group']:<14}{r['row']:<38}{r['seconds'] * 1e3:>9.1f}{r['cases_per_s']:>10.1f}{ratio_text:>9}{peak:>10}"
+            f"{r['group']:<14}{r['row']:<38}{r['seconds'] * 1e3:>9.1f}{r['cases_per_s']:>10.1f}"
+            f"{ratio_text:>9}{peak:>10}"
         )
     if args.out:
         atomic_write_json(Path(args.out), {"args": vars(args), "device": label, "rows": rows})

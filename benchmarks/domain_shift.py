@@ -85,10 +85,12 @@ def main() -> None:
     train_time = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"\nsource-only ResNet10 (widen {args.widen}, {params / 1e6:.1f}M parameters) trained on {len(train)} site-A cases, {args.epochs} epochs, {train_time:.0f}s"
+        f"\nsource-only ResNet10 (widen {args.widen}, {params / 1e6:.1f}M parameters) trained on {len(train)} "
+        f"site-A cases, {args.epochs} epochs, {train_time:.0f}s"
     )
     print(
-        f"{'evaluation set':<28}{'n':>5}{'AUC':>8}{'95% CI':>16}{'acc':>7}{'majority acc':>14}{'sens':>6}{'spec':>6}{'mean p(mal)':>13}{'size-only AUC':>15}"
+        f"{'evaluation set':<28}{'n':>5}{'AUC':>8}{'95% CI':>16}{'acc':>7}{'majority acc':>14}{'sens':>6}"
+        f"{'spec':>6}{'mean p(mal)':>13}{'size-only AUC':>15}"
     )
     results = {}
     adapted = copy.deepcopy(model)
@@ -108,7 +110,8 @@ def main() -> None:
         majority = float(max(np.mean(y), 1 - np.mean(y)))
         results[name] = (auc, acc)
         print(
-            f"{name:<28}{len(y):>5}{auc:>8.3f}{f'[{lo:.3f}, {hi:.3f}]':>16}{acc:>7.3f}{majority:>14.3f}{sens:>6.2f}{spec:>6.2f}{p.mean():>13.3f}{size_auc:>15.3f}"
+            f"{name:<28}{len(y):>5}{auc:>8.3f}{f'[{lo:.3f}, {hi:.3f}]':>16}{acc:>7.3f}{majority:>14.3f}"
+            f"{sens:>6.2f}{spec:>6.2f}{p.mean():>13.3f}{size_auc:>15.3f}"
         )
     print(f"AdaBN used {len(unlabeled)} unlabeled site-B cases (no labels)")
     for a, b in (("site A test", "site B test"), ("site A val+test", "site B all labeled")):

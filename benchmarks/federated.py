@@ -1,7 +1,8 @@
-"""Federated vs site-local fine-tuning on the demo cohort: one model for sites A and B, each scored on both sites' test splits.
+"""Federated vs site-local fine-tuning on the demo cohort: one model for sites A and B, each scored
+on both sites' test splits.
 
-    .venv/bin/python benchmarks/federated.py [--data medtl-demo] [--scale 1.0] [--source-epochs 20] [--source-weights FILE]
-        [--rounds 5] [--local-epochs 2] [--fedprox-mu 0] [--out medtl-demo/federated]
+    .venv/bin/python benchmarks/federated.py [--data medtl-demo] [--scale 1.0] [--source-epochs 20]
+        [--source-weights FILE] [--rounds 5] [--local-epochs 2] [--fedprox-mu 0] [--out medtl-demo/federated]
 
 The source is a ResNet10 trained on site A's train split (as in ``medtl demo``). From it:
 site-local fine-tuning at A and at B (medtl's ``finetune``: AdaBN, head first, gradual unfreezing,
@@ -121,7 +122,8 @@ def main() -> None:
     }
 
     print(
-        "\n| model | site A test AUC [95% CI] | site A accuracy | site B test AUC [95% CI] | site B accuracy | seconds |"
+        "\n| model | site A test AUC [95% CI] | site A accuracy | "
+        "site B test AUC [95% CI] | site B accuracy | seconds |"
     )
     print("|---|---|---|---|---|---|")
     for stage, row in rows.items():

@@ -133,8 +133,8 @@ def main() -> None:
                 }
             )
     print(
-        f"\n{bundle.name if args.bundle else 'resnet(0.5), random weights'}: input {list(shape)}, CPU, {args.threads} threads, "
-        f"median of {args.iters} batches after {WARMUP} warm-up"
+        f"\n{bundle.name if args.bundle else 'resnet(0.5), random weights'}: input {list(shape)}, CPU, {args.threads} "
+        f"threads, median of {args.iters} batches after {WARMUP} warm-up"
     )
     print(
         f"{'runtime':<14}{'batch':>6}{'ms/batch':>10}{'cases/s':>9}{'vs eager':>10}{'target':>8}  result  max abs diff"

@@ -205,7 +205,8 @@ def main() -> None:
         ]
     print(f"\nheader scan vs full read (median of {args.repeats}, warm cache unless cold; ms per file)")
     print(
-        f"{'folder':<36}{'files':>7}{'medtl scan':>12}{'pydicom hdr':>13}{'full read':>11}{'full/scan':>11}{'target':>9}  result"
+        f"{'folder':<36}{'files':>7}{'medtl scan':>12}{'pydicom hdr':>13}{'full read':>11}"
+        f"{'full/scan':>11}{'target':>9}  result"
     )
     for r in scans:
         ms = [f"{r[key] / r['files'] * 1e3:.2f}" for key in ("medtl_scan_s", "pydicom_headers_s", "full_read_s")]
@@ -215,12 +216,14 @@ def main() -> None:
         )
     print(f"\nloading one series (median of {args.repeats}, warm cache; seconds)")
     print(
-        f"{'series':<32}{'medtl':>8}{'1 process':>11}{'SimpleITK':>11}{'MONAI LoadImage':>17}{'medtl/SITK':>12}{'target':>9}  result  same voxels"
+        f"{'series':<32}{'medtl':>8}{'1 process':>11}{'SimpleITK':>11}{'MONAI LoadImage':>17}"
+        f"{'medtl/SITK':>12}{'target':>9}  result  same voxels"
     )
     for r in loads:
         print(
-            f"{r['series']:<32}{r['medtl_s']:>8.3f}{r['medtl_one_process_s']:>11.3f}{r['simpleitk_s']:>11.3f}{r['monai_pydicom_s']:>17.3f}"
-            f"{r['ratio']:>11.2f}x{'<=1.2x':>9}  {'PASS' if r['pass'] else 'MISS':<8}{'yes' if r['same_voxels'] else 'NO'}"
+            f"{r['series']:<32}{r['medtl_s']:>8.3f}{r['medtl_one_process_s']:>11.3f}{r['simpleitk_s']:>11.3f}"
+            f"{r['monai_pydicom_s']:>17.3f}{r['ratio']:>11.2f}x{'<=1.2x':>9}  {'PASS' if r['pass'] else 'MISS':<8}"
+            f"{'yes' if r['same_voxels'] else 'NO'}"
         )
     if args.out:
         atomic_write_json(args.out, {"scan": scans, "load": loads, "repeats": args.repeats})

@@ -1,7 +1,8 @@
 """Which image model ranks LIDC-IDRI nodules best: an ablation with several seeds, against nodule diameter.
 
     .venv/bin/python benchmarks/lidc_model.py [--lidc ../shared/data/lidc_nodule_vois] [--work medtl-lidc]
-        [--seeds 3] [--epochs 15] [--variants baseline mask mask48 mask48-strong] [--device auto] [--out lidc_model.json]
+        [--seeds 3] [--epochs 15] [--variants baseline mask mask48 mask48-strong] [--device auto]
+        [--out lidc_model.json]
         [--export bundles/lidc_nodule_malignancy --export-variant mask]
 
 Every variant trains the same 3D ResNet10 (width 0.25) from scratch on the pooled training splits of
@@ -150,8 +151,8 @@ def main() -> None:
             if args.export and name == args.export_variant and (kept is None or run["best_val_auc"] > kept[0]):
                 kept = (run["best_val_auc"], network, seed, recipe, items)
             print(
-                f"{name} seed {seed}: val {run['best_val_auc']:.3f} (epoch {run['best_epoch']}), test AUC {run['test']['auc']:.3f}, "
-                f"with TTA {run['test_tta']['auc']:.3f} ({run['seconds']:.0f} s)",
+                f"{name} seed {seed}: val {run['best_val_auc']:.3f} (epoch {run['best_epoch']}), test AUC "
+                f"{run['test']['auc']:.3f}, with TTA {run['test_tta']['auc']:.3f} ({run['seconds']:.0f} s)",
                 flush=True,
             )
         ensemble = scored(y, np.mean(tta_probs, axis=0), patients, 0)
@@ -165,15 +166,17 @@ def main() -> None:
     print(f"\npooled LIDC test split: {len(test)} nodules of unseen patients; mean ± sd over {args.seeds} seeds")
     print(f"{'variant':<16}{'AUC':>16}{'AUC, flip TTA':>16}{'ensemble+TTA [95% CI]':>28}")
     print(
-        f"{'diameter only':<16}{'':>16}{'':>16}{base['auc']:>10.3f} [{base['auc_ci95'][0]:.3f}, {base['auc_ci95'][1]:.3f}]"
+        f"{'diameter only':<16}{'':>16}{'':>16}{base['auc']:>10.3f} [{base['auc_ci95'][0]:.3f}, "
+        f"{base['auc_ci95'][1]:.3f}]"
     )
     for name, r in results["variants"].items():
         a = np.array([run["test"]["auc"] for run in r["runs"]])
         b = np.array([run["test_tta"]["auc"] for run in r["runs"]])
         e = r["ensemble_tta"]
         print(
-            f"{name:<16}{a.mean():>9.3f} ± {a.std(ddof=1) if len(a) > 1 else 0:.3f}{b.mean():>9.3f} ± {b.std(ddof=1) if len(b) > 1 else 0:.3f}"
-            f"{e['auc']:>10.3f} [{e['auc_ci95'][0]:.3f}, {e['auc_ci95'][1]:.3f}]"
+            f"{name:<16}{a.mean():>9.3f} ± {a.std(ddof=1) if len(a) > 1 else 0:.3f}{b.mean():>9.3f} "
+            f"± {b.std(ddof=1) if len(b) > 1 else 0:.3f}{e['auc']:>10.3f} [{e['auc_ci95'][0]:.3f}, "
+            f"{e['auc_ci95'][1]:.3f}]"
         )
     if args.out:
         atomic_write_json(args.out, results)
@@ -212,17 +215,21 @@ def export(args: argparse.Namespace, work: Path, summary: dict, kept: tuple) -> 
         recipe={
             "training": asdict(recipe),
             "inputs": VARIANTS[args.export_variant],
-            "selection": f"best pooled validation AUC {val_auc:.3f} of {args.seeds} seeds (seed {seed}); flip TTA at inference",
+            "selection": (
+                f"best pooled validation AUC {val_auc:.3f} of {args.seeds} seeds (seed {seed}); flip TTA at inference"
+            ),
         },
-        changelog=f"{args.export_variant} (lesion mask as a second input channel, {VARIANTS[args.export_variant]['crop_mm']} mm "
-        f"field of view, {VARIANTS[args.export_variant]['augment']} augmentation, flip TTA) trained on both LIDC sites' "
-        f"training splits; pooled test AUC {result['metrics']['auc']['value']:.3f} against diameter-only {size['value']:.3f}; "
-        f"benchmarks/lidc_model.py seed {seed}",
+        changelog=(
+            f"{args.export_variant} (lesion mask as a second input channel, {VARIANTS[args.export_variant]['crop_mm']}"
+            f" mm field of view, {VARIANTS[args.export_variant]['augment']} augmentation, flip TTA) trained on "
+            f"both LIDC sites' training splits; pooled test AUC {result['metrics']['auc']['value']:.3f} against "
+            f"diameter-only {size['value']:.3f}; benchmarks/lidc_model.py seed {seed}"
+        ),
     )
     m = result["metrics"]["auc"]
     print(
-        f"exported {info['path']} {info['version']}: pooled test AUC {m['value']:.3f} {m['ci95']} with TTA "
-        f"(diameter only {size['value']:.3f} {size['ci95']}); TorchScript max abs diff {info['torchscript_max_abs_diff']:.1e}"
+        f"exported {info['path']} {info['version']}: pooled test AUC {m['value']:.3f} {m['ci95']} with TTA (diameter "
+        f"only {size['value']:.3f} {size['ci95']}); TorchScript max abs diff {info['torchscript_max_abs_diff']:.1e}"
     )
     return {
         "version": info["version"],

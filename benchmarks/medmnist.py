@@ -96,7 +96,8 @@ def main() -> None:
     print(f"\nBreastMNIST test split ({result['n']} images); published rows: MedMNIST v2 (no CIs given)")
     print(f"{'method':<24}{'AUC [95% CI]':>24}{'ACC [95% CI]':>24}")
     print(
-        f"{ours['method']:<24}{_cell(ours['auc'], ours['auc_ci95']):>24}{_cell(ours['accuracy'], ours['accuracy_ci95']):>24}"
+        f"{ours['method']:<24}{_cell(ours['auc'], ours['auc_ci95']):>24}"
+        f"{_cell(ours['accuracy'], ours['accuracy_ci95']):>24}"
     )
     for method, auc, acc in PUBLISHED:
         print(f"{method:<24}{auc:>24.3f}{acc:>24.3f}")

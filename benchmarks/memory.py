@@ -9,8 +9,9 @@ written once under ``--work`` (default: a temporary folder) with ``write_ct_seri
 folder is scanned with ``scan_dicom`` in a fresh child process, which reports its RSS after imports,
 its peak RSS (``ru_maxrss``) and the largest peak of the header-reading worker processes a large
 scan starts. Reported: peak RSS per folder, the growth in MB per 1,000 files and the ratio of the
-peaks of the scanning process, which holds the index. Training: ``medtl.adapt.recipe.train`` (ResNet10 width 0.5, batch 16,
-light augmentation, no validation) on random preprocessed items (1x32x32x32), for 1 epoch and for
+peaks of the scanning process, which holds the index. Training: ``medtl.adapt.recipe.train``
+(ResNet10 width 0.5, batch 16, light augmentation, no validation) on random preprocessed items
+(1x32x32x32), for 1 epoch and for
 ``--epochs`` epochs, each in its own child process: the same peak after 1 and N epochs means
 nothing accumulates per epoch; the step between dataset sizes is what the items cost.
 """
@@ -73,7 +74,8 @@ base = rss_mb()
 items = [{'image': MetaTensor(torch.rand(1, 32, 32, 32)), 'label': i % 2} for i in range(n)]
 with_items = rss_mb()
 result = train(network, items, None, TrainRecipe(epochs=epochs, batch_size=16, augment='light'), progress=False)
-print(json.dumps({'base_mb': base, 'items_mb': with_items, 'peak_mb': peak_mb(), 'end_mb': rss_mb(), 'seconds': result['seconds']}))
+print(json.dumps({'base_mb': base, 'items_mb': with_items, 'peak_mb': peak_mb(), 'end_mb': rss_mb(),
+                  'seconds': result['seconds']}))
 """
 )
 
@@ -136,22 +138,26 @@ def main() -> None:
     per_1000 = (large["peak_mb"] - small["peak_mb"]) / (large["files"] - small["files"]) * 1000
     print("\nscan_dicom peak RSS (child process per folder; MB)")
     print(
-        f"{'files':>7}{'series':>8}{'after imports':>15}{'peak':>8}{'peak - imports':>16}{'worker peak':>13}{'seconds':>9}"
+        f"{'files':>7}{'series':>8}{'after imports':>15}{'peak':>8}{'peak - imports':>16}"
+        f"{'worker peak':>13}{'seconds':>9}"
     )
     for r in scans:
         workers = f"{r['worker_peak_mb']:.0f}" if r["worker_peak_mb"] else "-"
         print(
-            f"{r['files']:>7}{r['series']:>8}{r['base_mb']:>15.0f}{r['peak_mb']:>8.0f}{r['peak_mb'] - r['base_mb']:>16.1f}{workers:>13}{r['seconds']:>9.1f}"
+            f"{r['files']:>7}{r['series']:>8}{r['base_mb']:>15.0f}{r['peak_mb']:>8.0f}"
+            f"{r['peak_mb'] - r['base_mb']:>16.1f}{workers:>13}{r['seconds']:>9.1f}"
         )
     print(
-        f"growth: {per_1000:.2f} MB per 1,000 files; peak {large['files']} / {small['files']} files: "
-        f"{large['peak_mb'] / small['peak_mb']:.2f}x (above imports: {(large['peak_mb'] - large['base_mb']) / max(small['peak_mb'] - small['base_mb'], 1e-9):.1f}x)"
+        f"growth: {per_1000:.2f} MB per 1,000 files; peak {large['files']} / "
+        f"{small['files']} files: {large['peak_mb'] / small['peak_mb']:.2f}x (above imports: "
+        f"{(large['peak_mb'] - large['base_mb']) / max(small['peak_mb'] - small['base_mb'], 1e-9):.1f}x)"
     )
     print("\nrecipe.train peak RSS (child process per run; MB)")
     print(f"{'items':>6}{'epochs':>7}{'model':>7}{'+ items':>9}{'peak':>8}{'peak - items':>14}{'seconds':>9}")
     for r in training:
         print(
-            f"{r['items']:>6}{r['epochs']:>7}{r['base_mb']:>7.0f}{r['items_mb']:>9.0f}{r['peak_mb']:>8.0f}{r['peak_mb'] - r['items_mb']:>14.0f}{r['seconds']:>9.1f}"
+            f"{r['items']:>6}{r['epochs']:>7}{r['base_mb']:>7.0f}{r['items_mb']:>9.0f}{r['peak_mb']:>8.0f}"
+            f"{r['peak_mb'] - r['items_mb']:>14.0f}{r['seconds']:>9.1f}"
         )
     for n in args.items:
         one, many = (r for r in training if r["items"] == n)

@@ -1,6 +1,7 @@
 """Faster CPU training without losing accuracy? fp32 against channels-last and bfloat16 autocast.
 
-    .venv/bin/python benchmarks/precision.py [--data medtl-demo] [--epochs 10] [--seeds 0 1 2] [--threads 2] [--out precision.json]
+    .venv/bin/python benchmarks/precision.py [--data medtl-demo] [--epochs 10] [--seeds 0 1 2] [--threads 2]
+        [--out precision.json]
 
 Trains the demo's source model (ResNet10 width 0.5 on site A, ``TrainRecipe``) once per setting and
 seed: fp32 (the default), channels-last layout, and channels-last with bfloat16 autocast
@@ -76,7 +77,8 @@ def main() -> None:
     for name, runs in rows.items():
         for r in runs:
             print(
-                f"{name:<22}{r['seed']:>5}{r['seconds_per_epoch']:>9.1f}  {_cell(r['site A test']['auc']):<20}{_cell(r['site B test']['auc']):<20}"
+                f"{name:<22}{r['seed']:>5}{r['seconds_per_epoch']:>9.1f}  {_cell(r['site A test']['auc']):<20}"
+                f"{_cell(r['site B test']['auc']):<20}"
             )
     print(f"\n{'setting':<22}{'median s/epoch':>15}{'speed-up':>10}{'mean site A AUC':>17}{'mean site B AUC':>17}")
     summary = {}

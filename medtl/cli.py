@@ -22,13 +22,15 @@ def _scan(args: argparse.Namespace) -> int:
     index = write_scan_index(args.dir, args.output, real_ids=args.real_ids, progress=not args.quiet)
     s = index["summary"]
     print(
-        f"{s['files']} files: {s['series']} series ({s['loadable_series']} loadable), {s['skipped_files']} skipped -> {args.output}"
+        f"{s['files']} files: {s['series']} series ({s['loadable_series']} loadable), "
+        f"{s['skipped_files']} skipped -> {args.output}"
     )
     for series in index["series"]:
         flags = "; ".join(p["message"] for p in series["problems"]) or "ok"
         shape = "x".join(str(v) for v in series["shape"])
         print(
-            f"  {series['series_key']}  {series['modality']:<3} {series['num_instances']:>4} files  {shape:<12} {'' if series['loadable'] else 'NOT LOADABLE: '}{flags}"
+            f"  {series['series_key']}  {series['modality']:<3} {series['num_instances']:>4} files  {shape:<12} "
+            f"{'' if series['loadable'] else 'NOT LOADABLE: '}{flags}"
         )
     for item in index["skipped"]:
         print(f"  skipped {item['path']}: {item['reason']}")
@@ -169,7 +171,8 @@ def _demo_data(args: argparse.Namespace) -> int:
     summary = generate_cohort(args.out, seed=args.seed, scale=args.scale, progress=not args.quiet)
     for name, site in summary["sites"].items():
         print(
-            f"site {name}: {site['patients']} patients ({site['malignant']} malignant, {site['benign']} benign, {site['unlabeled']} without label) -> {Path(args.out) / f'site_{name}'}"
+            f"site {name}: {site['patients']} patients ({site['malignant']} malignant, {site['benign']} benign, "
+            f"{site['unlabeled']} without label) -> {Path(args.out) / f'site_{name}'}"
         )
     return 0
 
@@ -197,7 +200,8 @@ def _report(args: argparse.Namespace) -> int:
     written = render_report(args.run_dir, args.output)
     print(f"report: {written['html']}")
     print(
-        f"markdown: {written['markdown']} ({len(written['figures'])} figures in {written['markdown'].parent / 'figures'})"
+        f"markdown: {written['markdown']} ({len(written['figures'])} figures in "
+        f"{written['markdown'].parent / 'figures'})"
     )
     return 0
 
@@ -293,7 +297,8 @@ def _import(args: argparse.Namespace) -> int:
         summary = import_lidc_vois(args.source, args.output, seed=args.seed, progress=not args.quiet)
         for name, site in summary["sites"].items():
             print(
-                f"site {name} ({site['rule']}): {site['cases']} nodules, {site['patients']} patients -> {Path(args.output) / site['manifest']}"
+                f"site {name} ({site['rule']}): {site['cases']} nodules, {site['patients']} patients "
+                f"-> {Path(args.output) / site['manifest']}"
             )
     else:
         classes = args.classes.split(",") if args.classes else None
@@ -348,9 +353,12 @@ def _add_scan(verbs: Any) -> None:
     p = verbs.add_parser(
         "scan",
         help="index a DICOM folder (headers only) into a series index JSON",
-        description="Walk DIR recursively, read DICOM headers only and write one record per series "
-        "(geometry, transfer syntax, slice-ordered files, problems). Unreadable files are skipped and listed. "
-        "Patient/study/series identifiers and folder names are replaced by salted hashes; the salt (.medtl-salt) is kept beside the output.",
+        description=(
+            "Walk DIR recursively, read DICOM headers only and write one record per series (geometry, "
+            "transfer syntax, slice-ordered files, problems). Unreadable files are skipped and listed. "
+            "Patient/study/series identifiers and folder names are replaced by salted hashes; the "
+            "salt (.medtl-salt) is kept beside the output."
+        ),
     )
     p.add_argument("dir", help="folder to scan (recursively)")
     p.add_argument("-o", "--output", required=True, help="series index to write, e.g. scan.json")
@@ -367,7 +375,9 @@ def _add_convert(verbs: Any) -> None:
     p = verbs.add_parser(
         "convert",
         help="write one DICOM series as NIfTI (canonical RAS, HU)",
-        description="Load one DICOM series (geometric slice order, rescale applied, canonical RAS) and write it as NIfTI.",
+        description=(
+            "Load one DICOM series (geometric slice order, rescale applied, canonical RAS) and write it as NIfTI."
+        ),
     )
     p.add_argument("series_dir", help="folder holding the series (or a single DICOM file)")
     p.add_argument("-o", "--output", required=True, help="output file, e.g. out.nii.gz")
@@ -387,9 +397,11 @@ def _add_manifest(verbs: Any) -> None:
     b = msub.add_parser(
         "build",
         help="join a scan index and/or NIfTI files with a label table",
-        description="Join a label table (patient_id,label[,series_uid|image][,site,mask,roi_center_mm,roi_size_mm,split]) "
-        "with a scan index into a manifest with seeded patient-level splits stratified by site and label. "
-        "Refuses unknown labels, missing images, duplicate rows and patients in two splits, naming the rows.",
+        description=(
+            "Join a label table (patient_id,label[,series_uid|image][,site,mask,roi_center_mm,roi_size_mm,split]) "
+            "with a scan index into a manifest with seeded patient-level splits stratified by site and label. Refuses "
+            "unknown labels, missing images, duplicate rows and patients in two splits, naming the rows."
+        ),
     )
     b.add_argument("--labels", required=True, help="label table CSV (UTF-8; comma, semicolon or tab separated)")
     b.add_argument("--classes", required=True, help="comma-separated class names in index order, e.g. benign,malignant")
@@ -425,11 +437,14 @@ def _add_demo(verbs: Any) -> None:
     p = verbs.add_parser(
         "demo",
         help="run the main job on the embedded demo cohort",
-        description="Generate the demo cohort if absent, scan both sites and build their manifests; train a source "
-        "model on site A, evaluate it on sites A and B, adapt it to site B (AdaBN, then fine-tuning on a few labeled cases "
-        "with the freeze->unfreeze schedule), distill a smaller student on site B's unlabeled scans, export the source and "
-        "fine-tuned MONAI bundles, run the fine-tuned bundle's inference.json with python -m monai.bundle run on site-B "
-        "DICOM folders it never saw, and print each stage's test AUC and accuracy with 95%% CIs and where every artifact is.",
+        description=(
+            "Generate the demo cohort if absent, scan both sites and build their manifests; train a source model "
+            "on site A, evaluate it on sites A and B, adapt it to site B (AdaBN, then fine-tuning on a few labeled "
+            "cases with the freeze->unfreeze schedule), distill a smaller student on site B's unlabeled scans, "
+            "export the source and fine-tuned MONAI bundles, run the fine-tuned bundle's inference.json with "
+            "python -m monai.bundle run on site-B DICOM folders it never saw, and print each stage's test AUC "
+            "and accuracy with 95%% CIs and where every artifact is."
+        ),
     )
     p.add_argument("--out", default="medtl-demo", help="working folder (default ./medtl-demo)")
     _cohort_options(p)
@@ -461,10 +476,12 @@ def _add_shift(verbs: Any) -> None:
     p = verbs.add_parser(
         "shift",
         help="report the domain shift between a source and a target manifest",
-        description="Compare the cases of two manifests: voxel spacing, image shape, raw intensities (HU for CT) "
-        "and intensities of the preprocessed lesion crop, case and label counts. With --checkpoint, also the squared MMD "
-        "between the two sites' penultimate features, with a permutation p-value. Cases whose image cannot be loaded "
-        "are skipped and listed. The JSON report holds no file paths.",
+        description=(
+            "Compare the cases of two manifests: voxel spacing, image shape, raw intensities (HU for CT) and "
+            "intensities of the preprocessed lesion crop, case and label counts. With --checkpoint, also the squared "
+            "MMD between the two sites' penultimate features, with a permutation p-value. Cases whose image cannot be "
+            "loaded are skipped and listed. The JSON report holds no file paths."
+        ),
     )
     p.add_argument("--source", required=True, help="manifest of the source site (the data the network was trained on)")
     p.add_argument("--target", required=True, help="manifest of the target site")
@@ -530,10 +547,13 @@ def _add_adapt(verbs: Any) -> None:
     p = verbs.add_parser(
         "adapt",
         help="adapt source weights to your own target manifest and export the bundle",
-        description="The demo's adaptation on your data: load the source weights into a ResNet10 (a new head when the "
-        "target has other classes), score it on the target's test split, AdaBN, fine-tune on the target's labeled train cases "
-        "(head first, gradual unfreezing, L2-SP, epochs chosen by k-fold over its labeled cases, WiSE-FT weight averaging), optionally distill a smaller student on its "
-        "unlabeled scans, and export the fine-tuned model as a tumor_cls_finetune bundle with TorchScript and ONNX copies.",
+        description=(
+            "The demo's adaptation on your data: load the source weights into a ResNet10 (a new head when the target "
+            "has other classes), score it on the target's test split, AdaBN, fine-tune on the target's labeled "
+            "train cases (head first, gradual unfreezing, L2-SP, epochs chosen by k-fold over its labeled cases, "
+            "WiSE-FT weight averaging), optionally distill a smaller student on its unlabeled scans, and export the "
+            "fine-tuned model as a tumor_cls_finetune bundle with TorchScript and ONNX copies."
+        ),
     )
     _source_options(p)
     p.add_argument(
@@ -551,7 +571,10 @@ def _add_adapt(verbs: Any) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted fine-tuning from OUT/training_state.pt (saved after every epoch) with the same arguments",
+        help=(
+            "continue an interrupted fine-tuning from OUT/training_state.pt (saved after "
+            "every epoch) with the same arguments"
+        ),
     )
     add_recipe_options(p, FineTuneRecipe, title="fine-tuning recipe (medtl.recipes.FineTuneRecipe)")
     p.add_argument("--student-widen", type=float, help="also distill a student of this ResNet10 width, e.g. 0.25")
@@ -565,13 +588,16 @@ def _add_fl(verbs: Any) -> None:
     p = verbs.add_parser(
         "fl",
         help="federated fine-tuning of source weights across sites with NVIDIA FLARE (simulator)",
-        description="Fine-tune source weights across several sites whose scans never leave them, with NVIDIA FLARE "
-        "(pip install medtl[fl]): the server runs FedAvg (FedProx with --fedprox-mu) from the source weights; each site, "
-        "named site-1, site-2, ... in --manifest order, trains on its own manifest with the freeze->unfreeze schedule "
-        "keyed on the round (the head alone for --head-rounds, then layer groups unfrozen from the top) and returns only "
-        "weights and metrics. Runs the job in NVFlare's simulator on this machine, has every site evaluate the source and "
-        "the final global model on its own val/test splits (95% CIs), prints per-round and per-site tables, and exports the "
-        "global model as a tumor_cls_finetune bundle naming the sites by pseudonym. OUT/job/medtl_fl is the NVFlare job folder.",
+        description=(
+            "Fine-tune source weights across several sites whose scans never leave them, with NVIDIA FLARE (pip "
+            "install medtl[fl]): the server runs FedAvg (FedProx with --fedprox-mu) from the source weights; "
+            "each site, named site-1, site-2, ... in --manifest order, trains on its own manifest with the "
+            "freeze->unfreeze schedule keyed on the round (the head alone for --head-rounds, then layer groups "
+            "unfrozen from the top) and returns only weights and metrics. Runs the job in NVFlare's simulator on this "
+            "machine, has every site evaluate the source and the final global model on its own val/test splits (95% "
+            "CIs), prints per-round and per-site tables, and exports the global model as a tumor_cls_finetune bundle "
+            "naming the sites by pseudonym. OUT/job/medtl_fl is the NVFlare job folder."
+        ),
     )
     _source_options(p)
     p.add_argument(
@@ -590,10 +616,13 @@ def _add_import(verbs: Any) -> None:
     p = verbs.add_parser(
         "import",
         help="import a public dataset (LIDC-IDRI nodule VOIs, MedMNIST .npz) as NIfTI + manifests",
-        description="Convert a public dataset into medtl's own files (NIfTI volumes, label tables, manifests) so it flows "
-        "through the same manifest -> transforms -> bundle path as DICOM. lidc: a lidc_nodule_vois folder, split into a "
-        "thin-slice site (z spacing <= 1.3 mm) and a thick-slice site (>= 1.8 mm) by patient; the nodule diameter goes only to "
-        "baseline.csv. medmnist: a MedMNIST .npz, keeping its own train/val/test split. Reruns convert only what changed.",
+        description=(
+            "Convert a public dataset into medtl's own files (NIfTI volumes, label tables, manifests) so it "
+            "flows through the same manifest -> transforms -> bundle path as DICOM. lidc: a lidc_nodule_vois "
+            "folder, split into a thin-slice site (z spacing <= 1.3 mm) and a thick-slice site (>= 1.8 mm) by "
+            "patient; the nodule diameter goes only to baseline.csv. medmnist: a MedMNIST .npz, keeping its own "
+            "train/val/test split. Reruns convert only what changed."
+        ),
     )
     p.add_argument("dataset", choices=["lidc", "medmnist"], help="which importer")
     p.add_argument("source", help="lidc: the lidc_nodule_vois folder; medmnist: the .npz file")
@@ -668,7 +697,10 @@ def _add_bundle(verbs: Any) -> None:
         sub.add_argument(
             "--identifiers-from",
             metavar="DICOM_DIR",
-            help="also search for the patient names, IDs, UIDs and dates found in these DICOM headers (the training data)",
+            help=(
+                "also search for the patient names, IDs, UIDs and dates found in these "
+                "DICOM headers (the training data)"
+            ),
         )
     d = bsub.add_parser("diff", help="config, metadata and metric differences between two bundles (folders or zips)")
     d.add_argument("a", help="the earlier bundle (folder or zip)")
@@ -701,8 +733,11 @@ def _add_weights(verbs: Any) -> None:
     p = verbs.add_parser(
         "weights",
         help="inspect how pretrained weights load into a network",
-        description="Pretrained weights from a MONAI bundle (folder or .zip), a state dict or training checkpoint "
-        "(.pt/.pth/.ckpt, Lightning, DataParallel), TorchScript or MedicalNet/Med3D, matched onto a registered network.",
+        description=(
+            "Pretrained weights from a MONAI bundle (folder or .zip), a state dict or training "
+            "checkpoint (.pt/.pth/.ckpt, Lightning, DataParallel), TorchScript or MedicalNet/Med3D, "
+            "matched onto a registered network."
+        ),
     )
     wsub = p.add_subparsers(
         dest="weights_verb",
@@ -741,12 +776,15 @@ def _add_predict(verbs: Any) -> None:
     p = verbs.add_parser(
         "predict",
         help="classify every series in a DICOM folder with a bundle; flag uncertain ones; DICOM SR/SC",
-        description="Run a bundle's own configs/inference.json in this process, as python -m monai.bundle run would, "
-        "on every series in DICOM_DIR, after the expression audit that medtl bundle import runs. Prints one line per "
-        "series (its pseudonymous key, the predicted class, that class's probability and a confidence flag) and the "
-        "series skipped with their reason; writes OUT/predictions.csv and OUT/predictions.json (the bundle's columns "
-        "plus the flag; folders named by salted keys unless --real-ids). Optionally writes, per series, DICOM objects that file with the source study in a PACS: a "
-        "Structured Report and a Grad-CAM Secondary Capture (pip install medtl[dicom-out]).",
+        description=(
+            "Run a bundle's own configs/inference.json in this process, as python -m monai.bundle run would, on "
+            "every series in DICOM_DIR, after the expression audit that medtl bundle import runs. Prints one line "
+            "per series (its pseudonymous key, the predicted class, that class's probability and a confidence "
+            "flag) and the series skipped with their reason; writes OUT/predictions.csv and OUT/predictions.json "
+            "(the bundle's columns plus the flag; folders named by salted keys unless --real-ids). Optionally "
+            "writes, per series, DICOM objects that file with the source study in a PACS: a Structured Report and "
+            "a Grad-CAM Secondary Capture (pip install medtl[dicom-out])."
+        ),
     )
     p.add_argument(
         "dicom_dir",
@@ -762,8 +800,10 @@ def _add_predict(verbs: Any) -> None:
         "--confidence",
         type=float,
         default=0.8,
-        help="confidence flag threshold (default 0.8): 'ok' when the predicted class's probability reaches it, 'review' "
-        "when it is lower, meaning the model is unsure and a person should look at the series",
+        help=(
+            "confidence flag threshold (default 0.8): 'ok' when the predicted class's probability reaches it, "
+            "'review' when it is lower, meaning the model is unsure and a person should look at the series"
+        ),
     )
     p.add_argument(
         "--sr",
@@ -780,13 +820,18 @@ def _add_predict(verbs: Any) -> None:
     p.add_argument(
         "--real-ids",
         action="store_true",
-        help="name series by their folder as it is on disk in the id column and the skipped list; by default the folder "
-        "is a salted key (dir-...#SERIES_NUMBER, salt in OUT/.medtl-salt), because export folders are often named after the patient",
+        help=(
+            "name series by their folder as it is on disk in the id column and the skipped list; by "
+            "default the folder is a salted key (dir-...#SERIES_NUMBER, salt in OUT/.medtl-salt), because "
+            "export folders are often named after the patient"
+        ),
     )
     p.add_argument(
         "--trust",
         action="store_true",
-        help="run a bundle whose configs hold expressions outside the allow-list (runs their code; trusted senders only)",
+        help=(
+            "run a bundle whose configs hold expressions outside the allow-list (runs their code; trusted senders only)"
+        ),
     )
     p.add_argument(
         "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars (same as medtl -q)"

@@ -380,16 +380,19 @@ def run_demo(
     kept = student_run["pseudo_labels"]
     print(
         f"fine-tuning: {recipe_outcome(tuned_run)['outcome']}\n"
-        f"pseudo-labels for the student at p >= {kept['threshold']:g}: {kept['pseudo_labels_kept']}, {kept['below_threshold']} soft-only"
+        f"pseudo-labels for the student at p >= {kept['threshold']:g}: {kept['pseudo_labels_kept']}, "
+        f"{kept['below_threshold']} soft-only"
     )
     print(
-        f"\nbundle inference on {len(truth)} unseen site-B patients ({len(predictions)} series), python -m monai.bundle run:"
+        f"\nbundle inference on {len(truth)} unseen site-B patients ({len(predictions)} "
+        "series), python -m monai.bundle run:"
     )
     keyed_truth = truth_by_key(truth, out / "predictions")
     for row in predictions:
         folder = row["id"].split("#")[0]  # the series folder's key (dir-3f2a...#2)
         print(
-            f"  {row['id']:<28} p(malignant) {float(row['prob_malignant']):.2f} -> {row['pred']:<10} truth: {keyed_truth.get(folder, '?')}"
+            f"  {row['id']:<28} p(malignant) {float(row['prob_malignant']):.2f} -> {row['pred']:<10} "
+            f"truth: {keyed_truth.get(folder, '?')}"
         )
     print("\ntimings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("\nartifacts:")
@@ -469,12 +472,14 @@ def seed_spread_text(spread: Mapping[str, Sequence[float]]) -> str:
 def _print_ingest(result: Mapping[str, Any]) -> None:
     print("\nmedtl demo: ingest")
     print(
-        f"{'site':<5}{'files':>7}{'series':>8}{'loadable':>10}{'skipped':>9}  {'train':>6}{'val':>5}{'test':>6}{'unlab.':>7}  check"
+        f"{'site':<5}{'files':>7}{'series':>8}{'loadable':>10}{'skipped':>9}  "
+        f"{'train':>6}{'val':>5}{'test':>6}{'unlab.':>7}  check"
     )
     for name, site in result["sites"].items():
         s = site["scan_summary"]
         per_split = site["counts"]["by_site_split_label"].get(name, {})
         n = {k: sum(per_split.get(k, {}).values()) for k in ("train", "val", "test", "unlabeled")}
         print(
-            f"{name:<5}{s['files']:>7}{s['series']:>8}{s['loadable_series']:>10}{s['skipped_files']:>9}  {n['train']:>6}{n['val']:>5}{n['test']:>6}{n['unlabeled']:>7}  {'OK' if site['check_ok'] else 'FAILED'}"
+            f"{name:<5}{s['files']:>7}{s['series']:>8}{s['loadable_series']:>10}{s['skipped_files']:>9}  "
+            f"{n['train']:>6}{n['val']:>5}{n['test']:>6}{n['unlabeled']:>7}  {'OK' if site['check_ok'] else 'FAILED'}"
         )

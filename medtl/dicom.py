@@ -447,7 +447,8 @@ def slice_geometry(headers: Sequence[Header]) -> Geometry:
             problems.append(
                 problem(
                     "missing_slices",
-                    f"{missing} slice(s) missing: gaps of {', '.join(f'{g:.3g}' for g in wide)} mm where {spacing:.3g} mm is expected",
+                    f"{missing} slice(s) missing: gaps of {', '.join(f'{g:.3g}' for g in wide)} "
+                    f"mm where {spacing:.3g} mm is expected",
                 )
             )
     else:
@@ -511,7 +512,10 @@ def orientation_problem(orientation: Sequence[float]) -> str | None:
     angle = float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
     if abs(cosine) > 1.0 - 1e-9:
         return "its row and column directions are parallel (no slice normal)"
-    return f"its row and column directions are {angle:.2f} degrees apart, not 90 (a sheared grid; tolerance |cos| <= {_ORTHO_TOL:g})"
+    return (
+        f"its row and column directions are {angle:.2f} degrees apart, not 90 (a sheared "
+        f"grid; tolerance |cos| <= {_ORTHO_TOL:g})"
+    )
 
 
 def _geometry_tag_problems(headers: Sequence[Header]) -> list[dict[str, Any]]:
@@ -1051,7 +1055,8 @@ def index_with_folder_names(index: dict[str, Any], root: str | Path, salt: str) 
         if missing:
             lost = problem(
                 "folder_missing",
-                f"folder {missing[0]} of the scan index is not in {root.name} any more (moved or renamed since the scan?)",
+                f"folder {missing[0]} of the scan index is not in {root.name} any more "
+                "(moved or renamed since the scan?)",
             )
             series.append({**record, "problems": [*record["problems"], lost], "loadable": False})
             continue

@@ -279,7 +279,8 @@ def _validate(y_true, probs, class_names, patient_ids, sites, n_boot, threshold)
     if np.any(p < 0) or np.any(p > 1) or np.any(row_err > _ROW_SUM_TOL):
         worst = int(np.argmax(row_err))
         raise MedtlError(
-            f"probs rows must be class probabilities in [0, 1] summing to 1 (case {worst} sums to {p[worst].sum():.4g})",
+            f"probs rows must be class probabilities in [0, 1] summing to 1 (case {worst} "
+            f"sums to {p[worst].sum():.4g})",
             hint="apply softmax to the network's logits",
         )
     pids = None

@@ -79,7 +79,10 @@ def _label_rows(reader: csv.DictReader, path: Path) -> list[dict[str, str]]:
         raise ManifestError(
             f"missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}",
             path=path,
-            hint="required: patient_id,label; optional: series_uid or image, site, mask, roi_center_mm, roi_size_mm, split",
+            hint=(
+                "required: patient_id,label; optional: series_uid or image, site, mask, "
+                "roi_center_mm, roi_size_mm, split"
+            ),
         )
     unknown = [c for c in columns if c not in _KNOWN_COLUMNS]
     if unknown:

@@ -1,4 +1,5 @@
-"""Predictions for a site's DICOM folder from a bundle: a table with confidence flags, and DICOM objects that file with the study.
+"""Predictions for a site's DICOM folder from a bundle: a table with confidence flags, and DICOM objects
+that file with the study.
 
 The bundle's own ``configs/inference.json`` runs in this process through MONAI's ``ConfigParser``,
 the way ``python -m monai.bundle run`` runs it, so the predictions are the bundle's. Its configs are
@@ -299,7 +300,8 @@ def _source_headers(files: Sequence[str]) -> list[Any]:
 
 
 def _equipment(model: Mapping[str, str], what: str) -> dict[str, str]:
-    """Series description and equipment naming the bundle (LO values: 64 characters at most), marked as research content."""
+    """Series description and equipment naming the bundle (LO values: 64 characters at most), marked as
+    research content."""
     return {
         "manufacturer": "medtl",
         "manufacturer_model_name": model["name"][:64],
@@ -339,7 +341,8 @@ def _write_secondary_capture(
     sources: Sequence[Any],
     model: Mapping[str, str],
 ) -> str:
-    """``dicom/<series>_gradcam_sc.dcm``: radiological display (patient left on the image right, anterior at the top)."""
+    """``dicom/<series>_gradcam_sc.dcm``: radiological display (patient left on the image right, anterior at
+    the top)."""
     from pydicom.dataset import Dataset
 
     pixels, spacing = picture

@@ -109,8 +109,8 @@ _PATTERNS = (
     (
         _NAME_AFTER_PATIENT_WORD,
         re.compile(
-            r"(?i:\bpatient(?:'s)?(?:[ \t]+name)?[\"']?|(?<!\d[ \t])\bpt\b\.?|\bname(?=[ \t]*:))[ \t]*[:=#]?[ \t]*[\"']?[ \t]*"
-            r"(?=(?P<name>[^\W\d_][\w'.\-]*(?:[ \t]+[^\W\d_][\w'.\-]*){1,3}))"
+            r"(?i:\bpatient(?:'s)?(?:[ \t]+name)?[\"']?|(?<!\d[ \t])\bpt\b\.?|\bname(?=[ \t]*:))"
+            r"[ \t]*[:=#]?[ \t]*[\"']?[ \t]*(?=(?P<name>[^\W\d_][\w'.\-]*(?:[ \t]+[^\W\d_][\w'.\-]*){1,3}))"
         ),
     ),  # a look-ahead: a rejected name consumes nothing
     ("user home path", re.compile(r"(?:/home/|/Users/|[A-Za-z]:\\{1,2}Users\\{1,2}|/root/)[^/\\\s\"']+")),

@@ -53,7 +53,10 @@ def _pick_series(folder: Path, series: str | int | None) -> list[Header]:
     if len(images) == 1:
         return next(iter(images.values()))
     listing = "; ".join(
-        f"series number {hs[0].series_number} ({hs[0].modality}, {len(hs)} files, {hs[0].series_description or 'no description'})"
+        (
+            f"series number {hs[0].series_number} ({hs[0].modality}, {len(hs)} files, "
+            f"{hs[0].series_description or 'no description'})"
+        )
         for hs in sorted(images.values() or groups.values(), key=lambda hs: hs[0].series_number or 0)
     )
     raise DicomError(

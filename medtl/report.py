@@ -358,7 +358,8 @@ def _sections(run: Mapping[str, Any]) -> list[tuple[str, str, list[tuple[str, Ca
         sections.append(
             (
                 "Learning curves",
-                "Mean training loss and validation AUC per epoch; the dotted line is the epoch whose weights were kept.",
+                "Mean training loss and validation AUC per epoch; the dotted line is the "
+                "epoch whose weights were kept.",
                 [("learning_curves.png", lambda: curves_figure(run["curves"]))],
             )
         )
@@ -412,7 +413,8 @@ def render_report(
     header, rows = _metric_rows(run["evaluations"])
     run_lines = _run_lines(run["info"])
     page = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='note'>{html.escape('; '.join(run_lines))}</p>",
         "<h2>Metrics</h2><p class='note'>95% CIs are patient-level bootstrap intervals.</p>",

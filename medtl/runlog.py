@@ -82,7 +82,8 @@ def record_evaluation(
     probs = np.asarray(probs, dtype=np.float64)
     if not len(y_true) == len(probs) == len(case_ids):
         raise MedtlError(
-            f"evaluation record of {stage} on {evaluated_on}: {len(y_true)} labels, {len(probs)} predictions, {len(case_ids)} ids"
+            f"evaluation record of {stage} on {evaluated_on}: {len(y_true)} labels, {len(probs)} "
+            f"predictions, {len(case_ids)} ids"
         )
     folder = Path(run) / "evaluations"
     record = {

@@ -89,7 +89,8 @@ def _cell(metrics: Mapping[str, Any], key: str) -> str:
 def print_stages(rows: Sequence[Mapping[str, Any]]) -> None:
     """The stage table: AUC and accuracy with 95% CIs, parameters and seconds per stage."""
     print(
-        f"\n{'stage':<16}{'evaluated on':<14}{'n':>4}{'AUC [95% CI]':>24}{'accuracy [95% CI]':>24}{'params':>9}{'time':>7}"
+        f"\n{'stage':<16}{'evaluated on':<14}{'n':>4}{'AUC [95% CI]':>24}{'accuracy [95% CI]':>24}"
+        f"{'params':>9}{'time':>7}"
     )
     for row in rows:
         m, n = row["result"]["metrics"], row["result"]["n"]

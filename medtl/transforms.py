@@ -251,7 +251,8 @@ class CropAroundLesiond(MapTransform):
             if center.shape != (n,) or not np.isfinite(center).all():
                 count, axes = _AXES[n]
                 raise MedtlError(
-                    f"{self.center_key} must be {count} finite numbers [{axes}] in RAS mm, got {data[self.center_key]!r}"
+                    f"{self.center_key} must be {count} finite numbers [{axes}] in RAS mm, "
+                    f"got {data[self.center_key]!r}"
                 )
             return center
         return None
@@ -291,8 +292,8 @@ class _NoMetaShadows(Transform):
             for name, value in data.items():
                 if isinstance(name, str) and name.startswith(f"{key}_") and not isinstance(value, Mapping):
                     raise MedtlError(
-                        f"data entry {name!r} starts with the image key {key!r} + '_', which MONAI's Spacingd reserves for "
-                        "the image's meta dictionary",
+                        f"data entry {name!r} starts with the image key {key!r} + '_', which MONAI's Spacingd "
+                        "reserves for the image's meta dictionary",
                         hint=f"rename the entry (e.g. without the '{key}_' prefix)",
                     )
         return data
@@ -329,7 +330,8 @@ class _RequireModality(Transform):
             code = str(meta.get("modality") or "").strip().upper()
             if code not in ("", "OT", self.expected):
                 raise MedtlError(
-                    f"{key!r} is a {code} series, but this model reads {self.expected} (modality={self.expected.lower()!r})",
+                    f"{key!r} is a {code} series, but this model reads {self.expected} "
+                    f"(modality={self.expected.lower()!r})",
                     path=meta.get("filename_or_obj") or None,
                     hint=f"give it a {self.expected} series, or use a model trained on {code}",
                 )

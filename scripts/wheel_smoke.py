@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         resnet(0.5), args.out / "tumor_cls_source", template="tumor_cls_source", changelog="wheel smoke test"
     )
     _say(
-        f"exported {source['path']} (max abs diff TorchScript {source['torchscript_max_abs_diff']}, ONNX {source['onnx_max_abs_diff']})"
+        f"exported {source['path']} (max abs diff TorchScript {source['torchscript_max_abs_diff']}, "
+        f"ONNX {source['onnx_max_abs_diff']})"
     )
     _medtl("bundle", "verify", source["path"])
     _say(f"export and verify took {time.perf_counter() - t0:.0f} s")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the demo cohort at each scale the tests use, tiny generated CT series with known geometry, and the optional shared data folder."""
+"""Shared fixtures: the demo cohort at each scale the tests use, tiny generated CT series with known
+geometry, and the optional shared data folder."""
 
 from __future__ import annotations
 

@@ -362,9 +362,9 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, mon
     monkeypatch.setattr(medtl.report, "render_report", broken)
     assert main(["report", str(tmp_path)]) == 2
     error = capsys.readouterr().err
-    assert (
-        error
-        == "medtl: error: unexpected ValueError: something inside went wrong (run again with --debug for the traceback, and please report it)\n"
+    assert error == (
+        "medtl: error: unexpected ValueError: something inside went wrong (run again with --debug "
+        "for the traceback, and please report it)\n"
     )
     with pytest.raises(ValueError):
         main(["--debug", "report", str(tmp_path)])

@@ -189,7 +189,8 @@ def test_exported_bundle_runs_unchanged_in_the_sdk_operator(exported, ct_case, r
 
 
 def test_exported_model_file_alone_runs_in_the_sdk_operator(exported, ct_case, reference, channel_def, monkeypatch):
-    """As a MAP packages it: only models/model.ts, whose embedded metadata.json and inference.json the operator reads."""
+    """As a MAP packages it: only models/model.ts, whose embedded metadata.json and inference.json the
+    operator reads."""
     monkeypatch.chdir(exported)  # where a MAP runs it: bundle_root "." and nothing else of the bundle
     _check_same_prediction(_run_app(ct_case["image"], model=exported / "models" / "model.ts"), reference, channel_def)
 
@@ -323,7 +324,8 @@ def test_lidc_app_matches_the_bundle_run_on_real_dicom(lidc_run):
     assert app["class_names"] == reference["class_names"] == ["Benign", "Malign"]
     diff = max(abs(app[f"prob_{name}"] - row[f"prob_{name}"]) for name in reference["class_names"])
     print(
-        f"{lidc_run['case']}: SDK app P(Malign) {app['prob_Malign']:.6f}, bundle run {row['prob_Malign']:.6f}, max abs diff {diff:.2e}"
+        f"{lidc_run['case']}: SDK app P(Malign) {app['prob_Malign']:.6f}, bundle run "
+        f"{row['prob_Malign']:.6f}, max abs diff {diff:.2e}"
     )
     assert diff <= 1e-4
     assert app["pred"] == row["pred"]

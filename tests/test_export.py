@@ -1,4 +1,5 @@
-"""Exporting a trained network as a bundle: metadata from the evaluation, TorchScript and ONNX parity, atomic replace."""
+"""Exporting a trained network as a bundle: metadata from the evaluation, TorchScript and ONNX parity,
+atomic replace."""
 
 from __future__ import annotations
 

@@ -270,7 +270,12 @@ def _write(rel: str, content: Callable[[Kit], str | bytes]) -> Callable[[Kit], P
     return build
 
 
-_LOGGING_HEAD = "[loggers]\nkeys=root\n\n[handlers]\nkeys=console\n\n[formatters]\nkeys=plain\n\n[logger_root]\nlevel=INFO\nhandlers=console\n\n"
+_LOGGING_HEAD = (
+    "[loggers]\nkeys=root\n\n"
+    "[handlers]\nkeys=console\n\n"
+    "[formatters]\nkeys=plain\n\n"
+    "[logger_root]\nlevel=INFO\nhandlers=console\n\n"
+)
 _HANDLER = "[handler_console]\nclass=StreamHandler\nlevel=INFO\nformatter=plain\nargs=(sys.stdout,)\n\n"
 _FORMATTER = "[formatter_plain]\nformat=%(asctime)s %(levelname)s %(name)s: %(message)s\n"
 
@@ -1103,7 +1108,7 @@ def test_the_torchscript_payload_is_real(kit):
     assert kit.marker.exists()
 
 
-# ------------------------------------------------------------------------------------------- import uses what it verified
+# --------------------------------------------------------------------------- import uses what it verified
 
 
 def test_import_reads_the_zip_once(kit, monkeypatch):

@@ -100,7 +100,9 @@ for name in names:
     root = work / "roots" / name
     cases = [("inference", "infer", {}), ("evaluate", "infer", {})]
     # consumers that bring their own data lists (MONAI Label sets train#dataset#data) skip the data-bound initialize
-    given = {} if name in build_without_data else {"initialize": [], "train#dataset#data": [], "validate#dataset#data": []}
+    given = {} if name in build_without_data else {
+        "initialize": [], "train#dataset#data": [], "validate#dataset#data": []
+    }
     cases.append(("train", "train", given))
     for config, kind, override in cases:
         workflow = create_workflow(config_file=str(configs / f"{config}.json"), workflow_type=kind, logging_file=False,

@@ -70,7 +70,8 @@ def built(tmp_path_factory) -> Path:
 def test_every_template_resolves_through_the_package_mapping(built):
     # the built medtl, imported from outside any checkout, finds the templates it carries
     code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); from medtl.bundle.templates import TEMPLATES, template_dir, template_names; "
+        "import json, sys; sys.path.insert(0, sys.argv[1]); "
+        "from medtl.bundle.templates import TEMPLATES, template_dir, template_names; "
         "print(json.dumps({'root': str(TEMPLATES), 'dirs': {n: str(template_dir(n)) for n in template_names()}}))"
     )
     found = json.loads(

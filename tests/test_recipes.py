@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 KNOB_NAMES = {"epochs": "max_epochs", "lr": "learning_rate", "l2sp": "l2sp_beta"}
 #: fields a bundle's train.json has no knob for, and why
 PYTHON_ONLY = {
-    "selection": "a bundle run selects its epoch on the val split (CheckpointSaver on the key metric), which is selection='val'",
+    "selection": (
+        "a bundle run selects its epoch on the val split (CheckpointSaver on the key metric), which is selection='val'"
+    ),
     "folds": "k-fold selection runs in Python only",
     "keep_source": "k-fold selection runs in Python only",
     "adabn_judged": "the bundle applies AdaBN whenever adabn is on, which is adabn_judged=False",

@@ -37,11 +37,12 @@ for i in range(24):
     items.append({"image": image, "label": label, "case_id": f"c{i}", "patient": f"p{i}", "site": "A"})
 set_determinism(0)
 network = resnet(0.25)
-result = train(network, items[:16], items[16:], TrainRecipe(epochs=int(sys.argv[3]), batch_size=4, augment="light", patience=50),
-               progress=False, checkpoint=out / "last.pt", resume=resume)
+recipe = TrainRecipe(epochs=int(sys.argv[3]), batch_size=4, augment="light", patience=50)
+result = train(network, items[:16], items[16:], recipe, progress=False, checkpoint=out / "last.pt", resume=resume)
 torch.save(network.state_dict(), out / f"final-{sys.argv[2]}.pt")
-(out / f"result-{sys.argv[2]}.json").write_text(json.dumps({k: result[k] for k in ("val_auc", "best_epoch", "epochs_run")}
-                                                           | {"resumed_after_epoch": result.get("resumed_after_epoch")}))
+summary = {k: result[k] for k in ("val_auc", "best_epoch", "epochs_run")}
+summary["resumed_after_epoch"] = result.get("resumed_after_epoch")
+(out / f"result-{sys.argv[2]}.json").write_text(json.dumps(summary))
 """
 EPOCHS = 6
 

@@ -451,7 +451,8 @@ PATIENT_FOLDER = "DOE^JANE"
 
 
 def named_folders(tmp: Path) -> tuple[Path, Path, Path]:
-    """Two series in folders named like a formula and like a patient, a tiny bundle, and an output folder with a fixed salt."""
+    """Two series in folders named like a formula and like a patient, a tiny bundle, and an output folder
+    with a fixed salt."""
     from monai.networks.nets import resnet10
 
     from medtl.bundle.export import export_bundle

@@ -48,7 +48,8 @@ def _metrics(seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    """A fine-tuned bundle as medtl exports it (ResNet10 width 0.5, the finetune template), adapted from a source bundle."""
+    """A fine-tuned bundle as medtl exports it (ResNet10 width 0.5, the finetune template), adapted from a
+    source bundle."""
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     source = export_bundle(resnet(0.5), root / "tumor_cls_source", template="tumor_cls_source", onnx=False)["path"]
@@ -161,9 +162,9 @@ def test_absolute_path_in_a_config(exported, tmp_path):
     failed = _failed(verify_bundle(bundle))["portable paths"]
     assert "configs/inference.json output_dir: '/data/site/predictions': a path outside the bundle" in failed
     assert (
-        "configs/inference.json ckpt_path: \"$'/data/site/models/model.pt'\": '/data/site/models/model.pt' starts a path outside"
-        in failed
-    )
+        "configs/inference.json ckpt_path: \"$'/data/site/models/model.pt'\": "
+        "'/data/site/models/model.pt' starts a path outside"
+    ) in failed
 
 
 def test_patient_identifiers_planted_in_docs(exported, tmp_path):

@@ -155,8 +155,8 @@ def run_adapt(
     )
     print(finding["text"])
     print(
-        f"\nfine-tuning: {recipe_outcome(run)['outcome']}; source load: "
-        f"{len(report['loaded'])} tensors loaded, {len(report['mismatched'])} left to a new head; classes: {_mapping_text(report)}"
+        f"\nfine-tuning: {recipe_outcome(run)['outcome']}; source load: {len(report['loaded'])} tensors loaded, "
+        f"{len(report['mismatched'])} left to a new head; classes: {_mapping_text(report)}"
     )
     print(f"bundle: {bundle['path']} (TorchScript max abs diff {bundle['torchscript_max_abs_diff']:.1e})")
     summary = {

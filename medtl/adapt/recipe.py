@@ -101,7 +101,8 @@ def loader(
     if augment != "none":
         size = tuple(items[0]["image"].shape[1:])
         transform = augmentation(level=augment, spatial_dims=len(size), spatial_size=size)
-    # a training batch of one case breaks BatchNorm (one value per channel): with shuffling, that odd case waits for the next epoch
+    # a training batch of one case breaks BatchNorm (one value per channel): with shuffling, that odd case waits for
+    # the next epoch
     drop_last = shuffle and len(items) % batch_size == 1 and len(items) > 1
     return data_loader(
         Dataset(list(items), transform),
@@ -241,8 +242,8 @@ def finetune(
 ) -> dict[str, Any]:
     """Adapt ``network`` (in place) to the target: AdaBN, new head if the class count differs, the
     freeze -> unfreeze schedule with discriminative rates, L2-SP; choices made as ``recipe.selection``
-    says (``seed`` draws the folds). Returns ``fit``'s summary (with k-fold selection: the folds' mean validation curve as
-    ``val_auc``, epoch 0 first, and the final run's ``train_loss``)."""
+    says (``seed`` draws the folds). Returns ``fit``'s summary (with k-fold selection: the folds' mean
+    validation curve as ``val_auc``, epoch 0 first, and the final run's ``train_loss``)."""
     _check_selection(recipe.selection)
     summary: dict[str, Any] = {"recipe": asdict(recipe)}
     if _num_outputs(network) != num_classes:
@@ -420,7 +421,10 @@ def recipe_outcome(run: Mapping[str, Any]) -> dict[str, Any]:
             f"; weights averaged with the starting point's, {run['recipe']['wise']:g} on the fine-tuned (WiSE-FT)"
         )
     if adabn_state:
-        outcome += f"; AdaBN {'kept' if adabn_state['kept'] else 'discarded'} on {adabn_state.get('judged_on', 'the validation')} labeled cases"
+        outcome += (
+            f"; AdaBN {'kept' if adabn_state['kept'] else 'discarded'} on "
+            f"{adabn_state.get('judged_on', 'the validation')} labeled cases"
+        )
     return {"fine-tuning": run["recipe"], "outcome": outcome}
 
 

@@ -245,7 +245,9 @@ def network_from_checkpoint(checkpoint: str | Path, *, arch: str, **network_kwar
         raise MedtlError(
             f"checkpoint does not fit {arch} beyond its classifier: {len(left_out)} tensor(s) not loaded ({shown})",
             path=checkpoint,
-            hint="check that the network name and options (e.g. widen factor) are those the checkpoint was trained with",
+            hint=(
+                "check that the network name and options (e.g. widen factor) are those the checkpoint was trained with"
+            ),
         )
     return model.eval()
 

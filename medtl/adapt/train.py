@@ -277,8 +277,9 @@ def fit(
             evaluator.add_event_handler(
                 Events.COMPLETED,
                 lambda _e: bar.log_message(
-                    f"{desc} epoch {trainer.state.epoch}/{max_epochs}: loss {history.losses[-1] if history.losses else float('nan'):.4f}, "
-                    f"validation AUC {keep.scores[-1]:.3f} (best {keep.best:.3f} at epoch {keep.epoch})"
+                    f"{desc} epoch {trainer.state.epoch}/{max_epochs}: loss "
+                    f"{history.losses[-1] if history.losses else float('nan'):.4f}, validation AUC "
+                    f"{keep.scores[-1]:.3f} (best {keep.best:.3f} at epoch {keep.epoch})"
                 ),
             )
         stateful["keep_best"] = keep

@@ -383,7 +383,10 @@ def size_problem(config: Any) -> str | None:
         node = stack.pop()
         count += 1
         if count > MAX_VALUES:
-            return f"holds more than {MAX_VALUES} values (YAML aliases repeating a part?); a bundle config holds a few hundred"
+            return (
+                f"holds more than {MAX_VALUES} values (YAML aliases repeating a part?); a "
+                "bundle config holds a few hundred"
+            )
         if isinstance(node, dict):
             stack.extend(node.values())
         elif isinstance(node, list):

@@ -68,8 +68,9 @@ def evaluation_table(metrics: Mapping[str, Any]) -> list[str]:
     ]
     for s in sets:
         rows.append(
-            f"| {s.replace('_', ' ')} | {metrics.get(f'{s}_n', '–')} | {_metric(metrics, f'{s}_auc')} | {_metric(metrics, f'{s}_accuracy')} "
-            f"| {_metric(metrics, f'{s}_sensitivity')} | {_metric(metrics, f'{s}_specificity')} |"
+            f"| {s.replace('_', ' ')} | {metrics.get(f'{s}_n', '–')} | {_metric(metrics, f'{s}_auc')} "
+            f"| {_metric(metrics, f'{s}_accuracy')} | {_metric(metrics, f'{s}_sensitivity')} | "
+            f"{_metric(metrics, f'{s}_specificity')} |"
         )
     return rows
 
@@ -128,7 +129,8 @@ def model_card(meta: Mapping[str, Any], provenance: Mapping[str, Any], template_
     source = provenance.get("adapted_from")
     if source:
         lines.append(
-            f"- Adapted from `{source['name']}` {source.get('version') or ''} (content sha256 `{source['sha256'][:16]}`)."
+            f"- Adapted from `{source['name']}` {source.get('version') or ''} (content "
+            f"sha256 `{source['sha256'][:16]}`)."
         )
     for key, value in provenance.get("recipe", {}).items():
         if isinstance(value, Mapping):
@@ -149,9 +151,9 @@ def model_card(meta: Mapping[str, Any], provenance: Mapping[str, Any], template_
         "Code and weights: `LICENSE`. The data's terms of use: `docs/data_license.txt`.",
         "",
         (
-            f"Built with {', '.join(f'{k} {v}' for k, v in software.items())}. "
-            "`provenance.json` records the source, data and configuration hashes; `large_files.yml` the weights' "
-            "sha256 (`python -m monai.bundle download_large_files --bundle_path .` checks them); `SHA256SUMS` (written by "
+            f"Built with {', '.join(f'{k} {v}' for k, v in software.items())}. `provenance.json` records "
+            "the source, data and configuration hashes; `large_files.yml` the weights' sha256 (`python "
+            "-m monai.bundle download_large_files --bundle_path .` checks them); `SHA256SUMS` (written by "
             "`medtl bundle pack`) lists every file's checksum."
         ),
         "",

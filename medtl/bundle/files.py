@@ -65,7 +65,8 @@ def large_files_yml(root: str | Path, files: list[str], url: str = "") -> str:
     downloads nothing; the publisher puts the release URL of each file there.
 
     Examples:
-        >>> import tempfile; d = Path(tempfile.mkdtemp()); (d / "models").mkdir(); _ = (d / "models" / "model.pt").write_bytes(b"w")
+        >>> import tempfile; d = Path(tempfile.mkdtemp()); (d / "models").mkdir()
+        >>> _ = (d / "models" / "model.pt").write_bytes(b"w")
         >>> print(large_files_yml(d, ["models/model.pt"]).splitlines()[-4])
           - path: "models/model.pt"
     """
@@ -151,7 +152,10 @@ def extract_zip(archive: str | Path, dest: str | Path, *, max_bytes: int = MAX_U
                     raise MedtlError(
                         f"entry {info.filename!r} appears twice",
                         path=archive.name,
-                        hint="tools disagree on which copy wins; the archive was built to show different files to different readers",
+                        hint=(
+                            "tools disagree on which copy wins; the archive was built to show "
+                            "different files to different readers"
+                        ),
                     )
                 seen.add(key)
             total = sum(i.file_size for i in infos)

@@ -48,7 +48,8 @@ class FileText:
 
 
 class _OverBudget(Exception):
-    """More than ``MAX_DECOMPRESSED_BYTES`` came out of one file, the last bytes from part ``args[0]``: stop reading it."""
+    """More than ``MAX_DECOMPRESSED_BYTES`` came out of one file, the last bytes from part ``args[0]``: stop
+    reading it."""
 
 
 class _Budget:

@@ -144,7 +144,8 @@ def _check_checksums(root: Path, report: Verification, required: bool) -> bool:
             report.add(
                 "checksums",
                 [
-                    f"a packed bundle must hold {CHECKSUMS} (medtl bundle pack writes one); without it any file could be swapped"
+                    f"a packed bundle must hold {CHECKSUMS} (medtl bundle pack writes one); "
+                    "without it any file could be swapped"
                 ],
             )
         else:
@@ -385,7 +386,8 @@ def _check_network(
     k = meta["network_data_format"]["outputs"]["pred"]["num_channels"]
     if tuple(y.shape) != (x.shape[0], k) or y.dtype != torch.float32:
         problems.append(
-            f"network_def gives {tuple(y.shape)} {y.dtype} for input {tuple(x.shape)}; metadata says ({x.shape[0]}, {k}) float32"
+            f"network_def gives {tuple(y.shape)} {y.dtype} for input {tuple(x.shape)}; metadata "
+            f"says ({x.shape[0]}, {k}) float32"
         )
     report.add("network matches metadata", problems, passed=f"{tuple(x.shape[1:])} -> {k} classes")
     return None if problems else (x, y)
@@ -563,7 +565,8 @@ def _verify_root(
                 []
                 if provenance.get("bundle", {}).get("version") == report.version
                 else [
-                    f"{PROVENANCE}: version {provenance.get('bundle', {}).get('version')} differs from metadata {report.version}"
+                    f"{PROVENANCE}: version {provenance.get('bundle', {}).get('version')} differs "
+                    f"from metadata {report.version}"
                 ]
             )
         except (MedtlError, AttributeError) as exc:

@@ -1,4 +1,5 @@
-"""The site side of ``medtl fl``: an NVIDIA FLARE Client API script that fine-tunes the global model on one site's manifest.
+"""The site side of ``medtl fl``: an NVIDIA FLARE Client API script that fine-tunes the global model on
+one site's manifest.
 
 NVFlare's ``ClientAPIExecutor`` (as ``ScriptRunner`` sets it up) runs this file in every site's
 process with that site's ``--manifest`` and ``--root``; it reads no other site's data and never

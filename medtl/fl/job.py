@@ -398,7 +398,9 @@ def _export(
         source=source,
         manifests=data,
         recipe={
-            "federated": f"{algorithm} with NVIDIA FLARE across {len(reported)} sites ({sites}), {recipe.rounds} rounds",
+            "federated": (
+                f"{algorithm} with NVIDIA FLARE across {len(reported)} sites ({sites}), {recipe.rounds} rounds"
+            ),
             "settings": asdict(recipe),
         },
         changelog=f"federated fine-tuning ({algorithm}, {recipe.rounds} rounds) of {Path(source).name} across {sites}",
@@ -407,8 +409,10 @@ def _export(
             "description": description,
             "task": "Benign vs malignant classification of a lung lesion in chest CT, fine-tuned across sites "
             "by federated learning",
-            "intended_use": f"Research only, not for clinical decisions. For the sites of the federation ({sites}), after "
-            "evaluation on each one's held-out test split; other sites need their own evaluation.",
+            "intended_use": (
+                f"Research only, not for clinical decisions. For the sites of the federation ({sites}), after "
+                "evaluation on each one's held-out test split; other sites need their own evaluation."
+            ),
         },
     )
 
@@ -425,7 +429,8 @@ def _print_rounds(rounds: Sequence[Mapping[str, Any]], sites: Sequence[str]) -> 
             cells += f"{'–' if auc is None else f'{auc:.3f}':>16}{metrics.get('train_steps', 0):>7.0f}"
         print(f"{r['round']:<7}{training:<16}{cells}")
     print(
-        "val AUC: each site's validation AUC of the global model it received at the start of the round (round 0: the source)"
+        "val AUC: each site's validation AUC of the global model it received at the start "
+        "of the round (round 0: the source)"
     )
 
 

@@ -156,7 +156,8 @@ def _csv_cases(path: Path, rows: Sequence[Mapping[str, str]], salt: str | None) 
         if not image:
             skipped.append({"id": f"row {n}", "reason": "empty image path"})
             continue
-        # the paths as written in the table, repeated in the output ("image_..." names are the image's meta keys in MONAI)
+        # the paths as written in the table, repeated in the output ("image_..." names are the image's meta keys in
+        # MONAI)
         case: dict[str, Any] = {
             "id": _named(image, root, salt),
             "image": str(root / image),

@@ -73,7 +73,8 @@ def _remap_head(
         return dict(state)  # no head of this shape in the checkpoint: load_weights reports what is left
     if state[weight].shape[0] != len(source_names):
         raise MedtlError(
-            f"the source's metadata names {len(source_names)} classes but its head has {state[weight].shape[0]} outputs",
+            f"the source's metadata names {len(source_names)} classes but its head has "
+            f"{state[weight].shape[0]} outputs",
             path=label,
             hint="the bundle's channel_def and its weights disagree: ask its sender",
         )
