@@ -174,9 +174,9 @@ def main() -> None:
         b = np.array([run["test_tta"]["auc"] for run in r["runs"]])
         e = r["ensemble_tta"]
         print(
-            f"{name:<16}{a.mean():>9.3f} ± {a.std(ddof=1) if len(a) > 1 else 0:.3f}{b.mean():>9.3f} "
-            f"± {b.std(ddof=1) if len(b) > 1 else 0:.3f}{e['auc']:>10.3f} [{e['auc_ci95'][0]:.3f}, "
-            f"{e['auc_ci95'][1]:.3f}]"
+            f"{name:<16}{a.mean():>9.3f} ± {a.std(ddof=1) if len(a) > 1 else 0:.3f}"
+            f"{b.mean():>9.3f} ± {b.std(ddof=1) if len(b) > 1 else 0:.3f}"
+            f"{e['auc']:>10.3f} [{e['auc_ci95'][0]:.3f}, {e['auc_ci95'][1]:.3f}]"
         )
     if args.out:
         atomic_write_json(args.out, results)
