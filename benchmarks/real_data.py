@@ -257,7 +257,8 @@ def main() -> None:
         f"(each its own source model and label subsets); input {args.variant}"
     )
     print(
-        f"{'stage':<18}{'budget':>7}{'labels':>7}{'AUC':>16}{'AUC - source':>15}{'accuracy':>16}{'draw 0 AUC [95% CI]':>24}"
+        f"{'stage':<18}{'budget':>7}{'labels':>7}{'AUC':>16}{'AUC - source':>15}{'accuracy':>16}"
+        f"{'draw 0 AUC [95% CI]':>24}"
     )
     source_auc = {r["draw"]: r["auc"] for r in rows if r["stage"] == "source-only"}
     groups: dict[tuple, list[dict]] = {}
@@ -265,13 +266,18 @@ def main() -> None:
         groups.setdefault((row["stage"], row["budget"]), []).append(row)
     for (stage, budget), group in groups.items():
         auc, acc = np.array([r["auc"] for r in group]), np.array([r["accuracy"] or np.nan for r in group])
-        sd = lambda a: a.std(ddof=1) if len(a) > 1 else 0.0
+
+        def sd(a):
+            return a.std(ddof=1) if len(a) > 1 else 0.0
+
         gain = np.array([r["auc"] - source_auc[r["draw"]] for r in group]) if budget is not None else None
         lo, hi = group[0]["auc_ci95"]
         print(
-            f"{stage:<18}{'-' if budget is None else f'{budget:.0%}':>7}{group[0]['labels']:>7}{auc.mean():>9.3f} ± {sd(auc):.3f}"
+            f"{stage:<18}{'-' if budget is None else f'{budget:.0%}':>7}{group[0]['labels']:>7}"
+            f"{auc.mean():>9.3f} ± {sd(auc):.3f}"
             f"{'' if gain is None else f'{gain.mean():+.3f} ± {sd(gain):.3f}':>15}"
-            f"{'' if budget is None else f'{np.nanmean(acc):.3f} ± {sd(acc):.3f}':>16}{group[0]['auc']:>10.3f} [{lo:.3f}, {hi:.3f}]"
+            f"{'' if budget is None else f'{np.nanmean(acc):.3f} ± {sd(acc):.3f}':>16}"
+            f"{group[0]['auc']:>10.3f} [{lo:.3f}, {hi:.3f}]"
         )
     if args.out:
         print(f"-> {args.out}")
