@@ -40,7 +40,14 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import pydicom
+import torch
+from ignite.handlers import ProgressBar
+from monai.bundle import ConfigParser
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
+from medtl.bundle.audit import audit_bundle
 from medtl.errors import MedtlError, cause_chain, medtl_cause
 from medtl.fileio import atomic_write, atomic_write_csv, atomic_write_json
 
@@ -173,9 +180,6 @@ def _highdicom() -> ModuleType:
 def _audited_meta(root: Path, trust: bool) -> dict[str, Any]:
     """The bundle's metadata, after ``medtl bundle import``'s audit of the two files predict
     parses (``logging.conf`` is never applied here, so it is not run either)."""
-    from monai.bundle import ConfigParser
-
-    from medtl.bundle.audit import audit_bundle
 
     findings = [str(f) for f in audit_bundle(root)]
     if findings and not trust:
@@ -202,7 +206,6 @@ def _run_inference(root: Path, input_dir: Path, out: Path, *, real_ids: bool, pr
 
     ``real_ids`` goes to its ``cases`` (``inference_cases``), the one place folders are keyed,
     also in a bundle exported before ``real_ids`` was a top-level option of its own."""
-    from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(root / "configs" / "inference.json")
@@ -223,8 +226,6 @@ def _run_inference(root: Path, input_dir: Path, out: Path, *, real_ids: bool, pr
     parser.parse(reset=True)
     try:
         if progress and "evaluator" in parser:
-            from ignite.handlers import ProgressBar
-
             ProgressBar(persist=False, desc="inference").attach(parser.get_parsed_content("evaluator"))
         for stage in ("initialize", "run", "finalize"):
             _run_stage(parser, stage)
@@ -294,7 +295,6 @@ def _predicted_cases(
 
 def _source_headers(files: Sequence[str]) -> list[Any]:
     """The source series' headers (no pixels): the evidence an SR cites and the patient/study both copy."""
-    import pydicom
 
     return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
 
@@ -319,7 +319,6 @@ def _save(dataset: Any, out: Path, name: str) -> str:
 
 def _gradcam_picture(item: Mapping[str, Any], network: Any, class_index: int) -> tuple[np.ndarray, tuple[float, float]]:
     """RGB Grad-CAM overlay on the crop's central axial slice, upscaled, and its pixel spacing (rows, columns) in mm."""
-    import torch
 
     from medtl.explain import central_slices, gradcam, overlay
 
@@ -343,7 +342,6 @@ def _write_secondary_capture(
 ) -> str:
     """``dicom/<series>_gradcam_sc.dcm``: radiological display (patient left on the image right, anterior at
     the top)."""
-    from pydicom.dataset import Dataset
 
     pixels, spacing = picture
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -383,7 +381,6 @@ def _write_sr(
     predicted class, Probability = its probability, both by the bundle as algorithm."""
     from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
 
     index = class_names.index(row["pred"])
     group = hd.sr.MeasurementsAndQualitativeEvaluations(

@@ -268,8 +268,7 @@ def test_export_writes_the_networks_class_count_into_the_configs(tmp_path):
     metadata that names another number of classes is refused."""
     from monai.networks.nets import resnet10
 
-    from medtl.adapt.job import network_data_format_with_classes
-    from medtl.bundle.export import export_bundle
+    from medtl.bundle.export import export_bundle, network_data_format_with_classes
 
     names = ["benign", "malignant", "uncertain"]
     net = resnet10(spatial_dims=3, n_input_channels=1, num_classes=3, widen_factor=0.5)

@@ -9,7 +9,6 @@ a ``tumor_cls_finetune`` bundle. The test split is only scored, never used for a
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import time
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ from monai.utils import set_determinism
 from medtl.adapt.adabn import adabn
 from medtl.adapt.recipe import distill, finetune, loader, preprocess_splits, recipe_outcome
 from medtl.bundle.components import class_names, load_source
-from medtl.bundle.export import export_bundle, template_dir
+from medtl.bundle.export import export_bundle, network_data_format_with_classes
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_json
 from medtl.loading import resolve_device
@@ -183,18 +182,6 @@ def _mapping_text(report: Mapping[str, Any]) -> str:
     if mapping is None:
         return "the source names none, so its outputs were taken in the target's order"
     return ", ".join(f"{t} <- {s}" if s is not None else f"{t} (new)" for t, s in mapping.items())
-
-
-def network_data_format_with_classes(names: list[str]) -> dict[str, Any]:
-    """The template's network_data_format with the target's classes as output channels."""
-
-    meta = json.loads((template_dir("tumor_cls_finetune") / "configs" / "metadata.json").read_text(encoding="utf-8"))
-    fmt = meta["network_data_format"]
-    pred = fmt["outputs"]["pred"]
-    pred.update(
-        num_channels=len(names), spatial_shape=[1, len(names)], channel_def={str(i): n for i, n in enumerate(names)}
-    )
-    return fmt
 
 
 __all__ = ["run_adapt"]

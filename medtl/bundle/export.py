@@ -147,9 +147,20 @@ def output_classes(network: nn.Module, shape: Sequence[int], meta: Mapping[str, 
             f"{pred.get('num_channels')} and names {named} in channel_def",
             path="configs/metadata.json",
             hint="pass metadata={'network_data_format': ...} with the network's classes "
-            "(medtl.adapt.job.network_data_format_with_classes)",
+            "(network_data_format_with_classes)",
         )
     return k
+
+
+def network_data_format_with_classes(names: list[str]) -> dict[str, Any]:
+    """The ``tumor_cls_finetune`` template's network_data_format with ``names`` as its output channels."""
+    meta = json.loads((template_dir("tumor_cls_finetune") / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    fmt = meta["network_data_format"]
+    pred = fmt["outputs"]["pred"]
+    pred.update(
+        num_channels=len(names), spatial_shape=[1, len(names)], channel_def={str(i): n for i, n in enumerate(names)}
+    )
+    return fmt
 
 
 def write_settings(configs: Path, values: Mapping[str, Any]) -> list[str]:
@@ -302,6 +313,7 @@ def export_bundle(
 
 
 __all__ = [
+    "network_data_format_with_classes",
     "bump_version",
     "eval_metrics",
     "export_bundle",

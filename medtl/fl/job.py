@@ -33,6 +33,7 @@ import torch
 
 from medtl.adapt.schedule import layer_groups
 from medtl.bundle.components import load_source
+from medtl.bundle.export import export_bundle, network_data_format_with_classes
 from medtl.bundle.provenance import describe_source
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_json
@@ -370,8 +371,6 @@ def _export(
 ) -> dict[str, Any]:
     """The global model as a ``tumor_cls_finetune`` bundle: sites by pseudonym, with the manifest
     hashes and counts they reported; the test metrics each site computed."""
-    from medtl.adapt.job import network_data_format_with_classes
-    from medtl.bundle.export import export_bundle
 
     sites = ", ".join(reported)
     data = [
