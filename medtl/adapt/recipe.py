@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -45,22 +43,9 @@ logger = logging.getLogger(__name__)
 Items = Sequence[Mapping[str, Any]]
 
 
-def preprocess(
-    data: Items, transform: Any, *, progress: bool = True, desc: str = "preprocess", workers: int | None = None
-) -> list[dict[str, Any]]:
-    """Run the deterministic ``transform`` once per case (a list that every later step reuses), in
-    ``workers`` threads (default: one per CPU, at most 4) and in the input's order. Reading a DICOM
-    series and resampling it mostly release the GIL, so threads overlap them (docs/benchmarks.md)."""
-    workers = min(4, os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    bar = tqdm(total=len(data), desc=desc, unit="case", disable=not progress, leave=False)
-
-    def one(item: Mapping[str, Any]) -> dict[str, Any]:
-        result = transform(dict(item))
-        bar.update()
-        return result
-
-    with bar, ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, data))
+def preprocess(data: Items, transform: Any, *, progress: bool = True, desc: str = "preprocess") -> list[dict[str, Any]]:
+    """Run the deterministic ``transform`` once per case (a list that every later step reuses)."""
+    return [transform(dict(item)) for item in tqdm(data, desc=desc, unit="case", disable=not progress, leave=False)]
 
 
 def preprocess_splits(
