@@ -176,3 +176,15 @@ def test_unnamed_targets_need_a_class_map_and_a_checkpoint_cannot_take_one(tmp_p
     assert load_source(resnet(0.125, 2), plain, target_classes=["0", "1"])["class_mapping"] is None  # no names to check
     with pytest.raises(MedtlError, match="names no classes"):
         load_source(resnet(0.125, 2), plain, target_classes=["0", "1"], class_map={"0": "benign"})
+
+
+def test_a_source_bundles_metadata_without_class_names_is_no_names(tmp_path):
+    from medtl.bundle.components.source import source_class_names
+
+    bundle = _source_bundle(tmp_path, resnet(0.125, 2), ["benign", "malignant"])
+    for meta in ([1, 2], {"network_data_format": ["odd"]}, {"network_data_format": {"outputs": {"pred": {}}}}):
+        (bundle / "configs" / "metadata.json").write_text(json.dumps(meta), encoding="utf-8")
+        assert source_class_names(bundle) is None
+    (bundle / "configs" / "metadata.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(MedtlError, match="cannot read the source bundle's metadata"):
+        source_class_names(bundle)

@@ -49,9 +49,9 @@ def source_class_names(source: str | Path) -> list[str] | None:
         meta = json.loads(text) if text is not None else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, zipfile.BadZipFile) as exc:
         raise MedtlError(f"cannot read the source bundle's metadata: {exc}", path=path.name) from None
-    if not isinstance(meta, Mapping):
-        return None
-    channel_def = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def")
+    channel_def = meta
+    for key in ("network_data_format", "outputs", "pred", "channel_def"):
+        channel_def = channel_def.get(key) if isinstance(channel_def, Mapping) else None
     return channel_names(channel_def) if isinstance(channel_def, Mapping) and channel_def else None
 
 
