@@ -197,7 +197,7 @@ def main() -> None:
     )
     print(
         f"{'stage':<24}{'labels':>7}{'params':>8}{'AUC':>16}{'AUC - source':>16}{'accuracy':>16}"
-        f"{'seed 0 AUC [95% CI]':>26}{'seconds':>9}"
+        f"{f'seed {args.first_seed} AUC [95% CI]':>26}{'seconds':>9}"
     )
     for stage, row in first.items():
         auc = [r[stage]["test"]["metrics"]["auc"]["value"] for r in runs]
@@ -214,12 +214,12 @@ def main() -> None:
         + "; ".join(
             f"seed {i}: {r['medtl fine-tune']['best_epoch']} epochs, AdaBN "
             f"{'kept' if r['medtl fine-tune']['adabn_kept'] else 'discarded'}"
-            for i, r in enumerate(runs)
+            for i, r in enumerate(runs, start=args.first_seed)
         )
     )
     kept = runs[0][f"student (widen {args.student_widen})"]["pseudo_labels"]
     print(
-        f"seed 0 pseudo-labels kept at p >= {kept['threshold']}: {kept['pseudo_labels_kept']}, "
+        f"seed {args.first_seed} pseudo-labels kept at p >= {kept['threshold']}: {kept['pseudo_labels_kept']}, "
         f"{kept['below_threshold']} below the threshold"
     )
     if args.out:
