@@ -47,6 +47,7 @@ __all__ = [
     "Mismatch",
     "UntrustedCheckpointWarning",
     "adapt_input_conv",
+    "bundle_member",
     "inflate_conv_2d_to_3d",
     "inspect_checkpoint",
     "load_weights",
@@ -119,12 +120,17 @@ def _read_bundle_dir(path: Path, *, trust: bool) -> dict[str, Tensor]:
     )
 
 
+def bundle_member(names: Iterable[str], wanted: str) -> str | None:
+    """The zip entry holding a bundle's ``wanted`` file (``models/model.pt``): a bundle zip holds
+    either ``models/...`` or ``<bundle_name>/models/...``; the shallowest match wins."""
+    hits = sorted((n for n in names if n == wanted or n.endswith("/" + wanted)), key=lambda n: n.count("/"))
+    return hits[0] if hits else None
+
+
 def _read_bundle_zip(path: Path, archive: zipfile.ZipFile, names: list[str], *, trust: bool) -> dict[str, Tensor]:
     for wanted in ("models/model.pt", "models/model.ts"):
-        # a bundle zip holds either models/... or <bundle_name>/models/...; take the shallowest
-        hits = sorted((n for n in names if n == wanted or n.endswith("/" + wanted)), key=lambda n: n.count("/"))
-        if hits:
-            member = hits[0]
+        member = bundle_member(names, wanted)
+        if member is not None:
             label = f"{path}!{member}"
             data = io.BytesIO(archive.read(member))
             if zipfile.is_zipfile(data):

@@ -188,3 +188,13 @@ def test_a_source_bundles_metadata_without_class_names_is_no_names(tmp_path):
     (bundle / "configs" / "metadata.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(MedtlError, match="cannot read the source bundle's metadata"):
         source_class_names(bundle)
+
+
+def test_a_zipped_source_bundle_names_its_classes(tmp_path):
+    import shutil
+
+    from medtl.bundle.components.source import source_class_names
+
+    bundle = _source_bundle(tmp_path, resnet(0.125, 2), ["benign", "malignant"])
+    archive = shutil.make_archive(str(tmp_path / "source"), "zip", root_dir=tmp_path, base_dir=bundle.name)
+    assert source_class_names(archive) == ["benign", "malignant"]

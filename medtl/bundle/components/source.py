@@ -20,7 +20,7 @@ from medtl.bundle.components.data import channel_names, required_path
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_json
 from medtl.networks import find_classifier
-from medtl.weights import backbone_not_loaded, load_weights, match_keys, read_checkpoint
+from medtl.weights import backbone_not_loaded, bundle_member, load_weights, match_keys, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +35,8 @@ def source_class_names(source: str | Path) -> list[str] | None:
             text = member.read_text(encoding="utf-8") if member.is_file() else None
         elif zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                hits = sorted(
-                    (
-                        n
-                        for n in archive.namelist()
-                        if n == "configs/metadata.json" or n.endswith("/configs/metadata.json")
-                    ),
-                    key=lambda n: n.count("/"),
-                )
-                text = archive.read(hits[0]).decode("utf-8") if hits else None
+                member = bundle_member(archive.namelist(), "configs/metadata.json")
+                text = archive.read(member).decode("utf-8") if member is not None else None
         else:
             text = None
         meta = json.loads(text) if text is not None else None
