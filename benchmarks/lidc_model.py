@@ -1,14 +1,15 @@
 """Which image model ranks LIDC-IDRI nodules best: an ablation with several seeds, against nodule diameter.
 
     .venv/bin/python benchmarks/lidc_model.py [--lidc ../shared/data/lidc_nodule_vois] [--work medtl-lidc]
-        [--seeds 3] [--epochs 15] [--variants baseline mask mask48 mask48-strong] [--device auto]
-        [--out lidc_model.json]
+        [--seeds 3] [--epochs 15] [--variants baseline mask mask48 mask48-strong] [--selection val|kfold]
+        [--device auto] [--out lidc_model.json]
         [--export bundles/lidc_nodule_malignancy --export-variant mask]
 
 Every variant trains the same 3D ResNet10 (width 0.25) from scratch on the pooled training splits of
 both LIDC sites (thin- and thick-slice scans; ``medtl import lidc``'s patient-level split), keeps the
-epoch with the best AUC on the pooled validation splits, and is scored once on the pooled test splits
-(patients never used for training or selection). Per variant: test AUC mean ± sd over ``--seeds``
+epoch with the best AUC on the pooled validation splits (``--selection kfold``: the epoch count with
+the best mean AUC over patient-level folds of train+val, then trained on both), and is scored once on
+the pooled test splits (patients never used for training or selection). Per variant: test AUC mean ± sd over ``--seeds``
 seeds, the same with flip test-time augmentation (``medtl.inferers.FlipAveraged``), and the
 ensemble of the seeds' TTA probabilities with a patient-level bootstrap 95% CI. The diameter-only
 score on the same test nodules is the baseline an image model has to beat.
@@ -56,6 +57,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "image48-strong": {"mask_channel": False, "crop_mm": 48, "augment": "strong"},
 }
 
+TRAINED_ON = {
+    "val": "training splits (best epoch on the validation splits)",
+    "kfold": "training and validation splits (epoch count by patient-level k-fold over them)",
+}
+
 
 def pooled_items(work: Path, summary: dict, *, mask_channel: bool, crop_mm: float) -> dict[str, list[dict]]:
     """Train, val and test of both sites together, preprocessed once for one input setting."""
@@ -97,6 +103,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--widen", type=float, default=0.25)
+    parser.add_argument(
+        "--selection",
+        default="val",
+        choices=("val", "kfold"),
+        help="val: best epoch on the pooled val split; kfold: epoch count by 3-fold selection on train+val, "
+        "then trained on both",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--export", help="write the chosen model as the lidc_nodule_malignancy bundle here")
@@ -133,9 +146,16 @@ def main() -> None:
                 resnet(args.widen, len(LIDC_CLASSES), in_channels=2 if v["mask_channel"] else 1),
                 time.perf_counter(),
             )
-            recipe = TrainRecipe(epochs=args.epochs, augment=v["augment"])
+            recipe = TrainRecipe(epochs=args.epochs, augment=v["augment"], selection=args.selection)
             fitted = train(
-                network, items["train"], items["val"], recipe, progress=False, desc=f"{name} seed {seed}", device=device
+                network,
+                items["train"],
+                items["val"],
+                recipe,
+                progress=False,
+                desc=f"{name} seed {seed}",
+                device=device,
+                seed=seed,
             )
             plain, flipped = (probabilities(network, test, tta=tta, device=device) for tta in (False, True))
             tta_probs.append(flipped)
@@ -216,13 +236,15 @@ def export(args: argparse.Namespace, work: Path, summary: dict, kept: tuple) -> 
             "training": asdict(recipe),
             "inputs": VARIANTS[args.export_variant],
             "selection": (
-                f"best pooled validation AUC {val_auc:.3f} of {args.seeds} seeds (seed {seed}); flip TTA at inference"
+                f"best pooled {'validation' if recipe.selection == 'val' else f'{recipe.folds}-fold mean validation'}"
+                f" AUC {val_auc:.3f} of {args.seeds} seeds (seed {seed}); flip TTA at inference"
             ),
         },
         changelog=(
             f"{args.export_variant} (lesion mask as a second input channel, {VARIANTS[args.export_variant]['crop_mm']}"
             f" mm field of view, {VARIANTS[args.export_variant]['augment']} augmentation, flip TTA) trained on "
-            f"both LIDC sites' training splits; pooled test AUC {result['metrics']['auc']['value']:.3f} against "
+            f"both LIDC sites' {TRAINED_ON[recipe.selection]}; pooled test AUC "
+            f"{result['metrics']['auc']['value']:.3f} against "
             f"diameter-only {size['value']:.3f}; benchmarks/lidc_model.py seed {seed}"
         ),
     )
