@@ -17,6 +17,10 @@ drawn with seed d), three ways to use them:
 - naive fine-tune: every layer at one rate, best epoch on the validation split;
 - scratch: a new network on the same labeled cases, its epoch count chosen by the same k-fold.
 
+``--resume`` keeps the rows already in ``--out`` and runs only the missing ones; ``--reuse`` takes
+every stage but medtl's fine-tuning from a run with another ``--adabn``/``--wise``, so comparing two
+recipes costs only the source models and that stage.
+
 Beside them the diameter-only baseline: the nodule diameter alone as the score. AUC and accuracy as
 mean ± sd over draws, with the first draw's patient-bootstrap 95% CI.
 """
@@ -61,22 +65,20 @@ def subset(items: list[dict], fraction: float, seed: int) -> list[dict]:
 
 
 RUN_SETTINGS = ("variant", "source_epochs", "target_epochs", "folds", "budgets", "widen", "adabn", "wise")
+RECIPE_SETTINGS = ("adabn", "wise")  # only the "medtl fine-tune" stage depends on these
 LEGACY = {"adabn": "judged", "wise": 1.0}  # what runs written before these options existed used
 
 
-def completed_draws(path: str, settings: dict) -> tuple[list[dict], set[int]]:
-    """The rows of the draws a previous run with the same settings finished (every stage, every budget)."""
+def previous_rows(path: str, settings: dict, *, reuse: bool = False) -> list[dict]:
+    """The rows of a previous run with the same settings; with ``reuse``, a run that differs only in
+    the medtl recipe (``RECIPE_SETTINGS``), keeping the rows of the stages that do not depend on it."""
     previous = json.loads(Path(path).read_text(encoding="utf-8"))
     changed = [k for k in RUN_SETTINGS if previous["args"].get(k, LEGACY.get(k)) != settings[k]]
+    if reuse:
+        changed = [k for k in changed if k not in RECIPE_SETTINGS]
     if changed:
-        raise SystemExit(f"{path} was run with other settings ({', '.join(changed)}): cannot resume from it")
-    per_draw = 2 + 3 * len(settings["budgets"])  # source-only, AdaBN, then three stages per budget
-    counts: dict[int, int] = {}
-    for row in previous["rows"]:
-        if row["budget"] is not None:
-            counts[row["draw"]] = counts.get(row["draw"], 0) + 1
-    done = {d for d, n in counts.items() if n == per_draw}
-    return [r for r in previous["rows"] if r["budget"] is None or r["draw"] in done], done
+        raise SystemExit(f"{path} was run with other settings ({', '.join(changed)}): cannot take rows from it")
+    return [r for r in previous["rows"] if not (reuse and r["stage"] == "medtl fine-tune")]
 
 
 def main() -> None:
@@ -110,8 +112,12 @@ def main() -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the rest")
     parser.add_argument(
-        "--resume", action="store_true", help="keep the draws already complete in --out and run only the rest"
+        "--reuse",
+        metavar="JSON",
+        help="take the stages that do not depend on --adabn/--wise from this earlier run (same draws and "
+        "settings otherwise) and run only medtl's fine-tuning",
     )
     args = parser.parse_args()
     if not Path(args.lidc).is_dir():
@@ -129,10 +135,14 @@ def main() -> None:
     print(", ".join(f"{k}: {len(v)}" for k, v in items.items()))
     test = items["thick test"]
     rows: list[dict] = []
-    done: set[int] = set()
+    if args.reuse:
+        rows = previous_rows(args.reuse, vars(args), reuse=True)
+        print(f"reusing {len(rows)} rows of {args.reuse}")
     if args.resume and args.out and Path(args.out).is_file():
-        rows, done = completed_draws(args.out, vars(args))
-        print(f"resuming: draws {sorted(done)} already complete in {args.out}")
+        kept = {(r["stage"], r["budget"], r["draw"]) for r in rows}
+        rows += [r for r in previous_rows(args.out, vars(args)) if (r["stage"], r["budget"], r["draw"]) not in kept]
+        print(f"resuming: {len(rows)} rows already in {args.out}")
+    have = {(r["stage"], r["budget"], r["draw"]) for r in rows}
 
     def record(
         stage: str,
@@ -175,22 +185,36 @@ def main() -> None:
         record("diameter only", None, 0, None, 0.0, 0, result=diameter)
     n_thin = len(items["thin train"]) + len(items["thin val"])
     for draw in range(args.draws):
-        if draw in done:
-            continue
-        set_determinism(draw)
-        source, t = resnet(args.widen, in_channels=in_channels), time.perf_counter()
-        train(
-            source,
-            items["thin train"],
-            items["thin val"],
-            TrainRecipe(epochs=args.source_epochs, augment=variant["augment"]),
-            desc=f"source (thin) draw {draw}",
-            device=device,
-        )
-        record("source-only", 0.0, draw, source, time.perf_counter() - t, n_thin)
-        adapted, t = copy.deepcopy(source), time.perf_counter()
-        adabn(adapted, loader(items["thick train"], batch_size=16, device=device), device=device)
-        record("AdaBN", 0.0, draw, adapted, time.perf_counter() - t, n_thin)
+        missing = [
+            (stage, budget)
+            for stage, budget in [("source-only", 0.0), ("AdaBN", 0.0)]
+            + [(stage, b) for b in args.budgets for stage in ("medtl fine-tune", "naive fine-tune", "scratch")]
+            if (stage, budget, draw) not in have
+        ]
+        if any(stage != "scratch" for stage, _ in missing):  # every stage but scratch starts from the source model
+            set_determinism(draw)
+            source, t = resnet(args.widen, in_channels=in_channels), time.perf_counter()
+            train(
+                source,
+                items["thin train"],
+                items["thin val"],
+                TrainRecipe(epochs=args.source_epochs, augment=variant["augment"]),
+                desc=f"source (thin) draw {draw}",
+                device=device,
+            )
+            if ("source-only", 0.0) in missing:
+                record("source-only", 0.0, draw, source, time.perf_counter() - t, n_thin)
+            else:  # reused rows must come from the same source model: deterministic training reproduces it
+                before = next(r["auc"] for r in rows if r["stage"] == "source-only" and r["draw"] == draw)
+                again = evaluate_items(source, test, seed=draw, class_names=LIDC_CLASSES, device=device)
+                print(
+                    f"draw {draw} source model retrained: test AUC {again['metrics']['auc']['value']:.4f} "
+                    f"(recorded {before:.4f})"
+                )
+        if ("AdaBN", 0.0) in missing:
+            adapted, t = copy.deepcopy(source), time.perf_counter()
+            adabn(adapted, loader(items["thick train"], batch_size=16, device=device), device=device)
+            record("AdaBN", 0.0, draw, adapted, time.perf_counter() - t, n_thin)
         for budget in args.budgets:
             labeled = subset(items["thick train"], budget, seed=draw)
             chosen = {i["case_id"] for i in labeled}
@@ -211,6 +235,8 @@ def main() -> None:
                 ),
                 ("naive fine-tune", FineTuneRecipe.naive(epochs=args.target_epochs, augment=variant["augment"])),
             ):
+                if (stage, budget) not in missing:
+                    continue
                 set_determinism(draw)
                 model, t = copy.deepcopy(source), time.perf_counter()
                 fitted = finetune(
@@ -233,6 +259,8 @@ def main() -> None:
                     epochs=fitted["best_epoch"],
                     adabn_kept=fitted.get("adabn", {}).get("kept"),
                 )
+            if ("scratch", budget) not in missing:
+                continue
             set_determinism(draw)
             scratch, t = resnet(args.widen, in_channels=in_channels), time.perf_counter()
             fitted = train(
@@ -264,7 +292,8 @@ def main() -> None:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["stage"], row["budget"]), []).append(row)
-    for (stage, budget), group in groups.items():
+    order = ["diameter only", "source-only", "AdaBN", "medtl fine-tune", "naive fine-tune", "scratch"]
+    for (stage, budget), group in sorted(groups.items(), key=lambda g: (g[0][1] or 0, order.index(g[0][0]))):
         auc, acc = np.array([r["auc"] for r in group]), np.array([r["accuracy"] or np.nan for r in group])
 
         def sd(a):
