@@ -3,6 +3,8 @@ geometry, and the optional shared data folder."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +13,31 @@ import numpy as np
 import pytest
 
 from medtl.dicomwrite import SeriesInfo, make_uid, write_ct_series
+from medtl.fileio import utf8_child_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
+
+
+#: ``python -m monai.bundle`` ARGS that run a bundle's inference.json from inside the bundle.
+RUN_INFERENCE = ("run", "--config_file", "configs/inference.json", "--bundle_root", ".")
+
+
+def monai_bundle(*args: str, cwd: Path, ok: bool | None = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle ARGS`` as a user would type it. ``ok=True`` fails the test with its
+    output unless it succeeds, ``False`` unless it fails, ``None`` checks nothing."""
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=cwd,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+        timeout=timeout,
+    )
+    if ok is not None:
+        assert (done.returncode == 0) == ok, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 @dataclass

@@ -16,6 +16,7 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+from conftest import monai_bundle
 
 from medtl.bundle.components import datalist, inference_cases
 from medtl.errors import MedtlError, medtl_cause
@@ -24,21 +25,6 @@ from medtl.fileio import utf8_child_env
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
 SCHEMA = REPO / "medtl" / "schemas" / "meta_schema_20240725.json"
-
-
-def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle ARGS`` as a user would type it; fails the test with its output on error."""
-    done = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args],
-        cwd=cwd,
-        capture_output=True,
-        encoding="utf-8",
-        errors="replace",
-        env=utf8_child_env(),
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)

@@ -40,6 +40,7 @@ except Exception as exc:  # ImportError, or holoscan failing to load its native 
         allow_module_level=True,
     )
 
+from conftest import RUN_INFERENCE, monai_bundle  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
 from medtl.bundle.export import export_bundle  # noqa: E402
@@ -260,15 +261,8 @@ def _mask_series(ct_folder: Path, seg_path: Path, dest: Path) -> Path:
 def _bundle_cli_predictions(ct_folder: Path, mask_folder: Path, work: Path) -> dict[str, Any]:
     """``python -m monai.bundle run`` of the LIDC bundle's inference.json on the series and mask."""
     (work / "cases.csv").write_text(f"image,mask\n{ct_folder},{mask_folder}\n", encoding="utf-8")
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "configs/inference.json",
-        "--bundle_root",
-        ".",
+    monai_bundle(
+        *RUN_INFERENCE,
         "--input_csv",
         str(work / "cases.csv"),
         "--output_dir",
@@ -277,9 +271,8 @@ def _bundle_cli_predictions(ct_folder: Path, mask_folder: Path, work: Path) -> d
         "$torch.device('cpu')",
         "--amp",
         "$False",
-    ]
-    done = subprocess.run(command, cwd=LIDC_BUNDLE, check=False, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+        cwd=LIDC_BUNDLE,
+    )
     return json.loads((work / "out" / "predictions.json").read_text(encoding="utf-8"))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import monai_bundle
 
 from medtl.fileio import utf8_child_env
 
@@ -100,27 +101,8 @@ def run_monai_only(*args: str, cwd: Path, ok: bool = True) -> subprocess.Complet
 
 def run_medtl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The shipped ``configs/inference.json`` (medtl's components) through MONAI's CLI."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            str(BUNDLE / "configs" / "inference.json"),
-            "--bundle_root",
-            str(BUNDLE),
-            *args,
-        ],
-        cwd=cwd,
-        capture_output=True,
-        encoding="utf-8",
-        errors="replace",
-        env=utf8_child_env(),
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+    config = ("run", "--config_file", str(BUNDLE / "configs" / "inference.json"), "--bundle_root", str(BUNDLE))
+    return monai_bundle(*config, *args, cwd=cwd)
 
 
 def monai_probabilities(out: Path) -> dict[str, float]:

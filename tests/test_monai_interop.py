@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import monai_bundle
 
 from medtl.errors import MedtlError, medtl_cause
 from medtl.fileio import utf8_child_env
@@ -60,28 +61,17 @@ def test_network_def_takes_a_literal_class_count_and_needs_no_metadata(bundle, c
 @pytest.mark.parametrize("bundle", [b for b in BUNDLES if b.name == "tumor_cls_finetune"], ids=lambda b: b.name)
 def test_verify_net_in_out_cli_on_train_json(bundle):
     """What model-zoo CI types, on the config that used to need a manifest for its class count."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "verify_net_in_out",
-            "network_def",
-            "--meta_file",
-            "configs/metadata.json",
-            "--config_file",
-            "configs/train.json",
-            "--bundle_root",
-            ".",
-        ],
+    done = monai_bundle(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/train.json",
+        "--bundle_root",
+        ".",
         cwd=bundle,
-        capture_output=True,
-        encoding="utf-8",
-        errors="replace",
-        env=utf8_child_env(),
-        timeout=600,
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "verified with no error" in done.stdout + done.stderr
 
 

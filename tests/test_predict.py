@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from conftest import RUN_INFERENCE, monai_bundle
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from medtl.cli import main
@@ -87,31 +88,6 @@ def _key(folder: str, salt: str, number: int = 2) -> str:
     return f"{folder_key(folder, salt)}#{number}"
 
 
-def monai_run(bundle: Path, *args: str) -> subprocess.CompletedProcess:
-    """The bundle's inference.json through ``python -m monai.bundle run``, as a site would run it."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            "configs/inference.json",
-            "--bundle_root",
-            ".",
-            *args,
-        ],
-        cwd=bundle,
-        capture_output=True,
-        encoding="utf-8",
-        errors="replace",
-        env=utf8_child_env(),
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
 def _source(incoming, row, salt: str) -> list[pydicom.Dataset]:
     """The source slices of a prediction row (its id is the key of the series' relative folder, and its number)."""
     folder = next(f for f in ("a", "b/ct") if _key(f, salt) == row["id"])
@@ -138,7 +114,9 @@ def test_predictions_are_the_bundles_own_with_a_confidence_flag(bundle, incoming
     reference = tmp_path / "reference"
     reference.mkdir()
     shutil.copy(out / ".medtl-salt", reference / ".medtl-salt")
-    done = monai_run(bundle, "--input_dir", str(incoming["root"]), "--output_dir", str(reference))
+    done = monai_bundle(
+        *RUN_INFERENCE, "--input_dir", str(incoming["root"]), "--output_dir", str(reference), cwd=bundle
+    )
     own = json.loads((reference / "predictions.json").read_text(encoding="utf-8"))
     assert [{k: v for k, v in r.items() if k != "confidence"} for r in report["predictions"]] == own["predictions"]
     assert report["skipped"] == own["skipped"]
@@ -274,7 +252,9 @@ def test_monai_bundle_run_keys_folders_unless_real_ids_and_writes_formulas_as_te
     shutil.copytree(incoming["root"] / "a", formula / "=cmd|' /C calc'!A0")
     (formula / "=cmd|' /C calc'!A0" / "notes.txt").write_text("export log\n", encoding="utf-8")
     keyed, real = tmp_path / "keyed", tmp_path / "real"
-    monai_run(bundle, "--input_dir", str(formula), "--output_dir", str(keyed), "--real_ids", "false")
+    monai_bundle(
+        *RUN_INFERENCE, "--input_dir", str(formula), "--output_dir", str(keyed), "--real_ids", "false", cwd=bundle
+    )
     key = folder_key("=cmd|' /C calc'!A0", _salt(keyed))
     assert [r["id"] for r in csv.DictReader((keyed / "predictions.csv").open(encoding="utf-8"))] == [f"{key}#2"]
     skipped = json.loads((keyed / "predictions.json").read_text(encoding="utf-8"))["skipped"]
@@ -282,7 +262,9 @@ def test_monai_bundle_run_keys_folders_unless_real_ids_and_writes_formulas_as_te
         encoding="utf-8"
     )
 
-    monai_run(bundle, "--input_dir", str(formula), "--output_dir", str(real), "--real_ids", "true")
+    monai_bundle(
+        *RUN_INFERENCE, "--input_dir", str(formula), "--output_dir", str(real), "--real_ids", "true", cwd=bundle
+    )
     text = (real / "predictions.csv").read_text(encoding="utf-8")
     rows = list(csv.DictReader(text.splitlines()))
     assert [r["id"] for r in rows] == ["'=cmd|' /C calc'!A0#2"] and text.splitlines()[1].startswith("'=cmd")
