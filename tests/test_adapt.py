@@ -48,6 +48,24 @@ def test_shared_class_names_keep_their_source_weights():
     assert not torch.equal(model[0].weight[1], old_w[0])
     with pytest.raises(MedtlError, match="source class names"):
         replace_head(nn.Sequential(nn.Linear(4, 3)), 2, source_classes=["a", "b"], target_classes=["a", "b"])
+
+
+def test_new_head_follows_the_class_mapping_rule():
+    """The same rule as loading a source bundle (``class_mapping``): a class map for names that
+    differ, and same-size label spaces with no shared name refused rather than guessed."""
+    model = nn.Sequential(nn.Linear(4, 2))
+    old_w = model[0].weight.detach().clone()
+    record = replace_head(
+        model,
+        2,
+        source_classes=["benign", "malignant"],
+        target_classes=["high", "low"],
+        class_map={"high": "malignant"},
+    )
+    assert record["label_mapping"] == {"high": "malignant", "low": None}
+    assert torch.equal(model[0].weight[0], old_w[1])
+    with pytest.raises(MedtlError, match="no name in common"):
+        replace_head(nn.Sequential(nn.Linear(4, 2)), 2, source_classes=["0", "1"], target_classes=["a", "b"])
     with pytest.raises(MedtlError, match="at least 2"):
         replace_head(nn.Sequential(nn.Linear(4, 3)), 1)
 

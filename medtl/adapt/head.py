@@ -72,6 +72,7 @@ def replace_head(
     *,
     target_classes: Sequence[str] | None = None,
     source_classes: Sequence[str] | None = None,
+    class_map: Mapping[str, str] | None = None,
     dropout: float = 0.0,
     hidden: int | None = None,
 ) -> dict[str, Any]:
@@ -80,7 +81,9 @@ def replace_head(
     Args:
         num_classes: K, the number of target classes.
         target_classes: names of the K target classes (index order), for the recorded mapping.
-        source_classes: names of the source head's classes; shared names copy their weights.
+        source_classes: names of the source head's classes; each target class that ``class_mapping``
+            matches to one starts from its weights.
+        class_map: ``{target: source}`` for names that differ (``class_mapping``).
         dropout: dropout probability before the (first) new linear layer.
         hidden: width of an optional hidden layer (Linear -> ReLU) before the output layer.
     """
@@ -100,15 +103,19 @@ def replace_head(
     if hidden is not None:
         layers += [nn.Linear(old.in_features, int(hidden)), nn.ReLU(inplace=True)]
     layers.append(out)
-    mapping = {}
+    mapping: dict[str, str | None] = {}
     if target_classes is not None:
+        mapping = (
+            class_mapping(target_classes, source_classes, class_map)
+            if source_classes is not None
+            else dict.fromkeys(target_classes)
+        )
         source_index = {c: i for i, c in enumerate(source_classes or [])}
         for k, cls in enumerate(target_classes):
-            mapping[cls] = cls if cls in source_index else None
-            if cls in source_index and hidden is None:
+            if mapping[cls] is not None and hidden is None:
                 with torch.no_grad():
-                    out.weight[k] = old.weight[source_index[cls]]
-                    out.bias[k] = old.bias[source_index[cls]] if old.bias is not None else 0.0
+                    out.weight[k] = old.weight[source_index[mapping[cls]]]
+                    out.bias[k] = old.bias[source_index[mapping[cls]]] if old.bias is not None else 0.0
     head = layers[0] if len(layers) == 1 else nn.Sequential(*layers)
     _set_module(model, name, head.to(old.weight.device, old.weight.dtype))
     record = {
