@@ -255,36 +255,50 @@ def run_demo(
     )
     stage("AdaBN", adapted, time.perf_counter() - t, {"site B test": "B test"})
 
-    set_determinism(seed)
-    tuned, t = copy.deepcopy(source), time.perf_counter()
-    tuned_run = finetune(
-        tuned,
-        items["B train"],
-        items["B val"],
-        FineTuneRecipe(epochs=target_epochs),
-        unlabeled_items=items["B unlabeled"],
-        progress=progress,
-        desc="fine-tune on site B",
-        device=device,
-        seed=seed,
-    )
-    tuned_results = stage("fine-tuned", tuned, time.perf_counter() - t, {"site B test": "B test"}, tuned_run)
+    def fine_tune(run_seed: int, suffix: str = "") -> tuple[Any, dict[str, Any]]:
+        set_determinism(run_seed)
+        network = copy.deepcopy(source)
+        fitted = finetune(
+            network,
+            items["B train"],
+            items["B val"],
+            FineTuneRecipe(epochs=target_epochs),
+            unlabeled_items=items["B unlabeled"],
+            progress=progress,
+            desc=f"fine-tune on site B{suffix}",
+            device=device,
+            seed=run_seed,
+        )
+        return network, fitted
 
-    set_determinism(seed)
-    student, t = resnet(0.25), time.perf_counter()
-    student_run = distill(
-        tuned,
-        student,
-        [*items["B train"], *items["A train"]],
-        items["B unlabeled"],
-        items["B val"],
-        DistillRecipe(epochs=student_epochs),
-        class_names=CLASSES,
-        cache_dir=out / "cache",
-        progress=progress,
-        desc="distill student",
-        device=device,
-    )
+    def distil(teacher: Any, run_seed: int, suffix: str = "") -> tuple[Any, dict[str, Any]]:
+        set_determinism(run_seed)
+        network = resnet(0.25)
+        fitted = distill(
+            teacher,
+            network,
+            [*items["B train"], *items["A train"]],
+            items["B unlabeled"],
+            items["B val"],
+            DistillRecipe(epochs=student_epochs),
+            class_names=CLASSES,
+            cache_dir=out / "cache",
+            progress=progress,
+            desc=f"distill student{suffix}",
+            device=device,
+        )
+        return network, fitted
+
+    def b_test_auc(network: Any) -> float:
+        return evaluate_items(network, items["B test"], class_names=CLASSES, seed=seed, device=device)["metrics"][
+            "auc"
+        ]["value"]
+
+    t = time.perf_counter()
+    tuned, tuned_run = fine_tune(seed)
+    tuned_results = stage("fine-tuned", tuned, time.perf_counter() - t, {"site B test": "B test"}, tuned_run)
+    t = time.perf_counter()
+    student, student_run = distil(tuned, seed)
     stage("student", student, time.perf_counter() - t, {"site B test": "B test"}, student_run)
 
     t = time.perf_counter()
@@ -295,44 +309,9 @@ def run_demo(
         "student": [_auc(rows, "student")],
     }
     for extra in range(seed + 1, seed + seeds):
-        set_determinism(extra)
-        again = copy.deepcopy(source)
-        finetune(
-            again,
-            items["B train"],
-            items["B val"],
-            FineTuneRecipe(epochs=target_epochs),
-            unlabeled_items=items["B unlabeled"],
-            progress=progress,
-            desc=f"fine-tune on site B, seed {extra}",
-            device=device,
-            seed=extra,
-        )
-        spread["fine-tuned"].append(
-            evaluate_items(again, items["B test"], class_names=CLASSES, seed=seed, device=device)["metrics"]["auc"][
-                "value"
-            ]
-        )
-        set_determinism(extra)
-        pupil = resnet(0.25)
-        distill(
-            again,
-            pupil,
-            [*items["B train"], *items["A train"]],
-            items["B unlabeled"],
-            items["B val"],
-            DistillRecipe(epochs=student_epochs),
-            class_names=CLASSES,
-            cache_dir=out / "cache",
-            progress=progress,
-            desc=f"distill student, seed {extra}",
-            device=device,
-        )
-        spread["student"].append(
-            evaluate_items(pupil, items["B test"], class_names=CLASSES, seed=seed, device=device)["metrics"]["auc"][
-                "value"
-            ]
-        )
+        again, _ = fine_tune(extra, f", seed {extra}")
+        spread["fine-tuned"].append(b_test_auc(again))
+        spread["student"].append(b_test_auc(distil(again, extra, f", seed {extra}")[0]))
     if seeds > 1:
         timings["more seeds"] = time.perf_counter() - t
 

@@ -201,12 +201,15 @@ def test_demo_runs_the_whole_job_and_prints_where_everything_is(tmp_path, capsys
                 "3",
                 "--student-epochs",
                 "2",
+                "--seeds",
+                "2",
             ]
         )
         == 0
     )
     printed = capsys.readouterr().out
     assert "medtl demo: ingest" in printed
+    assert "over 2 seeds" in printed  # the second seed's fine-tuning and student ran and are in the spread
     rows = [line.split() for line in printed.splitlines() if line[:2] in ("A ", "B ")]
     assert [r[0] for r in rows] == ["A", "B"] and all(r[-1] == "OK" for r in rows)
     for name in "AB":
