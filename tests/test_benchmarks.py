@@ -1,11 +1,16 @@
-"""The GPU benchmark runs end to end on the CPU, so it works when a GPU machine first runs it."""
+"""Benchmark scripts: the GPU benchmark runs end to end on the CPU, so it works when a GPU machine
+first runs it; the LIDC MONAI-only benchmark's summary and case sample on known numbers."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 from medtl.fileio import utf8_child_env
 
@@ -58,3 +63,30 @@ def test_device_benchmark_measures_every_row_on_the_cpu(tmp_path):
         and rows[("data path", "augmentation on the device")]["per_model_only"] > 0
     )
     assert result["device"] == "CPU" and "÷" in done.stdout
+
+
+def _lidc_monai_only():
+    spec = importlib.util.spec_from_file_location("lidc_monai_only", REPO / "benchmarks" / "lidc_monai_only.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lidc_monai_only_summary_sample_and_missing_data(tmp_path):
+    """The agreement figures on known numbers, the seeded sample, and the one-line refusal without data."""
+    bench = _lidc_monai_only()
+    a = np.array([0.10, 0.49, 0.51, 0.90, 0.50])
+    b = np.array([0.12, 0.52, 0.51, 0.60, 0.49])
+    s = bench.agreement(a, b)
+    assert s["max"] == pytest.approx(0.30) and s["mean"] == pytest.approx((0.02 + 0.03 + 0 + 0.30 + 0.01) / 5)
+    assert s["p95"] == pytest.approx(np.percentile([0.02, 0.03, 0, 0.30, 0.01], 95))
+    assert s["other_side"] == 2  # 0.49 -> 0.52 and 0.50 -> 0.49 cross 0.5; 0.90 -> 0.60 does not
+
+    cases = [{"i": i} for i in range(50)]
+    picked = bench.pick(cases, 10, 0)
+    assert picked == bench.pick(cases, 10, 0) != bench.pick(cases, 10, 1)
+    assert len(picked) == 10 and [c["i"] for c in picked] == sorted(c["i"] for c in picked)
+    assert bench.pick(cases, None, 0) == bench.pick(cases, 80, 0) == cases
+
+    with pytest.raises(SystemExit, match=r"LIDC VOIs not found at .*nowhere: pass --lidc"):
+        bench.main(["--lidc", str(tmp_path / "nowhere")])
