@@ -19,7 +19,10 @@ drawn with seed d), three ways to use them:
 
 ``--resume`` keeps the rows already in ``--out`` and runs only the missing ones; ``--reuse`` takes
 every stage but medtl's fine-tuning from a run with another ``--adabn``/``--wise``, so comparing two
-recipes costs only the source models and that stage.
+recipes costs only the source models and that stage (``--stages`` limits what runs). When the
+retrained source model is not that run's (another thread count or library build rounds
+differently), the draw's source-only, AdaBN and naive fine-tune rows are measured again, since they
+are paired with the source model.
 
 Beside them the diameter-only baseline: the nodule diameter alone as the score. AUC and accuracy as
 mean ± sd over draws, with the first draw's patient-bootstrap 95% CI.
@@ -78,7 +81,9 @@ def previous_rows(path: str, settings: dict, *, reuse: bool = False) -> list[dic
         changed = [k for k in changed if k not in RECIPE_SETTINGS]
     if changed:
         raise SystemExit(f"{path} was run with other settings ({', '.join(changed)}): cannot take rows from it")
-    return [r for r in previous["rows"] if not (reuse and r["stage"] == "medtl fine-tune")]
+    if not reuse:
+        return previous["rows"]
+    return [r | {"reused": True} for r in previous["rows"] if r["stage"] != "medtl fine-tune"]
 
 
 def main() -> None:
@@ -112,6 +117,10 @@ def main() -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", help="write the results as JSON here")
+    stages = ("medtl fine-tune", "naive fine-tune", "scratch")
+    parser.add_argument(
+        "--stages", nargs="+", choices=stages, default=list(stages), help="the target stages to run at each budget"
+    )
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the rest")
     parser.add_argument(
         "--reuse",
@@ -135,14 +144,18 @@ def main() -> None:
     print(", ".join(f"{k}: {len(v)}" for k, v in items.items()))
     test = items["thick test"]
     rows: list[dict] = []
-    if args.reuse:
-        rows = previous_rows(args.reuse, vars(args), reuse=True)
-        print(f"reusing {len(rows)} rows of {args.reuse}")
     if args.resume and args.out and Path(args.out).is_file():
-        kept = {(r["stage"], r["budget"], r["draw"]) for r in rows}
-        rows += [r for r in previous_rows(args.out, vars(args)) if (r["stage"], r["budget"], r["draw"]) not in kept]
+        rows = previous_rows(args.out, vars(args))
         print(f"resuming: {len(rows)} rows already in {args.out}")
-    have = {(r["stage"], r["budget"], r["draw"]) for r in rows}
+    if args.reuse:
+        kept = {(r["stage"], r["budget"], r["draw"]) for r in rows}
+        reused = [
+            r
+            for r in previous_rows(args.reuse, vars(args), reuse=True)
+            if (r["stage"], r["budget"], r["draw"]) not in kept
+        ]
+        rows += reused
+        print(f"reusing {len(reused)} rows of {args.reuse}")
 
     def record(
         stage: str,
@@ -185,11 +198,12 @@ def main() -> None:
         record("diameter only", None, 0, None, 0.0, 0, result=diameter)
     n_thin = len(items["thin train"]) + len(items["thin val"])
     for draw in range(args.draws):
+        have = {(r["stage"], r["budget"]) for r in rows if r["draw"] == draw}
         missing = [
             (stage, budget)
             for stage, budget in [("source-only", 0.0), ("AdaBN", 0.0)]
-            + [(stage, b) for b in args.budgets for stage in ("medtl fine-tune", "naive fine-tune", "scratch")]
-            if (stage, budget, draw) not in have
+            + [(s, b) for b in args.budgets for s in args.stages]
+            if (stage, budget) not in have
         ]
         if any(stage != "scratch" for stage, _ in missing):  # every stage but scratch starts from the source model
             set_determinism(draw)
@@ -202,15 +216,27 @@ def main() -> None:
                 desc=f"source (thin) draw {draw}",
                 device=device,
             )
-            if ("source-only", 0.0) in missing:
-                record("source-only", 0.0, draw, source, time.perf_counter() - t, n_thin)
-            else:  # reused rows must come from the same source model: deterministic training reproduces it
-                before = next(r["auc"] for r in rows if r["stage"] == "source-only" and r["draw"] == draw)
-                again = evaluate_items(source, test, seed=draw, class_names=LIDC_CLASSES, device=device)
+            seconds = time.perf_counter() - t
+            before = next((r for r in rows if r["stage"] == "source-only" and r["draw"] == draw), None)
+            again = evaluate_items(source, test, seed=draw, class_names=LIDC_CLASSES, device=device)
+            if (
+                before is not None
+                and before.get("reused")
+                and abs(before["auc"] - again["metrics"]["auc"]["value"]) > 1e-9
+            ):
+                # Not the same model (another thread count or library build rounds differently): the
+                # stages paired with the source must come from this one, so drop the reused ones.
                 print(
-                    f"draw {draw} source model retrained: test AUC {again['metrics']['auc']['value']:.4f} "
-                    f"(recorded {before:.4f})"
+                    f"draw {draw}: the retrained source model differs from the reused run's (test AUC "
+                    f"{again['metrics']['auc']['value']:.4f} vs {before['auc']:.4f}); its source-only, AdaBN "
+                    "and naive fine-tune rows are measured again"
                 )
+                dependent = ("source-only", "AdaBN", "naive fine-tune")
+                rows[:] = [r for r in rows if not (r["draw"] == draw and r.get("reused") and r["stage"] in dependent)]
+                missing += [(st, b) for st, b in [("source-only", 0.0), ("AdaBN", 0.0)] if (st, b) not in missing]
+                missing += [("naive fine-tune", b) for b in args.budgets if "naive fine-tune" in args.stages]
+            if ("source-only", 0.0) in missing:
+                record("source-only", 0.0, draw, source, seconds, n_thin, result=again)
         if ("AdaBN", 0.0) in missing:
             adapted, t = copy.deepcopy(source), time.perf_counter()
             adabn(adapted, loader(items["thick train"], batch_size=16, device=device), device=device)
