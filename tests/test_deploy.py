@@ -345,7 +345,8 @@ def test_lidc_app_writes_a_text_sr_in_the_study(lidc_run):
     assert sr.Modality == "SR" and sr.SOPClassUID == BASIC_TEXT_SR
     assert sr.StudyInstanceUID == ct.StudyInstanceUID and sr.SeriesInstanceUID != ct.SeriesInstanceUID
     text = " ".join(str(item.get("TextValue", "")) for item in sr.ContentSequence)
-    assert f"lidc_nodule_malignancy 0.3.0): {lidc_run['app']['pred']}" in text
+    version = json.loads((LIDC_BUNDLE / "configs" / "metadata.json").read_text(encoding="utf-8"))["version"]
+    assert f"lidc_nodule_malignancy {version}): {lidc_run['app']['pred']}" in text
     assert f"Malign {lidc_run['app']['prob_Malign']:.3f}" in text and "not for clinical decisions" in text
     written = json.dumps(lidc_run["app"])
     for tag in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID"):
