@@ -90,3 +90,32 @@ def test_lidc_monai_only_summary_sample_and_missing_data(tmp_path):
 
     with pytest.raises(SystemExit, match=r"LIDC VOIs not found at .*nowhere: pass --lidc"):
         bench.main(["--lidc", str(tmp_path / "nowhere")])
+
+
+@pytest.mark.slow
+def test_shipped_lidc_bundle_reproduces_its_eval_metrics(shared_data, tmp_path):
+    """The LIDC bundle's metadata states what its inference.json scores, through MONAI's CLI, on the
+    pooled test split the importer draws (fixed salt: the same split on every machine)."""
+    from medtl.evaluate import classification_metrics
+    from medtl.importers import LIDC_CLASSES
+
+    lidc = shared_data / "lidc_nodule_vois"
+    if not (lidc / "labels.csv").is_file():
+        pytest.skip("no LIDC VOIs in the shared data")
+    bench = _lidc_monai_only()
+    bundle = REPO / "bundles" / "lidc_nodule_malignancy"
+    stated = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))["eval_metrics"]
+    cases = bench.pooled_test_cases(lidc, tmp_path / "work")
+    assert len(cases) == stated["pooled_test_n"]
+    (tmp_path / "in").mkdir()
+    table, datalist, masks = bench.write_inputs(tmp_path / "in", cases)
+    got = bench.run_config(bundle, "inference.json", (), (table, datalist), tmp_path / "out", 2)
+    p = np.array([got[m] for m in masks])
+    auc = classification_metrics(
+        np.array([c["label"] for c in cases]),
+        np.stack([1 - p, p], 1),
+        class_names=list(LIDC_CLASSES),
+        patient_ids=[c["patient"] for c in cases],
+    )["metrics"]["auc"]
+    assert auc["value"] == pytest.approx(stated["pooled_test_auc"], abs=1e-4)
+    assert auc["ci95"] == pytest.approx(stated["pooled_test_auc_ci95"], abs=2e-3)
