@@ -69,7 +69,7 @@ def pooled_items(work: Path, summary: dict, *, mask_channel: bool, crop_mm: floa
     items: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for site in ("thin", "thick"):
         manifest = load_manifest(work / summary["sites"][site]["manifest"])
-        for split, cases in preprocess_splits(manifest, work, tuple(items), pre, progress=False).items():
+        for split, cases in preprocess_splits(manifest, work, tuple(items), pre).items():
             items[split] += cases
     return items
 
@@ -124,7 +124,7 @@ def main() -> None:
     if not Path(args.lidc).is_dir():
         raise SystemExit(f"LIDC VOIs not found at {args.lidc}: pass --lidc (see ../shared/data/README.md)")
     work = Path(args.work)
-    summary = import_lidc_vois(args.lidc, work, progress=False)
+    summary = import_lidc_vois(args.lidc, work)
     results: dict[str, Any] = {"args": vars(args), "variants": {}}
     test = None
     for name in args.variants:
@@ -152,7 +152,6 @@ def main() -> None:
                 items["train"],
                 items["val"],
                 recipe,
-                progress=False,
                 desc=f"{name} seed {seed}",
                 device=device,
                 seed=seed,
