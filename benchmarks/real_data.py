@@ -69,6 +69,8 @@ def subset(items: list[dict], fraction: float, seed: int) -> list[dict]:
 
 RUN_SETTINGS = ("variant", "source_epochs", "target_epochs", "folds", "budgets", "widen", "adabn", "wise")
 RECIPE_SETTINGS = ("adabn", "wise")  # only the "medtl fine-tune" stage depends on these
+TARGET_STAGES = ("medtl fine-tune", "naive fine-tune", "scratch")  # run at each budget
+PAIRED = ("source-only", "AdaBN", "naive fine-tune")  # rows that belong to one source model (reused only with it)
 LEGACY = {"adabn": "judged", "wise": 1.0}  # what runs written before these options existed used
 
 
@@ -117,9 +119,12 @@ def main() -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", help="write the results as JSON here")
-    stages = ("medtl fine-tune", "naive fine-tune", "scratch")
     parser.add_argument(
-        "--stages", nargs="+", choices=stages, default=list(stages), help="the target stages to run at each budget"
+        "--stages",
+        nargs="+",
+        choices=TARGET_STAGES,
+        default=list(TARGET_STAGES),
+        help="the target stages to run at each budget",
     )
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the rest")
     parser.add_argument(
@@ -149,10 +154,14 @@ def main() -> None:
         print(f"resuming: {len(rows)} rows already in {args.out}")
     if args.reuse:
         kept = {(r["stage"], r["budget"], r["draw"]) for r in rows}
+        # a draw whose source model this run measured itself (it did not reproduce the reused run's)
+        # takes none of the reused rows paired with the other model
+        own_source = {r["draw"] for r in rows if r["stage"] == "source-only" and not r.get("reused")}
         reused = [
             r
             for r in previous_rows(args.reuse, vars(args), reuse=True)
             if (r["stage"], r["budget"], r["draw"]) not in kept
+            and not (r["draw"] in own_source and r["stage"] in PAIRED)
         ]
         rows += reused
         print(f"reusing {len(reused)} rows of {args.reuse}")
@@ -199,12 +208,8 @@ def main() -> None:
     n_thin = len(items["thin train"]) + len(items["thin val"])
     for draw in range(args.draws):
         have = {(r["stage"], r["budget"]) for r in rows if r["draw"] == draw}
-        missing = [
-            (stage, budget)
-            for stage, budget in [("source-only", 0.0), ("AdaBN", 0.0)]
-            + [(s, b) for b in args.budgets for s in args.stages]
-            if (stage, budget) not in have
-        ]
+        source_rows = {("source-only", 0.0), ("AdaBN", 0.0)}
+        missing = (source_rows | {(s, b) for b in args.budgets for s in args.stages}) - have
         if any(stage != "scratch" for stage, _ in missing):  # every stage but scratch starts from the source model
             set_determinism(draw)
             source, t = resnet(args.widen, in_channels=in_channels), time.perf_counter()
@@ -231,10 +236,10 @@ def main() -> None:
                     f"{again['metrics']['auc']['value']:.4f} vs {before['auc']:.4f}); its source-only, AdaBN "
                     "and naive fine-tune rows are measured again"
                 )
-                dependent = ("source-only", "AdaBN", "naive fine-tune")
-                rows[:] = [r for r in rows if not (r["draw"] == draw and r.get("reused") and r["stage"] in dependent)]
-                missing += [(st, b) for st, b in [("source-only", 0.0), ("AdaBN", 0.0)] if (st, b) not in missing]
-                missing += [("naive fine-tune", b) for b in args.budgets if "naive fine-tune" in args.stages]
+                rows[:] = [r for r in rows if not (r["draw"] == draw and r.get("reused") and r["stage"] in PAIRED)]
+                missing |= source_rows | {
+                    ("naive fine-tune", b) for b in args.budgets if "naive fine-tune" in args.stages
+                }
             if ("source-only", 0.0) in missing:
                 record("source-only", 0.0, draw, source, seconds, n_thin, result=again)
         if ("AdaBN", 0.0) in missing:
@@ -318,7 +323,7 @@ def main() -> None:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["stage"], row["budget"]), []).append(row)
-    order = ["diameter only", "source-only", "AdaBN", "medtl fine-tune", "naive fine-tune", "scratch"]
+    order = ["diameter only", "source-only", "AdaBN", *TARGET_STAGES]
     for (stage, budget), group in sorted(groups.items(), key=lambda g: (g[0][1] or 0, order.index(g[0][0]))):
         auc, acc = np.array([r["auc"] for r in group]), np.array([r["accuracy"] or np.nan for r in group])
 
