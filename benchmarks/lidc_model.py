@@ -43,7 +43,7 @@ from medtl.inferers import FlipAveraged
 from medtl.loading import resolve_device
 from medtl.manifest import load_manifest
 from medtl.networks import resnet
-from medtl.recipes import TrainRecipe
+from medtl.recipes import SELECTIONS, TrainRecipe
 from medtl.stages import evaluate_items
 from medtl.transforms import preprocessing
 
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument(
         "--selection",
         default="val",
-        choices=("val", "kfold"),
+        choices=SELECTIONS,
         help="val: best epoch on the pooled val split; kfold: epoch count by 3-fold selection on train+val, "
         "then trained on both",
     )

@@ -117,6 +117,19 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float | int]:
     }
 
 
+def scored_auc(cases: list[dict[str, Any]], p_malign: np.ndarray) -> dict[str, Any]:
+    """AUC of P(Malign) against the cases' labels, with its patient-bootstrap 95% CI, as the bundle's
+    ``eval_metrics`` state it."""
+    p = np.asarray(p_malign, dtype=float)
+    m = classification_metrics(
+        np.array([c["label"] for c in cases]),
+        np.stack([1 - p, p], 1),
+        class_names=list(LIDC_CLASSES),
+        patient_ids=[c["patient"] for c in cases],
+    )["metrics"]["auc"]
+    return {"auc": m["value"], "auc_ci95": m["ci95"]}
+
+
 def write_inputs(folder: Path, cases: list[dict[str, Any]]) -> tuple[Path, Path, list[str]]:
     """One case list in both configs' forms: medtl's CSV (paths relative to it, so the VOIs are
     linked beside it) and a MONAI datalist of the same links. Returns both and each case's mask link."""
@@ -199,12 +212,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: {len(masks)} cases in {seconds[name]:.0f} s", flush=True)
 
     y = np.array([c["label"] for c in cases])
-    patients = [c["patient"] for c in cases]
     pairs = {f"{a} vs {b}": agreement(probs[a], probs[b]) for a, b in PAIRS}
-    aucs = {}
-    for name, p in probs.items():
-        m = classification_metrics(y, np.stack([1 - p, p], 1), class_names=list(LIDC_CLASSES), patient_ids=patients)
-        aucs[name] = {"auc": m["metrics"]["auc"]["value"], "auc_ci95": m["metrics"]["auc"]["ci95"]}
+    aucs = {name: scored_auc(cases, p) for name, p in probs.items()}
 
     n, whole = len(cases), len(everything)
     chosen = "the pooled test split" if n == whole else f"a seeded sample (seed {args.seed}) of the {whole}"

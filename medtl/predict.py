@@ -180,7 +180,6 @@ def _highdicom() -> ModuleType:
 def _audited_meta(root: Path, trust: bool) -> dict[str, Any]:
     """The bundle's metadata, after ``medtl bundle import``'s audit of the two files predict
     parses (``logging.conf`` is never applied here, so it is not run either)."""
-
     findings = [str(f) for f in audit_bundle(root)]
     if findings and not trust:
         raise MedtlError(
@@ -206,7 +205,6 @@ def _run_inference(root: Path, input_dir: Path, out: Path, *, real_ids: bool, pr
 
     ``real_ids`` goes to its ``cases`` (``inference_cases``), the one place folders are keyed,
     also in a bundle exported before ``real_ids`` was a top-level option of its own."""
-
     parser = ConfigParser()
     parser.read_config(root / "configs" / "inference.json")
     parser.read_meta(root / "configs" / "metadata.json")
@@ -295,7 +293,6 @@ def _predicted_cases(
 
 def _source_headers(files: Sequence[str]) -> list[Any]:
     """The source series' headers (no pixels): the evidence an SR cites and the patient/study both copy."""
-
     return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
 
 
@@ -319,7 +316,6 @@ def _save(dataset: Any, out: Path, name: str) -> str:
 
 def _gradcam_picture(item: Mapping[str, Any], network: Any, class_index: int) -> tuple[np.ndarray, tuple[float, float]]:
     """RGB Grad-CAM overlay on the crop's central axial slice, upscaled, and its pixel spacing (rows, columns) in mm."""
-
     from medtl.explain import central_slices, gradcam, overlay
 
     image = item["image"]
@@ -342,7 +338,6 @@ def _write_secondary_capture(
 ) -> str:
     """``dicom/<series>_gradcam_sc.dcm``: radiological display (patient left on the image right, anterior at
     the top)."""
-
     pixels, spacing = picture
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=sources[0],

@@ -96,9 +96,6 @@ def test_lidc_monai_only_summary_sample_and_missing_data(tmp_path):
 def test_shipped_lidc_bundle_reproduces_its_eval_metrics(shared_data, tmp_path):
     """The LIDC bundle's metadata states what its inference.json scores, through MONAI's CLI, on the
     pooled test split the importer draws (fixed salt: the same split on every machine)."""
-    from medtl.evaluate import classification_metrics
-    from medtl.importers import LIDC_CLASSES
-
     lidc = shared_data / "lidc_nodule_vois"
     if not (lidc / "labels.csv").is_file():
         pytest.skip("no LIDC VOIs in the shared data")
@@ -110,12 +107,6 @@ def test_shipped_lidc_bundle_reproduces_its_eval_metrics(shared_data, tmp_path):
     (tmp_path / "in").mkdir()
     table, datalist, masks = bench.write_inputs(tmp_path / "in", cases)
     got = bench.run_config(bundle, "inference.json", (), (table, datalist), tmp_path / "out", 2)
-    p = np.array([got[m] for m in masks])
-    auc = classification_metrics(
-        np.array([c["label"] for c in cases]),
-        np.stack([1 - p, p], 1),
-        class_names=list(LIDC_CLASSES),
-        patient_ids=[c["patient"] for c in cases],
-    )["metrics"]["auc"]
-    assert auc["value"] == pytest.approx(stated["pooled_test_auc"], abs=1e-4)
-    assert auc["ci95"] == pytest.approx(stated["pooled_test_auc_ci95"], abs=2e-3)
+    auc = bench.scored_auc(cases, np.array([got[m] for m in masks]))
+    assert auc["auc"] == pytest.approx(stated["pooled_test_auc"], abs=1e-4)
+    assert auc["auc_ci95"] == pytest.approx(stated["pooled_test_auc_ci95"], abs=2e-3)
