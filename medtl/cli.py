@@ -256,6 +256,9 @@ def _adapt(args: argparse.Namespace) -> int:
         args.manifest,
         args.root,
         args.out,
+        arch=args.arch,
+        spatial_dims=args.spatial_dims,
+        in_channels=args.in_channels,
         widen_factor=args.widen_factor,
         modality=args.modality,
         recipe=recipe_from_args(FineTuneRecipe, args),
@@ -280,6 +283,9 @@ def _fl(args: argparse.Namespace) -> int:
         args.root,
         args.out,
         recipe=recipe_from_args(FederatedRecipe, args),
+        arch=args.arch,
+        spatial_dims=args.spatial_dims,
+        in_channels=args.in_channels,
         widen_factor=args.widen_factor,
         modality=args.modality,
         threads=args.threads,
@@ -302,11 +308,16 @@ def _import(args: argparse.Namespace) -> int:
             )
     else:
         classes = args.classes.split(",") if args.classes else None
-        summary = import_medmnist(args.source, args.output, classes=classes, progress=not args.quiet)
+        summary = import_medmnist(args.source, args.output, classes=classes, roi=args.roi, progress=not args.quiet)
         print(
             f"{summary['dataset']}: {summary['cases']} images {summary['image_shape']} ({summary['intensity']}), "
             f"per split and label {summary['by_split_label']} -> {Path(args.output) / summary['manifest']}"
         )
+        if "roi" in summary:
+            print(
+                f"masks: the shape ({summary['roi']['mask']}); a crop of "
+                f"{summary['roi']['crop_mm_holding_every_shape']} mm around each holds it whole"
+            )
     for item in summary.get("skipped", []):
         print(f"skipped {item.get('file', item.get('row'))}: {item['reason']}")
     print(f"-> {Path(args.output) / 'import.json'}")
@@ -324,6 +335,7 @@ def _predict(args: argparse.Namespace) -> int:
         sr=args.sr,
         secondary_capture=args.secondary_capture,
         real_ids=args.real_ids,
+        masks=args.masks,
         trust=args.trust,
         progress=not args.quiet,
     )
@@ -516,18 +528,37 @@ def _source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source",
         required=True,
-        help="source weights: a bundle folder or zip, a state dict, a checkpoint or TorchScript",
+        help="a bundle folder or zip (adapted as itself: its own network, inputs and configs), or a raw "
+        "checkpoint of --arch: a state dict, training checkpoint, TorchScript or MedicalNet file",
     )
     parser.add_argument(
         "--trust",
         action="store_true",
-        help="allow a source checkpoint that needs pickled code (runs code from the file)",
+        help="allow a source bundle outside the allow-list or a checkpoint that needs pickled code (runs its code)",
     )
     parser.add_argument(
-        "--widen-factor", type=float, default=0.5, help="ResNet10 width of the source weights (default 0.5)"
+        "--arch",
+        metavar="NAME",
+        help="the raw checkpoint's architecture (default resnet10), or the one to take a bundle's weights into: "
+        "resnet10..resnet200, densenet121/169/201, efficientnet-b0..b7, or a segmentation network's encoder "
+        "(segresnet-encoder, unet-encoder, monai-unet-encoder, swinunetr-encoder); medtl.networks.list_networks()",
     )
     parser.add_argument(
-        "--modality", default="ct", choices=["ct", "mr"], help="crop preprocessing and intensity units (default ct)"
+        "--spatial-dims", type=int, choices=[2, 3], help="a raw checkpoint's network: 2D or 3D (default 3)"
+    )
+    parser.add_argument(
+        "--in-channels",
+        type=int,
+        choices=[1, 2],
+        help="a raw checkpoint's network input: 1 (the scan) or 2 (the scan and its lesion mask); default 1",
+    )
+    parser.add_argument(
+        "--widen-factor", type=float, help="a raw ResNet checkpoint's width (medtl's own ResNet10: 0.5, the default)"
+    )
+    parser.add_argument(
+        "--modality",
+        choices=["ct", "mr"],
+        help="intensity preset of a raw checkpoint's inputs (default ct); a source bundle keeps its own",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     _device_option(parser)
@@ -630,6 +661,12 @@ def _add_import(verbs: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the lidc patient split (default 0)")
     p.add_argument(
         "--classes", help="medmnist: comma-separated class names in label order (default: built in for known files)"
+    )
+    p.add_argument(
+        "--roi",
+        choices=["shape"],
+        help="medmnist: 'shape' for a 3D set of shape masks (AdrenalMNIST3D): images as CT in HU (40 HU shape in "
+        "-1000 HU air) and the shape as each case's mask, the input of a CT bundle with a mask channel",
     )
     p.set_defaults(func=_import)
 
@@ -735,7 +772,8 @@ def _add_weights(verbs: Any) -> None:
         help="inspect how pretrained weights load into a network",
         description=(
             "Pretrained weights from a MONAI bundle (folder or .zip), a state dict or training "
-            "checkpoint (.pt/.pth/.ckpt, Lightning, DataParallel), TorchScript or MedicalNet/Med3D, "
+            "checkpoint (.pt/.pth/.ckpt, Lightning, DataParallel), TorchScript, MedicalNet/Med3D or a "
+            "segmentation network's (SegResNet, UNet, SwinUNETR, MONAI's self-supervised Swin-ViT), "
             "matched onto a registered network."
         ),
     )
@@ -755,7 +793,16 @@ def _add_weights(verbs: Any) -> None:
     w.add_argument(
         "checkpoint", metavar="CKPT", help="weights file (.pt/.pth/.ckpt/.ts) or MONAI bundle folder or .zip"
     )
-    w.add_argument("--arch", required=True, help="network name, e.g. resnet10, resnet50, densenet121, efficientnet-b0")
+    w.add_argument(
+        "--arch",
+        required=True,
+        # spelled out rather than read from medtl.networks, whose import (torch, MONAI) would slow every command
+        help="registered network to build: resnet10, resnet18, resnet34, resnet50, resnet101, resnet152, resnet200, "
+        "densenet121, densenet169, densenet201, efficientnet-b0 ... efficientnet-b7, segresnet-encoder (SegResNet), "
+        "unet-encoder (BasicUNet), monai-unet-encoder (UNet), swinunetr-encoder (SwinUNETR's Swin-ViT). "
+        "MedicalNet's shortcut layout and an encoder's sizes are taken from the checkpoint's tensors and stated "
+        "in the report",
+    )
     w.add_argument("--spatial-dims", type=int, default=3, help="2 or 3 (default 3)")
     w.add_argument("--in-channels", type=int, default=1, help="input channels of the network (default 1)")
     w.add_argument("--num-classes", type=int, default=2, help="classifier outputs of the network (default 2)")
@@ -816,6 +863,17 @@ def _add_predict(verbs: Any) -> None:
         action="store_true",
         help="also write a DICOM Secondary Capture per series (OUT/dicom/): "
         "the Grad-CAM overlay on the central axial slice of the crop the network saw, in the source study",
+    )
+    p.add_argument(
+        "--masks",
+        metavar="CSV",
+        help=(
+            "lesion masks as NIfTI files: a table with columns series (the id this command prints, the folder "
+            "relative to DICOM_DIR, or the SeriesInstanceUID) and mask (path relative to the table, on the "
+            "series' voxel grid as medtl convert writes it). Without a row, a series' mask is read from the "
+            "DICOM SEG in DICOM_DIR that references it. A bundle that takes the mask as an input channel "
+            "skips the series with neither"
+        ),
     )
     p.add_argument(
         "--real-ids",

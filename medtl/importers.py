@@ -7,7 +7,8 @@ then calls it. Two sources:
 * LIDC-IDRI nodule volumes of interest (``import_lidc_vois``): CT in HU with nodule masks, split
   into two sites by slice spacing (thin-slice source, thick-slice target) for transfer learning;
 * MedMNIST ``.npz`` files (``import_medmnist``): small 2D or 3D uint8 images with the file's own
-  train/val/test split.
+  train/val/test split; 3D shape sets (AdrenalMNIST3D) also as CT-like images with their shape as
+  the lesion mask (``roi="shape"``), the input a CT bundle with a mask channel takes.
 
 Outputs are written atomically; an ``import.json`` beside them records what was converted from
 which source bytes, so a rerun converts only what changed.
@@ -54,6 +55,12 @@ MEDMNIST_CLASSES = {
     "breastmnist": ("malignant", "normal_or_benign"),
     "adrenalmnist3d": ("normal", "hyperplasia"),
 }
+# roi="shape": a shape set's voxels written as CT shows an organ, soft tissue in air (import_medmnist says why)
+ROI_CHOICES = ("shape",)
+SHAPE_HU = 40
+BACKGROUND_HU = -1000
+# the lesion crop of medtl's CT bundles (lidc_nodule_malignancy's crop_mm), which a shape should fit
+BUNDLE_CROP_MM = 32.0
 
 
 def _load_state(out: Path) -> dict[str, dict[str, Any]]:
@@ -407,12 +414,65 @@ def _medmnist_volume(image: np.ndarray) -> Volume:
     return Volume(np.ascontiguousarray(array), np.eye(4))
 
 
+def _check_shape_set(splits: Mapping[str, tuple[np.ndarray, np.ndarray]], lo: int, hi: int, npz: Path) -> None:
+    """Refuse what ``roi="shape"`` cannot read as masks: 2D sets, grey-level images, an empty shape."""
+    if next(iter(splits.values()))[0].ndim != 4:
+        raise MedtlError("roi='shape' needs a 3D set (N, D, H, W); this file holds 2D images", path=npz)
+    grey = sum(int(np.count_nonzero((images != lo) & (images != hi))) for images, _ in splits.values())
+    if lo == hi or grey:
+        raise MedtlError(
+            f"roi='shape' needs shape masks of two values (background and shape); this file's images hold "
+            f"{'one value' if lo == hi else f'{grey} voxels between {lo} and {hi}'}",
+            path=npz,
+            hint="a grey-level set (CT, MR) has no shape to take as its mask: import it without roi",
+        )
+    empty = [
+        f"{split}/{i}"
+        for split, (images, _) in splits.items()
+        for i in np.flatnonzero(~(images == hi).reshape(len(images), -1).any(axis=1))
+    ]
+    if empty:
+        raise MedtlError(
+            f"{len(empty)} image(s) hold no shape voxel ({', '.join(empty[:3])}), so there is no lesion to crop around",
+            path=npz,
+        )
+
+
+def _shape_volumes(image: np.ndarray, hi: int) -> tuple[Volume, Volume]:
+    """A shape image as (CT in HU, its mask): ``SHAPE_HU`` where the file holds ``hi``, else ``BACKGROUND_HU``."""
+    mask = _medmnist_volume(image == hi)
+    hu = np.where(mask.array, SHAPE_HU, BACKGROUND_HU).astype(np.int16)
+    return Volume(hu, mask.affine), Volume(mask.array.astype(np.uint8), mask.affine)
+
+
+def _shape_crop_mm(splits: Mapping[str, tuple[np.ndarray, np.ndarray]], hi: int) -> list[float]:
+    """Per axis, a crop size (mm at the nominal 1 mm) that holds every whole shape when centred on its
+    centre of mass, as the bundles centre their lesion crop: twice the farthest shape voxel's distance
+    from that centre, plus one voxel for the rounding of the box to whole voxels and one for the voxel itself."""
+    sizes = []
+    for axis in range(3):
+        farthest = 0.0
+        for images, _ in splits.values():
+            masks = images == hi
+            others = tuple(a for a in range(1, 4) if a != axis + 1)
+            counts = masks.sum(axis=others)  # (N, length of this axis): shape voxels per plane
+            index = np.arange(counts.shape[1])
+            center = (counts * index).sum(axis=1) / counts.sum(axis=1)
+            present = counts > 0
+            first = present.argmax(axis=1)
+            last = counts.shape[1] - 1 - present[:, ::-1].argmax(axis=1)
+            farthest = max(farthest, float(np.max(np.maximum(center - first, last - center))))
+        sizes.append(float(np.ceil(2 * farthest + 2)))
+    return sizes
+
+
 def import_medmnist(
     npz: str | Path,
     out: str | Path,
     *,
     classes: Sequence[str] | None = None,
     name: str | None = None,
+    roi: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Import a MedMNIST ``.npz`` as NIfTI files and one manifest that keeps the file's own split.
@@ -426,19 +486,34 @@ def import_medmnist(
     for a 2D set it also says ``spatial_dims=2``, so the single-slice files become (1, H, W) images
     for a 2D network.
 
+    ``roi="shape"`` reads a 3D set of shape masks (AdrenalMNIST3D: adrenal glands segmented from CT,
+    normal vs hyperplasia) as the input of a CT bundle with a mask channel (``lidc_nodule_malignancy``):
+    each image is written as CT in HU, shape voxels at ``SHAPE_HU`` (40, unenhanced soft tissue, as
+    adrenal tissue and solid nodules measure) over ``BACKGROUND_HU`` (-1000, air), and the shape itself
+    as the case's ``mask`` (the region of interest), so the manifest's cases carry ``roi.mask``. Air
+    rather than the retroperitoneal fat (-100 HU) around real adrenals: the bundles' lung window
+    (-1000..400 HU) then maps the shape to 0.74 over 0, the contrast of a solid nodule in aerated
+    lung that a lung-CT source model learned, and the crop's padding (0, i.e. -1000 HU) where it
+    leaves the 28 mm image is the background itself, not a box edge. The nominal 1 mm spacing keeps
+    the files' size in millimetres; the summary's ``roi`` says which crop holds every whole shape
+    when centred on its centre of mass, as the bundles centre it (AdrenalMNIST3D at 28³: 31 mm, so
+    the bundles' 32 mm crop keeps each gland whole; the 64³ file needs a larger one).
+
     Args:
         npz: a MedMNIST file with ``{train,val,test}_{images,labels}`` arrays, 2D (N, H, W) or
             3D (N, D, H, W), one class index per image.
         out: output folder, one dataset per folder; see ``Returns``.
         classes: class names in label-index order; built in for ``MEDMNIST_CLASSES``.
         name: dataset name for the site and manifest; defaults to the file's name without size suffix.
+        roi: ``"shape"`` for a 3D set of shape masks: CT-like images in HU with the shape as their mask.
         progress: show a progress bar.
 
     Returns:
         A summary, also saved in ``out/import.json``, of the files written under ``out``::
 
             images/{train,val,test}/<split>-NNNNN.nii.gz   one image each, 1 mm nominal spacing
-            labels.csv                                      patient_id,label,site,image,split
+            masks/{train,val,test}/<split>-NNNNN.nii.gz    with roi="shape": the shape (uint8 0/1)
+            labels.csv                                      patient_id,label,site,image,split (,mask)
             manifests/<name>.json                           the manifest (fixed salt in manifests/.medtl-salt)
 
     Examples:
@@ -446,6 +521,11 @@ def import_medmnist(
 
             summary = import_medmnist("shared/data/medmnist/breastmnist.npz", "breastmnist")
             pre = preprocessing(**summary["preprocessing"])
+
+        Adrenal glands as CT with their mask, for the LIDC bundle's two-channel input::
+
+            summary = import_medmnist("shared/data/medmnist/adrenalmnist3d.npz", "adrenal", roi="shape")
+            pre = preprocessing(**summary["preprocessing"])  # modality="ct", mask_channel=True, crop_mm 32
     """
     npz, out = Path(npz), Path(out)
     started = time.perf_counter()
@@ -459,7 +539,13 @@ def import_medmnist(
             )
         classes = MEDMNIST_CLASSES[name]
     classes = tuple(classes)
+    if roi is not None and roi not in ROI_CHOICES:
+        raise MedtlError(f"unknown roi {roi!r}; allowed: {', '.join(ROI_CHOICES)}")
     splits = _read_medmnist(npz, len(classes))
+    lo = min(images.min().item() for images, _ in splits.values())
+    hi = max(images.max().item() for images, _ in splits.values())
+    if roi == "shape":
+        _check_shape_set(splits, lo, hi, npz)
     npz_sha = sha256_file(npz)
     _public_salt(out, name)
     previous = _load_state(out)
@@ -471,21 +557,27 @@ def import_medmnist(
         for split, (images, labels) in splits.items():
             for i, (image, label) in enumerate(zip(images, labels, strict=True)):
                 key = f"{split}-{i:05d}"
-                rel = f"images/{split}/{key}.nii.gz"
-                source = {"npz": npz_sha, "index": f"{split}/{i}"}
+                rel, mask_rel = f"images/{split}/{key}.nii.gz", f"masks/{split}/{key}.nii.gz"
+                # the conversion is part of the source, so switching roi on or off converts again
+                source = {"npz": npz_sha, "index": f"{split}/{i}", **({"roi": roi} if roi else {})}
                 if _current(previous.get(key), source, out):
                     files[key] = previous[key]
                     reused += 1
+                elif roi == "shape":
+                    hu, mask = _shape_volumes(image, hi)
+                    write_nifti(hu, out / rel, dtype=np.int16)
+                    write_nifti(mask, out / mask_rel, dtype=np.uint8)
+                    files[key] = {"source": source, "outputs": {p: sha256_file(out / p) for p in (rel, mask_rel)}}
                 else:
                     volume = _medmnist_volume(image)
                     write_nifti(volume, out / rel, dtype=_integral_dtype(volume.array, np.uint8))
                     files[key] = {"source": source, "outputs": {rel: sha256_file(out / rel)}}
-                rows.append(
-                    {"patient_id": key, "label": classes[int(label)], "site": name, "image": rel, "split": split}
-                )
+                row = {"patient_id": key, "label": classes[int(label)], "site": name, "image": rel, "split": split}
+                rows.append(row | ({"mask": mask_rel} if roi else {}))
                 bar.update()
     labels_path = out / "labels.csv"
-    atomic_write_csv(labels_path, rows, ("patient_id", "label", "site", "image", "split"))
+    columns = ("patient_id", "label", "site", "image", "split", *(("mask",) if roi else ()))
+    atomic_write_csv(labels_path, rows, columns)
     sizes = {split: len(labels) for split, (_, labels) in splits.items()}
     manifest = build_manifest_file(
         labels=labels_path,
@@ -499,14 +591,33 @@ def import_medmnist(
     shape = list(_medmnist_volume(splits["train"][0][0]).shape)
     spatial_dims = splits["train"][0].ndim - 1
     size = shape[:spatial_dims]  # a 2D image's file keeps a slice axis of 1 that preprocessing drops
-    lo = min(images.min().item() for images, _ in splits.values())
-    hi = max(images.max().item() for images, _ in splits.values())
+    dtype = splits["train"][0].dtype
+    if roi == "shape":
+        crop_mm = _shape_crop_mm(splits, hi)
+        intensity = f"{dtype} shape masks ({lo} outside, {hi} inside), written as {SHAPE_HU} HU in {BACKGROUND_HU} HU"
+        # the CT bundles' input: lung window, the mask as a second channel, their 32 mm crop unless a shape needs more
+        preprocessing = {
+            "modality": "ct",
+            "mask_channel": True,
+            "crop_mm": [max(BUNDLE_CROP_MM, c) for c in crop_mm],
+            "spatial_size": [32, 32, 32],
+        }
+    else:
+        intensity = f"{dtype} {lo}..{hi}, not HU"
+        preprocessing = {
+            "modality": "ct",
+            "ct_window": [lo, hi],
+            "spatial_dims": spatial_dims,
+            "target_spacing": [1.0] * spatial_dims,
+            "crop_mm": [float(n) for n in size],
+            "spatial_size": size,
+        }
     summary = {
         "dataset": name,
         "source": npz.name,
         "spatial_dims": spatial_dims,
         "image_shape": shape,
-        "intensity": f"{splits['train'][0].dtype} {lo}..{hi}, not HU",
+        "intensity": intensity,
         "classes": list(classes),
         "label_map": manifest["label_map"],
         "cases": total,
@@ -515,14 +626,19 @@ def import_medmnist(
         "labels": labels_path.name,
         "converted": total - reused,
         "reused": reused,
-        "preprocessing": {
-            "modality": "ct",
-            "ct_window": [lo, hi],
-            "spatial_dims": spatial_dims,
-            "target_spacing": [1.0] * spatial_dims,
-            "crop_mm": [float(n) for n in size],
-            "spatial_size": size,
-        },
+        **(
+            {
+                "roi": {
+                    "from": "shape",
+                    "mask": f"image == {hi}",
+                    "hu": {"shape": SHAPE_HU, "background": BACKGROUND_HU},
+                    "crop_mm_holding_every_shape": crop_mm,
+                }
+            }
+            if roi == "shape"
+            else {}
+        ),
+        "preprocessing": preprocessing,
         "seconds": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(out / STATE_FILE, {"importer_version": IMPORTER_VERSION, "summary": summary, "files": files})

@@ -7,7 +7,8 @@ Three steps, each a small function:
    checkpoint (``{"state_dict"|"model"|"network": ...}``, Lightning), TorchScript, MedicalNet/Med3D.
    Safe by default (``torch.load(weights_only=True)``); pickled code needs ``trust=True``.
 2. ``match_keys`` renames checkpoint tensors onto the model's names with explicit rules: wrapper
-   prefixes stripped (``module.``, ``model.``, ...), a user regex ``key_map``, an added prefix.
+   prefixes stripped (``module.``, ``model.``, ...), a user regex ``key_map``, the network family's
+   rules for known layouts (MONAI's self-supervised Swin-ViT, ``medtl.networks.Family``), an added prefix.
 3. ``load_weights`` merges matched tensors into the model's state, adapting what has a principled
    adaptation (input channels of the stem conv, 2D -> 3D kernel inflation) and reporting everything
    else: nothing is skipped silently. A classifier head with another class count is *mismatched*,
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from medtl.errors import MedtlError
-from medtl.networks import create_network, find_classifier, first_conv
+from medtl.networks import create_network, family_of, find_classifier, first_conv, network_def, network_options_for
 
 __all__ = [
     "DEFAULT_STRIP_PREFIXES",
@@ -258,29 +259,44 @@ def match_keys(
     strip_prefixes: Iterable[str] = DEFAULT_STRIP_PREFIXES,
     add_prefix: str = "",
     key_map: Mapping[str, str] | None = None,
+    layout_rules: Iterable[tuple[str, str]] = (),
 ) -> dict[str, str]:
     """Map each checkpoint name to the name it takes in the model, by explicit rules in this order.
 
     1. Strip: while the name (with ``add_prefix``) is not a model name and starts with one of
        ``strip_prefixes``, remove that prefix (``module.model.conv1.weight`` -> ``conv1.weight``).
+       When no stripping reaches a model name, the last form that still starts with one of the
+       model's top-level modules is kept (MONAI UNet's own ``model.``), else the fully stripped one.
     2. ``key_map``: ``re.sub(pattern, replacement, name)`` for each item, in order.
-    3. Prepend ``add_prefix``.
+    3. ``layout_rules`` (a family's ``checkpoint_keys``): ``(pattern, replacement)`` pairs, in order,
+       for a name that is not a model name yet, kept only when they make it one.
+    4. Prepend ``add_prefix``.
 
     Names that do not end up as model names are still returned (the caller reports them).
     """
     targets = set(model_keys)
+    tops = {k.split(".", 1)[0] for k in targets}
     prefixes = tuple(strip_prefixes)
     compiled = [(re.compile(p), r) for p, r in (key_map or {}).items()]
+    layouts = [(re.compile(p), r) for p, r in layout_rules]
     mapping: dict[str, str] = {}
     for key in keys:
-        name = key
-        while add_prefix + name not in targets:
-            prefix = next((p for p in prefixes if p and name.startswith(p) and len(name) > len(p)), None)
+        forms = [key]
+        while add_prefix + forms[-1] not in targets:
+            prefix = next((p for p in prefixes if p and forms[-1].startswith(p) and len(forms[-1]) > len(p)), None)
             if prefix is None:
                 break
-            name = name[len(prefix) :]
+            forms.append(forms[-1][len(prefix) :])
+        name = forms[-1]
+        if add_prefix + name not in targets:
+            name = next((f for f in reversed(forms) if f.split(".", 1)[0] in tops), name)
         for pattern, replacement in compiled:
             name = pattern.sub(replacement, name)
+        if layouts and add_prefix + name not in targets:
+            renamed = name
+            for pattern, replacement in layouts:
+                renamed = pattern.sub(replacement, renamed)
+            name = renamed if add_prefix + renamed in targets else name
         mapping[key] = add_prefix + name
     return mapping
 
@@ -387,6 +403,7 @@ class LoadReport:
         unexpected: checkpoint tensors (names after prefix stripping and ``key_map``) with no model tensor.
         mismatched: model tensors whose checkpoint tensor had an incompatible shape; they keep their initialisation.
         adapted: loaded tensors that were reshaped first, with how.
+        notes: how the network was chosen to fit the checkpoint (e.g. MedicalNet's shortcut layout).
     """
 
     source: str = ""
@@ -396,6 +413,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[Mismatch] = field(default_factory=list)
     adapted: list[Adaptation] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
@@ -422,16 +440,19 @@ class LoadReport:
             )
         if self.exact:
             parts.append("exact match")
+        parts.extend(self.notes)
         return "; ".join(parts) + "."
 
     def to_dict(self) -> dict[str, list[str]]:
-        """JSON-ready tensor names: ``loaded``, ``missing``, ``unexpected``, ``mismatched``, ``adapted``."""
+        """JSON-ready tensor names: ``loaded``, ``missing``, ``unexpected``, ``mismatched``, ``adapted``;
+        then ``notes``."""
         return {
             "loaded": list(self.loaded),
             "missing": list(self.missing),
             "unexpected": list(self.unexpected),
             "mismatched": [m.name for m in self.mismatched],
             "adapted": [a.name for a in self.adapted],
+            "notes": list(self.notes),
         }
 
 
@@ -453,7 +474,8 @@ def load_weights(
 ) -> LoadReport:
     """Load weights from ``source`` (a path for ``read_checkpoint``, or a state dict) into ``model``.
 
-    Checkpoint names are matched by ``match_keys``; tensors of another shape are adapted when
+    Checkpoint names are matched by ``match_keys``, with the network family's rules for known
+    checkpoint layouts (``Family.checkpoint_keys``); tensors of another shape are adapted when
     ``adapt`` and a principled rule exists (input channels of the model's first conv, 2D -> 3D
     kernel inflation), otherwise reported as mismatched. With ``strict=True`` anything missing,
     unexpected or mismatched raises ``MedtlError`` with the report summary, before the model is touched.
@@ -468,7 +490,15 @@ def load_weights(
     checkpoint = read_checkpoint(source, trust=trust) if isinstance(source, (str, Path)) else dict(source)
     current = model.state_dict()
     stem = first_conv(model)
-    mapping = match_keys(checkpoint, current, strip_prefixes=strip_prefixes, add_prefix=add_prefix, key_map=key_map)
+    family = family_of(model)
+    mapping = match_keys(
+        checkpoint,
+        current,
+        strip_prefixes=strip_prefixes,
+        add_prefix=add_prefix,
+        key_map=key_map,
+        layout_rules=family.checkpoint_keys if family is not None else (),
+    )
 
     report = LoadReport(source=label, model=type(model).__name__)
     merged = dict(current)
@@ -524,9 +554,28 @@ def inspect_checkpoint(
 ) -> LoadReport:
     """Build ``arch`` from the registry and report how the checkpoint at ``path`` would load into it.
 
-    ``network_kwargs`` go to ``create_network`` (e.g. ``{"medicalnet": True}`` for MedicalNet ResNet-18/34).
+    The network takes the options the checkpoint's tensors imply (``network_options_for``:
+    MedicalNet's shortcut layout, an encoder's sizes), stated in the report's ``notes``;
+    ``network_kwargs`` go to ``create_network`` and override them (e.g. ``{"widen_factor": 0.5}``;
+    ``{"shortcut_type": "B"}`` leaves MedicalNet's layout out).
     """
-    model = create_network(
-        arch, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, **dict(network_kwargs or {})
-    )
-    return load_weights(model, path, trust=trust, key_map=key_map)
+    state = read_checkpoint(path, trust=trust)
+    given = dict(network_kwargs or {})
+    implied = network_options_for(arch, state, given=given)
+    options = {**implied, **given}
+    dims = {"spatial_dims": spatial_dims, "in_channels": in_channels, "num_classes": num_classes}
+    model = create_network(arch, **dims, **options)
+    report = load_weights(model, state, key_map=key_map)
+    report.source = str(path)
+    if implied:
+        report.notes.append(f"{arch} built with {_describe(arch, implied, dims)} as the checkpoint's tensors imply")
+    return report
+
+
+def _describe(arch: str, options: Mapping[str, Any], dims: Mapping[str, int]) -> str:
+    """``options`` as ``key=value`` text; ``medicalnet`` spelled out as the shortcut layout it means."""
+    text = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    if options.get("medicalnet"):
+        config = network_def(arch, medicalnet=True, **dims)
+        text += f" (MedicalNet's shortcut type {config['shortcut_type']}, bias_downsample={config['bias_downsample']})"
+    return text

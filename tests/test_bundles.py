@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import monai_bundle
 
-from medtl.bundle.components import datalist, inference_cases
+from medtl.bundle.components import datalist, inference_cases, require_inputs
 from medtl.errors import MedtlError, medtl_cause
 from medtl.fileio import utf8_child_env
 
@@ -195,6 +195,41 @@ def test_components_say_which_option_is_missing(tmp_path):
     empty.mkdir()
     with pytest.raises(MedtlError, match="no loadable image series"):
         inference_cases(empty, output_dir=tmp_path / "o")
+
+
+def test_require_inputs_names_every_empty_value_at_once():
+    examples = {"source": "../tumor_cls_source", "manifest": "DATA/manifests/target.json"}
+    with pytest.raises(
+        MedtlError, match="configs/train.json: this workflow needs source, manifest, not given"
+    ) as failed:
+        require_inputs(
+            {"source": "", "manifest": [], "dataset_dir": "DATA"}, examples=examples, config="configs/train.json"
+        )
+    assert "--source ../tumor_cls_source --manifest DATA/manifests/target.json" in failed.value.hint
+    assert "workflow_type='inference'" in failed.value.hint
+    require_inputs({"source": "src", "manifest": ["a.json", "b.json"]}, examples=examples, config="configs/train.json")
+
+
+@pytest.mark.parametrize(("name", "first"), [("tumor_cls_finetune", "source"), ("tumor_cls_distill", "teacher")])
+def test_train_run_without_its_inputs_stops_before_any_work(name, first, tmp_path):
+    """``python -m monai.bundle run`` of train.json given only a dataset_dir: the first step of
+    ``initialize`` names what is missing, before seeding, loading or writing the run record."""
+    copy = tmp_path / name
+    shutil.copytree(REPO / "bundles" / name, copy, ignore=shutil.ignore_patterns("models", "runs", "eval", "cache"))
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--bundle_root", "."]
+        + ["--dataset_dir", "DATA"],
+        cwd=copy,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert f"MedtlError: configs/train.json: this workflow needs {first}, manifest, not given" in done.stderr
+    assert f"pass --{first} {first.upper()}_BUNDLE --manifest DATA/manifests/target.json;" in done.stderr
+    assert not (copy / "runs").exists()
 
 
 def _mlflow_runs(store: Path) -> list:

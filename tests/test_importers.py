@@ -7,15 +7,18 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
 from medtl.errors import MedtlError
-from medtl.importers import LIDC_CLASSES, import_lidc_vois, import_medmnist
+from medtl.importers import BACKGROUND_HU, LIDC_CLASSES, SHAPE_HU, import_lidc_vois, import_medmnist
 from medtl.manifest import SPLITS, check_manifest, datalist, load_manifest
-from medtl.nifti import write_nifti
-from medtl.transforms import preprocessing
+from medtl.nifti import read_nifti, write_nifti
+from medtl.transforms import CT_WINDOW, preprocessing
 from medtl.volume import Volume
+
+REPO = Path(__file__).resolve().parents[1]
 
 # (patient, z spacing mm, diagnosis): three thin, three thick (one 1.8 mm stored as float32), one between
 FAKE_LIDC = [
@@ -246,6 +249,125 @@ def test_medmnist_refuses_unknown_labels_and_names(tmp_path):
         import_medmnist(npz, tmp_path / "out", classes=("only",), progress=False)
 
 
+# (first voxel, length) along i of each box shape: one 27 voxels long, as AdrenalMNIST3D's longest glands
+FAKE_SHAPES = [(0, 27), (8, 20), (3, 12), (20, 6), (1, 9), (5, 15), (24, 4), (2, 24)]
+
+
+def _fake_shape_npz(path: Path, shapes=FAKE_SHAPES, sizes=(4, 2, 2)) -> Path:
+    """3D shape masks as AdrenalMNIST3D holds them (uint8, 0 outside, 255 inside): boxes of varied length."""
+    arrays, boxes = {}, iter(shapes)
+    for split, n in zip(SPLITS, sizes, strict=True):
+        images = np.zeros((n, 28, 28, 28), np.uint8)
+        for image in images:
+            start, length = next(boxes)
+            image[start : start + length, 10:18, 9:15] = 255
+        arrays[f"{split}_images"] = images
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).astype(np.uint8)[:, None]
+    np.savez(path, **arrays)
+    return path
+
+
+def _lidc_bundle_preprocessing():
+    """The shipped LIDC bundle's ``preprocessing``, as its inference config builds it."""
+    from monai.bundle import ConfigParser
+
+    bundle = REPO / "bundles" / "lidc_nodule_malignancy"
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    parser["bundle_root"] = str(bundle)
+    return parser.get_parsed_content("preprocessing")
+
+
+def _shape_items(out: Path, summary: dict) -> list[dict]:
+    return datalist(load_manifest(out / summary["manifest"]), out, SPLITS)
+
+
+def test_medmnist_shape_roi_is_ct_with_its_mask_for_the_lidc_bundle(tmp_path):
+    npz = _fake_shape_npz(tmp_path / "shapes3d.npz")
+    out = tmp_path / "out"
+    summary = import_medmnist(npz, out, classes=("normal", "hyperplasia"), roi="shape", progress=False)
+    assert summary["roi"] == {
+        "from": "shape",
+        "mask": "image == 255",
+        "hu": {"shape": SHAPE_HU, "background": BACKGROUND_HU},
+        "crop_mm_holding_every_shape": [28.0, 9.0, 7.0],  # a box of n voxels: n + 1 for the rounding
+    }
+    # the LIDC bundle's input: lung window, the mask as second channel, its 32 mm crop
+    assert summary["preprocessing"] == {
+        "modality": "ct",
+        "mask_channel": True,
+        "crop_mm": [32.0, 32.0, 32.0],
+        "spatial_size": [32, 32, 32],
+    }
+    with open(out / "labels.csv") as fh:
+        assert next(csv.reader(fh))[-1] == "mask"
+    items = _shape_items(out, summary)
+    assert len(items) == len(FAKE_SHAPES) and all("mask" in item for item in items)
+    _check_manifest_usable(out / summary["manifest"], out, **summary["preprocessing"])
+
+    originals = {f"{s}-{i:05d}": image for s in SPLITS for i, image in enumerate(np.load(npz)[f"{s}_images"])}
+    lidc = _lidc_bundle_preprocessing()
+    shape_value = (SHAPE_HU - CT_WINDOW[0]) / (CT_WINDOW[1] - CT_WINDOW[0])
+    for item in items:
+        original = originals[Path(item["image"]).name.removesuffix(".nii.gz")]
+        image, mask = read_nifti(item["image"]), read_nifti(item["mask"])
+        assert nib.load(item["image"]).get_data_dtype() == np.int16 and image.spacing == (1.0, 1.0, 1.0)
+        np.testing.assert_array_equal(mask.array, original == 255)
+        np.testing.assert_array_equal(image.array, np.where(original == 255, SHAPE_HU, BACKGROUND_HU))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x = np.asarray(lidc({"image": item["image"], "mask": item["mask"]})["image"])
+        assert x.shape == (2, 32, 32, 32)
+        np.testing.assert_allclose(np.unique(x[0]), [0.0, shape_value], atol=1e-6)  # air 0, tissue 0.74
+        assert x[1].sum() == pytest.approx((original == 255).sum())  # the 32 mm crop keeps the whole shape
+
+
+def test_medmnist_shape_roi_reruns_and_converts_again_without_it(tmp_path):
+    npz = _fake_shape_npz(tmp_path / "shapes3d.npz")
+    out, classes = tmp_path / "out", ("normal", "hyperplasia")
+    import_medmnist(npz, out, classes=classes, roi="shape", progress=False)
+    assert import_medmnist(npz, out, classes=classes, roi="shape", progress=False)["reused"] == len(FAKE_SHAPES)
+    plain = import_medmnist(npz, out, classes=classes, progress=False)
+    assert plain["converted"] == len(FAKE_SHAPES) and "roi" not in plain
+    assert all("mask" not in item for item in _shape_items(out, plain))
+    assert read_nifti(out / "images/train/train-00000.nii.gz").array.max() == 255  # the file's own values again
+
+
+def test_medmnist_shape_roi_crop_holds_an_off_centre_shape(tmp_path):
+    """A cube with a thin tail: the crop is centred on the centre of mass, near the cube, so holding
+    the tail's tip takes more than the bundles' 32 mm; the summary says how much, and that crop holds it."""
+    npz = tmp_path / "tail3d.npz"
+    image = np.zeros((28, 28, 28), np.uint8)
+    image[0:8, 0:8, 0:8] = 255
+    image[8:28, 3, 3] = 255
+    np.savez(npz, **{f"{s}_{k}": a for s in SPLITS for k, a in (("images", image[None]), ("labels", np.zeros((1, 1))))})
+    out = tmp_path / "out"
+    summary = import_medmnist(npz, out, classes=("a", "b"), roi="shape", progress=False)
+    crop = summary["roi"]["crop_mm_holding_every_shape"]
+    assert crop[0] > 32 and summary["preprocessing"]["crop_mm"] == [crop[0], 32.0, 32.0]
+    item = _shape_items(out, summary)[0]
+    voxels = int((image == 255).sum())
+    for crop_mm, whole in ((crop, True), ([32.0] * 3, False)):
+        pre = preprocessing(modality="ct", mask_channel=True, crop_mm=crop_mm, spatial_size=[int(c) for c in crop_mm])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kept = float(np.asarray(pre(dict(item))["image"])[1].sum())
+        assert (kept == pytest.approx(voxels)) is whole
+
+
+def test_medmnist_shape_roi_refuses_what_is_not_a_3d_shape_set(tmp_path):
+    classes = ("normal", "lesion")
+    with pytest.raises(MedtlError, match="unknown roi 'blob'"):
+        import_medmnist(_fake_shape_npz(tmp_path / "s.npz"), tmp_path / "o", classes=classes, roi="blob")
+    with pytest.raises(MedtlError, match="needs a 3D set"):
+        import_medmnist(_fake_npz(tmp_path / "flat.npz", (28, 28)), tmp_path / "o", classes=classes, roi="shape")
+    with pytest.raises(MedtlError, match="two values.*voxels between 0 and 255.*import it without roi"):
+        import_medmnist(_fake_npz(tmp_path / "grey.npz", (28, 28, 28)), tmp_path / "o", classes=classes, roi="shape")
+    empty = _fake_shape_npz(tmp_path / "empty.npz", shapes=[*FAKE_SHAPES[:5], (0, 0), *FAKE_SHAPES[6:]])
+    with pytest.raises(MedtlError, match=r"1 image\(s\) hold no shape voxel \(val/1\)"):
+        import_medmnist(empty, tmp_path / "o", classes=classes, roi="shape", progress=False)
+
+
 # ------------------------------------------------------------------------ real data (../shared/data)
 
 
@@ -282,3 +404,22 @@ def test_real_breastmnist(shared_data, tmp_path):
     assert summary["label_map"] == {"malignant": 0, "normal_or_benign": 1}
     assert summary["intensity"].startswith("uint8 0..255")
     _check_manifest_usable(out / summary["manifest"], out, **summary["preprocessing"])
+
+
+def test_real_adrenalmnist3d_as_input_of_the_lidc_bundle(shared_data, tmp_path):
+    out = tmp_path / "adrenal"
+    summary = import_medmnist(shared_data / "medmnist" / "adrenalmnist3d.npz", out, roi="shape", progress=False)
+    assert {split: sum(n.values()) for split, n in summary["by_split_label"].items()} == {
+        "train": 1188,
+        "val": 98,
+        "test": 298,
+    }
+    assert max(summary["roi"]["crop_mm_holding_every_shape"]) <= 32  # the LIDC bundle's crop keeps every gland
+    assert summary["preprocessing"]["crop_mm"] == [32.0, 32.0, 32.0]
+    lidc = _lidc_bundle_preprocessing()
+    for item in _shape_items(out, summary)[::150]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x = np.asarray(lidc({"image": item["image"], "mask": item["mask"]})["image"])
+        assert x.shape == (2, 32, 32, 32) and 0.0 <= x.min() and x.max() <= 1.0
+        assert x[1].sum() == pytest.approx(read_nifti(item["mask"]).array.sum())

@@ -181,11 +181,15 @@ def _parsed_as_consumers_do(bundle: Path, root: Path):
 def test_inference_ids_parse_without_metadata_and_preprocessing_starts_with_a_loader(bundle, tmp_path):
     from monai.transforms import Compose, LoadImaged
 
+    from medtl.reader import LoadVolumed
+
     parser = _parsed_as_consumers_do(bundle, tmp_path)
     for key in ("device", "network_def", "inferer", "postprocessing"):
         assert parser.get_parsed_content(key) is not None, key
     pre = parser.get_parsed_content("preprocessing")
-    assert isinstance(pre, Compose) and isinstance(pre.transforms[0], LoadImaged)  # what MONAI Label looks for
+    assert isinstance(pre, Compose) and isinstance(pre.transforms[0], LoadVolumed)
+    # no LoadImaged: MONAI Label's BundleInferTask would wrap it and require every key (tests/test_monai_label.py)
+    assert not any(isinstance(t, LoadImaged) for t in pre.transforms)
     assert "loading" not in parser.config  # one pipeline: the run, MONAI Label and Deploy share it
     assert parser.config["prepared"]["transform"] == "@preprocessing"
 
@@ -288,3 +292,172 @@ def test_templates_pass_the_expression_audit(bundle, tmp_path):
     shutil.copytree(bundle, copy, ignore=shutil.ignore_patterns("models"))
     configs = tuple(f"configs/{p.name}" for p in sorted((copy / "configs").glob("*.json")) if p.name != "metadata.json")
     assert [str(f) for f in audit_bundle(copy, configs)] == []
+
+
+@pytest.mark.slow
+def test_onnx_export_cli_gives_the_networks_outputs(tmp_path):
+    """``python -m monai.bundle onnx_export`` on the shipped LIDC bundle's weights (torch's exporter
+    needs onnxscript: the export extra); ONNX Runtime then gives model.pt's outputs."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from monai.bundle import ConfigParser
+
+    bundle = REPO / "bundles" / "lidc_nodule_malignancy"
+    copy = tmp_path / bundle.name
+    shutil.copytree(bundle / "configs", copy / "configs")
+    onnx_file, weights = tmp_path / "model.onnx", bundle / "models" / "model.pt"
+    monai_bundle(
+        "onnx_export",
+        "network_def",
+        "--filepath",
+        str(onnx_file),
+        "--ckpt_file",
+        str(weights),
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        ".",
+        cwd=copy,
+    )
+    parser = ConfigParser()
+    parser.read_config(copy / "configs" / "inference.json")
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(weights, weights_only=True))
+    x = torch.rand(1, 2, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = net.eval()(x).numpy()
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], expected, atol=1e-4)
+
+
+_LOAD = r"""
+import json, shutil, sys, torch, monai
+from pathlib import Path
+from medtl.errors import medtl_cause
+
+repo, work = Path(sys.argv[1]), Path(sys.argv[2])
+results = {}
+for name in json.loads(sys.argv[3]):
+    copy = work / "bundles" / name
+    shutil.copytree(repo / "bundles" / name, copy, ignore=shutil.ignore_patterns("models", "runs", "eval", "cache"))
+    (copy / "models").mkdir()
+    parser = monai.bundle.ConfigParser()
+    parser.read_config(copy / "configs" / "inference.json")
+    # weights no fresh network_def has, so a load that kept its own initialisation shows
+    fresh = parser.get_parsed_content("network_def").state_dict()
+    state = {k: v * 2 + 0.1 if v.is_floating_point() else v for k, v in fresh.items()}
+    torch.save(state, copy / "models" / "model.pt")
+    load = dict(name=name, bundle_dir=str(work / "bundles"), source="github", device="cpu")
+    some = {"manifest": "DATA/site.json", "dataset_dir": "DATA", "bundle_root": str(copy)}
+    (work / "some_inputs.json").write_text(json.dumps(some))
+    for key, args_file in (("train", None), ("train-some", str(work / "some_inputs.json"))):
+        try:
+            monai.bundle.load(**load, workflow_type="train", args_file=args_file)
+            results[f"{name}/{key}"] = "loaded"
+        except RuntimeError as exc:
+            cause = medtl_cause(exc)
+            results[f"{name}/{key}"] = str(cause) if cause else repr(exc)
+    net = monai.bundle.load(**load, workflow_type="inference")
+    results[f"{name}/inference"] = all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+    results[f"{name}/written"] = sorted(p.name for p in copy.iterdir())
+results["cwd"] = sorted(p.name for p in Path.cwd().iterdir())
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def test_monai_bundle_load_train_names_the_inputs_and_inference_loads_the_weights(tmp_path):
+    """``monai.bundle.load``'s default ``workflow_type='train'`` runs train.json's ``initialize``, which
+    for the fine-tune and distillation bundles needs a source/teacher and data: it stops at its first
+    step, before any work, with one error naming every missing config value (values given through
+    ``args_file`` count); ``workflow_type='inference'`` builds the network with model.pt's weights."""
+    names = {"tumor_cls_finetune": "source", "tumor_cls_distill": "teacher"}
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD, str(REPO), str(tmp_path), json.dumps(list(names))],
+        cwd=tmp_path,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+        timeout=300,
+    )
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULTS ")), None)
+    assert done.returncode == 0 and line, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(line[len("RESULTS ") :])
+    for name, first in names.items():
+        error = results[f"{name}/train"]
+        assert error.startswith(f"configs/train.json: this workflow needs {first}, manifest, dataset_dir, not given")
+        assert f"--{first} {first.upper()}_BUNDLE --manifest" in error and "workflow_type='inference'" in error
+        assert results[f"{name}/train-some"].startswith(f"configs/train.json: this workflow needs {first}, not given")
+        assert results[f"{name}/inference"] is True
+        assert results[f"{name}/written"] == ["LICENSE", "configs", "docs", "models"]  # no runs/: nothing ran
+    assert results["cwd"] == ["bundles", "some_inputs.json"]
+
+
+_LOAD_WITH_INPUTS = r"""
+import json, shutil, sys, torch, monai, numpy as np
+from pathlib import Path
+from medtl.importers import import_medmnist
+
+repo, work = Path(sys.argv[1]), Path(sys.argv[2])
+rng = np.random.default_rng(0)
+np.savez(work / "site.npz", **{
+    f"{split}_{kind}": rng.integers(0, 256, size=(n, 28, 28, 28), dtype=np.uint8) if kind == "images"
+    else (np.arange(n) % 2).astype(np.uint8)[:, None]
+    for split, n in (("train", 4), ("val", 2), ("test", 2)) for kind in ("images", "labels")
+})
+data = import_medmnist(work / "site.npz", work / "data", classes=("benign", "malignant"), progress=False)
+
+
+def bundle_with_weights(name, dest):
+    shutil.copytree(repo / "bundles" / name, dest, ignore=shutil.ignore_patterns("models", "runs", "eval", "cache"))
+    (dest / "models").mkdir()
+    parser = monai.bundle.ConfigParser()
+    parser.read_config(dest / "configs" / "inference.json")
+    parser.read_meta(dest / "configs" / "metadata.json")
+    state = parser.get_parsed_content("network_def").state_dict()
+    torch.save(state, dest / "models" / "model.pt")
+    return state
+
+
+bundle_with_weights("tumor_cls_source", work / "source")
+bundle_with_weights("tumor_cls_finetune", work / "teacher")
+results = {}
+for name, given in (("tumor_cls_finetune", {"source": str(work / "source")}),
+                    ("tumor_cls_distill", {"teacher": str(work / "teacher")})):
+    copy = work / "bundles" / name
+    state = bundle_with_weights(name, copy)
+    inputs = {**given, "manifest": str(work / "data" / data["manifest"]), "dataset_dir": str(work / "data"),
+              "bundle_root": str(copy)}
+    (work / f"{name}.json").write_text(json.dumps(inputs))
+    net = monai.bundle.load(name, bundle_dir=str(work / "bundles"), source="github", device="cpu",
+                            workflow_type="train", args_file=str(work / f"{name}.json"))
+    results[name] = {
+        "weights": all(torch.equal(net.state_dict()[k], v) for k, v in state.items()),
+        "run_record": (copy / "runs" / "run.json").is_file(),
+    }
+print("RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_monai_bundle_load_train_runs_with_the_inputs_in_args_file(tmp_path):
+    """The documented way through the train workflow: source/teacher, manifest, dataset_dir and
+    bundle_root in ``args_file``; ``initialize`` runs (its run record lands in bundle_root/runs) and
+    MONAI then loads models/model.pt."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITH_INPUTS, str(REPO), str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+        timeout=600,
+    )
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULTS ")), None)
+    assert done.returncode == 0 and line, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(line[len("RESULTS ") :])
+    for name in ("tumor_cls_finetune", "tumor_cls_distill"):
+        assert results[name] == {"weights": True, "run_record": True}, name

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.networks import nets
 from torch import nn
 
 from medtl.cli import main
 from medtl.errors import MedtlError
-from medtl.networks import create_network, list_networks
+from medtl.networks import create_network, list_networks, network_options_for
 from medtl.weights import (
     LoadReport,
     UntrustedCheckpointWarning,
@@ -198,6 +199,59 @@ def test_medicalnet_checkpoint_loads_backbone_and_reports_seg_head(tmp_path, sou
         load_weights(tiny(), path, strict=True)
 
 
+def _medicalnet_checkpoint(path: Path, depth: int) -> dict[str, torch.Tensor]:
+    """``resnet_{depth}.pth`` as MedicalNet ships it, at its full width: a MONAI ResNet with MedicalNet's
+    shortcut (A: no downsample convolutions at 18/34; B: convolutions without bias otherwise), names
+    under DataParallel's ``module.``, its segmentation head ``conv_seg`` and no classifier, under
+    ``state_dict``. Returns the backbone tensors by model name."""
+    basic = depth in (18, 34)
+    torch.manual_seed(depth)
+    net = getattr(nets, f"resnet{depth}")(
+        spatial_dims=3, n_input_channels=1, shortcut_type="A" if basic else "B", bias_downsample=basic
+    )
+    seg = nn.Sequential(  # MedicalNet's conv_seg for 2 segmentation classes
+        nn.ConvTranspose3d(net.fc.in_features, 32, 2, stride=2),
+        nn.BatchNorm3d(32),
+        nn.ReLU(inplace=True),
+        nn.Conv3d(32, 32, 3, padding=1, bias=False),
+        nn.BatchNorm3d(32),
+        nn.ReLU(inplace=True),
+        nn.Conv3d(32, 2, 1, bias=False),
+    )
+    backbone = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    state = {f"module.{k}": v for k, v in backbone.items()}
+    state.update({f"module.conv_seg.{k}": v for k, v in seg.state_dict().items()})
+    torch.save({"state_dict": state}, path)
+    return backbone
+
+
+@pytest.mark.parametrize("depth", [10, 18, 50])
+def test_medicalnet_checkpoints_of_every_shortcut_layout_load_whole_backbones(tmp_path, depth):
+    path = tmp_path / f"resnet_{depth}.pth"
+    backbone = _medicalnet_checkpoint(path, depth)
+    assert not any(".downsample." in k for k in backbone) == (depth == 18)  # shortcut A has no tensors
+
+    report = inspect_checkpoint(path, arch=f"resnet{depth}")
+
+    assert report.loaded == list(backbone) and report.missing == ["fc.weight", "fc.bias"]
+    assert not report.mismatched and not report.adapted
+    assert report.unexpected and all(k.startswith("conv_seg.") for k in report.unexpected)
+    shortcut = "A, bias_downsample=True" if depth == 18 else "B, bias_downsample=False"
+    assert report.notes == [
+        f"resnet{depth} built with medicalnet=True (MedicalNet's shortcut type {shortcut}) "
+        "as the checkpoint's tensors imply"
+    ]
+
+    state = read_checkpoint(path)
+    model = create_network(f"resnet{depth}", **network_options_for(f"resnet{depth}", state))
+    report = load_weights(model, state)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in backbone.items())
+    if depth == 18:  # what the weights were trained with stays: the report of an explicit layout
+        wrong = inspect_checkpoint(path, arch="resnet18", network_kwargs={"shortcut_type": "B"})
+        assert any(".downsample." in k for k in wrong.missing) and not wrong.notes
+
+
 # ---------------------------------------------------------------- matching
 
 
@@ -216,6 +270,33 @@ def test_match_keys_rules():
     }
     ordered = match_keys(["a.x"], [], key_map={r"^a\.": "b.", r"^b\.": "c."})
     assert ordered == {"a.x": "c.x"}  # applied in order, each on the previous result
+
+
+def test_unmatched_names_stay_in_the_models_namespace():
+    """MONAI UNet's own top-level module is ``model``: a decoder tensor it does not hold keeps that
+    name instead of losing it as if it were a wrapper prefix."""
+    model_keys = ["model.0.conv.weight", "fc.weight"]
+    mapping = match_keys(["model.2.0.conv.weight", "module.model.2.1.weight", "net.head.bias"], model_keys)
+    assert mapping == {
+        "model.2.0.conv.weight": "model.2.0.conv.weight",
+        "module.model.2.1.weight": "model.2.1.weight",
+        "net.head.bias": "head.bias",
+    }
+
+
+def test_layout_rules_only_turn_names_into_model_names():
+    model_keys = ["swinViT.patch_embed.proj.weight", "fc.weight"]
+    rules = [(r"^(patch_embed|layers\dc?)\.", r"swinViT.\1.")]
+    mapping = match_keys(
+        ["module.patch_embed.proj.weight", "module.layers9.0.x", "swinViT.patch_embed.proj.weight"],
+        model_keys,
+        layout_rules=rules,
+    )
+    assert mapping == {
+        "module.patch_embed.proj.weight": "swinViT.patch_embed.proj.weight",
+        "module.layers9.0.x": "layers9.0.x",  # no such model tensor: reported under its own name
+        "swinViT.patch_embed.proj.weight": "swinViT.patch_embed.proj.weight",
+    }
 
 
 def test_regex_key_map(tmp_path, source):
@@ -253,7 +334,7 @@ def test_report_lists_are_exact_and_disjoint(source):
     ]
     assert report.adapted == []
     d = report.to_dict()
-    assert list(d) == ["loaded", "missing", "unexpected", "mismatched", "adapted"]
+    assert list(d) == ["loaded", "missing", "unexpected", "mismatched", "adapted", "notes"]
     assert d["mismatched"] == ["layer1.0.conv1.weight", "fc.weight", "fc.bias"]
     json.dumps(d)
     after = model.state_dict()
@@ -439,12 +520,15 @@ def test_inspect_checkpoint_and_cli_json(tmp_path, capsys, source):
         },
         medicalnet18,
     )
-    exact = inspect_checkpoint(medicalnet18, arch="resnet18", network_kwargs={"medicalnet": True, "widen_factor": 0.25})
+    exact = inspect_checkpoint(medicalnet18, arch="resnet18", network_kwargs={"widen_factor": 0.25})
     assert exact.missing == ["fc.weight", "fc.bias"] and not exact.unexpected and not exact.mismatched
+    assert main(["weights", "inspect", str(medicalnet18), "--arch", "resnet18", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert notes and "MedicalNet's shortcut type A" in notes[0]
 
     assert main(["weights", "inspect", str(path), "--arch", "resnet10", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert list(out) == ["loaded", "missing", "unexpected", "mismatched", "adapted"]
+    assert list(out) == ["loaded", "missing", "unexpected", "mismatched", "adapted", "notes"]
     assert out == report.to_dict()
 
     assert main(["weights", "inspect", str(path), "--arch", "resnet10", "--num-classes", "3"]) == 0

@@ -67,11 +67,20 @@ _NETS = (
     "resnet18",
     "resnet34",
     "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnet200",
     "ResNet",
     "DenseNet121",
     "DenseNet169",
+    "DenseNet201",
     "EfficientNetBN",
     "SEResNet50",
+    # segmentation networks, whose bundles are sources for medtl.encoders (none downloads anything)
+    "SegResNet",
+    "BasicUNet",
+    "UNet",
+    "SwinUNETR",
 )
 
 #: ``_target_`` values a received bundle may use.
@@ -127,11 +136,16 @@ TARGETS: frozenset[str] = frozenset(
         "medtl.bundle.components.run_record",
         "medtl.bundle.components.teacher_labeled",
         "medtl.bundle.components.require_cases",
+        "medtl.bundle.components.require_inputs",
         "medtl.bundle.distributed.device",
         "medtl.bundle.distributed.start",
         "medtl.bundle.distributed.finish",
         "medtl.bundle.distributed.rank_handlers",
         "medtl.cache.cached_dataset",
+        "medtl.encoders.BasicUNetEncoder",
+        "medtl.encoders.SegResNetEncoder",
+        "medtl.encoders.SwinUNETREncoder",
+        "medtl.encoders.UNetEncoder",
         "medtl.inferers.FlipInferer",
         "medtl.loading.data_loader",
         "medtl.reader.LoadVolumed",
@@ -206,6 +220,8 @@ ARGUMENT_RULES = {
     "allow_pickle": lambda v: None if v is False else "allow_pickle must stay false: anything else unpickles code",
     "pickle_module": lambda v: "a custom pickle module runs code",
     "reader": _reader_rule,
+    # MONAI's networks download weights when asked: a received bundle's come in models/, checked
+    "pretrained": lambda v: None if v is False else "pretrained must stay false: anything else downloads weights",
 }
 #: Keyword arguments refused in any call or component: they switch safety checks off.
 DENIED_KEYWORDS = frozenset({"trust", "unsafe", "trust_remote_code", "pickle_module"})

@@ -30,11 +30,12 @@ from torch import nn
 from medtl import __version__ as medtl_version
 from medtl.bundle.card import model_card
 from medtl.bundle.components import load_bundle_network
-from medtl.bundle.files import LARGE_FILES, PROVENANCE, large_files_yml
+from medtl.bundle.files import CHECKSUMS, LARGE_FILES, PROVENANCE, SIGNATURE, large_files_yml
 from medtl.bundle.provenance import describe_source, manifest_record, provenance
 from medtl.bundle.templates import RUN_OUTPUTS, template_dir
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write, atomic_write_bytes, atomic_write_text
+from medtl.networks import classes_argument
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,23 @@ def torchscript_bytes(
     return out.getvalue()
 
 
+def _torchscript(network: nn.Module, shape: list[int]) -> torch.jit.ScriptModule:
+    """The network scripted, or traced where MONAI's layers cannot be scripted (a ResNet with
+    MedicalNet's shortcut A keeps a ``functools.partial`` TorchScript has no type for). A trace records
+    one input's path, which for these feed-forward classifiers is every input's; the parity check
+    that follows runs it on another batch size."""
+    try:
+        return convert_to_torchscript(network)
+    except RuntimeError as exc:
+        logger.info("scripting failed (%s); tracing instead", str(exc).splitlines()[0])
+        example = torch.rand(1, *shape, generator=torch.Generator().manual_seed(1))
+        return convert_to_torchscript(network, use_trace=True, inputs=[example])
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 def _torchscript_parity(network: nn.Module, data: bytes, shape: list[int], seed: int = 0) -> float:
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(seed))
     network.eval()
@@ -152,15 +170,43 @@ def output_classes(network: nn.Module, shape: Sequence[int], meta: Mapping[str, 
     return k
 
 
-def network_data_format_with_classes(names: list[str]) -> dict[str, Any]:
-    """The ``tumor_cls_finetune`` template's network_data_format with ``names`` as its output channels."""
-    meta = json.loads((template_dir("tumor_cls_finetune") / "configs" / "metadata.json").read_text(encoding="utf-8"))
+def network_data_format_with_classes(
+    names: list[str], template: str | Path = "tumor_cls_finetune", input_shape: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """The ``template`` bundle's network_data_format with ``names`` as its output channels and, with
+    ``input_shape`` (channels, *spatial), the inputs the adapted network takes."""
+    meta = json.loads((_template_root(template) / "configs" / "metadata.json").read_text(encoding="utf-8"))
     fmt = meta["network_data_format"]
     pred = fmt["outputs"]["pred"]
     pred.update(
         num_channels=len(names), spatial_shape=[1, len(names)], channel_def={str(i): n for i, n in enumerate(names)}
     )
+    if input_shape is not None:
+        fmt["inputs"]["image"].update(num_channels=int(input_shape[0]), spatial_shape=[int(v) for v in input_shape[1:]])
     return fmt
+
+
+def _template_root(template: str | Path) -> Path:
+    """A template by name (``medtl.bundle.templates``), or a bundle folder given as a path."""
+    return Path(template) if isinstance(template, Path) else template_dir(template)
+
+
+def write_network_def(configs: Path, definition: Mapping[str, Any]) -> list[str]:
+    """Put ``definition`` (``medtl.networks.network_def``) as ``network_def`` in every config that
+    declares one, its class count as ``@num_classes`` where the config has that literal."""
+    changed = []
+    key = classes_argument(definition)
+    for path in sorted(configs.glob("*.json")):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if path.name == "metadata.json" or not isinstance(config, dict) or "network_def" not in config:
+            continue
+        written = dict(definition)
+        if key is not None and "num_classes" in config:
+            written[key] = "@num_classes"
+        config["network_def"] = written
+        atomic_write_text(path, json.dumps(config, indent=4) + "\n")
+        changed.append(path.name)
+    return changed
 
 
 def write_settings(configs: Path, values: Mapping[str, Any]) -> list[str]:
@@ -198,7 +244,7 @@ def export_bundle(
     network: nn.Module,
     dest: str | Path,
     *,
-    template: str,
+    template: str | Path,
     metrics: Mapping[str, Mapping[str, Any]] | None = None,
     changelog: str | None = None,
     metadata: Mapping[str, Any] | None = None,
@@ -209,6 +255,8 @@ def export_bundle(
     torchscript: bool = True,
     onnx: bool = True,
     settings: Mapping[str, Any] | None = None,
+    network_def: Mapping[str, Any] | None = None,
+    derived: str | None = None,
 ) -> dict[str, Any]:
     """Write ``network`` as the bundle ``template`` at ``dest`` (replacing what is there).
 
@@ -223,15 +271,23 @@ def export_bundle(
     ``provenance.json`` and the model card ``docs/README.md``. With ``torchscript`` the network is
     scripted to ``models/model.ts`` and must match the eager network's outputs (max abs difference
     returned); with ``onnx`` (and onnxruntime installed) the same for ``models/model.onnx``.
-    Returns ``{"path", "version", "torchscript_max_abs_diff", "onnx_max_abs_diff"}``.
+    ``template`` is a template name or a bundle folder (a source bundle adapted as itself);
+    ``derived`` (a ``bump`` part) makes a first export a new version of the template's own model:
+    its version bumped by that part, its changelog kept under the new entry. ``network_def``
+    replaces the configs' ``network_def`` (a network of another architecture than the template's).
+    A copy the network's layers do not allow (a trace that only takes one batch size) is left out
+    with a warning, named in the result's ``not_written``; ``models/model.pt`` is what MONAI's
+    ``bundle run`` loads. Returns ``{"path", "version", "torchscript_max_abs_diff",
+    "onnx_max_abs_diff", "not_written"}``.
     """
-    template_root = template_dir(template)
+    template_root = _template_root(template)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     network = network.cpu().eval()
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
         build = Path(tmp) / dest.name
-        shutil.copytree(template_root, build, ignore=shutil.ignore_patterns(*RUN_OUTPUTS))
+        # a source bundle's checksums and signature vouch for the source, not for this model
+        shutil.copytree(template_root, build, ignore=shutil.ignore_patterns(*RUN_OUTPUTS, CHECKSUMS, SIGNATURE))
         models = build / "models"
         models.mkdir()
         torch.save(network.state_dict(), models / "model.pt")
@@ -250,6 +306,9 @@ def export_bundle(
         if previous:
             meta["version"] = bump_version(previous["version"], bump)
             meta["changelog"] = {meta["version"]: changelog or "re-exported", **previous.get("changelog", {})}
+        elif derived:
+            meta["version"] = bump_version(meta["version"], derived)
+            meta["changelog"] = {meta["version"]: changelog or "adapted", **meta.get("changelog", {})}
         elif changelog:
             meta["changelog"] = {
                 meta["version"]: changelog,
@@ -263,25 +322,39 @@ def export_bundle(
             meta["network_data_format"]["inputs"]["image"]["num_channels"],
             *meta["network_data_format"]["inputs"]["image"]["spatial_shape"],
         ]
+        if network_def is not None:
+            write_network_def(build / "configs", network_def)
         write_settings(build / "configs", {**(settings or {}), "num_classes": output_classes(network, shape, meta)})
 
         load_bundle_network(build)  # the template's network_def must take these weights, all of them
 
         diff = onnx_diff = None
+        not_written: dict[str, str] = {}  # copies a network's layers do not allow, and why
         if torchscript:
             configs = build / "configs"
-            data = torchscript_bytes(
-                convert_to_torchscript(network),
-                {name: (configs / name).read_text(encoding="utf-8") for name in ("metadata.json", "inference.json")},
-            )
-            diff = _torchscript_parity(network, data, shape)
-            if diff > 1e-4:
-                raise MedtlError(f"TorchScript output differs from the network by {diff:.2e}", path=dest.name)
-            atomic_write_bytes(models / "model.ts", data)
+            try:
+                embedded = ("metadata.json", "inference.json")
+                data = torchscript_bytes(
+                    _torchscript(network, shape),
+                    {name: (configs / name).read_text(encoding="utf-8") for name in embedded},
+                )
+                diff = _torchscript_parity(network, data, shape)
+            except RuntimeError as exc:  # neither scripted nor traced into one that takes any batch size
+                not_written["model.ts"] = _first_line(exc)
+            else:
+                if diff > 1e-4:
+                    raise MedtlError(f"TorchScript output differs from the network by {diff:.2e}", path=dest.name)
+                atomic_write_bytes(models / "model.ts", data)
         if onnx:
-            onnx_diff = _onnx_export(network, models / "model.onnx", shape)
+            try:
+                onnx_diff = _onnx_export(network, models / "model.onnx", shape)
+            except Exception as exc:  # the exporter's and ONNX Runtime's errors share no base class
+                (models / "model.onnx").unlink(missing_ok=True)
+                not_written["model.onnx"] = _first_line(exc)
             if onnx_diff is not None and onnx_diff > 1e-4:
                 raise MedtlError(f"ONNX output differs from the network by {onnx_diff:.2e}", path=dest.name)
+        for name, why in not_written.items():
+            logger.warning("%s: no models/%s (model.pt serves MONAI's bundle run): %s", dest.name, name, why)
         weights = sorted(f"models/{p.name}" for p in models.iterdir() if p.is_file())
         atomic_write_text(build / LARGE_FILES, large_files_yml(build, weights))
         recorded = {
@@ -309,7 +382,13 @@ def export_bundle(
         diff,
         onnx_diff,
     )
-    return {"path": dest, "version": meta["version"], "torchscript_max_abs_diff": diff, "onnx_max_abs_diff": onnx_diff}
+    return {
+        "path": dest,
+        "version": meta["version"],
+        "torchscript_max_abs_diff": diff,
+        "onnx_max_abs_diff": onnx_diff,
+        "not_written": not_written,
+    }
 
 
 __all__ = [
@@ -320,5 +399,6 @@ __all__ = [
     "output_classes",
     "template_dir",
     "torchscript_bytes",
+    "write_network_def",
     "write_settings",
 ]

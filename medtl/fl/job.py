@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from medtl.adapt.schedule import layer_groups
-from medtl.bundle.components import load_source
+from medtl.adapt.source import Source, open_source
 from medtl.bundle.export import export_bundle, network_data_format_with_classes
 from medtl.bundle.provenance import describe_source
 from medtl.errors import MedtlError
@@ -41,7 +41,7 @@ from medtl.fl import require_nvflare
 from medtl.fl.schedule import RoundSchedule
 from medtl.loading import resolve_device
 from medtl.manifest import load_manifest
-from medtl.networks import resnet, resnet_config
+from medtl.networks import find_classifier, first_conv, resnet, resnet_config
 from medtl.recipes import FederatedRecipe
 from medtl.stages import print_stages, stages_json
 
@@ -192,6 +192,24 @@ def build_job(
     return job
 
 
+def _sites_resnet10(src: Source) -> float:
+    """The width of ``src``'s network when it is what every site's script builds (medtl's one-channel
+    3D ResNet10, ``medtl.networks.resnet``); any other source is refused before the job starts."""
+    network = src.network
+    stem = network.get_submodule(first_conv(network) or "")
+    widen = stem.out_channels / 64
+    same = resnet(widen, find_classifier(network)[1].out_features).state_dict()
+    shapes = {k: v.shape for k, v in network.state_dict().items()}
+    if src.settings.get("mask_channel") or shapes != {k: v.shape for k, v in same.items()}:
+        raise MedtlError(
+            f"medtl fl trains medtl's one-channel 3D ResNet10 at every site; {src.label}'s network is "
+            f"{type(network).__name__} with {src.in_channels} input channel(s) in {src.spatial_dims}D",
+            path=src.label,
+            hint="adapt it at one site with medtl adapt, which takes any registered architecture and source bundle",
+        )
+    return widen
+
+
 @contextmanager
 def _output_to(log: Path) -> Iterator[None]:
     """What the simulator's processes print (NVFlare's logging, every site's) goes to ``log``: the
@@ -255,8 +273,11 @@ def run_federated(
     out: str | Path,
     *,
     recipe: FederatedRecipe = FederatedRecipe(),
-    widen_factor: float = 0.5,
-    modality: str = "ct",
+    arch: str | None = None,
+    spatial_dims: int | None = None,
+    in_channels: int | None = None,
+    widen_factor: float | None = None,
+    modality: str | None = None,
     threads: int | None = None,
     trust: bool = False,
     seed: int = 0,
@@ -272,8 +293,19 @@ def run_federated(
     sites, names = plan_sites(manifests, roots)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    network = resnet(widen_factor, len(names))
-    load_source(network, source, trust=trust, target_classes=names)
+    src = open_source(
+        source,
+        target_classes=names,
+        workdir=out,
+        arch=arch,
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        modality=modality,
+        network_options={"widen_factor": widen_factor} if widen_factor is not None else None,
+        trust=trust,
+    )
+    network, modality = src.network, src.settings.get("modality", "ct")
+    widen_factor = _sites_resnet10(src)
     source_file = out / SOURCE_FILE
     torch.save(network.state_dict(), source_file)
     device = str(resolve_device(device))  # checked here, once, before any site starts

@@ -14,7 +14,7 @@ formula are written as text.
 
 from medtl.bundle.components.data import channel_names, class_names, datalist
 from medtl.bundle.components.handlers import MetricsReport, PredictionWriter
-from medtl.bundle.components.inputs import inference_cases, prepare_cases, require_cases
+from medtl.bundle.components.inputs import inference_cases, prepare_cases, require_cases, require_inputs
 from medtl.bundle.components.runs import configure_torch, run_record
 from medtl.bundle.components.source import (
     load_bundle_network,
@@ -34,6 +34,7 @@ __all__ = [
     "load_source",
     "prepare_cases",
     "require_cases",
+    "require_inputs",
     "run_record",
     "teacher_labeled",
 ]

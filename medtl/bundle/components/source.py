@@ -94,6 +94,7 @@ def load_source(
     allow_new_head: bool = True,
     target_classes: Sequence[str] | None = None,
     class_map: Mapping[str, str] | str | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Load pretrained weights (bundle folder/zip, state dict, checkpoint, TorchScript) into ``network``.
 
@@ -105,9 +106,10 @@ def load_source(
     outputs are taken in the target's order). Without names, a head for another class count is
     reported as mismatched and starts fresh (``allow_new_head``). Any other tensor left unloaded means
     the source is another network, which is an error rather than a silent partly random start.
+    ``state``: the tensors of ``source`` when the caller has read them already.
     """
     path = required_path(source, "source", "../tumor_cls_source")
-    state = read_checkpoint(path, trust=trust)
+    state = dict(state) if state is not None else read_checkpoint(path, trust=trust)
     mapping = None
     if target_classes is not None:
         source_names = source_class_names(path)
