@@ -50,6 +50,7 @@ from pydicom.uid import generate_uid
 from medtl.bundle.audit import audit_bundle
 from medtl.errors import MedtlError, cause_chain, medtl_cause
 from medtl.fileio import atomic_write, atomic_write_csv, atomic_write_json
+from medtl.transforms import requires_mask
 
 logger = logging.getLogger(__name__)
 
@@ -85,17 +86,25 @@ def predict(
     sr: bool = False,
     secondary_capture: bool = False,
     real_ids: bool = False,
+    masks: str | Path | None = None,
     trust: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run ``bundle``'s inference on every series in ``input_dir``; write the flagged predictions
     (and, when asked, DICOM SR/SC under ``output_dir/dicom``).
 
+    A series' lesion mask is the NIfTI file the ``masks`` table (columns ``series,mask``) names for
+    it, else the DICOM SEG in ``input_dir`` that references it (``inference_cases``; the bundle
+    crops around it, and takes it as an input channel when its preprocessing requires one). When the
+    bundle requires a mask, a series without one is skipped before any image is read, and a run
+    where no series has one is refused.
+
     Series the bundle cannot read are skipped with their reason and the others go on. Folders are
     named by salted keys in ids and skipped items unless ``real_ids`` (the bundle's
     ``inference_cases`` option of that name). Raises ``MedtlError`` for a bundle missing files, not
     listing its cases with ``inference_cases`` or failing the expression audit (``trust`` runs it
-    anyway), an input that is not a folder or holds no loadable series, and a threshold outside [0, 1].
+    anyway), an input that is not a folder or holds no loadable series, a masks table that is missing
+    or has bad rows, and a threshold outside [0, 1].
     Returns the content of ``predictions.json``.
     """
     root, input_dir, out = Path(bundle), Path(input_dir), Path(output_dir)
@@ -110,6 +119,8 @@ def predict(
         )
     if not input_dir.is_dir():
         raise MedtlError("not a folder", path=input_dir, hint="give the folder that holds the DICOM series")
+    if masks is not None and not Path(masks).is_file():
+        raise MedtlError("no such masks table", path=Path(masks).name, hint="give a CSV file with columns series,mask")
     hd = _highdicom() if sr or secondary_capture else None
     meta = _audited_meta(root, trust)
     model = {"name": str(meta.get("name", root.name)), "version": str(meta.get("version", ""))}
@@ -122,7 +133,7 @@ def predict(
         "yes" if secondary_capture else "no",
     )
 
-    parser = _run_inference(root, input_dir, out, real_ids=real_ids, progress=progress)
+    parser = _run_inference(root, input_dir, out, real_ids=real_ids, masks=masks, progress=progress)
     result, columns = _flagged(out, confidence, model)
     network, predicted = (
         _predicted_cases(parser, result["predictions"]) if hd is not None else (None, [])
@@ -199,12 +210,16 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
 
 
-def _run_inference(root: Path, input_dir: Path, out: Path, *, real_ids: bool, progress: bool) -> Any:
+def _run_inference(
+    root: Path, input_dir: Path, out: Path, *, real_ids: bool, masks: str | Path | None, progress: bool
+) -> Any:
     """Parse and run ``inference.json`` as ``monai.bundle run`` does (initialize, run, finalize);
     returns the parser, whose resolved parts (network, cases) explain the predictions.
 
-    ``real_ids`` goes to its ``cases`` (``inference_cases``), the one place folders are keyed,
-    also in a bundle exported before ``real_ids`` was a top-level option of its own."""
+    ``real_ids`` and ``masks`` go to its ``cases`` (``inference_cases``), the one place folders are
+    keyed and masks found, also in a bundle exported before they were options of their own; so does
+    whether its preprocessing requires a mask (``transforms.requires_mask``), which skips the series
+    without one before any image is read."""
     parser = ConfigParser()
     parser.read_config(root / "configs" / "inference.json")
     parser.read_meta(root / "configs" / "metadata.json")
@@ -218,11 +233,15 @@ def _run_inference(root: Path, input_dir: Path, out: Path, *, real_ids: bool, pr
             hint="give a bundle exported by medtl, or run this one with python -m monai.bundle run",
         )
     parser["cases#real_ids"] = real_ids
+    parser["cases#masks"] = "" if masks is None else str(masks)
     prepared = parser.get("prepared")
     if not progress and isinstance(prepared, dict) and str(prepared.get("_target_", "")).endswith("prepare_cases"):
         parser["prepared#progress"] = False
-    parser.parse(reset=True)
     try:
+        parser["cases#mask_required"] = "preprocessing" in parser and requires_mask(
+            parser.get_parsed_content("preprocessing")
+        )
+        parser.parse(reset=True)
         if progress and "evaluator" in parser:
             ProgressBar(persist=False, desc="inference").attach(parser.get_parsed_content("evaluator"))
         for stage in ("initialize", "run", "finalize"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import ImageReader
-from monai.transforms import LoadImaged
+from monai.transforms import LoadImaged, MapTransform
 from monai.utils import MetaKeys, SpaceKeys
 
 from medtl.dicom import Header, assemble_series, group_series, iter_files, read_series, series_problems
@@ -109,7 +109,7 @@ class VolumeReader(ImageReader):
         return img.array, meta
 
 
-class LoadVolumed(LoadImaged):
+class LoadVolumed(MapTransform):
     """MONAI's ``LoadImaged`` bound to ``VolumeReader``: channel-first MetaTensors in RAS.
 
     Given a reader up front, ``LoadImaged`` catches the reader's exception and raises a generic
@@ -120,27 +120,40 @@ class LoadVolumed(LoadImaged):
     series itself passes it: MONAI Deploy's bundle operator keeps this loader, whose name is not
     one it strips) is left as it is, so a bundle's ``preprocessing`` can start with the loader, as
     MONAI Label expects, and still take in-memory images.
+
+    It holds a ``LoadImaged`` rather than being one: MONAI Label's ``BundleInferTask`` wraps every
+    ``LoadImaged`` of a bundle's preprocessing in its own loader, which takes each of its keys as
+    required, so a request without the optional mask (``allow_missing_keys``) failed with a KeyError.
     """
 
     def __init__(
-        self, keys: KeysCollection, *, series: str | int | None = None, ensure_channel_first: bool = True, **kwargs: Any
+        self,
+        keys: KeysCollection,
+        *,
+        series: str | int | None = None,
+        ensure_channel_first: bool = True,
+        allow_missing_keys: bool = False,
+        **kwargs: Any,
     ):
+        super().__init__(keys, allow_missing_keys)
         with warnings.catch_warnings():  # MONAI probes optional GPU decoders while registering readers
             warnings.simplefilter("ignore")
-            super().__init__(
-                keys, reader=VolumeReader(series=series), ensure_channel_first=ensure_channel_first, **kwargs
+            self.loader = LoadImaged(
+                keys,
+                reader=VolumeReader(series=series),
+                ensure_channel_first=ensure_channel_first,
+                allow_missing_keys=True,  # this transform checks the keys; the loader gets those to load
+                **kwargs,
             )
-        self.volume_reader = self._loader.readers[-1]
+        self.volume_reader = self.loader._loader.readers[-1]
 
-    def __call__(self, data: Any, reader: ImageReader | None = None) -> dict:
-        return super().__call__(data, reader=reader or self.volume_reader)
-
-    def key_iterator(self, data: Mapping[Any, Any], *extra_iterables: Any) -> Generator:
-        """The keys to load: those present (as ``LoadImaged`` iterates them) whose value is not an image already."""
-        for item in super().key_iterator(data, *extra_iterables):
-            key = item[0] if extra_iterables else item
-            if not isinstance(data[key], (np.ndarray, torch.Tensor)):
-                yield item
+    def __call__(self, data: Mapping[Any, Any]) -> dict:
+        """Load the keys present (a missing one is an error unless ``allow_missing_keys``) whose value
+        is not an image already."""
+        d = dict(data)
+        images = {key: d[key] for key in self.key_iterator(d) if isinstance(d[key], (np.ndarray, torch.Tensor))}
+        loaded = self.loader({k: v for k, v in d.items() if k not in images}, reader=self.volume_reader)
+        return {**loaded, **images}
 
 
 __all__ = ["LoadVolumed", "VolumeReader", "load_volume"]

@@ -51,7 +51,7 @@ from monai.transforms import (
     SqueezeDimd,
     Transform,
 )
-from monai.utils import convert_to_tensor
+from monai.utils import PostFix, convert_to_tensor
 
 from medtl.errors import MedtlError, medtl_cause
 from medtl.reader import LoadVolumed
@@ -280,23 +280,44 @@ class _Pipeline(Compose):
 
 
 class _NoMetaShadows(Transform):
-    """Refuse data entries named ``<image key>_...`` that are not dicts (e.g. ``image_id``): MONAI's
-    ``Spacingd`` takes every such entry for the image's meta dictionary and fails deep inside with
-    "'str' object has no attribute 'update'"."""
+    """Refuse an entry named like MONAI's meta dictionary of an image key (``image_meta_dict``,
+    ``PostFix.meta``) that is not a dict: MONAI's dictionary transforms read and update it as the
+    image's metadata (``Spacingd`` fails deep inside with "'str' object has no attribute 'update'").
+    Other ``<key>_...`` entries, such as the ``image_path`` MONAI Label adds, are the caller's own
+    and pass (``_Spacingd`` leaves them alone)."""
 
     def __init__(self, keys: list[str]) -> None:
         self.keys = keys
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
         for key in self.keys:
-            for name, value in data.items():
-                if isinstance(name, str) and name.startswith(f"{key}_") and not isinstance(value, Mapping):
-                    raise MedtlError(
-                        f"data entry {name!r} starts with the image key {key!r} + '_', which MONAI's Spacingd "
-                        "reserves for the image's meta dictionary",
-                        hint=f"rename the entry (e.g. without the '{key}_' prefix)",
-                    )
+            name = PostFix.meta(key)
+            if name in data and not isinstance(data[name], Mapping):
+                raise MedtlError(
+                    f"data entry {name!r} is a {type(data[name]).__name__}, but MONAI's transforms take it for "
+                    f"the meta dictionary of {key!r}",
+                    hint=f"rename the entry, or give {name!r} as a dict of the image's metadata",
+                )
         return data
+
+
+class _Spacingd(Spacingd):
+    """MONAI's ``Spacingd`` that updates only dictionaries among the ``<key>_...`` entries.
+
+    After resampling an image read from NIfTI, ``Spacingd`` calls ``update`` on every entry whose
+    name starts with the image key and ``_``, taking each for the image's meta dictionary; a string
+    there (MONAI Label's ``image_path``, a table's ``image_id``) fails deep inside. Those entries are
+    set aside for the call and put back as they were."""
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        prefixes = tuple(f"{key}_" for key in self.keys if isinstance(key, str))
+        aside = {
+            name: value
+            for name, value in data.items()
+            if isinstance(name, str) and name.startswith(prefixes) and not isinstance(value, Mapping)
+        }
+        resampled = super().__call__({k: v for k, v in data.items() if k not in aside}, lazy=lazy)
+        return {**resampled, **aside}
 
 
 class _RequireMask(Transform):
@@ -314,6 +335,15 @@ class _RequireMask(Transform):
                 hint=f"give a mask for every case (a {self.mask_key!r} column or manifest entry)",
             )
         return data
+
+
+def requires_mask(transform: Any) -> bool:
+    """Whether a preprocessing pipeline (a ``Compose``, nested or not, as a bundle's ``preprocessing``
+    holds it) refuses cases without a lesion mask: its network takes the mask as an input channel.
+    What ``medtl predict`` asks to find every series' mask before any image is read."""
+    if isinstance(transform, _RequireMask):
+        return True
+    return isinstance(transform, Compose) and any(requires_mask(t) for t in transform.transforms)
 
 
 class _RequireModality(Transform):
@@ -442,7 +472,7 @@ def preprocessing(
             _RequireModality(keys, modality),
             *([_RequireMask(mask_key)] if mask_channel else []),
             Orientationd(keys=keys, axcodes="RAS"[:spatial_dims], labels=None),
-            Spacingd(keys=keys, pixdim=target_spacing, mode="bilinear"),
+            _Spacingd(keys=keys, pixdim=target_spacing, mode="bilinear"),
             *(
                 [ResampleToMatchd(keys=mask_key, key_dst=keys[0], mode="bilinear", dtype=torch.float32)]
                 if mask_channel
@@ -617,5 +647,6 @@ __all__ = [
     "eval_transforms",
     "mask_center_mm",
     "preprocessing",
+    "requires_mask",
     "train_transforms",
 ]

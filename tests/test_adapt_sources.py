@@ -207,3 +207,55 @@ def test_a_bundle_given_an_arch_lends_its_weights_and_sizes(tmp_path):
     assert src.network_def["widen_factor"] == 0.25 and src.network_def["n_input_channels"] == 2
     assert src.template == "tumor_cls_finetune" and src.settings["mask_channel"] is True
     assert set(src.load_report["mismatched"]) <= {"fc.weight", "fc.bias"} and not src.load_report["missing"]
+
+
+def test_a_mask_channel_bundle_on_cases_without_masks_is_refused_naming_the_case(small_demo, tmp_path, capsys):
+    """The LIDC bundle takes the lesion mask as its second channel: a target manifest without masks
+    stops before any training, naming a case and what to give."""
+    from medtl.demo import CLASSES
+    from medtl.manifest import build_manifest_file
+
+    out = Path(small_demo["out"])
+    table = (out / "site_B" / "labels.csv").read_text(encoding="utf-8").splitlines()
+    header = table[0].split(",")
+    keep = [i for i, column in enumerate(header) if column != "mask"]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(",".join(row.split(",")[i] for i in keep) for row in table) + "\n", encoding="utf-8")
+    shutil.copytree(out / "site_B", tmp_path / "site_B", ignore=shutil.ignore_patterns("labels.csv"))
+    shutil.copy(labels, tmp_path / "site_B" / "labels.csv")
+    manifest = tmp_path / "manifest.json"
+    build_manifest_file(
+        labels=tmp_path / "site_B" / "labels.csv",
+        classes=CLASSES,
+        out=manifest,
+        scan=small_demo["sites"]["B"]["scan"],
+        root=out,
+        progress=False,
+    )
+    argv = ["-q", "adapt", "--source", str(LIDC), "--manifest", str(manifest), "--root", str(out)]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--class-map", "benign=Benign,malignant=Malign"]) == 2
+    error = capsys.readouterr().err
+    assert "mask" in error and "Traceback" not in error
+    assert not (tmp_path / "run" / "training_state.pt").exists()
+
+
+def test_fl_opens_sources_as_adapt_does_and_refuses_networks_its_sites_cannot_build(tmp_path):
+    """``medtl fl`` loads the source through ``open_source``; its sites build medtl's one-channel 3D
+    ResNet10, so any other network is refused before the job starts, naming the source."""
+    from medtl.fl.job import _sites_resnet10
+    from medtl.networks import resnet
+
+    names = ["benign", "malignant"]
+    torch.save(resnet(0.25, 2).state_dict(), tmp_path / "resnet10.pt")
+    own = open_source(
+        tmp_path / "resnet10.pt", target_classes=names, workdir=tmp_path, network_options={"widen_factor": 0.25}
+    )
+    assert _sites_resnet10(own) == 0.25
+    medicalnet = _medicalnet_resnet18(tmp_path / "resnet_18_23dataset.pth")
+    for src in (
+        open_source(medicalnet, target_classes=names, workdir=tmp_path, arch="resnet18"),
+        open_source(LIDC, target_classes=names, workdir=tmp_path, class_map=LIDC_MAP),
+    ):
+        with pytest.raises(MedtlError, match="one-channel 3D ResNet10") as caught:
+            _sites_resnet10(src)
+        assert src.label in str(caught.value)

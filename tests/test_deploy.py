@@ -374,10 +374,12 @@ def test_sdk_volume_misplaces_uneven_slices(lidc_app):
     series = lidc_app._selected_series(selection)
     headers = lidc_app.series_headers(series)
     with pytest.raises(lidc_app.DicomError, match="0 DICOM SEG instance"):
-        lidc_app.find_seg(studies, str(series.SeriesInstanceUID))
+        lidc_app.find_seg(lidc_app.study_segs(studies), str(series.SeriesInstanceUID))
     ordered = lidc_app.stack_geometry(headers)[0]
     wrong_seg = _shared_data() / LIDC_CASES["even_512x512"][1]
     import pydicom
 
+    from medtl.seg import seg_mask  # the app's and medtl predict's one SEG reader
+
     with pytest.raises(lidc_app.DicomError, match="512x512"):
-        lidc_app.seg_mask(pydicom.dcmread(wrong_seg), ordered)
+        seg_mask(pydicom.dcmread(wrong_seg), ordered)

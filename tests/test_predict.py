@@ -375,3 +375,4 @@ def test_help_says_what_the_confidence_flag_means(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "'review' when it is lower, meaning the model is unsure and a person should look at the series" in text
     assert "--sr" in text and "--secondary-capture" in text and "pip install medtl[dicom-out]" in text
+    assert "--masks CSV lesion masks as NIfTI files" in text and "read from the DICOM SEG in DICOM_DIR" in text

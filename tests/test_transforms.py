@@ -268,12 +268,16 @@ def test_bundle_config_instantiates_train_transforms(tmp_path):
     assert isinstance(parser.get_parsed_content("crop"), CropAroundLesiond)
 
 
-def test_entries_monai_would_take_for_meta_dicts_get_a_clear_error(tmp_path):
+def test_entries_named_after_the_image_key_pass_and_a_meta_dict_that_is_not_one_gets_a_clear_error(tmp_path):
+    """MONAI's Spacingd updates every ``image_...`` entry of a NIfTI image as its meta dictionary;
+    strings there (MONAI Label's ``image_path``, a table's ``image_id``) pass through unchanged."""
     case, _ = _case(tmp_path)
-    with pytest.raises(MedtlError, match="'image_id' starts with the image key 'image'"):
-        preprocessing(modality="ct", **SMALL)({**case, "image_id": "scan 7"})
-    out = preprocessing(modality="ct", **SMALL)({**case, "scan_id": "scan 7"})  # any other name passes through
-    assert out["scan_id"] == "scan 7"
+    plain = preprocessing(modality="ct", **SMALL)(case)["image"]
+    out = preprocessing(modality="ct", **SMALL)({**case, "image_id": "scan 7", "image_path": case["image"]})
+    assert out["image_id"] == "scan 7" and out["image_path"] == case["image"]
+    assert torch.equal(out["image"], plain)
+    with pytest.raises(MedtlError, match="'image_meta_dict' is a str, but MONAI's transforms take it for the meta"):
+        preprocessing(modality="ct", **SMALL)({**case, "image_meta_dict": "scan 7"})
 
 
 def test_mask_channel_follows_the_image_crop_even_from_another_grid(tmp_path):

@@ -38,6 +38,7 @@ from monai.transforms import EnsureChannelFirst
 from medtl.dicom import Header, needs_resampling, read_header, resample_slices, stack_geometry
 from medtl.errors import DicomError, MedtlError
 from medtl.fileio import atomic_write_json
+from medtl.seg import find_seg, is_seg, stacked_mask
 
 #: Selects the CT series; ``all_matched`` so that a folder with several CT series is refused, not cut to the first.
 CT_RULES = json.dumps(
@@ -45,8 +46,6 @@ CT_RULES = json.dumps(
 )
 #: Which segment of the SEG is the nodule when it holds several (its SegmentNumber).
 SEGMENT_ENV = "LIDC_APP_SEGMENT"
-#: How far (mm) a SEG frame may lie from a CT slice and still be that slice's.
-_POSITION_TOL_MM = 0.05
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -74,94 +73,15 @@ def series_headers(series: Any) -> list[Header]:
     return [read_header(p) for p in paths]
 
 
-def find_seg(studies: list[Any], series_uid: str) -> pydicom.Dataset:
-    """The one DICOM SEG instance that references ``series_uid``."""
-    segs = [
+def study_segs(studies: list[Any]) -> list[pydicom.Dataset]:
+    """The DICOM SEG instances the SDK loaded with the studies (their datasets, pixel data included)."""
+    return [
         sop.get_native_sop_instance()
         for study in studies
         for series in study.get_all_series()
         for sop in series.get_sop_instances()
-        if str(sop.get_native_sop_instance().get("Modality", "")) == "SEG"
+        if is_seg(sop.get_native_sop_instance())
     ]
-    mine = [
-        ds
-        for ds in segs
-        if any(str(ref.get("SeriesInstanceUID", "")) == series_uid for ref in ds.get("ReferencedSeriesSequence", []))
-    ]
-    if len(mine) != 1:
-        raise DicomError(
-            f"{len(mine)} DICOM SEG instance(s) reference the CT series ({len(segs)} SEG in the input); "
-            "this model takes the nodule mask as its second input channel",
-            path="input folder",
-            hint="add the nodule's DICOM SEG (one instance) that references this series",
-        )
-    return mine[0]
-
-
-def _segment_number(seg: pydicom.Dataset, wanted: int | None) -> int:
-    numbers = [int(s.SegmentNumber) for s in seg.get("SegmentSequence", [])]
-    if wanted is None and len(numbers) == 1:
-        return numbers[0]
-    if wanted is not None and wanted in numbers:
-        return wanted
-    listing = ", ".join(
-        f"{s.SegmentNumber} ({s.get('SegmentLabel', 'no label')})" for s in seg.get("SegmentSequence", [])
-    )
-    raise DicomError(
-        f"segment {wanted} is not in the SEG" if wanted is not None else "the SEG holds several segments",
-        path="nodule SEG",
-        hint=f"set {SEGMENT_ENV} to the nodule's segment number: {listing or 'none'}",
-    )
-
-
-def _frame_item(seg: pydicom.Dataset, frame: Any, name: str) -> Any:
-    """A functional group of one frame, per frame or shared."""
-    for groups in (frame, seg.SharedFunctionalGroupsSequence[0]):
-        if name in groups:
-            return groups[name].value[0]
-    raise DicomError(f"the SEG gives no {name}", path="nodule SEG")
-
-
-def seg_mask(seg: pydicom.Dataset, slices: list[Header], segment: int | None = None) -> np.ndarray:
-    """One segment of a DICOM SEG as a [column, row, slice] float32 mask on the CT ``slices`` (in
-    order), 0 where it has no frame. Frames are placed by their position, which every SEG gives
-    (source-image references are optional); a frame on no slice of the series is an error."""
-    number = _segment_number(seg, segment)
-    first = slices[0]
-    if (int(seg.Rows), int(seg.Columns)) != (first.rows, first.cols):
-        raise DicomError(
-            f"the SEG's frames are {seg.Rows}x{seg.Columns}, the CT's slices {first.rows}x{first.cols}",
-            path="nodule SEG",
-            hint="give the SEG made on this series",
-        )
-    orientation = np.asarray(first.orientation, dtype=float)
-    normal = np.cross(orientation[:3], orientation[3:])
-    positions = np.asarray([h.position for h in slices], dtype=float)
-    pixels = seg.pixel_array.reshape(-1, first.rows, first.cols).astype(np.float32)
-    if str(seg.get("SegmentationType", "")) == "FRACTIONAL":
-        pixels /= float(seg.MaximumFractionalValue)
-    mask = np.zeros((first.cols, first.rows, len(slices)), dtype=np.float32)
-    for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        if int(_frame_item(seg, frame, "SegmentIdentificationSequence").ReferencedSegmentNumber) != number:
-            continue
-        frame_orientation = np.asarray(
-            _frame_item(seg, frame, "PlaneOrientationSequence").ImageOrientationPatient, dtype=float
-        )
-        where = np.asarray(_frame_item(seg, frame, "PlanePositionSequence").ImagePositionPatient, dtype=float)
-        k = int(np.argmin(np.abs((positions - where) @ normal)))
-        if (
-            np.abs(frame_orientation - orientation).max() > 1e-4
-            or np.linalg.norm(positions[k] - where) > _POSITION_TOL_MM
-        ):
-            raise DicomError(
-                f"SEG frame {index + 1} at {np.round(where, 2).tolist()} mm lies on no slice of the CT series",
-                path="nodule SEG",
-                hint="give the SEG made on this series",
-            )
-        mask[:, :, k] = np.maximum(mask[:, :, k], pixels[index].T)
-    if not mask.any():
-        raise DicomError(f"segment {number} of the SEG is empty on this series", path="nodule SEG")
-    return mask
 
 
 class NoduleInputOperator(Operator):
@@ -205,11 +125,20 @@ class NoduleInputOperator(Operator):
         sdk_uids = [str(sop.get_native_sop_instance().SOPInstanceUID) for sop in series.get_sop_instances()]
         stack = np.asarray(image.asnumpy())[[sdk_uids.index(h.sop_instance_uid) for h in ordered]]
         ct = stack.transpose(2, 1, 0).astype(np.float32)
-        mask = seg_mask(find_seg(studies, str(series.SeriesInstanceUID)), ordered, self.segment)
+        mask = stacked_mask(
+            find_seg(study_segs(studies), str(series.SeriesInstanceUID)),
+            ordered,
+            geom,
+            self.segment,
+            frame_of_reference=str(
+                series.get_sop_instances()[0].get_native_sop_instance().get("FrameOfReferenceUID", "")
+            ),
+            name="nodule SEG",
+            choose=f"set {SEGMENT_ENV} to the nodule's segment number",
+        )
         resampled = needs_resampling(geom)
         if resampled:
             ct = resample_slices(ct, geom.positions_mm, geom.slice_spacing)
-            mask = resample_slices(mask, geom.positions_mm, geom.slice_spacing)
         meta = dict(image.metadata())
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
         meta.update(

@@ -30,7 +30,7 @@ from medtl.adapt.head import replace_head
 from medtl.adapt.schedule import FineTuneSchedule, param_groups
 from medtl.adapt.selection import mean_curve, patient_folds
 from medtl.adapt.train import L2SP, fit
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, medtl_cause
 from medtl.evaluate import collect_predictions, roc_auc_ovr
 from medtl.loading import data_loader
 from medtl.manifest import datalist
@@ -44,8 +44,22 @@ Items = Sequence[Mapping[str, Any]]
 
 
 def preprocess(data: Items, transform: Any, *, progress: bool = True, desc: str = "preprocess") -> list[dict[str, Any]]:
-    """Run the deterministic ``transform`` once per case (a list that every later step reuses)."""
-    return [transform(dict(item)) for item in tqdm(data, desc=desc, unit="case", disable=not progress, leave=False)]
+    """Run the deterministic ``transform`` once per case (a list that every later step reuses).
+
+    A case the transform refuses (``MedtlError``, however deep MONAI's ``Compose`` wrapped it: a
+    source bundle's own preprocessing) stops the run naming the case, before any training."""
+    done = []
+    for item in tqdm(data, desc=desc, unit="case", disable=not progress, leave=False):
+        try:
+            done.append(transform(dict(item)))
+        except Exception as exc:
+            cause = medtl_cause(exc)
+            if cause is None:
+                raise
+            raise MedtlError(
+                f"case {item.get('case_id', '?')} ({desc}): {cause.message}", path=cause.path, hint=cause.hint
+            ) from None
+    return done
 
 
 def preprocess_splits(

@@ -1,5 +1,6 @@
 """Cases to predict: the series of a DICOM folder or the rows of a CSV, named without patient data
-(``inference_cases``, ``prepare_cases``, ``require_cases``)."""
+(``inference_cases``, ``prepare_cases``, ``require_cases``); the inputs a workflow must be given
+(``require_inputs``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from medtl.bundle.components.masks import NO_MASK, UNUSED_SEG, Series, is_seg_record, series_masks
 from medtl.dicom import folder_key, pseudonymous_path, scan_dicom
 from medtl.errors import MedtlError, cause_chain, medtl_cause
 from medtl.fileio import csv_problem
@@ -27,9 +29,18 @@ def inference_cases(
     *,
     real_ids: bool = False,
     missing_ok: bool = False,
+    masks: str | Path | None = None,
+    mask_required: bool = False,
 ) -> dict[str, Any]:
     """Cases to predict: every series in a DICOM folder, or the rows of a CSV (``image`` and an
     optional ``mask`` or ``roi_center_mm``, paths relative to the CSV).
+
+    A series' lesion mask is the NIfTI file the ``masks`` table (``series,mask``) names for it, else
+    the segment of the one DICOM SEG in the folder that references it, written on the series' grid
+    to ``output_dir/masks/<series key>.nii.gz`` (``components.masks``); a bad table row is an error
+    naming it, before any work. ``mask_required`` (the model takes the mask as an input channel:
+    ``medtl predict`` tells from its preprocessing) skips every series or row without one, before
+    its image is read, and makes it an error when no case is left.
 
     Series come from medtl's header scan, so a folder holding several series gives one case each
     and a stray non-DICOM file is skipped, not fatal. Returns ``{"cases", "skipped", "root",
@@ -56,6 +67,12 @@ def inference_cases(
         ``{"id": "dir-3f2a...#2", ...}``, and with ``real_ids=True`` ``{"id": "DOE_JANE/CT#2", ...}``.
     """
     real_ids = _switch(real_ids, "real_ids")
+    mask_required = _switch(mask_required, "mask_required")
+    if masks not in (None, "") and input_csv not in (None, ""):
+        raise MedtlError(
+            "a masks table is for a DICOM folder; a case table gives each case's mask in its 'mask' column",
+            path=Path(masks).name,
+        )
     if missing_ok and input_dir in (None, "") and input_csv in (None, ""):
         return {"cases": [], "skipped": [], "root": "", "salt_dir": ""}
     if (input_dir in (None, "")) == (input_csv in (None, "")):
@@ -65,9 +82,18 @@ def inference_cases(
         )
     if input_csv not in (None, ""):
         rows = _csv_rows(Path(input_csv))  # a table that cannot be read leaves no salt behind
-        found = _csv_cases(Path(input_csv), rows, None if real_ids else _output_salt(output_dir))
+        found = _csv_cases(
+            Path(input_csv), rows, None if real_ids else _output_salt(output_dir), mask_required=mask_required
+        )
     else:  # the scan keys series UIDs with the salt too
-        found = _dicom_cases(Path(input_dir), _output_salt(output_dir), keyed=not real_ids)
+        found = _dicom_cases(
+            Path(input_dir),
+            _output_salt(output_dir),
+            keyed=not real_ids,
+            masks=None if masks in (None, "") else Path(masks),
+            mask_required=mask_required,
+            output_dir=Path(output_dir),
+        )
     return {**found, "salt_dir": "" if real_ids else str(output_dir)}
 
 
@@ -97,26 +123,70 @@ def _named(relative: str, root: Path, salt: str | None) -> str:
     return folder_key(relative, salt) if (root / relative).is_dir() else pseudonymous_path(relative, salt)
 
 
-def _dicom_cases(root: Path, salt: str, *, keyed: bool) -> dict[str, Any]:
-    """Every loadable series under ``root`` as a case, in folder order; folders keyed with ``salt`` when ``keyed``."""
+def _dicom_cases(
+    root: Path, salt: str, *, keyed: bool, masks: Path | None, mask_required: bool, output_dir: Path
+) -> dict[str, Any]:
+    """Every loadable series under ``root`` as a case, in folder order, with its lesion mask where it
+    has one (``components.masks``); folders keyed with ``salt`` when ``keyed``. DICOM SEG series are
+    masks, not cases: listed as skipped only when they reference none of the series."""
     index = scan_dicom(root, salt, progress=False)
     name_salt = salt if keyed else None
     found, skipped = [], [{"id": _named(s["path"], root, name_salt), "reason": s["reason"]} for s in index["skipped"]]
+    segs = []  # (id, record): masks, listed as skipped when they reference no series
     for series in index["series"]:
         number = series["series_number"] if series["series_number"] is not None else series["series_key"]
         folder = series["folders"][0]
         ident = f"{_named(folder, root, name_salt)}#{number}"
         if not series["loadable"]:
-            reasons = "; ".join(p["message"] for p in series["problems"] if p["blocking"])
-            skipped.append({"id": ident, "reason": reasons})
+            if is_seg_record(series):
+                segs.append((ident, series))
+            else:
+                reasons = "; ".join(p["message"] for p in series["problems"] if p["blocking"])
+                skipped.append({"id": ident, "reason": reasons})
             continue
         case = {"id": ident, "series": series["series_key"], "image": [str(root / f) for f in series["files"]]}
-        found.append((f"{folder}#{number}", case))  # sorted by the folder on disk, however it is named in the output
-    ids = [case["id"] for _, case in found]
-    for _, case in found:  # two series with one number in one folder: the pseudonymous key tells them apart
+        found.append((f"{folder}#{number}", case, series))  # sorted by the folder on disk, however it is named
+    ids = [case["id"] for _, case, _ in found]
+    for _, case, _ in found:  # two series with one number in one folder: the pseudonymous key tells them apart
         if ids.count(case["id"]) > 1:
             case["id"] = f"{case['id']}:{case['series']}"
-    cases = [case for _, case in sorted(found, key=lambda pair: (pair[0], pair[1]["id"]))]
+    found.sort(key=lambda item: (item[0], item[1]["id"]))
+    masks_found = series_masks(
+        [Series(case["id"], record, root) for _, case, record in found],
+        [record for _, record in segs],
+        table=masks,
+        salt=salt,
+        output_dir=output_dir,
+        name=lambda relative: _named(relative, root, name_salt),
+    )
+    skipped += [
+        {"id": ident, "reason": UNUSED_SEG}
+        for ident, record in segs
+        if record["series_key"] not in masks_found.used_segs
+    ]
+    cases, unmasked = [], []  # unmasked: series skipped for want of a usable mask
+    for _, case, _ in found:
+        mask = masks_found.paths.get(case["series"])
+        if case["series"] in masks_found.problems or (mask is None and mask_required):
+            unmasked.append(case["id"])
+            skipped.append({"id": case["id"], "reason": masks_found.problems.get(case["series"], NO_MASK)})
+        else:
+            cases.append({**case, "mask": mask} if mask else case)
+    if not cases and unmasked:
+        problems = [f"{s['id']}: {s['reason']}" for s in skipped if s["id"] in unmasked and s["reason"] != NO_MASK]
+        raise MedtlError(
+            f"none of the {len(unmasked)} series has a usable lesion mask"
+            + (", which this model takes as an input channel" if mask_required else "")
+            + f" ({', '.join(unmasked[:5])}{', ...' if len(unmasked) > 5 else ''})",
+            path=root.name,
+            hint="; ".join(
+                [
+                    "put the DICOM SEG that references each series into the folder, or give a masks table "
+                    "(medtl predict --masks masks.csv, columns series,mask)",
+                    *problems[:3],
+                ]
+            ),
+        )
     if not cases:
         raise MedtlError(
             "no loadable image series found",
@@ -147,10 +217,13 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _csv_cases(path: Path, rows: Sequence[Mapping[str, str]], salt: str | None) -> dict[str, Any]:
-    """The case table's rows as cases; ids name an image's folder by its key with ``salt``, as written without."""
+def _csv_cases(
+    path: Path, rows: Sequence[Mapping[str, str]], salt: str | None, *, mask_required: bool = False
+) -> dict[str, Any]:
+    """The case table's rows as cases; ids name an image's folder by its key with ``salt``, as written
+    without. With ``mask_required`` a row without a mask is skipped."""
     root = path.parent
-    cases, skipped = [], []
+    cases, skipped, unmasked = [], [], 0
     for n, row in enumerate(rows, start=2):
         image = (row.get("image") or "").strip()
         if not image:
@@ -167,6 +240,12 @@ def _csv_cases(path: Path, rows: Sequence[Mapping[str, str]], salt: str | None) 
         if (row.get("mask") or "").strip():
             case["mask"] = str(root / row["mask"].strip())
             case["csv_mask"] = row["mask"].strip()
+        elif mask_required:
+            unmasked += 1
+            skipped.append(
+                {"id": case["id"], "reason": "no mask in the 'mask' column, which this model takes as an input channel"}
+            )
+            continue
         elif (row.get("roi_center_mm") or "").strip():
             try:
                 center = [float(v) for v in row["roi_center_mm"].replace(";", " ").split()]
@@ -182,6 +261,12 @@ def _csv_cases(path: Path, rows: Sequence[Mapping[str, str]], salt: str | None) 
                 continue
             case["roi_center_mm"] = center
         cases.append(case)
+    if unmasked and not cases:
+        raise MedtlError(
+            f"none of the {unmasked} row(s) with an image has a mask, which this model takes as an input channel",
+            path=path.name,
+            hint="give each row's lesion mask (a NIfTI file relative to the table) in a 'mask' column",
+        )
     return {"cases": cases, "skipped": skipped, "root": str(root)}
 
 
@@ -263,3 +348,20 @@ def require_cases(data: Sized, *, give: str) -> int:
             "no cases to run on: the bundle was given no input", hint=f"pass {give} to python -m monai.bundle run"
         )
     return len(data)
+
+
+def require_inputs(given: Mapping[str, Any], *, examples: Mapping[str, str], config: str) -> None:
+    """The first step of a workflow whose ``initialize`` already needs its inputs (a fine-tune loads
+    its source and runs AdaBN and a validation pass; a distillation labels the data with its teacher):
+    one error naming every config value still empty and how to give it, before any work, rather than
+    the first component that needs one failing deep in MONAI's config resolution. ``given`` maps
+    config ids to their values, ``examples`` ids to a sample value; ``config`` names the config file."""
+    missing = [key for key, value in given.items() if value is None or (isinstance(value, Sized) and not len(value))]
+    if missing:
+        flags = " ".join(f"--{key} {examples.get(key, key.upper())}" for key in missing)
+        raise MedtlError(
+            f"this workflow needs {', '.join(missing)}, not given",
+            path=config,
+            hint=f"python -m monai.bundle run: pass {flags}; monai.bundle.load: workflow_type='inference' builds "
+            f"the trained network without them, or give {', '.join(missing)} (and bundle_root) in args_file",
+        )
