@@ -189,6 +189,7 @@ def main() -> None:
                         desc=f"{method} {budget:g}",
                         device=device,
                         seed=draw,
+                        new_head=source.new_head,
                     )
                 record(
                     method, budget, draw, network, time.perf_counter() - t, labels=labels, epochs=fitted["best_epoch"]

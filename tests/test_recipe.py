@@ -282,3 +282,34 @@ def test_fine_tuned_weights_are_averaged_with_the_adabn_start_point():
         expected = (start.state_dict()[name] + tuned[name]) / 2 if value.is_floating_point() else tuned[name]
         assert torch.allclose(value, expected, atol=1e-6), name
     assert not torch.equal(averaged["fc.weight"], tuned["fc.weight"])
+
+
+def test_a_new_head_is_neither_a_kfold_candidate_nor_averaged_toward(monkeypatch):
+    """A head with nothing of the source's (a new task) starts random: the k-fold choice cannot pick
+    0 epochs, and WiSE-FT averages the backbone toward the source but keeps the trained head."""
+    import medtl.adapt.recipe as recipe_module
+
+    averaged_from: list[set[str]] = []
+    real = recipe_module.weight_average
+    monkeypatch.setattr(
+        recipe_module,
+        "weight_average",
+        lambda start, tuned, w: averaged_from.append(set(start)) or real(start, tuned, w),
+    )
+    set_determinism(0)
+    recipe = FineTuneRecipe(epochs=2, head_epochs=1, augment="none", batch_size=4, folds=2, wise=0.5, adabn=False)
+    for new_head in (True, False):
+        result = finetune(_net(), _items(8, 2), _items(4, 3), recipe, progress=False, new_head=new_head)
+        if new_head:
+            assert result["new_head"] and result["best_epoch"] >= 1 and result["val_auc"][0] is None
+    if len(averaged_from) == 2:  # the source-head run chose >= 1 epoch too: it averages every tensor
+        assert "fc.weight" not in averaged_from[0] and "fc.weight" in averaged_from[1]
+    assert "conv1.weight" in averaged_from[0] and "fc.weight" not in averaged_from[0]
+
+
+def test_weight_average_keeps_tensors_the_start_leaves_out():
+    from medtl.adapt.recipe import weight_average
+
+    start, tuned = {"a": torch.zeros(2)}, {"a": torch.ones(2), "fc.weight": torch.full((2,), 3.0)}
+    averaged = weight_average(start, tuned, 0.5)
+    assert torch.equal(averaged["a"], torch.full((2,), 0.5)) and torch.equal(averaged["fc.weight"], tuned["fc.weight"])

@@ -137,6 +137,7 @@ def run_adapt(
         desc="fine-tune",
         device=device,
         seed=seed,
+        new_head=src.new_head,
     )
     results = {"target test": stage("fine-tuned", network, time.perf_counter() - t)}
     record_curve(records, "fine-tuned", run)

@@ -238,16 +238,25 @@ def finetune(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     seed: int = 0,
+    new_head: bool = False,
 ) -> dict[str, Any]:
     """Adapt ``network`` (in place) to the target: AdaBN, new head if the class count differs, the
     freeze -> unfreeze schedule with discriminative rates, L2-SP; choices made as ``recipe.selection``
     says (``seed`` draws the folds). Returns ``fit``'s summary (with k-fold selection: the folds' mean
-    validation curve as ``val_auc``, epoch 0 first, and the final run's ``train_loss``)."""
+    validation curve as ``val_auc``, epoch 0 first, and the final run's ``train_loss``).
+
+    ``new_head``: the classifier holds no source knowledge (a new task: its rows were freshly
+    initialised when the source was loaded); so does one swapped here for another class count. A
+    new head's starting point is random, so the unadapted model (0 epochs) is no candidate of the
+    k-fold choice, and WiSE-FT averages the backbone only: the trained head is kept whole."""
     _check_selection(recipe.selection)
     summary: dict[str, Any] = {"recipe": asdict(recipe)}
     if _num_outputs(network) != num_classes:
         replace_head(network, num_classes)
+        new_head = True
+    if new_head:
         summary["new_head"] = True
+    head = find_classifier(network)[0] if new_head else None
     judged = [*train_items, *val_items] if recipe.selection == "kfold" else list(val_items)
     if recipe.adabn:
         candidate = copy.deepcopy(network)
@@ -276,6 +285,8 @@ def finetune(
             after,
         )
     start = copy.deepcopy(network.state_dict()) if recipe.wise < 1 else None
+    if start is not None and head is not None:  # a random head is no point to average toward
+        start = {k: v for k, v in start.items() if not k.startswith(f"{head}.")}
     if recipe.selection == "val":
         result, history = _schedule_fit(
             network,
@@ -300,7 +311,7 @@ def finetune(
         folds=recipe.folds,
         epochs=recipe.epochs,
         seed=seed,
-        keep_initial=recipe.keep_source,
+        keep_initial=recipe.keep_source and head is None,
         desc=desc,
         run=lambda net, fit_items, held_out, epochs, name: _schedule_fit(
             net,
@@ -342,8 +353,12 @@ def weight_average(
 ) -> dict[str, torch.Tensor]:
     """``(1 - weight) * start + weight * tuned`` for every floating-point tensor (WiSE-FT, Wortsman
     et al. 2022): the fine-tuned model pulled back toward where it started keeps most of the target
-    gain and loses less of what the start knew; integer buffers (BatchNorm's counter) come from ``tuned``."""
-    return {k: torch.lerp(start[k].to(v.dtype), v, weight) if v.is_floating_point() else v for k, v in tuned.items()}
+    gain and loses less of what the start knew; integer buffers (BatchNorm's counter) and tensors
+    ``start`` leaves out (a new head) come from ``tuned``."""
+    return {
+        k: torch.lerp(start[k].to(v.dtype), v, weight) if v.is_floating_point() and k in start else v
+        for k, v in tuned.items()
+    }
 
 
 def _schedule_fit(

@@ -76,6 +76,16 @@ class Source:
     arch: str | None = None
 
     @property
+    def new_head(self) -> bool:
+        """The classifier carries nothing of the source's (a new task, or classes matched to none):
+        ``medtl.adapt.recipe.finetune(new_head=...)`` then neither keeps nor averages toward it."""
+        mapping = self.load_report.get("class_mapping")
+        if mapping is not None:
+            return all(v is None for v in mapping.values())
+        head, _ = find_classifier(self.network)
+        return any(n.startswith(f"{head}.") for n in [*self.load_report["missing"], *self.load_report["mismatched"]])
+
+    @property
     def in_channels(self) -> int:
         """Input channels of the network's first convolution."""
         conv = self.network.get_submodule(first_conv(self.network) or "")

@@ -155,7 +155,8 @@ TARGETS: frozenset[str] = frozenset(
 )
 
 #: Callables a ``$`` expression may call, by the dotted name written in it. The roots are the
-#: names MONAI's ``ConfigParser`` defines for every expression (``torch``, ``monai``) and builtins.
+#: names MONAI's ``ConfigParser`` defines for every expression (``torch``, ``monai``) and builtins;
+#: none that loops or allocates by a number it is given (``range``, ``sum``).
 CALLS: frozenset[str] = frozenset(
     {
         "len",
@@ -170,9 +171,7 @@ CALLS: frozenset[str] = frozenset(
         "list",
         "tuple",
         "dict",
-        "range",
         "sorted",
-        "sum",
         "any",
         "all",
         "torch.device",

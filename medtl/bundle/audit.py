@@ -3,94 +3,109 @@
 MONAI evaluates ``$`` expressions with Python's ``eval``, imports any ``_target_`` by its dotted
 name, expands ``%`` macros from other files and hands ``logging.conf`` to ``fileConfig``, which
 evaluates parts of it. Listing what is dangerous in arbitrary Python cannot be complete, so this
-module does the opposite: it parses every value with ``ast`` and accepts only
+module does the opposite, and it judges exactly what MONAI would run:
 
-- literals, ``@`` references inside the bundle and ``%`` macros without a file part;
-- in ``$`` expressions: arithmetic, comparison, boolean logic, conditional expressions, f-strings,
-  lists, tuples, dicts, indexing and slicing; calls only to the exact dotted names of
-  ``allowlist.CALLS``; module attributes only from ``allowlist.VALUES``; on references, only the
-  methods and fields of ``allowlist.METHODS``/``FIELDS``;
+- every workflow as MONAI assembles it: each config alone, every ordered pair (``--config_file
+  "['configs/train.json', 'configs/multi_gpu_train.json']"``) and every list the bundle's docs
+  name, merged with MONAI's own ``merge_kv``, ``%`` macros and relative ids resolved with MONAI's
+  own functions (a macro naming a file is refused before anything is read), and each ``$``
+  expression rewritten by MONAI's ``ReferenceResolver.update_refs_pattern`` (``#`` to ``::``,
+  ``@id`` to ``__local_refs['id']``) before ``ast`` parses it: the audit reads the text ``eval`` gets;
+- in that text: literals (numbers bounded by ``MAX_NUMBER``), references, comparisons, boolean
+  logic, conditional expressions, ``-``, ``/``, ``//``; ``+`` only over numbers, over lists of the
+  config, or as ``@bundle_root + '/relative/literal'`` (f-strings of numbers and conditionals of
+  such literals included); ``*`` only of two number literals; indexing a list of the config by
+  number or a result by key; slicing only a list of the config; f-strings only of numbers, with
+  no format spec or conversion; calls only to the exact dotted names of ``allowlist.CALLS``,
+  module attributes only from ``allowlist.VALUES``, on references only ``allowlist.METHODS`` and
+  ``FIELDS``; ASCII only (Python folds look-alike letters such as ``ｂ`` into other names);
 - ``_target_`` only from ``allowlist.TARGETS`` (a bare MONAI name only when MONAI resolves it to
   the same object), ``_mode_`` only ``default`` or ``callable``; a key ``a#_target_`` (MONAI sets
-  it at that id) or ``+a`` (merged into ``a``) is judged by its last part;
+  it at that id) or ``+a`` (merged into ``a``) is judged by its last part; keys ASCII only;
 - arguments that switch safe loading off (``weights_only``, ``allow_pickle``, ``reader``,
   ``trust``) refused wherever they appear;
-- ``metadata.json``: plain values only; ``logging.conf``: a fixed handler set, no interpolation;
-- at most ``MAX_VALUES`` values in one config (a YAML alias bomb is refused before it is walked).
+- ``metadata.json``: plain values, no path outside the bundle; ``logging.conf``: a fixed handler
+  set, no interpolation;
+- config files of at most ``MAX_CONFIG_BYTES``, nested at most ``MAX_DEPTH`` deep, holding at most
+  ``MAX_VALUES`` values and ``MAX_TEXT`` characters of text, without YAML anchors or aliases.
 
 Everything else (imports, lambdas, comprehensions, names, dunder or other attributes, starred
-arguments, walrus) is refused with the file, the key and the reason. See ``docs/bundle-safety.md``.
+arguments, walrus, ``%``, ``**``, slicing a string) is refused with the file, the key and the
+reason. See ``docs/bundle-safety.md``.
 """
 
 from __future__ import annotations
 
 import ast
 import configparser
+import copy
 import functools
 import importlib
+import itertools
 import json
+import math
 import re
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from monai.bundle.config_item import ComponentLocator
+from monai.bundle import ConfigParser
+from monai.bundle.config_item import ComponentLocator, ConfigExpression
+from monai.bundle.reference_resolver import ReferenceResolver
+from monai.bundle.utils import EXPR_KEY, MACRO_KEY, merge_kv
+from monai.utils.misc import CheckKeyDuplicatesYamlLoader, check_key_duplicates
 
 from medtl.bundle.allowlist import ARGUMENT_RULES, CALLS, DENIED_KEYWORDS, FIELDS, METHODS, TARGETS, VALUES
+from medtl.errors import MedtlError
 
-#: MONAI's reference syntax (``ReferenceResolver.id_matcher``): ``@`` then ids joined by ``#`` or ``::``.
-_REFERENCE = re.compile(r"@(?:\w*)(?:(?:#|::)\w*)*")
-_CLEAN_REFERENCE = re.compile(r"@\w+(?:(?:#|::)\w+)*")
-_CLEAN_MACRO = re.compile(r"%\w+(?:(?:#|::)\w+)*")
-_REF_PREFIX = "_medtl_ref_"
+#: An id as MONAI resolves it once ``#`` became ``::``, in ASCII.
+_ID = re.compile(r"[A-Za-z0-9_]+(?:::[A-Za-z0-9_]+)*")
+#: A ``%`` macro copying another id of the same config.
+_CLEAN_MACRO = re.compile(r"%[A-Za-z0-9_]+(?:(?:#|::)[A-Za-z0-9_]+)*")
+#: The name MONAI's ``update_refs_pattern`` gives the resolved references in the evaluated text.
+_LOCAL_REFS = ReferenceResolver._vars
 _MAX_EXPRESSION = 2000
 #: Values (mapping entries and list items, nested) a config may hold before it is refused unread.
 MAX_VALUES = 100_000
+#: How deep a config's lists and mappings may nest (a bundle config nests under 10 deep).
+MAX_DEPTH = 64
+#: Bytes of one config file, and characters of text in one parsed config (YAML aliases repeat text).
+MAX_CONFIG_BYTES = MAX_TEXT = 2 << 20
+#: The largest number an expression may write: enough for sizes and seeds, too small to allocate
+#: or loop for long (``10**13`` needs ``**``, refused).
+MAX_NUMBER = 10**6
+#: How many configs a bundle may hold: every ordered pair of them is audited as a workflow.
+MAX_CONFIGS = 16
+#: A path under the bundle as ``@bundle_root + ...`` builds it: ``/``-separated ASCII names, none
+#: empty, ``.``, ``..`` or hidden.
+_RELATIVE_PATH = re.compile(r"(?:/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)+")
+_MAX_PATH_VARIANTS = 64
+#: Calls whose result is a number, so they may be formatted into a path or added to numbers.
+_NUMBER_CALLS = frozenset(
+    {
+        "len",
+        "int",
+        "float",
+        "round",
+        "abs",
+        "torch.distributed.get_rank",
+        "torch.distributed.get_world_size",
+        "torch.cuda.device_count",
+    }
+)
+_MISSING = object()
 _MODES = frozenset({"default", "callable"})
 _SPECIAL_KEYS = frozenset({"_target_", "_mode_", "_requires_", "_disabled_", "_desc_"})
-_OPERATORS = (
-    ast.Add,
-    ast.Sub,
-    ast.Mult,
-    ast.Div,
-    ast.FloorDiv,
-    ast.Mod,
-    ast.USub,
-    ast.UAdd,
-    ast.Not,
-    ast.And,
-    ast.Or,
-    ast.Eq,
-    ast.NotEq,
-    ast.Lt,
-    ast.LtE,
-    ast.Gt,
-    ast.GtE,
-    ast.Is,
-    ast.IsNot,
-    ast.In,
-    ast.NotIn,
-)
-_STRUCTURE = (
-    ast.Expression,
-    ast.Constant,
-    ast.BinOp,
-    ast.UnaryOp,
-    ast.BoolOp,
-    ast.Compare,
-    ast.IfExp,
-    ast.Subscript,
-    ast.Slice,
-    ast.List,
-    ast.Tuple,
-    ast.Dict,
-    ast.JoinedStr,
-    ast.FormattedValue,
-    ast.Load,
-    ast.keyword,
-)
+_ARITHMETIC = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv)
+_UNARY = (ast.USub, ast.UAdd, ast.Not)
+_COMPARISONS = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Is, ast.IsNot, ast.In, ast.NotIn)
+#: Text that starts a path at the root, a drive or home, or climbs with ``..``.
+_ROOTED = re.compile(r"^(?:[/\\~]|[A-Za-z]:[/\\])")
+_CLIMBS = re.compile(r"(?:^|[/\\])\.\.(?:[/\\]|$)")
+_OUTSIDE = "a path outside the bundle (use @bundle_root + '/...', or a command-line argument)"
 
 
 @dataclass(frozen=True)
@@ -117,49 +132,282 @@ def _dotted(node: ast.AST) -> str | None:
     return None
 
 
+def _reference(node: ast.AST) -> str | None:
+    """The id of a reference as MONAI writes it into the evaluated text (``__local_refs['id']``), or None."""
+    if (
+        isinstance(node, ast.Subscript)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == _LOCAL_REFS
+        and isinstance(node.slice, ast.Constant)
+        and isinstance(node.slice.value, str)
+    ):
+        return node.slice.value
+    return None
+
+
 def _on_reference(node: ast.AST) -> bool:
     """A reference, or an index into one (``@prepared['items']``)."""
-    while isinstance(node, ast.Subscript):
+    while _reference(node) is None and isinstance(node, ast.Subscript):
         node = node.value
-    return isinstance(node, ast.Name) and node.id.startswith(_REF_PREFIX)
+    return _reference(node) is not None
+
+
+def _number_literal(node: ast.AST) -> bool:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        node = node.operand
+    return isinstance(node, ast.Constant) and type(node.value) in (int, float)
+
+
+def _path_reason(text: str) -> str | None:
+    if _CLIMBS.search(text):
+        return f"{text!r} climbs out of the bundle with '..'"
+    if _ROOTED.match(text):
+        return f"{text!r} starts a path outside the bundle (only @bundle_root + '/...' builds paths)"
+    return None
+
+
+def _sum_operands(node: ast.AST) -> list[ast.AST]:
+    """``a + b + c`` (parsed as ``(a + b) + c``) as ``[a, b, c]``."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return [*_sum_operands(node.left), node.right]
+    return [node]
+
+
+class _AnyId(dict):
+    """Every id counts as defined, so MONAI's ``update_refs_pattern`` rewrites each reference as at run time."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+
+def evaluated_text(value: str) -> str:
+    """The text MONAI's ``ConfigExpression.evaluate`` hands to ``eval`` for the ``$`` string ``value``:
+    ``#`` made ``::`` everywhere (strings and comments too), each ``@id`` made ``__local_refs['id']``,
+    ``$`` and the leading blanks ``eval`` skips removed."""
+    return ReferenceResolver.update_refs_pattern(value, _AnyId())[len(EXPR_KEY) :].lstrip(" \t")
+
+
+def _lookup(config: Mapping, ref: str) -> Any:
+    """The config value ``ref`` names (following ``@`` aliases a few steps), or ``_MISSING``."""
+    for _ in range(8):
+        node: Any = config
+        for part in ref.split("::"):
+            if isinstance(node, Mapping) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return _MISSING
+        alias = ReferenceResolver.normalize_id(node[1:]) if isinstance(node, str) and node[:1] == "@" else None
+        if alias is None or not _ID.fullmatch(alias):
+            return node
+        ref = alias
+    return _MISSING
 
 
 class _Expression:
-    """Checks one parsed expression node by node; collects the reasons it is refused."""
+    """Checks one expression as ``eval`` gets it, node by node; collects the reasons it is refused.
+    ``lookup`` gives the config value a reference names, so ``+`` and slicing see what they join."""
 
-    def __init__(self) -> None:
+    def __init__(self, lookup: Callable[[str], Any]) -> None:
+        self.lookup = lookup
         self.problems: list[str] = []
+        self.path_problems: list[str] = []
 
     def refuse(self, reason: str) -> None:
         self.problems.append(reason)
 
+    def refuse_path(self, reason: str) -> None:
+        self.problems.append(reason)
+        self.path_problems.append(reason)
+
     def check(self, node: ast.AST) -> None:
-        if isinstance(node, ast.Call):
-            self._call(node)
+        if (ref := _reference(node)) is not None:
+            if not _ID.fullmatch(ref):
+                self.refuse(f"@{ref} is not an id MONAI resolves (ASCII ids joined by #; no relative or empty ids)")
+        elif isinstance(node, ast.Constant):
+            self._constant(node)
+        elif isinstance(node, ast.Name):
+            self.refuse(f"name {node.id!r} is not allowed (only @references, and allow-listed calls)")
         elif isinstance(node, ast.Attribute):
             self._attribute(node)
-        elif isinstance(node, ast.Name):
-            if not node.id.startswith(_REF_PREFIX):
-                self.refuse(f"name {node.id!r} is not allowed (only @references, and allow-listed calls)")
-        elif isinstance(node, ast.BinOp | ast.UnaryOp | ast.BoolOp | ast.Compare):
-            ops = node.ops if isinstance(node, ast.Compare) else [node.op]
-            bad = [type(op).__name__ for op in ops if not isinstance(op, _OPERATORS)]
+        elif isinstance(node, ast.Call):
+            self._call(node)
+        elif isinstance(node, ast.Subscript):
+            self._subscript(node)
+        elif isinstance(node, ast.BinOp):
+            self._binop(node)
+        elif isinstance(node, ast.UnaryOp):
+            if not isinstance(node.op, _UNARY):
+                self.refuse(f"operator {type(node.op).__name__} is not allowed")
+            self.check(node.operand)
+        elif isinstance(node, ast.BoolOp):
+            for value in node.values:
+                self.check(value)
+        elif isinstance(node, ast.Compare):
+            bad = [type(op).__name__ for op in node.ops if not isinstance(op, _COMPARISONS)]
             if bad:
                 self.refuse(f"operator {bad[0]} is not allowed")
-            self._children(node, skip=ops)
-        elif isinstance(node, ast.FormattedValue) and node.conversion not in (-1, ord("s"), ord("r")):
-            self.refuse("f-string conversion is not allowed")
-        elif isinstance(node, _STRUCTURE):
-            self._children(node)
+            for value in (node.left, *node.comparators):
+                self.check(value)
+        elif isinstance(node, ast.IfExp):
+            for value in (node.test, node.body, node.orelse):
+                self.check(value)
+        elif isinstance(node, ast.List | ast.Tuple):
+            for value in node.elts:
+                self.check(value)
+        elif isinstance(node, ast.Dict):
+            if None in node.keys:
+                self.refuse("** in a dict display is not allowed")
+            for value in (*(k for k in node.keys if k is not None), *node.values):
+                self.check(value)
+        elif isinstance(node, ast.JoinedStr):
+            self._path_texts(node, anchored=False)
         else:
             self.refuse(f"{type(node).__name__} is not allowed in a config expression")
 
-    def _children(self, node: ast.AST, skip: list[ast.AST] = ()) -> None:
-        for child in ast.iter_child_nodes(node):
-            if child not in skip and not isinstance(
-                child, ast.expr_context | ast.operator | ast.unaryop | ast.boolop | ast.cmpop
-            ):
-                self.check(child)
+    def _constant(self, node: ast.Constant) -> None:
+        value = node.value
+        if isinstance(value, str):
+            if reason := _path_reason(value):
+                self.refuse_path(reason)
+        elif type(value) in (int, float):
+            if not (math.isfinite(value) and abs(value) <= MAX_NUMBER):
+                self.refuse(f"the number {value!r} is out of range (at most {MAX_NUMBER:,} either way)")
+        elif value is not None and not isinstance(value, bool):
+            self.refuse(f"a {type(value).__name__} literal is not allowed")
+
+    def _number(self, node: ast.AST) -> bool:
+        """Whether ``node`` gives a number: a literal, a config number, a counting call, or arithmetic of them."""
+        if (ref := _reference(node)) is not None:
+            value = self.lookup(ref)
+            return self._unresolved(ref, value) or type(value) in (int, float)
+        if isinstance(node, ast.Call):
+            return _dotted(node.func) in _NUMBER_CALLS
+        if isinstance(node, ast.BinOp) and isinstance(node.op, _ARITHMETIC):
+            return self._number(node.left) and self._number(node.right)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+            return self._number(node.operand)
+        return _number_literal(node)
+
+    @staticmethod
+    def _unresolved(ref: str, value: Any) -> bool:
+        """A reference to an id the workflow lacks: MONAI stops at it before evaluating the expression
+        (metadata ids are always there)."""
+        return value is _MISSING and ref.split("::", 1)[0] != ConfigParser.meta_key
+
+    def _config_list(self, node: ast.AST) -> bool:
+        """Whether ``node`` is a list display or a reference to a list of the config (handlers, sizes)."""
+        if isinstance(node, ast.List):
+            return True
+        ref = _reference(node)
+        if ref is None:
+            return False
+        value = self.lookup(ref)
+        if self._unresolved(ref, value):
+            return True
+        if isinstance(value, str) and value.startswith(EXPR_KEY):
+            try:
+                return isinstance(ast.parse(evaluated_text(value), mode="eval").body, ast.List)
+            except (SyntaxError, ValueError, MemoryError, RecursionError):
+                return False
+        return isinstance(value, list)
+
+    def _binop(self, node: ast.BinOp) -> None:
+        if not isinstance(node.op, _ARITHMETIC):
+            self.refuse(f"operator {type(node.op).__name__} is not allowed (no %, **, or bit operations)")
+        elif isinstance(node.op, ast.Add):
+            operands = _sum_operands(node)
+            if _reference(operands[0]) == "bundle_root":
+                self._path(operands[1:])
+                return
+            if not (all(self._number(o) for o in operands) or all(self._config_list(o) for o in operands)):
+                self.refuse_path(
+                    "+ joins only numbers or lists of the config; a path is @bundle_root + '/relative/literal'"
+                )
+            for operand in operands:
+                self.check(operand)
+            return
+        elif isinstance(node.op, ast.Mult) and not (_number_literal(node.left) and _number_literal(node.right)):
+            self.refuse("* multiplies only two number literals (no string or list repetition)")
+        self.check(node.left)
+        self.check(node.right)
+
+    def _path(self, pieces: list[ast.AST]) -> None:
+        """``@bundle_root + pieces``: every text the pieces can give must be a plain path under the bundle."""
+        texts = [""]
+        for piece in pieces:
+            options = self._path_texts(piece, anchored=True)
+            texts = [a + b for a, b in itertools.product(texts, options)]
+            if len(texts) > _MAX_PATH_VARIANTS:
+                self.refuse(f"a path with more than {_MAX_PATH_VARIANTS} alternatives")
+                return
+        for text in texts:
+            if text and not _RELATIVE_PATH.fullmatch(text):
+                self.refuse_path(
+                    f"@bundle_root + {text!r} is not a plain path inside the bundle (write @bundle_root + "
+                    "'/folder/file': no '.', '..', empty, hidden or non-ASCII parts)"
+                )
+
+    def _path_texts(self, node: ast.AST, *, anchored: bool) -> list[str]:
+        """The texts a path piece can give (a formatted number as ``0``); outside ``@bundle_root +``
+        (``anchored`` false) an f-string is checked like a literal."""
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if not anchored:
+                self._constant(node)
+            return [node.value]
+        if isinstance(node, ast.IfExp) and anchored:
+            self.check(node.test)
+            return [*self._path_texts(node.body, anchored=True), *self._path_texts(node.orelse, anchored=True)]
+        if isinstance(node, ast.JoinedStr):
+            parts = []
+            for value in node.values:
+                if isinstance(value, ast.FormattedValue):
+                    if value.conversion != -1:
+                        self.refuse("f-string conversions (!r, !s, !a) are not allowed")
+                    if value.format_spec is not None:
+                        self.refuse("f-string format specs are not allowed")
+                    if not self._number(value.value):
+                        self.refuse_path("an f-string may format only numbers (such as torch.distributed.get_rank())")
+                    self.check(value.value)
+                    parts.append("0")
+                else:
+                    parts.append(value.value)
+            text = "".join(parts)
+            if not anchored and (reason := _path_reason(text)):
+                self.refuse_path(reason)
+            return [text]
+        self.refuse_path(
+            "after @bundle_root + only string literals, f-strings of numbers and 'a' if c else 'b' build a path"
+        )
+        self.check(node)
+        return [""]
+
+    def _subscript(self, node: ast.Subscript) -> None:
+        index = node.slice
+        if not _on_reference(node.value):
+            self.refuse_path("only a reference may be indexed (no slicing or indexing of literals)")
+        elif isinstance(index, ast.Slice):
+            bounds_ok = index.step is None and all(self._bound(b) for b in (index.lower, index.upper))
+            if not (bounds_ok and self._config_list(node.value)):
+                self.refuse_path("only a list of the config may be sliced, by numbers (@handlers[:-2]); never a string")
+            for bound in (index.lower, index.upper, index.step):
+                if bound is not None:
+                    self.check(bound)
+        elif isinstance(index, ast.Constant) and isinstance(index.value, str):
+            pass  # a key: strings are not indexed by strings
+        elif not (_number_literal(index) and self._config_list(node.value)):
+            self.refuse_path("only a list of the config may be indexed by number (@sizes[0]); results by key")
+        if not isinstance(index, ast.Slice):
+            self.check(index)
+        self.check(node.value)
+
+    def _bound(self, node: ast.AST | None) -> bool:
+        if node is None or isinstance(node, ast.Constant) and node.value is None:
+            return True
+        if isinstance(node, ast.IfExp):
+            return self._bound(node.body) and self._bound(node.orelse)
+        return self._number(node)
 
     def _attribute(self, node: ast.Attribute) -> None:
         if _on_reference(node.value):
@@ -208,81 +456,52 @@ def _literal(node: ast.AST) -> Any:
         return node  # not a literal: the argument rules refuse anything but their literal
 
 
-def audit_expression(expression: str) -> list[str]:
-    """Reasons why the ``$`` expression (without its ``$``) is outside the accepted subset; empty if accepted."""
+def _checked(expression: str, config: Mapping | None) -> _Expression | list[str]:
+    """The checker after reading ``expression`` (without its ``$``) as MONAI evaluates it, or the
+    reasons it could not be read."""
     if len(expression) > _MAX_EXPRESSION:
         return [f"longer than {_MAX_EXPRESSION} characters"]
-    refs = _REFERENCE.findall(expression)
-    if any(not _CLEAN_REFERENCE.fullmatch(r) for r in refs):
-        return ["a relative or empty @reference (only @id#id... within the bundle)"]
-    text = _REFERENCE.sub(lambda m: _REF_PREFIX + re.sub(r"\W", "_", m.group(0)[1:]), expression.strip())
+    if not expression.isascii():
+        return ["holds a non-ASCII character (Python folds look-alike letters such as 'ｂ' into other names)"]
+    try:
+        if "import" in expression and ConfigExpression.is_import_statement(EXPR_KEY + expression):
+            return ["import statements are not allowed"]
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        pass  # not a statement either: the expression parse below says why
+    text = evaluated_text(EXPR_KEY + expression)
     try:
         tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError, MemoryError, RecursionError) as exc:
         reason = exc.msg if isinstance(exc, SyntaxError) else exc.__class__.__name__
-        statement = text.lstrip().startswith(("import ", "from "))
-        return ["import statements are not allowed" if statement else f"not a Python expression ({reason})"]
-    checker = _Expression()
+        return [f"not a Python expression once MONAI rewrote it to {text[:80]!r} ({reason})"]
+    checker = _Expression(functools.partial(_lookup, config or {}))
     try:
-        checker.check(tree)
-        checker.problems += _path_problems(tree)
+        checker.check(tree.body)
     except RecursionError:
         return ["nested too deeply"]
-    return list(dict.fromkeys(checker.problems))
+    return checker
 
 
-#: Text that starts a path at the root, a drive or home, or climbs with ``..``.
-_ROOTED = re.compile(r"^(?:[/\\~]|[A-Za-z]:[/\\])")
-_CLIMBS = re.compile(r"(?:^|[/\\])\.\.(?:[/\\]|$)")
-
-
-def _sum_operands(node: ast.AST) -> list[ast.AST]:
-    """``a + b + c`` (parsed as ``(a + b) + c``) as ``[a, b, c]``."""
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        return [*_sum_operands(node.left), node.right]
-    return [node]
-
-
-def _path_problems(tree: ast.AST) -> list[str]:
-    """Allow-listed savers write where their path arguments say, so an expression may build a path
-    only under the bundle: text starting at the root or home counts only after ``@bundle_root +``,
-    and ``..`` never."""
-    anchored: set[int] = set()
-    for node in ast.walk(tree):
-        operands = _sum_operands(node)
-        first = operands[0]
-        if len(operands) > 1 and isinstance(first, ast.Name) and first.id == _REF_PREFIX + "bundle_root":
-            anchored.update(id(n) for op in operands[1:] for n in ast.walk(op))
-    problems = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if _CLIMBS.search(node.value):
-                problems.append(f"{node.value!r} climbs out of the bundle with '..'")
-            elif _ROOTED.match(node.value) and id(node) not in anchored:
-                problems.append(
-                    f"{node.value!r} starts a path outside the bundle (only @bundle_root + '/...' builds paths)"
-                )
-    return problems
+def audit_expression(expression: str, config: Mapping | None = None) -> list[str]:
+    """Reasons why the ``$`` expression (without its ``$``) is outside the accepted subset; empty if
+    accepted. ``config`` (the workflow's merged, resolved config) says what references name: without
+    it no reference counts as a list or a number."""
+    checker = _checked(expression, config)
+    return checker if isinstance(checker, list) else list(dict.fromkeys(checker.problems))
 
 
 def path_findings(config: Any, file: str) -> list[Finding]:
     """The values of ``config`` that name a path outside the bundle, by the audit's own rules: a
     plain value rooted at ``/``, ``~`` or a drive, or holding ``..``; an expression building one
-    other than after ``@bundle_root +`` (``medtl bundle verify`` shows them as its own check)."""
+    other than ``@bundle_root + '/relative/literal'`` (``medtl bundle verify`` shows them as its own check)."""
     findings = []
     for where, value in string_values(config):
-        if value.startswith("$"):
-            try:
-                problems = _path_problems(ast.parse(value[1:], mode="eval"))
-            except SyntaxError:
-                problems = []  # the expression audit reports it
+        if value.startswith(EXPR_KEY):
+            checker = _checked(value[1:], config if isinstance(config, Mapping) else None)
+            problems = [] if isinstance(checker, list) else checker.path_problems  # the expression audit says why
         else:
-            problems = (
-                ["a path outside the bundle (use @bundle_root + '/...', or a command-line argument)"]
-                if (_CLIMBS.search(value) or _ROOTED.match(value))
-                else []
-            )
-        findings += [Finding(file, where, value, reason) for reason in problems]
+            problems = [_OUTSIDE] if _path_reason(value) else []
+        findings += [Finding(file, where, value, reason) for reason in dict.fromkeys(problems)]
     return findings
 
 
@@ -317,7 +536,7 @@ def _bare_target(name: str) -> str | None:
 
 
 def _audit_target(value: Any) -> str | None:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", value):
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", value, re.ASCII):
         return "_target_ must be a plain dotted name (no expression, reference or macro)"
     if value in TARGETS:
         return None
@@ -326,28 +545,30 @@ def _audit_target(value: Any) -> str | None:
     return f"{value} is not an allowed component (only the exact names in medtl.bundle.allowlist.TARGETS)"
 
 
-def _audit_string(value: str) -> list[str]:
-    if value.startswith("$"):
-        return audit_expression(value[1:])
-    if value.startswith("%") and not _CLEAN_MACRO.fullmatch(value):
+def _audit_string(value: str, config: Mapping) -> list[str]:
+    if value.startswith(EXPR_KEY):
+        return audit_expression(value[1:], config)
+    if value.startswith(MACRO_KEY) and not _CLEAN_MACRO.fullmatch(value):
         return ["a % macro may only copy another id of the same config (%id#key), not read a file"]
-    if _CLIMBS.search(value) or _ROOTED.match(value):
-        return ["a path outside the bundle (use @bundle_root + '/...', or a command-line argument)"]
-    return []
+    if value.startswith("@") and not _ID.fullmatch(ReferenceResolver.normalize_id(value[1:])):
+        return [f"{value} is not an id MONAI resolves (ASCII ids joined by #; no relative or empty ids)"]
+    return [_OUTSIDE] if _path_reason(value) else []
 
 
-def _audit(config: Any, file: str, where: str, findings: list[Finding], off: frozenset[str]) -> None:
+def _audit(config: Any, file: str, where: str, findings: list[Finding], off: frozenset[str], root: Mapping) -> None:
     if isinstance(config, list):
         for i, value in enumerate(config):
-            _audit(value, file, f"{where}#{i}" if where else str(i), findings, off)
+            _audit(value, file, f"{where}#{i}" if where else str(i), findings, off, root)
         return
     if isinstance(config, str):
-        findings += [Finding(file, where, config, r) for r in _audit_string(config)]
+        findings += [Finding(file, where, config, r) for r in _audit_string(config, root)]
         return
     if not isinstance(config, dict):
         return
     for key, value in config.items():
         here = f"{where}#{key}" if where else str(key)
+        if not str(key).isascii():
+            findings.append(Finding(file, here, str(key), "a non-ASCII key (ids are ASCII letters, digits and _)"))
         # MONAI sets a key "a#b" (or "a::b") at the id a#b and merges "+a" into a: judge the last part
         key = str(key).lstrip("+").replace("::", "#").rsplit("#", 1)[-1]
         if key == "_target_":
@@ -372,45 +593,127 @@ def _audit(config: Any, file: str, where: str, findings: list[Finding], off: fro
             )
         elif rule and (reason := rule(value)):
             findings.append(Finding(file, here, f"{key}: {value}", reason))
-        _audit(value, file, here, findings, off)
+        _audit(value, file, here, findings, off, root)
 
 
 def size_problem(config: Any) -> str | None:
     """Why a parsed config is too large to walk, or None: YAML aliases let a file of a few lines
-    repeat a part billions of times without copying it."""
-    stack, count = [config], 0
+    repeat a part (or a long string) billions of times without copying it."""
+    stack, count, text = [(config, 1)], 0, 0
     while stack:
-        node = stack.pop()
+        node, depth = stack.pop()
         count += 1
         if count > MAX_VALUES:
             return (
                 f"holds more than {MAX_VALUES} values (YAML aliases repeating a part?); a "
                 "bundle config holds a few hundred"
             )
+        if depth > MAX_DEPTH:
+            return f"nested more than {MAX_DEPTH} deep"
         if isinstance(node, dict):
-            stack.extend(node.values())
+            stack.extend((v, depth + 1) for v in node.values())
+            text += sum(len(str(k)) for k in node)
         elif isinstance(node, list):
-            stack.extend(node)
+            stack.extend((v, depth + 1) for v in node)
+        elif isinstance(node, str):
+            text += len(node)
+        if text > MAX_TEXT:
+            return f"holds more than {MAX_TEXT >> 20} MB of text (YAML aliases repeating a string?)"
     return None
 
 
-def audit_config(config: Any, file: str) -> list[Finding]:
-    """Every value of one parsed config file outside the accepted subset."""
-    if reason := size_problem(config):
-        return [Finding(file, "", "", reason)]
+class _Refused(Exception):
+    """A workflow MONAI must not even assemble: ``args`` are where, the value and why."""
+
+
+class _Macros:
+    """MONAI's ``ConfigParser._do_resolve`` (relative ids, then ``%`` macros, in place, in MONAI's order)
+    with two guards: a macro naming a file is refused before it is read, and the copies macros make
+    may hold at most ``MAX_VALUES`` values (a chain of macros doubles a part at every step)."""
+
+    def __init__(self, content: dict) -> None:
+        self.parser = ConfigParser(config=content, globals=False)
+        self.left = MAX_VALUES
+
+    def resolve(self, config: Any, id: str = "") -> Any:
+        if isinstance(config, dict | list):
+            for key, sub_id, value in ReferenceResolver.iter_subconfigs(id=id, config=config):
+                config[key] = self.resolve(value, sub_id)
+        if isinstance(config, str):
+            config = ConfigParser.resolve_relative_ids(id, config)
+            if config.startswith(MACRO_KEY):
+                path, ids = ConfigParser.split_path_id(config[len(MACRO_KEY) :])
+                if path or not _CLEAN_MACRO.fullmatch(config):
+                    raise _Refused(
+                        id, config, "a % macro may only copy another id of the same config (%id#key), not read a file"
+                    )
+                part = self.parser[ids]
+                self.left -= sum(1 for _ in string_values(part)) + 1
+                if self.left < 0 or size_problem(part):
+                    raise _Refused(id, config, f"% macros copy more than {MAX_VALUES} values")
+                return copy.deepcopy(part)
+        return config
+
+
+def _resolved(configs: list[dict], meta: Any) -> dict | None:
+    """The configs merged as ``--config_file "[a, b]"`` merges them (MONAI's ``merge_kv``, later files
+    win) with ``_meta_``, then relative ids and ``%`` macros resolved; None when MONAI could not
+    assemble them (it would stop before running anything)."""
+    parser = ConfigParser(config={}, globals=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # merge_kv warns when a +key has nothing to merge into
+            for config in copy.deepcopy(configs):
+                for key, value in config.items():
+                    merge_kv(parser, key, value)
+            content = {ConfigParser.meta_key: copy.deepcopy(meta) if meta is not None else {}, **parser.get()}
+            macros = _Macros(content)
+            return macros.resolve(content)
+    except _Refused:
+        raise
+    except (KeyError, ValueError, IndexError, TypeError):
+        return None
+
+
+def audit_workflow(configs: list[tuple[str, Any]], meta: Any = None) -> list[Finding]:
+    """Every value outside the accepted subset in the workflow MONAI assembles from ``configs``
+    (``(file, parsed config)`` in ``--config_file`` order) and the metadata ``meta``: the configs
+    merged, macros and relative ids resolved, each expression read as ``eval`` gets it."""
+    name = "+".join(file for file, _ in configs)
+    for file, config in configs:
+        if reason := size_problem(config):
+            return [Finding(file, "", "", reason)]
+        if not isinstance(config, dict):
+            return [Finding(file, "", "", "the top level must be a mapping of ids")]
+    try:
+        merged = _resolved([c for _, c in configs], meta)
+    except _Refused as exc:
+        where, value, reason = exc.args
+        return [Finding(name, ReferenceResolver.normalize_id(where).replace("::", "#"), value, reason)]
+    if merged is None:
+        if len(configs) > 1:
+            return []  # MONAI stops at merging these; each file is audited alone
+        merged = dict(configs[0][1])  # judged as written: references and macros stay unresolved
+    if not any(ConfigParser.meta_key in c for _, c in configs):
+        merged.pop(ConfigParser.meta_key, None)  # metadata.json, audited as such
     findings: list[Finding] = []
-    off = frozenset(f"@{k}" for k, v in config.items() if v is False) if isinstance(config, dict) else frozenset()
-    if isinstance(config, dict) and config.get("bundle_root", ".") not in (".", ""):
+    if merged.get("bundle_root", ".") not in (".", ""):
         findings.append(
             Finding(
-                file,
+                name,
                 "bundle_root",
-                str(config["bundle_root"]),
+                str(merged["bundle_root"]),
                 "bundle_root must be '.': the site running the bundle sets it (--bundle_root)",
             )
         )
-    _audit(config, file, "", findings, off)
+    off = frozenset(f"@{k}" for k, v in merged.items() if v is False)
+    _audit(merged, name, "", findings, off, merged)
     return findings
+
+
+def audit_config(config: Any, file: str, meta: Any = None) -> list[Finding]:
+    """Every value of one parsed config file outside the accepted subset, as MONAI runs it alone."""
+    return audit_workflow([(file, config)], meta)
 
 
 def _plain(value: Any, file: str, where: str, findings: list[Finding]) -> None:
@@ -427,11 +730,15 @@ def _plain(value: Any, file: str, where: str, findings: list[Finding]) -> None:
         findings.append(
             Finding(file, where, value, "metadata holds plain values: MONAI would evaluate this through @_meta_")
         )
+    elif isinstance(value, str) and (reason := _path_reason(value)):
+        findings.append(Finding(file, where, value, f"{reason}: configs read metadata through @_meta_"))
 
 
 def audit_metadata(meta: Any, file: str = "configs/metadata.json") -> list[Finding]:
     """``metadata.json`` is read into every workflow as ``_meta_``: it may hold no expression,
-    reference, macro or component."""
+    reference, macro, component or path outside the bundle."""
+    if reason := size_problem(meta):
+        return [Finding(file, "", "", reason)]
     findings: list[Finding] = []
     _plain(meta, file, "", findings)
     return findings
@@ -497,30 +804,140 @@ def audit_logging_conf(path: str | Path, file: str = "configs/logging.conf") -> 
     return findings
 
 
-def audit_bundle(root: str | Path, configs: tuple[str, ...] = ("configs/inference.json",)) -> list[Finding]:
-    """Findings in the configs a caller is about to parse with MONAI, plus ``metadata.json``
-    (read into every workflow as ``@_meta_``); a file that does not parse is a finding too."""
+def _json_depth(text: str) -> int:
+    """How deep a JSON text nests, counted on its brackets outside strings (before ``json`` recurses)."""
+    depth = deepest = 0
+    for bracket in re.sub(r'"(?:\\.|[^"\\])*"', "", text):
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif bracket in "]}":
+            depth -= 1
+    return deepest
 
+
+def _yaml_problem(text: str) -> str | None:
+    """Why a YAML text is refused before it is built: anchors and aliases repeat parts without copying them."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            return "uses YAML anchors or aliases (&, *): a few lines could repeat a part billions of times"
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return f"nested more than {MAX_DEPTH} deep"
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return None
+
+
+def read_config_file(path: str | Path, name: str) -> Any:
+    """A JSON or YAML config parsed as MONAI's ``ConfigParser.load_config_file`` parses it, after the
+    bounds (``MAX_CONFIG_BYTES``, ``MAX_DEPTH``, no YAML anchors) are checked on its text; a
+    ``MedtlError`` naming ``name`` when it is out of bounds or does not parse."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise MedtlError(f"larger than {MAX_CONFIG_BYTES >> 20} MB (a bundle config is a few KB)", path=name)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            if reason := _yaml_problem(text):
+                raise MedtlError(reason, path=name)
+            config = yaml.load(text, CheckKeyDuplicatesYamlLoader)  # noqa: S506 - MONAI's loader is a SafeLoader
+        else:
+            if _json_depth(text) > MAX_DEPTH:
+                raise MedtlError(f"nested more than {MAX_DEPTH} deep", path=name)
+            config = json.loads(text, object_pairs_hook=check_key_duplicates)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as exc:
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise MedtlError(f"does not parse ({exc.__class__.__name__}: {first})", path=name) from None
+    if reason := size_problem(config):
+        raise MedtlError(reason, path=name)
+    return config
+
+
+def config_files(root: str | Path) -> list[str]:
+    """Every file under ``configs/`` MONAI would read as a config (it matches suffixes in any case),
+    ``metadata.json`` left out, as bundle-relative POSIX paths."""
     root = Path(root)
-    findings = []
-    for name in (*configs, "configs/metadata.json"):
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in (root / "configs").rglob("*")
+        if p.suffix.lower() in (".json", ".yaml", ".yml") and p.is_file() and p != root / "configs" / "metadata.json"
+    )
+
+
+#: ``--config_file "['configs/a.json', 'configs/b.json']"`` as a bundle's docs write it.
+_CONFIG_LIST = re.compile(r"config_file[\s=]+[\"']?\[([^\]\n]*)\]")
+
+
+def workflows(root: str | Path, names: list[str]) -> list[tuple[str, ...]]:
+    """The config lists a site may run (``--config_file``): each config alone, every ordered pair
+    (a second file overrides the first, as ``multi_gpu_train.json`` does ``train.json``) and every
+    list of them named in the bundle's docs or metadata."""
+    root = Path(root)
+    runs: list[tuple[str, ...]] = [(n,) for n in names]
+    runs += list(itertools.permutations(names, 2))
+    texts = [p for p in (root / "docs").rglob("*") if p.is_file()] if (root / "docs").is_dir() else []
+    texts += [root / "configs" / "metadata.json", root / "README.md"]
+    for path in texts:
         try:
-            text = (root / name).read_text(encoding="utf-8")
-            config = yaml.safe_load(text) if name.endswith((".yaml", ".yml")) else json.loads(text)
-        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
-            findings.append(Finding(name, "", "", f"not readable ({exc.__class__.__name__})"))
+            text = path.read_text(encoding="utf-8", errors="replace")[:MAX_CONFIG_BYTES]
+        except OSError:
             continue
-        findings += audit_metadata(config, name) if name.endswith("metadata.json") else audit_config(config, name)
-    return findings
+        for listed in _CONFIG_LIST.findall(text):
+            run = tuple(n.strip(" '\"") for n in listed.split(","))
+            if len(run) > 2 and all(n in names for n in run):
+                runs.append(run)
+    return list(dict.fromkeys(runs))
+
+
+def audit_bundle(root: str | Path, configs: tuple[str, ...] | None = None) -> list[Finding]:
+    """Findings in every workflow the bundle can run (``workflows``) over ``configs`` (default: every
+    config under ``configs/``), in ``metadata.json`` (read into each as ``@_meta_``) and in
+    ``logging.conf``; a file out of bounds or that does not parse is a finding too."""
+    root = Path(root)
+    names = list(configs) if configs is not None else config_files(root)
+    findings: list[Finding] = []
+    if len(names) > MAX_CONFIGS:
+        return [Finding("configs", "", "", f"more than {MAX_CONFIGS} config files (a bundle has a handful)")]
+    loaded, meta = {}, None
+    for name in (*names, "configs/metadata.json"):
+        try:
+            config = read_config_file(root / name, name)
+        except MedtlError as exc:
+            findings.append(Finding(name, "", "", exc.message))
+            continue
+        if name == "configs/metadata.json":
+            meta = config
+            findings += audit_metadata(config, name)
+        else:
+            loaded[name] = config
+    for run in workflows(root, list(loaded)):
+        findings += audit_workflow([(n, loaded[n]) for n in run], meta)
+    if (root / "configs" / "logging.conf").is_file():
+        findings += audit_logging_conf(root / "configs" / "logging.conf")
+    return list({(f.where, f.text, f.reason): f for f in reversed(findings)}.values())[::-1]
 
 
 __all__ = [
+    "MAX_CONFIG_BYTES",
+    "MAX_DEPTH",
+    "MAX_NUMBER",
+    "MAX_TEXT",
+    "MAX_VALUES",
     "Finding",
     "audit_bundle",
     "audit_config",
     "audit_expression",
     "audit_logging_conf",
     "audit_metadata",
+    "audit_workflow",
+    "config_files",
+    "evaluated_text",
     "path_findings",
+    "read_config_file",
+    "size_problem",
     "string_values",
+    "workflows",
 ]

@@ -134,8 +134,10 @@ def import_bundle(
 
     The archive is unpacked once into a private folder beside ``to``; that copy is verified and
     renamed into place. Refused (``MedtlError``, nothing written) when any check fails; ``trust``
-    accepts configs outside the allow-list and checkpoints with pickled code from a sender you
-    trust; ``trusted_keys`` requires a signature by one of those keys. An existing ``to`` is only
+    accepts configs outside the allow-list, checkpoints with pickled code, and a ``model.ts`` or
+    ``model.onnx`` that is not what this site exports from ``model.pt`` (kept, and stated as a
+    warning in the verification) from a sender you trust; ``trusted_keys`` requires a signature
+    by one of those keys. An existing ``to`` is only
     replaced with ``replace``.
     """
     source, to = Path(archive), Path(to)

@@ -1,22 +1,31 @@
 """Check a bundle before it is shared or run: a pass/fail table a receiving site can trust.
 
-A received bundle is data, not code. Every check reads it without running anything from it: the
-configs, ``metadata.json`` and ``logging.conf`` are audited against an allow-list
-(``medtl.bundle.audit``), and ``network_def`` is built only when that audit passed (or with
-``trust``). Weights are always loaded with ``weights_only=True``. ``model.ts`` is a program
-(TorchScript runs its own code on load and forward): its parity is checked only with ``trust``,
-in a child process with a time limit. A packed bundle must list every file in ``SHA256SUMS``; a
-signature over that list names the sender when its key is one the site trusts.
+A received bundle is data, not code. Verification runs nothing of it but one thing: the network
+class ``network_def`` names, on the allow-list, called with literal arguments
+(``network_definition``); no ``_requires_``, no expression, no other id is ever evaluated, nothing
+is downloaded. The configs, ``metadata.json`` and ``logging.conf`` are audited against an
+allow-list (``medtl.bundle.audit``). Sizes are bounded before anything is built: the metadata's
+input shape, the sizes transforms ask for, zip members, the weights' tensor records. The checks
+that build or run something (weights loaded with ``weights_only=True``, the network's forward,
+fresh TorchScript and ONNX exports, the shipped copies' parity) run in a child process with
+CPU-time, memory and wall-clock limits (``medtl.bundle.sandbox``). ``model.ts`` and ``model.onnx``
+are programs MONAI Deploy and Triton run: they pass only as what this site exports from
+``model.pt`` and ``network_def`` itself, and are run before ``trust`` only then. A packed bundle
+must list every file in ``SHA256SUMS``; a signature over that list names the sender when its key
+is one the site trusts.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import io
 import json
+import math
 import re
-import subprocess
-import sys
-import tempfile
-from collections.abc import Callable, Iterable
+import zipfile
+import zlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +34,10 @@ import jsonschema
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from torch import nn
 
 from medtl.bundle import signing
+from medtl.bundle.allowlist import TARGETS
 from medtl.bundle.audit import (
     audit_config,
     audit_logging_conf,
@@ -35,6 +46,7 @@ from medtl.bundle.audit import (
     size_problem,
     string_values,
 )
+from medtl.bundle.export import _onnx_export, _torchscript, torchscript_bytes
 from medtl.bundle.files import (
     CHECKSUMS,
     MAX_UNPACKED_BYTES,
@@ -45,16 +57,33 @@ from medtl.bundle.files import (
     parse_sha256sums,
     sha256sums,
 )
+from medtl.bundle.sandbox import Channel, Limits, run_limited
 from medtl.bundle.textscan import file_texts
 from medtl.errors import MedtlError
-from medtl.fileio import utf8_child_env
 from medtl.privacy import find_identifiers
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "meta_schema_20240725.json"
-REQUIRED = ("configs/metadata.json", "configs/inference.json", "LICENSE", "models/model.pt")
+INFERENCE = "configs/inference.json"
+REQUIRED = ("configs/metadata.json", INFERENCE, "LICENSE", "models/model.pt")
 TOLERANCE = 1e-4
-#: Seconds a trusted TorchScript parity check may run before it is stopped.
-TORCHSCRIPT_SECONDS = 60
+#: The most values (channels x voxels) one input may hold: the network check builds two of them,
+#: and a transform's output size is bounded the same way.
+MAX_INPUT_VALUES = 256**3
+#: The most output classes the metadata may declare.
+MAX_CLASSES = 10_000
+#: The most bytes the weights' tensor records may declare before ``model.pt`` is loaded.
+MAX_WEIGHT_BYTES = 512 << 20
+#: A bundle zip's entries, and how many times a member may inflate (weights ~1, JSON ~10, bombs 1000+).
+MAX_ZIP_MEMBERS = 10_000
+MAX_ZIP_RATIO = 200
+#: Limits of the child process that builds and runs the network and its exports.
+CHECK_LIMITS = Limits(cpu_seconds=60, memory_bytes=2 << 30, wall_seconds=120)
+#: ``network_def`` targets verification builds: the allow-list's networks.
+NETWORKS = frozenset(t for t in TARGETS if t.startswith(("monai.networks.nets.", "medtl.encoders.")))
+#: Config keys whose list (or single int, per dimension) is an image size a transform or inferer allocates.
+SIZE_KEYS = frozenset({"spatial_size", "roi_size", "spatial_shape", "img_size", "patch_size"})
+WEIGHTS, NETWORK, EXPORTS = "weights load (weights_only)", "network matches metadata", "exports match the weights"
+TS_PARITY, ONNX_PARITY = "TorchScript parity", "ONNX parity"
 #: Files that hold code Python or the system would run: a bundle is configs, weights and documents.
 CODE_SUFFIXES = frozenset(
     {".py", ".pyw", ".pyc", ".pyo", ".pyd", ".pth", ".so", ".dll", ".dylib", ".exe", ".sh", ".bat", ".whl", ".egg"}
@@ -105,11 +134,88 @@ class Verification:
         }
 
 
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _bytes(n: int) -> str:
+    return f"{n / (1 << 30):.3g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.3g} MiB"
+
+
+def _first_line(exc: BaseException) -> str:
+    line = next((t.strip() for t in str(exc).splitlines() if t.strip()), "")
+    return f"{exc.__class__.__name__}: {line[:160]}" if line else exc.__class__.__name__
+
+
 def _load_json(path: Path, name: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MedtlError(f"not readable JSON ({exc.__class__.__name__}: {exc})", path=name) from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, huge integers
+        raise MedtlError(f"not readable JSON ({exc.__class__.__name__}: {str(exc)[:160]})", path=name) from None
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _format_problems(fmt: dict) -> list[str]:
+    """The metadata's input and output sizes, bounded before anything is built from them."""
+    where = "configs/metadata.json network_data_format"
+    image = (fmt.get("inputs") or {}).get("image")
+    pred = (fmt.get("outputs") or {}).get("pred")
+    if not isinstance(image, dict) or not isinstance(pred, dict):
+        return [f"{where}: needs inputs/image and outputs/pred"]
+    problems = []
+    channels, shape = image.get("num_channels"), image.get("spatial_shape")
+    if not _positive_int(channels):
+        problems.append(f"{where}/inputs/image/num_channels must be a positive integer, got {_short(channels)}")
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 3 and all(_positive_int(v) for v in shape)):
+        problems.append(f"{where}/inputs/image/spatial_shape must be 1 to 3 positive integers, got {_short(shape)}")
+    elif _positive_int(channels) and channels * math.prod(shape) > MAX_INPUT_VALUES:
+        problems.append(
+            f"{where}/inputs/image: {channels} x {'x'.join(map(str, shape))} values, above the bound of "
+            f"{MAX_INPUT_VALUES} (256^3) verification builds"
+        )
+    low_high = image.get("value_range", [0, 1])
+    if not (
+        isinstance(low_high, list)
+        and len(low_high) >= 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in low_high[:2])
+    ):
+        problems.append(f"{where}/inputs/image/value_range must be two finite numbers, got {_short(low_high)}")
+    classes = pred.get("num_channels")
+    if not (_positive_int(classes) and classes <= MAX_CLASSES):
+        problems.append(
+            f"{where}/outputs/pred/num_channels must be an integer from 1 to {MAX_CLASSES}, got {_short(classes)}"
+        )
+    return problems
+
+
+def _sizes(config: Any, where: str, depth: int = 0) -> Iterable[tuple[str, int]]:
+    if depth > 64:
+        return
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
+    for key, value in items:
+        here = f"{where}#{key}" if where else str(key)
+        if key in SIZE_KEYS and isinstance(value, (int, list)) and not isinstance(value, bool):
+            dims = [value] * 3 if isinstance(value, int) else value
+            if dims and all(isinstance(v, int) and not isinstance(v, bool) for v in dims):
+                yield here, math.prod(v for v in dims if v > 0)
+        else:
+            yield from _sizes(value, here, depth + 1)
+
+
+def _check_sizes(configs: dict[str, Any], report: Verification) -> None:
+    """A transform or inferer allocates the size it is given (``Resized`` to 1024^3 is 4 GB per image):
+    sizes a received bundle asks for are bounded like its input."""
+    problems = [
+        f"{name} {where}: {voxels} voxels, above the bound of {MAX_INPUT_VALUES} (256^3)"
+        for name, config in configs.items()
+        for where, voxels in _sizes(config, "")
+        if voxels > MAX_INPUT_VALUES
+    ]
+    report.add("bounded sizes", problems, passed="every image size in the configs is at most 256^3 voxels")
 
 
 def _check_metadata(root: Path, report: Verification) -> dict | None:
@@ -125,6 +231,8 @@ def _check_metadata(root: Path, report: Verification) -> dict | None:
     for error in sorted(jsonschema.Draft7Validator(schema).iter_errors(meta), key=lambda e: list(e.path)):
         where = "/".join(str(p) for p in error.path) or "(top level)"
         problems.append(f"configs/metadata.json {where}: {error.message}")
+    if not problems:
+        problems = _format_problems(meta["network_data_format"])
     if not problems:
         if meta["version"] not in meta.get("changelog", {}):
             problems.append(f"configs/metadata.json: version {meta['version']} has no changelog entry")
@@ -315,27 +423,169 @@ def _check_expressions(root: Path, configs: dict[str, Any], trust: bool, report:
     return not findings
 
 
-def _check_weights(root: Path, trust: bool, report: Verification) -> dict | None:
-    path = root / "models" / "model.pt"
-    if not path.is_file():
-        report.skip("weights load (weights_only)", "no models/model.pt")
-        return None
+# ------------------------------------------------------------------ the network, built from literals only
+
+
+def _literal(value: Any, where: str, config: dict, *, resolve: bool = True, depth: int = 0) -> Any:
+    """``value`` as plain JSON data; an ``@name`` resolved to a top-level literal of ``config``.
+    Anything MONAI would evaluate or instantiate is refused."""
+    if depth > 16:
+        raise MedtlError(f"{where}: nested more than 16 levels deep", path=INFERENCE)
+    if isinstance(value, str):
+        if resolve and re.fullmatch(r"@[A-Za-z_]\w*", value):
+            name = value[1:]
+            if name not in config:
+                raise MedtlError(f"{where}: {value} is not defined", path=INFERENCE)
+            return _literal(config[name], f"{where} ({value})", config, resolve=False, depth=depth + 1)
+        if value.startswith(("$", "@", "%")):
+            kind = {"$": "a $ expression", "@": "a reference to something other than a top-level literal"}
+            raise MedtlError(
+                f"{where}: {_short(value)} is {kind.get(value[0], 'a % macro')}; verify builds network_def only "
+                "from literal arguments",
+                path=INFERENCE,
+            )
+        return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, list):
+        return [_literal(v, f"{where}#{i}", config, resolve=resolve, depth=depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        special = sorted(str(k) for k in value if str(k).startswith("_"))
+        if special:
+            raise MedtlError(
+                f"{where}: holds {special[0]} (a nested component); verify builds network_def only from literal "
+                "arguments",
+                path=INFERENCE,
+            )
+        return {k: _literal(v, f"{where}#{k}", config, resolve=resolve, depth=depth + 1) for k, v in value.items()}
+    raise MedtlError(f"{where}: {type(value).__name__} is not a JSON value", path=INFERENCE)
+
+
+def network_definition(config: Any) -> tuple[str, dict[str, Any]]:
+    """``network_def`` of an inference config as an allow-listed network class and literal arguments.
+
+    Verification builds the network from this alone: no ``_requires_``, no ``$`` expression, no
+    other id of the bundle is ever evaluated, and no weights are downloaded. Raises ``MedtlError``
+    with a one-line reason for anything else.
+    """
+    if not isinstance(config, dict) or not isinstance(config.get("network_def"), dict):
+        raise MedtlError("network_def must be a mapping with a _target_", path=INFERENCE)
+    shadowing = sorted(str(k) for k in config if re.match(r"network_def(#|::)", str(k)))
+    if shadowing:
+        raise MedtlError(
+            f"{shadowing[0]}: sets network_def's arguments from outside it (MONAI merges it in); write them "
+            "inside network_def",
+            path=INFERENCE,
+        )
+    definition = config["network_def"]
+    target = definition.get("_target_")
+    if target not in NETWORKS:
+        raise MedtlError(f"network_def#_target_ {_short(target)} is not a network on the allow-list", path=INFERENCE)
+    arguments = {}
+    for key, value in definition.items():
+        if key == "_target_":
+            continue
+        if str(key).startswith("_") or not str(key).isidentifier():
+            raise MedtlError(
+                f"network_def#{_short(key)}: not a constructor argument; verify builds network_def only from "
+                "literal arguments",
+                path=INFERENCE,
+            )
+        arguments[key] = _literal(value, f"network_def#{key}", config)
+    module, _, name = target.rpartition(".")
+    builder = getattr(importlib.import_module(module), name)
+    default = inspect.signature(builder).parameters.get("pretrained")
+    pretrained = arguments.get("pretrained", default.default if default else False)
+    if pretrained is not False:
+        raise MedtlError(
+            f"network_def: {name} with pretrained={pretrained!r} downloads weights; a received bundle's weights "
+            'are its models/model.pt (set "pretrained": false)',
+            path=INFERENCE,
+        )
+    return target, arguments
+
+
+# ------------------------------------------------------------------ heavy checks, in a bounded child process
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the child checks: the literal network (or why it is not built) and its input."""
+
+    network: tuple[str, dict[str, Any]] | None
+    not_built: str
+    channels: int = 1
+    shape: tuple[int, ...] = ()
+    value_range: tuple[float, float] = (0.0, 1.0)
+    classes: int = 0
+    trust: bool = False
+
+
+def _weights_record_problem(path: Path) -> str | None:
+    """Why the weights must not be loaded, read from the zip's directory alone (torch's format is a
+    zip of tensor records): more bytes than ``MAX_WEIGHT_BYTES`` once inflated, or a record that
+    inflates like a zip bomb. A file in the older pickle format is bounded by its size."""
+    if not zipfile.is_zipfile(path):
+        size = path.stat().st_size
+        return (
+            None if size <= MAX_WEIGHT_BYTES else f"models/model.pt: {_bytes(size)}, above {_bytes(MAX_WEIGHT_BYTES)}"
+        )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        return f"models/model.pt: not a readable checkpoint ({exc.__class__.__name__})"
+    total = sum(i.file_size for i in infos)
+    if total > MAX_WEIGHT_BYTES:
+        return (
+            f"models/model.pt: its tensor records declare {_bytes(total)}, above {_bytes(MAX_WEIGHT_BYTES)}; not loaded"
+        )
+    return _inflation_problem(infos, "models/model.pt")
+
+
+def _inflation_problem(infos: list[zipfile.ZipInfo], name: str) -> str | None:
+    for info in infos:
+        if info.file_size > 1 << 20 and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
+            return (
+                f"{name}: member {_short(info.filename)} inflates {info.file_size // max(info.compress_size, 1)} "
+                f"times (above {MAX_ZIP_RATIO}); not unpacked"
+            )
+    return None
+
+
+def check_archive(path: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> None:
+    """Refuse a bundle zip from its directory alone, before anything is extracted: too many members,
+    more than ``max_bytes`` in all, or a member that inflates like a zip bomb."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise MedtlError(f"not a readable zip archive ({exc.__class__.__name__})", path=path.name) from None
+    if len(infos) > MAX_ZIP_MEMBERS:
+        raise MedtlError(f"holds {len(infos)} entries, above {MAX_ZIP_MEMBERS}", path=path.name)
+    total = sum(i.file_size for i in infos)
+    if total > max_bytes:
+        raise MedtlError(f"unpacks to {_bytes(total)}, above the {_bytes(max_bytes)} cap", path=path.name)
+    if problem := _inflation_problem(infos, path.name):
+        raise MedtlError(problem)
+
+
+def _load_weights(root: Path, channel: Channel) -> dict[str, torch.Tensor] | None:
+    try:
+        state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError or EOFError by case
+        if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
+            raise
         text = str(exc)
         unsafe = re.search(r"(?:Unsupported global|GLOBAL) *:? *(?:GLOBAL )?([\w.]+)", text)
         what = unsafe.group(1) if unsafe else "pickle opcodes weights-only loading refuses"
+        pickled = bool(unsafe or "Weights only" in text)
         why = (
             f"holds pickled code ({what}), which would run on loading; refused"
-            if unsafe or "Weights only load failed" in text
+            if pickled
             else f"not a readable checkpoint ({exc.__class__.__name__})"
         )
-        report.add(
-            "weights load (weights_only)",
-            [f"models/model.pt: {why}"],
-            trusted=trust and bool(unsafe or "Weights only" in text),
-        )
+        channel.put(("add", WEIGHTS, [f"models/model.pt: {why}"], "", pickled))
         return None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -343,133 +593,283 @@ def _check_weights(root: Path, trust: bool, report: Verification) -> dict | None
     problems = [] if tensors else ["models/model.pt: holds no weight tensors"]
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     problems += [f"models/model.pt: {k} has NaN or Inf values" for k in bad[:3]]
-    report.add("weights load (weights_only)", problems, passed=f"{len(tensors)} tensors, all finite, no pickled code")
+    channel.put(("add", WEIGHTS, problems, f"{len(tensors)} tensors, all finite, no pickled code", False))
     return None if problems else tensors
 
 
-def _sample_input(meta: dict) -> torch.Tensor:
-    image = meta["network_data_format"]["inputs"]["image"]
-    low, high = (image.get("value_range") or [0, 1])[:2]
-    x = torch.rand(2, image["num_channels"], *image["spatial_shape"], generator=torch.Generator().manual_seed(0))
-    return low + (high - low) * x
-
-
-def _check_network(
-    root: Path, meta: dict, state: dict, report: Verification
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-
-    parser = ConfigParser()
-    parser.read_config(root / "configs" / "inference.json")
-    parser.read_meta(root / "configs" / "metadata.json")
-    parser["bundle_root"] = str(root)
+def _build_network(
+    plan: _Plan, state: dict[str, torch.Tensor], channel: Channel
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor] | None:
+    assert plan.network is not None
+    target, arguments = plan.network
+    module, _, name = target.rpartition(".")
     try:
-        network = parser.get_parsed_content("network_def")
-    except Exception as exc:  # noqa: BLE001 - a broken network_def is the bundle's problem
-        report.add(
-            "network matches metadata",
-            [f"configs/inference.json network_def does not build ({exc.__class__.__name__}: {exc})"],
-        )
+        network = getattr(importlib.import_module(module), name)(**arguments)
+    except Exception as exc:  # noqa: BLE001 - arguments the constructor refuses are the bundle's problem
+        channel.put(("add", NETWORK, [f"{INFERENCE} network_def does not build ({_first_line(exc)})"], "", False))
         return None
     result = network.load_state_dict(state, strict=False)
     problems = [f"models/model.pt: no weights for {', '.join(result.missing_keys[:4])}"] if result.missing_keys else []
-    problems += (
-        [f"models/model.pt: weights for no layer: {', '.join(result.unexpected_keys[:4])}"]
-        if result.unexpected_keys
-        else []
-    )
+    if result.unexpected_keys:
+        problems.append(f"models/model.pt: weights for no layer: {', '.join(result.unexpected_keys[:4])}")
     if problems:
-        report.add("network matches metadata", problems)
+        channel.put(("add", NETWORK, problems, "", False))
         return None
-    x = _sample_input(meta)
+    low, high = plan.value_range
+    x = low + (high - low) * torch.rand(2, plan.channels, *plan.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y = network.eval()(x)
-    k = meta["network_data_format"]["outputs"]["pred"]["num_channels"]
-    if tuple(y.shape) != (x.shape[0], k) or y.dtype != torch.float32:
+    if tuple(y.shape) != (x.shape[0], plan.classes) or y.dtype != torch.float32:
         problems.append(
             f"network_def gives {tuple(y.shape)} {y.dtype} for input {tuple(x.shape)}; metadata "
-            f"says ({x.shape[0]}, {k}) float32"
+            f"says ({x.shape[0]}, {plan.classes}) float32"
         )
-    report.add("network matches metadata", problems, passed=f"{tuple(x.shape[1:])} -> {k} classes")
-    return None if problems else (x, y)
+    channel.put(("add", NETWORK, problems, f"{tuple(x.shape[1:])} -> {plan.classes} classes", False))
+    return None if problems else (network, x, y)
 
 
-def _check_export(
-    name: str,
-    path: Path,
-    run: Callable[[Path, torch.Tensor], np.ndarray],
-    reference: tuple[torch.Tensor, torch.Tensor] | None,
-    report: Verification,
-) -> None:
-    rel = f"models/{path.name}"
-    if not path.is_file():
-        report.skip(name, f"no {rel}")
-        return
-    if reference is None:
-        report.skip(name, "needs the network check to pass")
-        return
-    x, y = reference
+def _canonical_code(text: bytes) -> bytes:
+    """TorchScript code with each run of class-level declarations sorted: torch writes them in set
+    order, which differs between Python processes; the order of declarations means nothing."""
+    out: list[bytes] = []
+    block: list[bytes] = []
+    for line in text.split(b"\n"):
+        if re.match(rb"  [A-Za-z_]\w* : ", line) or re.match(rb"  __\w+__ = ", line):
+            block.append(line)
+            continue
+        out += sorted(block) + [line]
+        block = []
+    return b"\n".join(out + sorted(block))
+
+
+def _torchscript_matches(path: Path, fresh: bytes) -> bool:
+    """Whether ``path`` is ``fresh`` (this site's export of the same weights and network_def), byte
+    for byte but for the order of class declarations and the serialization id derived from them.
+    Members are compared by the sizes the fresh export has, so a bomb is never inflated."""
     try:
-        out = run(path, x)
-    except ImportError as exc:
-        report.skip(name, f"{exc.name} not installed")
-        return
-    except Exception as exc:  # noqa: BLE001 - a file that does not load is the bundle's problem
-        report.add(name, [f"{rel}: does not load or run ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})"])
-        return
-    diff = float(np.abs(out - y.numpy()).max()) if out.shape == tuple(y.shape) else float("inf")
-    report.add(
-        name,
-        [f"{rel}: output differs from models/model.pt by {diff:.2e} (> {TOLERANCE:g})"]
-        if not diff <= TOLERANCE
-        else [],
-        passed=f"max abs difference {diff:.1e}",
-    )
+        with zipfile.ZipFile(io.BytesIO(fresh)) as ours, zipfile.ZipFile(path) as theirs:
+            mine = {i.filename: i for i in ours.infolist()}
+            shipped = {i.filename: i for i in theirs.infolist()}
+            if mine.keys() != shipped.keys() or any(mine[n].file_size != shipped[n].file_size for n in mine):
+                return False
+            for name in mine:
+                if name.endswith("/.data/serialization_id"):
+                    continue
+                a, b = ours.read(name), theirs.read(name)
+                if "/code/" in name:
+                    a, b = _canonical_code(a), _canonical_code(b)
+                if a != b:
+                    return False
+    except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, EOFError, zlib.error):
+        return False
+    return True
 
 
-_TORCHSCRIPT_CHILD = """
-import sys, numpy as np, torch
-x = torch.from_numpy(np.load(sys.argv[2]))
-with torch.no_grad():
-    np.save(sys.argv[3], torch.jit.load(sys.argv[1], map_location="cpu").eval()(x).numpy())
-"""
-
-
-def _run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:
-    """Run a trusted ``model.ts`` in a child process in an empty folder, stopped after
-    ``TORCHSCRIPT_SECONDS``: a TorchScript program that loops forever cannot hang verification."""
-    with tempfile.TemporaryDirectory(prefix="medtl-ts-") as tmp:
-        np.save(Path(tmp) / "x.npy", x.numpy())
-        try:
-            done = subprocess.run(
-                [sys.executable, "-c", _TORCHSCRIPT_CHILD, str(path.resolve()), "x.npy", "y.npy"],
-                cwd=tmp,
-                capture_output=True,
-                encoding="utf-8",
-                errors="replace",
-                env=utf8_child_env(),
-                timeout=TORCHSCRIPT_SECONDS,
-            )
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"still running after {TORCHSCRIPT_SECONDS} s; stopped") from None
-        if done.returncode:
-            raise RuntimeError((done.stderr.strip().splitlines() or ["failed"])[-1])
-        return np.load(Path(tmp) / "y.npy")
-
-
-def _run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
+def _onnx_matches(path: Path, fresh: Path) -> bool:
+    """Whether ``path`` is this site's export ``fresh``: the same graph, operators and attributes, and
+    initializers within float rounding (folded batch norms differ in their last bits between builds)."""
     import onnx
-    import onnxruntime
+    from onnx import numpy_helper
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        ours, theirs = onnx.load(str(fresh)), onnx.load(str(path), load_external_data=False)
+        a, b = list(ours.graph.initializer), list(theirs.graph.initializer)
+        if [(t.name, t.data_type, list(t.dims)) for t in a] != [(t.name, t.data_type, list(t.dims)) for t in b]:
+            return False
+        for x, y in zip(a, b, strict=True):
+            if not np.allclose(numpy_helper.to_array(x), numpy_helper.to_array(y), rtol=1e-5, atol=1e-6):
+                return False
+        ours.graph.ClearField("initializer")
+        theirs.graph.ClearField("initializer")
+        return ours.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
+    except Exception:  # noqa: BLE001 - a file onnx cannot read is not what this site exported
+        return False
+
+
+def _onnx_problems(path: Path) -> list[str]:
+    """What makes an ONNX file unsafe to run whoever made it: weights read from other files, custom
+    operators, loops whose trip count the file sets."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's errors share no base class
+        return [f"models/model.onnx: not a readable ONNX model ({exc.__class__.__name__})"]
+    problems = []
     external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
-        raise ValueError(f"weights stored outside the file ({external[0]}): ONNX would read them from any path")
+        problems.append(
+            f"models/model.onnx: weights stored outside the file ({external[0]}): ONNX would read them from any path"
+        )
     custom = sorted({o.domain for o in model.opset_import} - {"", "ai.onnx", "ai.onnx.ml"})
     if custom:
-        raise ValueError(f"operators from custom domain {custom[0]!r}")
+        problems.append(f"models/model.onnx: operators from custom domain {custom[0]!r}")
+    loops = sorted({n.op_type for n in _onnx_nodes(model.graph) if n.op_type in ("Loop", "Scan", "If")})
+    if loops:
+        problems.append(
+            f"models/model.onnx: holds {loops[0]} nodes (control flow whose extent the file sets; a classifier's "
+            "export has none)"
+        )
+    return problems
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+def _onnx_nodes(graph: Any) -> Iterable[Any]:
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
+                yield from _onnx_nodes(sub)
+
+
+def _exports(root: Path, plan: _Plan, built: tuple[nn.Module, torch.Tensor, torch.Tensor] | None, channel: Channel):
+    """Export the network afresh and compare the shipped copies with it; returns which match."""
+    shipped = [name for name in ("model.ts", "model.onnx") if (root / "models" / name).is_file()]
+    if not shipped:
+        channel.put(("skip", EXPORTS, "no models/model.ts or models/model.onnx"))
+        return set()
+    if built is None:
+        channel.put(
+            ("add", EXPORTS, [f"models/{n}: not compared (the network check failed)" for n in shipped], "", True)
+        )
+        return set()
+    network, shape = built[0], [plan.channels, *plan.shape]
+    verified, problems = set(), []
+    if "model.ts" in shipped:
+        channel.step("exporting models/model.ts afresh")
+        configs = root / "configs"
+        embedded = {name: (configs / name).read_text(encoding="utf-8") for name in ("metadata.json", "inference.json")}
+        try:
+            fresh = torchscript_bytes(_torchscript(network, shape), embedded)
+        except RuntimeError as exc:
+            problems.append(f"models/model.ts: this network has no TorchScript export to compare ({_first_line(exc)})")
+        else:
+            if _torchscript_matches(root / "models" / "model.ts", fresh):
+                verified.add("model.ts")
+    if "model.onnx" in shipped:
+        channel.step("exporting models/model.onnx afresh")
+        try:
+            exported = _onnx_export(network, Path("fresh.onnx"), shape)
+        except Exception as exc:  # noqa: BLE001 - the exporter's and ONNX Runtime's errors share no base class
+            problems.append(f"models/model.onnx: this network has no ONNX export to compare ({_first_line(exc)})")
+        else:
+            if exported is None:
+                problems.append("models/model.onnx: not compared (pip install onnx onnxruntime)")
+            elif _onnx_matches(root / "models" / "model.onnx", Path("fresh.onnx")):
+                verified.add("model.onnx")
+    problems += [
+        f"models/{name} is not what models/model.pt and network_def export to; it was not loaded, and MONAI "
+        "Deploy or Triton would run it (re-export the bundle, delete the file, or --trust to keep it)"
+        for name in shipped
+        if name not in verified and not any(p.startswith(f"models/{name}:") for p in problems)
+    ]
+    channel.put(
+        ("add", EXPORTS, problems, ", ".join(f"models/{n}" for n in shipped) + ": fresh exports of model.pt", True)
+    )
+    return verified
+
+
+def _parity(name: str, out: np.ndarray, y: torch.Tensor) -> tuple[list[str], str]:
+    diff = float(np.abs(out - y.numpy()).max()) if out.shape == tuple(y.shape) else float("inf")
+    problems = (
+        [] if diff <= TOLERANCE else [f"{name}: output differs from models/model.pt by {diff:.2e} (> {TOLERANCE:g})"]
+    )
+    return problems, f"max abs difference {diff:.1e}"
+
+
+def _run_exports(
+    root: Path, plan: _Plan, built: tuple[nn.Module, torch.Tensor, torch.Tensor] | None, verified: set[str], channel
+) -> None:
+    ts, onnx_path = root / "models" / "model.ts", root / "models" / "model.onnx"
+    if not ts.is_file():
+        channel.put(("skip", TS_PARITY, "no models/model.ts"))
+    elif built is None:
+        channel.put(("skip", TS_PARITY, "needs the network check to pass"))
+    elif "model.ts" not in verified and not plan.trust:
+        channel.put(
+            (
+                "skip",
+                TS_PARITY,
+                "not run: model.ts is a program and not this site's export of model.pt "
+                "(--trust runs it in a bounded child process)",
+            )
+        )
+    else:
+        channel.step("running models/model.ts")
+        try:
+            with torch.no_grad():
+                out = torch.jit.load(str(ts), map_location="cpu").eval()(built[1]).numpy()
+        except Exception as exc:  # noqa: BLE001 - a file that does not load is the bundle's problem
+            channel.put(("add", TS_PARITY, [f"models/model.ts: does not load or run ({_first_line(exc)})"], "", False))
+        else:
+            channel.put(("add", TS_PARITY, *_parity("models/model.ts", out, built[2]), False))
+    if not onnx_path.is_file():
+        channel.put(("skip", ONNX_PARITY, "no models/model.onnx"))
+        return
+    channel.step("reading models/model.onnx")
+    problems = _onnx_problems(onnx_path)
+    if problems:
+        channel.put(("add", ONNX_PARITY, problems, "", False))
+    elif built is None:
+        channel.put(("skip", ONNX_PARITY, "needs the network check to pass"))
+    elif "model.onnx" not in verified and not plan.trust:
+        channel.put(
+            (
+                "skip",
+                ONNX_PARITY,
+                "not run: not this site's export of model.pt (--trust runs it in a bounded child process)",
+            )
+        )
+    else:
+        channel.step("running models/model.onnx")
+        import onnxruntime
+
+        try:
+            session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+            out = session.run(None, {session.get_inputs()[0].name: built[1].numpy()})[0]
+        except Exception as exc:  # noqa: BLE001 - a file that does not load is the bundle's problem
+            channel.put(
+                ("add", ONNX_PARITY, [f"models/model.onnx: does not load or run ({_first_line(exc)})"], "", False)
+            )
+        else:
+            channel.put(("add", ONNX_PARITY, *_parity("models/model.onnx", out, built[2]), False))
+
+
+def _heavy_checks(channel: Channel, root_text: str, plan: _Plan) -> None:
+    """The checks that build or run something, in the bounded child: weights, network, exports."""
+    torch.set_num_threads(1)
+    root = Path(root_text)
+    channel.step("loading models/model.pt")
+    state = _load_weights(root, channel)
+    built = None
+    if plan.network is None or state is None:
+        channel.put(("skip", NETWORK, plan.not_built if plan.network is None else "needs the weights to load"))
+    else:
+        channel.step("building network_def and running it")
+        built = _build_network(plan, state, channel)
+    verified = _exports(root, plan, built, channel)
+    _run_exports(root, plan, built, verified, channel)
+
+
+def _check_heavy(root: Path, plan: _Plan, trust: bool, report: Verification) -> None:
+    """Run ``_heavy_checks`` within ``CHECK_LIMITS`` and add its rows; a breach is one more row."""
+    weights = root / "models" / "model.pt"
+    if not weights.is_file():
+        report.skip(WEIGHTS, "no models/model.pt")
+        report.skip(NETWORK, "needs valid metadata, weights and inference.json")
+        return
+    if problem := _weights_record_problem(weights):
+        report.add(WEIGHTS, [problem])
+        report.skip(NETWORK, "needs the weights to load")
+        return
+    outcome = run_limited(_heavy_checks, str(root.resolve()), plan, what="network check", limits=CHECK_LIMITS)
+    for kind, name, *rest in outcome.items:
+        if kind == "skip":
+            report.skip(name, rest[0])
+        else:
+            problems, passed, trustable = rest
+            report.add(name, problems, passed=passed, trusted=trust and trustable)
+    if outcome.breach:
+        report.add("resource limits", [outcome.breach])
 
 
 def _check_privacy(root: Path, identifiers: Iterable[str], report: Verification) -> None:
@@ -500,8 +900,9 @@ def verify_bundle(
 ) -> Verification:
     """Run every check on a bundle folder or zip; never raises for a bad bundle, reports it.
 
-    ``trust`` turns audit failures into warnings, lets the network checks run anyway and runs
-    ``model.ts`` (in a time-limited child process); pickled weights are still never loaded.
+    ``trust`` turns audit failures into warnings, lets the network checks run anyway and runs a
+    ``model.ts`` or ``model.onnx`` that is not this site's own export (in the bounded child process);
+    pickled weights are still never loaded, and ``network_def`` is still built from literals only.
     ``identifiers`` are values from the training data (``medtl.privacy.identifiers_from_dicom``)
     the privacy scan must not find. ``trusted_keys`` (``.pub`` files or folders) makes a signature
     by one of them required. A zip may unpack to at most ``max_bytes``. ``packed`` (default: ``path``
@@ -511,6 +912,8 @@ def verify_bundle(
     report = Verification(path.name)
     try:
         trusted = signing.trusted_fingerprints(trusted_keys) if trusted_keys is not None else None
+        if path.is_file():
+            check_archive(path, max_bytes)
         with open_bundle(path, max_bytes=max_bytes) as root:
             return _verify_root(
                 root,
@@ -523,6 +926,31 @@ def verify_bundle(
     except MedtlError as exc:
         report.add("archive", [str(exc)])
     return report
+
+
+def _plan(meta: dict | None, configs: dict[str, Any], audited: bool, trust: bool, report: Verification) -> _Plan:
+    """What the bounded child checks; a ``network_def`` that is not literal is a failed row here."""
+    if meta is None or INFERENCE not in configs:
+        return _Plan(None, "needs valid metadata, weights and inference.json")
+    if not (audited or trust):
+        return _Plan(None, "not built: the expression audit failed (--trust to build it anyway)")
+    try:
+        network = network_definition(configs[INFERENCE])
+    except MedtlError as exc:
+        report.add("network definition", [str(exc)], trusted=trust)
+        return _Plan(None, "not built: network_def is not an allow-listed network with literal arguments")
+    report.add("network definition", [], passed=f"{network[0]} with literal arguments")
+    image = meta["network_data_format"]["inputs"]["image"]
+    low, high = (image.get("value_range") or [0, 1])[:2]
+    return _Plan(
+        network,
+        "",
+        channels=image["num_channels"],
+        shape=tuple(image["spatial_shape"]),
+        value_range=(float(low), float(high)),
+        classes=meta["network_data_format"]["outputs"]["pred"]["num_channels"],
+        trust=trust,
+    )
 
 
 def _verify_root(
@@ -542,21 +970,8 @@ def _verify_root(
         _check_references(root, configs, meta, report)
     _check_paths(configs, report)
     audited = _check_expressions(root, configs, trust, report)
-    state = _check_weights(root, trust, report)
-    reference = None
-    if meta is None or state is None or "configs/inference.json" not in configs:
-        report.skip("network matches metadata", "needs valid metadata, weights and inference.json")
-    elif not (audited or trust):
-        report.skip("network matches metadata", "not built: the expression audit failed (--trust to build it anyway)")
-    else:
-        reference = _check_network(root, meta, state, report)
-    if trust or not (root / "models" / "model.ts").is_file():
-        _check_export("TorchScript parity", root / "models" / "model.ts", _run_torchscript, reference, report)
-    else:
-        report.skip(
-            "TorchScript parity", "not run: model.ts is a program (--trust runs it in a time-limited child process)"
-        )
-    _check_export("ONNX parity", root / "models" / "model.onnx", _run_onnx, reference, report)
+    _check_sizes(configs, report)
+    _check_heavy(root, _plan(meta, configs, audited, trust, report), trust, report)
     _check_privacy(root, identifiers, report)
     if (root / PROVENANCE).is_file():
         try:
