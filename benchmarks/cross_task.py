@@ -98,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--npz", default=str(SHARED), help="the AdrenalMNIST3D file (adrenalmnist3d.npz)")
     parser.add_argument("--bundle", default=str(LIDC), help="the source bundle (folder or zip)")
+    parser.add_argument("--classes", help="class names of the npz's labels, comma-separated (default: MedMNIST's)")
     parser.add_argument("--work", default="medtl-cross-task", help="where the imported cases and the source copy go")
     parser.add_argument("--epochs", type=int, default=10, help="most epochs of every method")
     parser.add_argument("--folds", type=int, default=3, help="folds of the k-fold selection")
@@ -114,7 +115,8 @@ def main() -> None:
         raise SystemExit(f"AdrenalMNIST3D not found at {args.npz}: pass --npz (see ../shared/data/README.md)")
     device = resolve_device(args.device)
     work = Path(args.work)
-    summary = import_medmnist(args.npz, work / "adrenal", roi="shape", progress=False)
+    classes = args.classes.split(",") if args.classes else None
+    summary = import_medmnist(args.npz, work / "adrenal", classes=classes, roi="shape", progress=False)
     manifest_path = work / "adrenal" / summary["manifest"]
     names = class_names(manifest_path)
     source = open_source(args.bundle, target_classes=names, workdir=work, class_map="new")
@@ -126,7 +128,7 @@ def main() -> None:
         f"inputs {tuple(items['train'][0]['image'].shape)}; " + ", ".join(f"{k}: {len(v)}" for k, v in items.items())
     )
     test = items["test"]
-    settings = {k: vars(args)[k] for k in RUN_SETTINGS}
+    settings = {k: vars(args)[k] for k in RUN_SETTINGS} | {"bundle": Path(args.bundle).name}  # no local paths
     rows: list[dict] = []
     if args.resume and args.out and Path(args.out).is_file():
         previous = json.loads(Path(args.out).read_text(encoding="utf-8"))

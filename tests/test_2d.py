@@ -127,8 +127,10 @@ def test_3d_defaults_are_unchanged():
     pre = preprocessing()
     names = [type(t).__name__ for t in pre.transforms]
     assert "_SingleSliced" not in names
-    by_name = {type(t).__name__: t for t in pre.transforms}
-    orientation, spacing = by_name["Orientationd"], by_name["Spacingd"]
+    from monai.transforms import Orientationd, Spacingd
+
+    orientation = next(t for t in pre.transforms if isinstance(t, Orientationd))
+    spacing = next(t for t in pre.transforms if isinstance(t, Spacingd))  # medtl's subclass
     assert orientation.ornt_transform.axcodes == "RAS"
     assert tuple(spacing.spacing_transform.pixdim) == (1.0, 1.0, 1.0)
     crop, resize = pre.transforms[-3], pre.transforms[-2]

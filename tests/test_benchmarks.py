@@ -110,3 +110,30 @@ def test_shipped_lidc_bundle_reproduces_its_eval_metrics(shared_data, tmp_path):
     auc = bench.scored_auc(cases, np.array([got[m] for m in masks]))
     assert auc["auc"] == pytest.approx(stated["pooled_test_auc"], abs=1e-4)
     assert auc["auc_ci95"] == pytest.approx(stated["pooled_test_auc_ci95"], abs=2e-3)
+
+
+@pytest.mark.slow
+def test_cross_task_benchmark_runs_every_method_and_pairs_it_with_scratch(tmp_path):
+    """benchmarks/cross_task.py end to end on a tiny shape set: the LIDC bundle as the source, four
+    methods, the paired difference to scratch in the printed table."""
+    from tests.test_importers import FAKE_SHAPES, _fake_shape_npz
+
+    npz = _fake_shape_npz(tmp_path / "shapes3d.npz", shapes=FAKE_SHAPES * 3, sizes=(12, 6, 6))
+    out = tmp_path / "cross_task.json"
+    argv = ["--npz", str(npz), "--classes", "normal,hyperplasia", "--work", str(tmp_path / "work"), "--draws", "1"]
+    argv += ["--budgets", "1.0", "--epochs", "1", "--folds", "2", "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "cross_task.py"), *argv],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=utf8_child_env(),
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
+    assert sorted(r["method"] for r in rows) == sorted(["medtl recipe", "linear probe", "naive fine-tune", "scratch"])
+    assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
+    assert (
+        "AUC - scratch" in done.stdout and "lidc_nodule_malignancy" in json.loads(out.read_text())["settings"]["bundle"]
+    )

@@ -694,20 +694,21 @@ def audit_workflow(configs: list[tuple[str, Any]], meta: Any = None) -> list[Fin
         if len(configs) > 1:
             return []  # MONAI stops at merging these; each file is audited alone
         merged = dict(configs[0][1])  # judged as written: references and macros stay unresolved
-    if not any(ConfigParser.meta_key in c for _, c in configs):
-        merged.pop(ConfigParser.meta_key, None)  # metadata.json, audited as such
+    walked = merged
+    if not any(ConfigParser.meta_key in c for _, c in configs):  # metadata.json, audited as such
+        walked = {k: v for k, v in merged.items() if k != ConfigParser.meta_key}
     findings: list[Finding] = []
-    if merged.get("bundle_root", ".") not in (".", ""):
+    if walked.get("bundle_root", ".") not in (".", ""):
         findings.append(
             Finding(
                 name,
                 "bundle_root",
-                str(merged["bundle_root"]),
+                str(walked["bundle_root"]),
                 "bundle_root must be '.': the site running the bundle sets it (--bundle_root)",
             )
         )
-    off = frozenset(f"@{k}" for k, v in merged.items() if v is False)
-    _audit(merged, name, "", findings, off, merged)
+    off = frozenset(f"@{k}" for k, v in walked.items() if v is False)
+    _audit(walked, name, "", findings, off, merged)
     return findings
 
 

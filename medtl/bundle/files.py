@@ -4,16 +4,24 @@ Shared by pack, verify, import and diff, so each sees the same file list and the
 A zip is extracted into a temporary folder with every entry checked first: no absolute names, no
 ``..``, no links or special files, no name twice (tools disagree on which copy wins), no more than
 ``MAX_UNPACKED_BYTES`` in all (zip-slip and zip bombs). A folder is checked the same way: only
-plain files and folders, no links that would copy files from outside it.
+plain files and folders, no links that would copy files from outside it. Neither may hold a file
+Python or the system would run (``CODE_SUFFIXES``), nor a top-level entry named like a module
+this Python can import: ``python -m monai.bundle run`` puts the bundle folder on ``sys.path``,
+where a ``medtl/`` or ``torch/`` folder, even without code, would shadow the installed package.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib.machinery
+import importlib.metadata
 import json
 import os
+import pkgutil
 import stat
+import sys
 import tempfile
 import unicodedata
 import zipfile
@@ -33,6 +41,47 @@ LARGE_FILES = "large_files.yml"
 MAX_UNPACKED_BYTES = 2 << 30
 #: Produced by running a bundle, never shared: training logs may name local files.
 RUN_OUTPUTS = ("runs", "eval", "cache", "__pycache__")
+#: Files that hold code Python or the system would run: a bundle is configs, weights and documents.
+CODE_SUFFIXES = frozenset(
+    {".py", ".pyw", ".pyc", ".pyo", ".pyd", ".pth", ".so", ".dll", ".dylib", ".exe", ".sh", ".bat", ".whl", ".egg"}
+    | {"." + s.rsplit(".", 1)[-1] for s in importlib.machinery.all_suffixes()}
+)
+
+
+def _folded(name: str) -> str:
+    """A name as a case-insensitive, Unicode-folding file system or importer may match it."""
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+@functools.cache
+def importable_names() -> frozenset[str]:
+    """The top-level modules and packages this Python can import (folded): the standard library,
+    every installed distribution's top-level names, and what the import path holds besides the
+    working folder."""
+    path = [p for p in sys.path if p and Path(p).resolve() != Path.cwd().resolve()]
+    names = {
+        *sys.stdlib_module_names,
+        *sys.builtin_module_names,
+        *importlib.metadata.packages_distributions(),
+        *(m.name for m in pkgutil.iter_modules(path)),
+    }
+    return frozenset(_folded(n) for n in names)
+
+
+def code_problem(rel: str, *, top: bool) -> str | None:
+    """Why the bundle entry ``rel`` (POSIX, relative to the bundle) is refused as code, or None;
+    ``top`` for an entry directly in the bundle folder, where it could shadow a module."""
+    name = rel.rsplit("/", 1)[-1]
+    # Windows drops trailing dots and spaces from names: "evil.py." is written as evil.py
+    if Path(name.rstrip(". ")).suffix.lower() in CODE_SUFFIXES:
+        return f"{rel}: a code file (a bundle ships configs, weights and documents)"
+    stem = name.split(".", 1)[0]
+    if top and _folded(stem) in importable_names():
+        return (
+            f"{rel}: named like the importable module {stem!r} (monai.bundle run puts the bundle folder "
+            "on sys.path, where it would shadow the installed one)"
+        )
+    return None
 
 
 def bundle_files(root: str | Path) -> list[str]:
@@ -175,8 +224,9 @@ def extract_zip(archive: str | Path, dest: str | Path, *, max_bytes: int = MAX_U
 
 
 def check_plain_tree(root: str | Path, name: str | None = None, *, max_bytes: int = MAX_UNPACKED_BYTES) -> None:
-    """Refuse a bundle folder holding anything but plain files and folders: a link would make
-    pack or import copy a file from outside it, a FIFO would hang a reader."""
+    """Refuse a bundle folder holding anything but plain files and folders (a link would make
+    pack or import copy a file from outside it, a FIFO would hang a reader), any code file, or a
+    top-level entry that would shadow an importable module (``code_problem``)."""
     root = Path(root)
     total = 0
     for folder, dirs, files in os.walk(root, followlinks=False):
@@ -195,6 +245,8 @@ def check_plain_tree(root: str | Path, name: str | None = None, *, max_bytes: in
                 raise MedtlError(
                     f"{rel} is not a plain file", path=name or root.name, hint="bundles hold plain files only"
                 )
+            if reason := code_problem(rel, top=Path(folder) == root):
+                raise MedtlError(reason, path=name or root.name, hint="a bundle is configs, weights and documents")
             total += path.lstat().st_size if stat.S_ISREG(mode) else 0
     if total > max_bytes:
         raise MedtlError(f"holds {_size_text(total)}, above the {_size_text(max_bytes)} cap", path=name or root.name)
@@ -212,19 +264,24 @@ def open_bundle(path: str | Path, *, max_bytes: int = MAX_UNPACKED_BYTES) -> Ite
     if not path.is_file():
         raise MedtlError("no such bundle folder or zip", path=path.name)
     with tempfile.TemporaryDirectory(prefix="medtl-bundle-") as tmp:
-        yield extract_zip(path, tmp, max_bytes=max_bytes)
+        root = extract_zip(path, tmp, max_bytes=max_bytes)
+        check_plain_tree(root, path.name, max_bytes=max_bytes)
+        yield root
 
 
 __all__ = [
     "CHECKSUMS",
+    "CODE_SUFFIXES",
     "MAX_UNPACKED_BYTES",
     "PROVENANCE",
     "SIGNATURE",
     "bundle_digest",
     "bundle_files",
     "check_plain_tree",
+    "code_problem",
     "extract_zip",
     "format_sha256sums",
+    "importable_names",
     "open_bundle",
     "parse_sha256sums",
     "sha256sums",
