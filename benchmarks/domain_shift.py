@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ignite.handlers import ProgressBar
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler, from_engine
@@ -29,6 +28,7 @@ from medtl.demo import prepare_demo_data
 from medtl.evaluate import classification_metrics, collect_predictions, roc_auc_ovr
 from medtl.manifest import datalist, load_manifest
 from medtl.nifti import read_nifti
+from medtl.progress import EngineProgress
 from medtl.transforms import augmentation, preprocessing
 
 
@@ -80,7 +80,7 @@ def main() -> None:
         loss_function=torch.nn.CrossEntropyLoss(),
         train_handlers=[LrScheduleHandler(schedule, print_lr=False)],
     )
-    ProgressBar(persist=False).attach(trainer, output_transform=from_engine(["loss"], first=True))
+    EngineProgress(desc="train").attach(trainer, output_transform=from_engine(["loss"], first=True))
     trainer.run()
     train_time = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())

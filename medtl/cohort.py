@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from medtl.dicomwrite import SeriesInfo, make_uid, write_ct_series
 from medtl.fileio import atomic_write_csv, atomic_write_json
 from medtl.nifti import write_nifti
+from medtl.progress import track
 from medtl.volume import Volume, lps_to_ras
 
 COHORT_VERSION = 1
@@ -378,10 +378,10 @@ def _write_site(root: Path, site: SiteProfile, seed: int, progress: bool, worker
     write = functools.partial(_write_case, root, site, seed)
     bar = {"desc": f"site {site.name}", "unit": "patient", "disable": not progress, "total": len(cases)}
     if workers <= 1:
-        written = list(tqdm(map(write, cases), **bar))
+        written = list(track(map(write, cases), **bar))
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:  # rendering is numpy-bound, one case per core
-            written = list(tqdm(pool.map(write, cases), **bar))
+            written = list(track(pool.map(write, cases), **bar))
     rows = [row for row, _ in written]
     truth = [entry for _, entry in written]
     atomic_write_csv(root / "labels.csv", rows, list(rows[0]))

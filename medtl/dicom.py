@@ -31,11 +31,11 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes
-from tqdm import tqdm
 
 from medtl.errors import DicomError
 from medtl.fileio import atomic_write_json
 from medtl.privacy import load_or_create_salt, pseudonym
+from medtl.progress import track
 from medtl.volume import Volume, canonical_transform, lps_to_ras
 
 SCAN_FORMAT_VERSION = 1
@@ -736,12 +736,12 @@ def _headers(files: list[Path], workers: int, progress: bool) -> Iterable[Header
         "total": len(files),
     }
     if workers <= 1 or len(files) < PARALLEL_MIN_FILES:
-        yield from tqdm(map(_header_or_reason, files), **bar)
+        yield from track(map(_header_or_reason, files), **bar)
         return
     with ProcessPoolExecutor(
         max_workers=workers
     ) as pool:  # parsing headers is CPU-bound Python: threads would share one core
-        yield from tqdm(pool.map(_header_or_reason, files, chunksize=256), **bar)
+        yield from track(pool.map(_header_or_reason, files, chunksize=256), **bar)
 
 
 def scan_dicom(root: str | Path, salt: str, *, progress: bool = True, workers: int | None = None) -> dict[str, Any]:

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from medtl.errors import ImageError, MedtlError
 from medtl.fileio import atomic_write_csv, atomic_write_json, atomic_write_text, csv_problem, sha256_file
 from medtl.manifest import SPLITS, build_manifest_file
 from medtl.nifti import read_nifti, write_nifti
 from medtl.privacy import load_or_create_salt, pseudonym, salt_path
+from medtl.progress import track
 from medtl.volume import Volume
 
 IMPORTER_VERSION = 1  # bump when the conversion changes, so reruns convert again
@@ -222,7 +222,7 @@ def import_lidc_vois(
     diameters: dict[str, str] = {}
     seen: dict[str, int] = {}
     reused = 0
-    for line, row in enumerate(tqdm(rows, desc="importing LIDC VOIs", unit="nodule", disable=not progress), start=2):
+    for line, row in enumerate(track(rows, desc="importing LIDC VOIs", unit="nodule", disable=not progress), start=2):
         try:
             key, record, was_current = _lidc_row(row, line, src, out, salt, seen, previous)
         except MedtlError as exc:
@@ -553,7 +553,7 @@ def import_medmnist(
     rows: list[dict[str, str]] = []
     reused = 0
     total = sum(len(labels) for _, labels in splits.values())
-    with tqdm(total=total, desc=f"importing {name}", unit="image", disable=not progress) as bar:
+    with track(total=total, desc=f"importing {name}", unit="image", disable=not progress) as bar:
         for split, (images, labels) in splits.items():
             for i, (image, label) in enumerate(zip(images, labels, strict=True)):
                 key = f"{split}-{i:05d}"

@@ -11,6 +11,13 @@ augmentation (timed in docs/benchmarks.md, training step). Two loaders, picked b
   per-step work outweighs the network step (no cache, heavy augmentation, many cores).
 
 On CUDA, batches that come from host memory are pinned, so their copy to the GPU can overlap.
+
+Neither loader makes training depend on timing (a busy machine; tests/test_reproducible.py): the
+random transforms draw from their own generators, seeded from torch's global stream when the
+loader is made, and the one thread (or each worker, on its fixed share of the batches) consumes
+them in sampler order. The only other draw, the shuffle seed, is taken when an epoch's first batch
+is asked for, while the training thread waits for it. Code running in the loader thread must keep
+it so: no draw from torch's global stream, which the training thread uses (dropout) meanwhile.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from typing import Any
 
 import jsonschema
 import numpy as np
-from tqdm import tqdm
 
 import medtl
 from medtl.dicom import index_with_folder_names
@@ -29,6 +28,7 @@ from medtl.errors import ManifestError
 from medtl.fileio import atomic_write_json, canonical_json, csv_problem, csv_value, sha256_file, sha256_text
 from medtl.nifti import is_nifti
 from medtl.privacy import load_or_create_salt, load_salt, pseudonym
+from medtl.progress import track
 
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -193,7 +193,7 @@ def build_manifest(
     for i, case in enumerate(cases, start=1):
         case["case_id"] = f"case-{i:05d}"
         del case["_row"]
-    for case in tqdm(cases, desc="hashing referenced files", unit="case", disable=not progress, leave=False):
+    for case in track(cases, desc="hashing referenced files", unit="case", disable=not progress, leave=False):
         for entry in _file_entries(case):
             entry["sha256"] = sha256_file(root / entry["path"])
     manifest = {
@@ -420,7 +420,7 @@ def check_manifest(path: str | Path, root: str | Path, *, progress: bool = True)
     root = Path(root)
     missing, changed = [], []
     entries = [(c["case_id"], e) for c in manifest["cases"] for e in _file_entries(c)]
-    for case_id, entry in tqdm(entries, desc="verifying files", unit="file", disable=not progress, leave=False):
+    for case_id, entry in track(entries, desc="verifying files", unit="file", disable=not progress, leave=False):
         file = root / entry["path"]
         if not file.is_file():
             missing.append(f"{case_id}: {entry['path']}")

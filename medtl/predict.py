@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 import pydicom
 import torch
-from ignite.handlers import ProgressBar
 from monai.bundle import ConfigParser
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -50,6 +49,7 @@ from pydicom.uid import generate_uid
 from medtl.bundle.audit import audit_bundle
 from medtl.errors import MedtlError, cause_chain, medtl_cause
 from medtl.fileio import atomic_write, atomic_write_csv, atomic_write_json
+from medtl.progress import EngineProgress
 from medtl.transforms import requires_mask
 
 logger = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def _run_inference(
         )
         parser.parse(reset=True)
         if progress and "evaluator" in parser:
-            ProgressBar(persist=False, desc="inference").attach(parser.get_parsed_content("evaluator"))
+            EngineProgress(desc="inference").attach(parser.get_parsed_content("evaluator"))
         for stage in ("initialize", "run", "finalize"):
             _run_stage(parser, stage)
     except Exception as exc:  # noqa: BLE001 - a user's input error is reported as such, anything else as the bundle's

@@ -370,23 +370,24 @@ class _RequireModality(Transform):
 
 class _SingleSliced(Transform):
     """Loaded single-slice volumes (C, x, y, 1) as 2D images (C, x, y) with a 3x3 affine; missing
-    entries (a case without a mask) are skipped. A volume of several slices is refused by name:
-    taking one of its slices would be a silent choice the user never made."""
+    entries (a case without a mask) and entries already 2D (C, x, y) are left as they are, so a
+    bundle's own loader and medtl's give the same input. A volume of several slices is refused by
+    name: taking one of its slices would be a silent choice the user never made."""
 
     def __init__(self, keys: list[str]) -> None:
         self.keys = keys
-        self.squeeze = SqueezeDimd(keys=keys, dim=-1, allow_missing_keys=True)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        for key in self.keys:
-            image = data.get(key)
-            if image is not None and image.shape[-1] != 1:
+        volumes = [k for k in self.keys if data.get(k) is not None and data[k].ndim == 4]
+        for key in volumes:
+            image = data[key]
+            if image.shape[-1] != 1:
                 raise MedtlError(
                     f"spatial_dims=2 reads single-slice images, but {key!r} has shape {tuple(image.shape[1:])}",
                     path=image.meta.get("filename_or_obj") or None,
                     hint="use spatial_dims=3 for volumes",
                 )
-        return self.squeeze(data)
+        return SqueezeDimd(keys=volumes, dim=-1)(data) if volumes else dict(data)
 
 
 def _intensity(modality: str, keys: list[str], ct_window: tuple[float, float]) -> list[Transform]:
@@ -436,8 +437,8 @@ def preprocessing(
             needs a mask. Augmentation moves it with the CT; its intensity changes touch it too
             (for ``strong``: up to 0.1 shift, 0.03 noise, gamma on partial values), a mild blur of
             the ROI's edge rather than a change of its meaning.
-        load: False when the entries already hold channel-first ``MetaTensor`` images (2D ones
-            already without the slice axis).
+        load: False when the entries already hold channel-first ``MetaTensor`` images (a bundle's
+            loader); 2D ones may still have their slice axis of one.
     """
     modality = str(modality).lower()
     if modality not in MODALITIES:
@@ -459,16 +460,13 @@ def preprocessing(
     keys = _keys(keys)
     if mask_channel and len(keys) != 1:
         raise MedtlError(f"mask_channel adds the mask to one image entry, got keys={keys!r}")
-    loading = [
-        LoadVolumed(keys=keys),
-        LoadVolumed(keys=mask_key, allow_missing_keys=True),
-        *([_SingleSliced([*keys, mask_key])] if spatial_dims == 2 else []),
-    ]
+    loading = [LoadVolumed(keys=keys), LoadVolumed(keys=mask_key, allow_missing_keys=True)]
     spatial = [*keys, mask_key] if mask_channel else keys
     return _Pipeline(
         [
             _NoMetaShadows(keys),
             *(loading if load else []),
+            *([_SingleSliced([*keys, mask_key])] if spatial_dims == 2 else []),  # a bundle's loader's too
             _RequireModality(keys, modality),
             *([_RequireMask(mask_key)] if mask_channel else []),
             Orientationd(keys=keys, axcodes="RAS"[:spatial_dims], labels=None),

@@ -259,3 +259,29 @@ def test_fl_opens_sources_as_adapt_does_and_refuses_networks_its_sites_cannot_bu
         with pytest.raises(MedtlError, match="one-channel 3D ResNet10") as caught:
             _sites_resnet10(src)
         assert src.label in str(caught.value)
+
+
+@pytest.mark.slow
+def test_a_2d_imagenet_style_checkpoint_adapts_and_its_bundle_runs_on_2d_images(tmp_path):
+    """``--spatial-dims 2``: a 3-channel 2D ResNet-18 (ImageNet's layout) into a 1-channel 2D network
+    (its stem summed over channels), and the exported bundle reads single-slice NIfTI images."""
+    from monai.networks.nets import resnet18 as resnet18_nets
+
+    from medtl.importers import import_medmnist
+    from tests.test_importers import _fake_npz
+
+    npz = _fake_npz(tmp_path / "fake.npz", (28, 28), sizes=(16, 8, 8))
+    summary = import_medmnist(npz, tmp_path / "data", classes=("normal", "lesion"), progress=False)
+    torch.save(resnet18_nets(spatial_dims=2, n_input_channels=3, num_classes=1000).state_dict(), tmp_path / "rgb.pt")
+    manifest, root = tmp_path / "data" / summary["manifest"], tmp_path / "data"
+    _adapt(tmp_path / "rgb.pt", manifest, root, tmp_path / "run", "--arch", "resnet18", "--spatial-dims", "2")
+    bundle = tmp_path / "run" / "tumor_cls_finetune"
+    inference = json.loads((bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
+    assert inference["spatial_dims"] == 2 and inference["network_def"]["spatial_dims"] == 2
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    assert len(meta["network_data_format"]["inputs"]["image"]["spatial_shape"]) == 2
+    table = tmp_path / "cases.csv"
+    images = [str(item["image"]) for item in datalist(load_manifest(manifest), root, "test")]
+    table.write_text("image\n" + "\n".join(images) + "\n", encoding="utf-8")
+    rows = _predictions(bundle, table, tmp_path / "pred")
+    assert len(rows) == len(images) and all(r["pred"] in ("normal", "lesion") for r in rows)

@@ -458,7 +458,7 @@ CASES: dict[str, Case] = {
     "f-string attribute walk": Case(
         "non-dotted receiver",
         _expression(lambda m: "f'{@network_def.__class__.__init__.__globals__}'"),
-        "is not an allowed value",
+        "not a Python expression once MONAI rewrote it",
     ),
     "f-string call": Case(
         "non-dotted receiver",
@@ -475,9 +475,9 @@ CASES: dict[str, Case] = {
         _expression(lambda m: "getattr(@network_def, '__class__')"),
         "call to 'getattr' is not allowed",
     ),
-    "reference placeholder name": Case(
+    "MONAI's reference name written out": Case(
         "non-dotted receiver",
-        _expression(lambda m: "_medtl_ref_x.__class__"),
+        _expression(lambda m: "__local_refs['network_def'].__class__"),
         "field '__class__' of a reference is not allowed",
     ),
     # -- builtins rebound as lambda parameters or comprehension variables, walrus, starred arguments
@@ -951,7 +951,7 @@ CASES: dict[str, Case] = {
     "saver path climbing out of bundle_root": Case(
         "write outside",
         _initialize(lambda m: {"_target_": "monai.handlers.MetricsSaver", "save_dir": "$@bundle_root + '/../..'"}),
-        "climbs out of the bundle with '..'",
+        "is not a plain path inside the bundle",
     ),
     "bundle_root pointing outside": Case(
         "write outside",
@@ -988,7 +988,12 @@ def _failed(report) -> str:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_bundle_is_refused_and_its_payload_never_runs(name, kit):
-    case = CASES[name]
+    _assert_refused(CASES[name], kit)
+
+
+def _assert_refused(case: Case, kit: Kit) -> None:
+    """``verify`` and ``import`` (and ``pack`` when the case says so) refuse the bundle with a one-line
+    reason holding ``case.reason``, and the marker never appears."""
     (kit.tmp / "evil.json").write_text(
         json.dumps({"payload": f"$open({kit.m!r}, 'w')"})
     )  # what an outside % macro would read
@@ -1165,3 +1170,206 @@ def test_swapping_the_source_during_verification_changes_nothing_installed(sourc
     )
     assert swapped == (_hostile_inference(kit) if source == "folder" else hostile.read_bytes())  # the swap did happen
     assert not kit.marker.exists()
+
+
+# =========================================================================================== round 2
+# Issue 28: bundles written by someone who read audit.py and allowlist.py. The audit must judge the
+# text MONAI evaluates (after its own '#', '@', '%' rewriting), every workflow as MONAI merges it,
+# paths only as @bundle_root + '/relative/literal', bounded configs, and no folder that shadows a
+# module on sys.path.
+
+_OUTSIDE_DIR = "/tmp/medtl-round2"  # where a saver would write if a built path escaped
+
+
+def _saver(save_dir: str) -> Callable[[Kit], Path]:
+    """An allow-listed writer whose folder is ``save_dir`` (an expression building a path)."""
+    return _initialize(lambda m: {"_target_": "monai.handlers.MetricsSaver", "save_dir": save_dir})
+
+
+def _saver_from_metadata(kit: Kit) -> Path:
+    """metadata.json names a folder outside; the saver reads it with ``@_meta_#where``."""
+    bundle = _saver("@_meta_#where")(kit)
+    meta = json.loads((bundle / "configs/metadata.json").read_text(encoding="utf-8"))
+    meta["where"] = _OUTSIDE_DIR
+    (bundle / "configs/metadata.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return bundle
+
+
+def _nested_json(depth: int) -> Callable[[Kit], str]:
+    return lambda kit: json.dumps({"x": json.loads("[" * depth + "]" * depth)})
+
+
+def _yaml_string_aliases(kit: Kit) -> str:
+    """A 300 KB string repeated 30 times by aliases: 9 MB once expanded, from a small file."""
+    return f'a: &a "{"x" * 300_000}"\nb: [{", ".join(["*a"] * 30)}]\n'
+
+
+#: The comment MONAI does not see: ``#`` becomes ``::``, so the slice step after it runs.
+_HASH_PAYLOAD = "[1][0#open({m!r}, 'w') and None\n]"
+
+ROUND_2: dict[str, Case] = {
+    # -- the audit parsed text MONAI rewrites before it evaluates
+    "# comment that MONAI turns into a slice step": Case(
+        "rewritten text",
+        _expression(lambda m: _HASH_PAYLOAD.format(m=m)),
+        "call to 'open' is not allowed",
+        pack=True,
+        predict=True,
+    ),
+    "fullwidth @ｂundle_root": Case(
+        "rewritten text",
+        _saver("$@ｂundle_root + '/tmp/medtl-round2'"),
+        "holds a non-ASCII character",
+        predict=True,
+    ),
+    "fullwidth key ｂundle_root": Case(
+        "rewritten text",
+        _edit("configs/inference.json", lambda c, m: c.__setitem__("ｂundle_root", "@output_dir")),
+        "a non-ASCII key",
+    ),
+    "@bundle#root is another id": Case(
+        "rewritten text",
+        _saver(f"$@bundle#root + '{_OUTSIDE_DIR}'"),
+        "+ joins only numbers or lists of the config",
+    ),
+    "an @ inside a string literal": Case(
+        "rewritten text",
+        _expression(lambda m: "'@network_def'"),
+        "not a Python expression once MONAI rewrote it",
+    ),
+    # -- paths built by operations the first grammar allowed
+    "'/.' + '.'": Case("path building", _saver("$'/.' + '.'"), "+ joins only numbers or lists of the config"),
+    "'x/abs'[1:]": Case("path building", _saver("$'x/tmp'[1:]"), "only a reference may be indexed"),
+    "'%ctmp' % 47": Case("path building", _saver("$'%ctmp' % 47"), "operator Mod is not allowed"),
+    "'.' * 2": Case("path building", _saver("$'.' * 2"), "* multiplies only two number literals"),
+    "f'{47:c}'": Case("path building", _saver("$f'{47:c}tmp'"), "f-string format specs are not allowed"),
+    "f'{@x!s}'": Case("path building", _saver('$f"{@output_dir!s}"'), "f-string conversions"),
+    "@bundle_root + './x' (a sibling folder)": Case(
+        "path building", _saver("$@bundle_root + './x'"), "is not a plain path inside the bundle", predict=True
+    ),
+    "metadata value read by reference": Case(
+        "path building",
+        _saver_from_metadata,
+        "configs read metadata through @_meta_",
+    ),
+    "metadata value sliced into a path": Case(
+        "path building",
+        _saver("$@_meta_#version[1:]"),
+        "only a list of the config may be sliced",
+    ),
+    # -- expressions that would run for ever or fill memory
+    "sum(range(10**13))": Case(
+        "bounds", _expression(lambda m: "sum(range(10**13))"), "call to 'sum' is not allowed", predict=True
+    ),
+    "[0] * 650000000": Case("bounds", _expression(lambda m: "[0] * 650000000"), "* multiplies only two number"),
+    "a number beyond the bound": Case("bounds", _expression(lambda m: "max(1, 10000000 * 1000000)"), "is out of range"),
+    "JSON nested 100 deep": Case(
+        "bounds", _write("configs/extra.json", _nested_json(100)), "configs/extra.json: nested more than 64 deep"
+    ),
+    "YAML aliases of a long string": Case(
+        "bounds", _write("configs/extra.yaml", _yaml_string_aliases), "holds more than 2 MB of text"
+    ),
+    # -- folders and files Python would import from the bundle folder
+    "medtl/ folder without code": Case(
+        "shadowing",
+        _write("medtl/README.md", lambda kit: "notes\n"),
+        "medtl: named like the importable module 'medtl'",
+        pack=True,
+    ),
+    "Torch/ folder (case-insensitive disks)": Case(
+        "shadowing", _write("Torch/notes.txt", lambda kit: "x\n"), "Torch: named like the importable module 'Torch'"
+    ),
+    "yaml.json at the top": Case(
+        "shadowing", _write("yaml.json", lambda kit: "{}"), "yaml.json: named like the importable module 'yaml'"
+    ),
+    "monai/ folder in a packed zip": Case(
+        "shadowing",
+        lambda kit: kit.rezip(files={"monai/notes.txt": b"x"}),
+        "monai: named like the importable module 'monai'",
+    ),
+    ".dylib in docs": Case(
+        "shadowing", _write("docs/libx.dylib", lambda kit: b"\xcf\xfa\xed\xfe"), "docs/libx.dylib: a code file"
+    ),
+    ".pyd in models": Case("shadowing", _write("models/x.pyd", lambda kit: b"MZ"), "models/x.pyd: a code file"),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUND_2))
+def test_round_2_bundle_is_refused_and_its_payload_never_runs(name, kit):
+    _assert_refused(ROUND_2[name], kit)
+    assert not Path(_OUTSIDE_DIR).exists()
+
+
+@pytest.mark.parametrize("name", [n for n, c in ROUND_2.items() if c.predict])
+def test_round_2_predict_refuses_before_running(name, kit):
+    case = ROUND_2[name]
+    hostile = case.build(kit)
+    (kit.tmp / "dicom").mkdir()
+    from medtl.predict import predict
+
+    with pytest.raises(MedtlError, match="refusing to run") as refused:
+        predict(kit.tmp / "dicom", hostile, kit.tmp / "out", progress=False)
+    assert case.reason in str(refused.value) and "\n" not in str(refused.value)
+    assert not kit.marker.exists() and not (kit.tmp / "out" / "predictions.csv").exists()
+
+
+def test_round_2_covers_every_class():
+    classes = {c.klass for c in ROUND_2.values()}
+    assert classes == {"rewritten text", "path building", "bounds", "shadowing"}
+    assert min(sum(c.klass == k for c in ROUND_2.values()) for k in classes) >= 3
+
+
+def test_the_hash_payload_is_real(kit):
+    """The control for the first case: MONAI's own parser runs what follows the ``#``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser({"x": "$" + _HASH_PAYLOAD.format(m=kit.m)})
+    assert not kit.marker.exists()
+    parser.get_parsed_content("x")
+    assert kit.marker.exists()
+
+
+def _merged_trust(kit: Kit) -> Path:
+    """train.json alone passes (trust names a top-level false); multi_gpu_train.json, merged over it
+    by torchrun's --config_file "['configs/train.json', 'configs/multi_gpu_train.json']", flips it."""
+    bundle = kit.folder()
+    train = json.loads((bundle / "configs/train.json").read_text(encoding="utf-8"))
+    train["keep_safe"] = False
+    train["teacher_network"]["trust"] = "@keep_safe"
+    (bundle / "configs/train.json").write_text(json.dumps(train, indent=2), encoding="utf-8")
+    multi = json.loads((bundle / "configs/multi_gpu_train.json").read_text(encoding="utf-8"))
+    multi["keep_safe"] = True
+    (bundle / "configs/multi_gpu_train.json").write_text(json.dumps(multi, indent=2), encoding="utf-8")
+    return bundle
+
+
+def test_round_2_a_merged_workflow_is_audited_as_monai_merges_it(kit):
+    from medtl.bundle.audit import audit_bundle, audit_config
+
+    bundle = _merged_trust(kit)
+    for name in ("configs/train.json", "configs/multi_gpu_train.json"):  # each passes alone
+        assert audit_config(json.loads((bundle / name).read_text(encoding="utf-8")), name) == []
+    findings = [str(f) for f in audit_bundle(bundle)]
+    assert any(
+        f.startswith("configs/train.json+configs/multi_gpu_train.json teacher_network#trust")
+        and "switches a safety check off" in f
+        for f in findings
+    ), findings
+    assert all("\n" not in f for f in findings)
+    (kit.tmp / "dicom").mkdir()
+    from medtl.predict import predict
+
+    with pytest.raises(MedtlError, match="switches a safety check off"):
+        predict(kit.tmp / "dicom", bundle, kit.tmp / "out", progress=False)
+    assert not kit.marker.exists()
+
+
+def test_round_2_a_macro_chain_is_bounded(kit):
+    """Macros copy resolved parts, so a chain doubles a part at every step: refused, not expanded."""
+    from medtl.bundle.audit import audit_config
+
+    chain = {"a0": ["x"] * 10, **{f"a{i}": [f"%a{i - 1}"] * 10 for i in range(1, 12)}}
+    start = time.monotonic()
+    findings = audit_config(chain, "configs/extra.json")
+    assert time.monotonic() - start < 5
+    assert [f.reason for f in findings] == ["% macros copy more than 100000 values"]

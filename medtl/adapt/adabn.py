@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from medtl.errors import MedtlError
+from medtl.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def adabn(
     batches = images = 0
     try:
         with torch.no_grad():
-            for batch in tqdm(loader, desc="AdaBN", unit="batch", disable=not progress, leave=False):
+            for batch in track(loader, desc="AdaBN", unit="batch", disable=not progress, leave=False):
                 x = batch[image_key] if isinstance(batch, dict) else batch
                 model(torch.as_tensor(x).to(device))
                 batches += 1

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from monai.data import DataLoader, Dataset
 from monai.engines.utils import PrepareBatch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from medtl.adapt.train import as_plain
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write
+from medtl.progress import track
 from medtl.weights import state_sha256
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def teacher_logits(
         teacher.to(device).eval()
         loader = DataLoader(Dataset(list(todo), transform), batch_size=batch_size)
         with torch.no_grad():
-            for batch in tqdm(loader, desc="teacher", unit="batch", disable=not progress, leave=False):
+            for batch in track(loader, desc="teacher", unit="batch", disable=not progress, leave=False):
                 out = teacher(batch["image"].to(device)).float().cpu().numpy()
                 cache.update(zip(batch["_key"], out, strict=True))
         if path is not None:

@@ -217,6 +217,8 @@ def export_adapted(
         description = f"Adapted by medtl from {meta['name']} {meta['version']} to {data['name']}. {meta['description']}"
     else:
         dest, derived, settings = out / RAW_TEMPLATE, None, src.settings
+        mr = settings["modality"] == "mr"  # the template describes CT
+        fmt["inputs"]["image"].update(modality="MR" if mr else "CT", format="magnitude" if mr else "hounsfield")
         params = sum(p.numel() for p in network.parameters())
         description = (
             f"{src.arch} ({params / 1e6:.1f}M parameters, {len(input_shape) - 1}D, {input_shape[0]} input channel(s)"

@@ -22,7 +22,6 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.handlers import LrScheduleHandler
 from torch import nn
-from tqdm import tqdm
 
 from medtl.adapt.adabn import adabn
 from medtl.adapt.distill import DistillationLoss, DistillBatch, label_with_teacher
@@ -35,6 +34,7 @@ from medtl.evaluate import collect_predictions, roc_auc_ovr
 from medtl.loading import data_loader
 from medtl.manifest import datalist
 from medtl.networks import find_classifier
+from medtl.progress import track
 from medtl.recipes import SELECTIONS, DistillRecipe, FineTuneRecipe, TrainRecipe
 from medtl.transforms import augmentation
 
@@ -49,7 +49,7 @@ def preprocess(data: Items, transform: Any, *, progress: bool = True, desc: str 
     A case the transform refuses (``MedtlError``, however deep MONAI's ``Compose`` wrapped it: a
     source bundle's own preprocessing) stops the run naming the case, before any training."""
     done = []
-    for item in tqdm(data, desc=desc, unit="case", disable=not progress, leave=False):
+    for item in track(data, desc=desc, unit="case", disable=not progress, leave=False):
         try:
             done.append(transform(dict(item)))
         except Exception as exc:

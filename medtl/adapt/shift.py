@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import medtl
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write_json
 from medtl.manifest import SPLITS, UNLABELED, datalist, load_manifest
 from medtl.networks import create_network, find_classifier
+from medtl.progress import track
 from medtl.reader import LoadVolumed
 from medtl.transforms import eval_transforms
 from medtl.weights import backbone_not_loaded, load_weights
@@ -189,7 +189,7 @@ def extract_features(
     model.eval()
     try:
         with torch.no_grad():
-            for batch in tqdm(loader, desc="features", unit="batch", disable=not progress, leave=False):
+            for batch in track(loader, desc="features", unit="batch", disable=not progress, leave=False):
                 x = batch[image_key] if isinstance(batch, Mapping) else batch
                 model(torch.as_tensor(x).to(device))
     finally:
@@ -297,7 +297,7 @@ def _domain(
     preprocess = eval_transforms(modality=modality, load=False, **transform_options)
     class_names = {index: name for name, index in manifest["label_map"].items()}
     cases, crops, skipped = [], [], []
-    for item in tqdm(items, desc=f"{what} images", unit="case", disable=not progress, leave=False):
+    for item in track(items, desc=f"{what} images", unit="case", disable=not progress, leave=False):
         try:
             data = load(item)
             image = data["image"]

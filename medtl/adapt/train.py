@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from ignite.engine import Events
-from ignite.handlers import ProgressBar
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, PrepareBatch, default_prepare_batch
@@ -36,6 +35,7 @@ from medtl.adapt.placement import FastForward, memory_format, unwrap
 from medtl.adapt.resume import TrainingCheckpoint
 from medtl.adapt.schedule import layer_groups
 from medtl.errors import MedtlError
+from medtl.progress import EngineProgress
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def fit(
         handler.attach(trainer)
     bar = None
     if progress:
-        bar = ProgressBar(persist=False, desc=desc)
+        bar = EngineProgress(desc=desc)
         loss_of = from_engine([CommonKeys.LOSS], first=True)
         bar.attach(trainer, output_transform=lambda output: {"loss": loss_of(output)})
     keep, history = _KeepBest(network), _LossHistory()

@@ -391,15 +391,14 @@ class _Expression:
             bounds_ok = index.step is None and all(self._bound(b) for b in (index.lower, index.upper))
             if not (bounds_ok and self._config_list(node.value)):
                 self.refuse_path("only a list of the config may be sliced, by numbers (@handlers[:-2]); never a string")
-            for bound in (index.lower, index.upper, index.step):
-                if bound is not None:
-                    self.check(bound)
         elif isinstance(index, ast.Constant) and isinstance(index.value, str):
             pass  # a key: strings are not indexed by strings
         elif not (_number_literal(index) and self._config_list(node.value)):
             self.refuse_path("only a list of the config may be indexed by number (@sizes[0]); results by key")
-        if not isinstance(index, ast.Slice):
-            self.check(index)
+        bounds = (index.lower, index.upper, index.step) if isinstance(index, ast.Slice) else (index,)
+        for bound in bounds:
+            if bound is not None:
+                self.check(bound)
         self.check(node.value)
 
     def _bound(self, node: ast.AST | None) -> bool:
@@ -434,6 +433,8 @@ class _Expression:
                     f"call to {name or type(func).__name__!r} is not allowed (only the exact callables in "
                     "medtl.bundle.allowlist.CALLS)"
                 )
+            elif name in ("min", "max") and not all(self._number(a) or self._config_list(a) for a in node.args):
+                self.refuse_path(f"{name} takes numbers or lists of the config (the least letter of a path is '/')")
         for arg in node.args:
             if isinstance(arg, ast.Starred):
                 self.refuse("starred arguments are not allowed")
@@ -622,6 +623,19 @@ def size_problem(config: Any) -> str | None:
     return None
 
 
+def _values(config: Any, limit: int) -> int:
+    """How many values ``config`` holds, itself included, counting at most to ``limit``."""
+    stack, count = [config], 0
+    while stack and count < limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
 class _Refused(Exception):
     """A workflow MONAI must not even assemble: ``args`` are where, the value and why."""
 
@@ -642,14 +656,18 @@ class _Macros:
         if isinstance(config, str):
             config = ConfigParser.resolve_relative_ids(id, config)
             if config.startswith(MACRO_KEY):
+                if id.rsplit("::", 1)[-1] == "_target_":
+                    raise _Refused(
+                        id, config, "_target_ must be a plain dotted name (no expression, reference or macro)"
+                    )
                 path, ids = ConfigParser.split_path_id(config[len(MACRO_KEY) :])
                 if path or not _CLEAN_MACRO.fullmatch(config):
                     raise _Refused(
                         id, config, "a % macro may only copy another id of the same config (%id#key), not read a file"
                     )
                 part = self.parser[ids]
-                self.left -= sum(1 for _ in string_values(part)) + 1
-                if self.left < 0 or size_problem(part):
+                self.left -= _values(part, self.left + 1)
+                if self.left < 0:
                     raise _Refused(id, config, f"% macros copy more than {MAX_VALUES} values")
                 return copy.deepcopy(part)
         return config

@@ -13,13 +13,16 @@ preloading), so each check starts in a fraction of a second and shares no state 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import resource
 import signal
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -66,7 +69,8 @@ def _size(n: int) -> str:
     return f"{n / (1 << 30):.3g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.3g} MiB"
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is Python's or torch's way of saying an allocation failed (at the limit)."""
     text = str(exc)
     return isinstance(exc, MemoryError) or "can't allocate memory" in text or "std::bad_alloc" in text
 
@@ -81,7 +85,7 @@ def _child(conn: Connection, job: Callable[..., None], args: tuple, limits: Limi
     try:
         job(Channel(conn), *args)
     except Exception as exc:  # noqa: BLE001 - whatever the untrusted input made fail is reported as one line
-        if _is_out_of_memory(exc):
+        if out_of_memory(exc):
             conn.send(("memory", ""))
         else:
             first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
@@ -96,6 +100,20 @@ def _context(preload: list[str]) -> multiprocessing.context.BaseContext:
     return context
 
 
+@contextlib.contextmanager
+def _main_left_alone() -> Iterator[None]:
+    """Start children without re-running the caller's main script in them, as multiprocessing
+    otherwise does: the job needs nothing of it, and a script without a ``__main__`` guard (or one
+    read from stdin) would run again or fail there. A main module named ``__main__`` is skipped."""
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    main.__spec__ = types.SimpleNamespace(name="__main__")
+    try:
+        yield
+    finally:
+        main.__spec__ = spec
+
+
 def run_limited(job: Callable[..., None], *args: Any, what: str, limits: Limits = Limits()) -> Outcome:
     """Run ``job(channel, *args)`` in a bounded child; ``job`` must be a module-level function.
 
@@ -108,7 +126,8 @@ def run_limited(job: Callable[..., None], *args: Any, what: str, limits: Limits 
     status, detail = "", ""
     with tempfile.TemporaryDirectory(prefix="medtl-sandbox-") as workdir:
         child = context.Process(target=_child, args=(send, job, args, limits, workdir), daemon=True)
-        child.start()
+        with _main_left_alone():
+            child.start()
         send.close()
         deadline = time.monotonic() + limits.wall_seconds
         while not status:
@@ -150,4 +169,4 @@ def run_limited(job: Callable[..., None], *args: Any, what: str, limits: Limits 
     return outcome
 
 
-__all__ = ["Channel", "Limits", "Outcome", "run_limited"]
+__all__ = ["Channel", "Limits", "Outcome", "out_of_memory", "run_limited"]

@@ -57,7 +57,7 @@ from medtl.bundle.files import (
     parse_sha256sums,
     sha256sums,
 )
-from medtl.bundle.sandbox import Channel, Limits, run_limited
+from medtl.bundle.sandbox import Channel, Limits, out_of_memory, run_limited
 from medtl.bundle.textscan import file_texts
 from medtl.errors import MedtlError
 from medtl.privacy import find_identifiers
@@ -76,8 +76,9 @@ MAX_WEIGHT_BYTES = 512 << 20
 #: A bundle zip's entries, and how many times a member may inflate (weights ~1, JSON ~10, bombs 1000+).
 MAX_ZIP_MEMBERS = 10_000
 MAX_ZIP_RATIO = 200
-#: Limits of the child process that builds and runs the network and its exports.
-CHECK_LIMITS = Limits(cpu_seconds=60, memory_bytes=2 << 30, wall_seconds=120)
+#: Limits of the child process that builds and runs the network and its exports: with the checks
+#: around it, verify and import finish within a minute whatever the bundle holds.
+CHECK_LIMITS = Limits(cpu_seconds=45, memory_bytes=2 << 30, wall_seconds=50)
 #: ``network_def`` targets verification builds: the allow-list's networks.
 NETWORKS = frozenset(t for t in TARGETS if t.startswith(("monai.networks.nets.", "medtl.encoders.")))
 #: Config keys whose list (or single int, per dimension) is an image size a transform or inferer allocates.
@@ -177,7 +178,7 @@ def _format_problems(fmt: dict) -> list[str]:
             f"{where}/inputs/image: {channels} x {'x'.join(map(str, shape))} values, above the bound of "
             f"{MAX_INPUT_VALUES} (256^3) verification builds"
         )
-    low_high = image.get("value_range", [0, 1])
+    low_high = image.get("value_range") or [0, 1]
     if not (
         isinstance(low_high, list)
         and len(low_high) >= 2
@@ -487,7 +488,7 @@ def network_definition(config: Any) -> tuple[str, dict[str, Any]]:
             continue
         if str(key).startswith("_") or not str(key).isidentifier():
             raise MedtlError(
-                f"network_def#{_short(key)}: not a constructor argument; verify builds network_def only from "
+                f"network_def#{str(key)[:60]}: not a constructor argument; verify builds network_def only from "
                 "literal arguments",
                 path=INFERENCE,
             )
@@ -519,6 +520,9 @@ class _Plan:
     value_range: tuple[float, float] = (0.0, 1.0)
     classes: int = 0
     trust: bool = False
+
+
+_Built = tuple[nn.Module, torch.Tensor, torch.Tensor]  # the network, its sample input and output
 
 
 def _weights_record_problem(path: Path) -> str | None:
@@ -574,7 +578,7 @@ def _load_weights(root: Path, channel: Channel) -> dict[str, torch.Tensor] | Non
     try:
         state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError or EOFError by case
-        if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
+        if out_of_memory(exc):
             raise
         text = str(exc)
         unsafe = re.search(r"(?:Unsupported global|GLOBAL) *:? *(?:GLOBAL )?([\w.]+)", text)
@@ -598,10 +602,8 @@ def _load_weights(root: Path, channel: Channel) -> dict[str, torch.Tensor] | Non
 
 
 def _build_network(
-    plan: _Plan, state: dict[str, torch.Tensor], channel: Channel
-) -> tuple[nn.Module, torch.Tensor, torch.Tensor] | None:
-    assert plan.network is not None
-    target, arguments = plan.network
+    target: str, arguments: dict[str, Any], plan: _Plan, state: dict[str, torch.Tensor], channel: Channel
+) -> _Built | None:
     module, _, name = target.rpartition(".")
     try:
         network = getattr(importlib.import_module(module), name)(**arguments)
@@ -617,8 +619,16 @@ def _build_network(
         return None
     low, high = plan.value_range
     x = low + (high - low) * torch.rand(2, plan.channels, *plan.shape, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        y = network.eval()(x)
+    try:
+        with torch.no_grad():
+            y = network.eval()(x)
+    except Exception as exc:  # noqa: BLE001 - an input the network cannot take is the bundle's problem
+        if out_of_memory(exc):
+            raise
+        channel.put(
+            ("add", NETWORK, [f"network_def does not run on the metadata's input ({_first_line(exc)})"], "", False)
+        )
+        return None
     if tuple(y.shape) != (x.shape[0], plan.classes) or y.dtype != torch.float32:
         problems.append(
             f"network_def gives {tuple(y.shape)} {y.dtype} for input {tuple(x.shape)}; metadata "
@@ -717,11 +727,12 @@ def _onnx_nodes(graph: Any) -> Iterable[Any]:
     for node in graph.node:
         yield node
         for attribute in node.attribute:
-            for sub in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
+            subgraphs = [*attribute.graphs, *([attribute.g] if attribute.HasField("g") else [])]
+            for sub in subgraphs:
                 yield from _onnx_nodes(sub)
 
 
-def _exports(root: Path, plan: _Plan, built: tuple[nn.Module, torch.Tensor, torch.Tensor] | None, channel: Channel):
+def _exports(root: Path, plan: _Plan, built: _Built | None, channel: Channel) -> set[str]:
     """Export the network afresh and compare the shipped copies with it; returns which match."""
     shipped = [name for name in ("model.ts", "model.onnx") if (root / "models" / name).is_file()]
     if not shipped:
@@ -733,7 +744,8 @@ def _exports(root: Path, plan: _Plan, built: tuple[nn.Module, torch.Tensor, torc
         )
         return set()
     network, shape = built[0], [plan.channels, *plan.shape]
-    verified, problems = set(), []
+    verified: set[str] = set()
+    problems: list[str] = []
     if "model.ts" in shipped:
         channel.step("exporting models/model.ts afresh")
         configs = root / "configs"
@@ -753,7 +765,10 @@ def _exports(root: Path, plan: _Plan, built: tuple[nn.Module, torch.Tensor, torc
             problems.append(f"models/model.onnx: this network has no ONNX export to compare ({_first_line(exc)})")
         else:
             if exported is None:
-                problems.append("models/model.onnx: not compared (pip install onnx onnxruntime)")
+                problems.append(
+                    "models/model.onnx: not compared with this site's export: onnxruntime is not installed "
+                    "(pip install onnx onnxruntime, or delete the file)"
+                )
             elif _onnx_matches(root / "models" / "model.onnx", Path("fresh.onnx")):
                 verified.add("model.onnx")
     problems += [
@@ -776,9 +791,9 @@ def _parity(name: str, out: np.ndarray, y: torch.Tensor) -> tuple[list[str], str
     return problems, f"max abs difference {diff:.1e}"
 
 
-def _run_exports(
-    root: Path, plan: _Plan, built: tuple[nn.Module, torch.Tensor, torch.Tensor] | None, verified: set[str], channel
-) -> None:
+def _run_exports(root: Path, plan: _Plan, built: _Built | None, verified: set[str], channel: Channel) -> None:
+    """Parity of the shipped copies with the network, each run only when it is this site's export
+    (or with ``trust``); ONNX files are first read for what no export of a classifier holds."""
     ts, onnx_path = root / "models" / "model.ts", root / "models" / "model.onnx"
     if not ts.is_file():
         channel.put(("skip", TS_PARITY, "no models/model.ts"))
@@ -806,7 +821,11 @@ def _run_exports(
         channel.put(("skip", ONNX_PARITY, "no models/model.onnx"))
         return
     channel.step("reading models/model.onnx")
-    problems = _onnx_problems(onnx_path)
+    try:
+        problems = _onnx_problems(onnx_path)
+    except ImportError as exc:
+        channel.put(("skip", ONNX_PARITY, f"{exc.name} not installed"))
+        return
     if problems:
         channel.put(("add", ONNX_PARITY, problems, "", False))
     elif built is None:
@@ -845,7 +864,7 @@ def _heavy_checks(channel: Channel, root_text: str, plan: _Plan) -> None:
         channel.put(("skip", NETWORK, plan.not_built if plan.network is None else "needs the weights to load"))
     else:
         channel.step("building network_def and running it")
-        built = _build_network(plan, state, channel)
+        built = _build_network(*plan.network, plan, state, channel)
     verified = _exports(root, plan, built, channel)
     _run_exports(root, plan, built, verified, channel)
 

@@ -11,13 +11,12 @@ from collections.abc import Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from medtl.bundle.components.masks import NO_MASK, UNUSED_SEG, Series, is_seg_record, series_masks
 from medtl.dicom import folder_key, pseudonymous_path, scan_dicom
 from medtl.errors import MedtlError, cause_chain, medtl_cause
 from medtl.fileio import csv_problem
 from medtl.privacy import load_or_create_salt, load_salt
+from medtl.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +312,7 @@ def prepare_cases(found: Mapping[str, Any], transform: Any, *, progress: bool = 
     items, skipped = [], list(found.get("skipped", []))
     root = Path(found.get("root") or ".")
     salt: str | None = None
-    for case in tqdm(found["cases"], desc="preprocess", unit="case", disable=not progress, leave=False):
+    for case in track(found["cases"], desc="preprocess", unit="case", disable=not progress, leave=False):
         try:
             items.append(transform(dict(case)))
         except Exception as exc:  # MONAI wraps transform errors; report the medtl message if there is one
