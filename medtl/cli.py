@@ -579,11 +579,14 @@ def _add_adapt(verbs: Any) -> None:
         "adapt",
         help="adapt source weights to your own target manifest and export the bundle",
         description=(
-            "The demo's adaptation on your data: load the source weights into a ResNet10 (a new head when the target "
-            "has other classes), score it on the target's test split, AdaBN, fine-tune on the target's labeled "
-            "train cases (head first, gradual unfreezing, L2-SP, epochs chosen by k-fold over its labeled cases, "
-            "WiSE-FT weight averaging), optionally distill a smaller student on its unlabeled scans, and export the "
-            "fine-tuned model as a tumor_cls_finetune bundle with TorchScript and ONNX copies."
+            "The demo's adaptation on your data. A source bundle (folder or zip) is imported and verified as "
+            "`medtl bundle import` does it and adapted as itself: its own network_def, inputs and configs, exported "
+            "as its next minor version. A raw checkpoint is loaded into --arch (a new head when the target has "
+            "other classes) and exported as a tumor_cls_finetune bundle that builds that architecture. Mismatches "
+            "are refused before any training. Then: scored on the target's test split, AdaBN, fine-tuned on the "
+            "target's labeled cases (head first, gradual unfreezing, L2-SP, epochs chosen by k-fold over its labeled "
+            "cases, WiSE-FT weight averaging), optionally a smaller student distilled on its unlabeled scans; the "
+            "bundle gets TorchScript and ONNX copies where the network allows them."
         ),
     )
     _source_options(p)
@@ -608,7 +611,11 @@ def _add_adapt(verbs: Any) -> None:
         ),
     )
     add_recipe_options(p, FineTuneRecipe, title="fine-tuning recipe (medtl.recipes.FineTuneRecipe)")
-    p.add_argument("--student-widen", type=float, help="also distill a student of this ResNet10 width, e.g. 0.25")
+    p.add_argument(
+        "--student-widen",
+        type=float,
+        help="also distill a student ResNet10 of this width, e.g. 0.25, taking the source's inputs",
+    )
     add_recipe_options(
         p, DistillRecipe, prefix="student_", title="student recipe, with --student-widen (medtl.recipes.DistillRecipe)"
     )

@@ -157,6 +157,19 @@ def open_source(
             network_options=network_options,
             trust=trust,
         )
+    if arch is None:  # options of a raw checkpoint's network are refused before anything is unpacked
+        given = {
+            "--spatial-dims": spatial_dims,
+            "--in-channels": in_channels,
+            **{f"--{k.replace('_', '-')}": v for k, v in (network_options or {}).items()},
+        }
+        stray = [k for k, v in given.items() if v is not None]
+        if stray:
+            raise MedtlError(
+                f"{', '.join(stray)} describe a raw checkpoint's network; a source bundle builds its own network_def",
+                path=path.name,
+                hint="drop them, or add --arch NAME to take the bundle's weights into another architecture",
+            )
     bundle = _import(path, Path(workdir) / "source" / (path.stem if path.is_file() else path.name), trust=trust)
     if arch is not None:
         return _bundle_as_checkpoint(
@@ -169,18 +182,6 @@ def open_source(
             modality=modality,
             network_options=network_options,
             trust=trust,
-        )
-    given = {
-        "--spatial-dims": spatial_dims,
-        "--in-channels": in_channels,
-        **{f"--{k.replace('_', '-')}": v for k, v in (network_options or {}).items()},
-    }
-    stray = [k for k, v in given.items() if v is not None]
-    if stray:
-        raise MedtlError(
-            f"{', '.join(stray)} describe a raw checkpoint's network; a source bundle builds its own network_def",
-            path=path.name,
-            hint="drop them, or add --arch NAME to take the bundle's weights into another architecture",
         )
     return _bundle_source(bundle, path.name, target_classes, class_map=class_map, modality=modality, trust=trust)
 
