@@ -88,8 +88,15 @@ class Source:
     @property
     def in_channels(self) -> int:
         """Input channels of the network's first convolution."""
-        conv = self.network.get_submodule(first_conv(self.network) or "")
-        return int(conv.in_channels)
+        return int(self._stem().in_channels)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 or 3, from the first convolution's kernel."""
+        return len(self._stem().kernel_size)
+
+    def _stem(self) -> nn.Module:
+        return self.network.get_submodule(first_conv(self.network) or "")
 
     def student(self, arch: str, **options: Any) -> nn.Module:
         """A fresh network of ``arch`` that takes the same inputs, for distillation."""
@@ -100,11 +107,6 @@ class Source:
             num_classes=_outputs(self.network),
             **options,
         )
-
-    @property
-    def spatial_dims(self) -> int:
-        conv = self.network.get_submodule(first_conv(self.network) or "")
-        return len(conv.kernel_size)
 
 
 def _outputs(network: nn.Module) -> int:
