@@ -759,7 +759,7 @@ CASES: dict[str, Case] = {
         _write("configs/extra.yaml", lambda kit: f"x: !!python/object/apply:os.system ['touch {kit.m}']\n"),
         "configs/extra.yaml: does not parse",
     ),
-    "YAML alias bomb": Case("config file", _write("configs/extra.yaml", _yaml_bomb), "holds more than 100000 values"),
+    "YAML alias bomb": Case("config file", _write("configs/extra.yaml", _yaml_bomb), "uses YAML anchors or aliases"),
     "config with an upper-case suffix": Case(
         "config file",
         _write("configs/Evil.JSON", lambda kit: json.dumps({"initialize": [f"$open({kit.m!r}, 'w')"]})),
@@ -1232,6 +1232,11 @@ ROUND_2: dict[str, Case] = {
         _saver(f"$@bundle#root + '{_OUTSIDE_DIR}'"),
         "+ joins only numbers or lists of the config",
     ),
+    "metadata key x#_target_ (read_meta sets it inside x)": Case(
+        "rewritten text",
+        _metadata(lambda meta, m: meta.update({"x": {"file": m, "mode": "w"}, "x#_target_": "builtins.open"})),
+        "x#_target_: 'x#_target_': metadata holds plain values, not components",
+    ),
     "an @ inside a string literal": Case(
         "rewritten text",
         _expression(lambda m: "'@network_def'"),
@@ -1267,7 +1272,7 @@ ROUND_2: dict[str, Case] = {
         "bounds", _write("configs/extra.json", _nested_json(100)), "configs/extra.json: nested more than 64 deep"
     ),
     "YAML aliases of a long string": Case(
-        "bounds", _write("configs/extra.yaml", _yaml_string_aliases), "holds more than 2 MB of text"
+        "bounds", _write("configs/extra.yaml", _yaml_string_aliases), "uses YAML anchors or aliases"
     ),
     # -- folders and files Python would import from the bundle folder
     "medtl/ folder without code": Case(
@@ -1361,6 +1366,10 @@ def test_round_2_a_merged_workflow_is_audited_as_monai_merges_it(kit):
 
     with pytest.raises(MedtlError, match="switches a safety check off"):
         predict(kit.tmp / "dicom", bundle, kit.tmp / "out", progress=False)
+    from medtl.bundle.verify import verify_bundle
+
+    report = verify_bundle(bundle)  # verify and import audit the merged workflow too
+    assert not report.ok and "configs/train.json+configs/multi_gpu_train.json" in report.table()
     assert not kit.marker.exists()
 
 

@@ -17,11 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import monai.networks.nets
 import pytest
 import torch
 
 from medtl.bundle import verify
-from medtl.bundle.export import torchscript_bytes
+from medtl.bundle.export import _torchscript, torchscript_bytes
 from medtl.bundle.sandbox import Limits
 from medtl.bundle.share import import_bundle
 from medtl.bundle.verify import network_definition, verify_bundle
@@ -371,13 +372,36 @@ def test_a_trusted_torchscript_that_loops_is_stopped(site, tight):
     assert time.monotonic() - start < 60
 
 
+def _lidc_network(bundle: Path) -> torch.nn.Module:
+    """The bundle's network with its weights, built in this process."""
+    config = json.loads((bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
+    target, arguments = network_definition(config)
+    network = getattr(monai.networks.nets, target.rsplit(".", 1)[1])(**arguments)
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    return network.eval()
+
+
+def test_an_export_from_a_process_that_compiled_other_networks_matches(site):
+    """TorchScript numbers classes and temporaries on from what the process compiled before: a
+    sender's export from a long session reads differently, and is still this site's export."""
+    for width in (0.5, 1.0):
+        other = monai.networks.nets.resnet10(spatial_dims=3, n_input_channels=2, widen_factor=width).eval()
+        torch.jit.script(other)
+        torch.jit.trace(other, torch.rand(1, 2, 16, 16, 16))
+    bundle = site.bundle()
+    embedded = {n: (bundle / "configs" / n).read_text(encoding="utf-8") for n in ("metadata.json", "inference.json")}
+    (bundle / "models" / "model.ts").write_bytes(
+        torchscript_bytes(_torchscript(_lidc_network(bundle), [2, 32, 32, 32]), embedded)
+    )
+    rows = {c.name: c for c in verify_bundle(bundle).checks}
+    assert rows["exports match the weights"].status == "pass", rows["exports match the weights"].detail
+    assert rows["TorchScript parity"].status == "pass"
+
+
 def test_a_traced_copy_is_kept_with_trust_and_said_so(site):
     """The same numbers from another program: refused without --trust, kept and stated with it."""
     bundle = site.bundle()
-    config = json.loads((bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
-    target, arguments = network_definition(config)
-    network = getattr(__import__("monai.networks.nets", fromlist=["x"]), target.rsplit(".", 1)[1])(**arguments)
-    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    network = _lidc_network(bundle)
     traced = torch.jit.trace(network.eval(), torch.rand(2, 2, 32, 32, 32))
     (bundle / "models" / "model.ts").write_bytes(torchscript_bytes(traced))
     _refused(site, bundle, "models/model.ts is not what models/model.pt and network_def export to")

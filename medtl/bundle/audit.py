@@ -739,8 +739,11 @@ def _plain(value: Any, file: str, where: str, findings: list[Finding]) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             here = f"{where}#{key}" if where else str(key)
-            if str(key) in _SPECIAL_KEYS:
+            # read_meta merges like read_config: "a#_target_" is set inside a, "+a" merged into a
+            if str(key).lstrip("+").replace("::", "#").rsplit("#", 1)[-1] in _SPECIAL_KEYS:
                 findings.append(Finding(file, here, str(key), "metadata holds plain values, not components"))
+            if not str(key).isascii():
+                findings.append(Finding(file, here, str(key), "a non-ASCII key (ids are ASCII letters, digits and _)"))
             _plain(item, file, here, findings)
     elif isinstance(value, list):
         for i, item in enumerate(value):
