@@ -64,13 +64,14 @@ def recipes(epochs: int, folds: int) -> dict[str, FineTuneRecipe]:
     }
 
 
-def table(rows: list[dict], draws: int) -> str:
-    """Mean ± sd over draws per budget and method, and the paired AUC difference to scratch."""
+def summary(rows: list[dict], draws: int) -> list[dict]:
+    """Per budget and method: mean ± sd over draws, the paired AUC difference to scratch, draw 0's CI."""
     scratch = {(r["budget"], r["draw"]): r["auc"] for r in rows if r["method"] == "scratch"}
-    lines = [
-        f"{'budget':>7}{'labels':>8}  {'method':<16}{'AUC':>15}{'accuracy':>16}{'AUC - scratch':>17}"
-        f"{'draw 0 AUC [95% CI]':>26}"
-    ]
+
+    def sd(a: np.ndarray) -> float:
+        return float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+    out = []
     for budget in sorted({r["budget"] for r in rows}):
         for method in METHODS:
             group = sorted(
@@ -80,17 +81,42 @@ def table(rows: list[dict], draws: int) -> str:
                 continue
             auc, acc = np.array([r["auc"] for r in group]), np.array([r["accuracy"] for r in group])
             diff = np.array([r["auc"] - scratch[(budget, r["draw"])] for r in group if (budget, r["draw"]) in scratch])
-
-            def sd(a: np.ndarray) -> float:
-                return float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-            gap = "" if method == "scratch" or not len(diff) else f"{diff.mean():+.3f} ± {sd(diff):.3f}"
             lo, hi = group[0]["auc_ci95"]
-            lines.append(
-                f"{budget:>7.0%}{group[0]['labels']:>8}  {method:<16}{auc.mean():>8.3f} ± {sd(auc):.3f}"
-                f"{acc.mean():>9.3f} ± {sd(acc):.3f}{gap:>17}{group[0]['auc']:>10.3f} [{lo:.3f}, {hi:.3f}]"
-                + (f"  ({len(group)} of {draws} draws)" if len(group) < draws else "")
+            out.append(
+                {
+                    "budget": f"{budget:.0%}",
+                    "labels": group[0]["labels"],
+                    "method": method,
+                    "auc": f"{auc.mean():.3f} ± {sd(auc):.3f}",
+                    "accuracy": f"{acc.mean():.3f} ± {sd(acc):.3f}",
+                    "gap": "" if method == "scratch" or not len(diff) else f"{diff.mean():+.3f} ± {sd(diff):.3f}",
+                    "draw0": f"{group[0]['auc']:.3f} [{lo:.3f}, {hi:.3f}]",
+                    "note": f"{len(group)} of {draws} draws" if len(group) < draws else "",
+                }
             )
+    return out
+
+
+def table(rows: list[dict], draws: int) -> str:
+    """``summary`` as aligned text."""
+    lines = [f"{'budget':>7}{'labels':>8}  {'method':<16}{'AUC':>15}{'accuracy':>16}{'AUC - scratch':>17}  draw 0 AUC"]
+    for r in summary(rows, draws):
+        lines.append(
+            f"{r['budget']:>7}{r['labels']:>8}  {r['method']:<16}{r['auc']:>15}{r['accuracy']:>16}{r['gap']:>17}"
+            f"  {r['draw0']}" + (f"  ({r['note']})" if r["note"] else "")
+        )
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], draws: int) -> str:
+    """``summary`` as the rows of docs/benchmarks.md's table."""
+    lines = []
+    for r in summary(rows, draws):
+        note = f" ({r['note']})" if r["note"] else ""
+        lines.append(
+            f"| {r['budget']} | {r['labels']} | {r['method']} | {r['auc']} | {r['accuracy']} | {r['gap'] or '-'} | "
+            f"{r['draw0']}{note} |"
+        )
     return "\n".join(lines)
 
 
@@ -110,6 +136,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the rest")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as docs/benchmarks.md's rows")
     args = parser.parse_args()
     if not Path(args.npz).is_file():
         raise SystemExit(f"AdrenalMNIST3D not found at {args.npz}: pass --npz (see ../shared/data/README.md)")
@@ -198,6 +225,8 @@ def main() -> None:
                 )
     print(f"\nAdrenalMNIST3D test split ({len(test)} images); mean ± sd over {args.draws} draws")
     print(table(rows, args.draws))
+    if args.markdown:
+        print(markdown(rows, args.draws))
     if args.out:
         print(f"-> {args.out}")
 
