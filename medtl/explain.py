@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,18 +52,25 @@ def target_layer(network: nn.Module, example: torch.Tensor | None = None, *, min
     if example is None:
         return found[-1][0]
     sizes: dict[str, int] = {}
-    hooks = [
-        child.register_forward_hook(lambda _m, _i, out, name=name: sizes.__setitem__(name, min(out.shape[2:])))
-        for name, child in found
-    ]
+
+    def measure(name: str, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.dim() > 2:  # a block giving a list (Swin-ViT) is no map
+            sizes[name] = min(out.shape[2:])
+
+    hooks = [child.register_forward_hook(lambda _m, _i, out, name=name: measure(name, out)) for name, child in found]
     try:
         with torch.no_grad():
             network(example)
     finally:
         for hook in hooks:
             hook.remove()
+    if not sizes:
+        raise MedtlError(
+            f"no top-level block of {type(network).__name__} gives a feature map to explain with Grad-CAM",
+            hint="give the layer name explicitly (layer=...)",
+        )
     wide = [name for name, _ in found if sizes.get(name, 0) >= min_size]
-    return wide[-1] if wide else found[-1][0]
+    return wide[-1] if wide else [name for name, _ in found if name in sizes][-1]
 
 
 def _unit(values: torch.Tensor) -> torch.Tensor:

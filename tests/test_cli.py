@@ -330,7 +330,11 @@ def test_adapt_runs_the_steps_on_a_target_manifest_and_exports_a_bundle(demo_wit
         "AdaBN",
         "fine-tuned",
     ]
-    meta = json.loads((out / "tumor_cls_finetune" / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    # the source bundle adapts as itself: its own configs, its next minor version
+    meta = json.loads((out / "tumor_cls_source" / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    source_meta = json.loads((source / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    major, minor, _ = source_meta["version"].split(".")
+    assert meta["version"] == f"{major}.{int(minor) + 1}.0" and meta["version"] in meta["changelog"]
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "benign", "1": "malignant"}
     assert meta["eval_metrics"]["target_test_n"] == sum(1 for c in manifest["cases"] if c["split"] == "test")
     summary = json.loads((out / "adapt_summary.json").read_text(encoding="utf-8"))
@@ -340,6 +344,7 @@ def test_adapt_runs_the_steps_on_a_target_manifest_and_exports_a_bundle(demo_wit
         and summary["finetune"]["epochs_run"] == summary["finetune"]["best_epoch"] <= 2
     )
     assert summary["report"] == "report/report.html" and summary["finding"]["text"].startswith("result: fine-tuned ")
+    assert summary["bundle"] == "tumor_cls_source"
     assert f"report: {out / 'report' / 'report.html'}" in printed
     figures = {p.name for p in (out / "report" / "figures").glob("*.png")}
     assert {

@@ -23,6 +23,12 @@ logger = logging.getLogger(__name__)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def has_running_stats(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm statistics for AdaBN to re-estimate (GroupNorm, InstanceNorm
+    and LayerNorm networks, such as SegResNet's and Swin-ViT's encoders, normalise per input)."""
+    return any(isinstance(m, _BN) and m.track_running_stats for m in model.modules())
+
+
 def adabn(
     model: nn.Module,
     loader: Iterable[Any],
@@ -38,7 +44,7 @@ def adabn(
     of BatchNorm layers updated and of batches/images seen. The model is left in eval mode.
     """
     layers = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
-    if not layers:
+    if not layers:  # callers that may get such a network ask has_running_stats first
         raise MedtlError(
             f"{type(model).__name__} has no BatchNorm layers with running statistics: AdaBN has nothing to adapt"
         )

@@ -23,7 +23,7 @@ from monai.data import DataLoader, Dataset
 from monai.handlers import LrScheduleHandler
 from torch import nn
 
-from medtl.adapt.adabn import adabn
+from medtl.adapt.adabn import adabn, has_running_stats
 from medtl.adapt.distill import DistillationLoss, DistillBatch, label_with_teacher
 from medtl.adapt.head import replace_head
 from medtl.adapt.schedule import FineTuneSchedule, param_groups
@@ -258,7 +258,9 @@ def finetune(
         summary["new_head"] = True
     head = find_classifier(network)[0] if new_head else None
     judged = [*train_items, *val_items] if recipe.selection == "kfold" else list(val_items)
-    if recipe.adabn:
+    if recipe.adabn and not has_running_stats(network):
+        summary["adabn"] = {"kept": False, "skipped": "no BatchNorm statistics (the network normalises per input)"}
+    elif recipe.adabn:
         candidate = copy.deepcopy(network)
         scans = [
             *train_items,
@@ -434,7 +436,9 @@ def recipe_outcome(run: Mapping[str, Any]) -> dict[str, Any]:
         outcome += (
             f"; weights averaged with the starting point's, {run['recipe']['wise']:g} on the fine-tuned (WiSE-FT)"
         )
-    if adabn_state:
+    if adabn_state.get("skipped"):
+        outcome += f"; no AdaBN: {adabn_state['skipped']}"
+    elif adabn_state:
         outcome += (
             f"; AdaBN {'kept' if adabn_state['kept'] else 'discarded'} on "
             f"{adabn_state.get('judged_on', 'the validation')} labeled cases"

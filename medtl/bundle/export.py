@@ -108,7 +108,7 @@ def _torchscript(network: nn.Module, shape: list[int]) -> torch.jit.ScriptModule
     that follows runs it on another batch size."""
     try:
         return convert_to_torchscript(network)
-    except RuntimeError as exc:
+    except Exception as exc:  # noqa: BLE001 - the compiler's errors share no base class (NotSupportedError, ...)
         logger.info("scripting failed (%s); tracing instead", str(exc).splitlines()[0])
         example = torch.rand(1, *shape, generator=torch.Generator().manual_seed(1))
         return convert_to_torchscript(network, use_trace=True, inputs=[example])
@@ -339,7 +339,7 @@ def export_bundle(
                     {name: (configs / name).read_text(encoding="utf-8") for name in embedded},
                 )
                 diff = _torchscript_parity(network, data, shape)
-            except RuntimeError as exc:  # neither scripted nor traced into one that takes any batch size
+            except Exception as exc:  # noqa: BLE001 - neither scripted nor traced into one that takes any batch size
                 not_written["model.ts"] = _first_line(exc)
             else:
                 if diff > 1e-4:
