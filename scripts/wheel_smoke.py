@@ -5,7 +5,7 @@ checkout's ``bundles/`` is there as package data; exports a small network as the
 bundle from those templates (TorchScript and, with ``medtl[export]``, ONNX copies checked against
 it) and runs the installed ``medtl bundle verify`` on it; then, unless ``--no-adapt``, runs
 ``medtl adapt`` from that bundle on a tiny generated demo cohort (site B, one epoch, about 1.5 min
-on two cores) and verifies the ``tumor_cls_finetune`` bundle it writes.
+on two cores) and verifies the bundle it writes (the source's own, its next version).
 
     python -I scripts/wheel_smoke.py OUT --checkout REPO
 """
@@ -13,6 +13,7 @@ on two cores) and verifies the ``tumor_cls_finetune`` bundle it writes.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             "--epochs",
             "1",
         )
-        _medtl("bundle", "verify", adapted / "tumor_cls_finetune")
+        written = json.loads((adapted / "adapt_summary.json").read_text(encoding="utf-8"))["bundle"]
+        _medtl("bundle", "verify", adapted / written)  # the source bundle adapted as itself: its own name
         if not (adapted / "report" / "report.html").is_file():
             sys.exit(f"medtl adapt wrote no report at {adapted / 'report' / 'report.html'}")
         _say(f"adapt and verify took {time.perf_counter() - t1:.0f} s")
