@@ -15,6 +15,7 @@ import os
 import pickle
 import shutil
 import stat
+import tempfile
 import time
 import warnings
 import zipfile
@@ -1178,7 +1179,8 @@ def test_swapping_the_source_during_verification_changes_nothing_installed(sourc
 # paths only as @bundle_root + '/relative/literal', bounded configs, and no folder that shadows a
 # module on sys.path.
 
-_OUTSIDE_DIR = "/tmp/medtl-round2"  # where a saver would write if a built path escaped
+# where a saver would write if a built path escaped: an absolute folder of this machine's temp dir
+_OUTSIDE_DIR = str(Path(tempfile.gettempdir()) / "medtl-round2")
 
 
 def _saver(save_dir: str) -> Callable[[Kit], Path]:
@@ -1218,7 +1220,7 @@ ROUND_2: dict[str, Case] = {
     ),
     "fullwidth @ｂundle_root": Case(
         "rewritten text",
-        _saver("$@ｂundle_root + '/tmp/medtl-round2'"),
+        _saver(f"$@ｂundle_root + '{_OUTSIDE_DIR}'"),
         "holds a non-ASCII character",
         predict=True,
     ),

@@ -27,6 +27,7 @@ from medtl.bundle.sandbox import Limits
 from medtl.bundle.share import import_bundle
 from medtl.bundle.verify import network_definition, verify_bundle
 from medtl.errors import MedtlError
+from tests.test_hostile_bundles import _SetstateWrites  # the TorchScript payload round 1 built
 
 NAME = "lidc_nodule_malignancy"
 LIDC = Path(__file__).resolve().parents[1] / "bundles" / NAME
@@ -314,28 +315,6 @@ def test_a_network_check_over_its_memory_is_stopped(site, tight):
 # ------------------------------------------------------------------ executables: this site's exports only
 
 
-class _SetstateTouches(torch.nn.Module):
-    """TorchScript whose ``__setstate__`` (run by ``torch.jit.load``) creates the file at ``path``."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
-        self.n = torch.zeros(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.n
-
-    @torch.jit.export
-    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
-        return self.path, self.n, self.training
-
-    @torch.jit.export
-    def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
-        self.path = state[0]
-        self.training = state[2]
-        self.n = torch.from_file(self.path, shared=True, size=1, dtype=torch.uint8).float()
-
-
 class _Loops(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(1000000000000):
@@ -353,9 +332,7 @@ def test_the_shipped_exports_are_what_this_site_exports(site):
 
 def test_a_torchscript_payload_is_refused_unloaded(site):
     bundle = site.bundle(executables=True)
-    (bundle / "models" / "model.ts").write_bytes(
-        torchscript_bytes(torch.jit.script(_SetstateTouches(str(site.marker))))
-    )
+    (bundle / "models" / "model.ts").write_bytes(torchscript_bytes(torch.jit.script(_SetstateWrites(str(site.marker)))))
     _refused(site, bundle, "models/model.ts is not what models/model.pt and network_def export to")
     row = {c.name: c for c in verify_bundle(bundle).checks}["TorchScript parity"]
     assert row.status == "skip" and "model.ts is a program" in row.detail
