@@ -23,6 +23,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.transforms import Compose, RandomizableTrait, Transform
 
+from medtl.bundle import confine
 from medtl.errors import MedtlError
 
 CACHES = ("memory", "disk", "none")
@@ -105,7 +106,7 @@ def cached_dataset(
     if cache == "disk":
         if cache_dir in (None, ""):
             raise MedtlError("a disk cache needs cache_dir", hint="e.g. cache_dir=<bundle>/cache")
-        folder = Path(cache_dir) / transform_fingerprint(transform)[:16]
+        folder = confine.check(cache_dir, write=True, what="cache_dir") / transform_fingerprint(transform)[:16]
         return PersistentDataset(list(data), transform, cache_dir=folder, hash_func=item_key)
     return Dataset(list(data), transform)
 

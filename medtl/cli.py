@@ -115,6 +115,16 @@ def _bundle_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle_run(args: argparse.Namespace) -> int:
+    from medtl.bundle.run import run_bundle
+
+    rest = list(args.args)
+    trust = args.trust or "--trust" in rest
+    run_bundle(args.dir, [a for a in rest if a != "--trust"], trust=trust)
+    print(f"ran {Path(args.dir).name} confined")
+    return 0
+
+
 def _bundle_diff(args: argparse.Namespace) -> int:
     from medtl.bundle.share import diff_bundles, format_diff
 
@@ -690,7 +700,8 @@ def _add_bundle(verbs: Any) -> None:
         dest="bundle_verb",
         metavar="ACTION",
         required=True,
-        help="verify: check; pack: zip to send; import: receive; diff: compare versions; keygen: a signing key",
+        help="verify: check; pack: zip to send; import: receive; run: run one confined; diff: compare versions; "
+        "keygen: a signing key",
     )
     v = bsub.add_parser(
         "verify", help="check a bundle folder or zip and print a pass/fail table (exit 1 on any failure)"
@@ -746,6 +757,17 @@ def _add_bundle(verbs: Any) -> None:
                 "DICOM headers (the training data)"
             ),
         )
+    r = bsub.add_parser(
+        "run",
+        help="run a received bundle's workflow as python -m monai.bundle run does, audited and confined",
+        description="Takes python -m monai.bundle run's arguments after the bundle folder (--config_file, "
+        "--meta_file, ids, --KEY VALUE overrides). The run may read the bundle and the paths given on the "
+        "command line, and write only the bundle and the folders given as --*_dir options (--input_dir, "
+        "--dataset_dir and --data_dir are read only); it starts no programs and opens no connections.",
+    )
+    r.add_argument("dir", help="bundle folder (medtl bundle import unpacks a zip)")
+    r.add_argument("--trust", action="store_true", help="run configs outside the allow-list (still confined)")
+    r.add_argument("args", nargs=argparse.REMAINDER, help="python -m monai.bundle run's arguments")
     d = bsub.add_parser("diff", help="config, metadata and metric differences between two bundles (folders or zips)")
     d.add_argument("a", help="the earlier bundle (folder or zip)")
     d.add_argument("b", help="the later bundle (folder or zip)")
@@ -755,6 +777,7 @@ def _add_bundle(verbs: Any) -> None:
         (i, _bundle_import),
         (d, _bundle_diff),
         (g, _bundle_keygen),
+        (r, _bundle_run),
     ):
         sub.set_defaults(func=func)
 

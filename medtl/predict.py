@@ -47,6 +47,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from medtl.bundle.audit import audit_bundle
+from medtl.bundle.components.masks import table_files
+from medtl.bundle.confine import confined, retarget
 from medtl.errors import MedtlError, cause_chain, medtl_cause
 from medtl.fileio import atomic_write, atomic_write_csv, atomic_write_json
 from medtl.progress import EngineProgress
@@ -219,11 +221,16 @@ def _run_inference(
     ``real_ids`` and ``masks`` go to its ``cases`` (``inference_cases``), the one place folders are
     keyed and masks found, also in a bundle exported before they were options of their own; so does
     whether its preprocessing requires a mask (``transforms.requires_mask``), which skips the series
-    without one before any image is read."""
+    without one before any image is read.
+
+    It runs confined (``bundle.confine``): MONAI's path-taking components are built in their
+    confined forms, and the run may read the bundle, ``input_dir`` and the masks table's files and
+    write the bundle and ``out`` only; nothing starts programs or connects anywhere."""
     parser = ConfigParser()
     parser.read_config(root / "configs" / "inference.json")
     parser.read_meta(root / "configs" / "metadata.json")
     parser.update({"bundle_root": str(root), "input_dir": str(input_dir), "output_dir": str(out)})
+    parser.set(retarget(parser.get()))
     cases = parser.get("cases")
     if not (isinstance(cases, dict) and str(cases.get("_target_", "")).endswith("inference_cases")):
         raise MedtlError(
@@ -237,15 +244,17 @@ def _run_inference(
     prepared = parser.get("prepared")
     if not progress and isinstance(prepared, dict) and str(prepared.get("_target_", "")).endswith("prepare_cases"):
         parser["prepared#progress"] = False
+    inputs = [input_dir] if masks is None else [input_dir, masks, *table_files(masks)]
     try:
-        parser["cases#mask_required"] = "preprocessing" in parser and requires_mask(
-            parser.get_parsed_content("preprocessing")
-        )
-        parser.parse(reset=True)
-        if progress and "evaluator" in parser:
-            EngineProgress(desc="inference").attach(parser.get_parsed_content("evaluator"))
-        for stage in ("initialize", "run", "finalize"):
-            _run_stage(parser, stage)
+        with confined(root, inputs=inputs, outputs=[out]):
+            parser["cases#mask_required"] = "preprocessing" in parser and requires_mask(
+                parser.get_parsed_content("preprocessing")
+            )
+            parser.parse(reset=True)
+            if progress and "evaluator" in parser:
+                EngineProgress(desc="inference").attach(parser.get_parsed_content("evaluator"))
+            for stage in ("initialize", "run", "finalize"):
+                _run_stage(parser, stage)
     except Exception as exc:  # noqa: BLE001 - a user's input error is reported as such, anything else as the bundle's
         user_error = medtl_cause(exc)
         if user_error is not None:

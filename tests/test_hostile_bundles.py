@@ -840,6 +840,9 @@ CASES: dict[str, Case] = {
         "above the",
         options=lambda kit: {"max_bytes": _folder_size(kit.shipped.folder) + (1 << 20)},
     ),
+    "zip bomb within --max-size": Case(  # one member of a 1000-fold ratio: refused before it is written
+        "files", lambda kit: kit.rezip(files={"docs/zeros.bin": bytes(8 << 20)}), "inflates 1"
+    ),
     # -- checksums and signatures
     "no SHA256SUMS, file tampered": Case(
         "signing",

@@ -23,6 +23,7 @@ import torch
 from ignite.engine import Events
 from monai.transforms import Compose, Randomizable
 
+from medtl.bundle import confine
 from medtl.errors import MedtlError
 from medtl.fileio import atomic_write
 
@@ -146,7 +147,7 @@ class TrainingCheckpoint:
         loaders: Iterable[Any] = (),
         resume: bool = False,
     ) -> None:
-        self.path = Path(path)
+        self.path = confine.check(path, write=True, what="TrainingCheckpoint")
         self.network = network
         self.optimizer = optimizer
         self.objects = dict(objects or {})

@@ -39,6 +39,9 @@ PROVENANCE = "provenance.json"
 LARGE_FILES = "large_files.yml"
 #: Default cap on a bundle's unpacked size; a classification bundle is a few MB to a few hundred.
 MAX_UNPACKED_BYTES = 2 << 30
+#: Deflate gains about 1.1x on weights and 5-20x on configs and documents; far more, on a member of
+#: some size, is a zip bomb, refused before a byte is written.
+MAX_RATIO, RATIO_FLOOR = 200, 1 << 20
 #: Produced by running a bundle, never shared: training logs may name local files.
 RUN_OUTPUTS = ("runs", "eval", "cache", "__pycache__")
 #: Files that hold code Python or the system would run: a bundle is configs, weights and documents.
@@ -177,6 +180,13 @@ def _check_entry(info: zipfile.ZipInfo, archive: str) -> None:
             f"entry {info.filename!r} is not a plain file (mode {mode:o})",
             path=archive,
             hint="bundles hold plain files only",
+        )
+    if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+        raise MedtlError(
+            f"entry {info.filename!r} inflates {info.file_size // max(info.compress_size, 1)}-fold, "
+            f"above the {MAX_RATIO}-fold a bundle's files reach",
+            path=archive,
+            hint="the archive was built to exhaust the disk (a zip bomb); do not unpack it",
         )
 
 

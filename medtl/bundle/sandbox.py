@@ -4,7 +4,8 @@ Building a network from a received bundle's arguments, loading its weights and r
 copies take whatever time and memory the bundle's sizes ask for. The child gets ``RLIMIT_CPU`` and
 ``RLIMIT_AS`` (the address space it already maps when forked plus a budget: torch maps about 1 GB
 of libraries before it allocates anything, so a plain cap would refuse it nothing or everything)
-and is killed at a wall-clock deadline. It works in an empty temporary folder. A breach comes back
+and is killed at a wall-clock deadline. It works in an empty temporary folder, confined to it and
+the files it is given to read (``confine``). A breach comes back
 as one line naming the step, never as a hang or a traceback.
 
 Children are forked from a server process that has imported torch once (``forkserver`` with
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -75,7 +76,11 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "can't allocate memory" in text or "std::bad_alloc" in text
 
 
-def _child(conn: Connection, job: Callable[..., None], args: tuple, limits: Limits, workdir: str) -> None:
+def _child(
+    conn: Connection, job: Callable[..., None], args: tuple, limits: Limits, workdir: str, reads: tuple[str, ...]
+) -> None:
+    from medtl.bundle.confine import confined
+
     os.chdir(workdir)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
@@ -83,7 +88,8 @@ def _child(conn: Connection, job: Callable[..., None], args: tuple, limits: Limi
         cap = _mapped_bytes() + limits.memory_bytes
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     try:
-        job(Channel(conn), *args)
+        with confined(workdir, inputs=reads):
+            job(Channel(conn), *args)
     except Exception as exc:  # noqa: BLE001 - whatever the untrusted input made fail is reported as one line
         if out_of_memory(exc):
             conn.send(("memory", ""))
@@ -114,8 +120,12 @@ def _main_left_alone() -> Iterator[None]:
         main.__spec__ = spec
 
 
-def run_limited(job: Callable[..., None], *args: Any, what: str, limits: Limits = Limits()) -> Outcome:
+def run_limited(
+    job: Callable[..., None], *args: Any, what: str, limits: Limits = Limits(), reads: Sequence[str] = ()
+) -> Outcome:
     """Run ``job(channel, *args)`` in a bounded child; ``job`` must be a module-level function.
+    The child is confined (``confine.confined``): it writes only its temporary folder and reads
+    only ``reads`` besides it and the Python installation.
 
     ``what`` names the check in a breach ("network check exceeded 60 s of CPU time while loading
     models/model.pt"). The items the child ``put`` before a breach are kept.
@@ -125,7 +135,7 @@ def run_limited(job: Callable[..., None], *args: Any, what: str, limits: Limits 
     receive, send = context.Pipe(duplex=False)
     status, detail = "", ""
     with tempfile.TemporaryDirectory(prefix="medtl-sandbox-") as workdir:
-        child = context.Process(target=_child, args=(send, job, args, limits, workdir), daemon=True)
+        child = context.Process(target=_child, args=(send, job, args, limits, workdir, tuple(reads)), daemon=True)
         with _main_left_alone():
             child.start()
         send.close()

@@ -901,7 +901,9 @@ def _check_heavy(root: Path, plan: _Plan, trust: bool, report: Verification) -> 
         report.add(WEIGHTS, [problem])
         report.skip(NETWORK, "needs the weights to load")
         return
-    outcome = run_limited(_heavy_checks, str(root.resolve()), plan, what="network check", limits=CHECK_LIMITS)
+    outcome = run_limited(
+        _heavy_checks, str(root.resolve()), plan, what="network check", limits=CHECK_LIMITS, reads=[str(root)]
+    )
     for kind, name, *rest in outcome.items:
         if kind == "skip":
             report.skip(name, rest[0])

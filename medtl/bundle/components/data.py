@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from medtl.bundle import confine
 from medtl.errors import MedtlError
 from medtl.manifest import datalist as _datalist
 from medtl.manifest import load_manifest
@@ -15,7 +16,7 @@ from medtl.manifest import load_manifest
 def required_path(value: Any, option: str, example: str) -> Path:
     if value in (None, ""):
         raise MedtlError(f"no {option} given", hint=f"pass --{option} {example} to python -m monai.bundle run")
-    return Path(value)
+    return confine.check(value, write=False, what=option)
 
 
 Manifests = str | Path | Sequence[str | Path]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from ignite.engine import Events
 
+from medtl.bundle import confine
 from medtl.evaluate import classification_metrics, format_table
 from medtl.fileio import atomic_write_csv, atomic_write_json, atomic_write_text
 
@@ -60,7 +61,7 @@ class MetricsReport:
         enabled: bool = True,
         run: Mapping[str, Any] | None = None,
     ) -> None:
-        self.output_dir, self.filename = Path(output_dir), filename
+        self.output_dir, self.filename = confine.check(output_dir, write=True, what=type(self).__name__), filename
         self.class_names, self.n_boot, self.seed, self.enabled = list(class_names), n_boot, seed, enabled
         self.run = dict(run or {})
         self.result: dict[str, Any] | None = None
@@ -125,7 +126,7 @@ class PredictionWriter:
         columns: Sequence[str] | Mapping[str, str] = ("id", "series"),
         filename: str = "predictions",
     ) -> None:
-        self.output_dir, self.filename = Path(output_dir), filename
+        self.output_dir, self.filename = confine.check(output_dir, write=True, what=type(self).__name__), filename
         self.class_names, self.skipped = list(class_names), list(skipped)
         self.model_version = str(model_version)
         self.columns = dict(columns) if isinstance(columns, Mapping) else {c: c for c in columns}

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
+from medtl.bundle import confine
 from medtl.bundle.components.masks import NO_MASK, UNUSED_SEG, Series, is_seg_record, series_masks
 from medtl.dicom import folder_key, pseudonymous_path, scan_dicom
 from medtl.errors import MedtlError, cause_chain, medtl_cause
@@ -67,6 +68,10 @@ def inference_cases(
     """
     real_ids = _switch(real_ids, "real_ids")
     mask_required = _switch(mask_required, "mask_required")
+    for option, given in (("input_dir", input_dir), ("input_csv", input_csv), ("masks", masks)):
+        if given not in (None, ""):
+            confine.check(given, write=False, what=option)
+    confine.check(output_dir, write=True, what="output_dir")
     if masks not in (None, "") and input_csv not in (None, ""):
         raise MedtlError(
             "a masks table is for a DICOM folder; a case table gives each case's mask in its 'mask' column",

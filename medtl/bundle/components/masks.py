@@ -162,6 +162,12 @@ def _table_rows(path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def table_files(path: str | Path) -> list[Path]:
+    """The mask files a masks table names (relative to its folder): what a confined run may read."""
+    path = Path(path)
+    return [path.parent / row["mask"].strip() for row in _table_rows(path) if (row.get("mask") or "").strip()]
+
+
 def _names(series: Sequence[Series]) -> dict[str, list[Series]]:
     """Every name a table row may give a series by: its id, its folder and number (``a/ct#2``) and
     its folder."""

@@ -10,6 +10,7 @@ import torch
 from monai.utils import set_determinism
 
 from medtl import __version__
+from medtl.bundle import confine
 from medtl.bundle.components.data import Manifests, manifest_paths
 from medtl.fileio import atomic_write_json, sha256_file
 from medtl.manifest import load_manifest
@@ -51,5 +52,5 @@ def run_record(
         named = [{"name": d["name"], "content_sha256": d["content_sha256"]} for d in data]
         record["manifest"] = named[0] if len(named) == 1 else named
     if output_dir is not None:
-        atomic_write_json(Path(output_dir) / "run.json", record)
+        atomic_write_json(confine.check(output_dir, write=True, what="run_record") / "run.json", record)
     return record

@@ -15,6 +15,7 @@ from monai.bundle import ConfigParser
 
 from medtl.adapt.distill import label_with_teacher
 from medtl.adapt.head import class_mapping
+from medtl.bundle import confine
 from medtl.bundle.audit import audit_bundle
 from medtl.bundle.components.data import channel_names, required_path
 from medtl.errors import MedtlError
@@ -197,5 +198,5 @@ def teacher_labeled(
         progress=True,
     )
     if output_dir is not None:
-        atomic_write_json(Path(output_dir) / "pseudo_labels.json", report)
+        atomic_write_json(confine.check(output_dir, write=True, what="teacher_labeled") / "pseudo_labels.json", report)
     return labeled

@@ -1,0 +1,151 @@
+"""Run a received bundle's workflow as ``python -m monai.bundle run`` does, audited and confined.
+
+``python -m monai.bundle run`` builds whatever a config names and evaluates its ``$`` expressions
+with no limit; on an imported bundle it runs what the import audit admitted, nothing watches it.
+``medtl bundle run`` takes the same arguments and runs the same ``ConfigWorkflow``, but only after
+auditing the exact configs it merges, with MONAI's path-taking components in their confined forms,
+inside ``confine.confined``: the run reads the bundle, the paths given on its command line and the
+Python installation, and writes only the bundle and the folders given as ``--*_dir`` options.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigWorkflow
+
+from medtl.bundle.audit import audit_bundle, audit_workflow, read_config_file
+from medtl.bundle.confine import confined, retarget
+from medtl.bundle.files import check_plain_tree
+from medtl.errors import MedtlError, cause_chain, medtl_cause
+
+_META = "configs/metadata.json"
+#: Options of ``monai.bundle run`` that are not config overrides.
+_WORKFLOW_OPTIONS = ("config_file", "meta_file", "logging_file", "init_id", "run_id", "final_id", "workflow_type")
+#: ``--*_dir`` options the run reads only; every other ``--*_dir`` is a folder it may write.
+INPUT_DIRS = frozenset({"input_dir", "dataset_dir", "data_dir"})
+
+
+def parse_arguments(args: Sequence[str]) -> dict[str, Any]:
+    """``--key value`` pairs as MONAI's command line (python-fire) reads them: a Python literal
+    (``3``, ``true``, ``"['a.json', 'b.json']"``) becomes that value, anything else stays text."""
+    pairs: dict[str, Any] = {}
+    args = list(args)
+    while args:
+        key = args.pop(0)
+        if not key.startswith("--") or len(key) < 3:
+            raise MedtlError(f"expected --KEY VALUE, got {key!r}", hint="e.g. --output_dir out --input_dir scans")
+        key, _, value = key[2:].partition("=")
+        if not _:
+            if not args or args[0].startswith("--"):
+                raise MedtlError(f"--{key} needs a value")
+            value = args.pop(0)
+        pairs[key] = _value(value)
+    return pairs
+
+
+def _value(text: str) -> Any:
+    lowered = {"true": True, "false": False, "none": None}.get(text.lower(), text)
+    if lowered is not text:
+        return lowered
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def _config_names(root: Path, given: Any) -> list[str]:
+    """Bundle-relative config names: a run reads only the audited files inside the bundle."""
+    names = [given] if isinstance(given, str) else list(given or ["configs/inference.json"])
+    relative = []
+    for name in names:
+        path = Path(str(name))
+        path = path if path.is_absolute() or path.exists() else root / path
+        try:
+            relative.append(path.resolve().relative_to(root.resolve()).as_posix())
+        except ValueError:
+            raise MedtlError(
+                f"config {Path(str(name)).name!r} is not inside the bundle",
+                path=root.name,
+                hint="a confined run reads the bundle's own configs (e.g. --config_file configs/inference.json)",
+            ) from None
+        if not (root / relative[-1]).is_file():
+            raise MedtlError(f"no config {relative[-1]}", path=root.name)
+    return relative
+
+
+def declared_paths(overrides: Mapping[str, Any]) -> tuple[list[Path], list[Path]]:
+    """The run's inputs (every override naming an existing file or folder, and a table's folder,
+    where its rows' paths start) and outputs (every ``--*_dir`` but ``INPUT_DIRS``)."""
+    inputs: list[Path] = []
+    outputs: list[Path] = []
+    for key, value in overrides.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        for item in values:
+            if not isinstance(item, str) or not item:
+                continue
+            if key.endswith("_dir") and key not in INPUT_DIRS:
+                outputs.append(Path(item))
+            elif Path(item).exists():
+                inputs.append(Path(item))
+                if Path(item).is_file():
+                    inputs.append(Path(item).parent)  # a manifest's or table's cases are relative to it
+    return inputs, outputs
+
+
+def run_bundle(bundle: str | Path, args: Sequence[str], *, trust: bool = False) -> None:
+    """Run ``bundle``'s workflow with ``monai.bundle run``'s arguments (``--config_file``,
+    ``--meta_file``, ``--logging_file``, ids, overrides), audited and confined.
+
+    Raises ``MedtlError`` for a config outside the bundle or the allow-list (``trust`` runs the
+    latter anyway, still confined), an override of ``bundle_root``, an access outside the declared
+    folders (``confine.ConfinementError``) and, in one line, any failure of the workflow."""
+    root = Path(bundle)
+    if not (root / "configs").is_dir():
+        raise MedtlError("not a bundle folder (no configs/)", path=root.name, hint="import a zip first")
+    check_plain_tree(root)
+    overrides = parse_arguments(args)
+    if "bundle_root" in overrides:
+        raise MedtlError("--bundle_root cannot be overridden: the run is confined to the bundle", path=root.name)
+    options = {k: overrides.pop(k) for k in _WORKFLOW_OPTIONS if k in overrides}
+    names = _config_names(root, options.pop("config_file", None))
+    meta = _config_names(root, options.pop("meta_file", _META))[0]
+    findings = audit_bundle(root)
+    findings += audit_workflow([(n, read_config_file(root / n, n)) for n in names], read_config_file(root / meta, meta))
+    if findings and not trust:
+        raise MedtlError(
+            f"refusing to run: {len(findings)} config value(s) outside the allow-list: "
+            + "; ".join(str(f) for f in findings[:3]),
+            path=root.name,
+            hint="review them with `medtl bundle verify`; --trust runs them anyway, still confined",
+        )
+    inputs, outputs = declared_paths(overrides)
+    with confined(root, inputs=inputs, outputs=outputs):
+        try:
+            workflow = ConfigWorkflow(
+                config_file=[str(root / n) for n in names],
+                meta_file=str(root / meta),
+                logging_file=options.pop("logging_file", str(root / "configs" / "logging.conf")),
+                **options,
+                **{**overrides, "bundle_root": str(root)},
+            )
+            retarget(workflow.parser.get())
+            workflow.initialize()
+            workflow.run()
+            workflow.finalize()
+        except Exception as exc:  # noqa: BLE001 - a user's input error is reported as such, anything else as the bundle's
+            cause = medtl_cause(exc)
+            if cause is not None:
+                raise cause from exc
+            last = cause_chain(exc)[-1]
+            raise MedtlError(
+                f"the workflow failed ({type(last).__name__}: {(str(last).splitlines() or [''])[0]})",
+                path=root.name,
+                hint="--debug shows the traceback",
+            ) from exc
+
+
+__all__ = ["INPUT_DIRS", "declared_paths", "parse_arguments", "run_bundle"]
