@@ -30,6 +30,15 @@ class ManifestError(MedtlError):
     """A manifest or label table that is inconsistent, leaks patients across splits, or is stale."""
 
 
+def first_line(exc: BaseException, *, typed: bool = True) -> str:
+    """``exc`` in one line for a report row or a log: its first non-empty line (at most 200
+    characters), after its type's name when ``typed``; the type's name alone if it says nothing."""
+    line = next((t.strip() for t in str(exc).splitlines() if t.strip()), "")[:200]
+    if not line:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {line}" if typed else line
+
+
 def cause_chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and what raised it, outermost first: MONAI wraps a failing transform's or component's
     error in ``RuntimeError``s, so the user's problem is further down."""

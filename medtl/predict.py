@@ -49,7 +49,7 @@ from pydicom.uid import generate_uid
 from medtl.bundle.audit import audit_bundle
 from medtl.bundle.components.masks import table_files
 from medtl.bundle.confine import confined, retarget
-from medtl.errors import MedtlError, cause_chain, medtl_cause
+from medtl.errors import MedtlError, cause_chain, first_line, medtl_cause
 from medtl.fileio import atomic_write, atomic_write_csv, atomic_write_json
 from medtl.progress import EngineProgress
 from medtl.transforms import requires_mask
@@ -205,11 +205,7 @@ def _audited_meta(root: Path, trust: bool) -> dict[str, Any]:
     try:
         return ConfigParser.load_config_file(root / "configs" / "metadata.json")
     except Exception as exc:  # noqa: BLE001 - any parse error is the bundle's, reported by file
-        raise MedtlError(f"configs/metadata.json does not parse ({_first_line(exc)})", path=root) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        raise MedtlError(f"configs/metadata.json does not parse ({first_line(exc)})", path=root) from exc
 
 
 def _run_inference(
@@ -260,7 +256,7 @@ def _run_inference(
         if user_error is not None:
             raise user_error from exc
         raise MedtlError(
-            f"the bundle's inference.json failed ({_first_line(cause_chain(exc)[-1])})",
+            f"the bundle's inference.json failed ({first_line(cause_chain(exc)[-1])})",
             path=root,
             hint="--debug shows the traceback",
         ) from exc

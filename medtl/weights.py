@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, first_line
 from medtl.networks import create_network, family_of, find_classifier, first_conv, network_def, network_options_for
 
 __all__ = [
@@ -174,7 +174,7 @@ def _jit_load(source: Path | io.BytesIO, label: str | Path, *, trust: bool) -> A
             return torch.jit.load(source, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any failure here is a broken file, reported as such
         raise MedtlError(
-            f"cannot read TorchScript file, it may be corrupted or truncated ({_first_line(exc)})", path=label
+            f"cannot read TorchScript file, it may be corrupted or truncated ({_first_sentence(exc)})", path=label
         ) from exc
 
 
@@ -198,11 +198,11 @@ def _torch_load(source: Path | io.BytesIO, label: str | Path, *, trust: bool) ->
                 hint="pass --trust (trust=True) only if you trust where the file came from",
             ) from exc
         raise MedtlError(
-            f"cannot read checkpoint, it may be corrupted or truncated ({_first_line(exc)})", path=label
+            f"cannot read checkpoint, it may be corrupted or truncated ({_first_sentence(exc)})", path=label
         ) from exc
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for broken files
         raise MedtlError(
-            f"cannot read checkpoint, it may be corrupted or truncated ({_first_line(exc)})", path=label
+            f"cannot read checkpoint, it may be corrupted or truncated ({_first_sentence(exc)})", path=label
         ) from exc
 
 
@@ -220,10 +220,9 @@ def _unsafe_globals(source: Path | io.BytesIO, exc: Exception) -> list[str]:
     return [match.group(1)] if match else []
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text.split(". ")[0].rstrip(".")[:200]  # first sentence: torch's advice that follows is not for medtl users
+def _first_sentence(exc: BaseException) -> str:
+    """torch's advice that follows its first sentence is not for medtl users."""
+    return first_line(exc, typed=False).split(". ")[0].rstrip(".")
 
 
 def _state_of(obj: Any, label: str | Path) -> dict[str, Tensor]:

@@ -33,7 +33,7 @@ from medtl.bundle.components import load_bundle_network
 from medtl.bundle.files import CHECKSUMS, LARGE_FILES, PROVENANCE, SIGNATURE, large_files_yml
 from medtl.bundle.provenance import describe_source, manifest_record, provenance
 from medtl.bundle.templates import RUN_OUTPUTS, template_dir
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, first_line
 from medtl.fileio import atomic_write, atomic_write_bytes, atomic_write_text
 from medtl.networks import classes_argument
 
@@ -112,10 +112,6 @@ def _torchscript(network: nn.Module, shape: list[int]) -> torch.jit.ScriptModule
         logger.info("scripting failed (%s); tracing instead", str(exc).splitlines()[0])
         example = torch.rand(1, *shape, generator=torch.Generator().manual_seed(1))
         return convert_to_torchscript(network, use_trace=True, inputs=[example])
-
-
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def _torchscript_parity(network: nn.Module, data: bytes, shape: list[int], seed: int = 0) -> float:
@@ -340,7 +336,7 @@ def export_bundle(
                 )
                 diff = _torchscript_parity(network, data, shape)
             except Exception as exc:  # noqa: BLE001 - neither scripted nor traced into one that takes any batch size
-                not_written["model.ts"] = _first_line(exc)
+                not_written["model.ts"] = first_line(exc, typed=False)
             else:
                 if diff > 1e-4:
                     raise MedtlError(f"TorchScript output differs from the network by {diff:.2e}", path=dest.name)
@@ -350,7 +346,7 @@ def export_bundle(
                 onnx_diff = _onnx_export(network, models / "model.onnx", shape)
             except Exception as exc:  # the exporter's and ONNX Runtime's errors share no base class
                 (models / "model.onnx").unlink(missing_ok=True)
-                not_written["model.onnx"] = _first_line(exc)
+                not_written["model.onnx"] = first_line(exc, typed=False)
             if onnx_diff is not None and onnx_diff > 1e-4:
                 raise MedtlError(f"ONNX output differs from the network by {onnx_diff:.2e}", path=dest.name)
         for name, why in not_written.items():

@@ -20,7 +20,7 @@ from monai.bundle import ConfigWorkflow
 from medtl.bundle.audit import audit_bundle, audit_workflow, read_config_file
 from medtl.bundle.confine import confined, retarget
 from medtl.bundle.files import check_plain_tree
-from medtl.errors import MedtlError, cause_chain, medtl_cause
+from medtl.errors import MedtlError, cause_chain, first_line, medtl_cause
 
 _META = "configs/metadata.json"
 #: Options of ``monai.bundle run`` that are not config overrides.
@@ -140,9 +140,8 @@ def run_bundle(bundle: str | Path, args: Sequence[str], *, trust: bool = False) 
             cause = medtl_cause(exc)
             if cause is not None:
                 raise cause from exc
-            last = cause_chain(exc)[-1]
             raise MedtlError(
-                f"the workflow failed ({type(last).__name__}: {(str(last).splitlines() or [''])[0]})",
+                f"the workflow failed ({first_line(cause_chain(exc)[-1])})",
                 path=root.name,
                 hint="--debug shows the traceback",
             ) from exc

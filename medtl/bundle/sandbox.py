@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from medtl.errors import first_line
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -79,7 +81,7 @@ def out_of_memory(exc: BaseException) -> bool:
 def _child(
     conn: Connection, job: Callable[..., None], args: tuple, limits: Limits, workdir: str, reads: tuple[str, ...]
 ) -> None:
-    from medtl.bundle.confine import confined
+    from medtl.bundle.confine import confined  # imports MONAI: only in the child
 
     os.chdir(workdir)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -94,8 +96,7 @@ def _child(
         if out_of_memory(exc):
             conn.send(("memory", ""))
         else:
-            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-            conn.send(("error", f"{exc.__class__.__name__}: {first[:200]}" if first else exc.__class__.__name__))
+            conn.send(("error", first_line(exc)))
     else:
         conn.send(("done", ""))
 

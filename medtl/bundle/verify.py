@@ -58,7 +58,7 @@ from medtl.bundle.files import (
 )
 from medtl.bundle.sandbox import Channel, Limits, out_of_memory, run_limited
 from medtl.bundle.textscan import file_texts
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, first_line
 from medtl.privacy import find_identifiers
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "meta_schema_20240725.json"
@@ -137,11 +137,6 @@ def _short(value: Any, width: int = 60) -> str:
 
 def _bytes(n: int) -> str:
     return f"{n / (1 << 30):.3g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.3g} MiB"
-
-
-def _first_line(exc: BaseException) -> str:
-    line = next((t.strip() for t in str(exc).splitlines() if t.strip()), "")
-    return f"{exc.__class__.__name__}: {line[:160]}" if line else exc.__class__.__name__
 
 
 def _load_json(path: Path, name: str) -> Any:
@@ -594,7 +589,7 @@ def _build_network(
     try:
         network = getattr(importlib.import_module(module), name)(**arguments)
     except Exception as exc:  # noqa: BLE001 - arguments the constructor refuses are the bundle's problem
-        channel.put(("add", NETWORK, [f"{INFERENCE} network_def does not build ({_first_line(exc)})"], "", False))
+        channel.put(("add", NETWORK, [f"{INFERENCE} network_def does not build ({first_line(exc)})"], "", False))
         return None
     result = network.load_state_dict(state, strict=False)
     problems = [f"models/model.pt: no weights for {', '.join(result.missing_keys[:4])}"] if result.missing_keys else []
@@ -612,7 +607,7 @@ def _build_network(
         if out_of_memory(exc):
             raise
         channel.put(
-            ("add", NETWORK, [f"network_def does not run on the metadata's input ({_first_line(exc)})"], "", False)
+            ("add", NETWORK, [f"network_def does not run on the metadata's input ({first_line(exc)})"], "", False)
         )
         return None
     if tuple(y.shape) != (x.shape[0], plan.classes) or y.dtype != torch.float32:
@@ -774,7 +769,7 @@ def _exports(root: Path, plan: _Plan, built: _Built | None, channel: Channel) ->
         try:
             fresh = torchscript_bytes(_torchscript(network, shape), embedded)
         except RuntimeError as exc:
-            problems.append(f"models/model.ts: this network has no TorchScript export to compare ({_first_line(exc)})")
+            problems.append(f"models/model.ts: this network has no TorchScript export to compare ({first_line(exc)})")
         else:
             if _torchscript_matches(root / "models" / "model.ts", fresh):
                 verified.add("model.ts")
@@ -783,7 +778,7 @@ def _exports(root: Path, plan: _Plan, built: _Built | None, channel: Channel) ->
         try:
             exported = _onnx_export(network, Path("fresh.onnx"), shape)
         except Exception as exc:  # noqa: BLE001 - the exporter's and ONNX Runtime's errors share no base class
-            problems.append(f"models/model.onnx: this network has no ONNX export to compare ({_first_line(exc)})")
+            problems.append(f"models/model.onnx: this network has no ONNX export to compare ({first_line(exc)})")
         else:
             if exported is None:
                 problems.append(
@@ -835,7 +830,7 @@ def _run_exports(root: Path, plan: _Plan, built: _Built | None, verified: set[st
             with torch.no_grad():
                 out = torch.jit.load(str(ts), map_location="cpu").eval()(built[1]).numpy()
         except Exception as exc:  # noqa: BLE001 - a file that does not load is the bundle's problem
-            channel.put(("add", TS_PARITY, [f"models/model.ts: does not load or run ({_first_line(exc)})"], "", False))
+            channel.put(("add", TS_PARITY, [f"models/model.ts: does not load or run ({first_line(exc)})"], "", False))
         else:
             channel.put(("add", TS_PARITY, *_parity("models/model.ts", out, built[2]), False))
     if not onnx_path.is_file():
@@ -868,7 +863,7 @@ def _run_exports(root: Path, plan: _Plan, built: _Built | None, verified: set[st
             out = session.run(None, {session.get_inputs()[0].name: built[1].numpy()})[0]
         except Exception as exc:  # noqa: BLE001 - a file that does not load is the bundle's problem
             channel.put(
-                ("add", ONNX_PARITY, [f"models/model.onnx: does not load or run ({_first_line(exc)})"], "", False)
+                ("add", ONNX_PARITY, [f"models/model.onnx: does not load or run ({first_line(exc)})"], "", False)
             )
         else:
             channel.put(("add", ONNX_PARITY, *_parity("models/model.onnx", out, built[2]), False))
