@@ -465,7 +465,7 @@ def _add_demo(verbs: Any) -> None:
             "cases with the freeze->unfreeze schedule), distill a smaller student on site B's unlabeled scans, "
             "export the source and fine-tuned MONAI bundles, run the fine-tuned bundle's inference.json with "
             "python -m monai.bundle run on site-B DICOM folders it never saw, and print each stage's test AUC "
-            "and accuracy with 95%% CIs and where every artifact is."
+            "and accuracy with 95% CIs and where every artifact is."
         ),
     )
     p.add_argument("--out", default="medtl-demo", help="working folder (default ./medtl-demo)")
@@ -787,7 +787,7 @@ def _add_report(verbs: Any) -> None:
         "report",
         help="write an HTML report (and Markdown twin) of a run: metrics, ROC, calibration, Grad-CAM",
         description="Render the records a medtl demo or medtl adapt run keeps in RUN_DIR/run/ as a self-contained "
-        "HTML page (images embedded), a Markdown twin and PNG figures: the metric table with 95%% CIs, ROC curves "
+        "HTML page (images embedded), a Markdown twin and PNG figures: the metric table with 95% CIs, ROC curves "
         "of every stage on one plot, confusion matrices, a reliability diagram, learning curves, the domain-shift "
         "figures and Grad-CAM overlays of correct and wrong cases.",
     )

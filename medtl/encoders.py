@@ -235,9 +235,10 @@ class SwinUNETREncoder(_PooledHead):
         spatial_dims: 2 or 3.
         in_channels: image channels.
         num_classes: classifier outputs.
-        feature_size, patch_size, depths, num_heads, window_size, qkv_bias, mlp_ratio, drop_rate,
-            attn_drop_rate, dropout_path_rate, normalize, patch_norm, use_checkpoint, downsample,
-            use_v2: as for ``SwinUNETR`` (``feature_size=48`` for ``model_swinvit.pt``).
+        feature_size: as for ``SwinUNETR`` (48 for ``model_swinvit.pt``); so are ``patch_size``,
+            ``depths``, ``num_heads``, ``window_size``, ``qkv_bias``, ``mlp_ratio``, ``drop_rate``,
+            ``attn_drop_rate``, ``dropout_path_rate``, ``normalize``, ``patch_norm``,
+            ``use_checkpoint``, ``downsample`` and ``use_v2``.
     """
 
     def __init__(

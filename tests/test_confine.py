@@ -175,3 +175,12 @@ def test_a_trusted_bundle_still_runs_confined(bundle, make_series, tmp_path, pay
         predict(scans, hostile, tmp_path / "predicted", trust=True, progress=False)
     assert sorted(p.name for p in outside.iterdir()) == ["manifest.json"]
     assert (hostile / "models" / "model.pt").is_file()
+
+
+def test_verify_confines_its_child_to_the_bundle_named_by_a_relative_path(bundle, monkeypatch):
+    """The child works in its own folder: a bundle named relative to the caller's is still its input."""
+    from medtl.bundle.verify import verify_bundle
+
+    monkeypatch.chdir(bundle.parent)
+    report = verify_bundle(bundle.name)
+    assert report.ok, report.table()

@@ -136,7 +136,11 @@ def run_limited(
     receive, send = context.Pipe(duplex=False)
     status, detail = "", ""
     with tempfile.TemporaryDirectory(prefix="medtl-sandbox-") as workdir:
-        child = context.Process(target=_child, args=(send, job, args, limits, workdir, tuple(reads)), daemon=True)
+        child = context.Process(
+            target=_child,
+            args=(send, job, args, limits, workdir, tuple(os.path.abspath(r) for r in reads)),
+            daemon=True,
+        )
         with _main_left_alone():
             child.start()
         send.close()
