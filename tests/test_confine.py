@@ -184,3 +184,14 @@ def test_verify_confines_its_child_to_the_bundle_named_by_a_relative_path(bundle
     monkeypatch.chdir(bundle.parent)
     report = verify_bundle(bundle.name)
     assert report.ok, report.table()
+
+
+def test_dataloader_workers_run_confined_and_hand_their_batches_back(site):
+    """Forked workers inherit the confinement; they send tensors back over a local socket in
+    multiprocessing's own temporary folder, which is not a network connection."""
+    from monai.data import DataLoader, Dataset
+
+    data = [{"x": torch.full((3,), float(i))} for i in range(4)]
+    with confined(site["bundle"], outputs=[site["out"]]):
+        batches = list(DataLoader(Dataset(data), batch_size=2, num_workers=2))
+    assert [b["x"][:, 0].tolist() for b in batches] == [[0.0, 1.0], [2.0, 3.0]]

@@ -221,6 +221,10 @@ ARGUMENT_RULES = {
     "reader": _reader_rule,
     # MONAI's networks download weights when asked: a received bundle's come in models/, checked
     "pretrained": lambda v: None if v is False else "pretrained must stay false: anything else downloads weights",
+    # a spawned or forkserver worker is a fresh Python that the run's confinement does not reach; forked ones inherit it
+    "multiprocessing_context": lambda v: (
+        None if v in (None, "fork") else "multiprocessing_context must stay unset: spawned workers run unconfined"
+    ),
 }
 #: Keyword arguments refused in any call or component: they switch safety checks off.
 DENIED_KEYWORDS = frozenset({"trust", "unsafe", "trust_remote_code", "pickle_module"})

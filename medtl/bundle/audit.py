@@ -79,6 +79,11 @@ MAX_CONFIG_BYTES = MAX_TEXT = 2 << 20
 MAX_NUMBER = 10**6
 #: How many configs a bundle may hold: every ordered pair of them is audited as a workflow.
 MAX_CONFIGS = 16
+#: How many longer ``--config_file`` lists the docs may name (a bundle's README names one or two).
+MAX_LISTED_WORKFLOWS = 16
+#: Values read across every workflow audited (each one merges its configs): the audit's time bound.
+#: About 20 s on a 2-core machine; the shipped bundles need under 6,000.
+MAX_AUDITED_VALUES = 400_000
 #: A path under the bundle as ``@bundle_root + ...`` builds it: ``/``-separated ASCII names, none
 #: empty, ``.``, ``..`` or hidden.
 _RELATIVE_PATH = re.compile(r"(?:/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)+")
@@ -519,7 +524,7 @@ def string_values(config: Any, where: str = "") -> Iterator[tuple[str, str]]:
 
 
 @functools.cache
-def _bare_target(name: str) -> str | None:
+def bare_target(name: str) -> str | None:
     """The allow-listed component MONAI's ``ComponentLocator`` resolves a bare ``_target_`` to, or None."""
     candidates = [t for t in TARGETS if t.startswith("monai.") and t.rsplit(".", 1)[1] == name]
     if not candidates:
@@ -541,7 +546,7 @@ def _audit_target(value: Any) -> str | None:
         return "_target_ must be a plain dotted name (no expression, reference or macro)"
     if value in TARGETS:
         return None
-    if "." not in value and _bare_target(value):
+    if "." not in value and bare_target(value):
         return None
     return f"{value} is not an allowed component (only the exact names in medtl.bundle.allowlist.TARGETS)"
 
@@ -914,6 +919,21 @@ def workflows(root: str | Path, names: list[str]) -> list[tuple[str, ...]]:
     return list(dict.fromkeys(runs))
 
 
+def _workload(runs: list[tuple[str, ...]], loaded: dict[str, Any]) -> str | None:
+    """Why auditing ``runs`` would take too long, or None."""
+    listed = sum(len(run) > 2 for run in runs)
+    if listed > MAX_LISTED_WORKFLOWS:
+        return f"the docs name {listed} config lists to run (more than {MAX_LISTED_WORKFLOWS})"
+    sizes = {name: _values(config, MAX_VALUES + 1) for name, config in loaded.items()}
+    total = sum(sizes[name] for run in runs for name in run)
+    if total > MAX_AUDITED_VALUES:
+        return (
+            f"its {len(loaded)} configs make {len(runs)} workflows of {total:,} values in all, more than the "
+            f"{MAX_AUDITED_VALUES:,} an audit reads (a bundle has a few small configs)"
+        )
+    return None
+
+
 def audit_bundle(root: str | Path, configs: tuple[str, ...] | None = None) -> list[Finding]:
     """Findings in every workflow the bundle can run (``workflows``) over ``configs`` (default: every
     config under ``configs/``), in ``metadata.json`` (read into each as ``@_meta_``) and in
@@ -935,7 +955,10 @@ def audit_bundle(root: str | Path, configs: tuple[str, ...] | None = None) -> li
             findings += audit_metadata(config, name)
         else:
             loaded[name] = config
-    for run in workflows(root, list(loaded)):
+    runs = workflows(root, list(loaded))
+    if reason := _workload(runs, loaded):
+        return [*findings, Finding("configs", "", "", reason)]
+    for run in runs:
         findings += audit_workflow([(n, loaded[n]) for n in run], meta)
     if (root / "configs" / "logging.conf").is_file():
         findings += audit_logging_conf(root / "configs" / "logging.conf")
@@ -950,6 +973,7 @@ __all__ = [
     "MAX_VALUES",
     "Finding",
     "audit_bundle",
+    "bare_target",
     "audit_config",
     "audit_expression",
     "audit_logging_conf",

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import multiprocessing.util
 import os
+import socket
 import sys
 import sysconfig
 import tempfile
@@ -37,6 +39,7 @@ import monai.data
 import monai.handlers
 import monai.transforms
 
+from medtl.bundle.audit import bare_target
 from medtl.errors import MedtlError
 
 
@@ -54,8 +57,9 @@ _DENIED_EVENTS = {
     "os.spawn": "starts a program",
     "os.startfile": "starts a program",
     "pty.spawn": "starts a program",
-    "socket.connect": "opens a network connection",
     "socket.getaddrinfo": "looks up a network address",
+    "socket.gethostbyname": "looks up a network address",
+    "ctypes.dlopen": "loads a native library",
     "urllib.Request": "downloads",
     "ftplib.connect": "opens a network connection",
     "smtplib.connect": "opens a network connection",
@@ -88,10 +92,12 @@ _PATH_EVENTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "os.scandir": ((), (0,)),
     "os.chdir": ((), (0,)),
     "glob.glob": ((), (0,)),
-    "ctypes.dlopen": ((), (0,)),
     "os.listxattr": ((), (0,)),
     "os.getxattr": ((), (0,)),
 }
+#: Socket events, judged by their address: only a local socket file in a folder the run may write
+#: (DataLoader workers hand tensors back over one in multiprocessing's temporary folder).
+_SOCKET_EVENTS = ("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg")
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
@@ -127,18 +133,20 @@ class Confinement:
 
     A path is judged by where it really leads (``realpath``): a link the bundle made in a folder it
     may write leads nowhere else. A read is also allowed by the path as written when that lies in
-    a folder it may only read: links there are the site's own (an inbox of links into storage).
+    a declared input (``inputs``), which the run may only read: links there are the site's own (an
+    inbox of links into storage). ``/proc/self/root/...`` and the like are judged by where they lead.
     """
 
     write: tuple[Path, ...]
     read: tuple[Path, ...]
+    inputs: tuple[Path, ...] = ()
     refused: list[str] = field(default_factory=list)
 
     def allows(self, path: str, *, write: bool) -> bool:
         real = Path(os.path.realpath(path))
         if _inside(real, self.write):
             return True
-        return not write and (_inside(real, self.read) or _inside(Path(os.path.abspath(path)), self.read))
+        return not write and (_inside(real, self.read) or _inside(Path(os.path.abspath(path)), self.inputs))
 
     def check(self, path: str | os.PathLike, *, write: bool, what: str = "") -> Path:
         """``path`` made absolute; raises ``ConfinementError`` (and records it) when the run may
@@ -148,7 +156,8 @@ class Confinement:
             return Path(path)
         if not self.allows(text, write=write):
             raise self.refusal(
-                f"{what + ': ' if what else ''}{'writes' if write else 'reads'} {_shown(Path(text))}, outside the "
+                f"{what + ': ' if what else ''}{'writes' if write else 'reads'} {_shown(Path(os.path.abspath(text)))}, "
+                "outside the "
                 f"bundle and the run's {'output' if write else 'input and output'} folders"
             )
         return Path(os.path.abspath(text))
@@ -203,13 +212,19 @@ def _hook(event: str, args: tuple) -> None:
         paths = [(args[i], True) for i in written if i < len(args)] + [(args[i], False) for i in read if i < len(args)]
     elif event in _DENIED_EVENTS:
         raise confinement.refusal(f"{event} {_DENIED_EVENTS[event]}")
+    elif event in _SOCKET_EVENTS:
+        sock, address = args[0], args[1] if len(args) > 1 else None
+        unix = getattr(sock, "family", None) == socket.AF_UNIX
+        if unix and address is None:
+            return  # a local socket connected already, judged when it connected
+        if not (unix and isinstance(address, str | bytes)) or os.fsdecode(address).startswith("\0"):
+            raise confinement.refusal(f"{event} opens a network connection")
+        paths = [(address, True)]
     else:
         return
     _busy.on = True
     try:
         for path, write in paths:
-            if event == "ctypes.dlopen" and path is None:
-                continue  # the running program itself
             if event == "glob.glob" and isinstance(path, str | bytes):
                 path = os.path.dirname(os.fsdecode(path).split("*")[0].split("?")[0].split("[")[0]) or "."
             text = _text(path)
@@ -251,9 +266,10 @@ def confined(
     for folder in outputs:
         folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="medtl-confined-") as tmp:
-        write = tuple(Path(os.path.realpath(p)) for p in (bundle_root, *outputs, tmp, "/dev/shm", "/dev/null"))
-        read = tuple(Path(f(p)) for p in inputs for f in (os.path.realpath, os.path.abspath)) + _system_roots()
-        confinement = Confinement(write=write, read=read)
+        workers = multiprocessing.util.get_temp_dir()  # this process's own, where workers' sockets go
+        write = tuple(Path(os.path.realpath(p)) for p in (bundle_root, *outputs, tmp, workers, "/dev/null"))
+        inputs = tuple(Path(f(p)) for p in inputs for f in (os.path.realpath, os.path.abspath))
+        confinement = Confinement(write=write, read=inputs + _system_roots(), inputs=inputs)
         saved_tempdir, saved_env = tempfile.tempdir, {k: os.environ.get(k) for k in ("TMPDIR", "TEMP", "TMP")}
         saved_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no .pyc beside the packages
         tempfile.tempdir = tmp
@@ -326,8 +342,11 @@ def retarget(config: Any) -> Any:
     """``config`` (a parsed bundle config, changed in place) with MONAI's path-taking components
     replaced by their confined forms, so a run builds those."""
     if isinstance(config, dict):
-        if config.get("_target_") in CONFINED_TARGETS:
-            config["_target_"] = CONFINED_TARGETS[config["_target_"]]
+        target = config.get("_target_")
+        if isinstance(target, str) and "." not in target:  # a bare name, as MONAI's locator finds it
+            target = bare_target(target) or target
+        if target in CONFINED_TARGETS:
+            config["_target_"] = CONFINED_TARGETS[target]
         for value in config.values():
             retarget(value)
     elif isinstance(config, list):

@@ -17,12 +17,12 @@ from typing import Any
 
 from monai.bundle import ConfigWorkflow
 
-from medtl.bundle.audit import audit_bundle, audit_workflow, read_config_file
+from medtl.bundle.audit import audit_bundle, audit_logging_conf, audit_metadata, audit_workflow, read_config_file
 from medtl.bundle.confine import confined, retarget
 from medtl.bundle.files import check_plain_tree
 from medtl.errors import MedtlError, cause_chain, first_line, medtl_cause
 
-_META = "configs/metadata.json"
+_META, _LOGGING = "configs/metadata.json", "configs/logging.conf"
 #: Options of ``monai.bundle run`` that are not config overrides.
 _WORKFLOW_OPTIONS = ("config_file", "meta_file", "logging_file", "init_id", "run_id", "final_id", "workflow_type")
 #: ``--*_dir`` options the run reads only; every other ``--*_dir`` is a folder it may write.
@@ -113,8 +113,16 @@ def run_bundle(bundle: str | Path, args: Sequence[str], *, trust: bool = False) 
     options = {k: overrides.pop(k) for k in _WORKFLOW_OPTIONS if k in overrides}
     names = _config_names(root, options.pop("config_file", None))
     meta = _config_names(root, options.pop("meta_file", _META))[0]
-    findings = audit_bundle(root)
-    findings += audit_workflow([(n, read_config_file(root / n, n)) for n in names], read_config_file(root / meta, meta))
+    logging_file = options.pop("logging_file", _LOGGING if (root / _LOGGING).is_file() else False)
+    if logging_file is not False:
+        logging_file = _config_names(root, logging_file)[0]
+    findings = audit_bundle(root)  # configs/: every workflow, metadata.json, logging.conf
+    metadata = read_config_file(root / meta, meta)
+    findings += audit_metadata(metadata, meta)  # another file given as --meta_file is audited as such
+    findings += audit_workflow([(n, read_config_file(root / n, n)) for n in names], metadata)
+    if logging_file is not False:
+        findings += audit_logging_conf(root / logging_file, logging_file)
+    findings = list({str(f): f for f in findings}.values())  # a workflow audit_bundle saw too
     if findings and not trust:
         raise MedtlError(
             f"refusing to run: {len(findings)} config value(s) outside the allow-list: "
@@ -128,7 +136,7 @@ def run_bundle(bundle: str | Path, args: Sequence[str], *, trust: bool = False) 
             workflow = ConfigWorkflow(
                 config_file=[str(root / n) for n in names],
                 meta_file=str(root / meta),
-                logging_file=options.pop("logging_file", str(root / "configs" / "logging.conf")),
+                logging_file=logging_file if logging_file is False else str(root / logging_file),
                 **options,
                 **{**overrides, "bundle_root": str(root)},
             )
