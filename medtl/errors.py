@@ -39,6 +39,14 @@ def first_line(exc: BaseException, *, typed: bool = True) -> str:
     return f"{type(exc).__name__}: {line}" if typed else line
 
 
+def reported(exc: BaseException, what: str, path: str | Path) -> MedtlError:
+    """``exc``, raised while running a bundle's ``what``, as the user gets it: the ``MedtlError``
+    inside it (a problem with their input), else one line naming its innermost cause."""
+    return medtl_cause(exc) or MedtlError(
+        f"{what} failed ({first_line(cause_chain(exc)[-1])})", path=path, hint="--debug shows the traceback"
+    )
+
+
 def cause_chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and what raised it, outermost first: MONAI wraps a failing transform's or component's
     error in ``RuntimeError``s, so the user's problem is further down."""

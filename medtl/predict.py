@@ -49,7 +49,7 @@ from pydicom.uid import generate_uid
 from medtl.bundle.audit import audit_bundle
 from medtl.bundle.components.masks import table_files
 from medtl.bundle.confine import confined, retarget
-from medtl.errors import MedtlError, cause_chain, first_line, medtl_cause
+from medtl.errors import MedtlError, first_line, reported
 from medtl.fileio import atomic_write, atomic_write_csv, atomic_write_json
 from medtl.progress import EngineProgress
 from medtl.transforms import requires_mask
@@ -252,14 +252,7 @@ def _run_inference(
             for stage in ("initialize", "run", "finalize"):
                 _run_stage(parser, stage)
     except Exception as exc:  # noqa: BLE001 - a user's input error is reported as such, anything else as the bundle's
-        user_error = medtl_cause(exc)
-        if user_error is not None:
-            raise user_error from exc
-        raise MedtlError(
-            f"the bundle's inference.json failed ({first_line(cause_chain(exc)[-1])})",
-            path=root,
-            hint="--debug shows the traceback",
-        ) from exc
+        raise reported(exc, "the bundle's inference.json", root) from exc
     return parser
 
 

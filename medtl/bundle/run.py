@@ -20,7 +20,7 @@ from monai.bundle import ConfigWorkflow
 from medtl.bundle.audit import audit_bundle, audit_logging_conf, audit_metadata, audit_workflow, read_config_file
 from medtl.bundle.confine import confined, retarget
 from medtl.bundle.files import check_plain_tree
-from medtl.errors import MedtlError, cause_chain, first_line, medtl_cause
+from medtl.errors import MedtlError, reported
 
 _META, _LOGGING = "configs/metadata.json", "configs/logging.conf"
 #: Options of ``monai.bundle run`` that are not config overrides.
@@ -145,14 +145,7 @@ def run_bundle(bundle: str | Path, args: Sequence[str], *, trust: bool = False) 
             workflow.run()
             workflow.finalize()
         except Exception as exc:  # noqa: BLE001 - a user's input error is reported as such, anything else as the bundle's
-            cause = medtl_cause(exc)
-            if cause is not None:
-                raise cause from exc
-            raise MedtlError(
-                f"the workflow failed ({first_line(cause_chain(exc)[-1])})",
-                path=root.name,
-                hint="--debug shows the traceback",
-            ) from exc
+            raise reported(exc, "the workflow", root.name) from exc
 
 
 __all__ = ["INPUT_DIRS", "declared_paths", "parse_arguments", "run_bundle"]
