@@ -13,6 +13,7 @@ import json
 import shutil
 import signal
 import socket
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -217,3 +218,117 @@ def test_config_lists_named_in_docs_do_not_multiply_the_audit(tmp_path):
     with _deadline(20), pytest.raises(MedtlError) as refused:
         import_bundle(bundle, tmp_path / "site" / "b")
     assert "\n" not in str(refused.value)
+
+
+# ================================================================== round 2
+# Written with the round-1 fixes in hand: the zip reader's own failures, ``import``'s zip path
+# (which skips verify's directory checks), the privacy scan's cost, size bounds reached by
+# reference, and a trusted run's relative opens.
+
+
+def _lidc_zip(tmp_path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """The LIDC bundle (without model.ts/model.onnx) zipped under ``b/``, plus ``members``."""
+    archive = tmp_path / "received.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(LIDC.rglob("*")):
+            if path.is_file() and path.name not in ("model.ts", "model.onnx"):
+                zf.write(path, "b/" + path.relative_to(LIDC).as_posix())
+        for name, data in members:
+            zf.writestr(name, data)
+    return archive
+
+
+def _zip_refused(archive: Path, tmp_path: Path, reason: str = "") -> None:
+    """verify reports a one-line failure (it never raises), import refuses in one line, nothing installed."""
+    report = verify_bundle(archive)
+    failed = [c.detail for c in report.checks if c.status == "fail"]
+    assert failed and all("\n" not in d for d in failed) and reason in "; ".join(failed), report.table()
+    with pytest.raises(MedtlError) as refused:
+        import_bundle(archive, tmp_path / "site" / "b")
+    assert "\n" not in str(refused.value) and reason in str(refused.value), str(refused.value)
+    assert not (tmp_path / "site" / "b").exists()
+
+
+ZIP_LAYOUTS = {
+    # the zip module writes docs/x, then cannot make the folder docs/x: NotADirectoryError
+    "a file and a folder of one name": [("b/docs/x", b"a"), ("b/docs/x/y.txt", b"b")],
+    # one name longer than the file system allows (255 bytes): OSError ENAMETOOLONG
+    "a name of 300 characters": [("b/docs/" + "a" * 300 + ".txt", b"a")],
+    # os.makedirs recurses once per folder: RecursionError (also for 1,200 levels, within PATH_MAX)
+    "folders 1,200 deep": [("b/docs/" + "d/" * 1200 + "f.txt", b"a")],
+}
+
+
+@pytest.mark.parametrize("case", list(ZIP_LAYOUTS))
+def test_a_zip_that_cannot_be_unpacked_is_refused_in_one_line(case, tmp_path):
+    """Each layout passes every entry check and then fails inside ``extractall`` with a library
+    exception (the CLI prints "unexpected NotADirectoryError ... please report it")."""
+    _zip_refused(_lidc_zip(tmp_path, ZIP_LAYOUTS[case]), tmp_path)
+
+
+def test_import_bounds_the_number_of_zip_entries_as_verify_does(tmp_path):
+    """verify refuses a zip of more than 10,000 entries from its directory; import extracts, copies
+    and scans them all (250,000 empty files: 104 s here) and then refuses for another reason."""
+    archive = _lidc_zip(tmp_path, [(f"b/docs/m/{i}.txt", b"") for i in range(12_000)])
+    with _deadline(20):
+        _zip_refused(archive, tmp_path, reason="entries")
+
+
+SLOW_TEXTS = {
+    # the DICOM person-name pattern backtracks over the whole run from every word boundary:
+    # quadratic, 1.3 s for 40 KB, minutes for a few hundred KB; a member under 1 MiB may compress
+    # any amount, so this is a zip of a few hundred bytes
+    "a quadratic text for the privacy scan": lambda: ("a-" * 150_000).encode(),
+    # plain files are read whole and scanned at about 0.6 s/MB (the 64 MiB budget bounds only what
+    # is decompressed): 100 MB of text take 74 s, and 2 GB (the size cap) hold several GB in memory
+    "100 MB of text": lambda: b"0," * 50_000_000,
+}
+
+
+@pytest.mark.parametrize("case", list(SLOW_TEXTS))
+def test_the_privacy_scan_is_bounded_in_time(case, tmp_path):
+    """verify (and so import and pack) scans every file for patient data in this process, with no
+    time or size bound: a document in docs/ keeps it past the 60 s bar."""
+    bundle = Path(shutil.copytree(LIDC, tmp_path / "b", ignore=shutil.ignore_patterns("model.ts", "model.onnx")))
+    (bundle / "docs" / "notes.md").write_bytes(SLOW_TEXTS[case]())
+    with _deadline(30):
+        report = verify_bundle(bundle)
+    assert all("\n" not in c.detail for c in report.checks)
+
+
+SIZES_BY_NAME = {
+    "a reference": "@big",
+    "a macro": "%big",
+}
+
+
+@pytest.mark.parametrize("case", list(SIZES_BY_NAME))
+def test_image_sizes_given_by_reference_are_bounded(case, tmp_path):
+    """ "bounded sizes" reads only literal lists under spatial_size, roi_size, ...: the same 1024^3
+    Resized (4 GB per image at predict time) passes verify and import when the list is another id."""
+
+    bundle = Path(shutil.copytree(LIDC, tmp_path / "b", ignore=shutil.ignore_patterns("model.ts", "model.onnx")))
+    path = bundle / "configs" / "inference.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["big"] = [1024, 1024, 1024]
+    config["preprocessing"]["transforms"].append(
+        {"_target_": "monai.transforms.Resized", "keys": "image", "spatial_size": SIZES_BY_NAME[case]}
+    )
+    path.write_text(json.dumps(config, indent=4), encoding="utf-8")
+    report = verify_bundle(bundle)
+    sizes = next(c for c in report.checks if c.name == "bounded sizes")
+    assert sizes.status == "fail" and "256^3" in sizes.detail, report.table()
+
+
+def test_a_trusted_bundle_cannot_open_relative_to_a_folder_descriptor(bundle, site, tmp_path, monkeypatch):
+    """The hook judges ``os.open``'s path against the working directory, but ``dir_fd`` makes it
+    relative to another folder: from an output folder (``cd out && medtl bundle run ...``),
+    ``/proc`` (readable) and ``self/root/...`` reach any file."""
+    site["out"].mkdir()
+    payload = ("$__import__('os').open('self/root' + {marker!r}, 65, dir_fd=__import__('os').open('/proc', 0))").format(
+        marker=str(site["outside"] / "PWNED")
+    )
+    hostile = _hostile(bundle, tmp_path, lambda c, _: c.__setitem__("initialize", [payload]))
+    monkeypatch.chdir(site["out"])
+    _run_refused(hostile, site, trust=True, reason="refused")
+    assert _untouched(site)

@@ -206,7 +206,10 @@ def _hook(event: str, args: tuple) -> None:
     if confinement is None or getattr(_busy, "on", False):
         return
     if event == "open":
-        paths, write = [(args[0], _open_writes(args))], None
+        path = _text(args[0])
+        if len(args) > 1 and args[1] is None and path is not None and not os.path.isabs(path):
+            raise confinement.refusal("os.open of a relative path (with dir_fd it is relative to any folder)")
+        paths = [(args[0], _open_writes(args))]
     elif event in _PATH_EVENTS:
         written, read = _PATH_EVENTS[event]
         paths = [(args[i], True) for i in written if i < len(args)] + [(args[i], False) for i in read if i < len(args)]

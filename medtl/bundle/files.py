@@ -28,7 +28,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, first_line
 from medtl.fileio import sha256_file
 
 CHECKSUMS = "SHA256SUMS"
@@ -39,9 +39,11 @@ PROVENANCE = "provenance.json"
 LARGE_FILES = "large_files.yml"
 #: Default cap on a bundle's unpacked size; a classification bundle is a few MB to a few hundred.
 MAX_UNPACKED_BYTES = 2 << 30
-#: Deflate gains about 1.1x on weights and 5-20x on configs and documents; far more, on a member of
-#: some size, is a zip bomb, refused before a byte is written.
-MAX_RATIO, RATIO_FLOOR = 200, 1 << 20
+#: A bundle zip's entries, and how many times a member above 1 MiB may inflate: deflate gains about
+#: 1.1x on weights and 5-20x on configs and documents; a zip bomb 1000x and more.
+MAX_ZIP_MEMBERS, MAX_ZIP_RATIO = 10_000, 200
+#: Bounds on an entry's name that every file system takes: a part, the whole name, and folders deep.
+MAX_NAME_PART, MAX_NAME, MAX_NAME_DEPTH = 255, 1024, 32
 #: Produced by running a bundle, never shared: training logs may name local files.
 RUN_OUTPUTS = ("runs", "eval", "cache", "__pycache__")
 #: Files that hold code Python or the system would run: a bundle is configs, weights and documents.
@@ -181,13 +183,46 @@ def _check_entry(info: zipfile.ZipInfo, archive: str) -> None:
             path=archive,
             hint="bundles hold plain files only",
         )
-    if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+    too_long = [p for p in name.parts if len(p.encode("utf-8")) > MAX_NAME_PART]
+    if too_long or len(info.filename) > MAX_NAME or len(name.parts) > MAX_NAME_DEPTH:
         raise MedtlError(
-            f"entry {info.filename!r} inflates {info.file_size // max(info.compress_size, 1)}-fold, "
-            f"above the {MAX_RATIO}-fold a bundle's files reach",
+            f"entry {info.filename[:60]!r}... has a name too long or too deep to unpack "
+            f"(parts up to {MAX_NAME_PART} bytes, {MAX_NAME} characters, {MAX_NAME_DEPTH} folders)",
             path=archive,
-            hint="the archive was built to exhaust the disk (a zip bomb); do not unpack it",
         )
+
+
+def inflation_problem(infos: list[zipfile.ZipInfo], name: str) -> str | None:
+    """Why a zip's directory (``infos``) shows a bomb: a member above 1 MiB inflating more than
+    ``MAX_ZIP_RATIO`` times. Read from the directory alone, before anything is extracted."""
+    for info in infos:
+        if info.file_size > 1 << 20 and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
+            return (
+                f"{name}: member {info.filename[:60]!r} inflates {info.file_size // max(info.compress_size, 1)} "
+                f"times (above {MAX_ZIP_RATIO}); not unpacked"
+            )
+    return None
+
+
+def check_archive(infos: list[zipfile.ZipInfo], archive: str, max_bytes: int = MAX_UNPACKED_BYTES) -> None:
+    """Refuse a bundle zip from its directory alone: too many members, more than ``max_bytes`` in
+    all, or a member that inflates like a zip bomb."""
+    if len(infos) > MAX_ZIP_MEMBERS:
+        raise MedtlError(f"holds {len(infos)} entries, above {MAX_ZIP_MEMBERS}", path=archive)
+    total = sum(i.file_size for i in infos)
+    if total > max_bytes:
+        raise MedtlError(
+            f"unpacks to {_size_text(total)}, above the {_size_text(max_bytes)} cap",
+            path=archive,
+            hint="raise the cap (--max-size) only for a sender you trust",
+        )
+    if problem := inflation_problem(infos, archive):
+        raise MedtlError(problem, hint="the archive was built to exhaust the disk (a zip bomb); do not unpack it")
+
+
+def _parents(key: str) -> list[str]:
+    parts = key.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _size_text(n: int) -> str:
@@ -201,7 +236,9 @@ def extract_zip(archive: str | Path, dest: str | Path, *, max_bytes: int = MAX_U
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
+            check_archive(infos, archive.name, max_bytes)
             seen: set[str] = set()
+            files: set[str] = set()
             for info in infos:
                 _check_entry(info, archive.name)
                 key = unicodedata.normalize(
@@ -217,16 +254,19 @@ def extract_zip(archive: str | Path, dest: str | Path, *, max_bytes: int = MAX_U
                         ),
                     )
                 seen.add(key)
-            total = sum(i.file_size for i in infos)
-            if total > max_bytes:
+                if not info.is_dir():
+                    files.add(key)
+            if clash := next((k for k in seen if any(p in files for p in _parents(k))), None):
                 raise MedtlError(
-                    f"unpacks to {_size_text(total)}, above the {_size_text(max_bytes)} cap",
+                    f"entry {clash[:60]!r} lies inside a file of the archive",
                     path=archive.name,
-                    hint="raise the cap (--max-size) only for a sender you trust",
+                    hint="the archive was built to show different files to different readers; do not unpack it",
                 )
             zf.extractall(dest)  # each member is read up to its declared size; a lying header fails its CRC
     except zipfile.BadZipFile as exc:
         raise MedtlError(f"not a readable zip archive ({exc})", path=archive.name) from None
+    except (OSError, RecursionError) as exc:  # what the checks above let through and this disk refuses
+        raise MedtlError(f"cannot be unpacked here ({first_line(exc)})", path=archive.name) from None
     tops = [p for p in dest.iterdir()]
     if len(tops) == 1 and tops[0].is_dir() and not (dest / "configs").exists():
         return tops[0]
@@ -287,11 +327,13 @@ __all__ = [
     "SIGNATURE",
     "bundle_digest",
     "bundle_files",
+    "check_archive",
     "check_plain_tree",
     "code_problem",
     "extract_zip",
     "format_sha256sums",
     "importable_names",
+    "inflation_problem",
     "open_bundle",
     "parse_sha256sums",
     "sha256sums",

@@ -77,7 +77,8 @@ def file_texts(path: str | Path) -> Iterator[FileText]:
         if zipfile.is_zipfile(path):
             yield from _zip_texts(path, "", budget, depth=1)
         else:
-            yield from _data_texts(path.name, path.read_bytes(), "", budget, depth=0)
+            with path.open("rb") as stream:  # a plain file is read up to the budget, not whole
+                yield from _data_texts(path.name, budget.read(stream, ""), "", budget, depth=0)
     except _OverBudget as exc:
         yield FileText(
             exc.args[0], problem=f"not scanned: decompresses to more than {budget.limit >> 20} MiB (a zip bomb?)"

@@ -17,6 +17,7 @@ is one the site trusts.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import io
@@ -26,7 +27,7 @@ import pickletools
 import re
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from medtl.bundle.files import (
     PROVENANCE,
     SIGNATURE,
     bundle_files,
+    inflation_problem,
     open_bundle,
     parse_sha256sums,
     sha256sums,
@@ -70,11 +72,11 @@ TOLERANCE = 1e-4
 MAX_INPUT_VALUES = 256**3
 #: The most output classes the metadata may declare.
 MAX_CLASSES = 10_000
+#: The most characters of text the privacy scan reads in one bundle (about 15 s; configs and
+#: documents hold well under 1 M).
+MAX_SCANNED_TEXT = 24 << 20
 #: The most bytes the weights' tensor records may declare before ``model.pt`` is loaded.
 MAX_WEIGHT_BYTES = 512 << 20
-#: A bundle zip's entries, and how many times a member may inflate (weights ~1, JSON ~10, bombs 1000+).
-MAX_ZIP_MEMBERS = 10_000
-MAX_ZIP_RATIO = 200
 #: Limits of the child process that builds and runs the network and its exports: with the checks
 #: around it, verify and import finish within a minute whatever the bundle holds.
 CHECK_LIMITS = Limits(cpu_seconds=45, memory_bytes=2 << 30, wall_seconds=50)
@@ -82,6 +84,13 @@ CHECK_LIMITS = Limits(cpu_seconds=45, memory_bytes=2 << 30, wall_seconds=50)
 NETWORKS = frozenset(t for t in TARGETS if t.startswith(("monai.networks.nets.", "medtl.encoders.")))
 #: Config keys whose list (or single int, per dimension) is an image size a transform or inferer allocates.
 SIZE_KEYS = frozenset({"spatial_size", "roi_size", "spatial_shape", "img_size", "patch_size"})
+#: Keys whose value makes a transform's output grow: a voxel spacing in mm (as it shrinks), a zoom
+#: factor, a crop in mm. Bounded well beyond any scanner's (0.1 mm, 4x, 1 m).
+SPACING_KEYS = frozenset({"pixdim", "target_spacing", "spacing"})
+ZOOM_KEYS = frozenset({"max_zoom", "zoom"})
+CROP_KEYS = frozenset({"crop_mm"})
+BOUNDED_KEYS = SIZE_KEYS | SPACING_KEYS | ZOOM_KEYS | CROP_KEYS
+MIN_SPACING_MM, MAX_ZOOM, MAX_CROP_MM = 0.1, 4.0, 1000.0
 WEIGHTS, NETWORK, EXPORTS = "weights load (weights_only)", "network matches metadata", "exports match the weights"
 TS_PARITY, ONNX_PARITY = "TorchScript parity", "ONNX parity"
 
@@ -183,30 +192,66 @@ def _format_problems(fmt: dict) -> list[str]:
     return problems
 
 
-def _sizes(config: Any, where: str, depth: int = 0) -> Iterable[tuple[str, int]]:
+def _value(value: Any, ids: Mapping[str, Any], depth: int = 0) -> Any:
+    """``value`` as MONAI would hand it to a component, where that is plain to see: a reference or
+    macro to another id (``@big``, ``%big``, ``$@big``) followed, a ``$`` literal read, list items too."""
+    if depth > 8:
+        return None
+    if isinstance(value, list):
+        return [_value(v, ids, depth + 1) for v in value]
+    if not isinstance(value, str):
+        return value
+    text = value[1:].strip() if value.startswith("$") else value
+    if text[:1] in ("@", "%") and text[1:] in ids:
+        return _value(ids[text[1:]], ids, depth + 1)
+    if value.startswith("$"):
+        try:
+            return _value(ast.literal_eval(text), ids, depth + 1)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return None
+    return value
+
+
+def _numbers(value: Any) -> list[float] | None:
+    values = value if isinstance(value, list) else [value]
+    ok = values and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    return [float(v) for v in values] if ok else None
+
+
+def _size_problems(config: Any, ids: Mapping[str, Any], where: str = "", depth: int = 0) -> Iterable[str]:
+    """Every size, spacing, zoom and crop in ``config`` that would make a transform's output
+    outgrow the bound on an input (``MAX_INPUT_VALUES``)."""
     if depth > 64:
         return
     items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
-    for key, value in items:
+    for key, raw in items:
         here = f"{where}#{key}" if where else str(key)
-        if key in SIZE_KEYS and isinstance(value, (int, list)) and not isinstance(value, bool):
-            dims = [value] * 3 if isinstance(value, int) else value
-            if dims and all(isinstance(v, int) and not isinstance(v, bool) for v in dims):
-                yield here, math.prod(v for v in dims if v > 0)
+        value = _numbers(_value(raw, ids)) if key in BOUNDED_KEYS else None
+        if key in SIZE_KEYS and value is not None:
+            voxels = math.prod(v for v in (value * 3 if len(value) == 1 else value) if v > 0)
+            if voxels > MAX_INPUT_VALUES:
+                yield f"{here}: {voxels:.0f} voxels, above the bound of {MAX_INPUT_VALUES} (256^3)"
+        elif key in SPACING_KEYS and value is not None and min(value) < MIN_SPACING_MM:
+            yield f"{here}: a spacing of {min(value):g} mm, below {MIN_SPACING_MM} (it multiplies the voxels)"
+        elif key in ZOOM_KEYS and value is not None and max(value) > MAX_ZOOM:
+            yield f"{here}: a zoom of {max(value):g}, above {MAX_ZOOM}"
+        elif key in CROP_KEYS and value is not None and max(value) > MAX_CROP_MM:
+            yield f"{here}: a crop of {max(value):g} mm, above {MAX_CROP_MM:g}"
         else:
-            yield from _sizes(value, here, depth + 1)
+            yield from _size_problems(raw, ids, here, depth + 1)
 
 
 def _check_sizes(configs: dict[str, Any], report: Verification) -> None:
-    """A transform or inferer allocates the size it is given (``Resized`` to 1024^3 is 4 GB per image):
-    sizes a received bundle asks for are bounded like its input."""
-    problems = [
-        f"{name} {where}: {voxels} voxels, above the bound of {MAX_INPUT_VALUES} (256^3)"
-        for name, config in configs.items()
-        for where, voxels in _sizes(config, "")
-        if voxels > MAX_INPUT_VALUES
-    ]
-    report.add("bounded sizes", problems, passed="every image size in the configs is at most 256^3 voxels")
+    """A transform or inferer allocates the size it is given (``Resized`` to 1024^3 is 4 GB per image),
+    and the sizes spacings, zooms and crops make: what a received bundle asks for is bounded like its
+    input, also when the value is another id's (``"spatial_size": "@big"``)."""
+    ids = {k: v for config in configs.values() if isinstance(config, dict) for k, v in config.items()}
+    problems = [f"{name} {p}" for name, config in configs.items() for p in _size_problems(config, ids)]
+    report.add(
+        "bounded sizes",
+        problems,
+        passed="every image size in the configs is at most 256^3 voxels; spacings, zooms and crops bounded",
+    )
 
 
 def _check_metadata(root: Path, report: Verification) -> dict | None:
@@ -525,34 +570,7 @@ def _weights_record_problem(path: Path) -> str | None:
         return (
             f"models/model.pt: its tensor records declare {_bytes(total)}, above {_bytes(MAX_WEIGHT_BYTES)}; not loaded"
         )
-    return _inflation_problem(infos, "models/model.pt")
-
-
-def _inflation_problem(infos: list[zipfile.ZipInfo], name: str) -> str | None:
-    for info in infos:
-        if info.file_size > 1 << 20 and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
-            return (
-                f"{name}: member {_short(info.filename)} inflates {info.file_size // max(info.compress_size, 1)} "
-                f"times (above {MAX_ZIP_RATIO}); not unpacked"
-            )
-    return None
-
-
-def check_archive(path: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> None:
-    """Refuse a bundle zip from its directory alone, before anything is extracted: too many members,
-    more than ``max_bytes`` in all, or a member that inflates like a zip bomb."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise MedtlError(f"not a readable zip archive ({exc.__class__.__name__})", path=path.name) from None
-    if len(infos) > MAX_ZIP_MEMBERS:
-        raise MedtlError(f"holds {len(infos)} entries, above {MAX_ZIP_MEMBERS}", path=path.name)
-    total = sum(i.file_size for i in infos)
-    if total > max_bytes:
-        raise MedtlError(f"unpacks to {_bytes(total)}, above the {_bytes(max_bytes)} cap", path=path.name)
-    if problem := _inflation_problem(infos, path.name):
-        raise MedtlError(problem)
+    return inflation_problem(infos, "models/model.pt")
 
 
 def _load_weights(root: Path, channel: Channel) -> dict[str, torch.Tensor] | None:
@@ -913,11 +931,21 @@ def _check_privacy(root: Path, identifiers: Iterable[str], report: Verification)
     known = sorted(set(identifiers))
     problems = []
     files = bundle_files(root)
+    left = MAX_SCANNED_TEXT
     for rel in files:
         for scanned in file_texts(root / rel):
             if scanned.problem:  # not read (a zip bomb, an encrypted member): what was not seen cannot pass
                 problems.append(f"{rel}{scanned.part}: {scanned.problem}")
+            left -= len(scanned.text)
+            if left < 0:
+                problems.append(
+                    f"{rel}{scanned.part}: not scanned: the bundle holds more than {MAX_SCANNED_TEXT >> 20} M "
+                    "characters of text (configs and documents are small)"
+                )
+                break
             problems += [f"{rel}{scanned.part}: {f}" for f in find_identifiers(scanned.text, known)]
+        if left < 0:
+            break
     source = f", {len(known)} identifiers from the training data" if known else ""
     report.add(
         "privacy scan",
@@ -949,8 +977,6 @@ def verify_bundle(
     report = Verification(path.name)
     try:
         trusted = signing.trusted_fingerprints(trusted_keys) if trusted_keys is not None else None
-        if path.is_file():
-            check_archive(path, max_bytes)
         with open_bundle(path, max_bytes=max_bytes) as root:
             return _verify_root(
                 root,
