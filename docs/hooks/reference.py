@@ -44,7 +44,7 @@ TOPICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Adapting, training and reports", ("medtl/adapt/", "medtl/evaluate.py", "medtl/explain.py", "medtl/demo.py")),
     ("Bundles run by MONAI (python -m monai.bundle run)", ("medtl/bundle/components/",)),
     ("Checking, sharing and signing bundles", ("medtl/bundle/",)),
-    ("medtl predict and DICOM outputs", ("medtl/predict.py", "medtl/dicomwrite.py")),
+    ("medtl predict and DICOM outputs", ("medtl/predict.py", "medtl/dicomwrite.py", "medtl/errors.py")),
     ("Federated runs (medtl fl)", ("medtl/fl/",)),
     ("Files, run records and privacy", ("medtl/fileio.py", "medtl/runlog.py", "medtl/privacy.py")),
 )
