@@ -151,6 +151,21 @@ def make_series(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def untrained_bundle(tmp_path_factory) -> Path:
+    """tumor_cls_finetune exported with an untrained (seeded) network: the real configs, weights in
+    seconds. Shared by the modules that run or attack a bundle: copy it before changing it."""
+    import torch
+    from monai.networks.nets import resnet10
+
+    from medtl.bundle.export import export_bundle
+
+    torch.manual_seed(0)
+    network = resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.5)
+    folder = tmp_path_factory.mktemp("bundles") / "tumor_cls_finetune"
+    return export_bundle(network, folder, template="tumor_cls_finetune", torchscript=False, onnx=False)["path"]
+
+
+@pytest.fixture(scope="session")
 def small_demo(tmp_path_factory):
     """A small two-site demo cohort (scale 0.06) with scan indexes and manifests (about 5 s).
 

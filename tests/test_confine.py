@@ -119,16 +119,8 @@ def test_run_arguments_are_read_as_monai_reads_them(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    """tumor_cls_finetune exported with an untrained (seeded) network."""
-    from monai.networks.nets import resnet10
-
-    from medtl.bundle.export import export_bundle
-
-    torch.manual_seed(0)
-    network = resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.5)
-    folder = tmp_path_factory.mktemp("bundles") / "tumor_cls_finetune"
-    return export_bundle(network, folder, template="tumor_cls_finetune", torchscript=False, onnx=False)["path"]
+def bundle(untrained_bundle) -> Path:
+    return untrained_bundle
 
 
 def test_bundle_run_runs_a_workflow_confined_and_refuses_what_reaches_out(bundle, make_series, tmp_path):

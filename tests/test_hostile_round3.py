@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
 from medtl.bundle.run import run_bundle
 from medtl.bundle.share import import_bundle
@@ -30,16 +29,8 @@ LIDC = Path(__file__).resolve().parents[1] / "bundles" / "lidc_nodule_malignancy
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    """tumor_cls_finetune exported with an untrained (seeded) network."""
-    from monai.networks.nets import resnet10
-
-    from medtl.bundle.export import export_bundle
-
-    torch.manual_seed(0)
-    network = resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.5)
-    folder = tmp_path_factory.mktemp("bundles") / "tumor_cls_finetune"
-    return export_bundle(network, folder, template="tumor_cls_finetune", torchscript=False, onnx=False)["path"]
+def bundle(untrained_bundle) -> Path:
+    return untrained_bundle
 
 
 @pytest.fixture

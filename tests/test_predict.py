@@ -28,21 +28,8 @@ PLANTED = ("Zzplanted^Secretname", "PLANTED-PID-778899")  # PatientName, Patient
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    """tumor_cls_finetune exported with an untrained (seeded) network: the real configs, weights in seconds."""
-    from monai.networks.nets import resnet10
-
-    from medtl.bundle.export import export_bundle
-
-    torch.manual_seed(0)
-    network = resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.5)
-    return export_bundle(
-        network,
-        tmp_path_factory.mktemp("bundles") / "tumor_cls_finetune",
-        template="tumor_cls_finetune",
-        torchscript=False,
-        onnx=False,
-    )["path"]
+def bundle(untrained_bundle) -> Path:
+    return untrained_bundle
 
 
 def _series(folder: Path, name: str, *, positions_lps: np.ndarray | None = None) -> list[Path]:
