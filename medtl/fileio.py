@@ -138,6 +138,11 @@ def csv_problem(exc: csv.Error, line: int) -> str:
     return f"line {line}: not a readable CSV table ({detail})"
 
 
+def size_text(n: int) -> str:
+    """A byte count as a person reads it in a limit or a refusal: MiB, or GiB from 1 GiB up."""
+    return f"{n / (1 << 30):.3g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.3g} MiB"
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

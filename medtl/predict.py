@@ -46,7 +46,7 @@ from monai.bundle import ConfigParser
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from medtl.bundle.audit import audit_bundle
+from medtl.bundle.audit import audit_bundle, require_accepted
 from medtl.bundle.components.masks import table_files
 from medtl.bundle.confine import confined, retarget
 from medtl.errors import MedtlError, first_line, reported
@@ -193,15 +193,7 @@ def _highdicom() -> ModuleType:
 def _audited_meta(root: Path, trust: bool) -> dict[str, Any]:
     """The bundle's metadata, after ``medtl bundle import``'s audit of the two files predict
     parses (``logging.conf`` is never applied here, so it is not run either)."""
-    findings = [str(f) for f in audit_bundle(root)]
-    if findings and not trust:
-        raise MedtlError(
-            f"refusing to run: {len(findings)} config value(s) outside the allow-list: " + "; ".join(findings[:3]),
-            path=root,
-            hint="review them with `medtl bundle verify`; --trust runs them anyway (trusted senders only)",
-        )
-    for finding in findings:
-        logger.warning("running with --trust: %s", finding)
+    require_accepted(audit_bundle(root), root, trust=trust)
     try:
         return ConfigParser.load_config_file(root / "configs" / "metadata.json")
     except Exception as exc:  # noqa: BLE001 - any parse error is the bundle's, reported by file

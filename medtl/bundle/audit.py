@@ -43,10 +43,11 @@ import functools
 import importlib
 import itertools
 import json
+import logging
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ from monai.utils.misc import CheckKeyDuplicatesYamlLoader, check_key_duplicates
 
 from medtl.bundle.allowlist import ARGUMENT_RULES, CALLS, DENIED_KEYWORDS, FIELDS, METHODS, TARGETS, VALUES
 from medtl.errors import MedtlError
+
+logger = logging.getLogger(__name__)
 
 #: An id as MONAI resolves it once ``#`` became ``::``, in ASCII.
 _ID = re.compile(r"[A-Za-z0-9_]+(?:::[A-Za-z0-9_]+)*")
@@ -965,6 +968,20 @@ def audit_bundle(root: str | Path, configs: tuple[str, ...] | None = None) -> li
     return list({(f.where, f.text, f.reason): f for f in reversed(findings)}.values())[::-1]
 
 
+def require_accepted(findings: Iterable[Finding], where: str | Path, *, trust: bool) -> None:
+    """Refuse to run a bundle whose audit gave ``findings`` (one line, naming the first three), unless
+    ``trust``: then each is logged as a warning and the run goes on (confined all the same)."""
+    unique = list(dict.fromkeys(str(f) for f in findings))
+    if unique and not trust:
+        raise MedtlError(
+            f"refusing to run: {len(unique)} config value(s) outside the allow-list: " + "; ".join(unique[:3]),
+            path=where,
+            hint="review them with `medtl bundle verify`; --trust runs them anyway (trusted senders only)",
+        )
+    for finding in unique:
+        logger.warning("running with --trust: %s", finding)
+
+
 __all__ = [
     "MAX_CONFIG_BYTES",
     "MAX_DEPTH",
@@ -973,15 +990,16 @@ __all__ = [
     "MAX_VALUES",
     "Finding",
     "audit_bundle",
-    "bare_target",
     "audit_config",
     "audit_expression",
     "audit_logging_conf",
     "audit_metadata",
     "audit_workflow",
+    "bare_target",
     "config_files",
     "evaluated_text",
     "path_findings",
+    "require_accepted",
     "read_config_file",
     "size_problem",
     "string_values",

@@ -154,13 +154,13 @@ class Confinement:
         text = _text(path)
         if text is None:
             return Path(path)
+        absolute = Path(os.path.abspath(text))
         if not self.allows(text, write=write):
             raise self.refusal(
-                f"{what + ': ' if what else ''}{'writes' if write else 'reads'} {_shown(Path(os.path.abspath(text)))}, "
-                "outside the "
+                f"{what + ': ' if what else ''}{'writes' if write else 'reads'} {_shown(absolute)}, outside the "
                 f"bundle and the run's {'output' if write else 'input and output'} folders"
             )
-        return Path(os.path.abspath(text))
+        return absolute
 
     def refusal(self, reason: str) -> ConfinementError:
         """The error for ``reason``, recorded so that a library swallowing it does not hide it."""
@@ -231,16 +231,17 @@ def _hook(event: str, args: tuple) -> None:
             if event == "glob.glob" and isinstance(path, str | bytes):
                 path = os.path.dirname(os.fsdecode(path).split("*")[0].split("?")[0].split("[")[0]) or "."
             text = _text(path)
+            if text is None:  # a descriptor: judged when it was opened
+                continue
             if event in ("os.listdir", "os.scandir") and _on_import_path(text):
                 continue  # Python's import system lists the folders it imports from
-            if text is not None and not confinement.allows(text, write=write):
-                confinement.check(text, write=write, what=event)
+            confinement.check(text, write=write, what=event)
     finally:
         _busy.on = False
 
 
-def _on_import_path(folder: str | None) -> bool:
-    where = os.path.abspath(folder if folder is not None else ".")
+def _on_import_path(folder: str) -> bool:
+    where = os.path.abspath(folder)
     return any(os.path.abspath(entry or ".") == where for entry in sys.path if isinstance(entry, str))
 
 

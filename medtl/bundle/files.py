@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from medtl.errors import MedtlError, first_line
-from medtl.fileio import sha256_file
+from medtl.fileio import sha256_file, size_text
 
 CHECKSUMS = "SHA256SUMS"
 #: The sender's signature over ``SHA256SUMS`` (``medtl.bundle.signing``); not listed in it.
@@ -212,7 +212,7 @@ def check_archive(infos: list[zipfile.ZipInfo], archive: str, max_bytes: int = M
     total = sum(i.file_size for i in infos)
     if total > max_bytes:
         raise MedtlError(
-            f"unpacks to {_size_text(total)}, above the {_size_text(max_bytes)} cap",
+            f"unpacks to {size_text(total)}, above the {size_text(max_bytes)} cap",
             path=archive,
             hint="raise the cap (--max-size) only for a sender you trust",
         )
@@ -223,10 +223,6 @@ def check_archive(infos: list[zipfile.ZipInfo], archive: str, max_bytes: int = M
 def _parents(key: str) -> list[str]:
     parts = key.split("/")
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def _size_text(n: int) -> str:
-    return f"{n / (1 << 30):.3g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.3g} MiB"
 
 
 def extract_zip(archive: str | Path, dest: str | Path, *, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
@@ -299,7 +295,7 @@ def check_plain_tree(root: str | Path, name: str | None = None, *, max_bytes: in
                 raise MedtlError(reason, path=name or root.name, hint="a bundle is configs, weights and documents")
             total += path.lstat().st_size if stat.S_ISREG(mode) else 0
     if total > max_bytes:
-        raise MedtlError(f"holds {_size_text(total)}, above the {_size_text(max_bytes)} cap", path=name or root.name)
+        raise MedtlError(f"holds {size_text(total)}, above the {size_text(max_bytes)} cap", path=name or root.name)
 
 
 @contextlib.contextmanager

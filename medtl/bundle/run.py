@@ -17,7 +17,14 @@ from typing import Any
 
 from monai.bundle import ConfigWorkflow
 
-from medtl.bundle.audit import audit_bundle, audit_logging_conf, audit_metadata, audit_workflow, read_config_file
+from medtl.bundle.audit import (
+    audit_bundle,
+    audit_logging_conf,
+    audit_metadata,
+    audit_workflow,
+    read_config_file,
+    require_accepted,
+)
 from medtl.bundle.confine import confined, retarget
 from medtl.bundle.files import check_plain_tree
 from medtl.errors import MedtlError, reported
@@ -122,14 +129,7 @@ def run_bundle(bundle: str | Path, args: Sequence[str], *, trust: bool = False) 
     findings += audit_workflow([(n, read_config_file(root / n, n)) for n in names], metadata)
     if logging_file is not False:
         findings += audit_logging_conf(root / logging_file, logging_file)
-    findings = list({str(f): f for f in findings}.values())  # a workflow audit_bundle saw too
-    if findings and not trust:
-        raise MedtlError(
-            f"refusing to run: {len(findings)} config value(s) outside the allow-list: "
-            + "; ".join(str(f) for f in findings[:3]),
-            path=root.name,
-            hint="review them with `medtl bundle verify`; --trust runs them anyway, still confined",
-        )
+    require_accepted(findings, root.name, trust=trust)  # a workflow audit_bundle saw too is named once
     inputs, outputs = declared_paths(overrides)
     with confined(root, inputs=inputs, outputs=outputs):
         try:

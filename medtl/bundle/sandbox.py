@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from medtl.errors import first_line
+from medtl.fileio import size_text
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,6 @@ class Channel:
 def _mapped_bytes() -> int:
     with open("/proc/self/statm", encoding="ascii") as statm:
         return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _size(n: int) -> str:
-    return f"{n / (1 << 30):.3g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.3g} MiB"
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -171,7 +168,7 @@ def run_limited(
     if status == "wall":
         outcome.breach = f"{what} did not finish within {limits.wall_seconds} s{while_}; stopped"
     elif status == "memory":
-        outcome.breach = f"{what} exceeded {_size(limits.memory_bytes)} of memory{while_}"
+        outcome.breach = f"{what} exceeded {size_text(limits.memory_bytes)} of memory{while_}"
     elif status == "error":
         outcome.breach = f"{what} failed{while_} ({detail})"
     elif status == "died":
@@ -180,7 +177,8 @@ def run_limited(
             outcome.breach = f"{what} exceeded {limits.cpu_seconds} s of CPU time{while_}"
         else:
             name = signal.Signals(-code).name if code < 0 else f"exit status {code}"
-            outcome.breach = f"{what} crashed ({name}){while_}, within a memory limit of {_size(limits.memory_bytes)}"
+            limit = size_text(limits.memory_bytes)
+            outcome.breach = f"{what} crashed ({name}){while_}, within a memory limit of {limit}"
     return outcome
 
 

@@ -61,6 +61,7 @@ from medtl.bundle.files import (
 from medtl.bundle.sandbox import Channel, Limits, out_of_memory, run_limited
 from medtl.bundle.textscan import file_texts
 from medtl.errors import MedtlError, first_line
+from medtl.fileio import size_text
 from medtl.privacy import find_identifiers
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "meta_schema_20240725.json"
@@ -142,10 +143,6 @@ class Verification:
 def _short(value: Any, width: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _bytes(n: int) -> str:
-    return f"{n / (1 << 30):.3g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.3g} MiB"
 
 
 def _load_json(path: Path, name: str) -> Any:
@@ -558,7 +555,9 @@ def _weights_record_problem(path: Path) -> str | None:
     if not zipfile.is_zipfile(path):
         size = path.stat().st_size
         return (
-            None if size <= MAX_WEIGHT_BYTES else f"models/model.pt: {_bytes(size)}, above {_bytes(MAX_WEIGHT_BYTES)}"
+            None
+            if size <= MAX_WEIGHT_BYTES
+            else f"models/model.pt: {size_text(size)}, above {size_text(MAX_WEIGHT_BYTES)}"
         )
     try:
         with zipfile.ZipFile(path) as zf:
@@ -568,7 +567,8 @@ def _weights_record_problem(path: Path) -> str | None:
     total = sum(i.file_size for i in infos)
     if total > MAX_WEIGHT_BYTES:
         return (
-            f"models/model.pt: its tensor records declare {_bytes(total)}, above {_bytes(MAX_WEIGHT_BYTES)}; not loaded"
+            f"models/model.pt: its tensor records declare {size_text(total)}, "
+            f"above {size_text(MAX_WEIGHT_BYTES)}; not loaded"
         )
     return inflation_problem(infos, "models/model.pt")
 
